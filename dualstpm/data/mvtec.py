@@ -1,0 +1,210 @@
+"""The MVTec AD folder layout: one category's file lists, checked before any training.
+
+Layout (METHOD.md section 1)::
+
+    <root>/<category>/train/good/*
+    <root>/<category>/validation/good/*          (optional, as in MVTec 3D-AD)
+    <root>/<category>/test/<good|defect_type>/*
+    <root>/<category>/ground_truth/<defect_type>/<stem>_mask.<suffix>
+
+Everything a run will trip over later (an empty folder, a missing or mis-sized mask) is
+found here, from file names and image headers only, and reported as a
+:class:`DataError` that names the file and the fix.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from dualstpm.data.images import IMAGE_SUFFIXES, image_size_of, is_image_file
+from dualstpm.errors import ConfigError, DataError
+
+GOOD = "good"
+MASK_SUFFIX = "_mask"
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One test image with its label and, for a defective image, its mask."""
+
+    path: Path
+    label: int  # 0 good, 1 defective
+    defect_type: str  # "good" or the test sub-folder name
+    mask_path: Path | None
+
+
+@dataclass(frozen=True)
+class Category:
+    """The checked file lists of one category; paths only, nothing decoded."""
+
+    root: Path
+    name: str
+    train: tuple[Path, ...]
+    validation: tuple[Path, ...] | None
+    test: tuple[Sample, ...]
+    has_ground_truth: bool
+
+    @property
+    def defect_types(self) -> tuple[str, ...]:
+        """Sorted test sub-folder names other than ``good``."""
+        return tuple(sorted({s.defect_type for s in self.test if s.defect_type != GOOD}))
+
+
+def _images_in(folder: Path) -> tuple[Path, ...]:
+    """Image files of a folder sorted by name, so results never depend on listing order."""
+    if not folder.is_dir():
+        return ()
+    return tuple(sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name))
+
+
+def _subfolders(folder: Path) -> list[Path]:
+    """Visible sub-folders, sorted; none when `folder` is missing."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def _category_root(data_root: Path, category: str) -> Path:
+    if not data_root.is_dir():
+        raise DataError(
+            f"data root {data_root.absolute()} does not exist or is not a folder: "
+            "point the data root at the folder that holds the category folders."
+        )
+    root = data_root / category
+    if not root.is_dir():
+        existing = ", ".join(p.name for p in _subfolders(data_root)) or "none"
+        raise DataError(
+            f"category folder {root.absolute()} not found. Categories in "
+            f"{data_root.absolute()}: {existing}. Fix the category name or the data root."
+        )
+    return root
+
+
+def _train_images(root: Path) -> tuple[Path, ...]:
+    folder = root / "train" / GOOD
+    images = _images_in(folder)
+    if not images:
+        raise DataError(
+            f"no training images in {folder.absolute()}: put the category's defect-free "
+            f"images there (files ending in {', '.join(IMAGE_SUFFIXES)})."
+        )
+    return images
+
+
+def _validation_images(root: Path) -> tuple[Path, ...] | None:
+    folder = root / "validation" / GOOD
+    if not folder.is_dir():
+        return None
+    images = _images_in(folder)
+    if not images:
+        raise DataError(
+            f"{folder.absolute()} exists but holds no images: add defect-free images "
+            "there or remove the folder to hold out part of train/good instead."
+        )
+    return images
+
+
+def _mask_index(folder: Path) -> dict[str, Path]:
+    """Map image stem -> mask file in one ground_truth/<defect_type> folder.
+
+    ``<stem>_mask.<suffix>`` is the MVTec AD naming. ``<stem>.<suffix>`` is accepted
+    as a fallback because VisA's official MVTec-style conversion
+    (amazon-science/spot-diff ``prepare_data.py``) names masks after the image; when
+    both exist the ``_mask`` file wins.
+    """
+    index: dict[str, Path] = {}
+    fallback: dict[str, Path] = {}
+    for path in _images_in(folder):
+        stem = path.stem
+        if stem.endswith(MASK_SUFFIX):
+            index.setdefault(stem[: -len(MASK_SUFFIX)], path)
+        else:
+            fallback.setdefault(stem, path)
+    return {**fallback, **index}
+
+
+def _test_samples(root: Path, ground_truth: Path | None) -> tuple[Sample, ...]:
+    samples: list[Sample] = []
+    for folder in _subfolders(root / "test"):
+        defect_type = folder.name
+        is_good = defect_type == GOOD
+        masks = {} if is_good or ground_truth is None else _mask_index(ground_truth / defect_type)
+        for path in _images_in(folder):
+            mask = None if is_good or ground_truth is None else _require_mask(masks, path, ground_truth)
+            samples.append(Sample(path, 0 if is_good else 1, defect_type, mask))
+    return tuple(samples)
+
+
+def _require_mask(masks: dict[str, Path], image: Path, ground_truth: Path) -> Path:
+    mask = masks.get(image.stem)
+    if mask is None:
+        expected = ground_truth / image.parent.name / f"{image.stem}{MASK_SUFFIX}.png"
+        raise DataError(
+            f"defective test image {image.absolute()} has no mask: expected "
+            f"{expected.absolute()}. Add the mask (white = defect), or move the image out "
+            "of test/ (a category without any ground_truth folder is scored per image only)."
+        )
+    return mask
+
+
+def _check_mask_sizes(samples: tuple[Sample, ...]) -> None:
+    """Compare header sizes: a mis-sized mask would silently misalign pixel metrics."""
+    for sample in samples:
+        if sample.mask_path is None:
+            continue
+        image_size, mask_size = image_size_of(sample.path), image_size_of(sample.mask_path)
+        if image_size != mask_size:
+            raise DataError(
+                f"mask {sample.mask_path.absolute()} is {mask_size[0]}x{mask_size[1]} but its "
+                f"image {sample.path.absolute()} is {image_size[0]}x{image_size[1]} (width x "
+                "height): resize or replace the mask so that it matches the image."
+            )
+
+
+def load_category(data_root: Path, category: str) -> Category:
+    """List and check one category; raise DataError naming the first problem found.
+
+    A category without any ``ground_truth`` folder loads with ``has_ground_truth``
+    False (image-level scores only); with one, every defective test image needs a
+    mask of its own size. ``test/good`` images never have masks.
+    """
+    root = _category_root(Path(data_root), category)
+    train = _train_images(root)
+    validation = _validation_images(root)
+    ground_truth = root / "ground_truth"
+    has_ground_truth = ground_truth.is_dir()
+    test = _test_samples(root, ground_truth if has_ground_truth else None)
+    if not test:
+        raise DataError(
+            f"no test images under {(root / 'test').absolute()}: add test/good and "
+            "test/<defect_type> folders of images."
+        )
+    _check_mask_sizes(test)
+    return Category(root, category, train, validation, test, has_ground_truth)
+
+
+def split_train_val(category: Category, val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:
+    """(train, validation) image lists.
+
+    ``validation/good`` is used as is when the category has it. Otherwise a fixed,
+    seeded share of ``train/good`` is held out: the sorted list is shuffled with
+    ``random.Random(seed)`` so the split depends only on file names and the seed.
+    At least one image is held out and at least one kept for training.
+    """
+    if category.validation is not None:
+        return list(category.train), list(category.validation)
+    if not 0.0 < val_fraction < 1.0:
+        raise ConfigError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}.")
+    n_images = len(category.train)
+    if n_images < 2:
+        raise DataError(
+            f"{(category.root / 'train' / GOOD).absolute()} holds {n_images} image(s): the "
+            "category needs at least 2 train/good images to hold one out for validation "
+            "(or add a validation/good folder)."
+        )
+    n_val = min(max(1, round(val_fraction * n_images)), n_images - 1)
+    shuffled = sorted(category.train)
+    random.Random(seed).shuffle(shuffled)
+    return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])

@@ -1,0 +1,167 @@
+"""A trained detector on disk and in memory: the model directory and inference.
+
+A model directory holds exactly three files, none of them pickled:
+`weights.safetensors` (all four networks), `params.yaml` (the resolved params) and
+`calibration.json` (validation statistics, thresholds, selected epochs). It is written
+to a temporary sibling and renamed into place, so a crash never leaves half a model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from dualstpm.config import Params, load_params, save_params
+from dualstpm.errors import RunError
+from dualstpm.fusion import VIEWS, FusionSpec, MapStats, fuse, image_scores
+from dualstpm.models.torch_model import DualStpmModel
+
+FORMAT_VERSION = 1
+MODEL_SUBDIR = "model"
+WEIGHTS_FILE = "weights.safetensors"
+PARAMS_FILE = "params.yaml"
+CALIBRATION_FILE = "calibration.json"
+
+
+def resolve_device(choice: str) -> torch.device:
+    """`auto` picks the GPU when there is one; `cuda` without one is an error, not a fallback."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RunError("fit.device=cuda but no CUDA device is visible; use fit.device=auto or cpu")
+    return torch.device(choice)
+
+
+@dataclass
+class Calibration:
+    """What the validation split taught us, saved next to the weights."""
+
+    image_size: int
+    map_stats: MapStats
+    thresholds: dict[str, float]
+    val_score_summary: dict[str, dict[str, float]]
+    selected_epochs: dict[str, int]
+    category: str
+    false_alarm_rate: float
+    format_version: int = FORMAT_VERSION
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["map_stats"] = self.map_stats.to_json()
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict) -> Calibration:
+        data = dict(data)
+        data["map_stats"] = MapStats.from_json(data["map_stats"])
+        return cls(**data)
+
+
+@dataclass
+class ScoredBatch:
+    """Per view (`fused`, `stpm`, `recon`): image scores (B,) and maps (B, H, W)."""
+
+    scores: dict[str, Tensor]
+    maps: dict[str, Tensor]
+
+
+class Detector:
+    """A trained dual STPM with its fusion and calibration: images in, scores and maps out."""
+
+    def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, device: torch.device) -> None:
+        self.model = model.to(device).eval()
+        self.params = params
+        self.calibration = calibration
+        self.device = device
+        self.spec = FusionSpec.from_params(params.fusion)
+
+    @property
+    def threshold(self) -> float:
+        return self.calibration.thresholds["fused"]
+
+    @torch.inference_mode()
+    def six_maps(self, images: Tensor) -> Tensor:
+        """(B, 3, S, S) images in [0, 1] -> (B, 2, 3, S, S) raw maps."""
+        return self.model(images.to(self.device, non_blocking=True)).float()
+
+    def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
+        """Fuse six maps into each requested view and score them."""
+        fused = {v: fuse(maps, self.spec.view(v), self.calibration.map_stats) for v in views}
+        return ScoredBatch({v: image_scores(m) for v, m in fused.items()}, fused)
+
+    def score(self, images: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
+        return self.score_maps(self.six_maps(images), views)
+
+    def batches(self, images: Tensor, batch_size: int) -> Iterator[tuple[slice, ScoredBatch]]:
+        for start in range(0, len(images), batch_size):
+            part = slice(start, start + batch_size)
+            yield part, self.score(images[part])
+
+    # --- persistence -------------------------------------------------------------
+    def save(self, run_dir: Path) -> Path:
+        return save_detector(run_dir, self.model, self.params, self.calibration)
+
+    @classmethod
+    def load(cls, run_dir: Path, device: torch.device | None = None) -> Detector:
+        model_dir = Path(run_dir) / MODEL_SUBDIR
+        missing = [n for n in (WEIGHTS_FILE, PARAMS_FILE, CALIBRATION_FILE) if not (model_dir / n).is_file()]
+        if missing:
+            raise RunError(
+                f"{model_dir} is not a trained model (missing {', '.join(missing)}); "
+                f"run `dualstpm fit --out {run_dir} ...` first"
+            )
+        params = load_params(model_dir / PARAMS_FILE)
+        calibration = Calibration.from_json(json.loads((model_dir / CALIBRATION_FILE).read_text()))
+        if calibration.format_version != FORMAT_VERSION:
+            raise RunError(
+                f"{model_dir} has model format {calibration.format_version}, this dualstpm reads "
+                f"{FORMAT_VERSION}: retrain it with this version"
+            )
+        model = DualStpmModel.build(params.model, pretrained=False)
+        model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)), strict=True)
+        return cls(model, params, calibration, device or resolve_device(params.fit.device))
+
+
+def save_detector(run_dir: Path, model: DualStpmModel, params: Params, calibration: Calibration) -> Path:
+    """Write the model directory atomically: temp sibling, then rename over any old one."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / MODEL_SUBDIR
+    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=run_dir))
+    try:
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(staging / WEIGHTS_FILE))
+        save_params(params, staging / PARAMS_FILE)
+        (staging / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json(), indent=2))
+        if final.exists():
+            old = run_dir / ".model-old"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(final, old)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return final
+
+
+def summarize(scores: np.ndarray) -> dict[str, float]:
+    return {
+        "mean": float(np.mean(scores)),
+        "std": float(np.std(scores)),
+        "min": float(np.min(scores)),
+        "max": float(np.max(scores)),
+    }

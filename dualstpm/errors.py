@@ -1,0 +1,30 @@
+"""Errors a user can fix.
+
+Everything raised as a :class:`DualStpmError` carries a message that names the file,
+key or value at fault and says how to fix it. The CLI prints these messages without a
+traceback; any other exception is a bug and keeps its traceback.
+"""
+
+
+class DualStpmError(Exception):
+    """Base class of user-facing errors (printed by the CLI without a traceback)."""
+
+
+class ConfigError(DualStpmError):
+    """A bad `params.yaml` key or value, or a bad `--set` override."""
+
+
+class DataError(DualStpmError):
+    """An unreadable image, a missing mask, a bad dataset layout or a bad download."""
+
+
+class WeightsError(DualStpmError):
+    """Teacher weights that cannot be obtained or do not fit the architecture."""
+
+
+class TrainingError(DualStpmError):
+    """Training cannot go on (NaN loss, incompatible checkpoint to resume from)."""
+
+
+class RunError(DualStpmError):
+    """A run directory that is missing, incomplete or from an incompatible version."""

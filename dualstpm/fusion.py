@@ -1,0 +1,150 @@
+"""Six maps, one answer (METHOD.md §4): normalisation, fusion, smoothing, calibration.
+
+Pure tensor functions so that the model, the evaluation and the fusion-weight ablation
+re-score maps the same way. Maps arrive as a tensor of shape (B, 2, 3, H, W): branch
+(A = STPM, B = reconstruction) by pyramid level (strides 4, 8, 16).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from dualstpm.config import FusionParams
+
+BRANCHES = ("stpm", "recon")
+VIEWS = ("fused", "stpm", "recon")
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """How six maps become one: the `fusion.*` params plus the validation statistics."""
+
+    mode: Literal["product", "sum"] = "product"
+    weights: tuple[tuple[float, ...], ...] = ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
+    normalize: Literal["none", "val_stats"] = "none"
+    sigma: float = 0.0
+
+    @classmethod
+    def from_params(cls, params: FusionParams) -> FusionSpec:
+        return cls(params.mode, tuple(tuple(row) for row in params.weights), params.normalize, params.sigma)
+
+    def view(self, name: str) -> FusionSpec:
+        """The spec of one view: `fused` as is, or one branch alone (the other's weights zeroed)."""
+        if name == "fused":
+            return self
+        keep = BRANCHES.index(name)
+        weights = tuple(row if b == keep else (0.0, 0.0, 0.0) for b, row in enumerate(self.weights))
+        if not any(w > 0 for w in weights[keep]):
+            weights = tuple(row if b != keep else (1.0, 1.0, 1.0) for b, row in enumerate(weights))
+        return replace(self, weights=weights)
+
+
+@dataclass(frozen=True)
+class MapStats:
+    """Per-map mean and std over all validation pixels, shape (2, 3) each."""
+
+    mean: Tensor
+    std: Tensor
+
+    def to_json(self) -> dict[str, list[list[float]]]:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, list[list[float]]]) -> MapStats:
+        return cls(torch.tensor(data["mean"], dtype=torch.float32), torch.tensor(data["std"], dtype=torch.float32))
+
+
+class MapStatsAccumulator:
+    """Streams batches of six maps and yields their per-map mean/std in float64."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.total = torch.zeros(2, 3, dtype=torch.float64)
+        self.total_sq = torch.zeros(2, 3, dtype=torch.float64)
+
+    def update(self, maps: Tensor) -> None:
+        flat = maps.detach().to(torch.float64).permute(1, 2, 0, 3, 4).reshape(2, 3, -1)
+        self.count += flat.shape[-1]
+        self.total += flat.sum(-1)
+        self.total_sq += (flat**2).sum(-1)
+
+    def result(self) -> MapStats:
+        mean = self.total / max(self.count, 1)
+        var = (self.total_sq / max(self.count, 1) - mean**2).clamp_min(0)
+        return MapStats(mean.float(), var.sqrt().float().clamp_min(1e-12))
+
+
+def normalize_maps(maps: Tensor, spec: FusionSpec, stats: MapStats | None) -> Tensor:
+    """Put the six maps on a common scale using validation statistics.
+
+    In `sum` mode each map is standardised, (m - mean) / std. In `product` mode a shift
+    would make factors negative and the product meaningless, so each map is only divided
+    by its validation mean: 1.0 then means "as different as a typical normal pixel".
+    """
+    if spec.normalize == "none":
+        return maps
+    if stats is None:
+        raise ValueError("fusion.normalize=val_stats needs validation statistics")
+    mean = stats.mean.to(maps.device, maps.dtype)[None, :, :, None, None]
+    std = stats.std.to(maps.device, maps.dtype)[None, :, :, None, None]
+    if spec.mode == "sum":
+        return (maps - mean) / std
+    return maps / mean.clamp_min(1e-12)
+
+
+def gaussian_blur(maps: Tensor, sigma: float) -> Tensor:
+    """Separable Gaussian smoothing of (B, H, W) maps with a kernel of radius 4 sigma."""
+    radius = max(1, math.ceil(4 * sigma))
+    x = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-(x**2) / (2 * sigma**2))
+    kernel = kernel / kernel.sum()
+    out = maps[:, None]
+    out = F.conv2d(F.pad(out, (radius, radius, 0, 0), mode="reflect"), kernel.view(1, 1, 1, -1))
+    out = F.conv2d(F.pad(out, (0, 0, radius, radius), mode="reflect"), kernel.view(1, 1, -1, 1))
+    return out[:, 0]
+
+
+def fuse(maps: Tensor, spec: FusionSpec, stats: MapStats | None = None) -> Tensor:
+    """(B, 2, 3, H, W) -> (B, H, W).
+
+    product: M = prod_l (w_A,l * m_A,l + w_B,l * m_B,l) over levels with any weight > 0
+    (a level weighted 0 in both branches is left out rather than zeroing the product);
+    sum: M = sum of all weighted maps.
+    """
+    maps = normalize_maps(maps, spec, stats)
+    weights = torch.tensor(spec.weights, dtype=maps.dtype, device=maps.device)
+    per_level = (maps * weights[None, :, :, None, None]).sum(dim=1)  # (B, 3, H, W)
+    if spec.mode == "sum":
+        fused = per_level.sum(dim=1)
+    else:
+        used = [level for level in range(3) if float(weights[:, level].sum()) > 0]
+        fused = per_level[:, used].prod(dim=1)
+    if spec.sigma > 0:
+        fused = gaussian_blur(fused, spec.sigma)
+    return fused
+
+
+def image_scores(fused: Tensor) -> Tensor:
+    """Image score = max of the fused map (METHOD.md §4)."""
+    return fused.flatten(1).amax(dim=1)
+
+
+def calibrate_threshold(val_scores: np.ndarray, false_alarm_rate: float) -> float:
+    """Smallest threshold that flags at most `false_alarm_rate` of the good validation parts.
+
+    A part is defective when its score is strictly above the threshold. With n validation
+    scores, k = floor(rate * n) of them may lie above it, so the threshold is the (k+1)-th
+    largest score; with few images that is the maximum and no good part is flagged.
+    """
+    ordered = np.sort(np.asarray(val_scores, dtype=np.float64))
+    if len(ordered) == 0:
+        raise ValueError("no validation scores to calibrate on")
+    allowed = int(np.floor(false_alarm_rate * len(ordered)))
+    return float(ordered[len(ordered) - 1 - allowed])

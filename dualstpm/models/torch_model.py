@@ -1,0 +1,96 @@
+"""The dual student-teacher network: pure torch, no training or I/O logic.
+
+Train mode returns the four feature pyramids the losses need; eval mode returns the six
+anomaly maps at input size. Fusion and scoring live in `dualstpm.fusion`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dualstpm.config import ModelParams, TeacherParams
+from dualstpm.errors import ConfigError
+from dualstpm.models.backbone import FeaturePyramid, build_student, load_teacher
+from dualstpm.models.loss import distance_map, pyramid_loss
+from dualstpm.models.recon import ReconstructionStudent
+
+PYRAMID_STRIDES = (4, 8, 16)
+DEEP_STRIDE = 32
+
+
+@dataclass
+class PyramidPairs:
+    """Teacher and student pyramids of both branches for one batch."""
+
+    teacher_a: list[Tensor]
+    student_a: list[Tensor]
+    teacher_b: list[Tensor]
+    student_b: list[Tensor]
+
+    def losses(self) -> tuple[Tensor, Tensor]:
+        """(branch A loss, branch B loss); each only reaches its own student's parameters."""
+        return pyramid_loss(self.teacher_a, self.student_a), pyramid_loss(self.teacher_b, self.student_b)
+
+    def maps(self, size: tuple[int, int]) -> Tensor:
+        """Six distance maps upsampled to `size`: shape (B, 2, 3, H, W)."""
+        branches = []
+        for teachers, students in ((self.teacher_a, self.student_a), (self.teacher_b, self.student_b)):
+            levels = [distance_map(t, s)[:, None] for t, s in zip(teachers, students, strict=True)]
+            levels = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in levels]
+            branches.append(torch.cat(levels, dim=1))
+        return torch.stack(branches, dim=1)
+
+
+def _teacher(params: TeacherParams, strides: tuple[int, ...], pretrained: bool) -> FeaturePyramid:
+    """A frozen teacher: with its configured weights, or bare for a saved model to fill."""
+    if pretrained:
+        return load_teacher(params.name, params.weights, strides)
+    return FeaturePyramid(params.name, strides).freeze()
+
+
+class DualStpmModel(nn.Module):
+    """Branch A: T1 -> S1 (STPM). Branch B: T1's deepest map -> S2 decoder -> T2's pyramid."""
+
+    def __init__(self, t1: FeaturePyramid, s1: FeaturePyramid, t2: FeaturePyramid, s2: ReconstructionStudent) -> None:
+        super().__init__()
+        if tuple(t1.strides) != (*PYRAMID_STRIDES, DEEP_STRIDE):
+            raise ValueError(f"T1 must expose strides {PYRAMID_STRIDES + (DEEP_STRIDE,)}, got {t1.strides}")
+        self.t1, self.s1, self.t2, self.s2 = t1, s1, t2, s2
+
+    @classmethod
+    def build(cls, params: ModelParams, pretrained: bool = True) -> DualStpmModel:
+        """Teachers with their configured weights (`pretrained`) or bare architectures whose
+        weights a saved model will fill in; students always start random."""
+        if params.t1.name == params.t2.name:
+            raise ConfigError(
+                f"model.t1.name and model.t2.name are both '{params.t1.name}': branch B needs a different "
+                "second teacher (METHOD.md §3), e.g. model.t2.name=resnet50 or tf_efficientnet_lite2"
+            )
+        t1 = _teacher(params.t1, (*PYRAMID_STRIDES, DEEP_STRIDE), pretrained)
+        t2 = _teacher(params.t2, PYRAMID_STRIDES, pretrained)
+        s1 = build_student(params.t1.name, PYRAMID_STRIDES)
+        s2 = ReconstructionStudent(t1.channels[-1], t2.channels, attention=params.attention == "spatial")
+        return cls(t1, s1, t2, s2)
+
+    def students(self) -> dict[str, nn.Module]:
+        return {"stpm": self.s1, "recon": self.s2}
+
+    def pyramids(self, images: Tensor) -> PyramidPairs:
+        """All four pyramids; the teachers run without autograd since they never learn."""
+        with torch.no_grad():
+            *t1_levels, t1_deep = self.t1(images)
+            t2_levels = self.t2(images)
+        s1_levels = self.s1(images)
+        s2_levels = self.s2(t1_deep, t2_levels)
+        return PyramidPairs(t1_levels, s1_levels, t2_levels, s2_levels)
+
+    def forward(self, images: Tensor) -> PyramidPairs | Tensor:
+        """Train mode: the pyramids for the losses. Eval mode: six maps (B, 2, 3, H, W)."""
+        pairs = self.pyramids(images)
+        if self.training:
+            return pairs
+        return pairs.maps(images.shape[-2:])

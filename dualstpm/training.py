@@ -1,0 +1,285 @@
+"""Training both branches on one category (METHOD.md §5), with checkpoints and resume.
+
+The loop is plain PyTorch: two students, two SGD optimisers, frozen teachers. After every
+epoch the validation images pick the best checkpoint per branch (lowest mean image score,
+the original STPM rule) and a checkpoint is written atomically, so an interrupted fit
+continues with `--resume` and ends where an uninterrupted one would have.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch import Tensor
+
+from dualstpm.config import Params
+from dualstpm.data import decode_images, load_category, split_train_val
+from dualstpm.detector import Calibration, Detector, resolve_device, save_detector, summarize
+from dualstpm.errors import TrainingError
+from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
+from dualstpm.models.torch_model import DualStpmModel
+
+CHECKPOINT_FILE = "checkpoint.pt"
+HISTORY_FILE = "history.csv"
+EpochCallback = Callable[[dict[str, float]], None]
+
+console = Console(stderr=True)
+
+
+@dataclass
+class FitResult:
+    run_dir: Path
+    model_dir: Path
+    history: list[dict[str, float]]
+    selected_epochs: dict[str, int]
+    thresholds: dict[str, float]
+
+
+def seed_everything(seed: int) -> None:
+    """Same seed, same weights, same shuffles: the basis of reproducible metrics on CPU."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[status]}"),
+        console=console,
+        transient=True,
+    )
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
+    """The shuffle of one epoch depends only on (seed, epoch), so a resumed run replays it."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+    return torch.randperm(n, generator=generator)
+
+
+@torch.no_grad()
+def branch_scores(model: DualStpmModel, images: Tensor, spec: FusionSpec, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
+    """Image scores of each branch alone on raw maps: the model-selection signal."""
+    model.eval()
+    scores: dict[str, list[Tensor]] = {b: [] for b in BRANCHES}
+    for start in range(0, len(images), batch_size):
+        maps = model(images[start : start + batch_size].to(device)).float()
+        for branch in BRANCHES:
+            scores[branch].append(image_scores(fuse(maps, spec.view(branch))).cpu())
+    return {b: torch.cat(s).numpy() for b, s in scores.items()}
+
+
+def _state_copy(module: torch.nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _atomic_save(obj: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _check_resumable(checkpoint: dict, params: Params, path: Path) -> None:
+    saved, now = dict(checkpoint["params"]), params.to_dict()
+    saved["fit"] = {k: v for k, v in saved["fit"].items() if k != "epochs"}
+    now["fit"] = {k: v for k, v in now["fit"].items() if k != "epochs"}
+    if saved != now:
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        raise TrainingError(
+            f"cannot resume from {path}: its params differ in {', '.join(diff)} (only fit.epochs may change). "
+            "Resume with the same params, or start again with --overwrite."
+        )
+
+
+class Trainer:
+    """Holds the state of one fit: model, optimisers, best checkpoints, history."""
+
+    def __init__(self, params: Params, run_dir: Path, device: torch.device) -> None:
+        self.params = params
+        self.run_dir = run_dir
+        self.device = device
+        self.checkpoint_path = run_dir / CHECKPOINT_FILE
+        seed_everything(params.seed)
+        self.model = DualStpmModel.build(params.model).to(device)
+        fit = params.fit
+        self.optimizers = {
+            name: torch.optim.SGD(student.parameters(), lr=fit.lr, momentum=fit.momentum, weight_decay=fit.weight_decay)
+            for name, student in self.model.students().items()
+        }
+        self.best: dict[str, dict] = {b: {"score": math.inf, "epoch": 0, "state": None} for b in BRANCHES}
+        self.history: list[dict[str, float]] = []
+        self.epochs_done = 0
+        self.selection_spec = FusionSpec(mode=params.fusion.mode, weights=FusionSpec().weights)
+
+    # --- checkpoints -----------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        _atomic_save(
+            {
+                "epoch": self.epochs_done,
+                "params": self.params.to_dict(),
+                "students": {n: s.state_dict() for n, s in self.model.students().items()},
+                "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
+                "best": self.best,
+                "history": self.history,
+            },
+            self.checkpoint_path,
+        )
+
+    def load_checkpoint(self) -> None:
+        if not self.checkpoint_path.is_file():
+            raise TrainingError(f"nothing to resume: {self.checkpoint_path} does not exist. Run without --resume.")
+        checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
+        _check_resumable(checkpoint, self.params, self.checkpoint_path)
+        for name, student in self.model.students().items():
+            student.load_state_dict(checkpoint["students"][name])
+            self.optimizers[name].load_state_dict(checkpoint["optimizers"][name])
+        self.best = checkpoint["best"]
+        self.history = list(checkpoint["history"])
+        self.epochs_done = int(checkpoint["epoch"])
+
+    # --- one epoch -----------------------------------------------------------------
+    def train_epoch(self, images: Tensor, progress: Progress) -> dict[str, float]:
+        epoch = self.epochs_done + 1
+        fit = self.params.fit
+        self.model.train()
+        order = epoch_order(len(images), self.params.seed, epoch)
+        n_batches = math.ceil(len(images) / fit.batch_size)
+        task = progress.add_task(f"epoch {epoch}/{fit.epochs}", total=n_batches, status="")
+        totals = {b: 0.0 for b in BRANCHES}
+        for index in range(n_batches):
+            batch = images[order[index * fit.batch_size : (index + 1) * fit.batch_size]].to(self.device)
+            losses = dict(zip(BRANCHES, self.model(batch).losses(), strict=True))
+            for branch, loss in losses.items():
+                if not torch.isfinite(loss):
+                    raise TrainingError(
+                        f"the {branch} branch loss became {loss.item()} at epoch {epoch}, batch {index + 1}. "
+                        f"Lower the learning rate (fit.lr={fit.lr}, e.g. --set fit.lr={fit.lr / 10:g}); "
+                        f"the last completed epoch is kept in {self.checkpoint_path}."
+                    )
+            for optimizer in self.optimizers.values():
+                optimizer.zero_grad(set_to_none=True)
+            sum(losses.values()).backward()  # the branches share no parameters: one backward serves both
+            for optimizer in self.optimizers.values():
+                optimizer.step()
+            for branch, loss in losses.items():
+                totals[branch] += loss.item() * len(batch)
+            progress.update(task, advance=1, status=" ".join(f"{b} {l.item():.4f}" for b, l in losses.items()))
+        progress.remove_task(task)
+        return {f"loss_{b}": totals[b] / len(images) for b in BRANCHES}
+
+    def select(self, val_images: Tensor) -> dict[str, float]:
+        """Keep each branch's checkpoint with the lowest mean validation image score."""
+        scores = branch_scores(self.model, val_images, self.selection_spec, self.params.fit.batch_size, self.device)
+        means = {b: float(np.mean(s)) for b, s in scores.items()}
+        for branch, student in self.model.students().items():
+            if means[branch] < self.best[branch]["score"]:
+                self.best[branch] = {"score": means[branch], "epoch": self.epochs_done, "state": _state_copy(student)}
+        return {f"val_score_{b}": m for b, m in means.items()}
+
+    def restore_best(self) -> dict[str, int]:
+        for branch, student in self.model.students().items():
+            student.load_state_dict(self.best[branch]["state"])
+        return {b: int(self.best[b]["epoch"]) for b in BRANCHES}
+
+
+def calibrate(detector: Detector, val_images: Tensor, batch_size: int, false_alarm_rate: float) -> tuple[object, dict, dict]:
+    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate."""
+    accumulator = MapStatsAccumulator()
+    all_maps = []
+    for start in range(0, len(val_images), batch_size):
+        maps = detector.six_maps(val_images[start : start + batch_size]).cpu()
+        accumulator.update(maps)
+        all_maps.append(maps)
+    stats = accumulator.result()
+    detector.calibration.map_stats = stats
+    scores = {v: [] for v in VIEWS}
+    for maps in all_maps:
+        for view, s in detector.score_maps(maps).scores.items():
+            scores[view].append(s)
+    arrays = {v: torch.cat(s).numpy() for v, s in scores.items()}
+    thresholds = {v: calibrate_threshold(a, false_alarm_rate) for v, a in arrays.items()}
+    return stats, thresholds, {v: summarize(a) for v, a in arrays.items()}
+
+
+def write_history(history: list[dict[str, float]], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+
+
+def fit(
+    params: Params,
+    data_root: Path,
+    category: str,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train both branches on `category`, select, calibrate and write `run_dir/model`."""
+    run_dir = Path(run_dir)
+    checkpoint_path = run_dir / CHECKPOINT_FILE
+    if checkpoint_path.exists() and not (resume or overwrite):
+        raise TrainingError(
+            f"{run_dir} already holds a training checkpoint: pass --resume to continue it, "
+            "--overwrite to start again, or choose another --out"
+        )
+    device = resolve_device(params.fit.device)
+    dataset = load_category(Path(data_root), category)
+    train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
+    train_images = decode_images(train_paths, params.image_size, f"decoding {len(train_paths)} train images")
+    val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images")
+
+    trainer = Trainer(params, run_dir, device)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        trainer.load_checkpoint()
+        console.print(f"resuming {run_dir} after epoch {trainer.epochs_done}")
+    console.print(
+        f"fitting [bold]{category}[/]: {len(train_paths)} train / {len(val_paths)} validation images, "
+        f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, device {device}"
+    )
+    with progress_bar() as progress:
+        while trainer.epochs_done < params.fit.epochs:
+            losses = trainer.train_epoch(train_images, progress)
+            trainer.epochs_done += 1
+            record = {"epoch": trainer.epochs_done, **losses, **trainer.select(val_images)}
+            trainer.history.append(record)
+            trainer.save_checkpoint()
+            console.print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+            if on_epoch is not None:
+                on_epoch(record)
+
+    selected = trainer.restore_best()
+    calibration = Calibration(
+        image_size=params.image_size,
+        map_stats=None,  # filled by calibrate()
+        thresholds={},
+        val_score_summary={},
+        selected_epochs=selected,
+        category=category,
+        false_alarm_rate=params.calibration.false_alarm_rate,
+    )
+    detector = Detector(trainer.model, params, calibration, device)
+    _, thresholds, summary = calibrate(detector, val_images, params.fit.batch_size, params.calibration.false_alarm_rate)
+    calibration.thresholds, calibration.val_score_summary = thresholds, summary
+    model_dir = save_detector(run_dir, trainer.model, params, calibration)
+    write_history(trainer.history, run_dir / HISTORY_FILE)
+    console.print(f"model written to {model_dir} (selected epochs: {selected}, threshold {thresholds['fused']:.5g})")
+    return FitResult(run_dir, model_dir, trainer.history, selected, thresholds)

@@ -1,0 +1,68 @@
+"""Shared fixtures: offline-safe environment, the shared real datasets, synthetic data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = PROJECT_ROOT.parent / "shared" / "data"
+
+# Everything the tests start must work without a network.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "true")
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only real datasets next to the project; skip when they are not there."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared datasets not found at {SHARED_DATA} (they sit beside the project root)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data root with two small synthetic categories: `synth_texture` and `synth_object`."""
+    from dualstpm.data.synthetic import make_synthetic_category
+
+    root = tmp_path_factory.mktemp("synthetic")
+    make_synthetic_category(root, "synth_texture", kind="texture", seed=0, image_size=64,
+                            n_train=20, n_test_good=6, n_per_defect=3)
+    make_synthetic_category(root, "synth_object", kind="object", seed=1, image_size=64,
+                            n_train=20, n_test_good=6, n_per_defect=3)
+    return root
+
+
+TINY_OVERRIDES = [
+    "image_size=64",
+    "fit.epochs=2",
+    "fit.batch_size=8",
+    "fit.device=cpu",
+    "model.t1.name=tf_efficientnet_lite0",
+    "model.t1.weights=package",
+    "model.t2.name=tf_efficientnet_lite2",
+    "model.t2.weights=package",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_params():
+    """Offline params small enough for a fit in seconds on two CPU cores."""
+    from dualstpm.config import load_params
+
+    return load_params(None, TINY_OVERRIDES)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, tiny_params) -> Path:
+    """A run directory fitted on `synth_texture` (shared by tests that only read it)."""
+    from dualstpm.training import fit
+
+    run_dir = tmp_path_factory.mktemp("runs") / "synth_texture"
+    fit(tiny_params, synthetic_root, "synth_texture", run_dir)
+    return run_dir

@@ -1,0 +1,79 @@
+"""Fusion of the six maps, validation statistics and threshold calibration (METHOD.md §4)."""
+
+import numpy as np
+import pytest
+import torch
+
+from dualstpm.fusion import FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, gaussian_blur, image_scores
+
+
+def six_maps(seed: int = 0, batch: int = 2, size: int = 5) -> torch.Tensor:
+    return torch.rand(batch, 2, 3, size, size, generator=torch.Generator().manual_seed(seed)) + 0.1
+
+
+def test_published_default_is_per_level_sum_then_product():
+    m = six_maps()
+    expected = (m[:, 0, 0] + m[:, 1, 0]) * (m[:, 0, 1] + m[:, 1, 1]) * (m[:, 0, 2] + m[:, 1, 2])
+    torch.testing.assert_close(fuse(m, FusionSpec()), expected)
+
+
+def test_sum_mode_with_weights():
+    m = six_maps()
+    spec = FusionSpec(mode="sum", weights=((1, 2, 0), (0.5, 0, 3)))
+    expected = m[:, 0, 0] + 2 * m[:, 0, 1] + 0.5 * m[:, 1, 0] + 3 * m[:, 1, 2]
+    torch.testing.assert_close(fuse(m, spec), expected)
+
+
+def test_branch_views_ignore_the_other_branch_exactly():
+    m = six_maps()
+    changed = m.clone()
+    changed[:, 1] = torch.rand_like(changed[:, 1]) * 100  # branch B replaced by garbage
+    spec = FusionSpec()
+    assert torch.equal(fuse(m, spec.view("stpm")), fuse(changed, spec.view("stpm")))
+    assert not torch.equal(fuse(m, spec.view("recon")), fuse(changed, spec.view("recon")))
+    torch.testing.assert_close(fuse(m, spec.view("stpm")), m[:, 0].prod(dim=1))
+
+
+def test_level_with_zero_weights_is_left_out_of_the_product():
+    m = six_maps()
+    spec = FusionSpec(weights=((1, 0, 0), (1, 0, 0)))
+    torch.testing.assert_close(fuse(m, spec), m[:, 0, 0] + m[:, 1, 0])
+
+
+def test_val_stats_normalisation():
+    m = six_maps(batch=4)
+    acc = MapStatsAccumulator()
+    acc.update(m[:2])
+    acc.update(m[2:])
+    stats = acc.result()
+    flat = m.permute(1, 2, 0, 3, 4).reshape(2, 3, -1).double()
+    torch.testing.assert_close(stats.mean.double(), flat.mean(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(stats.std.double(), flat.std(-1, unbiased=False), rtol=1e-4, atol=1e-6)
+    z = fuse(m, FusionSpec(mode="sum", normalize="val_stats"), stats)
+    standardised = (m - stats.mean[None, :, :, None, None]) / stats.std[None, :, :, None, None]
+    torch.testing.assert_close(z, standardised.sum(dim=(1, 2)))
+    p = fuse(m, FusionSpec(mode="product", normalize="val_stats"), stats)
+    scaled = m / stats.mean[None, :, :, None, None]
+    torch.testing.assert_close(p, scaled.sum(dim=1).prod(dim=1))
+
+
+def test_gaussian_blur_keeps_mass_and_spreads_a_peak():
+    impulse = torch.zeros(1, 41, 41)
+    impulse[0, 20, 20] = 1.0
+    blurred = gaussian_blur(impulse, sigma=4.0)
+    assert blurred.sum().item() == pytest.approx(1.0, abs=1e-4)
+    assert blurred[0, 20, 20] < 0.02 and blurred[0, 20, 24] > 0.005
+
+
+def test_image_score_is_the_map_maximum():
+    m = torch.zeros(2, 4, 4)
+    m[0, 1, 2], m[1, 3, 3] = 5.0, 2.0
+    assert image_scores(m).tolist() == [5.0, 2.0]
+
+
+def test_threshold_flags_at_most_the_false_alarm_rate():
+    scores = np.arange(1, 201, dtype=float)
+    t = calibrate_threshold(scores, 0.01)
+    assert (scores > t).mean() <= 0.01 and (scores > t).sum() == 2
+    few = np.array([0.3, 0.1, 0.2])
+    assert calibrate_threshold(few, 0.01) == 0.3  # with few images: the max, so no good part is flagged

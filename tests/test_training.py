@@ -1,0 +1,110 @@
+"""fit / test / predict end to end on synthetic data with the offline package teachers."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dualstpm.config import load_params
+from dualstpm.detector import Detector
+from dualstpm.errors import TrainingError
+from dualstpm.evaluation import test_run
+from dualstpm.predict import predict
+from dualstpm.training import CHECKPOINT_FILE, fit
+
+from conftest import TINY_OVERRIDES
+
+HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+
+
+def test_model_directory_holds_weights_params_calibration_only(trained_run: Path):
+    model_dir = trained_run / "model"
+    assert sorted(p.name for p in model_dir.iterdir()) == ["calibration.json", "params.yaml", "weights.safetensors"]
+    calibration = json.loads((model_dir / "calibration.json").read_text())
+    assert set(calibration["thresholds"]) == {"fused", "stpm", "recon"}
+    assert len(calibration["map_stats"]["mean"]) == 2 and len(calibration["map_stats"]["mean"][0]) == 3
+    assert 1 <= min(calibration["selected_epochs"].values())
+    assert any(k.startswith("s2.") for k in load_file(model_dir / "weights.safetensors"))
+
+
+def test_checkpoint_loads_with_weights_only(trained_run: Path):
+    checkpoint = torch.load(trained_run / CHECKPOINT_FILE, weights_only=True)
+    assert checkpoint["epoch"] == 2 and len(checkpoint["history"]) == 2
+
+
+def test_test_writes_metrics_json(trained_run: Path, synthetic_root: Path):
+    result = test_run(trained_run, synthetic_root, "synth_texture")
+    on_disk = json.loads((trained_run / "metrics.json").read_text())
+    assert on_disk == json.loads(json.dumps(result))
+    for view in ("fused", "stpm", "recon"):
+        assert set(HEADLINE) <= set(on_disk[view])
+        assert set(on_disk[view]["per_defect"]) == {"scratch", "hole", "stain"}
+        assert 0.0 <= on_disk[view]["image_auroc"] <= 1.0
+    # A correct model separates the synthetic defects better than chance even after 2 tiny epochs.
+    assert on_disk["fused"]["pixel_auroc"] > 0.7
+
+
+def test_same_seed_same_metrics(trained_run: Path, synthetic_root: Path, tiny_params, tmp_path: Path):
+    again = tmp_path / "again"
+    fit(tiny_params, synthetic_root, "synth_texture", again)
+    first = test_run(trained_run, synthetic_root, "synth_texture")
+    second = test_run(again, synthetic_root, "synth_texture")
+    assert first == second
+    a, b = load_file(trained_run / "model/weights.safetensors"), load_file(again / "model/weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_ends_where_an_uninterrupted_fit_ends(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    one_epoch = load_params(None, TINY_OVERRIDES + ["fit.epochs=1"])
+    two_epochs = load_params(None, TINY_OVERRIDES)
+    run = tmp_path / "interrupted"
+    fit(one_epoch, synthetic_root, "synth_texture", run)
+    with pytest.raises(TrainingError, match="--resume"):
+        fit(two_epochs, synthetic_root, "synth_texture", run)
+    fit(two_epochs, synthetic_root, "synth_texture", run, resume=True)
+    a, b = load_file(trained_run / "model/weights.safetensors"), load_file(run / "model/weights.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_other_params_is_refused(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    other = load_params(None, TINY_OVERRIDES + ["fit.lr=0.1"])
+    with pytest.raises(TrainingError, match="fit"):
+        fit(other, synthetic_root, "synth_texture", run, resume=True)
+
+
+def test_nan_loss_is_a_clear_error_and_keeps_no_model(synthetic_root: Path, tmp_path: Path):
+    exploding = load_params(None, TINY_OVERRIDES + ["fit.lr=1e30", "fit.epochs=3"])
+    with pytest.raises(TrainingError, match="fit.lr"):
+        fit(exploding, synthetic_root, "synth_texture", tmp_path / "nan")
+    assert not (tmp_path / "nan" / "model").exists()
+
+
+def test_predict_writes_overlays_and_csv(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    detector = Detector.load(trained_run)
+    folder = synthetic_root / "synth_texture" / "test" / "hole"
+    table = predict(detector, [folder], tmp_path / "pred")
+    csv = pd.read_csv(tmp_path / "pred" / "predictions.csv")
+    assert len(csv) == len(list(folder.iterdir())) == len(table)
+    assert set(csv["label"]) <= {"good", "defective"}
+    assert all((tmp_path / "pred" / name).is_file() for name in csv["overlay"])
+    everything = predict(detector, [folder], tmp_path / "low", threshold=-1.0)
+    assert (everything["label"] == "defective").all()
+    nothing = predict(detector, [folder], tmp_path / "high", threshold=1e9)
+    assert (nothing["label"] == "good").all()
+    torch.testing.assert_close(torch.tensor(table["score"].values), torch.tensor(everything["score"].values))
+
+
+def test_category_without_ground_truth_is_image_level_only(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "synth_texture", root / "synth_texture", ignore=shutil.ignore_patterns("ground_truth"))
+    result = test_run(trained_run, root, "synth_texture")
+    assert result["image_level_only"] is True and "pixel metrics are null" in result["note"]
+    for view in ("fused", "stpm", "recon"):
+        assert result[view]["pixel_auroc"] is None and result[view]["aupro"] is None
+        assert result[view]["image_auroc"] is not None
