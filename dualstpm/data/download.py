@@ -40,7 +40,7 @@ MVTEC_CATEGORIES: tuple[str, ...] = (
 )
 SHA256_KEY = "data.mvtec.sha256"
 _CHUNK = 1 << 20
-_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError)
+_NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)  # ValueError: bad URL
 # What a truncated or corrupt tar raises, by compression (bz2 raises a plain OSError).
 _BROKEN_ARCHIVE = (tarfile.ReadError, tarfile.CompressionError, EOFError, lzma.LZMAError,
                    zlib.error, gzip.BadGzipFile)
@@ -145,8 +145,8 @@ def fetch(url: str, dest: Path, expected_sha256: str, *, timeout: float = 60.0) 
         _download(url, part, timeout)
     except _NETWORK_ERRORS as exc:
         raise DataError(
-            f"download of {url} failed: {exc}. The partial file {part.absolute()} is kept and "
-            "running again resumes it. If you already have the archive or an extracted "
+            f"download of {url} failed: {exc}. Any partial download is kept as {part.absolute()} "
+            "and running again resumes it. If you already have the archive or an extracted "
             "MVTec AD folder, pass it with --source instead."
         ) from exc
     _verify(part, expected)

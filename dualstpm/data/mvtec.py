@@ -126,21 +126,23 @@ def _mask_index(folder: Path) -> dict[str, Path]:
 
 
 def _test_samples(root: Path, ground_truth: Path | None) -> tuple[Sample, ...]:
+    """Test images sorted by (defect_type, name); defective ones paired with their mask
+    when the category has ground truth."""
     samples: list[Sample] = []
     for folder in _subfolders(root / "test"):
-        defect_type = folder.name
-        is_good = defect_type == GOOD
-        masks = {} if is_good or ground_truth is None else _mask_index(ground_truth / defect_type)
+        label = 0 if folder.name == GOOD else 1
+        mask_folder = ground_truth / folder.name if label and ground_truth is not None else None
+        masks = _mask_index(mask_folder) if mask_folder is not None else {}
         for path in _images_in(folder):
-            mask = None if is_good or ground_truth is None else _require_mask(masks, path, ground_truth)
-            samples.append(Sample(path, 0 if is_good else 1, defect_type, mask))
+            mask = _require_mask(masks, path, mask_folder) if mask_folder is not None else None
+            samples.append(Sample(path, label, folder.name, mask))
     return tuple(samples)
 
 
-def _require_mask(masks: dict[str, Path], image: Path, ground_truth: Path) -> Path:
+def _require_mask(masks: dict[str, Path], image: Path, mask_folder: Path) -> Path:
     mask = masks.get(image.stem)
     if mask is None:
-        expected = ground_truth / image.parent.name / f"{image.stem}{MASK_SUFFIX}.png"
+        expected = mask_folder / f"{image.stem}{MASK_SUFFIX}.png"
         raise DataError(
             f"defective test image {image.absolute()} has no mask: expected "
             f"{expected.absolute()}. Add the mask (white = defect), or move the image out "
