@@ -18,22 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
 from dualstpm.config import Params
 from dualstpm.data import decode_images, load_category, split_train_val
-from dualstpm.detector import Calibration, Detector, resolve_device, save_detector, summarize
+from dualstpm.detector import Calibration, resolve_device, save_detector, summarize
 from dualstpm.errors import TrainingError
 from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
 from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.progress import progress_bar, stderr_console
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.csv"
 EpochCallback = Callable[[dict[str, float]], None]
 
-console = Console(stderr=True)
+console = stderr_console
 
 
 @dataclass
@@ -50,19 +50,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=console,
-        transient=True,
-    )
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -196,23 +183,29 @@ class Trainer:
         return {b: int(self.best[b]["epoch"]) for b in BRANCHES}
 
 
-def calibrate(detector: Detector, val_images: Tensor, batch_size: int, false_alarm_rate: float) -> tuple[object, dict, dict]:
+def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, device: torch.device,
+              selected_epochs: dict[str, int], category: str) -> Calibration:
     """Per-map validation statistics, then per-view thresholds at the target false-alarm rate."""
+    model.eval()
+    batch_size = params.fit.batch_size
+    with torch.no_grad():
+        maps = [model(val_images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
-    all_maps = []
-    for start in range(0, len(val_images), batch_size):
-        maps = detector.six_maps(val_images[start : start + batch_size]).cpu()
-        accumulator.update(maps)
-        all_maps.append(maps)
+    for batch in maps:
+        accumulator.update(batch)
     stats = accumulator.result()
-    detector.calibration.map_stats = stats
-    scores = {v: [] for v in VIEWS}
-    for maps in all_maps:
-        for view, s in detector.score_maps(maps).scores.items():
-            scores[view].append(s)
-    arrays = {v: torch.cat(s).numpy() for v, s in scores.items()}
-    thresholds = {v: calibrate_threshold(a, false_alarm_rate) for v, a in arrays.items()}
-    return stats, thresholds, {v: summarize(a) for v, a in arrays.items()}
+    spec = FusionSpec.from_params(params.fusion)
+    scores = {v: torch.cat([image_scores(fuse(m, spec.view(v), stats)) for m in maps]).numpy() for v in VIEWS}
+    rate = params.calibration.false_alarm_rate
+    return Calibration(
+        image_size=params.image_size,
+        map_stats=stats,
+        thresholds={v: calibrate_threshold(s, rate) for v, s in scores.items()},
+        val_score_summary={v: summarize(s) for v, s in scores.items()},
+        selected_epochs=selected_epochs,
+        category=category,
+        false_alarm_rate=rate,
+    )
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
@@ -255,7 +248,8 @@ def fit(
         f"fitting [bold]{category}[/]: {len(train_paths)} train / {len(val_paths)} validation images, "
         f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, device {device}"
     )
-    with progress_bar() as progress:
+    columns = (MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    with progress_bar(*columns) as progress:
         while trainer.epochs_done < params.fit.epochs:
             losses = trainer.train_epoch(train_images, progress)
             trainer.epochs_done += 1
@@ -267,18 +261,8 @@ def fit(
                 on_epoch(record)
 
     selected = trainer.restore_best()
-    calibration = Calibration(
-        image_size=params.image_size,
-        map_stats=None,  # filled by calibrate()
-        thresholds={},
-        val_score_summary={},
-        selected_epochs=selected,
-        category=category,
-        false_alarm_rate=params.calibration.false_alarm_rate,
-    )
-    detector = Detector(trainer.model, params, calibration, device)
-    _, thresholds, summary = calibrate(detector, val_images, params.fit.batch_size, params.calibration.false_alarm_rate)
-    calibration.thresholds, calibration.val_score_summary = thresholds, summary
+    calibration = calibrate(trainer.model, params, val_images, device, selected, category)
+    thresholds = calibration.thresholds
     model_dir = save_detector(run_dir, trainer.model, params, calibration)
     write_history(trainer.history, run_dir / HISTORY_FILE)
     console.print(f"model written to {model_dir} (selected epochs: {selected}, threshold {thresholds['fused']:.5g})")

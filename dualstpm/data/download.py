@@ -18,7 +18,6 @@ import os
 import posixpath
 import re
 import shutil
-import sys
 import tarfile
 import tempfile
 import urllib.error
@@ -27,12 +26,11 @@ import zlib
 from collections.abc import Sequence
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
-                           TransferSpeedColumn)
+from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dualstpm.data.mvtec import load_category
 from dualstpm.errors import DataError
+from dualstpm.progress import progress_bar
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
     "bottle", "cable", "capsule", "carpet", "grid", "hazelnut", "leather", "metal_nut",
@@ -78,15 +76,6 @@ def _verify(path: Path, expected: str) -> None:
 
 # --- download --------------------------------------------------------------------------
 
-def _progress() -> Progress:
-    """Bytes, speed and time left on stderr, only on a terminal (logs stay clean)."""
-    return Progress(
-        TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-        TimeRemainingColumn(), console=Console(stderr=True), transient=True,
-        disable=not sys.stderr.isatty(),
-    )
-
-
 def _content_range_start(header: str | None) -> int | None:
     match = re.match(r"bytes (\d+)-", header or "")
     return int(match.group(1)) if match else None
@@ -95,7 +84,7 @@ def _content_range_start(header: str | None) -> int | None:
 def _copy(response: http.client.HTTPResponse, part: Path, start: int) -> None:
     """Append the response body to `part` from byte `start` (0 rewrites it)."""
     length = response.headers.get("Content-Length")
-    with open(part, "ab" if start else "wb") as handle, _progress() as progress:
+    with open(part, "ab" if start else "wb") as handle, progress_bar(DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn()) as progress:
         task = progress.add_task(f"downloading {part.name.removesuffix('.part')}",
                                  total=start + int(length) if length else None, completed=start)
         for chunk in iter(lambda: response.read(_CHUNK), b""):

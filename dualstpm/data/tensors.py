@@ -7,7 +7,6 @@ Normalisation is not done here: it belongs to the teacher (its own mean and std)
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -15,11 +14,10 @@ from typing import TypeVar
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from dualstpm.data.images import read_image, read_mask
 from dualstpm.data.mvtec import Sample
+from dualstpm.progress import progress_bar
 
 T = TypeVar("T")
 
@@ -44,24 +42,11 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     return resized[0, 0] > 0.5
 
 
-def _progress(description: str) -> Progress:
-    """A transient bar on stderr, shown only on a terminal (logs stay clean)."""
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeRemainingColumn(),
-        console=Console(stderr=True),
-        transient=True,
-        disable=not sys.stderr.isatty(),
-    )
-
-
 def _stack(items: Sequence[T], decode: Callable[[T], torch.Tensor], shape: tuple[int, ...],
            dtype: torch.dtype, description: str) -> torch.Tensor:
     """Decode every item once into one preallocated tensor (no list of copies)."""
     out = torch.empty((len(items), *shape), dtype=dtype)
-    with _progress(description) as progress:
+    with progress_bar() as progress:
         task = progress.add_task(description, total=len(items))
         for index, item in enumerate(items):
             out[index] = decode(item)
