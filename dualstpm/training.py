@@ -25,6 +25,7 @@ from dualstpm.config import Params
 from dualstpm.data import decode_images, load_category, split_train_val
 from dualstpm.detector import Calibration, resolve_device, save_detector, summarize
 from dualstpm.errors import TrainingError
+from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
@@ -139,7 +140,11 @@ class Trainer:
         self.epochs_done = int(checkpoint["epoch"])
 
     # --- one epoch -----------------------------------------------------------------
-    def train_epoch(self, images: Tensor, progress: Progress) -> dict[str, float]:
+    def autocast(self) -> torch.autocast:
+        """bfloat16 autocast on a GPU (the losses' cosine runs in float32 either way); off on CPU."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
+
+    def train_epoch(self, images: Tensor, progress: Progress, cache: TeacherFeatureCache | None = None) -> dict[str, float]:
         epoch = self.epochs_done + 1
         fit = self.params.fit
         self.model.train()
@@ -148,8 +153,11 @@ class Trainer:
         task = progress.add_task(f"epoch {epoch}/{fit.epochs}", total=n_batches, status="")
         totals = {b: 0.0 for b in BRANCHES}
         for index in range(n_batches):
-            batch = images[order[index * fit.batch_size : (index + 1) * fit.batch_size]].to(self.device)
-            losses = dict(zip(BRANCHES, self.model(batch).losses(), strict=True))
+            indices = order[index * fit.batch_size : (index + 1) * fit.batch_size]
+            batch = images[indices].to(self.device)
+            teachers = cache.batch(indices, self.device) if cache is not None else None
+            with self.autocast():
+                losses = dict(zip(BRANCHES, self.model.pyramids(batch, teachers).losses(), strict=True))
             for branch, loss in losses.items():
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -249,16 +257,25 @@ def fit(
         f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, device {device}"
     )
     columns = (MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-    with progress_bar(*columns) as progress:
-        while trainer.epochs_done < params.fit.epochs:
-            losses = trainer.train_epoch(train_images, progress)
-            trainer.epochs_done += 1
-            record = {"epoch": trainer.epochs_done, **losses, **trainer.select(val_images)}
-            trainer.history.append(record)
-            trainer.save_checkpoint()
-            console.print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-            if on_epoch is not None:
-                on_epoch(record)
+    cache = None
+    if params.fit.cache and trainer.epochs_done < params.fit.epochs:
+        cache = TeacherFeatureCache.build(
+            trainer.model, train_images, params.fit.batch_size, device, params.fit.cache_ram_gb * 2**30, run_dir
+        )
+    try:
+        with progress_bar(*columns) as progress:
+            while trainer.epochs_done < params.fit.epochs:
+                losses = trainer.train_epoch(train_images, progress, cache)
+                trainer.epochs_done += 1
+                record = {"epoch": trainer.epochs_done, **losses, **trainer.select(val_images)}
+                trainer.history.append(record)
+                trainer.save_checkpoint()
+                console.print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                if on_epoch is not None:
+                    on_epoch(record)
+    finally:
+        if cache is not None:
+            cache.close()
 
     selected = trainer.restore_best()
     calibration = calibrate(trainer.model, params, val_images, device, selected, category)

@@ -23,6 +23,22 @@ DEEP_STRIDE = 32
 
 
 @dataclass
+class TeacherFeatures:
+    """T1's pyramid (strides 4, 8, 16), T1's stride-32 map (branch B's input) and T2's pyramid."""
+
+    t1_levels: list[Tensor]
+    t1_deep: Tensor
+    t2_levels: list[Tensor]
+
+    def tensors(self) -> list[Tensor]:
+        return [*self.t1_levels, self.t1_deep, *self.t2_levels]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[Tensor]) -> TeacherFeatures:
+        return cls(list(tensors[:3]), tensors[3], list(tensors[4:]))
+
+
+@dataclass
 class PyramidPairs:
     """Teacher and student pyramids of both branches for one batch."""
 
@@ -79,14 +95,22 @@ class DualStpmModel(nn.Module):
     def students(self) -> dict[str, nn.Module]:
         return {"stpm": self.s1, "recon": self.s2}
 
-    def pyramids(self, images: Tensor) -> PyramidPairs:
-        """All four pyramids; the teachers run without autograd since they never learn."""
+    def teacher_features(self, images: Tensor) -> TeacherFeatures:
+        """What the frozen teachers say about a batch; never trained through, so no autograd.
+
+        Training has no augmentation, so these are the same every epoch for an image: the
+        feature cache (`dualstpm.feature_cache`) computes them once and reuses them.
+        """
         with torch.no_grad():
             *t1_levels, t1_deep = self.t1(images)
-            t2_levels = self.t2(images)
+            return TeacherFeatures(t1_levels, t1_deep, self.t2(images))
+
+    def pyramids(self, images: Tensor, teachers: TeacherFeatures | None = None) -> PyramidPairs:
+        """All four pyramids; `teachers` may come precomputed (cache), else they are computed."""
+        teachers = teachers if teachers is not None else self.teacher_features(images)
         s1_levels = self.s1(images)
-        s2_levels = self.s2(t1_deep, t2_levels)
-        return PyramidPairs(t1_levels, s1_levels, t2_levels, s2_levels)
+        s2_levels = self.s2(teachers.t1_deep, teachers.t2_levels)
+        return PyramidPairs(teachers.t1_levels, s1_levels, teachers.t2_levels, s2_levels)
 
     def forward(self, images: Tensor) -> PyramidPairs | Tensor:
         """Train mode: the pyramids for the losses. Eval mode: six maps (B, 2, 3, H, W)."""
