@@ -67,12 +67,13 @@ class SpatialAttentionGate(nn.Module):
 
 
 def decoder_width(channels: int) -> int:
-    """Internal width of a decoder level: the teacher's channels, kept within [64, 256].
+    """Internal width of a decoder level: a quarter of the teacher's channels, within [64, 256].
 
-    The clamp keeps wide teachers (ResNet-50's 1024 channels at stride 16) affordable on a
-    CPU; a 1x1 head then projects to the teacher's exact channel count.
+    The same bottleneck ratio as ResNet-50's own blocks and Reverse Distillation's decoder
+    (64/128/256 for ResNet-50's 256/512/1024 channels): full width at stride 4 would cost
+    more than the teacher itself. A 1x1 head projects to the teacher's exact channels.
     """
-    return max(64, min(256, channels))
+    return max(64, min(256, channels // 4))
 
 
 class ReconstructionStudent(nn.Module):

@@ -1,0 +1,219 @@
+"""Speed and memory, measured in one run on the same images (the benchmark issue).
+
+Each phase runs in a fresh child process so that its peak resident memory is its own.
+Figures are medians of repeated timings; compare ratios from one run, since absolute
+times on shared machines drift.
+
+- training: images/s over one epoch after a warm-up epoch, per branch and for both,
+  with and without the teacher-feature cache, plus the first-epoch losses of both ways;
+- inference: the floor (T1, S1, T2, S2 forward only, nothing else, `inference_mode`),
+  fused-model throughput at batch 16 and latency at batch 1 (decoded image to score and
+  map), and their ratio to the floor.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import platform
+import resource
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dualstpm.config import Params
+from dualstpm.data import decode_images, load_category
+from dualstpm.detector import Detector, resolve_device
+from dualstpm.feature_cache import TeacherFeatureCache
+from dualstpm.models.loss import pyramid_loss
+from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.training import calibrate, seed_everything
+
+INFER_BATCH = 16
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        run()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def _model(params: Params, device: torch.device) -> DualStpmModel:
+    seed_everything(params.seed)
+    return DualStpmModel.build(params.model).to(device)
+
+
+def train_epoch(
+    model: DualStpmModel,
+    images: Tensor,
+    batch_size: int,
+    branches: tuple[str, ...],
+    device: torch.device,
+    cache: TeacherFeatureCache | None,
+) -> tuple[float, dict[str, float]]:
+    """One epoch in a fixed order, training only `branches`; (seconds, mean loss per branch).
+
+    Without a cache only the teachers a branch needs are run (T1 for A, T1 and T2 for B),
+    so per-branch figures are what training that branch alone would cost.
+    """
+    students = {"stpm": model.s1, "recon": model.s2}
+    params = [p for b in branches for p in students[b].parameters()]
+    optimizer = torch.optim.SGD(params, lr=0.4, momentum=0.9, weight_decay=1e-4)
+    model.train()
+    totals = dict.fromkeys(branches, 0.0)
+    _sync(device)
+    start = time.perf_counter()
+    for first in range(0, len(images), batch_size):
+        indices = torch.arange(first, min(first + batch_size, len(images)))
+        x = images[indices].to(device)
+        if cache is not None:
+            teachers = cache.batch(indices, device)
+            t1_levels, t1_deep, t2_levels = teachers.t1_levels, teachers.t1_deep, teachers.t2_levels
+        else:
+            with torch.no_grad():
+                *t1_levels, t1_deep = model.t1(x)
+                t2_levels = model.t2(x) if "recon" in branches else None
+        losses = {}
+        if "stpm" in branches:
+            losses["stpm"] = pyramid_loss(t1_levels, model.s1(x))
+        if "recon" in branches:
+            losses["recon"] = pyramid_loss(t2_levels, model.s2(t1_deep, t2_levels))
+        optimizer.zero_grad(set_to_none=True)
+        sum(losses.values()).backward()
+        optimizer.step()
+        for branch, loss in losses.items():
+            totals[branch] += loss.item() * len(indices)
+    _sync(device)
+    return time.perf_counter() - start, {b: t / len(images) for b, t in totals.items()}
+
+
+def training_phase(params: Params, images: Tensor, device: torch.device) -> dict:
+    """Throughput per branch and for both, with and without the cache; first-epoch losses."""
+    batch_size = params.fit.batch_size
+    out: dict = {}
+    for cached in (False, True):
+        tag = "cache" if cached else "no_cache"
+        for branches in (("stpm", "recon"), ("stpm",), ("recon",)):
+            model = _model(params, device)
+            cache = None
+            if cached:
+                start = time.perf_counter()
+                cache = TeacherFeatureCache.build(model, images, batch_size, device, params.fit.cache_ram_gb * 2**30, Path("."))
+                out[f"{tag}_build_s"] = time.perf_counter() - start
+            _, first_losses = train_epoch(model, images, batch_size, branches, device, cache)  # warm-up epoch
+            seconds, _ = train_epoch(model, images, batch_size, branches, device, cache)
+            name = "+".join(branches)
+            out[f"{tag}_{name}_epoch_s"] = seconds
+            out[f"{tag}_{name}_images_per_s"] = len(images) / seconds
+            if len(branches) == 2:
+                out[f"{tag}_first_epoch_losses"] = first_losses
+            if cache is not None:
+                cache.close()
+    both = "stpm+recon"
+    out["cache_epoch_ratio"] = out[f"cache_{both}_epoch_s"] / out[f"no_cache_{both}_epoch_s"]
+    out["cache_loss_rel_diff"] = max(
+        abs(out["cache_first_epoch_losses"][b] - out["no_cache_first_epoch_losses"][b]) / out["no_cache_first_epoch_losses"][b]
+        for b in ("stpm", "recon")
+    )
+    out["train_peak_rss_mib"] = _peak_rss_mib()
+    return out
+
+
+def floor_forward(model: DualStpmModel, images: Tensor) -> None:
+    """T1, S1, T2 and S2 forward and nothing else: what no inference can beat."""
+    *_, t1_deep = model.t1(images)
+    model.s1(images)
+    t2_levels = model.t2(images)
+    model.s2(t1_deep, t2_levels)
+
+
+def inference_phase(params: Params, images: Tensor, device: torch.device, repeats: int) -> dict:
+    model = _model(params, device).eval()
+    calibration = calibrate(model, params, images[:INFER_BATCH], device, {"stpm": 0, "recon": 0}, "bench")
+    detector = Detector(model, params, calibration, device)
+    batch = images[:INFER_BATCH].to(device)
+    single = images[:1].to(device)
+    with torch.inference_mode():
+        floor_s = _median_seconds(lambda: floor_forward(detector.model, detector.prepare(batch)), device, repeats)
+    fused_s = _median_seconds(lambda: detector.score(batch, views=("fused",)), device, repeats)
+    latency_s = _median_seconds(lambda: detector.score(single, views=("fused",)), device, repeats)
+    return {
+        "floor_images_per_s": len(batch) / floor_s,
+        "fused_images_per_s": len(batch) / fused_s,
+        "inference_over_floor": floor_s / fused_s,
+        "latency_batch1_ms": latency_s * 1000,
+        "infer_peak_rss_mib": _peak_rss_mib(),
+    }
+
+
+def _child(phase: str, params_dict: dict, paths: list[str], repeats: int, queue: multiprocessing.Queue) -> None:
+    params = Params.model_validate(params_dict)
+    device = resolve_device(params.fit.device)
+    images = decode_images([Path(p) for p in paths], params.image_size, "decoding benchmark images")
+    if phase == "train":
+        queue.put(training_phase(params, images, device))
+    else:
+        queue.put(inference_phase(params, images, device, repeats))
+
+
+def run_phase(phase: str, params: Params, paths: list[Path], repeats: int) -> dict:
+    """Run one phase in a fresh process (its own peak memory) and return its figures."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(phase, params.to_dict(), [str(p) for p in paths], repeats, queue))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def benchmark(params: Params, data_root: Path, category: str, n_images: int, repeats: int = 5) -> dict:
+    """Both phases on the first `n_images` train images of `category`."""
+    paths = list(load_category(Path(data_root), category).train[:n_images])
+    device = resolve_device(params.fit.device)
+    return {
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor() or platform.machine(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        },
+        "setup": {
+            "category": category,
+            "images": len(paths),
+            "image_size": params.image_size,
+            "t1": params.model.t1.name,
+            "t2": params.model.t2.name,
+            "train_batch": params.fit.batch_size,
+            "infer_batch": INFER_BATCH,
+            "repeats": repeats,
+        },
+        "train": run_phase("train", params, paths, repeats),
+        "inference": run_phase("infer", params, paths, repeats),
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def write_results(results: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2))

@@ -1,0 +1,27 @@
+"""The benchmark runs end to end and its figures are consistent (no timing assertions)."""
+
+import json
+import math
+from pathlib import Path
+
+from dualstpm.bench import benchmark, write_results
+from dualstpm.config import load_params
+
+from conftest import TINY_OVERRIDES
+
+
+def test_benchmark_reports_every_figure(synthetic_root: Path, tmp_path: Path):
+    params = load_params(None, TINY_OVERRIDES)
+    results = benchmark(params, synthetic_root, "synth_texture", n_images=8, repeats=1)
+    write_results(results, tmp_path / "bench.json")
+    saved = json.loads((tmp_path / "bench.json").read_text())
+    train, infer = saved["train"], saved["inference"]
+    for tag in ("no_cache", "cache"):
+        for name in ("stpm+recon", "stpm", "recon"):
+            assert train[f"{tag}_{name}_images_per_s"] > 0
+            assert math.isclose(train[f"{tag}_{name}_images_per_s"] * train[f"{tag}_{name}_epoch_s"], 8, rel_tol=1e-6)
+    # The cache changes where teacher features come from, not what the students learn from.
+    assert train["cache_loss_rel_diff"] < 1e-3
+    assert infer["inference_over_floor"] > 0 and infer["latency_batch1_ms"] > 0
+    assert train["train_peak_rss_mib"] > 100 and infer["infer_peak_rss_mib"] > 100
+    assert saved["setup"]["images"] == 8 and saved["setup"]["image_size"] == 64
