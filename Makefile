@@ -10,6 +10,9 @@ export HF_HUB_OFFLINE ?= 1
 export DO_NOT_TRACK ?= true
 export MLFLOW_DISABLE_TELEMETRY ?= true
 export DVC_NO_ANALYTICS ?= 1
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
+# The flow's temporary Prefect server needs about 22 s to start on 2 cores (default limit: 20 s).
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
 .PHONY: install demo test test-slow
 
@@ -22,6 +25,8 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The main job: the Prefect pipeline flow (data through DVC, fit, test, ablate, report,
+# register, promote) on the embedded default; outputs in out/, the registry in mlflow.db.
 demo: install
 	$(VENV)/bin/dualstpm demo
 

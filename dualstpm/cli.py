@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import math
+import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -11,7 +14,10 @@ from rich.table import Table
 from rich.text import Text
 
 from dualstpm.config import Params, load_params, valid_keys
-from dualstpm.errors import DualStpmError
+from dualstpm.errors import ConfigError, DualStpmError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 app = typer.Typer(
     help="Dual student-teacher feature pyramid matching: learn good parts, flag and locate defects.",
@@ -31,6 +37,16 @@ SetOption = Annotated[
 ]
 
 
+CategoryOption = Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")]
+
+
+def trained_category(run: Path, category: str | None) -> str:
+    """The category asked for, else the one the run's model was trained on."""
+    from dualstpm.detector import read_model_dir
+
+    return category or read_model_dir(run)[2].category
+
+
 def resolve_params(path: Path | None, overrides: list[str] | None) -> Params:
     """An explicit --params must exist; otherwise ./params.yaml is used when there is one."""
     if path is None and DEFAULT_PARAMS.is_file():
@@ -39,7 +55,7 @@ def resolve_params(path: Path | None, overrides: list[str] | None) -> Params:
 
 
 def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
+    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def print_metrics(result: dict) -> None:
@@ -65,10 +81,10 @@ def fit(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted fit from its checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="start again in a run directory that has a checkpoint")] = False,
 ) -> None:
-    """Train both branches on the good images of one category."""
-    from dualstpm.training import fit as fit_category
+    """Train both branches on the good images of one category (logged to MLflow)."""
+    from dualstpm.stages import tracked_fit
 
-    result = fit_category(resolve_params(params, overrides), data_root, category, out_dir, resume=resume, overwrite=overwrite)
+    result = tracked_fit(resolve_params(params, overrides), data_root, category, out_dir, resume=resume, overwrite=overwrite)
     out.print(f"trained: {result.model_dir}")
 
 
@@ -76,14 +92,15 @@ def fit(
 def test(
     run: Annotated[Path, typer.Option("--run", help="run directory written by `dualstpm fit`")],
     data_root: Annotated[Path, typer.Option("--data-root", help="folder holding the category")],
-    category: Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")] = None,
+    category: CategoryOption = None,
+    params: ParamsOption = None,
+    overrides: SetOption = None,
 ) -> None:
-    """Evaluate a trained model on the test split; writes RUN/metrics.json."""
-    from dualstpm.detector import Detector
-    from dualstpm.evaluation import test_run
+    """Evaluate a trained model on the test split; writes RUN/metrics.json and RUN/plots/, logs to MLflow."""
+    from dualstpm.stages import tracked_test
 
-    category = category or Detector.load(run).calibration.category
-    print_metrics(test_run(run, data_root, category))
+    category = trained_category(run, category)
+    print_metrics(tracked_test(resolve_params(params, overrides), run, data_root, category))
     out.print(f"written: {run / 'metrics.json'}")
 
 
@@ -139,24 +156,185 @@ def download(
 
 
 @app.command()
-def demo(
+def prepare(
     params: ParamsOption = None,
     overrides: SetOption = None,
-    runs: Annotated[Path, typer.Option("--runs", help="folder for the run directories")] = Path("runs/demo"),
+    stage_out: Annotated[Optional[Path], typer.Option("--out", help="the DVC download stage's output folder, data/<data.source>")] = None,
 ) -> None:
-    """The main job on the configured data: prepare, fit and test every category, print the table."""
-    from dualstpm.stages import fit_and_test, metrics_table, prepare_data
+    """Make data.categories ready: generate (synthetic), download and extract (mvtec) or check (folder)."""
+    from dualstpm.dvc_stage import run_download_stage
+    from dualstpm.stages import prepare_data
 
     p = resolve_params(params, overrides)
-    root = prepare_data(p)
-    results = {c: fit_and_test(p, root, c, runs / c) for c in p.data.categories}
-    for result in results.values():
-        print_metrics(result)
-    table = metrics_table(results)
-    runs.mkdir(parents=True, exist_ok=True)
-    table.to_csv(runs / "auc_table.csv", index=False)
-    out.print(table.to_string(index=False, float_format=lambda v: f"{v:.4f}"))
-    out.print(f"written: {runs / 'auc_table.csv'}")
+    out.print(f"ready: {prepare_data(p) if stage_out is None else run_download_stage(p, stage_out)}")
+
+
+def print_auc_table(table: pd.DataFrame, title: str) -> None:
+    from dualstpm.stages import TABLE_METRICS
+
+    view = Table(title=title)
+    for name in ("category", "model"):
+        view.add_column(name, no_wrap=True)  # names whole; on a narrow terminal the headers wrap instead
+    for name in ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max"):
+        view.add_column(name, justify="right")
+    for row in table.to_dict(orient="records"):
+        view.add_row(row["category"], row["model"], *(_fmt(row[m]) for m in TABLE_METRICS))
+    out.print(view)
+
+
+@app.command()
+def report(
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+    runs: Annotated[Path, typer.Option("--runs", help="folder holding a run directory per category")] = Path("runs"),
+    out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("reports"),
+) -> None:
+    """One AUC table over data.categories (each RUNS/<category> tested), with curves and overlays."""
+    from dualstpm.report import write_report
+
+    p = resolve_params(params, overrides)
+    print_auc_table(write_report({c: runs / c for c in p.data.categories}, out_dir), f"AUC table ({out_dir})")
+
+
+@app.command()
+def ablate(
+    run: Annotated[Path, typer.Option("--run", help="run directory, fitted and tested (its maps/ stored)")],
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Re-score RUN's stored maps under the fusion grid, choose on validation data; writes RUN/ablation/."""
+    from dualstpm.stages import tracked_ablate
+
+    result = tracked_ablate(resolve_params(params, overrides), run)
+    summary = result.summary
+    table = Table(title=f"{summary['category']}: fusion-weight ablation ({summary['n_configurations']} configurations, "
+                        f"{summary['timing']['grid_s']:.1f} s)")
+    for column in ("model", "configuration", "image AUROC", "pixel AUROC", "AUPRO", "image F1-max"):
+        table.add_column(column, justify="left" if column in ("model", "configuration") else "right")
+    for key, label in (("stpm_alone", "STPM alone"), ("fused_published", "published"),
+                       ("fused_chosen", "chosen (val)"), ("oracle", "oracle (test)")):
+        if summary.get(key):
+            row = summary[key]
+            table.add_row(label, row["config"], *(_fmt(row[m]) for m in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")))
+    out.print(table)
+    applied = "applied to the model" if summary["applied"] else "not applied (ablation.apply=false)"
+    out.print(f"chosen on validation data: {summary['fused_chosen']['config']}, {applied}: {summary['fusion_file']}")
+    out.print(f"written: {result.out_dir}")
+
+
+@app.command("ablate-report")
+def ablate_report(
+    runs: Annotated[list[Path], typer.Argument(help="run directories that `dualstpm ablate` has processed")],
+    out_file: Annotated[Path, typer.Option("--out", help="CSV file for the table")] = Path("reports/ablation.csv"),
+    metrics_file: Annotated[Optional[Path], typer.Option("--metrics", help="also a nested JSON for `dvc metrics`")] = None,
+) -> None:
+    """STPM alone vs fused (published) vs fused (validation-chosen) vs oracle, per category and mean."""
+    import json
+
+    from dualstpm.ablation import ablation_report, report_metrics
+
+    table = ablation_report(runs)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_file, index=False)
+    if metrics_file is not None:
+        metrics_file.parent.mkdir(parents=True, exist_ok=True)
+        metrics_file.write_text(json.dumps(report_metrics(table), indent=2))
+    print_auc_table(table, f"fusion-weight ablation ({out_file})")
+
+
+def _project_module(name: str):
+    """The Prefect flows live in the project's flows/ folder (beside params.yaml and dvc.yaml), not
+    in the installed package: import them from the project root, the current directory."""
+    root = Path.cwd()
+    if not (root / "flows" / "pipeline.py").is_file():
+        raise ConfigError(
+            f"no flows/pipeline.py in {root}: run this from the project root (the folder holding params.yaml, "
+            "dvc.yaml and flows/)"
+        )
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(name)
+
+
+@app.command()
+def demo(
+    params: Annotated[Path, typer.Option("--params", help="params file")] = DEFAULT_PARAMS,
+    overrides: SetOption = None,
+    out_dir: Annotated[Path, typer.Option("--out", help="folder for runs/ and reports/")] = Path("out"),
+    use_dvc: Annotated[bool, typer.Option("--dvc/--no-dvc", help="data through DVC's download stage (the versioned data)")] = True,
+) -> None:
+    """The main job: the Prefect pipeline flow (data, fit, test, report, register, promote), then the AUC table."""
+    import pandas as pd
+
+    flows = _project_module("flows.pipeline")
+    summary = flows.pipeline(str(params), overrides or [], str(out_dir), use_dvc)
+    print_auc_table(pd.DataFrame(summary["auc_table"]), f"AUC table ({summary['reports']})")
+    for decision in summary["promotions"].values():
+        verdict = "promoted" if decision.promoted else "not promoted"
+        out.print(f"{decision.model_name}: version {decision.challenger_version} {verdict}; "
+                  f"champion: version {decision.champion_version} ({decision.reason})")
+
+
+@app.command()
+def bench(
+    data_root: Annotated[Path, typer.Option("--data-root", help="folder holding the category")],
+    category: Annotated[str, typer.Option("--category", help="its train/good images are the benchmark images")],
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+    images: Annotated[int, typer.Option("--images", help="how many train images to time on")] = 64,
+    repeats: Annotated[int, typer.Option("--repeats", help="timed repetitions for medians")] = 5,
+    out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("bench/results.json"),
+) -> None:
+    """Training and inference speed, the inference floor, peak memory: one run, one table."""
+    from dualstpm.bench import benchmark, write_results
+
+    results = benchmark(resolve_params(params, overrides), data_root, category, images, repeats)
+    write_results(results, out_file)
+    table = Table(title=f"{results['setup']['category']} @ {results['setup']['image_size']} px, {results['machine']['device']}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for phase in ("train", "inference"):
+        for key, value in results[phase].items():
+            if isinstance(value, float):
+                table.add_row(f"{phase}.{key}", f"{value:.4g}")
+    out.print(table)
+    out.print(f"written: {out_file}")
+
+
+@app.command()
+def register(
+    run: Annotated[Path, typer.Option("--run", help="run directory, fitted and tested")],
+    category: CategoryOption = None,
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Register the tested model of RUN as a new version (alias `challenger`) in the MLflow registry."""
+    from dualstpm.registry import CHALLENGER, register_run
+
+    version = register_run(run, resolve_params(params, overrides), trained_category(run, category))
+    out.print(f"registered: {version.name} version {version.version} (@{CHALLENGER}); "
+              f"load it as models:/{version.name}@{CHALLENGER}")
+
+
+@app.command()
+def promote(
+    category: Annotated[str, typer.Option("--category", help="category whose challenger to judge")],
+    metric: Annotated[str, typer.Option("--metric", help="fused test metric that decides")] = "image_auroc",
+    min_delta: Annotated[float, typer.Option("--min-delta", help="margin the challenger must beat the champion by")] = 0.0,
+    version: Annotated[Optional[int], typer.Option("--version", help="judge this version instead of @challenger")] = None,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="the data the model is for (default: data.root)")] = None,
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Move `champion` to the challenger only if it beats the champion on the same data (reason tagged either way)."""
+    from dualstpm.registry import CHAMPION, promote as promote_category
+    from dualstpm.tracking import params_for_data
+
+    p = params_for_data(resolve_params(params, overrides), data_root)
+    decision = promote_category(category, p, metric, min_delta, version=version, decided_by="dualstpm promote")
+    verdict = "[bold green]promoted[/]" if decision.promoted else "[bold yellow]not promoted[/]"
+    out.print(f"{decision.model_name} version {decision.challenger_version}: {verdict}: {decision.reason}")
+    out.print(f"@{CHAMPION}: version {decision.champion_version or 'none'}")
 
 
 @app.command("params")

@@ -57,10 +57,15 @@ class FitParams(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    cache: bool = Field(True, description="compute teacher features once and reuse them every epoch")
+    cache_ram_gb: float = Field(4.0, ge=0, description="RAM budget of that cache; above it, a memory-mapped file")
+
+
+FusionMode = Literal["product", "sum", "product_all"]
 
 
 class FusionParams(_Strict):
-    mode: Literal["product", "sum"] = "product"
+    mode: FusionMode = "product"
     weights: list[list[float]] = Field(
         default_factory=lambda: [[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]],
         description="2x3 table: rows branch A (STPM), branch B (reconstruction); columns levels 1-3",
@@ -82,6 +87,66 @@ class CalibrationParams(_Strict):
     false_alarm_rate: float = Field(0.01, ge=0, lt=1, description="share of good validation parts flagged")
 
 
+class AblationParams(_Strict):
+    """The fusion-weight ablation grid, and how its choice is made (validation data only)."""
+
+    level_modes: list[FusionMode] = Field(
+        default_factory=lambda: ["product", "sum", "product_all"], description="fusion modes crossed with level_subsets"
+    )
+    level_subsets: list[list[int]] = Field(
+        default_factory=lambda: [[1], [2], [3], [1, 2], [1, 3], [2, 3]],
+        description="pyramid levels (1-3) scored on their own, both branches weighted 1",
+    )
+    sweep_modes: list[FusionMode] = Field(
+        default_factory=lambda: ["product", "sum"], description="fusion modes of the branch-weight sweep"
+    )
+    branch_weight_step: float = Field(0.1, gt=0, le=1, description="step of the w_B / (w_A + w_B) sweep from 0 to 1")
+    normalizations: list[Literal["none", "val_stats"]] = Field(
+        default_factory=lambda: ["none", "val_stats"], min_length=1, description="every configuration is scored with each"
+    )
+    select_metric: Literal["mean", "image_auroc", "pixel_auroc", "aupro", "image_f1_max"] = Field(
+        "mean", description="validation metric that picks the configuration; mean = of image AUROC, pixel AUROC, AUPRO"
+    )
+    synthetic_kinds: list[Literal["cutpaste", "scratch"]] = Field(
+        default_factory=lambda: ["cutpaste", "scratch"], min_length=1, description="synthetic defects pasted on validation images"
+    )
+    synthetic_per_image: int = Field(1, ge=1, le=10, description="synthetic defective copies of each validation image")
+    synthetic_seed: int = Field(0, ge=0, description="seed of the synthetic defects")
+    apply: bool = Field(True, description="write the validation-chosen fusion into RUN/model/fusion.json")
+    panel_images: int = Field(4, ge=0, le=16, description="test images in the six-map panel figure (0 = no panel)")
+    workers: int = Field(0, ge=0, description="threads scoring configurations; 0 = one per CPU core, at most 8")
+
+    @field_validator("level_subsets")
+    @classmethod
+    def _levels(cls, value: list[list[int]]) -> list[list[int]]:
+        for subset in value:
+            if not subset or len(set(subset)) != len(subset) or not set(subset) <= {1, 2, 3}:
+                raise ValueError(f"{subset} is not a subset of the levels 1, 2, 3 (e.g. [[1], [2, 3]])")
+        return value
+
+    @field_validator("branch_weight_step")
+    @classmethod
+    def _divides_one(cls, value: float) -> float:
+        if abs(round(1 / value) * value - 1) > 1e-9:
+            raise ValueError("must divide 1 into equal steps, e.g. 0.1, 0.125, 0.25 or 0.5")
+        return value
+
+
+class TrackingParams(_Strict):
+    """Where MLflow records runs and models, and the promotion rule's floor."""
+
+    uri: str = Field(
+        "",
+        description="MLflow tracking URI (sqlite:////abs/path.db or http://host:port); "
+        "empty = sqlite:////<project>/mlflow.db. MLFLOW_TRACKING_URI wins over it",
+    )
+    promotion_floor: float = Field(
+        0.7, ge=0, le=1, description="the first version of a model becomes champion only at or above this metric value"
+    )
+    retries: int = Field(3, ge=0, le=10, description="HTTP retries against a tracking server before failing")
+    timeout_s: int = Field(30, ge=1, description="HTTP timeout of one request to a tracking server, seconds")
+
+
 class MvtecParams(_Strict):
     url: str = MVTEC_URL
     sha256: str = Field(MVTEC_SHA256, pattern=r"^[0-9a-f]{64}$")
@@ -95,6 +160,36 @@ class DataParams(_Strict):
     mvtec: MvtecParams = MvtecParams()
 
 
+class PrefectParams(_Strict):
+    """How the Prefect flows run the stages. No stage reads these keys, so DVC never re-runs for them."""
+
+    task_runner: Literal["threads", "dask"] = Field("threads", description="where category tasks run: threads | dask")
+    max_workers: int = Field(4, ge=1, description="threads runner: category tasks in flight at once")
+    dask_address: str | None = Field(None, description="tcp://host:8786 of a running Dask scheduler; null = a local cluster")
+    dask_workers: int = Field(2, ge=1, description="workers of the local Dask cluster (when dask_address is null)")
+    training_slots: int = Field(1, ge=1, description="trainings at once over all workers (Prefect global concurrency limit)")
+    retrain_cron: str = Field("0 3 * * 1", description="when `python -m flows.serve` retrains: a 5-field cron expression")
+    retrain_timezone: str = Field("UTC", description="IANA time zone of retrain_cron, e.g. Europe/Berlin")
+
+    @field_validator("retrain_cron")
+    @classmethod
+    def _five_fields(cls, value: str) -> str:
+        if len(value.split()) != 5:
+            raise ValueError("must be a cron expression with 5 fields: minute hour day-of-month month day-of-week, e.g. '0 3 * * 1'")
+        return value
+
+    @field_validator("retrain_timezone")
+    @classmethod
+    def _known_zone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError("must be an IANA time zone name such as UTC or Europe/Berlin") from None
+        return value
+
+
 class Params(_Strict):
     image_size: int = Field(256, ge=32, le=2048)
     seed: int = 0
@@ -103,6 +198,9 @@ class Params(_Strict):
     fit: FitParams = FitParams()
     fusion: FusionParams = FusionParams()
     calibration: CalibrationParams = CalibrationParams()
+    ablation: AblationParams = AblationParams()
+    tracking: TrackingParams = TrackingParams()
+    prefect: PrefectParams = PrefectParams()
 
     @field_validator("image_size")
     @classmethod

@@ -1,9 +1,13 @@
 """A trained detector on disk and in memory: the model directory and inference.
 
-A model directory holds exactly three files, none of them pickled:
+A model directory holds three files, none of them pickled:
 `weights.safetensors` (all four networks), `params.yaml` (the resolved params) and
 `calibration.json` (validation statistics, thresholds, selected epochs). It is written
 to a temporary sibling and renamed into place, so a crash never leaves half a model.
+A fourth, `fusion.json`, is written by `dualstpm ablate`: when its choice (made on
+validation data) is applied, the detector's fused view uses that fusion and its
+recalibrated threshold instead of `params.fusion`; the branch views stay as trained.
+A new fit replaces the directory, so a stale choice never survives.
 """
 
 from __future__ import annotations
@@ -21,16 +25,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from dualstpm.config import Params, load_params, save_params
+from dualstpm.config import FusionParams, Params, load_params, save_params
 from dualstpm.errors import RunError
 from dualstpm.fusion import VIEWS, FusionSpec, MapStats, fuse, image_scores
 from dualstpm.models.torch_model import DualStpmModel
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: branch B decoder with bottleneck widths
 MODEL_SUBDIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
 PARAMS_FILE = "params.yaml"
 CALIBRATION_FILE = "calibration.json"
+FUSION_FILE = "fusion.json"
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -68,6 +73,46 @@ class Calibration:
         return cls(**data)
 
 
+@dataclass(frozen=True)
+class ChosenFusion:
+    """A fusion chosen after training, with the threshold recalibrated for it on validation images."""
+
+    spec: FusionSpec
+    threshold: float
+    source: dict  # provenance: which configuration, on what evidence
+
+    def to_json(self) -> dict:
+        return {"applied": True, "fusion": asdict(self.spec), "threshold": self.threshold, "source": self.source}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ChosenFusion:
+        spec = FusionSpec.from_params(FusionParams(**data["fusion"]))  # validated like params.fusion
+        return cls(spec, float(data["threshold"]), dict(data["source"]))
+
+
+def read_chosen_fusion(model_dir: Path) -> ChosenFusion | None:
+    """The applied choice in `fusion.json`; None without the file or when it was not applied."""
+    path = Path(model_dir) / FUSION_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text())
+        return ChosenFusion.from_json(data) if data["applied"] else None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise RunError(f"{path} is not a valid chosen fusion ({exc}): delete it or re-run `dualstpm ablate`") from None
+
+
+def write_chosen_fusion(run_dir: Path, chosen: ChosenFusion | None, source: dict | None = None) -> Path:
+    """Write `RUN/model/fusion.json` atomically (temp file, then rename). `chosen` None
+    records a choice that was not applied: the model keeps fusing with `params.fusion`."""
+    path = Path(run_dir) / MODEL_SUBDIR / FUSION_FILE
+    data = chosen.to_json() if chosen is not None else {"applied": False, "source": source or {}}
+    tmp = path.with_name(f".{FUSION_FILE}.tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+    return path
+
+
 @dataclass
 class ScoredBatch:
     """Per view (`fused`, `stpm`, `recon`): image scores (B,) and maps (B, H, W)."""
@@ -79,25 +124,41 @@ class ScoredBatch:
 class Detector:
     """A trained dual STPM with its fusion and calibration: images in, scores and maps out."""
 
-    def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, device: torch.device) -> None:
-        self.model = model.to(device).eval()
+    def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, device: torch.device,
+                 chosen: ChosenFusion | None = None) -> None:
+        # channels_last speeds up CNN inference on CPU and on tensor cores alike.
+        self.memory_format = torch.channels_last
+        self.model = model.to(device, memory_format=self.memory_format).eval()
         self.params = params
         self.calibration = calibration
         self.device = device
-        self.spec = FusionSpec.from_params(params.fusion)
+        self.chosen = chosen
+        self.trained_spec = FusionSpec.from_params(params.fusion)
+        self.spec = chosen.spec if chosen else self.trained_spec  # the fused view's fusion
+        self.thresholds = {**calibration.thresholds, **({"fused": chosen.threshold} if chosen else {})}  # per view
 
     @property
     def threshold(self) -> float:
-        return self.calibration.thresholds["fused"]
+        return self.thresholds["fused"]
+
+    def view_spec(self, view: str) -> FusionSpec:
+        """`fused`: the (possibly chosen) fusion; a branch: that branch alone, as trained."""
+        return self.spec if view == "fused" else self.trained_spec.view(view)
+
+    def prepare(self, images: Tensor) -> Tensor:
+        """Images on the model's device in its memory format."""
+        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
 
     @torch.inference_mode()
     def six_maps(self, images: Tensor) -> Tensor:
-        """(B, 3, S, S) images in [0, 1] -> (B, 2, 3, S, S) raw maps."""
-        return self.model(images.to(self.device, non_blocking=True)).float()
+        """(B, 3, S, S) images in [0, 1] -> (B, 2, 3, S, S) raw maps (bfloat16 autocast on a GPU)."""
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            return self.model(self.prepare(images)).float()
 
+    @torch.inference_mode()
     def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
         """Fuse six maps into each requested view and score them."""
-        fused = {v: fuse(maps, self.spec.view(v), self.calibration.map_stats) for v in views}
+        fused = {v: fuse(maps, self.view_spec(v), self.calibration.map_stats) for v in views}
         return ScoredBatch({v: image_scores(m) for v, m in fused.items()}, fused)
 
     def score(self, images: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
@@ -110,27 +171,42 @@ class Detector:
 
     # --- persistence -------------------------------------------------------------
     def save(self, run_dir: Path) -> Path:
-        return save_detector(run_dir, self.model, self.params, self.calibration)
+        model_dir = save_detector(run_dir, self.model, self.params, self.calibration)
+        if self.chosen is not None:
+            write_chosen_fusion(run_dir, self.chosen)
+        return model_dir
 
     @classmethod
     def load(cls, run_dir: Path, device: torch.device | None = None) -> Detector:
-        model_dir = Path(run_dir) / MODEL_SUBDIR
-        missing = [n for n in (WEIGHTS_FILE, PARAMS_FILE, CALIBRATION_FILE) if not (model_dir / n).is_file()]
-        if missing:
-            raise RunError(
-                f"{model_dir} is not a trained model (missing {', '.join(missing)}); "
-                f"run `dualstpm fit --out {run_dir} ...` first"
-            )
-        params = load_params(model_dir / PARAMS_FILE)
-        calibration = Calibration.from_json(json.loads((model_dir / CALIBRATION_FILE).read_text()))
-        if calibration.format_version != FORMAT_VERSION:
-            raise RunError(
-                f"{model_dir} has model format {calibration.format_version}, this dualstpm reads "
-                f"{FORMAT_VERSION}: retrain it with this version"
-            )
+        model_dir, params, calibration = read_model_dir(run_dir)
         model = DualStpmModel.build(params.model, pretrained=False)
-        model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)), strict=True)
-        return cls(model, params, calibration, device or resolve_device(params.fit.device))
+        try:
+            model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)), strict=True)
+        except RuntimeError as exc:
+            raise RunError(
+                f"{model_dir / WEIGHTS_FILE} does not fit the network its params.yaml describes "
+                f"({str(exc).splitlines()[0]}): the file is damaged or from another dualstpm version; retrain it"
+            ) from None
+        return cls(model, params, calibration, device or resolve_device(params.fit.device), read_chosen_fusion(model_dir))
+
+
+def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:
+    """(model dir, params, calibration) of a trained run, checked; the weights stay on disk."""
+    model_dir = Path(run_dir) / MODEL_SUBDIR
+    missing = [n for n in (WEIGHTS_FILE, PARAMS_FILE, CALIBRATION_FILE) if not (model_dir / n).is_file()]
+    if missing:
+        raise RunError(
+            f"{model_dir} is not a trained model (missing {', '.join(missing)}); "
+            f"run `dualstpm fit --out {run_dir} ...` first"
+        )
+    params = load_params(model_dir / PARAMS_FILE)
+    calibration = Calibration.from_json(json.loads((model_dir / CALIBRATION_FILE).read_text()))
+    if calibration.format_version != FORMAT_VERSION:
+        raise RunError(
+            f"{model_dir} has model format {calibration.format_version}, this dualstpm reads "
+            f"{FORMAT_VERSION}: retrain it with this version"
+        )
+    return model_dir, params, calibration
 
 
 def save_detector(run_dir: Path, model: DualStpmModel, params: Params, calibration: Calibration) -> Path:

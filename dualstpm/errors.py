@@ -28,3 +28,11 @@ class TrainingError(DualStpmError):
 
 class RunError(DualStpmError):
     """A run directory that is missing, incomplete or from an incompatible version."""
+
+
+class TrackingError(DualStpmError):
+    """The MLflow tracking store or registry cannot be reached or refuses a request."""
+
+
+class PipelineError(DualStpmError):
+    """Some categories of a pipeline run failed; the other categories' results were kept."""

@@ -16,14 +16,22 @@ import torch
 from dualstpm import metrics
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
+from dualstpm.figures import PLOTS_DIR, write_test_figures
 from dualstpm.fusion import VIEWS
+from dualstpm.maps import MAPS_DIR, compute_six_maps, fused_and_scores, store_test_and_val_maps
 
 METRICS_FILE = "metrics.json"
 IMAGE_ONLY_NOTE = "image-level only: the category has no ground_truth folder, so pixel metrics are null"
 
 
-def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_size: int | None = None) -> dict:
-    """Score every test image and compute the metrics of each view."""
+def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_size: int | None = None,
+                      plots_dir: Path | None = None, maps_dir: Path | None = None) -> dict:
+    """Score every test image and compute the metrics of each view (figures into `plots_dir`).
+
+    The six raw maps are computed once, rounded to the float16 in which they are stored
+    (into `maps_dir`, with the validation images' maps), and every view is fused from
+    them: re-scoring the stored maps (the ablation) reproduces these metrics exactly.
+    """
     dataset = load_category(Path(data_root), category)
     size = detector.params.image_size
     images = decode_images([s.path for s in dataset.test], size, f"decoding {len(dataset.test)} test images")
@@ -31,19 +39,23 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     labels = np.array([s.label for s in dataset.test])
     defect_types = [s.defect_type for s in dataset.test]
 
-    scores = {v: np.empty(len(images), dtype=np.float64) for v in VIEWS}
-    maps = {v: np.empty((len(images), size, size), dtype=np.float32) for v in VIEWS} if masks is not None else None
-    for part, scored in detector.batches(images, batch_size or detector.params.fit.batch_size):
-        for view in VIEWS:
-            scores[view][part] = scored.scores[view].cpu().numpy()
-            if maps is not None:
-                maps[view][part] = scored.maps[view].cpu().numpy()
+    batch_size = batch_size or detector.params.fit.batch_size
+    six = compute_six_maps(detector, images, batch_size)
+    scores: dict[str, np.ndarray] = {}
+    maps: dict[str, np.ndarray] | None = {} if masks is not None else None
+    for view in VIEWS:
+        fused, scores[view] = fused_and_scores(six, detector.view_spec(view), detector.calibration.map_stats)
+        if maps is not None:
+            maps[view] = fused
+    truth = metrics.PixelTruth(masks) if masks is not None else None  # regions labelled once for all views
 
     result: dict = {
         "category": category,
         "n_test_images": int(len(images)),
         "n_defective": int(labels.sum()),
         "image_level_only": masks is None,
+        # which fusion the fused view used: the trained params, or the ablation's choice
+        "fusion": detector.chosen.source.get("config", "chosen") if detector.chosen else "params.fusion",
     }
     if masks is None:
         result["note"] = IMAGE_ONLY_NOTE
@@ -53,16 +65,23 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
             defect_types,
             scores[view],
             maps[view] if maps is not None else None,
-            masks,
-            detector.calibration.thresholds[view],
+            truth,
+            detector.thresholds[view],
         )
+    if plots_dir is not None:
+        names = [f"{s.defect_type}_{s.path.stem}" for s in dataset.test]
+        write_test_figures(plots_dir, detector, images, labels, scores, names, maps, masks)
+    if maps_dir is not None:
+        store_test_and_val_maps(maps_dir, detector, dataset, six, masks, batch_size)
     return result
 
 
 def test_run(run_dir: Path, data_root: Path, category: str, device: torch.device | None = None) -> dict:
-    """Load `run_dir/model`, evaluate it and write `run_dir/metrics.json`."""
+    """Load `run_dir/model`, evaluate it and write `run_dir/metrics.json`, `run_dir/plots/`
+    and the six maps of the test and validation images into `run_dir/maps/`."""
     detector = Detector.load(run_dir, device)
-    result = evaluate_detector(detector, data_root, category)
+    result = evaluate_detector(detector, data_root, category, plots_dir=Path(run_dir) / PLOTS_DIR,
+                               maps_dir=Path(run_dir) / MAPS_DIR)
     (Path(run_dir) / METRICS_FILE).write_text(json.dumps(result, indent=2))
     return result
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dualstpm.config import FusionParams
+from dualstpm.config import FusionMode, FusionParams
 
 BRANCHES = ("stpm", "recon")
 VIEWS = ("fused", "stpm", "recon")
@@ -26,7 +26,7 @@ VIEWS = ("fused", "stpm", "recon")
 class FusionSpec:
     """How six maps become one: the `fusion.*` params plus the validation statistics."""
 
-    mode: Literal["product", "sum"] = "product"
+    mode: FusionMode = "product"
     weights: tuple[tuple[float, ...], ...] = ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
     normalize: Literal["none", "val_stats"] = "none"
     sigma: float = 0.0
@@ -84,7 +84,7 @@ class MapStatsAccumulator:
 def normalize_maps(maps: Tensor, spec: FusionSpec, stats: MapStats | None) -> Tensor:
     """Put the six maps on a common scale using validation statistics.
 
-    In `sum` mode each map is standardised, (m - mean) / std. In `product` mode a shift
+    In `sum` mode each map is standardised, (m - mean) / std. In the product modes a shift
     would make factors negative and the product meaningless, so each map is only divided
     by its validation mean: 1.0 then means "as different as a typical normal pixel".
     """
@@ -116,16 +116,20 @@ def fuse(maps: Tensor, spec: FusionSpec, stats: MapStats | None = None) -> Tenso
 
     product: M = prod_l (w_A,l * m_A,l + w_B,l * m_B,l) over levels with any weight > 0
     (a level weighted 0 in both branches is left out rather than zeroing the product);
-    sum: M = sum of all weighted maps.
+    sum: M = sum of all weighted maps;
+    product_all: M = product of every weighted map with a weight > 0 (an AND of all six
+    detectors; the weights only scale M, so for ranking they merely select maps).
     """
     maps = normalize_maps(maps, spec, stats)
     weights = torch.tensor(spec.weights, dtype=maps.dtype, device=maps.device)
-    per_level = (maps * weights[None, :, :, None, None]).sum(dim=1)  # (B, 3, H, W)
-    if spec.mode == "sum":
-        fused = per_level.sum(dim=1)
+    weighted = maps * weights[None, :, :, None, None]  # (B, 2, 3, H, W)
+    if spec.mode == "product_all":
+        fused = weighted.flatten(1, 2)[:, weights.flatten() > 0].prod(dim=1)
+    elif spec.mode == "sum":
+        fused = weighted.sum(dim=1).sum(dim=1)
     else:
         used = [level for level in range(3) if float(weights[:, level].sum()) > 0]
-        fused = per_level[:, used].prod(dim=1)
+        fused = weighted.sum(dim=1)[:, used].prod(dim=1)
     if spec.sigma > 0:
         fused = gaussian_blur(fused, spec.sigma)
     return fused

@@ -5,8 +5,9 @@ comparable with published MVTec AD results and a full category (tens of millions
 pixels) fits in memory: pixel metrics sort the good pixels' scores once (in the maps'
 own dtype) instead of arg-sorting every pixel.
 
-Conventions: a higher score means "more anomalous"; a score ``>= threshold`` is flagged
-as defective; label 1 / mask True means defective. Metrics that are undefined for the
+Conventions: a higher score means "more anomalous"; at a stored decision threshold a
+score strictly ``> threshold`` is defective (as in `dualstpm predict`; the threshold is the
+highest tolerated validation score), while curves and F1-max sweep ``>=`` like sklearn; label 1 / mask True means defective. Metrics that are undefined for the
 data (one class only, no defect region) are ``None`` so that they serialise as JSON null.
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from scipy import ndimage
@@ -66,6 +68,31 @@ def _auroc(labels: np.ndarray, scores: np.ndarray) -> float | None:
     return _auroc_from_split(np.sort(scores[~labels]), scores[labels])
 
 
+class PixelTruth:
+    """Ground-truth masks prepared once for scoring many map stacks against them.
+
+    The three views of a test and the fusion-weight ablation grid score dozens of map
+    stacks against the same masks: the good/defect split and the connected-region
+    labelling (the costly part of AUPRO) are done once here, not once per stack.
+    """
+
+    def __init__(self, masks: np.ndarray) -> None:
+        self.masks = np.asarray(masks).astype(bool, copy=False)
+        if self.masks.ndim != 3:
+            raise ValueError(f"masks must be an (N, H, W) stack, got shape {self.masks.shape}")
+        self.good = ~self.masks
+
+    @cached_property
+    def regions(self) -> tuple[np.ndarray, int]:
+        """Connected-region id (1..R) of each defect pixel (C order), and R."""
+        labelled, n_regions = ndimage.label(self.masks, structure=_REGION_STRUCTURE)
+        return labelled[self.masks], int(n_regions)
+
+
+def _truth(masks: np.ndarray | PixelTruth) -> PixelTruth:
+    return masks if isinstance(masks, PixelTruth) else PixelTruth(masks)
+
+
 @dataclass(frozen=True)
 class _Pixels:
     """All test pixels split once into sorted good scores and defect scores.
@@ -75,23 +102,33 @@ class _Pixels:
 
     good_sorted: np.ndarray  # ascending scores of mask-0 pixels
     defect: np.ndarray  # scores of mask-1 pixels, C order (matches labelled[masks])
-    masks: np.ndarray  # bool (N, H, W), kept for region labelling
+    truth: PixelTruth  # the masks, with their regions labelled on first use
 
     @classmethod
-    def of(cls, masks: np.ndarray, maps: np.ndarray) -> _Pixels:
-        masks = np.asarray(masks).astype(bool, copy=False)
+    def of(cls, masks: np.ndarray | PixelTruth, maps: np.ndarray) -> _Pixels:
+        truth = _truth(masks)
         maps = np.asarray(maps)
-        if masks.ndim != 3 or masks.shape != maps.shape:
-            raise ValueError(f"masks {masks.shape} and maps {maps.shape} must be equal (N, H, W) shapes")
+        if truth.masks.shape != maps.shape:
+            raise ValueError(f"masks {truth.masks.shape} and maps {maps.shape} must be equal (N, H, W) shapes")
         _check_finite(maps, "maps")
-        good = maps[~masks]
+        good = maps[truth.good]
         good.sort()
-        return cls(good_sorted=good, defect=maps[masks], masks=masks)
+        return cls(good_sorted=good, defect=maps[truth.masks], truth=truth)
 
     def region_ids(self) -> tuple[np.ndarray, int]:
         """Connected-region id (1..R) of each defect pixel, and R."""
-        labelled, n_regions = ndimage.label(self.masks, structure=_REGION_STRUCTURE)
-        return labelled[self.masks], int(n_regions)
+        return self.truth.regions
+
+    @cached_property
+    def defect_order(self) -> np.ndarray:
+        """Stable ascending order of the defect scores, shared by AUROC and AUPRO."""
+        return np.argsort(self.defect, kind="stable")
+
+    @cached_property
+    def defect_sorted(self) -> np.ndarray:
+        # Sorted queries make binary search into the (large) sorted good scores cache-friendly:
+        # about 15x faster than unsorted ones, with the same counts.
+        return self.defect[self.defect_order]
 
 
 def _pro_curve(px: _Pixels) -> tuple[np.ndarray, np.ndarray] | None:
@@ -109,7 +146,7 @@ def _pro_curve(px: _Pixels) -> tuple[np.ndarray, np.ndarray] | None:
     if n_regions == 0 or n_good == 0:
         return None
     weight = 1.0 / (np.bincount(ids)[ids] * n_regions)  # each region sums to 1 / R
-    order = np.argsort(px.defect, kind="stable")[::-1]
+    order = px.defect_order[::-1]
     scores = px.defect[order]
     pro_cum = np.cumsum(weight[order])
     group_end = np.append(scores[1:] != scores[:-1], True)  # last pixel of each tie group
@@ -164,7 +201,7 @@ def pixel_auroc(masks: np.ndarray, maps: np.ndarray) -> float | None:
     None when the pixels hold only one class.
     """
     px = _Pixels.of(masks, maps)
-    return _auroc_from_split(px.good_sorted, px.defect)
+    return _auroc_from_split(px.good_sorted, px.defect_sorted)
 
 
 def pro_curve(masks: np.ndarray, maps: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,6 +222,16 @@ def aupro(masks: np.ndarray, maps: np.ndarray, fpr_limit: float = FPR_LIMIT) -> 
     None when there is no defect region (or no good pixel).
     """
     return _aupro_from_pixels(_Pixels.of(masks, maps), fpr_limit)
+
+
+def pixel_metrics(masks: np.ndarray | PixelTruth, maps: np.ndarray,
+                  fpr_limit: float = FPR_LIMIT) -> tuple[float | None, float | None]:
+    """(pixel AUROC, AUPRO) of one map stack, sorting the good pixels once for both.
+
+    Pass a :class:`PixelTruth` to score many stacks against the same masks.
+    """
+    px = _Pixels.of(masks, maps)
+    return _auroc_from_split(px.good_sorted, px.defect_sorted), _aupro_from_pixels(px, fpr_limit)
 
 
 def roc_curve_points(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -214,13 +261,13 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float] | None
 
 
 def precision_recall_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
-    """(precision, recall) when score >= threshold is flagged defective.
+    """(precision, recall) when score > threshold is flagged defective (the decision rule).
 
     Precision is 0.0 when nothing is flagged and recall is 0.0 when there is no
     defective sample (sklearn's zero_division=0), so results stay JSON numbers.
     """
     labels, scores = _as_binary(labels, scores)
-    flagged = scores >= threshold
+    flagged = scores > threshold
     hits = np.count_nonzero(flagged & labels)
     n_flagged, n_defective = np.count_nonzero(flagged), np.count_nonzero(labels)
     precision = hits / n_flagged if n_flagged else 0.0
@@ -249,7 +296,7 @@ def evaluate(
     defect_types: Sequence[str],
     scores: np.ndarray,
     maps: np.ndarray | None,
-    masks: np.ndarray | None,
+    masks: np.ndarray | PixelTruth | None,
     threshold: float,
 ) -> dict:
     """All §6 metrics of one category as a JSON-ready dict (plain floats, None for undefined).
@@ -260,9 +307,7 @@ def evaluate(
         raise ValueError(f"{len(defect_types)} defect types for {np.asarray(labels).size} labels")
     pixel, pro = None, None
     if maps is not None and masks is not None:
-        px = _Pixels.of(masks, maps)
-        pixel = _auroc_from_split(px.good_sorted, px.defect)
-        pro = _aupro_from_pixels(px, FPR_LIMIT)
+        pixel, pro = pixel_metrics(masks, maps)
     best = f1_max(labels, scores)
     precision, recall = precision_recall_at(labels, scores, threshold)
     return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import matplotlib
@@ -57,36 +58,63 @@ def _unique_name(stem: str, taken: set[str]) -> str:
     return name
 
 
+@dataclass
+class ImagePrediction:
+    """One image's answer: fused score, label at the threshold, branch scores, fused map at image size."""
+
+    score: float
+    label: str
+    threshold: float
+    stpm_score: float
+    recon_score: float
+    anomaly_map: np.ndarray
+
+    def row(self) -> dict[str, float | str]:
+        """The table columns: everything but the map."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "anomaly_map"}
+
+
+def score_images(detector: Detector, originals: Sequence[np.ndarray], threshold: float | None = None) -> list[ImagePrediction]:
+    """Score decoded images (float HxWx3 in [0, 1], any size): the one scoring path of
+    `dualstpm predict` and the MLflow model, so both give the same numbers."""
+    threshold = detector.threshold if threshold is None else float(threshold)
+    size = detector.params.image_size
+    batch_size = detector.params.fit.batch_size
+    results = []
+    for start in range(0, len(originals), batch_size):
+        chunk = originals[start : start + batch_size]
+        scored = detector.score(torch.stack([resize_image(o, size) for o in chunk]))
+        for i, original in enumerate(chunk):
+            fused = scored.maps["fused"][i : i + 1, None]
+            full = F.interpolate(fused, size=original.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+            score = float(scored.scores["fused"][i])
+            results.append(
+                ImagePrediction(
+                    score=score,
+                    label="defective" if score > threshold else "good",
+                    threshold=threshold,
+                    stpm_score=float(scored.scores["stpm"][i]),
+                    recon_score=float(scored.scores["recon"][i]),
+                    anomaly_map=full.cpu().numpy(),
+                )
+            )
+    return results
+
+
 def predict(detector: Detector, paths: Sequence[Path], out_dir: Path, threshold: float | None = None) -> pd.DataFrame:
     """Score images, write an overlay per image and `predictions.csv`; return the table."""
     images = collect_images(paths)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    threshold = detector.threshold if threshold is None else float(threshold)
-    size = detector.params.image_size
     rows, taken = [], set()
     batch_size = detector.params.fit.batch_size
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         originals = [read_image(p) for p in chunk]
-        scored = detector.score(torch.stack([resize_image(o, size) for o in originals]))
-        for i, (path, original) in enumerate(zip(chunk, originals, strict=True)):
-            fused = scored.maps["fused"][i : i + 1, None]
-            full = F.interpolate(fused, size=original.shape[:2], mode="bilinear", align_corners=False)[0, 0]
+        for path, original, result in zip(chunk, originals, score_images(detector, originals, threshold), strict=True):
             name = _unique_name(path.stem, taken)
-            overlay(original, full.cpu().numpy(), threshold).save(out_dir / name)
-            score = float(scored.scores["fused"][i])
-            rows.append(
-                {
-                    "path": str(path),
-                    "score": score,
-                    "label": "defective" if score > threshold else "good",
-                    "threshold": threshold,
-                    "stpm_score": float(scored.scores["stpm"][i]),
-                    "recon_score": float(scored.scores["recon"][i]),
-                    "overlay": name,
-                }
-            )
+            overlay(original, result.anomaly_map, result.threshold).save(out_dir / name)
+            rows.append({"path": str(path), **result.row(), "overlay": name})
     table = pd.DataFrame(rows)
     table.to_csv(out_dir / PREDICTIONS_FILE, index=False)
     return table

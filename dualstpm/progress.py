@@ -6,6 +6,7 @@ Logs and CI output stay clean; an interactive user sees what is going on.
 from __future__ import annotations
 
 import sys
+import threading
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
@@ -22,5 +23,7 @@ def progress_bar(*columns: ProgressColumn) -> Progress:
         *shown,
         console=stderr_console,
         transient=True,
-        disable=not sys.stderr.isatty(),
+        # Rich shows one live display at a time: bars only from the main thread, so stages
+        # running side by side in a thread pool (Prefect's task runner) never collide.
+        disable=not sys.stderr.isatty() or threading.current_thread() is not threading.main_thread(),
     )

@@ -5,17 +5,33 @@ Each takes validated `Params` and paths, does one thing, and returns plain data.
 
 from __future__ import annotations
 
+import contextlib
+import json
 from pathlib import Path
 
 import pandas as pd
 
-from dualstpm.config import Params
+from dualstpm.ablation import ABLATION_DIR, AblationResult, ablate
+from dualstpm.config import Params, load_params
 from dualstpm.data import load_category, make_synthetic_category, prepare_mvtec
-from dualstpm.errors import DataError
+from dualstpm.detector import CALIBRATION_FILE, FUSION_FILE, MODEL_SUBDIR, PARAMS_FILE
+from dualstpm.errors import DataError, TrackingError
 from dualstpm.evaluation import test_run
-from dualstpm.training import fit
+from dualstpm.tracking import (
+    RUN_RECORD,
+    TAG,
+    CategoryRun,
+    RunRecord,
+    connect,
+    data_hash,
+    open_category_run,
+    params_for_data,
+    tracking_errors,
+)
+from dualstpm.training import HISTORY_FILE, FitResult, fit
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+AUC_TABLE = "auc_table.csv"
 
 
 def synthetic_kind(category: str) -> str:
@@ -47,10 +63,116 @@ def prepare_data(params: Params) -> Path:
     return root
 
 
+def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *,
+                resume: bool = False, overwrite: bool = False) -> FitResult:
+    """`training.fit` logged to MLflow: the category's parent run and a child per branch,
+    per-epoch losses, the selected epochs and thresholds.
+
+    An unreachable store fails before training; a store lost during training does not stop
+    it: the model is saved first, then the TrackingError says so and how to log it later.
+    """
+    connect(params)  # fail fast: nothing trained yet, nothing lost
+    tracked = params_for_data(params, data_root)
+    opened: list[CategoryRun] = []
+    failures: list[TrackingError] = []
+
+    def run() -> CategoryRun:  # opened at the first epoch, so a fit refused up front leaves no run behind
+        if not opened:
+            opened.append(open_category_run(tracked, run_dir, category, data_root, reuse=resume, source="dualstpm fit"))
+        return opened[0]
+
+    def on_epoch(record: dict[str, float]) -> None:
+        if not failures:  # one failure is enough: no retrying on every epoch
+            try:
+                run().log_epoch(record)
+            except TrackingError as exc:
+                failures.append(exc)
+
+    try:
+        result = fit(params, data_root, category, run_dir, resume=resume, overwrite=overwrite, on_epoch=on_epoch)
+    except BaseException:
+        if opened:
+            with contextlib.suppress(TrackingError):
+                opened[0].finish("FAILED")
+        raise
+    if not failures:
+        try:
+            run().log_fit(result.selected_epochs, result.thresholds)
+            run().finish()
+        except TrackingError as exc:
+            failures.append(exc)
+    if failures:
+        raise TrackingError(
+            f"the model is trained and saved in {result.model_dir}, but logging it to MLflow failed: {failures[0]}\n"
+            f"Once the store answers again, `dualstpm test --run {run_dir} --data-root {data_root}` logs the "
+            "run (a new one if this one is gone), then `dualstpm register` can register it."
+        )
+    return result
+
+
+def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) -> dict:
+    """`evaluation.test_run` logged to MLflow into the run `tracked_fit` started (or a new
+    one, filled from the run directory's files, when there is none in this store): the
+    metrics of the fused model and each branch, the AUC table, curves and overlays, and
+    the evaluation data's hash that promotion compares. Returns metrics.json's content.
+
+    Runs are described by the model's own params (what was trained); only the `tracking`
+    section comes from `params` (where to log now).
+    """
+    connect(params)
+    run_dir = Path(run_dir)
+    result = test_run(run_dir, data_root, category)
+    metrics_table({category: result}).to_csv(run_dir / AUC_TABLE, index=False)
+    trained = load_params(run_dir / MODEL_SUBDIR / PARAMS_FILE).model_copy(update={"tracking": params.tracking})
+    run = open_category_run(params_for_data(trained, data_root), run_dir, category, data_root,
+                            reuse=True, source="dualstpm test")
+    if run.created:  # fitted without tracking, or into another store: log what the files tell
+        calibration = json.loads((run_dir / MODEL_SUBDIR / CALIBRATION_FILE).read_text())
+        run.log_history(run_dir / HISTORY_FILE)
+        run.log_fit(calibration["selected_epochs"], calibration["thresholds"])
+    run.log_test(result, data_hash(data_root, category), data_root)
+    run.finish()
+    return result
+
+
+def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
+    """`ablation.ablate` (with `params.ablation`) logged to MLflow into the run `dualstpm test`
+    logged: STPM alone, the published and the chosen fusion and the oracle as `ablation.*`
+    metrics, the choice as tags, the table as one MLflow table, and `RUN/ablation/` and
+    `model/fusion.json` as artifacts.
+    """
+    client = connect(params)
+    run_dir = Path(run_dir)
+    record = RunRecord.read(run_dir)
+    if record is None or record.eval_data_root is None:
+        raise TrackingError(f"{run_dir} has no tested MLflow run ({run_dir / RUN_RECORD}): run `dualstpm test "
+                            f"--run {run_dir} --data-root ...` first; the ablation adds to the run it logs")
+    result = ablate(run_dir, params.ablation)
+    summary = result.summary
+    data_root = Path(record.eval_data_root)
+    trained = load_params(run_dir / MODEL_SUBDIR / PARAMS_FILE).model_copy(update={"tracking": params.tracking})
+    run = open_category_run(params_for_data(trained, data_root), run_dir, summary["category"], data_root,
+                            reuse=True, source="dualstpm ablate")
+    figures = {f"ablation.{key}.{metric}": value
+               for key in ("stpm_alone", "fused_published", "fused_chosen", "oracle") if summary.get(key)
+               for metric, value in summary[key].items() if metric in TABLE_METRICS and value is not None}
+    run._log(run.run_id, "logging the ablation", figures, tags={
+        f"{TAG}ablation.chosen": summary["fused_chosen"]["config"],
+        f"{TAG}ablation.applied": str(summary["applied"]).lower(),
+        f"{TAG}ablation.oracle": (summary["oracle"] or {}).get("config", "none"),
+    })
+    with tracking_errors(client.tracking_uri, "logging the ablation table"):
+        client.log_table(run.run_id, data=result.table, artifact_file=f"{ABLATION_DIR}/table.json")
+    run.log_artifacts([ABLATION_DIR, f"{MODEL_SUBDIR}/{FUSION_FILE}"], "")
+    run.finish()
+    return result
+
+
 def fit_and_test(params: Params, data_root: Path, category: str, run_dir: Path) -> dict:
-    """Train a fresh model for `category` into `run_dir` and test it; returns metrics.json's content."""
-    fit(params, data_root, category, run_dir, overwrite=True)
-    return test_run(run_dir, data_root, category)
+    """Train a fresh model for `category` into `run_dir` and test it, both logged to MLflow;
+    returns metrics.json's content."""
+    tracked_fit(params, data_root, category, run_dir, overwrite=True)
+    return tracked_test(params, run_dir, data_root, category)
 
 
 def metrics_table(results: dict[str, dict]) -> pd.DataFrame:

@@ -85,6 +85,8 @@ def _check_resumable(checkpoint: dict, params: Params, path: Path) -> None:
     saved, now = dict(checkpoint["params"]), params.to_dict()
     saved["fit"] = {k: v for k, v in saved["fit"].items() if k != "epochs"}
     now["fit"] = {k: v for k, v in now["fit"].items() if k != "epochs"}
+    for tree in (saved, now):
+        tree.pop("tracking", None)  # where runs are logged does not change what is trained
     if saved != now:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         raise TrainingError(

@@ -1,50 +1,157 @@
-"""The main job as a Prefect flow: prepare the data, fit and test every category, tabulate.
+"""The whole pipeline as a Prefect flow: data → fit/test per category → report → register, promote.
 
-Run it as a plain script (Prefect starts a temporary local API):
-    python -m flows.pipeline --params params.yaml
-The stage logic lives in `dualstpm.stages`; this file only orchestrates it.
+    python -m flows.pipeline                     # params.yaml, outputs in out/
+    python -m flows.pipeline --set fit.epochs=5 --no-dvc
+
+With no server configured, Prefect starts a temporary local API for the run. The
+categories fan out on the task runner of `prefect.task_runner` (threads, or Dask); a
+category that fails is reported at the end without costing the others their models,
+metrics, report rows or registry versions. Run directories land in `<out>/runs/<category>`
+and the report in `<out>/reports` (the same layout `dvc repro` writes to `runs/` and
+`reports/`, kept apart so neither overwrites the other's versioned outputs).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
-from prefect import flow, task
-from prefect.cache_policies import NO_CACHE
+from prefect import flow, unmapped
+from prefect.artifacts import create_table_artifact
+from prefect.futures import PrefectFuture, wait
 
 from dualstpm.config import Params, load_params
-from dualstpm.stages import fit_and_test, metrics_table, prepare_data
+from dualstpm.errors import ConfigError, DualStpmError, PipelineError
+from dualstpm.evaluation import METRICS_FILE
+from dualstpm.registry import PromotionDecision
+from flows.tasks import (
+    ablate_task,
+    data_task,
+    ensure_training_limit,
+    fit_task,
+    make_task_runner,
+    promote_task,
+    register_task,
+    report_task,
+    test_task,
+)
+
+RUNS, REPORTS = "runs", "reports"
 
 
-@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[10, 60])
-def prepare_task(params: Params) -> Path:
-    return prepare_data(params)
+def _failure(*steps: tuple[str, PrefectFuture]) -> str | None:
+    """Why a chain of tasks stopped (the first step that did not complete), or None."""
+    for stage, future in steps:
+        state = future.state
+        if not state.is_completed():
+            return f"{stage}: {state.message}"
+    return None
 
 
-@task(cache_policy=NO_CACHE)
-def fit_and_test_task(params: Params, data_root: Path, category: str, run_dir: Path) -> dict:
-    return fit_and_test(params, data_root, category, run_dir)
+@flow(name="dualstpm-categories")
+def categories_flow(params: Params, data_root: Path, categories: list[str], runs_dir: Path) -> dict[str, str | None]:
+    """Fit, test and ablate each category on this flow's task runner; {category: None, or why it failed}."""
+    run_dirs = [runs_dir / category for category in categories]
+    fits = fit_task.map(unmapped(params), unmapped(data_root), categories, run_dirs)
+    tests = test_task.map(unmapped(params), fits, unmapped(data_root), categories)
+    ablations = ablate_task.map(unmapped(params), tests)
+    wait([*fits, *tests, *ablations])
+    return {c: _failure(("fit", f), ("test", t), ("ablate", a)) for c, f, t, a in zip(categories, fits, tests, ablations)}
+
+
+def _release(params: Params, run_dirs: dict[str, Path]) -> tuple[dict[str, PromotionDecision], dict[str, str]]:
+    """Register each tested run as a new version, then promote it by evidence; (decisions, failures)."""
+    registered = {c: register_task.submit(run_dir, params, c) for c, run_dir in run_dirs.items()}
+    decisions = {c: promote_task.submit(c, params, wait_for=[registered[c]]) for c in run_dirs}
+    wait(list(decisions.values()))
+    done, failed = {}, {}
+    for category, future in decisions.items():
+        why = _failure(("register", registered[category]), ("promote", future))
+        if why:
+            failed[category] = why
+        else:
+            done[category] = future.result()
+    return done, failed
+
+
+def run_categories(params: Params, categories: list[str], out: Path, dvc_project: Path | None) -> dict:
+    """The body of `pipeline` and `retrain`: their only difference is which categories run.
+
+    The report covers every configured category whose run directory holds a test
+    (retraining one category refreshes its row, the others keep theirs), except those
+    that failed in this run. Raises PipelineError naming the failed categories after
+    everything the others could do is done.
+    """
+    ensure_training_limit(params.prefect.training_slots)
+    data_root = data_task(params, dvc_project)
+    runs_dir = out / RUNS
+    fan_out = categories_flow.with_options(task_runner=make_task_runner(params.prefect))
+    failed = {c: why for c, why in fan_out(params, data_root, categories, runs_dir).items() if why}
+    tested = {c: runs_dir / c for c in categories if c not in failed}
+    reportable = {c: runs_dir / c for c in params.data.categories
+                  if c not in failed and (runs_dir / c / METRICS_FILE).is_file()}
+    table = report_task(reportable, out / REPORTS) if reportable else []
+    if table:
+        create_table_artifact(table, key="dualstpm-auc-table", description="AUC table of the tested categories")
+    promotions, release_failed = _release(params, tested)
+    failed.update(release_failed)
+    if failed:
+        lines = "\n".join(f"  {c}: {why}" for c, why in failed.items())
+        raise PipelineError(
+            f"{len(failed)} of {len(categories)} categories failed (the others' models, metrics and report "
+            f"rows are kept in {out}):\n{lines}"
+        )
+    return {"auc_table": table, "promotions": promotions, "reports": str(out / REPORTS)}
+
+
+def check_categories(params: Params, categories: list[str]) -> list[str]:
+    """Categories to run must be configured ones: the data step prepares data.categories only."""
+    unknown = [c for c in categories if c not in params.data.categories]
+    if unknown or not categories:
+        raise ConfigError(
+            f"categories {unknown or '(none)'} are not in data.categories {params.data.categories}: "
+            "add them to data.categories in params.yaml (or with --set) first."
+        )
+    return list(dict.fromkeys(categories))
 
 
 @flow(name="dualstpm-pipeline")
-def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None, runs: str = "runs/pipeline") -> list[dict]:
-    """Fit and test each configured category; returns the AUC table as records."""
+def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None, out: str = "out",
+             use_dvc: bool = True) -> dict:
+    """Every configured category: data (through DVC unless `use_dvc` is false), fit, test,
+    report, register and promote. Returns the AUC table and the promotion decisions."""
     params = load_params(Path(params_file), overrides or [])
-    data_root = prepare_task(params)
-    results = {}
-    for category in params.data.categories:  # one training at a time on one machine
-        results[category] = fit_and_test_task(params, data_root, category, Path(runs) / category)
-    table = metrics_table(results)
-    Path(runs).mkdir(parents=True, exist_ok=True)
-    table.to_csv(Path(runs) / "auc_table.csv", index=False)
-    return table.to_dict(orient="records")
+    dvc_project = Path.cwd() if use_dvc else None
+    return run_categories(params, check_categories(params, params.data.categories), Path(out).resolve(), dvc_project)
+
+
+def run_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The command-line options every flow entry point shares."""
+    parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a param (repeatable); data.* must match params.yaml unless --no-dvc")
+    parser.add_argument("--out", default="out", help="folder for runs/ and reports/ (default: out)")
+    parser.add_argument("--no-dvc", dest="use_dvc", action="store_false",
+                        help="prepare the data directly instead of through DVC's download stage")
+    return parser
+
+
+def entry_point(main: Callable[[], object]) -> None:
+    """Run a flow's command line: a user error ends with its message and exit code 2, as `dualstpm` does."""
+    try:
+        main()
+    except DualStpmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = run_options(argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0]))
+    args = parser.parse_args(argv)
+    return pipeline(args.params, args.overrides, args.out, args.use_dvc)
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--set", dest="overrides", action="append", default=[])
-    parser.add_argument("--runs", default="runs/pipeline")
-    args = parser.parse_args()
-    pipeline(args.params, args.overrides, args.runs)
+    entry_point(main)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +18,22 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "true")
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+# Every `dualstpm fit`/`test` logs to MLflow: in tests, to a throwaway SQLite store, never
+# the repository's mlflow.db nor a store the developer's shell points at.
+_MLFLOW_DIR = tempfile.mkdtemp(prefix="dualstpm-tests-mlflow-")
+atexit.register(shutil.rmtree, _MLFLOW_DIR, ignore_errors=True)
+os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{_MLFLOW_DIR}/mlflow.db"
+os.environ["MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK"] = "true"
+# Prefect: a throwaway home (database, temporary server), never a developer's server, no
+# analytics, and time for the temporary server to start on a busy 2-core machine.
+_PREFECT_HOME = tempfile.mkdtemp(prefix="dualstpm-tests-prefect-")
+atexit.register(shutil.rmtree, _PREFECT_HOME, ignore_errors=True)
+os.environ["PREFECT_HOME"] = _PREFECT_HOME
+os.environ.pop("PREFECT_API_URL", None)
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"] = "120"
+
+pytest_plugins = ["mlflow_fixtures"]  # a real `mlflow server` for the tracking and registry tests
 
 
 @pytest.fixture(scope="session")

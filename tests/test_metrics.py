@@ -291,7 +291,8 @@ def test_f1_max_matches_brute_force(seed: int) -> None:
     scores = np.round(rng.normal(size=80) + labels, 1)
     f1, threshold = metrics.f1_max(labels, scores)
     assert f1 == pytest.approx(_brute_force_f1_max(labels, scores), abs=1e-12)
-    precision, recall = metrics.precision_recall_at(labels, scores, threshold)
+    # F1-max sweeps score >= t; the decision rule is score > t, so ask just below t.
+    precision, recall = metrics.precision_recall_at(labels, scores, np.nextafter(threshold, -np.inf))
     assert 2 * precision * recall / (precision + recall) == pytest.approx(f1, abs=1e-12)
 
 
@@ -303,7 +304,9 @@ def test_precision_recall_at_threshold() -> None:
     labels = np.array([0, 0, 1, 1, 1], dtype=bool)
     scores = np.array([0.1, 0.6, 0.5, 0.7, 0.2])
     # score >= 0.5 flags {0.6, 0.5, 0.7}: 2 of 3 are defective, 2 of 3 defects found.
-    assert metrics.precision_recall_at(labels, scores, 0.5) == pytest.approx((2 / 3, 2 / 3))
+    assert metrics.precision_recall_at(labels, scores, 0.49) == pytest.approx((2 / 3, 2 / 3))
+    # The decision is strict: at 0.5 the defect scored exactly 0.5 is not flagged.
+    assert metrics.precision_recall_at(labels, scores, 0.5) == pytest.approx((1 / 2, 1 / 3))
     # Nothing flagged: precision is defined as 0.
     assert metrics.precision_recall_at(labels, scores, 0.9) == (0.0, 0.0)
 

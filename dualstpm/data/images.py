@@ -8,7 +8,9 @@ image stops a run with a message instead of a traceback.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
@@ -42,17 +44,21 @@ def is_image_file(path: Path) -> bool:
     )
 
 
-def _cannot_read(path: Path, reason: object) -> DataError:
+def _cannot_read(path: Path | str, reason: object) -> DataError:
+    where = Path(path).absolute() if isinstance(path, Path) else path
     return DataError(
-        f"cannot read image {Path(path).absolute()}: {reason}. Replace or remove the file "
+        f"cannot read image {where}: {reason}. Replace or remove the file "
         "(it may be truncated, still being copied, or not an image)."
     )
 
 
-def _decode(path: Path) -> Image.Image:
-    """Open and fully decode, so that a truncated file fails here and not later."""
+def _decode(path: Path | str, source: BinaryIO | None = None) -> Image.Image:
+    """Open and fully decode, so that a truncated file fails here and not later.
+
+    `source` is the encoded image in memory (serving); `path` then only names it in errors.
+    """
     try:
-        with Image.open(path) as image:
+        with Image.open(path if source is None else source) as image:
             image.load()
             return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
@@ -84,12 +90,23 @@ def read_image(path: Path) -> np.ndarray:
     channels because the teachers are RGB networks. Float ("F") images must already be
     in [0, 1]: there is no safe guess of their range.
     """
-    path = Path(path)
-    pixels, full_scale = _pixels(_decode(path))
+    return _float_rgb(_decode(Path(path)), Path(path).absolute())
+
+
+def read_image_bytes(data: bytes, name: str = "image") -> np.ndarray:
+    """Decode an encoded image held in memory (PNG, JPEG, ... bytes) exactly like `read_image`.
+
+    For serving, where images arrive as request bodies; `name` identifies it in errors.
+    """
+    return _float_rgb(_decode(name, io.BytesIO(data)), name)
+
+
+def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
+    pixels, full_scale = _pixels(decoded)
     image = pixels.astype(np.float32) / np.float32(full_scale)
     if full_scale == 1.0 and image.size and not (image.min() >= 0.0 and image.max() <= 1.0):
         raise DataError(
-            f"cannot read image {path.absolute()}: float pixels span "
+            f"cannot read image {where}: float pixels span "
             f"[{image.min():g}, {image.max():g}], not [0, 1]. Save it as an 8- or 16-bit image."
         )
     if image.ndim == 2:

@@ -178,6 +178,18 @@ def _paint(canvas: _Canvas, defect: _Defect) -> np.ndarray:
     return mask & canvas.region
 
 
+def paint_scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Paint one synthetic scratch on any square HxWx3 float image; return (image, exact mask).
+
+    The same scratch as in the synthetic categories, placed anywhere within the central
+    70 % of the image: the fusion-weight ablation pastes these on real validation images.
+    """
+    size = image.shape[0]
+    canvas = _Canvas(np.array(image, dtype=np.float64), np.ones((size, size), bool), (size / 2, size / 2), 0.35 * size)
+    mask = _paint(canvas, _scratch(canvas, size, rng))
+    return np.clip(canvas.image, 0.0, 1.0), mask
+
+
 def _to_uint8(image: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(image * 255), 0, 255).astype(np.uint8)
 

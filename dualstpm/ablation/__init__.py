@@ -1,0 +1,23 @@
+"""The fusion-weight ablation: which of the six maps earn their place, per category.
+
+`ablate(run_dir, params.ablation)` re-scores a tested run's stored maps under a grid of
+fusions (`grid`), chooses one on validation images plus synthetic defects (`selection`,
+`defects`), writes the table, summary and figures (`run`, `figures`) and, when asked,
+hands the choice to the detector. `ablation_report(run_dirs)` compares categories.
+"""
+
+from dualstpm.ablation.grid import Config, build_grid
+from dualstpm.ablation.report import ablation_report, report_metrics
+from dualstpm.ablation.run import ABLATION_DIR, SUMMARY_FILE, TABLE_FILE, AblationResult, ablate
+
+__all__ = [
+    "ABLATION_DIR",
+    "SUMMARY_FILE",
+    "TABLE_FILE",
+    "AblationResult",
+    "Config",
+    "ablate",
+    "ablation_report",
+    "build_grid",
+    "report_metrics",
+]

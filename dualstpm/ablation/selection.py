@@ -1,0 +1,103 @@
+"""Choosing a configuration without peeking: validation images plus synthetic defects.
+
+The selection set is the normal validation images (their maps stored by `dualstpm test`
+in `RUN/maps/val.npz`) plus defective copies of them made by `defects.paste_defects`.
+The copies need one forward pass of the model; their maps are kept in
+`RUN/maps/val_synthetic.npz` and reused while the model and the synthetic-defect
+params are unchanged. Nothing here reads the test split.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from safetensors.torch import load_file
+
+from dualstpm.ablation.defects import paste_defects
+from dualstpm.config import AblationParams
+from dualstpm.data import decode_images
+from dualstpm.detector import MODEL_SUBDIR, WEIGHTS_FILE, Detector
+from dualstpm.errors import RunError
+from dualstpm.maps import MAPS_DIR, MapSet, compute_six_maps, weights_fingerprint
+
+SYNTHETIC_MAPS = "val_synthetic.npz"
+METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+SELECTION_METRICS = {"mean": ("image_auroc", "pixel_auroc", "aupro"), **{m: (m,) for m in METRICS}}
+
+
+def check_same_model(run_dir: Path, *sets: MapSet) -> str:
+    """The fingerprint of RUN/model's weights; RunError when stored maps came from another model."""
+    fingerprint = weights_fingerprint(load_file(str(Path(run_dir) / MODEL_SUBDIR / WEIGHTS_FILE)))
+    for stored in sets:
+        if stored.meta.get("weights_sha256") != fingerprint:
+            raise RunError(
+                f"the {stored.meta.get('split')} maps in {Path(run_dir) / MAPS_DIR} were computed by another model "
+                f"than {Path(run_dir) / MODEL_SUBDIR} (retrained since?): re-run `dualstpm test --run {run_dir} ...`"
+            )
+    return fingerprint
+
+
+def _synthetic_meta(val: MapSet, params: AblationParams) -> dict:
+    return {
+        "split": "val_synthetic",
+        "category": val.meta["category"],
+        "image_size": val.meta["image_size"],
+        "weights_sha256": val.meta["weights_sha256"],
+        "val_paths": [str(p) for p in val.paths],
+        "kinds": list(params.synthetic_kinds),
+        "per_image": params.synthetic_per_image,
+        "seed": params.synthetic_seed,
+    }
+
+
+def synthetic_maps(run_dir: Path, val: MapSet, params: AblationParams) -> MapSet:
+    """Maps of the synthetic defective copies of the validation images (cached)."""
+    path = Path(run_dir) / MAPS_DIR / SYNTHETIC_MAPS
+    meta = _synthetic_meta(val, params)
+    if path.is_file():
+        cached = MapSet.load(path)
+        if {k: cached.meta.get(k) for k in meta} == json.loads(json.dumps(meta)):
+            return cached
+    detector = Detector.load(run_dir)
+    size = int(val.meta["image_size"])
+    images = decode_images([Path(p) for p in val.paths], size, f"decoding {len(val)} validation images")
+    defective, masks, kinds = paste_defects(images, list(params.synthetic_kinds), params.synthetic_per_image,
+                                            params.synthetic_seed)
+    sources = np.repeat(np.asarray(val.paths), params.synthetic_per_image)
+    maps = compute_six_maps(detector, defective, detector.params.fit.batch_size)
+    synthetic = MapSet(maps, np.ones(len(maps), np.int8), np.asarray(kinds), sources, masks, meta)
+    synthetic.save(path)
+    return synthetic
+
+
+def selection_set(val: MapSet, synthetic: MapSet) -> MapSet:
+    """Normal validation images (label 0, empty masks) followed by their defective copies."""
+    size = val.maps.shape[-1]
+    return MapSet(
+        np.concatenate([val.maps, synthetic.maps]),
+        np.concatenate([np.zeros(len(val), np.int8), np.ones(len(synthetic), np.int8)]),
+        np.concatenate([np.asarray(val.defect_types, dtype=str), np.asarray(synthetic.defect_types, dtype=str)]),
+        np.concatenate([np.asarray(val.paths, dtype=str), np.asarray(synthetic.paths, dtype=str)]),
+        np.concatenate([np.zeros((len(val), size, size), bool), synthetic.masks]),
+        {**synthetic.meta, "split": "selection"},
+    )
+
+
+def combined_score(table: pd.DataFrame, metric: str, prefix: str) -> pd.Series:
+    """The selection metric from the `prefix`-ed metric columns (mean over the defined ones)."""
+    columns = [f"{prefix}{m}" for m in SELECTION_METRICS[metric]]
+    return table[columns].astype(float).mean(axis=1, skipna=True)
+
+
+def choose(table: pd.DataFrame, metric: str) -> int:
+    """Row position of the best validation score; ties go to the earliest row (`published` first).
+
+    Reads only the `val_*` columns: the test columns cannot influence the choice.
+    """
+    score = combined_score(table, metric, "val_").to_numpy()
+    if np.isnan(score).all():
+        raise RunError(f"no configuration has a validation {metric}: the selection set has no defective image")
+    return int(np.nanargmax(score))

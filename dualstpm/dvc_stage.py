@@ -1,0 +1,115 @@
+"""The data step as DVC versions it: `dvc.yaml`'s `download` stage, and running it from Python.
+
+The stage's output is `data/<data.source>`:
+
+- `synthetic` and `mvtec`: the generated or downloaded categories themselves, so DVC keeps
+  them in its cache and a second `dvc repro` (or a checkout of an older commit) never
+  needs the network. `data.root` must therefore be that folder.
+- `folder`: a manifest of the validated categories. The user's folder is read where it
+  is and is only ever a dependency: DVC deletes a stage's outputs before running it,
+  and a dataset of record must never be an output.
+
+The Prefect flows reach the data through the same stage (`reproduce_download`), so the
+data a flow trains on is the versioned one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from dualstpm.config import Params, read_yaml, validate
+from dualstpm.data import load_category
+from dualstpm.errors import ConfigError, DataError
+from dualstpm.stages import prepare_data
+
+DOWNLOAD_STAGE = "download"
+MANIFEST_FILE = "manifest.json"
+
+
+def download_output(params: Params) -> Path:
+    """The folder `dvc.yaml`'s download stage declares as its output (relative to the project)."""
+    return Path("data") / params.data.source
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    return a.resolve() == b.resolve()
+
+
+def write_manifest(params: Params, out: Path) -> Path:
+    """For `folder`: record what was validated (category, image counts, defect types)."""
+    root = Path(params.data.root)
+    categories = {}
+    for name in params.data.categories:
+        category = load_category(root, name)
+        categories[name] = {
+            "train_images": len(category.train),
+            "test_images": len(category.test),
+            "defect_types": list(category.defect_types),
+            "has_ground_truth": category.has_ground_truth,
+        }
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / MANIFEST_FILE
+    path.write_text(json.dumps({"data_root": str(root.resolve()), "categories": categories}, indent=2))
+    return path
+
+
+def run_download_stage(params: Params, out: Path) -> Path:
+    """What `dualstpm prepare --out data/<source>` does: prepare the data, produce `out`.
+
+    Refuses a `data.root` that is not `out` for the sources whose data is the output,
+    before touching anything, so the stage never fails with DVC's "output does not exist".
+    """
+    out = Path(out)
+    if params.data.source == "folder":
+        if _same_folder(Path(params.data.root), out):
+            raise ConfigError(
+                f"data.root {params.data.root} is the download stage's output folder {out}, which DVC deletes "
+                "before each run: keep your data elsewhere and point data.root there."
+            )
+        prepare_data(params)
+        return write_manifest(params, out)
+    if not _same_folder(Path(params.data.root), out):
+        raise ConfigError(
+            f"data.source={params.data.source} makes the download stage write {out}, but data.root is "
+            f"{params.data.root}: set data.root: {out} in params.yaml (DVC versions that folder), or use "
+            "data.source: folder for data that lives elsewhere."
+        )
+    return prepare_data(params)
+
+
+def _project_data_params(project: Path) -> dict:
+    path = project / "params.yaml"
+    return validate(read_yaml(path), str(path)).data.model_dump(mode="json")
+
+
+def reproduce_download(params: Params, project: Path) -> Path:
+    """Bring the data to the versioned state through DVC (`dvc repro download`); return the data root.
+
+    DVC reads `<project>/params.yaml`, so the run's `data.*` must be the project's: a
+    mismatch is refused rather than training on data the params do not describe. The
+    current interpreter's folder goes first on PATH so the stage's `dualstpm` is this one.
+    """
+    project = Path(project).resolve()
+    if not (project / "dvc.yaml").is_file() or not (project / ".dvc").is_dir():
+        raise ConfigError(
+            f"{project} is not the DVC project (no dvc.yaml or .dvc/): run from the project root, "
+            "or skip DVC for the data step (flows: --no-dvc)."
+        )
+    wanted, declared = params.data.model_dump(mode="json"), _project_data_params(project)
+    if wanted != declared:
+        keys = sorted(k for k in wanted if wanted[k] != declared.get(k))
+        raise ConfigError(
+            f"the DVC data step reads {project / 'params.yaml'}, whose data.{', data.'.join(keys)} differ from this "
+            "run's: put the data settings into params.yaml, or skip DVC for the data step (flows: --no-dvc)."
+        )
+    env = dict(os.environ, PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
+    command = [sys.executable, "-m", "dvc", "repro", DOWNLOAD_STAGE]
+    done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
+        raise DataError(f"`dvc repro {DOWNLOAD_STAGE}` failed in {project} (exit {done.returncode}):\n{tail}")
+    return (project / params.data.root).resolve()

@@ -1,0 +1,57 @@
+"""The detector as an MLflow pyfunc, logged *from code*: MLflow stores this file, the
+model directory (`weights.safetensors`, `params.yaml`, `calibration.json`) as an artifact
+and a copy of the `dualstpm` package; loading runs `load_context`, which calls
+`Detector.load`. Nothing is pickled.
+
+Input: a DataFrame with one column `image` holding encoded image files (PNG, JPEG, ...
+bytes; base64 strings in a JSON request to `mlflow models serve`). Output: a DataFrame
+with, per image, `score` (fused), `label` (`defective` / `good` at the threshold),
+`threshold`, `stpm_score`, `recon_score`, and with `params={"return_map": True}` the
+fused anomaly map at the image's own size (`anomaly_map`, a list of rows).
+`params={"threshold": t}` overrides the stored threshold. Scoring goes through
+`dualstpm.predict.score_images`, the path of `dualstpm predict`, so the numbers agree.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import mlflow
+import pandas as pd
+from mlflow.pyfunc import PythonModel
+
+INPUT_COLUMN = "image"
+MAP_COLUMN = "anomaly_map"
+
+
+class DualStpmPyfunc(PythonModel):
+    """Loads the model directory logged under the artifact key `model`."""
+
+    def load_context(self, context) -> None:
+        from dualstpm.detector import MODEL_SUBDIR, Detector
+
+        model_dir = Path(context.artifacts[MODEL_SUBDIR])
+        if model_dir.name != MODEL_SUBDIR:  # Detector.load reads <run>/model/
+            raise RuntimeError(f"logged model directory must be named {MODEL_SUBDIR!r}, got {model_dir}")
+        self.detector = Detector.load(model_dir.parent)
+
+    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
+        from dualstpm.data.images import read_image_bytes
+        from dualstpm.errors import DataError
+        from dualstpm.predict import score_images
+
+        params = params or {}
+        if INPUT_COLUMN not in model_input.columns:
+            raise DataError(f"expected a column {INPUT_COLUMN!r} of encoded images, got columns {list(model_input.columns)}")
+        originals = [
+            read_image_bytes(data if isinstance(data, bytes) else bytes(data), f"input row {i}")
+            for i, data in enumerate(model_input[INPUT_COLUMN])
+        ]
+        results = score_images(self.detector, originals, params.get("threshold"))
+        table = pd.DataFrame([r.row() for r in results])
+        if params.get("return_map"):
+            table[MAP_COLUMN] = [r.anomaly_map.tolist() for r in results]
+        return table
+
+
+mlflow.models.set_model(DualStpmPyfunc())

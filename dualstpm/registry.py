@@ -1,0 +1,394 @@
+"""The model registry: a version per training, promotion to `champion` by evidence.
+
+One registered model per dataset and category, `dualstpm-<dataset>-<category>`. Every
+registered training becomes a new version with the alias `challenger`; its version tags
+carry what promotion needs (the fused test metrics, the hash of the evaluation data,
+the git commit, the run). `promote` moves `champion` only when the challenger beats the
+champion on the same evaluation data by a margin, or, for the first champion, when it
+reaches `tracking.promotion_floor`; every decision, either way, is written to the
+challenger's tags (who, when, values, data hash, reason).
+
+Failure rules: the alias is the last thing written, so a registration that fails half
+way leaves no alias on a half-registered version (and that version is deleted when the
+store still answers). Promotions of one model are serialised by a lock in the registry
+itself (creating a registered model is atomic in every MLflow store), so two racing
+promotions end as if they had run one after the other: the better model is champion.
+"""
+
+from __future__ import annotations
+
+import getpass
+import importlib.metadata
+import io
+import json
+import shutil
+import socket
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+import dualstpm
+from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE
+from dualstpm.config import Params
+from dualstpm.data import IMAGE_SUFFIXES, read_image, resize_image
+from dualstpm.detector import MODEL_SUBDIR, read_chosen_fusion, read_model_dir
+from dualstpm.errors import ConfigError, RunError, TrackingError
+from dualstpm.evaluation import METRICS_FILE
+from dualstpm.tracking import TAG, RunRecord, connect, dataset_name, params_for_data, tracking_errors
+
+CHALLENGER = "challenger"
+CHAMPION = "champion"
+PROMOTION_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+LOCK_SUFFIX = ".promotion-lock"
+LOCK_WAIT_S = 120.0
+LOCK_STALE_S = 600.0  # a lock older than this was left by a crashed promotion
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+# What the logged model needs at inference, pinned to this environment (no 23 s inference).
+RUNTIME_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pillow", "pandas",
+                    "pyyaml", "pydantic", "scipy", "scikit-learn", "matplotlib", "rich")
+
+
+def model_name(params: Params, category: str) -> str:
+    return f"dualstpm-{dataset_name(params)}-{category}"
+
+
+def _pinned_requirements() -> list[str]:
+    pins = []
+    for package in RUNTIME_PACKAGES:
+        version = importlib.metadata.version(package).split("+")[0]  # drop local labels such as +cu128
+        pins.append(f"{package}=={version}")
+    return pins
+
+
+def _signature(threshold: float):
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
+
+    from dualstpm.mlflow_model import INPUT_COLUMN
+
+    return ModelSignature(
+        inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
+        outputs=Schema([
+            ColSpec(DataType.double, "score"),
+            ColSpec(DataType.string, "label"),
+            ColSpec(DataType.double, "threshold"),
+            ColSpec(DataType.double, "stpm_score"),
+            ColSpec(DataType.double, "recon_score"),
+        ]),
+        params=ParamSchema([
+            ParamSpec("return_map", DataType.boolean, False),
+            ParamSpec("threshold", DataType.double, float(threshold)),
+        ]),
+    )
+
+
+def _example_image(record: RunRecord, category: str, size: int) -> tuple[bytes, str]:
+    """A test image of the evaluation data at the model's input size, PNG-encoded: a real
+    input example that stays small. Without the data, a gray image (and the tag says so)."""
+    from PIL import Image
+
+    root = Path(record.eval_data_root or "") / category / "test"
+    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+    if found:
+        pixels, origin = resize_image(read_image(found[0]), size).permute(1, 2, 0).numpy(), str(found[0])
+    else:
+        pixels, origin = np.full((size, size, 3), 0.5, dtype=np.float32), f"gray image ({root} not found)"
+    buffer = io.BytesIO()
+    Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, format="PNG")
+    return buffer.getvalue(), origin
+
+
+def _package_copy(into: Path) -> str:
+    """The dualstpm package without caches, bundled so the model loads where it is not installed."""
+    target = into / "dualstpm"
+    shutil.copytree(Path(dualstpm.__file__).parent, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return str(target)
+
+
+def _version_tags(record: RunRecord, fused: dict, n_images: int, params: Params, category: str,
+                  run_dir: Path) -> dict[str, str]:
+    tags = {
+        f"{TAG}category": category,
+        f"{TAG}dataset": dataset_name(params),
+        f"{TAG}data_hash": record.eval_data_hash or "",
+        f"{TAG}run_dir": str(Path(run_dir).resolve()),
+        f"{TAG}n_test_images": str(n_images),
+    }
+    for metric in PROMOTION_METRICS:
+        tags[f"metric.{metric}"] = "null" if fused.get(metric) is None else repr(float(fused[metric]))
+    return tags
+
+
+def register_run(run_dir: Path, params: Params, category: str):
+    """Log the tested model of `run_dir` as a pyfunc (from code) in its MLflow run, register
+    it as a new version of `dualstpm-<dataset>-<category>` and point `challenger` at it.
+
+    Needs `dualstpm fit` and `dualstpm test` done (tracked: `RUN/mlflow_run.json` names the
+    run and the evaluation data's hash). Returns the MLflow `ModelVersion`.
+    """
+    import mlflow
+
+    run_dir = Path(run_dir)
+    model_dir, model_params, calibration = read_model_dir(run_dir)  # checks the model directory is complete
+    metrics_path = run_dir / METRICS_FILE
+    if not metrics_path.is_file():
+        raise RunError(f"{metrics_path} is missing: run `dualstpm test --run {run_dir} --data-root DIR` before registering")
+    result = json.loads(metrics_path.read_text())
+    if result.get("category") != category:
+        raise RunError(f"{metrics_path} is a test on {result.get('category')!r}, not {category!r}: register it "
+                       f"as --category {result.get('category')}, or test it on {category} first")
+    chosen = read_chosen_fusion(model_dir)
+    threshold = chosen.threshold if chosen else calibration.thresholds["fused"]  # the fused view, as Detector uses it
+    evidence, evidence_source = _fused_evidence(run_dir, result, threshold, chosen)
+    client = connect(params)
+    record = RunRecord.read(run_dir)
+    if record is None or record.tracking_uri != client.tracking_uri or not record.eval_data_hash:
+        raise RunError(
+            f"{run_dir} has no tested MLflow run in {client.tracking_uri}: run "
+            f"`dualstpm test --run {run_dir} --data-root DIR` with this tracking URI first "
+            "(it logs the metrics and the evaluation data's hash that promotion compares)"
+        )
+    uri = client.tracking_uri
+    with tracking_errors(uri, f"reading run {record.run_id}"):
+        trained_by = client.get_run(record.run_id).data.tags
+    params = params_for_data(params, record.eval_data_root)  # named after the data it was tested on
+    name = model_name(params, category)
+    example, example_origin = _example_image(record, category, model_params.image_size)
+    tags = {
+        **_version_tags(record, evidence, result["n_test_images"], params, category, run_dir),
+        f"{TAG}git_commit": trained_by.get(f"{TAG}git_commit", "unknown"),
+        f"{TAG}metrics_source": evidence_source,
+        f"{TAG}input_example": example_origin,
+    }
+    with tempfile.TemporaryDirectory(prefix="dualstpm-code-") as code_dir:
+        with tracking_errors(uri, f"logging the model of {run_dir}"), mlflow.start_run(run_id=record.run_id):
+            import pandas as pd
+
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=str(MODEL_CODE),
+                artifacts={MODEL_SUBDIR: str(run_dir / MODEL_SUBDIR)},
+                code_paths=[_package_copy(Path(code_dir))],
+                signature=_signature(threshold),
+                input_example=pd.DataFrame({"image": [example]}),
+                pip_requirements=_pinned_requirements(),
+            )
+    with tracking_errors(uri, f"registering {name}"):
+        version = mlflow.register_model(info.model_uri, name, tags=tags)
+    try:
+        with tracking_errors(uri, f"describing {name} version {version.version}"):
+            client.update_model_version(name, version.version,
+                                        description=_describe(evidence, result["n_test_images"], record, category))
+        with tracking_errors(uri, f"setting alias {CHALLENGER} of {name}"):
+            client.set_registered_model_alias(name, CHALLENGER, version.version)
+    except TrackingError:
+        _drop_version(client, name, version.version)
+        raise
+    return client.get_model_version(name, version.version)
+
+
+def _describe(fused: dict, n_images: int, record: RunRecord, category: str) -> str:
+    shown = ", ".join(f"{m} {fused[m]:.4f}" for m in PROMOTION_METRICS if fused.get(m) is not None)
+    return f"{category}: {shown} on {n_images} test images (data {record.eval_data_hash})"
+
+
+def _fused_evidence(run_dir: Path, result: dict, threshold: float, chosen) -> tuple[dict, str]:
+    """The fused test metrics of the model *as registered*, and where they come from.
+
+    `metrics.json` when its test used the model's current fused view (same threshold);
+    after `dualstpm ablate` applied a chosen fusion, the chosen fusion's test figures from
+    `ablation/summary.json` (re-scored from the test's stored maps). Anything else would
+    promote a model on another model's evidence, so it is refused.
+    """
+    if result["fused"].get("threshold") == threshold:
+        return result["fused"], METRICS_FILE
+    summary_path = run_dir / ABLATION_DIR / SUMMARY_FILE
+    if chosen is not None and summary_path.is_file():
+        picked = json.loads(summary_path.read_text()).get("fused_chosen") or {}
+        if picked.get("config") == chosen.source.get("config"):
+            return picked, f"{ABLATION_DIR}/{SUMMARY_FILE}: chosen fusion {picked['config']}"
+    raise RunError(
+        f"{run_dir / METRICS_FILE} was measured with another fused view than the model now has "
+        f"(threshold {result['fused'].get('threshold')} vs {threshold}): run "
+        f"`dualstpm test --run {run_dir} --data-root DIR` again before registering"
+    )
+
+
+def _drop_version(client, name: str, version: str) -> None:
+    """Best effort: a version whose registration failed half way must not linger (no alias was set)."""
+    try:
+        client.delete_model_version(name, version)
+    except Exception:  # the store is what failed; the missing alias keeps the version out of use
+        pass
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+@dataclass
+class PromotionDecision:
+    """What `promote` decided, and why (the same facts are on the challenger's tags)."""
+
+    promoted: bool
+    reason: str
+    model_name: str
+    metric: str
+    challenger_version: str
+    challenger_value: float | None
+    champion_version: str | None  # the champion after the decision
+    previous_champion_version: str | None
+    champion_value: float | None  # the previous champion's value on the metric
+    data_hash: str
+    decided_by: str
+    decided_at: str
+
+    def facts(self) -> dict[str, object]:
+        return {k: v for k, v in asdict(self).items() if k != "model_name"}
+
+
+HISTORY_TAG = "promotion.history"
+HISTORY_LENGTH = 20
+
+
+def _record(client, challenger, decision: PromotionDecision) -> None:
+    """Tag the decision on the challenger: `promotion.<fact>` for the latest one (unless it
+    is a no-op on the current champion, which must keep the facts of its promotion) and
+    every decision in `promotion.history` (JSON, newest last)."""
+    name, version = decision.model_name, challenger.version
+    history = json.loads(challenger.tags.get(HISTORY_TAG) or "[]")[-(HISTORY_LENGTH - 1) :]
+    client.set_model_version_tag(name, version, HISTORY_TAG, json.dumps([*history, decision.facts()]))
+    if decision.previous_champion_version == str(version):
+        return
+    for key, value in decision.facts().items():
+        client.set_model_version_tag(name, version, f"promotion.{key}", "" if value is None else str(value))
+
+
+def _metric_value(version, metric: str) -> float | None:
+    raw = version.tags.get(f"metric.{metric}")
+    return None if raw in (None, "", "null") else float(raw)
+
+
+def _alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+            return None
+        raise
+
+
+@contextmanager
+def promotion_lock(client, name: str, holder: str) -> Iterator[None]:
+    """Mutual exclusion across processes and machines: a registered model `<name>.promotion-lock`
+    exists while a promotion of `name` runs (creation fails for everyone else)."""
+    from mlflow.exceptions import MlflowException
+
+    lock = name + LOCK_SUFFIX
+    deadline = time.monotonic() + LOCK_WAIT_S
+    while True:
+        try:
+            client.create_registered_model(
+                lock, tags={"holder": holder},
+                description=f"held while {holder} promotes {name}; delete it only if no promotion is running",
+            )
+            break
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+        try:
+            held = client.get_registered_model(lock)
+        except MlflowException:
+            continue  # released meanwhile: try again at once
+        if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
+            client.delete_registered_model(lock)
+            continue
+        if time.monotonic() > deadline:
+            raise TrackingError(
+                f"another promotion of {name} holds the lock {lock} ({held.tags.get('holder', '?')}); "
+                f"if none is running, delete the registered model {lock} and try again"
+            )
+        time.sleep(0.1 + 0.2 * np.random.random())
+    try:
+        yield
+    finally:
+        try:
+            client.delete_registered_model(lock)
+        except MlflowException:
+            pass  # becomes stale and is taken over after LOCK_STALE_S
+
+
+def _decide(challenger, champion, metric: str, min_delta: float, floor: float) -> tuple[bool, str]:
+    """The promotion rule, on the two versions' tags."""
+    value = _metric_value(challenger, metric)
+    if value is None:
+        return False, f"the challenger has no {metric} (null for this data); choose another --metric"
+    if champion is None:
+        if value >= floor:
+            return True, f"first champion: {metric} {value:.4f} >= floor {floor:.4f}"
+        return False, f"{metric} {value:.4f} is below the floor {floor:.4f} (tracking.promotion_floor) for a first champion"
+    if str(champion.version) == str(challenger.version):  # int from SQLite, str from a server
+        return False, f"version {challenger.version} is already the champion"
+    ours, theirs = challenger.tags.get(f"{TAG}data_hash"), champion.tags.get(f"{TAG}data_hash")
+    if not ours or ours != theirs:
+        return False, (
+            f"not comparable: the challenger was evaluated on data {ours or '?'}, the champion "
+            f"(version {champion.version}) on {theirs or '?'}; test both on the same data"
+        )
+    best = _metric_value(champion, metric)
+    if best is None:
+        return False, f"the champion (version {champion.version}) has no {metric}; choose another --metric"
+    if value > best + min_delta:
+        return True, f"{metric} {value:.4f} beats the champion's {best:.4f} (version {champion.version}) by more than {min_delta:g}"
+    return False, f"{metric} {value:.4f} does not beat the champion's {best:.4f} (version {champion.version}) by more than {min_delta:g}"
+
+
+def promote(category: str, params: Params, metric: str = "image_auroc", min_delta: float = 0.0,
+            *, version: str | int | None = None, decided_by: str = "dualstpm.registry.promote") -> PromotionDecision:
+    """Move `champion` to the challenger (or `version`) only if it beats the champion on the
+    same evaluation data by more than `min_delta` on the fused `metric`; the first champion
+    must reach `tracking.promotion_floor`. The decision is tagged on the challenger either way."""
+    if metric not in PROMOTION_METRICS:
+        raise ConfigError(f"--metric {metric!r} is not a promotion metric; choose one of {', '.join(PROMOTION_METRICS)}")
+    if min_delta < 0:
+        raise ConfigError(f"--min-delta {min_delta} must be >= 0")
+    client = connect(params)
+    name = model_name(params, category)
+    who = f"{decided_by} ({getpass.getuser()}@{socket.gethostname()})"
+    with tracking_errors(client.tracking_uri, f"promoting {name}"), promotion_lock(client, name, who):
+        if version is None:
+            challenger = _alias(client, name, CHALLENGER)
+            if challenger is None:
+                raise RunError(f"{name} has no '{CHALLENGER}' version: register one with `dualstpm register --run RUN --category {category}`")
+        else:
+            challenger = client.get_model_version(name, str(version))
+        champion = _alias(client, name, CHAMPION)
+        promoted, reason = _decide(challenger, champion, metric, min_delta, params.tracking.promotion_floor)
+        previous = None if champion is None else str(champion.version)
+        decision = PromotionDecision(
+            promoted=promoted,
+            reason=reason,
+            model_name=name,
+            metric=metric,
+            challenger_version=str(challenger.version),
+            challenger_value=_metric_value(challenger, metric),
+            champion_version=str(challenger.version) if promoted else previous,
+            previous_champion_version=previous,
+            champion_value=None if champion is None else _metric_value(champion, metric),
+            data_hash=challenger.tags.get(f"{TAG}data_hash", ""),
+            decided_by=who,
+            decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        )
+        _record(client, challenger, decision)
+        if promoted:
+            client.set_registered_model_alias(name, CHAMPION, challenger.version)
+            if previous is not None:
+                client.set_model_version_tag(name, previous, "promotion.replaced_by", str(challenger.version))
+    return decision

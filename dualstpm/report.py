@@ -1,0 +1,126 @@
+"""The report stage: one AUC table over all categories, with their curves and overlays.
+
+It reads what `dualstpm test` left in each run directory (`metrics.json`, `plots/`) and
+writes one report folder, laid out for DVC (and read as plain files by everyone else):
+
+    auc_table.csv               category, model, image_auroc, pixel_auroc, aupro, image_f1_max;
+                                models: stpm, recon, fused (published fusion) and, once the
+                                runs are ablated, fused_chosen (the validation-chosen fusion
+                                the model applies); a `mean` row per model (2+ categories)
+    metrics/<category>.json     the same figures as DVC metrics: `dvc metrics show` prints
+    metrics/mean.json           one row per category
+    ablation.csv                the cross-category ablation table (`ablation_report`), with
+                                the oracle labelled as such
+    plots/roc/<category>.csv    fpr, then the tpr of each model on one fpr grid: one DVC
+                                plot per category with the three models as series
+    plots/pro/<category>.csv    fpr, then the per-region overlap of each model
+                                (categories with ground-truth masks only)
+    overlays/<category>.png     the grid of fused heat-map overlays of the category
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE, ablation_report, report_metrics
+from dualstpm.errors import RunError
+from dualstpm.evaluation import METRICS_FILE
+from dualstpm.figures import PLOTS_DIR, PRO_GRID
+from dualstpm.fusion import VIEWS
+from dualstpm.stages import AUC_TABLE, metrics_table
+
+REPORT_FOLDERS = ("metrics", "plots", "overlays")
+ABLATION_TABLE = "ablation.csv"
+CHOSEN = "fused_chosen"
+MEAN = "mean"
+
+
+def read_results(run_dirs: Mapping[str, Path]) -> dict[str, dict]:
+    """`metrics.json` of each category's run directory, in the given order."""
+    results = {}
+    for category, run_dir in run_dirs.items():
+        path = Path(run_dir) / METRICS_FILE
+        if not path.is_file():
+            raise RunError(f"{path} does not exist: test the run first (dualstpm test --run {run_dir}).")
+        results[category] = json.loads(path.read_text())
+    return results
+
+
+def _with_chosen(table: pd.DataFrame, ablation: pd.DataFrame, categories: list[str]) -> pd.DataFrame:
+    """The AUC table plus each category's validation-chosen fusion, rows kept in category order."""
+    chosen = ablation[(ablation["model"] == CHOSEN) & ablation["category"].isin(table["category"])]
+    order = {c: i for i, c in enumerate([*categories, MEAN])}
+    merged = pd.concat([table, chosen.drop(columns="config")], ignore_index=True)
+    return merged.sort_values("category", key=lambda column: column.map(order), kind="stable").reset_index(drop=True)
+
+
+def _ablated(run_dirs: Mapping[str, Path]) -> bool:
+    """Whether the runs carry an ablation: all of them, or none (a mix is refused)."""
+    missing = [c for c, d in run_dirs.items() if not (Path(d) / ABLATION_DIR / SUMMARY_FILE).is_file()]
+    if missing and len(missing) < len(run_dirs):
+        raise RunError(f"runs of {', '.join(missing)} have no ablation: run `dualstpm ablate --run RUN` on them "
+                       "(the report compares every category the same way)")
+    return not missing
+
+
+def _step_at(fpr: np.ndarray, tpr: np.ndarray, grid: np.ndarray) -> np.ndarray:
+    """A ROC curve is a staircase: its tpr at each grid fpr is that of the last point at or left of it."""
+    return tpr[np.searchsorted(fpr, grid, side="right") - 1]
+
+
+def _curves(run_plots: Path, kind: str, column: str) -> pd.DataFrame | None:
+    """One frame per category: `fpr` on PRO_GRID plus one column per model, or None when absent."""
+    folder = run_plots / kind
+    if not folder.is_dir():
+        return None
+    frame = pd.DataFrame({"fpr": PRO_GRID})
+    for view in VIEWS:
+        curve = pd.read_csv(folder / f"{view}.csv")
+        frame[view] = _step_at(curve["fpr"].to_numpy(), curve[column].to_numpy(), PRO_GRID)
+    return frame
+
+
+def _write_category_figures(category: str, run_dir: Path, out: Path) -> None:
+    run_plots = Path(run_dir) / PLOTS_DIR
+    for kind, column in (("roc", "tpr"), ("pro", "pro")):
+        frame = _curves(run_plots, kind, column)
+        if frame is not None:
+            (out / "plots" / kind).mkdir(parents=True, exist_ok=True)
+            frame.to_csv(out / "plots" / kind / f"{category}.csv", index=False)
+    grid = run_plots / "overlays.png"
+    if grid.is_file():
+        (out / "overlays").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grid, out / "overlays" / f"{category}.png")
+
+
+def write_report(run_dirs: Mapping[str, Path], out_dir: Path) -> pd.DataFrame:
+    """Write the report of the tested `run_dirs` ({category: run dir}) to `out_dir`; returns the AUC table.
+
+    The report's own folders are replaced whole (a category no longer reported must not
+    linger); anything else in `out_dir`, such as the `.gitignore` DVC keeps there, stays.
+    """
+    if not run_dirs:
+        raise RunError("no categories to report on: every category failed or none was given.")
+    table = metrics_table(read_results(run_dirs))
+    ablation = ablation_report(list(run_dirs.values())) if _ablated(run_dirs) else None
+    if ablation is not None:
+        table = _with_chosen(table, ablation, list(run_dirs))
+    out_dir = Path(out_dir)
+    for folder in REPORT_FOLDERS:
+        shutil.rmtree(out_dir / folder, ignore_errors=True)
+    (out_dir / ABLATION_TABLE).unlink(missing_ok=True)
+    (out_dir / "metrics").mkdir(parents=True)
+    if ablation is not None:
+        ablation.to_csv(out_dir / ABLATION_TABLE, index=False)
+    for category, figures in report_metrics(table).items():
+        (out_dir / "metrics" / f"{category}.json").write_text(json.dumps(figures, indent=2))
+    for category, run_dir in run_dirs.items():
+        _write_category_figures(category, Path(run_dir), out_dir)
+    table.to_csv(out_dir / AUC_TABLE, index=False)
+    return table

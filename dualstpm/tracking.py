@@ -1,0 +1,463 @@
+"""MLflow tracking: where runs go, what a category's run records, and clear failures.
+
+One experiment per dataset (`dualstpm-<dataset>`); one parent run per trained category
+with a child run per branch (`stpm`, `recon`). The parent holds the resolved params, the
+git commit, the hash of the data, per-epoch losses, the fused model's final metrics and
+the artifacts (AUC table, metrics.json, ROC/PRO curves, overlays); each child holds its
+branch's losses and metrics. The ids live in `RUN/mlflow_run.json`, so `dualstpm test`
+(a separate process, maybe days later) adds to the run `dualstpm fit` started.
+
+The store is `MLFLOW_TRACKING_URI`, else `tracking.uri`, else an SQLite file in the
+project (`sqlite:////<project>/mlflow.db`, artifacts beside it in `mlartifacts/`), always
+by absolute path and never MLflow's file store. The project is the working directory, or,
+inside a DVC experiment's temporary copy (`<project>/.dvc/tmp/exps/...`), the project that
+copy belongs to: the copy is thrown away, its runs must not be.
+
+Library code (`training.fit`, `evaluation.test_run`) knows nothing of MLflow: the stage
+functions in `dualstpm.stages` wrap them with what is here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dualstpm.config import Params
+from dualstpm.errors import ConfigError, TrackingError
+
+DEFAULT_DB = "mlflow.db"
+ARTIFACTS_DIR = "mlartifacts"
+RUN_RECORD = "mlflow_run.json"
+BRANCH_RUNS = ("stpm", "recon")
+RESULT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall", "threshold")
+TAG = "dualstpm."  # prefix of our own tags, apart from MLflow's `mlflow.*` ones
+_METRIC_UNSAFE = re.compile(r"[^\w\-. /]")  # MLflow metric names allow only these characters
+
+
+# --------------------------------------------------------------------------- where
+
+
+def _absolute_sqlite(uri: str, source: str) -> str:
+    """`sqlite:///rel.db` is relative to wherever the command runs: make it absolute."""
+    path = uri[len("sqlite:///") :]
+    if not path or path == ":memory:":
+        raise ConfigError(f"{source}={uri!r}: an in-memory store loses every run; use sqlite:////abs/path/mlflow.db")
+    return uri if path.startswith("/") else "sqlite:///" + str((project_dir() / path).resolve())
+
+
+def project_dir() -> Path:
+    """The working directory, or the project a DVC temporary experiment copy was made from."""
+    cwd = Path.cwd().resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def tracking_uri(params: Params) -> str:
+    """`MLFLOW_TRACKING_URI`, else `tracking.uri`, else `sqlite:////<project>/mlflow.db`.
+
+    SQLite paths are made absolute; the file store (a plain path, `file:`) is refused,
+    since MLflow 3 no longer backs a tracking store with it.
+    """
+    env = os.environ.get("MLFLOW_TRACKING_URI", "").strip()
+    uri, source = (env, "MLFLOW_TRACKING_URI") if env else (params.tracking.uri.strip(), "tracking.uri")
+    if not uri:
+        return "sqlite:///" + str(project_dir() / DEFAULT_DB)
+    if uri.startswith("sqlite:///"):
+        return _absolute_sqlite(uri, source)
+    if re.match(r"^(https?|databricks)(://|$)", uri):
+        return uri.rstrip("/")
+    raise ConfigError(
+        f"{source}={uri!r} is not a supported MLflow store: use an SQLite file "
+        "(sqlite:////abs/path/mlflow.db) or a tracking server (http://host:port). "
+        "The file store (a folder such as ./mlruns) is not supported by MLflow 3."
+    )
+
+
+def artifact_location(uri: str, experiment: str) -> str | None:
+    """Absolute artifact folder of an experiment in an SQLite store (`mlartifacts/` beside
+    the database); None for a server, which chooses (and may proxy) its own."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    return (Path(uri[len("sqlite:///") :]).parent / ARTIFACTS_DIR / experiment).as_uri()
+
+
+def dataset_name(params: Params) -> str:
+    """`mvtec`, `synthetic`, or for a `folder` source a slug of `data.root` (taken relative
+    to the project, so `../shared/data` and `/work/shared/data` name the same dataset)."""
+    if params.data.source != "folder":
+        return params.data.source
+    root = os.path.relpath(Path(params.data.root).expanduser().resolve(), project_dir())
+    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"^(\.\./)+", "", root).lower()).strip("-")
+    return slug or "folder"
+
+
+def params_for_data(params: Params, data_root: Path | str | None) -> Params:
+    """`params` describing the data actually used: a `--data-root` other than `data.root`
+    makes it a `folder` dataset there (so runs and models are named after the real data)."""
+    if data_root is None or Path(data_root).resolve() == Path(params.data.root).resolve():
+        return params
+    data = params.data.model_copy(update={"source": "folder", "root": str(data_root)})
+    return params.model_copy(update={"data": data})
+
+
+def experiment_name(params: Params) -> str:
+    return f"dualstpm-{dataset_name(params)}"
+
+
+# --------------------------------------------------------------------------- what data, what code
+
+
+def _dvc_dir_hash(folder: Path) -> str:
+    """The md5 DVC 3 gives a folder (`<md5 of its file list>.dir`), computed from the files."""
+    entries = []
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        digest = hashlib.md5()
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        entries.append({"md5": digest.hexdigest(), "relpath": path.relative_to(folder).as_posix()})
+    entries.sort(key=lambda e: e["relpath"])
+    return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
+
+
+def _recorded_md5s(dvc_file: Path, keys: tuple[str, ...]) -> dict[Path, str]:
+    """{absolute path: md5} of the entries DVC recorded in a `dvc.lock` or `.dvc` file."""
+    if not dvc_file.is_file():
+        return {}
+    data = yaml.safe_load(dvc_file.read_text()) or {}
+    groups = [data] if "outs" in data else list((data.get("stages") or {}).values())
+    return {
+        (dvc_file.parent / entry["path"]).resolve(): entry["md5"]
+        for group in groups
+        for key in keys
+        for entry in group.get(key) or []
+        if entry.get("md5") and entry.get("path")
+    }
+
+
+def data_hash(data_root: Path, category: str) -> str:
+    """The DVC hash of the category's data: from `dvc.lock` (or a `<folder>.dvc` file) when
+    DVC records the category folder or a folder holding it, else the same md5 computed from
+    the category folder's files. Equal hashes mean the same evaluation data."""
+    folder = (Path(data_root) / category).resolve()
+    if not folder.is_dir():
+        raise ConfigError(f"cannot hash {folder}: no such category folder")
+    recorded = _recorded_md5s(project_dir() / "dvc.lock", ("outs", "deps"))
+    for candidate in (folder, *folder.parents[:-1]):  # not the filesystem root
+        md5 = recorded.get(candidate) or _recorded_md5s(candidate.with_name(candidate.name + ".dvc"), ("outs",)).get(candidate)
+        if md5:
+            return md5
+    return _dvc_dir_hash(folder)
+
+
+def git_state() -> tuple[str, bool]:
+    """(commit, dirty) of the code that runs: the checkout holding the `dualstpm` package
+    (an editable install), else the project's; ("unknown", False) outside git."""
+    import dualstpm
+
+    for where in (Path(dualstpm.__file__).parent, project_dir()):
+        try:
+            def git(*args: str) -> str:
+                return subprocess.run(["git", *args], cwd=where, capture_output=True, text=True,
+                                      timeout=30, check=True).stdout.strip()
+            return git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--untracked-files=no"))
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return "unknown", False
+
+
+# --------------------------------------------------------------------------- connecting
+
+
+def _server_hint(uri: str) -> str:
+    if uri.startswith("sqlite:"):
+        return f"check that {uri[len('sqlite:///'):]} is a writable MLflow database"
+    return (
+        f"is the tracking server at {uri} running? Start it (e.g. `mlflow server --backend-store-uri "
+        "sqlite:////abs/path/mlflow.db --host 127.0.0.1 --port 5000`), or unset MLFLOW_TRACKING_URI and "
+        "tracking.uri to use the project's SQLite store"
+    )
+
+
+@contextmanager
+def tracking_errors(uri: str, doing: str) -> Iterator[None]:
+    """Turn MLflow's and the network's exceptions into one TrackingError that names the store."""
+    import requests
+    from mlflow.exceptions import MlflowException
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        yield
+    except (MlflowException, requests.RequestException, SQLAlchemyError, OSError) as exc:  # OSError: a local store
+        cause = str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__
+        raise TrackingError(f"MLflow at {uri} failed while {doing}: {cause}\n{_server_hint(uri)}") from exc
+
+
+def wait_until_reachable(uri: str, retries: int, timeout_s: float) -> None:
+    """A tracking server must answer /health (retried with backoff) before any work starts."""
+    if not uri.startswith("http"):
+        return
+    import requests
+
+    for attempt in range(retries + 1):
+        try:
+            if requests.get(f"{uri}/health", timeout=timeout_s).ok:
+                return
+        except requests.RequestException:
+            pass
+        if attempt < retries:
+            time.sleep(min(2**attempt, 10))
+    raise TrackingError(f"the MLflow tracking server at {uri} is unreachable ({retries + 1} attempts)\n{_server_hint(uri)}")
+
+
+def connect(params: Params):
+    """Point MLflow at the configured store and return a client for it.
+
+    Sets MLflow's HTTP retry/timeout from `tracking.retries`/`tracking.timeout_s` (MLflow's
+    own default retries for minutes), turns telemetry off and skips the pip check that
+    needs the network when logging a model.
+    """
+    import mlflow
+    from mlflow import MlflowClient
+
+    uri = tracking_uri(params)
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(params.tracking.retries)
+    os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(params.tracking.timeout_s)
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
+    wait_until_reachable(uri, params.tracking.retries, params.tracking.timeout_s)
+    mlflow.set_tracking_uri(uri)
+    with tracking_errors(uri, "opening the store"):  # an SQLite store is created (or refused) here
+        return MlflowClient(uri)
+
+
+def ensure_experiment(client, params: Params) -> str:
+    """The id of the dataset's experiment, created with an absolute artifact location."""
+    from mlflow.exceptions import MlflowException
+
+    name = experiment_name(params)
+    with tracking_errors(client.tracking_uri, f"opening experiment {name}"):
+        experiment = client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location(client.tracking_uri, name))
+        except MlflowException:
+            experiment = client.get_experiment_by_name(name)  # created meanwhile by a parallel process
+            if experiment is None:
+                raise
+            return experiment.experiment_id
+
+
+# --------------------------------------------------------------------------- the run of a category
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """{"fit": {"epochs": 3}} -> {"fit.epochs": "3"}: MLflow params are flat strings."""
+    flat: dict[str, str] = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, list) else str(value)
+    return flat
+
+
+def result_metrics(view_result: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """The numeric metrics of one view of metrics.json (null ones are skipped, per defect type too)."""
+    values = {f"{prefix}{k}": float(view_result[k]) for k in RESULT_METRICS if view_result.get(k) is not None}
+    for defect, auc in (view_result.get("per_defect") or {}).items():
+        values[f"{prefix}per_defect.{_METRIC_UNSAFE.sub('_', defect)}"] = float(auc)
+    return values
+
+
+@dataclass
+class RunRecord:
+    """`RUN/mlflow_run.json`: which MLflow runs hold this run directory's history."""
+
+    tracking_uri: str
+    experiment_id: str
+    run_id: str
+    branch_run_ids: dict[str, str]
+    eval_data_hash: str | None = None
+    eval_data_root: str | None = None
+
+    @classmethod
+    def read(cls, run_dir: Path) -> RunRecord | None:
+        path = Path(run_dir) / RUN_RECORD
+        if not path.is_file():
+            return None
+        try:
+            return cls(**json.loads(path.read_text()))
+        except (ValueError, TypeError) as exc:
+            raise TrackingError(f"{path} is damaged ({exc}); delete it and run `dualstpm test` again") from None
+
+    def write(self, run_dir: Path) -> None:
+        path = Path(run_dir) / RUN_RECORD
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2))
+        os.replace(tmp, path)
+
+
+@dataclass
+class CategoryRun:
+    """An open handle on a category's parent run and its branch children (client calls only,
+    no global 'active run', so parallel tasks in one process do not mix their runs)."""
+
+    client: Any
+    record: RunRecord
+    run_dir: Path
+    created: bool  # started now (False: continued from RUN/mlflow_run.json)
+
+    @property
+    def run_id(self) -> str:
+        return self.record.run_id
+
+    def _log(self, run_id: str, doing: str, metrics: Mapping[str, float] | None = None, step: int = 0,
+             params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        with tracking_errors(self.client.tracking_uri, doing):
+            self.client.log_batch(
+                run_id,
+                metrics=[Metric(k, float(v), now, step) for k, v in (metrics or {}).items()],
+                params=[Param(k, v) for k, v in (params or {}).items()],
+                tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
+            )
+
+    def log_epoch(self, record: Mapping[str, float]) -> None:
+        """One epoch of `training.fit`'s history: all of it on the parent, each branch's on its child."""
+        epoch = int(record["epoch"])
+        values = {k: v for k, v in record.items() if k != "epoch"}
+        self._log(self.run_id, f"logging epoch {epoch}", values, step=epoch)
+        for branch, run_id in self.record.branch_run_ids.items():
+            mine = {k.removesuffix(f"_{branch}"): v for k, v in values.items() if k.endswith(f"_{branch}")}
+            self._log(run_id, f"logging epoch {epoch} of {branch}", mine, step=epoch)
+
+    def log_history(self, history_csv: Path) -> None:
+        """Per-epoch losses from `RUN/history.csv`, for a run whose fit was not tracked live."""
+        import pandas as pd
+
+        if history_csv.is_file():
+            for row in pd.read_csv(history_csv).to_dict(orient="records"):
+                self.log_epoch(row)
+
+    def log_fit(self, selected_epochs: Mapping[str, int], thresholds: Mapping[str, float]) -> None:
+        """What fit decided: the epoch kept per branch and the calibrated thresholds."""
+        self._log(self.run_id, "logging the fit", {
+            "threshold": thresholds["fused"],
+            **{f"selected_epoch_{b}": e for b, e in selected_epochs.items()},
+        })
+        for branch, run_id in self.record.branch_run_ids.items():
+            self._log(run_id, f"logging the fit of {branch}",
+                      {"selected_epoch": selected_epochs[branch], "threshold": thresholds[branch]})
+        self.log_artifacts(["history.csv", "model/params.yaml", "model/calibration.json"], "fit")
+
+    def log_test(self, result: Mapping[str, Any], data_hash_value: str, data_root: Path) -> None:
+        """Final metrics of the fused model (parent) and of each branch (children), the
+        evaluation data's hash, and the test artifacts."""
+        self._log(self.run_id, "logging test metrics", {
+            **result_metrics(result["fused"]),
+            **{f"{b}.{k}": v for b in BRANCH_RUNS for k, v in result_metrics(result[b]).items() if "per_defect" not in k},
+            "n_test_images": result["n_test_images"],
+        }, tags={f"{TAG}eval_data_hash": data_hash_value, f"{TAG}eval_category": result["category"],
+                 f"{TAG}eval_data_root": str(Path(data_root).resolve())})
+        for branch, run_id in self.record.branch_run_ids.items():
+            self._log(run_id, f"logging test metrics of {branch}", result_metrics(result[branch]))
+        self.log_artifacts(["metrics.json", "auc_table.csv"], "test")
+        self.log_artifacts(["plots"], "")
+        self.record.eval_data_hash = data_hash_value
+        self.record.eval_data_root = str(Path(data_root).resolve())
+        self.record.write(self.run_dir)
+
+    def log_artifacts(self, names: list[str], artifact_path: str) -> None:
+        """Files or folders of the run directory, under `artifact_path` of the parent run."""
+        for name in names:
+            local = self.run_dir / name
+            target = "/".join(p for p in (artifact_path, Path(name).parent.as_posix()) if p not in ("", "."))
+            with tracking_errors(self.client.tracking_uri, f"uploading {local}"):
+                if local.is_dir():
+                    self.client.log_artifacts(self.run_id, str(local), "/".join(p for p in (target, local.name) if p))
+                elif local.is_file():
+                    self.client.log_artifact(self.run_id, str(local), target or None)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        with tracking_errors(self.client.tracking_uri, f"closing run {self.run_id}"):
+            for run_id in [*self.record.branch_run_ids.values(), self.run_id]:
+                self.client.set_terminated(run_id, status)
+
+
+def _existing_record(client, run_dir: Path) -> RunRecord | None:
+    """The recorded runs when they are in this store and not deleted; else None."""
+    from mlflow.exceptions import MlflowException
+
+    record = RunRecord.read(run_dir)
+    if record is None or record.tracking_uri != client.tracking_uri:
+        return None
+    with tracking_errors(client.tracking_uri, f"looking up run {record.run_id}"):
+        try:
+            run = client.get_run(record.run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+    return record if run.info.lifecycle_stage == "active" else None
+
+
+def open_category_run(params: Params, run_dir: Path, category: str, data_root: Path,
+                      *, reuse: bool, source: str) -> CategoryRun:
+    """The category's parent run with its branch children.
+
+    `reuse`: continue the runs recorded in `RUN/mlflow_run.json` when they exist in this
+    store (resume, test); otherwise (a fresh fit, or nothing recorded) start new ones with
+    the params, git commit and data hash, and record their ids.
+    """
+    client = connect(params)
+    run_dir = Path(run_dir)
+    if reuse and (record := _existing_record(client, run_dir)) is not None:
+        return CategoryRun(client, record, run_dir, created=False)
+    experiment_id = ensure_experiment(client, params)
+    commit, dirty = git_state()
+    tags = {
+        "mlflow.source.name": source,
+        "mlflow.source.type": "LOCAL",
+        "mlflow.source.git.commit": commit,
+        f"{TAG}git_commit": commit,
+        f"{TAG}git_dirty": str(dirty).lower(),
+        f"{TAG}category": category,
+        f"{TAG}dataset": dataset_name(params),
+        f"{TAG}data_root": str(Path(data_root).resolve()),
+        f"{TAG}data_hash": data_hash(data_root, category),
+        f"{TAG}run_dir": str(run_dir.resolve()),
+    }
+    with tracking_errors(client.tracking_uri, f"starting the run of {category}"):
+        parent = client.create_run(experiment_id, run_name=category, tags=tags)
+        children = {
+            branch: client.create_run(
+                experiment_id, run_name=f"{category}/{branch}",
+                tags={**tags, "mlflow.parentRunId": parent.info.run_id, f"{TAG}branch": branch},
+            ).info.run_id
+            for branch in BRANCH_RUNS
+        }
+    record = RunRecord(client.tracking_uri, experiment_id, parent.info.run_id, children)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record.write(run_dir)
+    run = CategoryRun(client, record, run_dir, created=True)
+    run._log(run.run_id, "logging params", params=flatten(params.to_dict()))
+    return run

@@ -1,0 +1,112 @@
+"""Prefect tasks over the library's stage functions, and how they run.
+
+Every task calls one `dualstpm` function and re-implements nothing. All of them have side
+effects (run directories, the report, the model registry), so none is cached. The data
+step retries with exponential backoff (a download can fail for a while). Fit tasks carry
+the tag `dualstpm-training`, whose concurrency limit (`prefect.training_slots`, one per
+GPU) the API enforces before a fit starts running, whichever worker or machine runs it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
+from prefect.client.orchestration import get_client
+from prefect.client.schemas.objects import State, TaskRun
+from prefect.runtime import flow_run
+from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
+from prefect.tasks import exponential_backoff
+
+from dualstpm.config import Params, PrefectParams
+from dualstpm.dvc_stage import reproduce_download
+from dualstpm.errors import ConfigError
+from dualstpm.registry import PromotionDecision, promote, register_run
+from dualstpm.report import write_report
+from dualstpm.stages import prepare_data, tracked_ablate, tracked_fit, tracked_test
+
+TRAINING_TAG = "dualstpm-training"
+
+
+def make_task_runner(settings: PrefectParams) -> TaskRunner:
+    """Threads on this machine by default; a Dask cluster (local, or the one at `dask_address`) on request."""
+    if settings.task_runner == "threads":
+        return ThreadPoolTaskRunner(max_workers=settings.max_workers)
+    from prefect_dask import DaskTaskRunner
+
+    if settings.dask_address:
+        return DaskTaskRunner(address=settings.dask_address)
+    # One thread per worker process: torch parallelises inside a task already.
+    return DaskTaskRunner(cluster_kwargs={"n_workers": settings.dask_workers, "threads_per_worker": 1})
+
+
+def ensure_training_limit(slots: int) -> None:
+    """Create or resize the concurrency limit of the training tag (Prefect keeps tag limits
+    as global limits named `tag:<tag>`); a fit waits for a slot before it starts running."""
+    with get_client(sync_client=True) as client:
+        client.upsert_global_concurrency_limit_by_name(f"tag:{TRAINING_TAG}", slots)
+
+
+def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
+    """A wrong setting stays wrong on the next try; a network or DVC hiccup may not."""
+    try:
+        state.result()
+    except ConfigError:
+        return False
+    except Exception:  # noqa: BLE001 - any other failure of the data step is worth another try
+        return True
+    return False
+
+
+@task(
+    name="data",
+    cache_policy=NO_CACHE,
+    retries=3,
+    retry_delay_seconds=exponential_backoff(backoff_factor=10),
+    retry_jitter_factor=0.5,
+    retry_condition_fn=_worth_retrying,
+)
+def data_task(params: Params, dvc_project: Path | None) -> Path:
+    """The data root, through DVC's `download` stage in `dvc_project` (the versioned data) or directly."""
+    if dvc_project is not None:
+        return reproduce_download(params, dvc_project)
+    return prepare_data(params).resolve()
+
+
+@task(name="fit", cache_policy=NO_CACHE, task_run_name="fit-{category}", tags=[TRAINING_TAG])
+def fit_task(params: Params, data_root: Path, category: str, run_dir: Path) -> Path:
+    """A fresh, MLflow-tracked fit of `category` into `run_dir` (while holding a training slot)."""
+    tracked_fit(params, data_root, category, run_dir, overwrite=True)
+    return run_dir
+
+
+@task(name="test", cache_policy=NO_CACHE, task_run_name="test-{category}")
+def test_task(params: Params, run_dir: Path, data_root: Path, category: str) -> Path:
+    """The tracked test: metrics.json, plots/ and the evaluation data's hash in the MLflow run."""
+    tracked_test(params, run_dir, data_root, category)
+    return run_dir
+
+
+@task(name="ablate", cache_policy=NO_CACHE, task_run_name="ablate-{run_dir.name}")
+def ablate_task(params: Params, run_dir: Path) -> Path:
+    """The fusion-weight ablation on the stored maps; with `ablation.apply` the model takes its choice."""
+    tracked_ablate(params, run_dir)
+    return run_dir
+
+
+@task(name="report", cache_policy=NO_CACHE)
+def report_task(run_dirs: dict[str, Path], out_dir: Path) -> list[dict]:
+    return write_report(run_dirs, out_dir).to_dict(orient="records")
+
+
+@task(name="register", cache_policy=NO_CACHE, task_run_name="register-{category}")
+def register_task(run_dir: Path, params: Params, category: str) -> str:
+    """A new registry version of the tested run, alias `challenger`; returns its version."""
+    return register_run(run_dir, params, category).version
+
+
+@task(name="promote", cache_policy=NO_CACHE, task_run_name="promote-{category}")
+def promote_task(category: str, params: Params) -> PromotionDecision:
+    """`champion` moves only when the challenger beats it; the flow run is recorded as the decider."""
+    return promote(category, params, decided_by=f"prefect flow run {flow_run.flow_name}/{flow_run.name}")

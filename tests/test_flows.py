@@ -1,0 +1,156 @@
+"""The Prefect flows under `prefect_test_harness` (a temporary API and database).
+
+Data comes from a folder (`--no-dvc`: the DVC data step has its own tests), training is
+tiny, and every test registers into its own throwaway MLflow store with the promotion
+floor at 0, so the surviving category's first version becomes champion.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+from conftest import TINY_OVERRIDES
+
+from dualstpm.config import apply_overrides, load_params
+from dualstpm.errors import PipelineError
+
+FLOW_OVERRIDES = [*TINY_OVERRIDES, "data.source=folder", "ablation.branch_weight_step=0.5",
+                  "ablation.panel_images=0", "tracking.promotion_floor=0"]
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=None):  # None: the env's 120 s
+        yield
+
+
+@pytest.fixture
+def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    return uri
+
+
+def params_file(folder: Path, data_root: Path, categories: list[str], extra: Sequence[str] = ()) -> Path:
+    raw = apply_overrides({}, [*FLOW_OVERRIDES, f"data.root={data_root}", f"data.categories={categories}", *extra])
+    path = folder / "params.yaml"
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def champion_version(params_path: Path, category: str) -> str:
+    from mlflow import MlflowClient
+
+    from dualstpm.registry import CHAMPION, model_name
+
+    name = model_name(load_params(params_path), category)
+    return str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
+
+
+def test_a_failing_category_is_reported_and_the_other_keeps_its_results(
+        harness, tmp_path: Path, synthetic_root: Path, mlflow_store: str) -> None:
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from dualstpm.registry import model_name
+    from flows.pipeline import pipeline
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "synth_texture", data / "synth_texture")
+    shutil.copytree(synthetic_root / "synth_texture", data / "synth_broken")
+    broken = sorted((data / "synth_broken" / "train" / "good").iterdir())[0]
+    broken.write_bytes(b"not an image")  # listed fine, fails when fit decodes it
+    params = params_file(tmp_path, data, ["synth_texture", "synth_broken"])
+    out = tmp_path / "out"
+
+    state = pipeline(str(params), [], str(out), False, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(PipelineError) as failure:
+        state.result()
+    assert "1 of 2 categories failed" in str(failure.value)
+    assert "synth_broken: fit:" in str(failure.value) and "synth_texture:" not in str(failure.value)
+    run_dir = out / "runs" / "synth_texture"
+    for kept in ("model/weights.safetensors", "model/fusion.json", "metrics.json", "ablation/summary.json"):
+        assert (run_dir / kept).is_file(), kept
+    table = pd.read_csv(out / "reports" / "auc_table.csv")
+    assert set(table["category"]) == {"synth_texture"}
+    assert champion_version(params, "synth_texture") == "1"
+    with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
+        MlflowClient().get_registered_model(model_name(load_params(params), "synth_broken"))
+
+
+def test_retrain_refuses_a_category_the_data_step_does_not_prepare(harness, tmp_path: Path, synthetic_root: Path) -> None:
+    from dualstpm.errors import ConfigError
+    from flows.retrain import retrain
+
+    params = params_file(tmp_path, synthetic_root, ["synth_texture"])
+    with pytest.raises(ConfigError, match=r"\['synth_object'\] are not in data.categories"):
+        retrain(["synth_object"], str(params), [], str(tmp_path / "out"), False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_task_runner_follows_the_prefect_params() -> None:
+    from prefect.task_runners import ThreadPoolTaskRunner
+    from prefect_dask import DaskTaskRunner
+
+    from dualstpm.config import PrefectParams
+    from flows.tasks import make_task_runner
+
+    threads = make_task_runner(PrefectParams(max_workers=3))
+    assert isinstance(threads, ThreadPoolTaskRunner) and threads._max_workers == 3
+    local = make_task_runner(PrefectParams(task_runner="dask", dask_workers=3))
+    assert isinstance(local, DaskTaskRunner) and local.cluster_kwargs["n_workers"] == 3 and local.address is None
+    remote = make_task_runner(PrefectParams(task_runner="dask", dask_address="tcp://10.0.0.5:8786"))
+    assert remote.address == "tcp://10.0.0.5:8786"
+
+
+@pytest.mark.slow
+def test_dask_cluster_runs_two_categories_one_training_at_a_time(
+        harness, tmp_path: Path, synthetic_root: Path, mlflow_store: str) -> None:
+    from distributed import Client, LocalCluster, get_task_stream
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import TaskRunFilter, TaskRunFilterName, TaskRunFilterStartTime
+
+    from flows.pipeline import pipeline
+
+    categories = ["synth_texture", "synth_object"]
+    started = datetime.now(timezone.utc)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        params = params_file(tmp_path, synthetic_root, categories,
+                             ["prefect.task_runner=dask", f"prefect.dask_address={cluster.scheduler_address}"])
+        with get_task_stream(client) as stream:
+            summary = pipeline(str(params), [], str(tmp_path / "out"), False)
+        worker_addresses = set(client.scheduler_info()["workers"])
+
+    ran_on = {task["worker"] for task in stream.data}
+    assert len(stream.data) >= 3 * len(categories)  # fit, test and ablate of each category ran on the cluster
+    assert ran_on <= worker_addresses
+    assert {row["category"] for row in summary["auc_table"]} == {*categories, "mean"}
+    assert set(summary["promotions"]) == set(categories)
+
+    with get_client(sync_client=True) as api:
+        fits = api.read_task_runs(task_run_filter=TaskRunFilter(
+            name=TaskRunFilterName(like_="fit-"), start_time=TaskRunFilterStartTime(after_=started)))
+    spans = sorted((run.start_time, run.end_time) for run in fits)
+    assert len(spans) == len(categories)
+    assert all(earlier[1] <= later[0] for earlier, later in zip(spans, spans[1:])), f"trainings overlapped: {spans}"
+
+
+def test_a_cron_prefect_refuses_is_a_config_error_naming_the_key() -> None:
+    from dualstpm.config import PrefectParams
+    from dualstpm.errors import ConfigError
+    from flows.serve import retrain_schedule
+
+    assert retrain_schedule(PrefectParams(retrain_cron="30 2 * * *", retrain_timezone="Asia/Tokyo")).timezone == "Asia/Tokyo"
+    with pytest.raises(ConfigError, match=r"prefect.retrain_cron = '99 3 \* \* 1'"):
+        retrain_schedule(PrefectParams(retrain_cron="99 3 * * 1"))

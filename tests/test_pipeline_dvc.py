@@ -1,0 +1,183 @@
+"""The project's `dvc.yaml`, run for real: `dvc repro` in a temporary git repository.
+
+The repository holds the project's dvc.yaml, params.yaml (with tiny settings: one
+synthetic category, 64 px, one epoch), DVC config and the package (a dependency of the
+stages). Stages run the installed `dualstpm` command and log to a throwaway MLflow store.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from dualstpm.config import apply_overrides
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
+CATEGORY = "synth_texture"
+TINY = ["image_size=64", "fit.epochs=1", "fit.device=cpu", f"data.categories=[{CATEGORY}]",
+        "ablation.branch_weight_step=0.5", "ablation.panel_images=0"]
+ALL_STAGES = ["download", f"fit@{CATEGORY}", f"test@{CATEGORY}", f"ablate@{CATEGORY}", "report"]
+
+
+def run(command: list[str], cwd: Path, env: dict[str, str]) -> str:
+    done = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(command)} failed ({done.returncode}):\n{output[-4000:]}"
+    return output
+
+
+def stages_run(output: str) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", output)
+
+
+def make_project(root: Path, overrides: list[str]) -> Path:
+    """A git repository with the project's pipeline files and tiny params, committed."""
+    root.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(PROJECT_ROOT / name, root / name)
+    shutil.copytree(PROJECT_ROOT / "dualstpm", root / "dualstpm", ignore=shutil.ignore_patterns("__pycache__"))
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    (root / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, overrides), sort_keys=False))
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "tests@dualstpm"],
+                    ["git", "config", "user.name", "tests"], ["git", "add", "-A"], ["git", "commit", "-qm", "pipeline"]):
+        subprocess.run(command, cwd=root, check=True)
+    return root
+
+
+@pytest.fixture(scope="module")
+def dvc_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """This interpreter's `dualstpm` and `dvc` first on PATH; a throwaway MLflow store."""
+    store = tmp_path_factory.mktemp("mlflow")
+    return {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{store}/mlflow.db", "DVC_NO_ANALYTICS": "1"}
+
+
+@pytest.fixture(scope="module")
+def repro(tmp_path_factory: pytest.TempPathFactory, dvc_env: dict[str, str]) -> tuple[Path, str]:
+    """The project after its first `dvc repro`, with that run's output."""
+    project = make_project(tmp_path_factory.mktemp("dvc") / "project", TINY)
+    run(["dvc", "config", "--local", "core.site_cache_dir", str(tmp_path_factory.mktemp("dvc-site"))], project, dvc_env)
+    return project, run(["dvc", "repro"], project, dvc_env)
+
+
+def test_repro_runs_every_stage_once_then_nothing(repro, dvc_env) -> None:
+    project, first = repro
+    assert stages_run(first) == ALL_STAGES
+    second = run(["dvc", "repro"], project, dvc_env)
+    assert stages_run(second) == []
+    assert "Data and pipelines are up to date." in second
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert lock["stages"]["download"]["outs"][0]["path"] == "data/synthetic"  # the data is versioned, in the cache
+    assert (project / ".dvc" / "cache").is_dir()
+
+
+def test_metrics_show_prints_the_auc_table(repro, dvc_env) -> None:
+    project, _ = repro
+    table = pd.read_csv(project / "reports" / "auc_table.csv")
+    assert list(table["model"]) == ["stpm", "recon", "fused", "fused_chosen"]
+    assert set(table["category"]) == {CATEGORY}
+    shown = run(["dvc", "metrics", "show", "--json"], project, dvc_env)
+    metrics = json.loads(shown)[""]["data"][f"reports/metrics/{CATEGORY}.json"]["data"]
+    fused = table[table["model"] == "fused"].iloc[0]
+    assert metrics["fused"]["image_auroc"] == pytest.approx(fused["image_auroc"])
+    assert set(metrics) == {"stpm", "recon", "fused", "fused_chosen"}
+    printed = run(["dvc", "metrics", "show"], project, dvc_env)
+    assert f"reports/metrics/{CATEGORY}.json" in printed and "fused.image_auroc" in printed
+    plots = json.loads(run(["dvc", "plots", "show", "--json"], project, dvc_env))
+    assert not plots.get("errors")
+    assert {f"reports/plots/roc/{CATEGORY}.csv", f"reports/plots/pro/{CATEGORY}.csv",
+            f"reports/overlays/{CATEGORY}.png"} <= set(plots["data"])
+
+
+def digest(folder: Path) -> dict[str, str]:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_the_flows_data_step_brings_back_the_versioned_data(repro, dvc_env, monkeypatch) -> None:
+    from dualstpm.config import load_params
+    from dualstpm.dvc_stage import reproduce_download
+
+    project, _ = repro
+    data = project / "data" / "synthetic"
+    versioned = digest(data)
+    shutil.rmtree(data)
+    monkeypatch.setenv("DVC_NO_ANALYTICS", "1")
+    assert reproduce_download(load_params(project / "params.yaml"), project) == data.resolve()
+    assert digest(data) == versioned
+    assert "Data and pipelines are up to date." in run(["dvc", "status"], project, dvc_env)
+
+
+def set_params(project: Path, *overrides: str) -> None:
+    raw = yaml.safe_load((project / "params.yaml").read_text())
+    (project / "params.yaml").write_text(yaml.safe_dump(apply_overrides(raw, list(overrides)), sort_keys=False))
+
+
+def test_changing_an_ablation_param_reruns_ablate_and_report_only(repro, dvc_env) -> None:
+    project, _ = repro
+    set_params(project, "ablation.synthetic_seed=1")
+    output = run(["dvc", "repro"], project, dvc_env)
+    assert stages_run(output) == [f"ablate@{CATEGORY}", "report"]
+    for unchanged in ALL_STAGES[:3]:
+        assert f"Stage '{unchanged}' didn't change, skipping" in output
+
+
+@pytest.mark.slow
+def test_changing_epochs_reruns_fit_and_everything_after_it_only(repro, dvc_env) -> None:
+    project, _ = repro
+    set_params(project, "fit.epochs=2")
+    output = run(["dvc", "repro"], project, dvc_env)
+    assert stages_run(output) == ALL_STAGES[1:]
+    assert "Stage 'download' didn't change, skipping" in output
+    assert len(pd.read_csv(project / "runs" / CATEGORY / "history.csv")) == 2
+
+
+@pytest.mark.slow
+def test_the_pipeline_flow_agrees_with_dvc_repro(repro, dvc_env, monkeypatch) -> None:
+    """Same params, same seed: the flow's AUC table equals dvc repro's (after the epochs change)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import pipeline
+
+    project, _ = repro
+    monkeypatch.chdir(project)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dvc_env["MLFLOW_TRACKING_URI"])
+    with prefect_test_harness(server_startup_timeout=None):
+        summary = pipeline("params.yaml", [], "out", True)
+    flow_table = pd.read_csv(project / "out" / "reports" / "auc_table.csv")
+    pd.testing.assert_frame_equal(flow_table, pd.read_csv(project / "reports" / "auc_table.csv"))
+    assert set(summary["promotions"]) == {CATEGORY}
+
+
+@pytest.mark.slow
+def test_experiments_run_in_the_workspace_in_a_temp_copy_and_from_the_queue(repro, dvc_env) -> None:
+    project, _ = repro
+    run(["git", "add", "-A"], project, dvc_env)
+    run(["git", "commit", "-qm", "reproduced"], project, dvc_env)  # experiments start from a commit
+    run(["dvc", "exp", "run", "-S", "fit.epochs=2", "-n", "workspace-e2"], project, dvc_env)
+    run(["dvc", "exp", "run", "--temp", "-S", "fit.epochs=3", "-n", "temp-e3"], project, dvc_env)
+    run(["dvc", "exp", "run", "--queue", "-S", "fit.epochs=1", "-n", "queued-e1"], project, dvc_env)
+    run(["dvc", "exp", "run", "--run-all"], project, dvc_env)
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project, dvc_env))
+    epochs = {}
+    for commit in shown:
+        for experiment in commit.get("experiments") or []:
+            for revision in experiment["revs"]:
+                data = revision["data"]
+                metrics = data["metrics"][f"reports/metrics/{CATEGORY}.json"]["data"]
+                epochs[revision["name"]] = (data["params"]["params.yaml"]["data"]["fit"]["epochs"],
+                                            metrics["fused"]["image_auroc"])
+    assert {name: e for name, (e, _) in epochs.items()}.items() >= {"workspace-e2": 2, "temp-e3": 3, "queued-e1": 1}.items()
+    assert all(0 <= auroc <= 1 for _, auroc in epochs.values())

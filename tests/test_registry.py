@@ -1,0 +1,365 @@
+"""Tracking and the model registry against a real `mlflow server` on 127.0.0.1.
+
+A tiny model is fitted and tested on the synthetic data through the tracked stage
+functions; the tests read back what MLflow stored, register and promote versions, load
+`models:/...@champion` and compare it with `dualstpm predict`, race promotions and pull
+the server away in the middle of a fit.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import requests
+from mlflow import MlflowClient
+
+from conftest import TINY_OVERRIDES
+from dualstpm.config import load_params
+from dualstpm.detector import Detector
+from dualstpm.errors import TrackingError
+from dualstpm.predict import predict
+from dualstpm.registry import CHALLENGER, CHAMPION, model_name, promote, register_run
+from dualstpm.stages import tracked_fit, tracked_test
+from dualstpm.tracking import RUN_RECORD, RunRecord, data_hash, git_state
+from mlflow_fixtures import MlflowServer, free_port
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "dualstpm", *args], capture_output=True, text=True, timeout=600, cwd=cwd)
+
+
+@pytest.fixture(scope="module")
+def params(synthetic_root: Path):
+    return load_params(None, [*TINY_OVERRIDES, "data.source=synthetic", f"data.root={synthetic_root}",
+                              "tracking.retries=0", "tracking.timeout_s=20"])
+
+
+def fit_and_test_tracked(params, root: Path, category: str, run_dir: Path) -> Path:
+    tracked_fit(params, root, category, run_dir)
+    tracked_test(params, run_dir, root, category)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def texture_run(tracking_env, params, synthetic_root: Path, tmp_path_factory) -> Path:
+    return fit_and_test_tracked(params, synthetic_root, "synth_texture", tmp_path_factory.mktemp("runs") / "synth_texture")
+
+
+def test_fit_and_test_are_one_parent_run_with_a_child_per_branch(texture_run: Path, params, synthetic_root: Path):
+    client = MlflowClient()
+    record = RunRecord.read(texture_run)
+    assert record.tracking_uri == os.environ["MLFLOW_TRACKING_URI"]
+    parent = client.get_run(record.run_id)
+    assert client.get_experiment(parent.info.experiment_id).name == "dualstpm-synthetic"
+    assert parent.info.run_name == "synth_texture" and parent.info.status == "FINISHED"
+
+    # params: the resolved params.yaml, flattened
+    assert parent.data.params["fit.epochs"] == "2" and parent.data.params["image_size"] == "64"
+    assert parent.data.params["model.t2.name"] == "tf_efficientnet_lite2"
+    # provenance: the code's commit and the data's DVC hash
+    assert parent.data.tags["dualstpm.git_commit"] == git_state()[0] != "unknown"
+    assert parent.data.tags["dualstpm.eval_data_hash"] == data_hash(synthetic_root, "synth_texture")
+    # per-epoch losses and the final metrics of the fused model
+    history = client.get_metric_history(record.run_id, "loss_stpm")
+    assert [m.step for m in history] == [1, 2]
+    metrics = json.loads((texture_run / "metrics.json").read_text())
+    for key in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max"):
+        assert parent.data.metrics[key] == pytest.approx(metrics["fused"][key])
+
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{record.run_id}'")
+    assert sorted(c.data.tags["dualstpm.branch"] for c in children) == ["recon", "stpm"]
+    for child in children:
+        branch = child.data.tags["dualstpm.branch"]
+        assert child.data.metrics["image_auroc"] == pytest.approx(metrics[branch]["image_auroc"])
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "loss")] == [1, 2]
+
+    artifacts = set()
+    pending = [""]
+    while pending:
+        for item in client.list_artifacts(record.run_id, pending.pop()):
+            (pending.append(item.path) if item.is_dir else artifacts.add(item.path))
+    assert {"test/auc_table.csv", "test/metrics.json", "fit/history.csv", "plots/roc.png", "plots/pro.png",
+            "plots/overlays.png", "plots/roc/fused.csv", "plots/pro/recon.csv"} <= artifacts
+    assert any(a.startswith("plots/overlays/") for a in artifacts)
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=record.run_id, artifact_path="test/auc_table.csv"))
+    assert list(table["model"]) == ["stpm", "recon", "fused"]
+    assert table.set_index("model").loc["fused", "image_auroc"] == pytest.approx(metrics["fused"]["image_auroc"])
+
+
+def test_registered_champion_predicts_like_dualstpm_predict(texture_run: Path, params, synthetic_root: Path, tmp_path: Path):
+    done = cli("register", "--run", str(texture_run), "--set", "data.source=synthetic", "--set", f"data.root={synthetic_root}")
+    assert done.returncode == 0, done.stderr
+    name = model_name(params, "synth_texture")
+    version = MlflowClient().get_model_version_by_alias(name, CHALLENGER)
+    assert f"{name} version {version.version}" in done.stdout
+    assert version.tags["dualstpm.data_hash"] == data_hash(synthetic_root, "synth_texture")
+
+    decision = promote("synth_texture", params.model_copy(update={"tracking": params.tracking.model_copy(
+        update={"promotion_floor": 0.0})}), version=version.version)
+    assert decision.promoted, decision.reason
+    assert MlflowClient().get_model_version_by_alias(name, CHAMPION).version == version.version
+
+    images = sorted((synthetic_root / "synth_texture" / "test").rglob("*.png"))[::3]
+    expected = predict(Detector.load(texture_run), images, tmp_path / "pred")  # what `dualstpm predict` runs
+
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    got = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"return_map": True})
+    np.testing.assert_allclose(got["score"], expected["score"], rtol=0, atol=1e-5)
+    assert list(got["label"]) == list(expected["label"])
+    assert got["threshold"].iloc[0] == pytest.approx(Detector.load(texture_run).threshold)
+    assert np.asarray(got["anomaly_map"].iloc[0]).shape == (64, 64)  # the image's own size
+    assert "anomaly_map" not in model.predict(pd.DataFrame({"image": [images[0].read_bytes()]})).columns
+
+
+# --------------------------------------------------------------------------- promotion
+
+
+def evidence_copy(run_dir: Path, dest: Path, image_auroc: float, eval_data_hash: str | None = None) -> Path:
+    """A copy of a tested run whose test said `image_auroc` (and, optionally, on other data):
+    the promotion rule is about evidence, so the tests choose the evidence."""
+    shutil.copytree(run_dir, dest, ignore=shutil.ignore_patterns("maps", "plots", "checkpoint.pt"))
+    metrics = json.loads((dest / "metrics.json").read_text())
+    metrics["fused"]["image_auroc"] = image_auroc
+    (dest / "metrics.json").write_text(json.dumps(metrics))
+    if eval_data_hash is not None:
+        record = json.loads((dest / RUN_RECORD).read_text())
+        record["eval_data_hash"] = eval_data_hash
+        (dest / RUN_RECORD).write_text(json.dumps(record))
+    return dest
+
+
+POOL = {"0.80": 0.80, "0.85": 0.85, "0.90": 0.90, "0.95": 0.95}
+
+
+@pytest.fixture(scope="module")
+def pool(texture_run: Path, params, tmp_path_factory) -> dict[str, str]:
+    """Versions of `dualstpm-synthetic-synth_texture` whose tests scored as named, plus one
+    that scored 0.99 on other data; label -> version."""
+    root = tmp_path_factory.mktemp("pool")
+    versions = {}
+    for label, value in [*POOL.items(), ("other-data", 0.99)]:
+        other = "0" * 32 + ".dir" if label == "other-data" else None
+        versions[label] = register_run(evidence_copy(texture_run, root / label, value, other), params, "synth_texture").version
+    return versions
+
+
+def no_champion(name: str) -> None:
+    client = MlflowClient()
+    if CHAMPION in client.get_registered_model(name).aliases:
+        client.delete_registered_model_alias(name, CHAMPION)
+
+
+def test_promotion_moves_champion_only_on_evidence(pool: dict[str, str], params, synthetic_root: Path):
+    client = MlflowClient()
+    name = model_name(params, "synth_texture")
+    no_champion(name)
+    assert client.get_model_version_by_alias(name, CHALLENGER).version == pool["other-data"]  # the last registered
+
+    strict = params.model_copy(update={"tracking": params.tracking.model_copy(update={"promotion_floor": 0.9})})
+    below = promote("synth_texture", strict, version=pool["0.80"])  # the first champion must reach the floor
+    assert not below.promoted and "below the floor 0.9000" in below.reason
+    assert CHAMPION not in client.get_registered_model(name).aliases
+    assert "floor" in client.get_model_version(name, pool["0.80"]).tags["promotion.reason"]
+
+    first = promote("synth_texture", params, version=pool["0.80"])
+    assert first.promoted and first.champion_version == pool["0.80"]
+
+    better = promote("synth_texture", params, version=pool["0.90"])
+    assert better.promoted and better.previous_champion_version == pool["0.80"]
+    assert client.get_model_version_by_alias(name, CHAMPION).version == pool["0.90"]
+    assert client.get_model_version(name, pool["0.80"]).tags["promotion.replaced_by"] == pool["0.90"]
+
+    # worse than the champion, through the CLI: refused, reason tagged, champion untouched
+    done = cli("promote", "--category", "synth_texture", "--version", pool["0.85"],
+               "--set", "data.source=synthetic", "--set", f"data.root={synthetic_root}")
+    assert done.returncode == 0, done.stderr
+    assert "not promoted" in done.stdout
+    tags = client.get_model_version(name, pool["0.85"]).tags
+    assert tags["promotion.promoted"] == "False" and "does not beat" in tags["promotion.reason"]
+    assert float(tags["promotion.champion_value"]) == pytest.approx(0.90)
+    assert float(tags["promotion.challenger_value"]) == pytest.approx(0.85)
+    assert tags["promotion.data_hash"] == data_hash(synthetic_root, "synth_texture")
+    assert "dualstpm promote" in tags["promotion.decided_by"]
+    assert client.get_model_version_by_alias(name, CHAMPION).version == pool["0.90"]
+
+    margin = promote("synth_texture", params, min_delta=0.1, version=pool["0.95"])  # 0.95 < 0.90 + 0.1
+    assert not margin.promoted and "by more than 0.1" in margin.reason
+    elsewhere = promote("synth_texture", params, version=pool["other-data"])  # 0.99, on other data
+    assert not elsewhere.promoted and "same data" in elsewhere.reason
+    assert client.get_model_version_by_alias(name, CHAMPION).version == pool["0.90"]
+    history = json.loads(client.get_model_version(name, pool["0.95"]).tags["promotion.history"])
+    assert history[-1]["promoted"] is False and history[-1]["metric"] == "image_auroc"
+
+
+def test_racing_promotions_leave_the_better_model_champion(pool: dict[str, str], params):
+    """Three challengers, each better than the champion, promoted at the same moment: the
+    promotions are serialised, so the best of them ends as champion, whatever the order."""
+    client = MlflowClient()
+    name = model_name(params, "synth_texture")
+    no_champion(name)
+    assert promote("synth_texture", params, version=pool["0.80"]).promoted
+    contenders = [pool["0.85"], pool["0.95"], pool["0.90"]]
+    start = threading.Barrier(len(contenders))
+    decisions, errors = [], []
+
+    def contend(version: str) -> None:
+        start.wait()
+        try:
+            decisions.append(promote("synth_texture", params, version=version, decided_by=f"racer {version}"))
+        except Exception as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=contend, args=(v,)) for v in contenders]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    assert not errors, errors
+    assert len(decisions) == 3
+    assert client.get_model_version_by_alias(name, CHAMPION).version == pool["0.95"]
+    for decision in decisions:  # each was judged against the champion of its turn, and tagged
+        tags = client.get_model_version(name, decision.challenger_version).tags
+        assert tags["promotion.decided_by"].startswith(f"racer {decision.challenger_version}")
+    assert f"{name}.promotion-lock" not in [m.name for m in client.search_registered_models()]
+
+
+# --------------------------------------------------------------------------- a server that goes away
+
+
+def crash_when(server: MlflowServer, happened) -> threading.Thread:
+    """Kill the server (SIGKILL, like a crash) as soon as `happened()` is true."""
+    def watch() -> None:
+        deadline = time.monotonic() + 300
+        while not happened() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        server.kill()
+
+    thread = threading.Thread(target=watch)
+    thread.start()
+    return thread
+
+
+def logged_models(server: MlflowServer) -> set[Path]:
+    return set((server.root / "artifacts").glob("*/models/*"))
+
+
+def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_server: MlflowServer, tracking_env, params,
+                                                                        synthetic_root: Path, tmp_path: Path):
+    """The session's server crashes after the first epoch of a fit, and is restarted on the
+    same store afterwards (for the tests that follow and for the recovery the error promises)."""
+    run_dir = tmp_path / "run"
+    p = params.model_copy(update={"fit": params.fit.model_copy(update={"epochs": 3})})
+    try:
+        crash = crash_when(mlflow_server, lambda: (run_dir / "checkpoint.pt").exists())  # after epoch 1
+        with pytest.raises(TrackingError) as lost:
+            tracked_fit(p, synthetic_root, "synth_texture", run_dir)
+        crash.join()
+        message = str(lost.value)
+        assert "trained and saved" in message and mlflow_server.uri in message and "dualstpm test" in message
+        assert Detector.load(run_dir).threshold > 0  # the model is on disk, complete
+        with pytest.raises(TrackingError, match="unreachable"):
+            tracked_test(p, run_dir, synthetic_root, "synth_texture")  # refused before testing
+        assert not (run_dir / "metrics.json").exists()
+    finally:
+        if mlflow_server.process is None:
+            mlflow_server.start()
+    tracked_test(p, run_dir, synthetic_root, "synth_texture")
+    version = register_run(run_dir, p, "synth_texture")
+    run_id = RunRecord.read(run_dir).run_id
+    assert version.aliases == [CHALLENGER] and version.run_id == run_id
+    assert "image_auroc" in MlflowClient().get_run(run_id).data.metrics
+
+
+@pytest.mark.slow
+def test_a_server_lost_mid_registration_leaves_no_alias(mlflow_server: MlflowServer, tracking_env, params,
+                                                       texture_run: Path):
+    """The server crashes while the model is being uploaded: the registration fails with a
+    clear message, and a version it may have created carries no alias."""
+    name = model_name(params, "synth_texture")
+
+    def versions(client: MlflowClient) -> set[str]:
+        return {str(v.version) for v in client.search_model_versions(f"name = '{name}'")}  # SQLite says int
+
+    known, uploaded = versions(MlflowClient()), logged_models(mlflow_server)
+    try:
+        crash = crash_when(mlflow_server, lambda: logged_models(mlflow_server) - uploaded)  # mid-upload
+        with pytest.raises(TrackingError, match="failed while"):
+            register_run(texture_run, params, "synth_texture")
+        crash.join()
+        store = MlflowClient(f"sqlite:///{mlflow_server.root / 'mlflow.db'}")  # the dead server's database
+        assert all(not store.get_model_version(name, v).aliases for v in versions(store) - known)
+    finally:
+        if mlflow_server.process is None:
+            mlflow_server.start()
+
+
+# --------------------------------------------------------------------------- serving
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, params, synthetic_root: Path, tmp_path: Path):
+    name = model_name(params, "synth_texture")
+    version = register_run(texture_run, params, "synth_texture")
+    promote("synth_texture", params.model_copy(update={"tracking": params.tracking.model_copy(update={"promotion_floor": 0.0})}),
+            version=version.version)
+    port = free_port()
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    log = (tmp_path / "serve.log").open("wb")
+    server = subprocess.Popen(
+        [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{name}@{CHAMPION}",
+         "--env-manager", "local", "--host", "127.0.0.1", "-p", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/ping", timeout=2).ok:
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        images = sorted((synthetic_root / "synth_texture" / "test").rglob("*.png"))[:4]
+        body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()] for p in images]}}
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+        assert answer.status_code == 200, answer.text
+        served = pd.DataFrame(answer.json()["predictions"])
+        local = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+        np.testing.assert_allclose(served["score"], local["score"], rtol=0, atol=1e-5)
+        assert list(served["label"]) == list(local["label"])
+    finally:
+        os.killpg(server.pid, 15)
+        server.wait(timeout=60)
+
+
+def test_version_metrics_describe_the_model_as_registered(tmp_path: Path):
+    """After `dualstpm ablate` applied a chosen fusion, metrics.json (the published fusion's
+    test) no longer describes the model: its version must carry the chosen fusion's test
+    figures, or registration is refused."""
+    from dualstpm.detector import ChosenFusion
+    from dualstpm.errors import RunError
+    from dualstpm.fusion import FusionSpec
+    from dualstpm.registry import _fused_evidence
+
+    tested = {"fused": {"image_auroc": 0.9, "threshold": 1.5}}
+    assert _fused_evidence(tmp_path, tested, 1.5, None) == (tested["fused"], "metrics.json")
+    chosen = ChosenFusion(FusionSpec(mode="sum"), 2.5, {"config": "sweep_sum_wB0.3"})
+    with pytest.raises(RunError, match="dualstpm test"):
+        _fused_evidence(tmp_path, tested, 2.5, chosen)
+    (tmp_path / "ablation").mkdir()
+    (tmp_path / "ablation" / "summary.json").write_text(json.dumps(
+        {"fused_chosen": {"config": "sweep_sum_wB0.3", "image_auroc": 0.95, "aupro": 0.8}}))
+    evidence, source = _fused_evidence(tmp_path, tested, 2.5, chosen)
+    assert evidence["image_auroc"] == 0.95 and "sweep_sum_wB0.3" in source

@@ -1,0 +1,74 @@
+"""The report stage: one AUC table over categories, curves and overlays laid out for DVC."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from dualstpm.errors import RunError
+from dualstpm.report import _step_at, write_report
+
+
+@pytest.fixture(scope="module")
+def tested_runs(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, synthetic_root: Path) -> dict[str, Path]:
+    """Two tested copies of the trained run, the second one ablated as well."""
+    from dualstpm.ablation import ablate
+    from dualstpm.config import load_params
+    from dualstpm.evaluation import test_run
+
+    root = tmp_path_factory.mktemp("tested")
+    runs = {}
+    for name in ("plain", "ablated"):
+        runs[name] = root / name
+        shutil.copytree(trained_run, runs[name])
+        test_run(runs[name], synthetic_root, "synth_texture")
+    ablate(runs["ablated"], load_params(None, ["ablation.branch_weight_step=0.5", "ablation.panel_images=0"]).ablation)
+    return runs
+
+
+def test_roc_staircase_is_sampled_at_the_last_point_left_of_each_grid_value() -> None:
+    fpr, tpr = np.array([0.0, 0.0, 0.5, 0.5, 1.0]), np.array([0.0, 0.4, 0.4, 0.9, 1.0])
+    assert list(_step_at(fpr, tpr, np.array([0.0, 0.25, 0.5, 0.75, 1.0]))) == [0.4, 0.4, 0.9, 0.9, 1.0]
+
+
+def test_report_of_tested_runs(tested_runs: dict[str, Path], tmp_path: Path) -> None:
+    out = tmp_path / "reports"
+    out.mkdir()
+    (out / ".gitignore").write_text("/overlays\n")  # what DVC keeps there must survive
+    table = write_report({"a": tested_runs["plain"], "b": tested_runs["plain"]}, out)
+
+    assert list(table["category"]) == ["a"] * 3 + ["b"] * 3 + ["mean"] * 3
+    assert pd.read_csv(out / "auc_table.csv").shape == (9, 6)
+    assert sorted(p.name for p in (out / "metrics").iterdir()) == ["a.json", "b.json", "mean.json"]
+    roc = pd.read_csv(out / "plots" / "roc" / "a.csv")
+    assert list(roc.columns) == ["fpr", "fused", "stpm", "recon"]
+    assert roc.iloc[-1][["fused", "stpm", "recon"]].tolist() == [1.0, 1.0, 1.0]
+    assert (roc[["fused", "stpm", "recon"]].diff().dropna() >= 0).all().all()  # a ROC never goes down
+    assert (out / "plots" / "pro" / "b.csv").is_file() and (out / "overlays" / "a.png").is_file()
+    assert not (out / "ablation.csv").exists()
+
+    write_report({"a": tested_runs["plain"]}, out)  # one category fewer: its files go, DVC's stay
+    assert sorted(p.name for p in (out / "metrics").iterdir()) == ["a.json"]
+    assert not (out / "overlays" / "b.png").exists()
+    assert (out / ".gitignore").read_text() == "/overlays\n"
+
+
+def test_report_adds_the_validation_chosen_fusion_of_ablated_runs(tested_runs: dict[str, Path], tmp_path: Path) -> None:
+    table = write_report({"synth_texture": tested_runs["ablated"]}, tmp_path)
+    assert list(table["model"]) == ["stpm", "recon", "fused", "fused_chosen"]
+    ablation = pd.read_csv(tmp_path / "ablation.csv")
+    chosen = ablation[ablation["model"] == "fused_chosen"].iloc[0]
+    assert table.iloc[3]["image_auroc"] == pytest.approx(chosen["image_auroc"])
+    assert "oracle" in set(ablation["model"])
+
+
+def test_report_refuses_missing_tests_and_half_ablated_runs(tested_runs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(RunError, match="metrics.json does not exist"):
+        write_report({"x": tmp_path / "untested"}, tmp_path / "out")
+    with pytest.raises(RunError, match="runs of a have no ablation"):
+        write_report({"a": tested_runs["plain"], "b": tested_runs["ablated"]}, tmp_path / "out")
+    assert not (tmp_path / "out").exists()  # refused before writing anything

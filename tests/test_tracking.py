@@ -1,0 +1,94 @@
+"""Where MLflow runs go and what identifies the data: URIs, dataset names, DVC data hashes."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dualstpm.config import load_params
+from dualstpm.errors import ConfigError
+from dualstpm.tracking import artifact_location, data_hash, dataset_name, params_for_data, project_dir, tracking_uri
+
+
+@pytest.fixture
+def in_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+def test_default_store_is_an_absolute_sqlite_file_in_the_project(in_project: Path):
+    uri = tracking_uri(load_params(None))
+    assert uri == f"sqlite:///{in_project.resolve()}/mlflow.db"
+    assert uri.startswith("sqlite:////")
+    assert artifact_location(uri, "dualstpm-synthetic") == (in_project.resolve() / "mlartifacts" / "dualstpm-synthetic").as_uri()
+    assert artifact_location("http://127.0.0.1:5000", "x") is None  # a server picks its own
+
+
+def test_environment_wins_and_relative_sqlite_becomes_absolute(in_project: Path, monkeypatch: pytest.MonkeyPatch):
+    params = load_params(None, ["tracking.uri=sqlite:///stores/runs.db"])
+    assert tracking_uri(params) == f"sqlite:///{in_project.resolve()}/stores/runs.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999/")
+    assert tracking_uri(params) == "http://127.0.0.1:5999"
+
+
+@pytest.mark.parametrize("uri", ["./mlruns", "file:///tmp/mlruns", "sqlite:///:memory:"])
+def test_the_file_store_and_memory_are_refused(in_project: Path, uri: str):
+    with pytest.raises(ConfigError, match="tracking.uri"):
+        tracking_uri(load_params(None, [f"tracking.uri={uri}"]))
+
+
+def test_a_dvc_temporary_experiment_logs_into_its_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    copy = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpab12"
+    copy.mkdir(parents=True)
+    monkeypatch.chdir(copy)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert project_dir() == (tmp_path / "proj").resolve()
+    assert tracking_uri(load_params(None)) == f"sqlite:///{(tmp_path / 'proj').resolve()}/mlflow.db"
+
+
+def test_dataset_names(in_project: Path):
+    assert dataset_name(load_params(None, ["data.source=synthetic"])) == "synthetic"
+    assert dataset_name(load_params(None, ["data.source=mvtec"])) == "mvtec"
+    folder = load_params(None, ["data.source=folder", "data.root=../shared/data"])
+    assert dataset_name(folder) == "shared-data"
+    # the same folder by absolute path is the same dataset
+    absolute = load_params(None, ["data.source=folder", f"data.root={(in_project / '../shared/data').resolve()}"])
+    assert dataset_name(absolute) == "shared-data"
+    # a --data-root other than data.root names the data actually used
+    assert dataset_name(params_for_data(load_params(None, ["data.source=synthetic"]), in_project / "elsewhere")) == "elsewhere"
+    synthetic = load_params(None, ["data.source=synthetic", f"data.root={in_project}"])
+    assert params_for_data(synthetic, in_project) is synthetic
+
+
+def test_data_hash_is_the_hash_dvc_gives_the_folder(synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Without dvc.lock the hash is computed from the files and equals `dvc add`'s; with a
+    `.dvc` file or a dvc.lock entry for the folder (or a folder holding it) DVC's record wins."""
+    project = tmp_path / "project"
+    shutil.copytree(synthetic_root / "synth_texture", project / "data" / "synth_texture")
+    monkeypatch.chdir(project)
+    computed = data_hash(project / "data", "synth_texture")
+    assert computed.endswith(".dir") and len(computed) == 36
+
+    dvc = [str(Path(sys.executable).with_name("dvc"))]
+    subprocess.run([*dvc, "init", "--no-scm", "-q"], cwd=project, check=True, timeout=120)
+    subprocess.run([*dvc, "add", "-q", "data/synth_texture"], cwd=project, check=True, timeout=120)
+    recorded = yaml.safe_load((project / "data" / "synth_texture.dvc").read_text())["outs"][0]["md5"]
+    assert computed == recorded
+
+    (project / "dvc.lock").write_text(yaml.safe_dump({
+        "schema": "2.0",
+        "stages": {"prepare": {"cmd": "x", "outs": [{"path": "data", "hash": "md5", "md5": "feedc0de.dir"}]}},
+    }))
+    (project / "data" / "synth_texture.dvc").unlink()
+    assert data_hash(project / "data", "synth_texture") == "feedc0de.dir"  # the folder holding it
+    (project / "dvc.lock").unlink()
+
+    image = next((project / "data" / "synth_texture" / "test" / "good").iterdir())
+    image.write_bytes(image.read_bytes() + b"\0")
+    assert data_hash(project / "data", "synth_texture") != computed  # other data, other hash
