@@ -150,18 +150,19 @@ def _recorded_md5s(dvc_file: Path, keys: tuple[str, ...]) -> dict[Path, str]:
 
 
 def data_hash(data_root: Path, category: str) -> str:
-    """The DVC hash of the category's data: from `dvc.lock` (or a `<folder>.dvc` file) when
-    DVC records the category folder or a folder holding it, else the same md5 computed from
-    the category folder's files. Equal hashes mean the same evaluation data."""
+    """The DVC hash of the category's data: from `dvc.lock` (or a `<category>.dvc` file) when
+    DVC records the category folder itself, else the same md5 computed from the category
+    folder's files. Equal hashes mean the same evaluation data.
+
+    A hash DVC records for a folder *holding* the category is not used: it changes with the
+    other categories, so the same data would look different before and after `dvc repro`.
+    """
     folder = (Path(data_root) / category).resolve()
     if not folder.is_dir():
         raise ConfigError(f"cannot hash {folder}: no such category folder")
     recorded = _recorded_md5s(project_dir() / "dvc.lock", ("outs", "deps"))
-    for candidate in (folder, *folder.parents[:-1]):  # not the filesystem root
-        md5 = recorded.get(candidate) or _recorded_md5s(candidate.with_name(candidate.name + ".dvc"), ("outs",)).get(candidate)
-        if md5:
-            return md5
-    return _dvc_dir_hash(folder)
+    md5 = recorded.get(folder) or _recorded_md5s(folder.with_name(folder.name + ".dvc"), ("outs",)).get(folder)
+    return md5 or _dvc_dir_hash(folder)
 
 
 def git_state() -> tuple[str, bool]:

@@ -68,7 +68,8 @@ def test_dataset_names(in_project: Path):
 
 def test_data_hash_is_the_hash_dvc_gives_the_folder(synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Without dvc.lock the hash is computed from the files and equals `dvc add`'s; with a
-    `.dvc` file or a dvc.lock entry for the folder (or a folder holding it) DVC's record wins."""
+    `.dvc` file or a dvc.lock entry for the category folder itself DVC's record wins; a
+    record of a folder holding it is ignored (it changes with the other categories)."""
     project = tmp_path / "project"
     shutil.copytree(synthetic_root / "synth_texture", project / "data" / "synth_texture")
     monkeypatch.chdir(project)
@@ -81,12 +82,17 @@ def test_data_hash_is_the_hash_dvc_gives_the_folder(synthetic_root: Path, tmp_pa
     recorded = yaml.safe_load((project / "data" / "synth_texture.dvc").read_text())["outs"][0]["md5"]
     assert computed == recorded
 
-    (project / "dvc.lock").write_text(yaml.safe_dump({
-        "schema": "2.0",
-        "stages": {"prepare": {"cmd": "x", "outs": [{"path": "data", "hash": "md5", "md5": "feedc0de.dir"}]}},
-    }))
+    def lock(path: str) -> None:
+        (project / "dvc.lock").write_text(yaml.safe_dump({
+            "schema": "2.0",
+            "stages": {"prepare": {"cmd": "x", "outs": [{"path": path, "hash": "md5", "md5": "feedc0de.dir"}]}},
+        }))
+
     (project / "data" / "synth_texture.dvc").unlink()
-    assert data_hash(project / "data", "synth_texture") == "feedc0de.dir"  # the folder holding it
+    lock("data/synth_texture")
+    assert data_hash(project / "data", "synth_texture") == "feedc0de.dir"  # the category's own record
+    lock("data")
+    assert data_hash(project / "data", "synth_texture") == computed  # the folder holding it: not used
     (project / "dvc.lock").unlink()
 
     image = next((project / "data" / "synth_texture" / "test" / "good").iterdir())
