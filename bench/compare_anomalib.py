@@ -125,7 +125,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from dualstpm import metrics  # noqa: E402
-from dualstpm.bench import INFER_BATCH, _median_seconds, train_epoch  # noqa: E402
+from dualstpm.bench import INFER_BATCH, median_seconds, train_epoch  # noqa: E402
 from dualstpm.config import Params, load_params  # noqa: E402
 from dualstpm.data import decode_images, decode_masks, load_category, split_train_val  # noqa: E402
 from dualstpm.detector import Detector, resolve_device  # noqa: E402
@@ -206,7 +206,7 @@ def predict_split(predict: Callable[[Tensor], dict[str, tuple[Tensor, Tensor]]],
 def images_per_second(predict: Predictor, images: Tensor, device: torch.device, repeats: int) -> float:
     """Throughput on one batch of test images, decoded image to score and map: median of `repeats`."""
     batch = images[:INFER_BATCH]
-    return len(batch) / _median_seconds(lambda: predict(batch), device, repeats)
+    return len(batch) / median_seconds(lambda: predict(batch), device, repeats)
 
 
 # --------------------------------------------------------------------------- anomalib

@@ -41,7 +41,7 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+def median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
     run()  # warm-up
     times = []
     for _ in range(repeats):
@@ -153,9 +153,9 @@ def inference_phase(params: Params, images: Tensor, device: torch.device, repeat
     batch = images[:INFER_BATCH].to(device)
     single = images[:1].to(device)
     with torch.inference_mode():
-        floor_s = _median_seconds(lambda: floor_forward(detector.model, detector.prepare(batch)), device, repeats)
-    fused_s = _median_seconds(lambda: detector.score(batch, views=("fused",)), device, repeats)
-    latency_s = _median_seconds(lambda: detector.score(single, views=("fused",)), device, repeats)
+        floor_s = median_seconds(lambda: floor_forward(detector.model, detector.prepare(batch)), device, repeats)
+    fused_s = median_seconds(lambda: detector.score(batch, views=("fused",)), device, repeats)
+    latency_s = median_seconds(lambda: detector.score(single, views=("fused",)), device, repeats)
     return {
         "floor_images_per_s": len(batch) / floor_s,
         "fused_images_per_s": len(batch) / fused_s,

@@ -156,7 +156,7 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
     figures = {f"ablation.{key}.{metric}": value
                for key in ("stpm_alone", "fused_published", "fused_chosen", "oracle") if summary.get(key)
                for metric, value in summary[key].items() if metric in TABLE_METRICS and value is not None}
-    run._log(run.run_id, "logging the ablation", figures, tags={
+    run.log(run.run_id, "logging the ablation", figures, tags={
         f"{TAG}ablation.chosen": summary["fused_chosen"]["config"],
         f"{TAG}ablation.applied": str(summary["applied"]).lower(),
         f"{TAG}ablation.oracle": (summary["oracle"] or {}).get("config", "none"),

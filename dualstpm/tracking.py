@@ -329,7 +329,7 @@ class CategoryRun:
     def run_id(self) -> str:
         return self.record.run_id
 
-    def _log(self, run_id: str, doing: str, metrics: Mapping[str, float] | None = None, step: int = 0,
+    def log(self, run_id: str, doing: str, metrics: Mapping[str, float] | None = None, step: int = 0,
              params: Mapping[str, str] | None = None, tags: Mapping[str, str] | None = None) -> None:
         from mlflow.entities import Metric, Param, RunTag
 
@@ -346,10 +346,10 @@ class CategoryRun:
         """One epoch of `training.fit`'s history: all of it on the parent, each branch's on its child."""
         epoch = int(record["epoch"])
         values = {k: v for k, v in record.items() if k != "epoch"}
-        self._log(self.run_id, f"logging epoch {epoch}", values, step=epoch)
+        self.log(self.run_id, f"logging epoch {epoch}", values, step=epoch)
         for branch, run_id in self.record.branch_run_ids.items():
             mine = {k.removesuffix(f"_{branch}"): v for k, v in values.items() if k.endswith(f"_{branch}")}
-            self._log(run_id, f"logging epoch {epoch} of {branch}", mine, step=epoch)
+            self.log(run_id, f"logging epoch {epoch} of {branch}", mine, step=epoch)
 
     def log_history(self, history_csv: Path) -> None:
         """Per-epoch losses from `RUN/history.csv`, for a run whose fit was not tracked live."""
@@ -361,26 +361,26 @@ class CategoryRun:
 
     def log_fit(self, selected_epochs: Mapping[str, int], thresholds: Mapping[str, float]) -> None:
         """What fit decided: the epoch kept per branch and the calibrated thresholds."""
-        self._log(self.run_id, "logging the fit", {
+        self.log(self.run_id, "logging the fit", {
             "threshold": thresholds["fused"],
             **{f"selected_epoch_{b}": e for b, e in selected_epochs.items()},
         })
         for branch, run_id in self.record.branch_run_ids.items():
-            self._log(run_id, f"logging the fit of {branch}",
+            self.log(run_id, f"logging the fit of {branch}",
                       {"selected_epoch": selected_epochs[branch], "threshold": thresholds[branch]})
         self.log_artifacts(["history.csv", "model/params.yaml", "model/calibration.json"], "fit")
 
     def log_test(self, result: Mapping[str, Any], data_hash_value: str, data_root: Path) -> None:
         """Final metrics of the fused model (parent) and of each branch (children), the
         evaluation data's hash, and the test artifacts."""
-        self._log(self.run_id, "logging test metrics", {
+        self.log(self.run_id, "logging test metrics", {
             **result_metrics(result["fused"]),
             **{f"{b}.{k}": v for b in BRANCH_RUNS for k, v in result_metrics(result[b]).items() if "per_defect" not in k},
             "n_test_images": result["n_test_images"],
         }, tags={f"{TAG}eval_data_hash": data_hash_value, f"{TAG}eval_category": result["category"],
                  f"{TAG}eval_data_root": str(Path(data_root).resolve())})
         for branch, run_id in self.record.branch_run_ids.items():
-            self._log(run_id, f"logging test metrics of {branch}", result_metrics(result[branch]))
+            self.log(run_id, f"logging test metrics of {branch}", result_metrics(result[branch]))
         self.log_artifacts(["metrics.json", "auc_table.csv"], "test")
         self.log_artifacts(["plots"], "")
         self.record.eval_data_hash = data_hash_value
@@ -460,5 +460,5 @@ def open_category_run(params: Params, run_dir: Path, category: str, data_root: P
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write(run_dir)
     run = CategoryRun(client, record, run_dir, created=True)
-    run._log(run.run_id, "logging params", params=flatten(params.to_dict()))
+    run.log(run.run_id, "logging params", params=flatten(params.to_dict()))
     return run
