@@ -128,13 +128,14 @@ from dualstpm import metrics  # noqa: E402
 from dualstpm.bench import INFER_BATCH, median_seconds, train_epoch  # noqa: E402
 from dualstpm.config import Params, load_params  # noqa: E402
 from dualstpm.data import decode_images, decode_masks, load_category, split_train_val  # noqa: E402
-from dualstpm.detector import Detector, resolve_device  # noqa: E402
+from dualstpm.compute import Compute  # noqa: E402
+from dualstpm.detector import Detector  # noqa: E402
 from dualstpm.errors import DualStpmError, RunError  # noqa: E402
 from dualstpm.evaluation import test_run  # noqa: E402
 from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
 from dualstpm.fusion import VIEWS, fuse, image_scores  # noqa: E402
 from dualstpm.models.backbone import FeaturePyramid, load_teacher  # noqa: E402
-from dualstpm.models.loss import distance_map  # noqa: E402
+from dualstpm.models.loss import distance_map_chunked  # noqa: E402
 from dualstpm.models.torch_model import DualStpmModel  # noqa: E402
 from dualstpm.training import fit, seed_everything  # noqa: E402
 
@@ -203,10 +204,10 @@ def predict_split(predict: Callable[[Tensor], dict[str, tuple[Tensor, Tensor]]],
     return {name: (np.concatenate(s), np.concatenate(m)) for name, (s, m) in parts.items()}
 
 
-def images_per_second(predict: Predictor, images: Tensor, device: torch.device, repeats: int) -> float:
+def images_per_second(predict: Predictor, images: Tensor, compute: Compute, repeats: int) -> float:
     """Throughput on one batch of test images, decoded image to score and map: median of `repeats`."""
     batch = images[:INFER_BATCH]
-    return len(batch) / median_seconds(lambda: predict(batch), device, repeats)
+    return len(batch) / median_seconds(lambda: predict(batch), compute, repeats)
 
 
 # --------------------------------------------------------------------------- anomalib
@@ -320,8 +321,9 @@ def build_patchcore(anomalib: Any, normalize: str, coreset_ratio: float) -> tupl
 
 
 def train_anomalib(anomalib: Any, module: Any, images: Tensor, epochs: int, batch_size: int, seed: int,
-                   device: torch.device, root: Path) -> tuple[float, list[float]]:
-    """Train with anomalib's Engine on `images`; (total seconds, seconds of each epoch)."""
+                   compute: Compute, root: Path) -> tuple[float, list[float]]:
+    """Train with anomalib's Engine on `images` in `compute`'s precision (Lightning's
+    bf16-mixed is the same autocast ours uses); (total seconds, seconds of each epoch)."""
     from lightning.pytorch.callbacks import Callback
     from torch.utils.data import DataLoader
 
@@ -345,7 +347,8 @@ def train_anomalib(anomalib: Any, module: Any, images: Tensor, epochs: int, batc
     timer = EpochTimer()
     engine = anomalib.engine.Engine(
         callbacks=[timer], default_root_dir=root, max_epochs=epochs,
-        accelerator="gpu" if device.type == "cuda" else "cpu", devices=1,
+        accelerator="gpu" if compute.device.type == "cuda" else "cpu", devices=1,
+        precision="bf16-mixed" if compute.dtype == torch.bfloat16 else "32-true",
         enable_progress_bar=False, enable_model_summary=False,
     )
     start = time.perf_counter()
@@ -355,47 +358,49 @@ def train_anomalib(anomalib: Any, module: Any, images: Tensor, epochs: int, batc
     return time.perf_counter() - start, timer.seconds
 
 
-def anomalib_predictor(module: Any, device: torch.device) -> Predictor:
-    """anomalib's inference path: its pre-processor, then its model (post-processor off: raw maps)."""
-    module.to(device).eval()
+def anomalib_predictor(module: Any, compute: Compute) -> Predictor:
+    """anomalib's inference path: its pre-processor, then its model (post-processor off: raw
+    maps), in the same precision and memory layout as ours."""
+    compute.module(module).eval()
 
     @torch.inference_mode()
     def predict(images: Tensor) -> tuple[Tensor, Tensor]:
-        out = module(images.to(device))
-        return out.pred_score.reshape(-1), out.anomaly_map[:, 0]
+        with compute.autocast():
+            out = module(compute.images(images))
+        return out.pred_score.reshape(-1).float(), out.anomaly_map[:, 0].float()
 
     return predict
 
 
-def anomalib_row(name: str, module: Any, split: Split, device: torch.device, batch_size: int, repeats: int,
+def anomalib_row(name: str, module: Any, split: Split, compute: Compute, batch_size: int, repeats: int,
                  train_s: float, epoch_s: float | None, note: str) -> Row:
-    predict = anomalib_predictor(module, device)
+    predict = anomalib_predictor(module, compute)
     scores, maps = predict_split(lambda x: {name: predict(x)}, split.test, batch_size)[name]
     return Row(name, **quality(split, scores, maps), train_s_total=train_s, train_s_per_epoch=epoch_s,
-               infer_images_per_s=images_per_second(predict, split.test, device, repeats), note=note)
+               infer_images_per_s=images_per_second(predict, split.test, compute, repeats), note=note)
 
 
-def run_stfpm(anomalib: Any, normalize: str, recipe: str, params: Params, split: Split, device: torch.device,
+def run_stfpm(anomalib: Any, normalize: str, recipe: str, params: Params, split: Split, compute: Compute,
               repeats: int, work: Path) -> Row:
     fit_params = params.fit
     seed_everything(params.seed)  # the student's random init
     stfpm, teacher = build_stfpm(anomalib, normalize, recipe, params)
     check_same_teacher(stfpm.model.teacher_model, stfpm.pre_processor, teacher, normalize, split.train[:2])
     total, epochs = train_anomalib(anomalib, stfpm, split.train, fit_params.epochs, fit_params.batch_size,
-                                   params.seed, device, work / "anomalib")
-    return anomalib_row(ROW_STFPM, stfpm, split, device, fit_params.batch_size, repeats, total,
+                                   params.seed, compute, work / "anomalib")
+    return anomalib_row(ROW_STFPM, stfpm, split, compute, fit_params.batch_size, repeats, total,
                         float(np.median(epochs)),
                         f"{normalize} normalisation, {recipe} recipe; its last epoch (no model selection)")
 
 
 def run_patchcore(anomalib: Any, normalize: str, coreset_ratio: float, params: Params, split: Split,
-                  device: torch.device, repeats: int, work: Path) -> Row:
+                  compute: Compute, repeats: int, work: Path) -> Row:
     fit_params = params.fit
     patchcore, teacher = build_patchcore(anomalib, normalize, coreset_ratio)
     check_same_teacher(patchcore.model.feature_extractor, patchcore.pre_processor, teacher, normalize, split.train[:2])
-    total, _ = train_anomalib(anomalib, patchcore, split.train, 1, fit_params.batch_size, params.seed, device,
+    total, _ = train_anomalib(anomalib, patchcore, split.train, 1, fit_params.batch_size, params.seed, compute,
                               work / "anomalib")
-    return anomalib_row(ROW_PATCHCORE, patchcore, split, device, fit_params.batch_size, repeats, total, None,
+    return anomalib_row(ROW_PATCHCORE, patchcore, split, compute, fit_params.batch_size, repeats, total, None,
                         f"{normalize} normalisation; one pass, coreset {coreset_ratio:g}")
 
 
@@ -409,12 +414,11 @@ def branch_predictor(detector: Detector, branch: str) -> Predictor:
     slot by zero in a branch view, so a broadcast (free) copy of this branch fills it.
     """
     model, spec, stats = detector.model, detector.view_spec(branch), detector.calibration.map_stats
-    use_amp = detector.device.type == "cuda"
 
     @torch.inference_mode()
     def predict(images: Tensor) -> tuple[Tensor, Tensor]:
         x = detector.prepare(images)
-        with torch.autocast(detector.device.type, dtype=torch.bfloat16, enabled=use_amp):
+        with detector.compute.autocast():
             *t1_levels, t1_deep = model.t1(x)
             if branch == "stpm":
                 teachers, students = t1_levels, model.s1(x)
@@ -422,7 +426,7 @@ def branch_predictor(detector: Detector, branch: str) -> Predictor:
                 teachers = model.t2(x)
                 students = model.s2(t1_deep, teachers)
             levels = [
-                F.interpolate(distance_map(t, s)[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
+                F.interpolate(distance_map_chunked(t, s)[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)
                 for t, s in zip(teachers, students, strict=True)
             ]
             maps = torch.cat(levels, dim=1).float()
@@ -460,38 +464,38 @@ def check_branch_predictor(detector: Detector, branch: str, predict: Predictor, 
         raise RuntimeError(f"the branch-only path of {branch} differs from the detector's {branch} view")
 
 
-def epoch_seconds(params: Params, images: Tensor, device: torch.device, work: Path) -> dict[str, float]:
+def epoch_seconds(params: Params, images: Tensor, compute: Compute, work: Path) -> dict[str, float]:
     """Seconds of one training epoch per branch and for both, with the teacher-feature cache,
     and the cache's build time; each on a fresh model after a one-batch warm-up."""
     batch_size = params.fit.batch_size
     seed_everything(params.seed)
-    model = DualStpmModel.build(params.model).to(device)
+    model = compute.module(DualStpmModel.build(params.model))
     initial = {name: {k: v.clone() for k, v in s.state_dict().items()} for name, s in model.students().items()}
     start = time.perf_counter()
-    cache = TeacherFeatureCache.build(model, images, batch_size, device, params.fit.cache_ram_gb * 2**30, work)
+    cache = TeacherFeatureCache.build(model, images, batch_size, compute, params.fit.cache_ram_gb * 2**30, work)
     out = {"cache_build": time.perf_counter() - start}
     try:
         for name, branches in (("stpm", ("stpm",)), ("recon", ("recon",)), ("fused", ("stpm", "recon"))):
             for student_name, student in model.students().items():  # every measurement starts from the same init
                 student.load_state_dict(initial[student_name])
-            train_epoch(model, images[:batch_size], batch_size, branches, device, cache)  # warm-up batch
-            out[name], _ = train_epoch(model, images, batch_size, branches, device, cache)
+            train_epoch(model, images[:batch_size], batch_size, branches, compute, cache)  # warm-up batch
+            out[name], _ = train_epoch(model, images, batch_size, branches, compute, cache)
     finally:
         cache.close()
     return out
 
 
-def run_ours(params: Params, data_root: Path, category: str, split: Split, device: torch.device, repeats: int,
+def run_ours(params: Params, data_root: Path, category: str, split: Split, compute: Compute, repeats: int,
              work: Path) -> tuple[list[Row], dict]:
     run_dir = work / "dualstpm" / category
     start = time.perf_counter()
     fit(params, data_root, category, run_dir, overwrite=True)
     fit_s = time.perf_counter() - start
-    library = test_run(run_dir, data_root, category, device)  # `dualstpm test`: the cross-check below
+    library = test_run(run_dir, data_root, category, compute)  # `dualstpm test`: the cross-check below
 
-    detector = Detector.load(run_dir, device)
+    detector = Detector.load(run_dir, compute)
     outputs = predict_split(all_views(detector), split.test, params.fit.batch_size)
-    epochs = epoch_seconds(params, split.train, device, work)
+    epochs = epoch_seconds(params, split.train, compute, work)
     amortised = epochs["cache_build"] / params.fit.epochs
     rows = []
     for view in ("stpm", "recon", "fused"):
@@ -511,7 +515,7 @@ def run_ours(params: Params, data_root: Path, category: str, split: Split, devic
         rows.append(Row(OUR_ROWS[view], **figures,
                         train_s_total=fit_s if view == "fused" else None,
                         train_s_per_epoch=epochs[view] + amortised,
-                        infer_images_per_s=images_per_second(predict, split.test, device, repeats),
+                        infer_images_per_s=images_per_second(predict, split.test, compute, repeats),
                         note="epoch chosen on validation images"
                         + ("" if view == "fused" else "; trained in the fused fit")))
     details = {"fit_s": fit_s, "epoch_s_alone": epochs, "cache_build_per_epoch_s": amortised,
@@ -611,7 +615,7 @@ def compare(args: argparse.Namespace) -> dict:
     """Train and test all five rows; the JSON-ready result."""
     overrides = [
         f"image_size={args.image_size}", f"seed={args.seed}", f"fit.epochs={args.epochs}",
-        f"fit.batch_size={args.batch_size}", f"fit.device={args.device}",
+        f"fit.batch_size={args.batch_size}", f"fit.device={args.device}", f"fit.precision={args.precision}",
         f"model.t1.name={T1}", f"model.t1.weights={WEIGHTS}", f"model.t2.name={T2}", f"model.t2.weights={WEIGHTS}",
         *args.set,
     ]
@@ -621,7 +625,8 @@ def compare(args: argparse.Namespace) -> dict:
     params = load_params(args.params, overrides)
     if params.model.t1.name != T1 or params.model.t1.weights != WEIGHTS:
         raise DualStpmError(f"the comparison shares T1 with anomalib: it must stay {T1} with weights={WEIGHTS}")
-    device = resolve_device(params.fit.device)
+    compute = Compute.resolve(params.fit.device, params.fit.precision)
+    device = compute.device
     split = load_split(params, args.data_root, args.category)
     if len(split.test) < 2 or split.labels.all() or not split.labels.any():
         raise DualStpmError(f"{args.category}'s test split needs good and defective images to compute AUROC")
@@ -629,14 +634,14 @@ def compare(args: argparse.Namespace) -> dict:
     with work_dir(args.work_dir) as work:
         anomalib = import_anomalib()
         start = time.perf_counter()
-        rows = [run_stfpm(anomalib, args.anomalib_normalize, args.stfpm_recipe, params, split, device,
+        rows = [run_stfpm(anomalib, args.anomalib_normalize, args.stfpm_recipe, params, split, compute,
                           args.repeats, work)]
         wall["anomalib_stfpm"] = time.perf_counter() - start
-        rows.append(run_patchcore(anomalib, args.anomalib_normalize, args.coreset_ratio, params, split, device,
+        rows.append(run_patchcore(anomalib, args.anomalib_normalize, args.coreset_ratio, params, split, compute,
                                   args.repeats, work))
         wall["anomalib_patchcore"] = time.perf_counter() - start - wall["anomalib_stfpm"]
         start = time.perf_counter()
-        our_rows, details = run_ours(params, args.data_root, args.category, split, device, args.repeats, work)
+        our_rows, details = run_ours(params, args.data_root, args.category, split, compute, args.repeats, work)
         wall["ours"] = time.perf_counter() - start
     rows += our_rows
     return {
@@ -648,6 +653,7 @@ def compare(args: argparse.Namespace) -> dict:
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "precision": str(compute.dtype).removeprefix("torch."),
             "torch": torch.__version__,
             "anomalib": anomalib.__version__,
         },
@@ -678,6 +684,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--precision", choices=("auto", "float32", "bfloat16"), default="auto",
+                        help="of every model's networks, anomalib's included (auto: bfloat16 where native)")
     parser.add_argument("--anomalib-normalize", choices=NORMALIZATIONS, default="teacher",
                         help="anomalib's input normalisation: the teacher's own (0.5/0.5) or its ImageNet default")
     parser.add_argument("--stfpm-recipe", choices=STFPM_RECIPES, default="ours",

@@ -27,7 +27,8 @@ from torch import Tensor
 
 from dualstpm.config import Params
 from dualstpm.data import decode_images, load_category
-from dualstpm.detector import Detector, resolve_device
+from dualstpm.compute import Compute
+from dualstpm.detector import Detector
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.models.loss import pyramid_loss
 from dualstpm.models.torch_model import DualStpmModel
@@ -36,19 +37,14 @@ from dualstpm.training import calibrate, seed_everything
 INFER_BATCH = 16
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def median_seconds(run: Callable[[], object], device: torch.device, repeats: int) -> float:
+def median_seconds(run: Callable[[], object], compute: Compute, repeats: int) -> float:
     run()  # warm-up
     times = []
     for _ in range(repeats):
-        _sync(device)
+        compute.sync()
         start = time.perf_counter()
         run()
-        _sync(device)
+        compute.sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -57,9 +53,9 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def _model(params: Params, device: torch.device) -> DualStpmModel:
+def _model(params: Params, compute: Compute) -> DualStpmModel:
     seed_everything(params.seed)
-    return DualStpmModel.build(params.model).to(device)
+    return compute.module(DualStpmModel.build(params.model))
 
 
 def train_epoch(
@@ -67,7 +63,7 @@ def train_epoch(
     images: Tensor,
     batch_size: int,
     branches: tuple[str, ...],
-    device: torch.device,
+    compute: Compute,
     cache: TeacherFeatureCache | None,
 ) -> tuple[float, dict[str, float]]:
     """One epoch in a fixed order, training only `branches`; (seconds, mean loss per branch).
@@ -80,47 +76,48 @@ def train_epoch(
     optimizer = torch.optim.SGD(params, lr=0.4, momentum=0.9, weight_decay=1e-4)
     model.train()
     totals = dict.fromkeys(branches, 0.0)
-    _sync(device)
+    compute.sync()
     start = time.perf_counter()
     for first in range(0, len(images), batch_size):
         indices = torch.arange(first, min(first + batch_size, len(images)))
-        x = images[indices].to(device)
-        if cache is not None:
-            teachers = cache.batch(indices, device)
-            t1_levels, t1_deep, t2_levels = teachers.t1_levels, teachers.t1_deep, teachers.t2_levels
-        else:
-            with torch.no_grad():
-                *t1_levels, t1_deep = model.t1(x)
-                t2_levels = model.t2(x) if "recon" in branches else None
-        losses = {}
-        if "stpm" in branches:
-            losses["stpm"] = pyramid_loss(t1_levels, model.s1(x))
-        if "recon" in branches:
-            losses["recon"] = pyramid_loss(t2_levels, model.s2(t1_deep, t2_levels))
+        x = compute.images(images[indices])
+        with compute.autocast():
+            if cache is not None:
+                teachers = cache.batch(indices, compute)
+                t1_levels, t1_deep, t2_levels = teachers.t1_levels, teachers.t1_deep, teachers.t2_levels
+            else:
+                with torch.no_grad():
+                    *t1_levels, t1_deep = model.t1(x)
+                    t2_levels = model.t2(x) if "recon" in branches else None
+            losses = {}
+            if "stpm" in branches:
+                losses["stpm"] = pyramid_loss(t1_levels, model.s1(x))
+            if "recon" in branches:
+                losses["recon"] = pyramid_loss(t2_levels, model.s2(t1_deep, t2_levels))
         optimizer.zero_grad(set_to_none=True)
         sum(losses.values()).backward()
         optimizer.step()
         for branch, loss in losses.items():
             totals[branch] += loss.item() * len(indices)
-    _sync(device)
+    compute.sync()
     return time.perf_counter() - start, {b: t / len(images) for b, t in totals.items()}
 
 
-def training_phase(params: Params, images: Tensor, device: torch.device) -> dict:
+def training_phase(params: Params, images: Tensor, compute: Compute) -> dict:
     """Throughput per branch and for both, with and without the cache; first-epoch losses."""
     batch_size = params.fit.batch_size
     out: dict = {}
     for cached in (False, True):
         tag = "cache" if cached else "no_cache"
         for branches in (("stpm", "recon"), ("stpm",), ("recon",)):
-            model = _model(params, device)
+            model = _model(params, compute)
             cache = None
             if cached:
                 start = time.perf_counter()
-                cache = TeacherFeatureCache.build(model, images, batch_size, device, params.fit.cache_ram_gb * 2**30, Path("."))
+                cache = TeacherFeatureCache.build(model, images, batch_size, compute, params.fit.cache_ram_gb * 2**30, Path("."))
                 out[f"{tag}_build_s"] = time.perf_counter() - start
-            _, first_losses = train_epoch(model, images, batch_size, branches, device, cache)  # warm-up epoch
-            seconds, _ = train_epoch(model, images, batch_size, branches, device, cache)
+            _, first_losses = train_epoch(model, images, batch_size, branches, compute, cache)  # warm-up epoch
+            seconds, _ = train_epoch(model, images, batch_size, branches, compute, cache)
             name = "+".join(branches)
             out[f"{tag}_{name}_epoch_s"] = seconds
             out[f"{tag}_{name}_images_per_s"] = len(images) / seconds
@@ -146,16 +143,16 @@ def floor_forward(model: DualStpmModel, images: Tensor) -> None:
     model.s2(t1_deep, t2_levels)
 
 
-def inference_phase(params: Params, images: Tensor, device: torch.device, repeats: int) -> dict:
-    model = _model(params, device).eval()
-    calibration = calibrate(model, params, images[:INFER_BATCH], device, {"stpm": 0, "recon": 0}, "bench")
-    detector = Detector(model, params, calibration, device)
-    batch = images[:INFER_BATCH].to(device)
-    single = images[:1].to(device)
-    with torch.inference_mode():
-        floor_s = median_seconds(lambda: floor_forward(detector.model, detector.prepare(batch)), device, repeats)
-    fused_s = median_seconds(lambda: detector.score(batch, views=("fused",)), device, repeats)
-    latency_s = median_seconds(lambda: detector.score(single, views=("fused",)), device, repeats)
+def inference_phase(params: Params, images: Tensor, compute: Compute, repeats: int) -> dict:
+    model = _model(params, compute).eval()
+    calibration = calibrate(model, params, images[:INFER_BATCH], compute, {"stpm": 0, "recon": 0}, "bench")
+    detector = Detector(model, params, calibration, compute)
+    batch = images[:INFER_BATCH].to(compute.device)
+    single = images[:1].to(compute.device)
+    with torch.inference_mode(), compute.autocast():
+        floor_s = median_seconds(lambda: floor_forward(detector.model, detector.prepare(batch)), compute, repeats)
+    fused_s = median_seconds(lambda: detector.score(batch, views=("fused",)), compute, repeats)
+    latency_s = median_seconds(lambda: detector.score(single, views=("fused",)), compute, repeats)
     return {
         "floor_images_per_s": len(batch) / floor_s,
         "fused_images_per_s": len(batch) / fused_s,
@@ -167,12 +164,12 @@ def inference_phase(params: Params, images: Tensor, device: torch.device, repeat
 
 def _child(phase: str, params_dict: dict, paths: list[str], repeats: int, queue: multiprocessing.Queue) -> None:
     params = Params.model_validate(params_dict)
-    device = resolve_device(params.fit.device)
+    compute = Compute.resolve(params.fit.device, params.fit.precision)
     images = decode_images([Path(p) for p in paths], params.image_size, "decoding benchmark images")
     if phase == "train":
-        queue.put(training_phase(params, images, device))
+        queue.put(training_phase(params, images, compute))
     else:
-        queue.put(inference_phase(params, images, device, repeats))
+        queue.put(inference_phase(params, images, compute, repeats))
 
 
 def run_phase(phase: str, params: Params, paths: list[Path], repeats: int) -> dict:
@@ -189,7 +186,8 @@ def run_phase(phase: str, params: Params, paths: list[Path], repeats: int) -> di
 def benchmark(params: Params, data_root: Path, category: str, n_images: int, repeats: int = 5) -> dict:
     """Both phases on the first `n_images` train images of `category`."""
     paths = list(load_category(Path(data_root), category).train[:n_images])
-    device = resolve_device(params.fit.device)
+    compute = Compute.resolve(params.fit.device, params.fit.precision)
+    device = compute.device
     return {
         "machine": {
             "platform": platform.platform(),
@@ -197,6 +195,7 @@ def benchmark(params: Params, data_root: Path, category: str, n_images: int, rep
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "precision": str(compute.dtype).removeprefix("torch."),
         },
         "setup": {
             "category": category,

@@ -49,6 +49,9 @@ class ModelParams(_Strict):
     attention: Literal["spatial", "none"] = "spatial"
 
 
+Precision = Literal["auto", "float32", "bfloat16"]
+
+
 class FitParams(_Strict):
     epochs: int = Field(100, ge=1)
     batch_size: int = Field(32, ge=1)
@@ -57,6 +60,9 @@ class FitParams(_Strict):
     weight_decay: float = Field(1e-4, ge=0)
     val_fraction: float = Field(0.2, gt=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Precision = Field(
+        "auto", description="auto: bfloat16 autocast where the GPU or CPU has native bfloat16, else float32"
+    )
     cache: bool = Field(True, description="compute teacher features once and reuse them every epoch")
     cache_ram_gb: float = Field(4.0, ge=0, description="RAM budget of that cache; above it, a memory-mapped file")
 

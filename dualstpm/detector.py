@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from dualstpm.compute import Compute
 from dualstpm.config import FusionParams, Params, load_params, save_params
 from dualstpm.errors import RunError
 from dualstpm.fusion import VIEWS, FusionSpec, MapStats, fuse, image_scores
@@ -36,15 +37,6 @@ WEIGHTS_FILE = "weights.safetensors"
 PARAMS_FILE = "params.yaml"
 CALIBRATION_FILE = "calibration.json"
 FUSION_FILE = "fusion.json"
-
-
-def resolve_device(choice: str) -> torch.device:
-    """`auto` picks the GPU when there is one; `cuda` without one is an error, not a fallback."""
-    if choice == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if choice == "cuda" and not torch.cuda.is_available():
-        raise RunError("fit.device=cuda but no CUDA device is visible; use fit.device=auto or cpu")
-    return torch.device(choice)
 
 
 @dataclass
@@ -124,14 +116,13 @@ class ScoredBatch:
 class Detector:
     """A trained dual STPM with its fusion and calibration: images in, scores and maps out."""
 
-    def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, device: torch.device,
+    def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, compute: Compute,
                  chosen: ChosenFusion | None = None) -> None:
-        # channels_last speeds up CNN inference on CPU and on tensor cores alike.
-        self.memory_format = torch.channels_last
-        self.model = model.to(device, memory_format=self.memory_format).eval()
+        self.compute = compute
+        self.device = compute.device
+        self.model = compute.module(model).eval()
         self.params = params
         self.calibration = calibration
-        self.device = device
         self.chosen = chosen
         self.trained_spec = FusionSpec.from_params(params.fusion)
         self.spec = chosen.spec if chosen else self.trained_spec  # the fused view's fusion
@@ -147,12 +138,12 @@ class Detector:
 
     def prepare(self, images: Tensor) -> Tensor:
         """Images on the model's device in its memory format."""
-        return images.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return self.compute.images(images)
 
     @torch.inference_mode()
     def six_maps(self, images: Tensor) -> Tensor:
-        """(B, 3, S, S) images in [0, 1] -> (B, 2, 3, S, S) raw maps (bfloat16 autocast on a GPU)."""
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+        """(B, 3, S, S) images in [0, 1] -> (B, 2, 3, S, S) raw float32 maps (networks in `compute`'s precision)."""
+        with self.compute.autocast():
             return self.model(self.prepare(images)).float()
 
     @torch.inference_mode()
@@ -177,7 +168,8 @@ class Detector:
         return model_dir
 
     @classmethod
-    def load(cls, run_dir: Path, device: torch.device | None = None) -> Detector:
+    def load(cls, run_dir: Path, compute: Compute | None = None) -> Detector:
+        """The detector of a trained run; `compute` defaults to what its params ask for on this machine."""
         model_dir, params, calibration = read_model_dir(run_dir)
         model = DualStpmModel.build(params.model, pretrained=False)
         try:
@@ -187,7 +179,8 @@ class Detector:
                 f"{model_dir / WEIGHTS_FILE} does not fit the network its params.yaml describes "
                 f"({str(exc).splitlines()[0]}): the file is damaged or from another dualstpm version; retrain it"
             ) from None
-        return cls(model, params, calibration, device or resolve_device(params.fit.device), read_chosen_fusion(model_dir))
+        compute = compute or Compute.resolve(params.fit.device, params.fit.precision)
+        return cls(model, params, calibration, compute, read_chosen_fusion(model_dir))
 
 
 def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:

@@ -11,9 +11,9 @@ import json
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from dualstpm import metrics
+from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
 from dualstpm.figures import PLOTS_DIR, write_test_figures
@@ -76,10 +76,10 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     return result
 
 
-def test_run(run_dir: Path, data_root: Path, category: str, device: torch.device | None = None) -> dict:
+def test_run(run_dir: Path, data_root: Path, category: str, compute: Compute | None = None) -> dict:
     """Load `run_dir/model`, evaluate it and write `run_dir/metrics.json`, `run_dir/plots/`
     and the six maps of the test and validation images into `run_dir/maps/`."""
-    detector = Detector.load(run_dir, device)
+    detector = Detector.load(run_dir, compute)
     result = evaluate_detector(detector, data_root, category, plots_dir=Path(run_dir) / PLOTS_DIR,
                                maps_dir=Path(run_dir) / MAPS_DIR)
     (Path(run_dir) / METRICS_FILE).write_text(json.dumps(result, indent=2))

@@ -2,8 +2,13 @@
 
 The teachers are frozen and training has no augmentation, so T1's pyramid, T1's deepest
 map and T2's pyramid of a training image never change: recomputing them each epoch is
-pure waste (two of the four forward passes). They are kept as float16, in RAM when they
-fit `fit.cache_ram_gb`, else in a memory-mapped file that is deleted after training.
+pure waste (two of the four forward passes). They are kept in RAM when they fit
+`fit.cache_ram_gb`, else in a memory-mapped file that is deleted after training.
+
+Storage is 16-bit in the networks' channels_last layout, (N, H, W, C) in memory, so a
+training batch is one gather and no transpose: bfloat16 when the teachers run in
+bfloat16 (their outputs then fit exactly), else float16 (half of float32, relative
+rounding 5e-4).
 """
 
 from __future__ import annotations
@@ -16,10 +21,21 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from dualstpm.compute import Compute
 from dualstpm.models.torch_model import DualStpmModel, TeacherFeatures
 from dualstpm.progress import progress_bar
 
-CACHE_DTYPE = torch.float16
+
+def cache_dtype(compute: Compute) -> torch.dtype:
+    """bfloat16 holds bfloat16 teacher outputs exactly; float16 rounds float32 ones least."""
+    return torch.bfloat16 if compute.dtype == torch.bfloat16 else torch.float16
+
+
+def _memmap(path: Path, shape: tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """A tensor backed by a .npy file (numpy has no bfloat16: stored as its 16 raw bits)."""
+    array = np.lib.format.open_memmap(path, mode="w+", dtype=np.float16 if dtype == torch.float16 else np.uint16,
+                                      shape=shape)
+    return torch.from_numpy(array).view(dtype)
 
 
 class TeacherFeatureCache:
@@ -40,36 +56,39 @@ class TeacherFeatureCache:
         model: DualStpmModel,
         images: Tensor,
         batch_size: int,
-        device: torch.device,
+        compute: Compute,
         ram_budget_bytes: float,
         spill_parent: Path,
     ) -> TeacherFeatureCache:
-        """Run the teachers over `images` once and store what they return."""
-        first = model.teacher_features(images[:1].to(device)).tensors()
-        shapes = [(len(images), *t.shape[1:]) for t in first]
-        total = sum(int(np.prod(s)) for s in shapes) * torch.finfo(CACHE_DTYPE).bits // 8
+        """Run the teachers over `images` once (in `compute`'s precision, as training would) and store what they return."""
+        first = cls._teachers(model, images[:1], compute)
+        dtype = cache_dtype(compute)
+        shapes = [(len(images), t.shape[2], t.shape[3], t.shape[1]) for t in first]  # (N, H, W, C)
+        total = sum(int(np.prod(s)) for s in shapes) * 2
         if total <= ram_budget_bytes:
-            storage = [torch.empty(s, dtype=CACHE_DTYPE) for s in shapes]
+            storage = [torch.empty(s, dtype=dtype) for s in shapes]
             location, spill_dir = "ram", None
         else:
             spill_dir = Path(tempfile.mkdtemp(prefix=".feature-cache-", dir=spill_parent))
-            storage = [
-                torch.from_numpy(np.lib.format.open_memmap(spill_dir / f"{i}.npy", mode="w+", dtype=np.float16, shape=s))
-                for i, s in enumerate(shapes)
-            ]
+            storage = [_memmap(spill_dir / f"{i}.npy", s, dtype) for i, s in enumerate(shapes)]
             location = "disk"
         with progress_bar() as progress:
             task = progress.add_task(f"caching teacher features ({total / 2**20:.0f} MiB, {location})", total=len(images))
             for start in range(0, len(images), batch_size):
-                features = model.teacher_features(images[start : start + batch_size].to(device)).tensors()
+                features = cls._teachers(model, images[start : start + batch_size], compute)
                 for store, feature in zip(storage, features, strict=True):
-                    store[start : start + len(feature)] = feature.to("cpu", CACHE_DTYPE)
+                    store[start : start + len(feature)] = feature.permute(0, 2, 3, 1).to("cpu", dtype)
                 progress.advance(task, len(features[0]))
         return cls(storage, location, spill_dir)
 
-    def batch(self, indices: Tensor, device: torch.device) -> TeacherFeatures:
-        """The cached features of `indices`, as float32 on `device`."""
-        return TeacherFeatures.from_tensors([t[indices].to(device, torch.float32) for t in self.storage])
+    @staticmethod
+    def _teachers(model: DualStpmModel, images: Tensor, compute: Compute) -> list[Tensor]:
+        with compute.autocast():
+            return model.teacher_features(compute.images(images)).tensors()
+
+    def batch(self, indices: Tensor, compute: Compute) -> TeacherFeatures:
+        """The cached features of `indices` on the device, (B, C, H, W) in channels_last."""
+        return TeacherFeatures.from_tensors([compute.features(t[indices].permute(0, 3, 1, 2)) for t in self.storage])
 
     def close(self) -> None:
         """Drop the arrays and delete a disk spill; the cache is unusable afterwards."""

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from dualstpm.config import Params
 from dualstpm.data import decode_images, load_category, split_train_val
-from dualstpm.detector import Calibration, resolve_device, save_detector, summarize
+from dualstpm.compute import Compute
+from dualstpm.detector import Calibration, save_detector, summarize
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
@@ -60,12 +61,18 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
 
 
 @torch.no_grad()
-def branch_scores(model: DualStpmModel, images: Tensor, spec: FusionSpec, batch_size: int, device: torch.device) -> dict[str, np.ndarray]:
-    """Image scores of each branch alone on raw maps: the model-selection signal."""
+def six_maps(model: DualStpmModel, images: Tensor, compute: Compute) -> Tensor:
+    """Eval-mode maps (B, 2, 3, H, W) of one batch, float32 on the CPU."""
     model.eval()
+    with compute.autocast():
+        return model(compute.images(images)).float().cpu()
+
+
+def branch_scores(model: DualStpmModel, images: Tensor, spec: FusionSpec, batch_size: int, compute: Compute) -> dict[str, np.ndarray]:
+    """Image scores of each branch alone on raw maps: the model-selection signal."""
     scores: dict[str, list[Tensor]] = {b: [] for b in BRANCHES}
     for start in range(0, len(images), batch_size):
-        maps = model(images[start : start + batch_size].to(device)).float()
+        maps = six_maps(model, images[start : start + batch_size], compute)
         for branch in BRANCHES:
             scores[branch].append(image_scores(fuse(maps, spec.view(branch))).cpu())
     return {b: torch.cat(s).numpy() for b, s in scores.items()}
@@ -98,13 +105,13 @@ def _check_resumable(checkpoint: dict, params: Params, path: Path) -> None:
 class Trainer:
     """Holds the state of one fit: model, optimisers, best checkpoints, history."""
 
-    def __init__(self, params: Params, run_dir: Path, device: torch.device) -> None:
+    def __init__(self, params: Params, run_dir: Path, compute: Compute) -> None:
         self.params = params
         self.run_dir = run_dir
-        self.device = device
+        self.compute = compute
         self.checkpoint_path = run_dir / CHECKPOINT_FILE
         seed_everything(params.seed)
-        self.model = DualStpmModel.build(params.model).to(device)
+        self.model = compute.module(DualStpmModel.build(params.model))
         fit = params.fit
         self.optimizers = {
             name: torch.optim.SGD(student.parameters(), lr=fit.lr, momentum=fit.momentum, weight_decay=fit.weight_decay)
@@ -142,10 +149,6 @@ class Trainer:
         self.epochs_done = int(checkpoint["epoch"])
 
     # --- one epoch -----------------------------------------------------------------
-    def autocast(self) -> torch.autocast:
-        """bfloat16 autocast on a GPU (the losses' cosine runs in float32 either way); off on CPU."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda")
-
     def train_epoch(self, images: Tensor, progress: Progress, cache: TeacherFeatureCache | None = None) -> dict[str, float]:
         epoch = self.epochs_done + 1
         fit = self.params.fit
@@ -156,9 +159,9 @@ class Trainer:
         totals = {b: 0.0 for b in BRANCHES}
         for index in range(n_batches):
             indices = order[index * fit.batch_size : (index + 1) * fit.batch_size]
-            batch = images[indices].to(self.device)
-            teachers = cache.batch(indices, self.device) if cache is not None else None
-            with self.autocast():
+            batch = self.compute.images(images[indices])
+            teachers = cache.batch(indices, self.compute) if cache is not None else None
+            with self.compute.autocast():
                 losses = dict(zip(BRANCHES, self.model.pyramids(batch, teachers).losses(), strict=True))
             for branch, loss in losses.items():
                 if not torch.isfinite(loss):
@@ -180,7 +183,7 @@ class Trainer:
 
     def select(self, val_images: Tensor) -> dict[str, float]:
         """Keep each branch's checkpoint with the lowest mean validation image score."""
-        scores = branch_scores(self.model, val_images, self.selection_spec, self.params.fit.batch_size, self.device)
+        scores = branch_scores(self.model, val_images, self.selection_spec, self.params.fit.batch_size, self.compute)
         means = {b: float(np.mean(s)) for b, s in scores.items()}
         for branch, student in self.model.students().items():
             if means[branch] < self.best[branch]["score"]:
@@ -193,13 +196,11 @@ class Trainer:
         return {b: int(self.best[b]["epoch"]) for b in BRANCHES}
 
 
-def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, device: torch.device,
+def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute: Compute,
               selected_epochs: dict[str, int], category: str) -> Calibration:
     """Per-map validation statistics, then per-view thresholds at the target false-alarm rate."""
-    model.eval()
     batch_size = params.fit.batch_size
-    with torch.no_grad():
-        maps = [model(val_images[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(val_images), batch_size)]
+    maps = [six_maps(model, val_images[i : i + batch_size], compute) for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
     for batch in maps:
         accumulator.update(batch)
@@ -243,26 +244,26 @@ def fit(
             f"{run_dir} already holds a training checkpoint: pass --resume to continue it, "
             "--overwrite to start again, or choose another --out"
         )
-    device = resolve_device(params.fit.device)
+    compute = Compute.resolve(params.fit.device, params.fit.precision)
     dataset = load_category(Path(data_root), category)
     train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
     train_images = decode_images(train_paths, params.image_size, f"decoding {len(train_paths)} train images")
     val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images")
 
-    trainer = Trainer(params, run_dir, device)
+    trainer = Trainer(params, run_dir, compute)
     run_dir.mkdir(parents=True, exist_ok=True)
     if resume:
         trainer.load_checkpoint()
         console.print(f"resuming {run_dir} after epoch {trainer.epochs_done}")
     console.print(
         f"fitting [bold]{category}[/]: {len(train_paths)} train / {len(val_paths)} validation images, "
-        f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, device {device}"
+        f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
     )
     columns = (MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     cache = None
     if params.fit.cache and trainer.epochs_done < params.fit.epochs:
         cache = TeacherFeatureCache.build(
-            trainer.model, train_images, params.fit.batch_size, device, params.fit.cache_ram_gb * 2**30, run_dir
+            trainer.model, train_images, params.fit.batch_size, compute, params.fit.cache_ram_gb * 2**30, run_dir
         )
     try:
         with progress_bar(*columns) as progress:
@@ -280,7 +281,7 @@ def fit(
             cache.close()
 
     selected = trainer.restore_best()
-    calibration = calibrate(trainer.model, params, val_images, device, selected, category)
+    calibration = calibrate(trainer.model, params, val_images, compute, selected, category)
     thresholds = calibration.thresholds
     model_dir = save_detector(run_dir, trainer.model, params, calibration)
     write_history(trainer.history, run_dir / HISTORY_FILE)

@@ -183,7 +183,7 @@ def test_the_applied_choice_is_what_the_detector_and_test_use(ablated, synthetic
     detector = Detector.load(other)
     assert detector.spec == config.spec and detector.threshold != calibration.thresholds["fused"]
     assert detector.view_spec("stpm") == FusionSpec().view("stpm")  # the branch views stay as trained
-    trained = Detector(detector.model, detector.params, detector.calibration, detector.device)  # no choice
+    trained = Detector(detector.model, detector.params, detector.calibration, detector.compute)  # no choice
     images = decode_images([Path(p) for p in val.paths[:2]], 64)
     assert not torch.equal(detector.score(images).scores["fused"], trained.score(images).scores["fused"])
 

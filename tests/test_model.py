@@ -5,7 +5,7 @@ import torch
 
 from dualstpm.config import ModelParams
 from dualstpm.errors import ConfigError
-from dualstpm.models.loss import distance_map, pyramid_loss
+from dualstpm.models.loss import distance_map, distance_map_chunked, pyramid_loss
 from dualstpm.models.recon import ReconstructionStudent
 from dualstpm.models.torch_model import DualStpmModel
 
@@ -21,6 +21,17 @@ def test_distance_is_half_squared_distance_of_normalised_features():
     expected = 0.5 * ((t / t.norm(dim=1, keepdim=True) - s / s.norm(dim=1, keepdim=True)) ** 2).sum(1)
     torch.testing.assert_close(distance_map(t, s), expected, rtol=1e-5, atol=1e-6)
     assert pyramid_loss([t, t], [s, s]).item() == pytest.approx(2 * expected.mean().item(), rel=1e-5)
+
+
+def test_distance_of_a_zero_student_is_one_not_nan():
+    t = torch.randn(1, 4, 2, 2)
+    torch.testing.assert_close(distance_map(t, torch.zeros_like(t)), torch.ones(1, 2, 2))
+
+
+@pytest.mark.parametrize("elements", [1, 40, 10**6])  # one image per chunk, a few, all at once
+def test_chunked_distance_equals_the_whole_batch(elements):
+    t, s = torch.randn(7, 5, 4, 2), torch.randn(7, 5, 4, 2)
+    torch.testing.assert_close(distance_map_chunked(t, s, elements), distance_map(t, s), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("t1, t2, channels", [
