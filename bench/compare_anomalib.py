@@ -653,7 +653,7 @@ def compare(args: argparse.Namespace) -> dict:
             "cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "precision": str(compute.dtype).removeprefix("torch."),
+            "precision": compute.precision,
             "torch": torch.__version__,
             "anomalib": anomalib.__version__,
         },

@@ -195,7 +195,7 @@ def benchmark(params: Params, data_root: Path, category: str, n_images: int, rep
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-            "precision": str(compute.dtype).removeprefix("torch."),
+            "precision": compute.precision,
         },
         "setup": {
             "category": category,

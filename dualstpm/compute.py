@@ -63,8 +63,13 @@ class Compute:
         return cls(where, resolve_precision(precision, where))
 
     @property
+    def precision(self) -> str:
+        """`float32` or `bfloat16`, as in params and result files."""
+        return str(self.dtype).removeprefix("torch.")
+
+    @property
     def label(self) -> str:
-        return f"{self.device.type}, {str(self.dtype).removeprefix('torch.')}"
+        return f"{self.device.type}, {self.precision}"
 
     def autocast(self) -> torch.autocast:
         """Mixed precision for the networks' forward passes (a no-op in float32)."""
