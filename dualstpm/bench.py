@@ -9,6 +9,9 @@ times on shared machines drift.
 - inference: the floor (T1, S1, T2, S2 forward only, nothing else, `inference_mode`),
   fused-model throughput at batch 16 and latency at batch 1 (decoded image to score and
   map), and their ratio to the floor.
+
+Everything runs as training and inference do (`dualstpm.compute`: the device,
+`fit.precision`, channels_last), the floor in the same precision as the fused model.
 """
 
 from __future__ import annotations
@@ -25,9 +28,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dualstpm.compute import Compute
 from dualstpm.config import Params
 from dualstpm.data import decode_images, load_category
-from dualstpm.compute import Compute
 from dualstpm.detector import Detector
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.models.loss import pyramid_loss

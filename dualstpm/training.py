@@ -21,9 +21,9 @@ import torch
 from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from torch import Tensor
 
+from dualstpm.compute import Compute
 from dualstpm.config import Params
 from dualstpm.data import decode_images, load_category, split_train_val
-from dualstpm.compute import Compute
 from dualstpm.detector import Calibration, save_detector, summarize
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
