@@ -38,6 +38,8 @@ SetOption = Annotated[
 
 
 CategoryOption = Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")]
+TrainedRunOption = Annotated[Path, typer.Option("--run", help="run directory written by `dualstpm fit`")]
+DataRootOption = Annotated[Path, typer.Option("--data-root", help="folder holding the category")]
 
 
 def trained_category(run: Path, category: str | None) -> str:
@@ -90,8 +92,8 @@ def fit(
 
 @app.command()
 def test(
-    run: Annotated[Path, typer.Option("--run", help="run directory written by `dualstpm fit`")],
-    data_root: Annotated[Path, typer.Option("--data-root", help="folder holding the category")],
+    run: TrainedRunOption,
+    data_root: DataRootOption,
     category: CategoryOption = None,
     params: ParamsOption = None,
     overrides: SetOption = None,
@@ -106,7 +108,7 @@ def test(
 
 @app.command()
 def predict(
-    run: Annotated[Path, typer.Option("--run", help="run directory written by `dualstpm fit`")],
+    run: TrainedRunOption,
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for overlays and predictions.csv")],
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="override the calibrated threshold")] = None,
@@ -277,7 +279,7 @@ def demo(
 
 @app.command()
 def bench(
-    data_root: Annotated[Path, typer.Option("--data-root", help="folder holding the category")],
+    data_root: DataRootOption,
     category: Annotated[str, typer.Option("--category", help="its train/good images are the benchmark images")],
     params: ParamsOption = None,
     overrides: SetOption = None,

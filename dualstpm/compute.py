@@ -80,10 +80,9 @@ class Compute:
         return images.to(self.device, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT)
 
     def features(self, feature: Tensor) -> Tensor:
-        """A stored (cached) feature map on the device in the networks' layout: as stored when
-        it is bfloat16 and the networks run in bfloat16 (what the teachers gave), else float32."""
-        dtype = feature.dtype if feature.dtype == self.dtype == torch.bfloat16 else torch.float32
-        return feature.to(self.device, dtype, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT)
+        """A stored (cached) feature map on the device, in the networks' precision and layout:
+        what the teachers would have returned."""
+        return feature.to(self.device, self.dtype, non_blocking=True).contiguous(memory_format=MEMORY_FORMAT)
 
     def module(self, module: nn.Module) -> nn.Module:
         """Move a network to the device, in the networks' layout (in place; returns it)."""

@@ -119,7 +119,6 @@ class Detector:
     def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, compute: Compute,
                  chosen: ChosenFusion | None = None) -> None:
         self.compute = compute
-        self.device = compute.device
         self.model = compute.module(model).eval()
         self.params = params
         self.calibration = calibration

@@ -64,7 +64,7 @@ class TeacherFeatureCache:
         first = cls._teachers(model, images[:1], compute)
         dtype = cache_dtype(compute)
         shapes = [(len(images), t.shape[2], t.shape[3], t.shape[1]) for t in first]  # (N, H, W, C)
-        total = sum(int(np.prod(s)) for s in shapes) * 2
+        total = sum(int(np.prod(s)) for s in shapes) * dtype.itemsize
         if total <= ram_budget_bytes:
             storage = [torch.empty(s, dtype=dtype) for s in shapes]
             location, spill_dir = "ram", None

@@ -6,15 +6,14 @@ Each takes validated `Params` and paths, does one thing, and returns plain data.
 from __future__ import annotations
 
 import contextlib
-import json
 from pathlib import Path
 
 import pandas as pd
 
 from dualstpm.ablation import ABLATION_DIR, AblationResult, ablate
-from dualstpm.config import Params, load_params
+from dualstpm.config import Params
 from dualstpm.data import load_category, make_synthetic_category, prepare_mvtec
-from dualstpm.detector import CALIBRATION_FILE, FUSION_FILE, MODEL_SUBDIR, PARAMS_FILE
+from dualstpm.detector import FUSION_FILE, MODEL_SUBDIR, Calibration, read_model_dir
 from dualstpm.errors import DataError, TrackingError
 from dualstpm.evaluation import test_run
 from dualstpm.tracking import (
@@ -123,16 +122,26 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
     run_dir = Path(run_dir)
     result = test_run(run_dir, data_root, category)
     metrics_table({category: result}).to_csv(run_dir / AUC_TABLE, index=False)
-    trained = load_params(run_dir / MODEL_SUBDIR / PARAMS_FILE).model_copy(update={"tracking": params.tracking})
-    run = open_category_run(params_for_data(trained, data_root), run_dir, category, data_root,
-                            reuse=True, source="dualstpm test")
+    run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
     if run.created:  # fitted without tracking, or into another store: log what the files tell
-        calibration = json.loads((run_dir / MODEL_SUBDIR / CALIBRATION_FILE).read_text())
         run.log_history(run_dir / HISTORY_FILE)
-        run.log_fit(calibration["selected_epochs"], calibration["thresholds"])
+        run.log_fit(calibration.selected_epochs, calibration.thresholds)
     run.log_test(result, data_hash(data_root, category), data_root)
     run.finish()
     return result
+
+
+def reopen_trained_run(params: Params, run_dir: Path, category: str, data_root: Path,
+                       source: str) -> tuple[CategoryRun, Calibration]:
+    """The MLflow run of a trained model (made now if it has none) and its calibration.
+
+    Logged with the model's own params, except the `tracking` section, which comes from
+    `params` (where to log now)."""
+    _, trained, calibration = read_model_dir(run_dir)
+    trained = trained.model_copy(update={"tracking": params.tracking})
+    run = open_category_run(params_for_data(trained, data_root), run_dir, category, data_root,
+                            reuse=True, source=source)
+    return run, calibration
 
 
 def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
@@ -150,9 +159,7 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
     result = ablate(run_dir, params.ablation)
     summary = result.summary
     data_root = Path(record.eval_data_root)
-    trained = load_params(run_dir / MODEL_SUBDIR / PARAMS_FILE).model_copy(update={"tracking": params.tracking})
-    run = open_category_run(params_for_data(trained, data_root), run_dir, summary["category"], data_root,
-                            reuse=True, source="dualstpm ablate")
+    run, _ = reopen_trained_run(params, run_dir, summary["category"], data_root, "dualstpm ablate")
     figures = {f"ablation.{key}.{metric}": value
                for key in ("stpm_alone", "fused_published", "fused_chosen", "oracle") if summary.get(key)
                for metric, value in summary[key].items() if metric in TABLE_METRICS and value is not None}
