@@ -1,0 +1,134 @@
+"""Writing results so that a crash never leaves half of them: one helper for every writer.
+
+Every file a run, a report or a prediction writes goes through here:
+
+- :func:`atomic_file` yields a temporary path *in the destination's folder*; when the
+  block ends without an exception the file is flushed to disk (``fsync``) and renamed
+  over the destination (``os.replace``, atomic on POSIX within one file system), then
+  the folder entry is synced too. On an exception the temporary file is removed and the
+  old destination, if any, is untouched.
+- :func:`write_text`, :func:`write_json`, :func:`write_bytes` and :func:`write_csv` are
+  that for the common cases.
+- :func:`staged_dir` does the same for a whole folder (a model directory, a report): it
+  is built in a hidden sibling and swapped in only when complete.
+
+Permissions follow the user's umask, as files written with ``open()`` do:
+``tempfile.mkstemp``/``mkdtemp`` would create them owner-only (0600/0700), which makes a
+model or report a team shares unreadable to the rest of the team.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["atomic_file", "staged_dir", "umask_mode", "write_bytes", "write_csv", "write_json", "write_text"]
+
+
+def umask_mode(base: int) -> int:
+    """`base` (0o666 for files, 0o777 for folders) with the process umask applied.
+
+    The umask can only be read by setting it, so it is set back at once; this is the
+    standard idiom (no thread can observe the temporary value change anything, since the
+    value written back is the one read).
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    return base & ~mask
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in `folder` durable (best effort: some file systems refuse O_RDONLY dirs)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path next to `path`; on success it replaces `path` atomically.
+
+    The caller writes the temporary file by any means (``to_csv``, ``savefig``, ``np.savez``
+    with the returned name, ...). The suffix is kept so that writers that choose a format
+    from the file name still do. Parent folders are created. Raises whatever the writer
+    raises, after removing the temporary file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, umask_mode(0o666))
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write `data` to `path` atomically; returns `path`."""
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: Path | str, text: str) -> Path:
+    """Write `text` (UTF-8) to `path` atomically; returns `path`."""
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: Path | str, data: Any, indent: int = 2) -> Path:
+    """Write `data` as JSON to `path` atomically; returns `path`. NaN is refused (not JSON)."""
+    return write_text(path, json.dumps(data, indent=indent, allow_nan=False) + "\n")
+
+
+def write_csv(path: Path | str, table: pd.DataFrame) -> Path:
+    """Write a DataFrame as CSV (no index) to `path` atomically; returns `path`."""
+    with atomic_file(path) as tmp:
+        table.to_csv(tmp, index=False)
+    return Path(path)
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path | str) -> Iterator[Path]:
+    """Yield an empty hidden sibling folder of `final`; on success it replaces `final`.
+
+    The old `final` (if any) is moved aside, the staging folder renamed into place, and
+    the old one deleted, so at every instant `final` is either the complete old folder or
+    the complete new one (a crash between the two renames leaves the old one beside it as
+    ``.<name>.old-*``, never a half-written `final`). On an exception the staging folder
+    is deleted and `final` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
+    try:
+        os.chmod(staging, umask_mode(0o777))
+        yield staging
+        if final.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+            os.replace(final, old / final.name)
+            os.replace(staging, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(staging, final)
+        _fsync_dir(final.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
