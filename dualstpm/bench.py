@@ -168,7 +168,8 @@ def inference_phase(params: Params, images: Tensor, compute: Compute, repeats: i
 def _child(phase: str, params_dict: dict, paths: list[str], repeats: int, queue: multiprocessing.Queue) -> None:
     params = Params.model_validate(params_dict)
     compute = Compute.resolve(params.fit.device, params.fit.precision)
-    images = decode_images([Path(p) for p in paths], params.image_size, "decoding benchmark images")
+    images = decode_images([Path(p) for p in paths], params.image_size, "decoding benchmark images",
+                           params.data.max_image_pixels)
     if phase == "train":
         queue.put(training_phase(params, images, compute))
     else:

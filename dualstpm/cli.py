@@ -112,16 +112,26 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for overlays and predictions.csv")],
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="override the calibrated threshold")] = None,
+    params: ParamsOption = None,
+    overrides: SetOption = None,
 ) -> None:
-    """Score images: label, heat-map overlay per image and one CSV."""
+    """Score images: label, heat-map overlay per image and one CSV (unreadable files: a row
+    with their error; the command then exits with status 2)."""
     from dualstpm.detector import Detector
+    from dualstpm.errors import DataError
     from dualstpm.predict import PREDICTIONS_FILE
     from dualstpm.predict import predict as predict_images
 
-    table = predict_images(Detector.load(run), paths, out_dir, threshold)
+    limit = resolve_params(params, overrides).data.max_image_pixels
+    table = predict_images(Detector.load(run), paths, out_dir, threshold, max_pixels=limit)
     counts = table["label"].value_counts().to_dict()
-    out.print(f"{len(table)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good "
+    failed = int((table["error"] != "").sum())
+    out.print(f"{len(table)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good"
+              f"{f', {failed} unreadable' if failed else ''} "
               f"(threshold {table['threshold'].iloc[0]:.5g}); {out_dir / PREDICTIONS_FILE}")
+    if failed:
+        raise DataError(f"{failed} of {len(table)} images could not be read and have no prediction: see the "
+                        f"`error` column of {out_dir / PREDICTIONS_FILE}; every other image was scored.")
 
 
 @app.command()

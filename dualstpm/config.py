@@ -23,6 +23,9 @@ MVTEC_URL = (
     "420938113-1629952094/mvtec_anomaly_detection.tar.xz"
 )
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+# 16384 x 16384: a full line-scan frame (16384 x 12288 fits). Decoded as float RGB such an
+# image takes 3 GiB, so the limit is a memory guard as much as a decompression-bomb guard.
+DEFAULT_MAX_IMAGE_PIXELS = 16384 * 16384
 
 
 class _Strict(BaseModel):
@@ -164,6 +167,10 @@ class DataParams(_Strict):
     root: str = Field("data/mvtec", description="data root in MVTec AD layout (relative to the project)")
     categories: list[str] = Field(default_factory=lambda: ["bottle"])
     mvtec: MvtecParams = MvtecParams()
+    max_image_pixels: int = Field(
+        DEFAULT_MAX_IMAGE_PIXELS, ge=1,
+        description="largest image (width x height) any reader decodes; guards against decompression bombs",
+    )
 
 
 class PrefectParams(_Strict):

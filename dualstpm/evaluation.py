@@ -25,17 +25,24 @@ IMAGE_ONLY_NOTE = "image-level only: the category has no ground_truth folder, so
 
 
 def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_size: int | None = None,
-                      plots_dir: Path | None = None, maps_dir: Path | None = None) -> dict:
+                      plots_dir: Path | None = None, maps_dir: Path | None = None,
+                      max_pixels: int | None = None) -> dict:
     """Score every test image and compute the metrics of each view (figures into `plots_dir`).
 
     The six raw maps are computed once, rounded to the float16 in which they are stored
     (into `maps_dir`, with the validation images' maps), and every view is fused from
     them: re-scoring the stored maps (the ablation) reproduces these metrics exactly.
+    Masks are resized so that no defect region vanishes (`resize_mask`); what they hold
+    (empty masks, merged regions) is reported under `ground_truth` and in `note`.
+    `max_pixels` limits the images read (None: the model's ``data.max_image_pixels``).
     """
     dataset = load_category(Path(data_root), category)
     size = detector.params.image_size
-    images = decode_images([s.path for s in dataset.test], size, f"decoding {len(dataset.test)} test images")
-    masks = decode_masks(dataset.test, size).numpy() if dataset.has_ground_truth else None
+    max_pixels = detector.params.data.max_image_pixels if max_pixels is None else max_pixels
+    images = decode_images([s.path for s in dataset.test], size, f"decoding {len(dataset.test)} test images",
+                           max_pixels)
+    masks, truth_report = decode_masks(dataset.test, size, max_pixels) if dataset.has_ground_truth else (None, None)
+    masks = masks.numpy() if masks is not None else None
     labels = np.array([s.label for s in dataset.test])
     defect_types = [s.defect_type for s in dataset.test]
 
@@ -57,8 +64,12 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         # which fusion the fused view used: the trained params, or the ablation's choice
         "fusion": detector.chosen.source.get("config", "chosen") if detector.chosen else "params.fusion",
     }
-    if masks is None:
+    if truth_report is None:
         result["note"] = IMAGE_ONLY_NOTE
+    else:
+        result["ground_truth"] = truth_report.to_dict()
+        if truth_report.note():
+            result["note"] = truth_report.note()
     for view in VIEWS:
         result[view] = metrics.evaluate(
             labels,
@@ -72,16 +83,18 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         names = [f"{s.defect_type}_{s.path.stem}" for s in dataset.test]
         write_test_figures(plots_dir, detector, images, labels, scores, names, maps, masks)
     if maps_dir is not None:
-        store_test_and_val_maps(maps_dir, detector, dataset, six, masks, batch_size)
+        store_test_and_val_maps(maps_dir, detector, dataset, six, masks, batch_size, max_pixels)
     return result
 
 
-def test_run(run_dir: Path, data_root: Path, category: str, compute: Compute | None = None) -> dict:
+def test_run(run_dir: Path, data_root: Path, category: str, compute: Compute | None = None,
+             max_pixels: int | None = None) -> dict:
     """Load `run_dir/model`, evaluate it and write `run_dir/metrics.json`, `run_dir/plots/`
-    and the six maps of the test and validation images into `run_dir/maps/`."""
+    and the six maps of the test and validation images into `run_dir/maps/` (`max_pixels`:
+    see `evaluate_detector`)."""
     detector = Detector.load(run_dir, compute)
     result = evaluate_detector(detector, data_root, category, plots_dir=Path(run_dir) / PLOTS_DIR,
-                               maps_dir=Path(run_dir) / MAPS_DIR)
+                               maps_dir=Path(run_dir) / MAPS_DIR, max_pixels=max_pixels)
     (Path(run_dir) / METRICS_FILE).write_text(json.dumps(result, indent=2))
     return result
 

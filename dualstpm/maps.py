@@ -138,9 +138,10 @@ class MapSet:
 
 
 def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Category, test_maps: np.ndarray,
-                            masks: np.ndarray | None, batch_size: int) -> tuple[Path, Path]:
+                            masks: np.ndarray | None, batch_size: int, max_pixels: int) -> tuple[Path, Path]:
     """Write `test.npz` from the maps the test already computed, and `val.npz` for the
-    validation images (the same seeded split as the fit, recomputed: it is deterministic)."""
+    validation images (the same seeded split as the fit, recomputed: it is deterministic;
+    images above `max_pixels` pixels are refused)."""
     params = detector.params
     meta = {
         "category": dataset.name,
@@ -156,7 +157,8 @@ def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Categor
         {**meta, "split": "test"},
     )
     _, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
-    val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images")
+    val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images",
+                               max_pixels)
     val = MapSet(
         compute_six_maps(detector, val_images, batch_size),
         np.zeros(len(val_paths), dtype=np.int8),

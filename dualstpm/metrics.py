@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from functools import cached_property
 
 import numpy as np
+import pandas as pd
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_curve
 
@@ -321,3 +322,21 @@ def evaluate(
         "threshold": float(threshold),
         "per_defect": per_defect_auroc(defect_types, scores),
     }
+
+
+def category_means(table: pd.DataFrame, metrics: Sequence[str]) -> pd.DataFrame:
+    """One ``mean`` row per model (in first-seen order) over a table of per-category rows.
+
+    `table` has columns ``category``, ``model`` and `metrics`. A metric's mean is null
+    unless every category of the table has it for that model (e.g. pixel metrics when one
+    category has no ground truth, or a model missing from a category's rows): a mean over
+    a subset would not compare with the other means or with a published mean over all
+    categories. The category rows show which ones lack it.
+    """
+    values = table[list(metrics)].astype(float)
+    groups = values.groupby(table["model"], sort=False)
+    means = groups.agg(lambda column: column.mean(skipna=False))
+    means[groups.size() < table["category"].nunique()] = np.nan  # a category without this model
+    means = means.reset_index()
+    means.insert(0, "category", "mean")
+    return means

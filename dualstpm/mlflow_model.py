@@ -8,7 +8,8 @@ bytes; base64 strings in a JSON request to `mlflow models serve`). Output: a Dat
 with, per image, `score` (fused), `label` (`defective` / `good` at the threshold),
 `threshold`, `stpm_score`, `recon_score`, and with `params={"return_map": True}` the
 fused anomaly map at the image's own size (`anomaly_map`, a list of rows).
-`params={"threshold": t}` overrides the stored threshold. Scoring goes through
+`params={"threshold": t}` overrides the stored threshold. Images above the model's
+`data.max_image_pixels` (the value it was trained with) are refused. Scoring goes through
 `dualstpm.predict.score_images`, the path of `dualstpm predict`, so the numbers agree.
 """
 
@@ -44,7 +45,8 @@ class DualStpmPyfunc(PythonModel):
         if INPUT_COLUMN not in model_input.columns:
             raise DataError(f"expected a column {INPUT_COLUMN!r} of encoded images, got columns {list(model_input.columns)}")
         originals = [
-            read_image_bytes(data if isinstance(data, bytes) else bytes(data), f"input row {i}")
+            read_image_bytes(data if isinstance(data, bytes) else bytes(data), f"input row {i}",
+                             self.detector.params.data.max_image_pixels)
             for i, data in enumerate(model_input[INPUT_COLUMN])
         ]
         results = score_images(self.detector, originals, params.get("threshold"))

@@ -1,4 +1,8 @@
-"""Scoring new images: a score, a good/defective label, a heat-map overlay, one CSV."""
+"""Scoring new images: a score, a good/defective label, a heat-map overlay, one CSV.
+
+One unreadable file never costs the others: it gets a row with its `error` (and no score
+or label), every other image is scored, and the caller decides how to fail afterwards.
+"""
 
 from __future__ import annotations
 
@@ -13,20 +17,22 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from dualstpm.data import IMAGE_SUFFIXES, read_image, resize_image
+from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image
 from dualstpm.detector import Detector
 from dualstpm.errors import DataError
+from dualstpm.files import write_csv
 
 PREDICTIONS_FILE = "predictions.csv"
 OVERLAY_ALPHA = 0.6
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
-    """Files as given, folders searched recursively for images, in a stable order."""
+    """Files as given, folders searched recursively for images (skipping hidden files and
+    hidden folders, as every reader does: `list_images`), in a stable order."""
     found: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            found.extend(sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()))
+            found.extend(list_images(path, recursive=True))
         elif path.is_file():
             found.append(path)
         else:
@@ -101,20 +107,49 @@ def score_images(detector: Detector, originals: Sequence[np.ndarray], threshold:
     return results
 
 
-def predict(detector: Detector, paths: Sequence[Path], out_dir: Path, threshold: float | None = None) -> pd.DataFrame:
-    """Score images, write an overlay per image and `predictions.csv`; return the table."""
+COLUMNS = ("path", *(f.name for f in fields(ImagePrediction) if f.name != "anomaly_map"), "overlay", "error")
+
+
+def _read_each(chunk: Sequence[Path], max_pixels: int) -> list[np.ndarray | DataError]:
+    """Decode each file on its own: its image, or the DataError that says why it cannot be read."""
+    decoded: list[np.ndarray | DataError] = []
+    for path in chunk:
+        try:
+            decoded.append(read_image(path, max_pixels))
+        except DataError as exc:
+            decoded.append(exc)
+    return decoded
+
+
+def predict(detector: Detector, paths: Sequence[Path], out_dir: Path, threshold: float | None = None,
+            max_pixels: int | None = None) -> pd.DataFrame:
+    """Score images, write an overlay per image and `predictions.csv` (atomically); return the table.
+
+    Columns: `COLUMNS`, one row per image in input order. A file that cannot be read (not
+    an image, truncated, above `max_pixels` pixels; None: the model's
+    ``data.max_image_pixels``) gets its message in `error` and empty score, label and
+    overlay; every other image is scored. Raises DataError only for paths that do not
+    exist or hold no image at all (before anything is scored).
+    """
     images = collect_images(paths)
+    max_pixels = detector.params.data.max_image_pixels if max_pixels is None else max_pixels
+    threshold = detector.threshold if threshold is None else float(threshold)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows, taken = [], set()
     batch_size = detector.params.fit.batch_size
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
-        originals = [read_image(p) for p in chunk]
-        for path, original, result in zip(chunk, originals, score_images(detector, originals, threshold), strict=True):
-            name = _unique_name(path.stem, taken)
-            overlay(original, result.anomaly_map, result.threshold).save(out_dir / name)
-            rows.append({"path": str(path), **result.row(), "overlay": name})
-    table = pd.DataFrame(rows)
-    table.to_csv(out_dir / PREDICTIONS_FILE, index=False)
+        decoded = _read_each(chunk, max_pixels)
+        readable = [image for image in decoded if not isinstance(image, DataError)]
+        results = iter(score_images(detector, readable, threshold))
+        for path, image in zip(chunk, decoded, strict=True):
+            if isinstance(image, DataError):
+                rows.append({"path": str(path), "threshold": threshold, "error": str(image)})
+                continue
+            result, name = next(results), _unique_name(path.stem, taken)
+            overlay(image, result.anomaly_map, result.threshold).save(out_dir / name)
+            rows.append({"path": str(path), **result.row(), "overlay": name, "error": ""})
+    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    write_csv(out_dir / PREDICTIONS_FILE, table)
     return table

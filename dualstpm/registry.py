@@ -36,7 +36,7 @@ import numpy as np
 import dualstpm
 from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE
 from dualstpm.config import Params
-from dualstpm.data import IMAGE_SUFFIXES, read_image, resize_image
+from dualstpm.data import list_images, read_image, resize_image
 from dualstpm.detector import MODEL_SUBDIR, read_chosen_fusion, read_model_dir
 from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.evaluation import METRICS_FILE
@@ -88,15 +88,15 @@ def _signature(threshold: float):
     )
 
 
-def _example_image(record: RunRecord, category: str, size: int) -> tuple[bytes, str]:
+def _example_image(record: RunRecord, category: str, size: int, max_pixels: int) -> tuple[bytes, str]:
     """A test image of the evaluation data at the model's input size, PNG-encoded: a real
     input example that stays small. Without the data, a gray image (and the tag says so)."""
     from PIL import Image
 
     root = Path(record.eval_data_root or "") / category / "test"
-    found = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES) if root.is_dir() else []
+    found = list_images(root, recursive=True)
     if found:
-        pixels, origin = resize_image(read_image(found[0]), size).permute(1, 2, 0).numpy(), str(found[0])
+        pixels, origin = resize_image(read_image(found[0], max_pixels), size).permute(1, 2, 0).numpy(), str(found[0])
     else:
         pixels, origin = np.full((size, size, 3), 0.5, dtype=np.float32), f"gray image ({root} not found)"
     buffer = io.BytesIO()
@@ -159,7 +159,7 @@ def register_run(run_dir: Path, params: Params, category: str):
         trained_by = client.get_run(record.run_id).data.tags
     params = params_for_data(params, record.eval_data_root)  # named after the data it was tested on
     name = model_name(params, category)
-    example, example_origin = _example_image(record, category, model_params.image_size)
+    example, example_origin = _example_image(record, category, model_params.image_size, params.data.max_image_pixels)
     tags = {
         **_version_tags(record, evidence, result["n_test_images"], params, category, run_dir),
         f"{TAG}git_commit": trained_by.get(f"{TAG}git_commit", "unknown"),

@@ -16,6 +16,7 @@ from dualstpm.data import load_category, make_synthetic_category, prepare_mvtec
 from dualstpm.detector import FUSION_FILE, MODEL_SUBDIR, Calibration, read_model_dir
 from dualstpm.errors import DataError, TrackingError
 from dualstpm.evaluation import test_run
+from dualstpm.metrics import category_means
 from dualstpm.tracking import (
     RUN_RECORD,
     TAG,
@@ -120,7 +121,7 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
     """
     connect(params)
     run_dir = Path(run_dir)
-    result = test_run(run_dir, data_root, category)
+    result = test_run(run_dir, data_root, category, max_pixels=params.data.max_image_pixels)
     metrics_table({category: result}).to_csv(run_dir / AUC_TABLE, index=False)
     run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
     if run.created:  # fitted without tracking, or into another store: log what the files tell
@@ -183,7 +184,8 @@ def fit_and_test(params: Params, data_root: Path, category: str, run_dir: Path) 
 
 
 def metrics_table(results: dict[str, dict]) -> pd.DataFrame:
-    """One row per (category, view) with the headline metrics, plus a mean row per view."""
+    """One row per (category, view) with the headline metrics, plus a mean row per view
+    (null where not every category has the metric: `metrics.category_means`)."""
     rows = [
         {"category": category, "model": view, **{m: result[view][m] for m in TABLE_METRICS}}
         for category, result in results.items()
@@ -191,7 +193,5 @@ def metrics_table(results: dict[str, dict]) -> pd.DataFrame:
     ]
     table = pd.DataFrame(rows)
     if len(results) > 1:
-        means = table.groupby("model", sort=False)[list(TABLE_METRICS)].mean().reset_index()
-        means.insert(0, "category", "mean")
-        table = pd.concat([table, means], ignore_index=True)
+        table = pd.concat([table, category_means(table, TABLE_METRICS)], ignore_index=True)
     return table

@@ -247,8 +247,9 @@ def fit(
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     dataset = load_category(Path(data_root), category)
     train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
-    train_images = decode_images(train_paths, params.image_size, f"decoding {len(train_paths)} train images")
-    val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images")
+    limit = params.data.max_image_pixels
+    train_images = decode_images(train_paths, params.image_size, f"decoding {len(train_paths)} train images", limit)
+    val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images", limit)
 
     trainer = Trainer(params, run_dir, compute)
     run_dir.mkdir(parents=True, exist_ok=True)

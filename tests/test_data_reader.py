@@ -107,12 +107,12 @@ def test_not_an_image_names_the_file(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("pixels", "expected"), [
     (np.array([[0, 255], [0, 255]], np.uint8), [[False, True], [False, True]]),
     (np.array([[0, 1], [1, 0]], np.uint8), [[False, True], [True, False]]),
-    (np.array([[3, 250], [128, 127]], np.uint8), [[False, True], [True, False]]),
+    (np.array([[3, 250], [128, 126]], np.uint8), [[False, True], [True, False]]),  # split at (3 + 250) / 2 = 126.5
     (np.array([[0, 65535], [40000, 30000]], np.uint16), [[False, True], [True, False]]),
     (np.array([[0, 1], [0, 0]], np.uint16), [[False, True], [False, False]]),
     (np.zeros((2, 2), np.uint8), [[False, False], [False, False]]),
 ], ids=["0-255", "0-1", "off-white", "16-bit", "16-bit-0-1", "empty"])
-def test_mask_threshold_is_half_the_value_range(tmp_path: Path, pixels: np.ndarray, expected: list) -> None:
+def test_mask_threshold_is_halfway_between_the_values_present(tmp_path: Path, pixels: np.ndarray, expected: list) -> None:
     mask = read_mask(_png(tmp_path / "m.png", pixels))
     assert mask.dtype == bool
     assert mask.tolist() == expected
@@ -226,8 +226,9 @@ def test_category_without_ground_truth_is_image_level(tmp_path: Path) -> None:
     category = load_category(tmp_path, "part")
     assert not category.has_ground_truth
     assert all(sample.mask_path is None for sample in category.test)
-    masks = decode_masks(category.test, 4)
+    masks, report = decode_masks(category.test, 4)
     assert masks.shape == (3, 4, 4) and masks.dtype == torch.bool and not masks.any()
+    assert (report.n_masks, report.regions, report.note()) == (0, 0, None)
 
 
 def test_validation_folder_is_used_when_present(tmp_path: Path) -> None:
@@ -263,8 +264,10 @@ def test_decode_images_and_masks(tmp_path: Path) -> None:
     assert images.shape == (3, 3, 4, 4) and images.dtype == torch.float32
     torch.testing.assert_close(images, torch.full_like(images, 90 / 255))
     assert decode_images([], 4).shape == (0, 3, 4, 4)
-    masks = decode_masks(category.test, 4)
+    masks, report = decode_masks(category.test, 4)
     assert masks[:2].all() and not masks[2].any()
+    # two all-white 8x6 masks: one region each, whole-image defects (single value 255 = all defect)
+    assert (report.n_masks, report.empty_masks, report.regions, report.regions_at_size) == (2, (), 2, 2)
 
 
 # --- the shared real datasets ---------------------------------------------------------

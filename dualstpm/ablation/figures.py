@@ -70,7 +70,8 @@ def panel_indices(test: MapSet, count: int) -> list[int]:
     return chosen[:count]
 
 
-def write_panel(test: MapSet, stats: MapStats, fused_specs: dict[str, FusionSpec], count: int, path: Path) -> Path | None:
+def write_panel(test: MapSet, stats: MapStats, fused_specs: dict[str, FusionSpec], count: int, path: Path,
+                max_pixels: int) -> Path | None:
     """Rows: test images. Columns: image, ground truth, the six maps, then each fused map.
 
     Each column has one colour scale over its rows (its minimum to its 99.5th
@@ -80,7 +81,8 @@ def write_panel(test: MapSet, stats: MapStats, fused_specs: dict[str, FusionSpec
     if not indices:
         return None
     try:
-        images = decode_images([Path(p) for p in test.paths[indices]], test.maps.shape[-1], "decoding panel images")
+        images = decode_images([Path(p) for p in test.paths[indices]], test.maps.shape[-1], "decoding panel images",
+                               max_pixels)
     except DataError as exc:
         raise DataError(f"{exc}\nThe six-map panel reads the test images again; restore them or pass "
                         "--set ablation.panel_images=0") from None

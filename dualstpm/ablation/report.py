@@ -15,6 +15,7 @@ import pandas as pd
 from dualstpm.ablation.run import ABLATION_DIR, SUMMARY_FILE
 from dualstpm.ablation.selection import METRICS
 from dualstpm.errors import RunError
+from dualstpm.metrics import category_means
 
 MODELS = {"stpm_alone": "stpm", "fused_published": "fused_published", "fused_chosen": "fused_chosen", "oracle": "oracle"}
 
@@ -28,7 +29,8 @@ def read_summary(run_dir: Path) -> dict:
 
 def ablation_report(run_dirs: Sequence[Path]) -> pd.DataFrame:
     """Rows (category, model, config, metrics...) for model in stpm, fused_published,
-    fused_chosen and oracle (best on test, not a valid estimate), then `mean` rows."""
+    fused_chosen and oracle (best on test, not a valid estimate), then `mean` rows
+    (null where not every category has the metric: `metrics.category_means`)."""
     if not run_dirs:
         raise RunError("no run directories given: pass the runs that `dualstpm ablate` has processed")
     rows = []
@@ -40,8 +42,7 @@ def ablation_report(run_dirs: Sequence[Path]) -> pd.DataFrame:
                 rows.append({"category": summary["category"], "model": model, "config": figures["config"],
                              **{m: figures[m] for m in METRICS}})
     table = pd.DataFrame(rows)
-    means = table.groupby("model", sort=False)[list(METRICS)].mean().reset_index()
-    means.insert(0, "category", "mean")
+    means = category_means(table, METRICS)
     means.insert(2, "config", "")
     return pd.concat([table, means], ignore_index=True)
 

@@ -142,7 +142,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     write_heatmap(table, out_dir / HEATMAP_FILE, category)
     if params.panel_images:
         fused = {"published": FusionSpec(sigma=sigma), f"chosen:\n{configs[chosen].name}": configs[chosen].spec}
-        write_panel(test, stats, fused, params.panel_images, out_dir / PANEL_FILE)
+        write_panel(test, stats, fused, params.panel_images, out_dir / PANEL_FILE, model_params.data.max_image_pixels)
     lap("figures_s")
 
     source = {"config": configs[chosen].name, "select_metric": params.select_metric,

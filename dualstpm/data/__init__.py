@@ -2,22 +2,24 @@
 data for tests and the demo, and the MVTec AD downloader."""
 
 from dualstpm.data.download import MVTEC_CATEGORIES, extract_categories, fetch, prepare_mvtec, sha256_of
-from dualstpm.data.images import IMAGE_SUFFIXES, image_size_of, read_image, read_mask
+from dualstpm.data.images import IMAGE_SUFFIXES, image_size_of, list_images, read_image, read_mask
 from dualstpm.data.mvtec import Category, Sample, load_category, split_train_val
 from dualstpm.data.synthetic import SYNTHETIC_KINDS, make_synthetic_category
-from dualstpm.data.tensors import decode_images, decode_masks, resize_image, resize_mask
+from dualstpm.data.tensors import GroundTruthReport, decode_images, decode_masks, resize_image, resize_mask
 
 __all__ = [
     "IMAGE_SUFFIXES",
     "MVTEC_CATEGORIES",
     "SYNTHETIC_KINDS",
     "Category",
+    "GroundTruthReport",
     "Sample",
     "decode_images",
     "decode_masks",
     "extract_categories",
     "fetch",
     "image_size_of",
+    "list_images",
     "load_category",
     "make_synthetic_category",
     "prepare_mvtec",

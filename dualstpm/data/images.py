@@ -4,17 +4,28 @@ Inspection datasets mix PNG and JPEG, grayscale and colour, 8- and 16-bit files.
 caller gets the same thing back (float RGB in [0, 1], or a bool mask), and every file
 that cannot be decoded becomes a :class:`DataError` naming that file, so that a damaged
 image stops a run with a message instead of a traceback.
+
+Image size is limited by ``data.max_image_pixels`` (passed explicitly as `max_pixels`), not
+by PIL's process-wide ``Image.MAX_IMAGE_PIXELS``: headers are read with PIL's guard lifted
+under a lock that restores it, the size is checked here, and only images beyond PIL's own
+limit are decoded with the guard lifted (:func:`_pil_guard_lifted`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import math
+import os
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 from PIL import Image
 
+from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.errors import DataError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -34,14 +45,39 @@ _FULL_SCALE = {
 }
 
 
+def is_hidden(name: str) -> bool:
+    """True for a hidden file or folder name (``.DS_Store``, ``.ipynb_checkpoints``, ``._x.png``)."""
+    return name.startswith(".")
+
+
 def is_image_file(path: Path) -> bool:
     """True for a visible file with an image suffix: hidden files (``.DS_Store``, editor
     droppings) and notes next to the images are not data."""
     return (
-        not path.name.startswith(".")
+        not is_hidden(path.name)
         and path.suffix.lower() in IMAGE_SUFFIXES
         and path.is_file()
     )
+
+
+def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
+    """The image files of `folder` sorted by path: the one listing rule of every reader.
+
+    Hidden files are skipped, and with `recursive` so is everything inside a hidden
+    sub-folder (``.ipynb_checkpoints/``, ``.git/``, ``.thumbnails/``); `folder` itself is
+    taken as given even when hidden. Symlinked sub-folders are not followed (no cycles).
+    Empty when `folder` is not a folder.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    if not recursive:
+        return sorted(p for p in folder.iterdir() if is_image_file(p))
+    found: list[Path] = []
+    for parent, dirs, files in os.walk(folder):
+        dirs[:] = [d for d in dirs if not is_hidden(d)]  # pruned: never descended into
+        found.extend(p for p in map(Path(parent).joinpath, files) if is_image_file(p))
+    return sorted(found)
 
 
 def _cannot_read(path: Path | str, reason: object) -> DataError:
@@ -52,14 +88,60 @@ def _cannot_read(path: Path | str, reason: object) -> DataError:
     )
 
 
-def _decode(path: Path | str, source: BinaryIO | None = None) -> Image.Image:
+_PIL_GUARD = threading.Lock()
+
+
+@contextlib.contextmanager
+def _pil_guard_lifted() -> Iterator[None]:
+    """Lift PIL's process-wide decompression-bomb guard, and put it back on exit.
+
+    ``Image.MAX_IMAGE_PIXELS`` is a module global: the lock keeps this module's readers
+    (threads of a Prefect flow, a serving process) from restoring each other's saved
+    value. It is held only while a header is parsed, and while an image already checked
+    against `max_pixels` but larger than PIL's own limit is decoded, so other code in
+    the process sees the guard lifted only for those moments.
+    """
+    with _PIL_GUARD:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _too_large(where: object, size: tuple[int, int], max_pixels: int) -> DataError:
+    width, height = size
+    suggestion = 1 << math.ceil(math.log2(width * height))  # next power of two: room for the next frame too
+    return DataError(
+        f"image {where} is {width} x {height} = {width * height} pixels, above the limit "
+        f"data.max_image_pixels = {max_pixels}. The file is not corrupt: the limit guards against "
+        f"decompression bombs and memory exhaustion. If images this large are expected, raise it: "
+        f"--set data.max_image_pixels={suggestion} (or in params.yaml)."
+    )
+
+
+def _decode(path: Path | str, source: BinaryIO | None = None,
+            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
     """Open and fully decode, so that a truncated file fails here and not later.
 
     `source` is the encoded image in memory (serving); `path` then only names it in errors.
+    Raises DataError for an undecodable file, and for one above `max_pixels` (width x
+    height) before any pixel is decoded.
     """
+    where = Path(path).absolute() if isinstance(path, Path) else path
     try:
-        with Image.open(path if source is None else source) as image:
-            image.load()
+        with _pil_guard_lifted():
+            image = Image.open(path if source is None else source)  # header only
+        with image:
+            width, height = image.size
+            if width * height > max_pixels:
+                raise _too_large(where, image.size, max_pixels)
+            pil_limit = Image.MAX_IMAGE_PIXELS
+            lift = _pil_guard_lifted() if pil_limit is not None and width * height > pil_limit \
+                else contextlib.nullcontext()
+            with lift:
+                image.load()
             return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _cannot_read(path, exc) from exc
@@ -82,23 +164,24 @@ def _pixels(image: Image.Image) -> tuple[np.ndarray, float]:
     return pixels, _FULL_SCALE[pixels.dtype]
 
 
-def read_image(path: Path) -> np.ndarray:
+def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode an image file to float32 HxWx3 in [0, 1].
 
     8-bit files are divided by 255 and 16-bit files by 65535, so that the same scene
     gives the same values whatever the bit depth. Gray images are repeated over three
     channels because the teachers are RGB networks. Float ("F") images must already be
-    in [0, 1]: there is no safe guess of their range.
+    in [0, 1]: there is no safe guess of their range. Raises DataError for an unreadable
+    file or one of more than `max_pixels` pixels (pass ``data.max_image_pixels``).
     """
-    return _float_rgb(_decode(Path(path)), Path(path).absolute())
+    return _float_rgb(_decode(Path(path), max_pixels=max_pixels), Path(path).absolute())
 
 
-def read_image_bytes(data: bytes, name: str = "image") -> np.ndarray:
+def read_image_bytes(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
     """Decode an encoded image held in memory (PNG, JPEG, ... bytes) exactly like `read_image`.
 
     For serving, where images arrive as request bodies; `name` identifies it in errors.
     """
-    return _float_rgb(_decode(name, io.BytesIO(data)), name)
+    return _float_rgb(_decode(name, io.BytesIO(data), max_pixels), name)
 
 
 def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
@@ -114,26 +197,56 @@ def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def read_mask(path: Path) -> np.ndarray:
-    """Decode a ground-truth mask to bool HxW (True = defect).
+def _foreground(planes: list[np.ndarray]) -> np.ndarray:
+    """Defect pixels of a mask given as intensity planes (colour, and alpha when present).
 
-    Masks come as 0/255, 0/1, slightly off-white (JPEG-ish 250), 16-bit or RGB, so the
-    threshold is half of the *value range*: when the mask's maximum is <= 1 it is a 0/1
-    mask and 1 means defect (threshold 0.5); otherwise the threshold is half the dtype's
-    full scale (127.5 for 8-bit, 32767.5 for 16-bit). A colour mask is defect where any
-    channel is above the threshold, so a red-on-black mask counts.
+    A plane whose values vary is split halfway between its lowest and highest value
+    present; a pixel is defect when it is above that in every varying plane. When no
+    plane varies, the mask is all defect if every plane is non-zero, else empty.
     """
-    pixels, full_scale = _pixels(_decode(Path(path)))
+    varying = [plane for plane in planes if plane.size and plane.min() != plane.max()]
+    if not varying:
+        shape = planes[0].shape
+        return np.full(shape, all(plane.size and plane.max() > 0 for plane in planes), dtype=bool)
+    mask = np.ones(varying[0].shape, dtype=bool)
+    for plane in varying:
+        low, high = float(plane.min()), float(plane.max())
+        mask &= plane > (low + high) / 2.0
+    return mask
+
+
+def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode a ground-truth mask to bool HxW (True = defect; bright and opaque = defect).
+
+    Foreground is decided from the values actually present, not from the file's bit
+    depth: the threshold is halfway between the lowest and the highest value in the mask.
+    That reads every convention alike (0/1, 0/255, 0/65535, 16-bit files holding 0/255,
+    1-bit), does not depend on how small the defect is (Otsu's threshold drifts into the
+    background's noise when one class is a few pixels), and ignores compression noise
+    smaller than half the contrast (JPEG masks). Colour masks (RGB, and palette masks
+    through their colours, not their indices) are defect where the brightest channel is
+    above the threshold, so red-on-black counts. With an alpha channel, transparent pixels
+    are background: where alpha varies a pixel must also be above alpha's halfway value
+    (a constant colour with a varying alpha, e.g. strokes on a transparent layer, is
+    decided by alpha alone). A mask holding a single value is empty when that value
+    (or its alpha) is 0, and all defect otherwise (a wholly defective part). Raises
+    DataError for an unreadable file or one above `max_pixels` pixels.
+    """
+    image = _decode(Path(path), max_pixels=max_pixels)
+    if image.mode in ("P", "PA", "RGBa", "La"):  # palette indices are not brightness; premultiplied alpha
+        image = image.convert("LA" if image.mode == "La" else "RGBA")
+    alpha = np.asarray(image.getchannel("A")) if "A" in image.getbands() else None
+    pixels, _ = _pixels(image)
     if pixels.ndim == 3:
         pixels = pixels.max(axis=2)
-    threshold = 0.5 if pixels.size and pixels.max() <= 1 else full_scale / 2.0
-    return np.asarray(pixels > threshold, dtype=bool)
+    return _foreground([pixels] if alpha is None else [pixels, alpha])
 
 
 def image_size_of(path: Path) -> tuple[int, int]:
-    """(width, height) read from the file header only, for cheap layout checks."""
+    """(width, height) read from the file header only, for cheap layout checks (any size:
+    nothing is decoded, so PIL's decompression-bomb guard does not apply)."""
     try:
-        with Image.open(path) as image:
+        with _pil_guard_lifted(), Image.open(path) as image:
             return image.size
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _cannot_read(Path(path), exc) from exc

@@ -18,7 +18,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from dualstpm.data.images import IMAGE_SUFFIXES, image_size_of, is_image_file
+from dualstpm.data.images import IMAGE_SUFFIXES, image_size_of, is_hidden, list_images
 from dualstpm.errors import ConfigError, DataError
 
 GOOD = "good"
@@ -54,16 +54,14 @@ class Category:
 
 def _images_in(folder: Path) -> tuple[Path, ...]:
     """Image files of a folder sorted by name, so results never depend on listing order."""
-    if not folder.is_dir():
-        return ()
-    return tuple(sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name))
+    return tuple(list_images(folder))
 
 
 def _subfolders(folder: Path) -> list[Path]:
     """Visible sub-folders, sorted; none when `folder` is missing."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    return sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
 
 
 def _category_root(data_root: Path, category: str) -> Path:

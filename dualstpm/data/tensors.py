@@ -8,13 +8,16 @@ Normalisation is not done here: it belongs to the teacher (its own mean and std)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from scipy import ndimage
 
+from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.data.images import read_image, read_mask
 from dualstpm.data.mvtec import Sample
 from dualstpm.progress import progress_bar
@@ -32,14 +35,17 @@ def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
 
 
 def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
-    """HxW bool -> SxS bool by nearest neighbour, so a mask stays binary.
+    """HxW bool -> SxS bool: a pixel is defect when any source pixel of its footprint is.
 
-    Uses torch's "nearest-exact" (pixel-centre aligned, like PIL and scikit-image);
-    plain "nearest" shifts masks by up to half a source pixel.
+    Area resampling (torch's "area", adaptive average pooling) followed by ``> 0`` is a
+    max-pool over each target pixel's footprint, so a defect region never disappears,
+    however thin or small (a 1-px scratch stays at least one pixel wide). The price is a
+    border of up to one target pixel around regions, and neighbouring regions that may
+    merge; nearest-neighbour resampling instead drops regions between sample points.
     """
-    tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.uint8))[None, None]
-    resized = F.interpolate(tensor.float(), size=(size, size), mode="nearest-exact")
-    return resized[0, 0] > 0.5
+    tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
+    resized = F.interpolate(tensor, size=(size, size), mode="area")
+    return resized[0, 0] > 0
 
 
 def _stack(items: Sequence[T], decode: Callable[[T], torch.Tensor], shape: tuple[int, ...],
@@ -54,20 +60,76 @@ def _stack(items: Sequence[T], decode: Callable[[T], torch.Tensor], shape: tuple
     return out
 
 
-def decode_images(paths: Sequence[Path], size: int, description: str = "decoding images") -> torch.Tensor:
-    """(N, 3, S, S) float32 in [0, 1] for a list of image files."""
-    return _stack(paths, lambda path: resize_image(read_image(path), size),
+def decode_images(paths: Sequence[Path], size: int, description: str = "decoding images",
+                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
+    """(N, 3, S, S) float32 in [0, 1] for a list of image files; DataError for a file
+    above `max_pixels` pixels (pass ``data.max_image_pixels``)."""
+    return _stack(paths, lambda path: resize_image(read_image(path, max_pixels), size),
                   (3, size, size), torch.float32, description)
 
 
-def _sample_mask(sample: Sample, size: int) -> torch.Tensor:
-    if sample.mask_path is None:
-        return torch.zeros((size, size), dtype=torch.bool)
-    return resize_mask(read_mask(sample.mask_path), size)
+_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # regions as AUPRO counts them (metrics.py)
 
 
-def decode_masks(samples: Sequence[Sample], size: int) -> torch.Tensor:
-    """(N, S, S) bool ground truth; a sample without a mask (good, or a category
-    without ground_truth) is all False."""
-    return _stack(samples, lambda sample: _sample_mask(sample, size),
-                  (size, size), torch.bool, "decoding masks")
+def _count_regions(mask: np.ndarray | torch.Tensor) -> int:
+    return int(ndimage.label(np.asarray(mask), structure=_EIGHT_CONNECTED)[1])
+
+
+@dataclass(frozen=True)
+class GroundTruthReport:
+    """What the ground truth of a test set holds, in the files and at the metric resolution.
+
+    `empty_masks`: paths of defective images' masks without a single defect pixel.
+    `regions`: 8-connected defect regions in the mask files; `regions_at_size`: at `size`
+    px, where none is lost (see `resize_mask`) but neighbours closer than the footprint
+    of a target pixel merge, so it can be smaller.
+    """
+
+    size: int
+    n_masks: int
+    empty_masks: tuple[str, ...]
+    regions: int
+    regions_at_size: int
+
+    def note(self) -> str | None:
+        """One sentence per thing a reader of the pixel metrics must know; None when all is plain."""
+        notes = []
+        if self.empty_masks:
+            shown = ", ".join(self.empty_masks[:3]) + (", ..." if len(self.empty_masks) > 3 else "")
+            notes.append(f"{len(self.empty_masks)} of {self.n_masks} defect masks are empty (no defect pixel): "
+                         f"{shown}; their images count as defective for image metrics but add no defect pixel")
+        if self.regions_at_size == 0 and self.n_masks:
+            notes.append("no test pixel is defect, so pixel AUROC and AUPRO are null")
+        if self.regions_at_size < self.regions:
+            notes.append(f"{self.regions - self.regions_at_size} of {self.regions} defect regions merged with a "
+                         f"neighbour when masks were resized to {self.size} px (none is lost: a pixel is defect "
+                         "when any pixel of its footprint is)")
+        return "; ".join(notes) or None
+
+    def to_dict(self) -> dict:
+        """JSON-ready: the counts, with the empty masks' paths."""
+        return {"size": self.size, "n_masks": self.n_masks, "empty_masks": list(self.empty_masks),
+                "regions": self.regions, "regions_at_size": self.regions_at_size}
+
+
+def decode_masks(samples: Sequence[Sample], size: int,
+                 max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, GroundTruthReport]:
+    """(N, S, S) bool ground truth, and what it holds; a sample without a mask (good, or a
+    category without ground_truth) is all False. Masks are resized by `resize_mask`."""
+    empty: list[str] = []
+    counts = [0, 0]  # regions in the files, regions at `size`
+
+    def decode(sample: Sample) -> torch.Tensor:
+        if sample.mask_path is None:
+            return torch.zeros((size, size), dtype=torch.bool)
+        mask = read_mask(sample.mask_path, max_pixels)
+        resized = resize_mask(mask, size)
+        counts[0] += _count_regions(mask)
+        counts[1] += _count_regions(resized)
+        if not mask.any():
+            empty.append(str(sample.mask_path))
+        return resized
+
+    masks = _stack(samples, decode, (size, size), torch.bool, "decoding masks")
+    n_masks = sum(sample.mask_path is not None for sample in samples)
+    return masks, GroundTruthReport(size, n_masks, tuple(empty), counts[0], counts[1])
