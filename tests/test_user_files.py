@@ -117,13 +117,14 @@ def test_predict_command_exits_2_after_scoring_the_rest(trained_run: Path, synth
 
 # --- very large images ----------------------------------------------------------------------
 
-def test_line_scan_frame_is_read_and_pil_guard_is_restored(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", ["png", "tif"])  # TIFF checks PIL's guard again while decoding
+def test_line_scan_frame_is_read_and_pil_guard_is_restored(tmp_path: Path, suffix: str) -> None:
     """16384 x 12288 = 201,326,592 px: over twice PIL's default limit (2 x 89,478,485), so
     PIL alone refuses it as a decompression bomb; the default data.max_image_pixels admits it."""
-    path = tmp_path / "line_scan_mask.png"
+    path = tmp_path / f"line_scan_mask.{suffix}"
     frame = Image.new("1", (16384, 12288))
     frame.paste(1, (100, 200, 110, 205))  # a 10 x 5 defect
-    frame.save(path)
+    frame.save(path, **({"compression": "tiff_deflate"} if suffix == "tif" else {}))
     del frame
     guard = Image.MAX_IMAGE_PIXELS
     assert image_size_of(path) == (16384, 12288)

@@ -134,14 +134,12 @@ def _decode(path: Path | str, source: BinaryIO | None = None,
         with _pil_guard_lifted():
             image = Image.open(path if source is None else source)  # header only
         with image:
-            width, height = image.size
-            if width * height > max_pixels:
+            pixels = image.size[0] * image.size[1]
+            if pixels > max_pixels:
                 raise _too_large(where, image.size, max_pixels)
-            pil_limit = Image.MAX_IMAGE_PIXELS
-            lift = _pil_guard_lifted() if pil_limit is not None and width * height > pil_limit \
-                else contextlib.nullcontext()
-            with lift:
-                image.load()
+            beyond_pil = Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS
+            with _pil_guard_lifted() if beyond_pil else contextlib.nullcontext():
+                image.load()  # some formats (TIFF, GIF) check PIL's guard again while decoding
             return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise _cannot_read(path, exc) from exc
