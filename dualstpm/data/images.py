@@ -92,8 +92,9 @@ _PIL_GUARD = threading.Lock()
 
 
 @contextlib.contextmanager
-def _pil_guard_lifted() -> Iterator[None]:
-    """Lift PIL's process-wide decompression-bomb guard, and put it back on exit.
+def _pil_guard_lifted() -> Iterator[int | None]:
+    """Lift PIL's process-wide decompression-bomb guard, and put it back on exit; yields
+    the limit that was in force (None: none).
 
     ``Image.MAX_IMAGE_PIXELS`` is a module global: the lock keeps this module's readers
     (threads of a Prefect flow, a serving process) from restoring each other's saved
@@ -105,7 +106,7 @@ def _pil_guard_lifted() -> Iterator[None]:
         saved = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            yield
+            yield saved
         finally:
             Image.MAX_IMAGE_PIXELS = saved
 
@@ -131,13 +132,13 @@ def _decode(path: Path | str, source: BinaryIO | None = None,
     """
     where = Path(path).absolute() if isinstance(path, Path) else path
     try:
-        with _pil_guard_lifted():
+        with _pil_guard_lifted() as pil_limit:  # read under the lock: never another reader's None
             image = Image.open(path if source is None else source)  # header only
         with image:
             pixels = image.size[0] * image.size[1]
             if pixels > max_pixels:
                 raise _too_large(where, image.size, max_pixels)
-            beyond_pil = Image.MAX_IMAGE_PIXELS is not None and pixels > Image.MAX_IMAGE_PIXELS
+            beyond_pil = pil_limit is not None and pixels > pil_limit
             with _pil_guard_lifted() if beyond_pil else contextlib.nullcontext():
                 image.load()  # some formats (TIFF, GIF) check PIL's guard again while decoding
             return image
