@@ -231,16 +231,13 @@ def ablate_report(
     metrics_file: Annotated[Optional[Path], typer.Option("--metrics", help="also a nested JSON for `dvc metrics`")] = None,
 ) -> None:
     """STPM alone vs fused (published) vs fused (validation-chosen) vs oracle, per category and mean."""
-    import json
-
     from dualstpm.ablation import ablation_report, report_metrics
+    from dualstpm.files import write_csv, write_json
 
     table = ablation_report(runs)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_file, index=False)
+    write_csv(out_file, table)
     if metrics_file is not None:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        metrics_file.write_text(json.dumps(report_metrics(table), indent=2))
+        write_json(metrics_file, report_metrics(table))
     print_auc_table(table, f"fusion-weight ablation ({out_file})")
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from dualstpm.data import IMAGE_SUFFIXES, read_image, resize_image
 from dualstpm.detector import Detector
 from dualstpm.errors import DataError
+from dualstpm.files import write_csv
 
 PREDICTIONS_FILE = "predictions.csv"
 OVERLAY_ALPHA = 0.6
@@ -116,5 +117,5 @@ def predict(detector: Detector, paths: Sequence[Path], out_dir: Path, threshold:
             overlay(original, result.anomaly_map, result.threshold).save(out_dir / name)
             rows.append({"path": str(path), **result.row(), "overlay": name})
     table = pd.DataFrame(rows)
-    table.to_csv(out_dir / PREDICTIONS_FILE, index=False)
+    write_csv(out_dir / PREDICTIONS_FILE, table)
     return table

@@ -16,6 +16,7 @@ from dualstpm.data import load_category, make_synthetic_category, prepare_mvtec
 from dualstpm.detector import FUSION_FILE, MODEL_SUBDIR, Calibration, read_model_dir
 from dualstpm.errors import DataError, TrackingError
 from dualstpm.evaluation import test_run
+from dualstpm.files import write_csv
 from dualstpm.tracking import (
     RUN_RECORD,
     TAG,
@@ -121,7 +122,7 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
     connect(params)
     run_dir = Path(run_dir)
     result = test_run(run_dir, data_root, category)
-    metrics_table({category: result}).to_csv(run_dir / AUC_TABLE, index=False)
+    write_csv(run_dir / AUC_TABLE, metrics_table({category: result}))
     run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
     if run.created:  # fitted without tracking, or into another store: log what the files tell
         run.log_history(run_dir / HISTORY_FILE)

@@ -35,6 +35,7 @@ import yaml
 
 from dualstpm.config import Params
 from dualstpm.errors import ConfigError, TrackingError
+from dualstpm.files import write_json
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -309,10 +310,7 @@ class RunRecord:
             raise TrackingError(f"{path} is damaged ({exc}); delete it and run `dualstpm test` again") from None
 
     def write(self, run_dir: Path) -> None:
-        path = Path(run_dir) / RUN_RECORD
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2))
-        os.replace(tmp, path)
+        write_json(Path(run_dir) / RUN_RECORD, self.__dict__)
 
 
 @dataclass
