@@ -16,7 +16,6 @@ Everything runs as training and inference do (`dualstpm.compute`: the device,
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import platform
 import resource
@@ -33,6 +32,7 @@ from dualstpm.config import Params
 from dualstpm.data import decode_images, load_category
 from dualstpm.detector import Detector
 from dualstpm.feature_cache import TeacherFeatureCache
+from dualstpm.files import write_json
 from dualstpm.models.loss import pyramid_loss
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.training import calibrate, seed_everything
@@ -218,5 +218,4 @@ def benchmark(params: Params, data_root: Path, category: str, n_images: int, rep
 
 
 def write_results(results: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=2))
+    write_json(path, results)

@@ -241,16 +241,13 @@ def ablate_report(
     metrics_file: Annotated[Optional[Path], typer.Option("--metrics", help="also a nested JSON for `dvc metrics`")] = None,
 ) -> None:
     """STPM alone vs fused (published) vs fused (validation-chosen) vs oracle, per category and mean."""
-    import json
-
     from dualstpm.ablation import ablation_report, report_metrics
+    from dualstpm.files import write_csv, write_json
 
     table = ablation_report(runs)
-    out_file.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out_file, index=False)
+    write_csv(out_file, table)
     if metrics_file is not None:
-        metrics_file.parent.mkdir(parents=True, exist_ok=True)
-        metrics_file.write_text(json.dumps(report_metrics(table), indent=2))
+        write_json(metrics_file, report_metrics(table))
     print_auc_table(table, f"fusion-weight ablation ({out_file})")
 
 
@@ -334,16 +331,15 @@ def promote(
     metric: Annotated[str, typer.Option("--metric", help="fused test metric that decides")] = "image_auroc",
     min_delta: Annotated[float, typer.Option("--min-delta", help="margin the challenger must beat the champion by")] = 0.0,
     version: Annotated[Optional[int], typer.Option("--version", help="judge this version instead of @challenger")] = None,
-    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="the data the model is for (default: data.root)")] = None,
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="the data the model was tested on (default: the category's only registered model)")] = None,
     params: ParamsOption = None,
     overrides: SetOption = None,
 ) -> None:
     """Move `champion` to the challenger only if it beats the champion on the same data (reason tagged either way)."""
     from dualstpm.registry import CHAMPION, promote as promote_category
-    from dualstpm.tracking import params_for_data
 
-    p = params_for_data(resolve_params(params, overrides), data_root)
-    decision = promote_category(category, p, metric, min_delta, version=version, decided_by="dualstpm promote")
+    decision = promote_category(category, resolve_params(params, overrides), metric, min_delta, version=version,
+                                decided_by="dualstpm promote", data_root=data_root)
     verdict = "[bold green]promoted[/]" if decision.promoted else "[bold yellow]not promoted[/]"
     out.print(f"{decision.model_name} version {decision.challenger_version}: {verdict}: {decision.reason}")
     out.print(f"@{CHAMPION}: version {decision.champion_version or 'none'}")

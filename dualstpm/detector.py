@@ -3,7 +3,7 @@
 A model directory holds three files, none of them pickled:
 `weights.safetensors` (all four networks), `params.yaml` (the resolved params) and
 `calibration.json` (validation statistics, thresholds, selected epochs). It is written
-to a temporary sibling and renamed into place, so a crash never leaves half a model.
+to a hidden sibling and swapped into place, so a crash never leaves half a model.
 A fourth, `fusion.json`, is written by `dualstpm ablate`: when its choice (made on
 validation data) is applied, the detector's fused view uses that fusion and its
 recalibrated threshold instead of `params.fusion`; the branch views stay as trained.
@@ -13,21 +13,19 @@ A new fit replaces the directory, so a stale choice never survives.
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
 from dualstpm.compute import Compute
 from dualstpm.config import FusionParams, Params, load_params, save_params
 from dualstpm.errors import RunError
+from dualstpm.files import staged_dir, write_bytes, write_json
 from dualstpm.fusion import VIEWS, FusionSpec, MapStats, fuse, image_scores
 from dualstpm.models.torch_model import DualStpmModel
 
@@ -97,12 +95,8 @@ def read_chosen_fusion(model_dir: Path) -> ChosenFusion | None:
 def write_chosen_fusion(run_dir: Path, chosen: ChosenFusion | None, source: dict | None = None) -> Path:
     """Write `RUN/model/fusion.json` atomically (temp file, then rename). `chosen` None
     records a choice that was not applied: the model keeps fusing with `params.fusion`."""
-    path = Path(run_dir) / MODEL_SUBDIR / FUSION_FILE
     data = chosen.to_json() if chosen is not None else {"applied": False, "source": source or {}}
-    tmp = path.with_name(f".{FUSION_FILE}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
-    return path
+    return write_json(Path(run_dir) / MODEL_SUBDIR / FUSION_FILE, data)
 
 
 @dataclass
@@ -202,27 +196,14 @@ def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:
 
 
 def save_detector(run_dir: Path, model: DualStpmModel, params: Params, calibration: Calibration) -> Path:
-    """Write the model directory atomically: temp sibling, then rename over any old one."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    final = run_dir / MODEL_SUBDIR
-    staging = Path(tempfile.mkdtemp(prefix=".model-", dir=run_dir))
-    try:
+    """Write the model directory atomically (`files.staged_dir`: built in a hidden sibling,
+    swapped in whole), readable per the umask like any file the user writes."""
+    final = Path(run_dir) / MODEL_SUBDIR
+    with staged_dir(final) as staging:
         state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(staging / WEIGHTS_FILE))
+        write_bytes(staging / WEIGHTS_FILE, save(state))  # safetensors' save_file would make it 0600
         save_params(params, staging / PARAMS_FILE)
         (staging / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json(), indent=2))
-        if final.exists():
-            old = run_dir / ".model-old"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(staging, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(staging, final)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return final
 
 

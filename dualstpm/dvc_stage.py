@@ -15,7 +15,6 @@ data a flow trains on is the versioned one.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -24,6 +23,7 @@ from pathlib import Path
 from dualstpm.config import Params, read_yaml, validate
 from dualstpm.data import load_category
 from dualstpm.errors import ConfigError, DataError
+from dualstpm.files import write_json
 from dualstpm.stages import prepare_data
 
 DOWNLOAD_STAGE = "download"
@@ -51,10 +51,7 @@ def write_manifest(params: Params, out: Path) -> Path:
             "defect_types": list(category.defect_types),
             "has_ground_truth": category.has_ground_truth,
         }
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / MANIFEST_FILE
-    path.write_text(json.dumps({"data_root": str(root.resolve()), "categories": categories}, indent=2))
-    return path
+    return write_json(out / MANIFEST_FILE, {"data_root": str(root.resolve()), "categories": categories})
 
 
 def run_download_stage(params: Params, out: Path) -> Path:

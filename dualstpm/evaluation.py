@@ -7,7 +7,6 @@ calibrated on validation images.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from dualstpm import metrics
 from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
+from dualstpm.files import write_json
 from dualstpm.figures import PLOTS_DIR, write_test_figures
 from dualstpm.fusion import VIEWS
 from dualstpm.maps import MAPS_DIR, compute_six_maps, fused_and_scores, store_test_and_val_maps
@@ -95,7 +95,7 @@ def test_run(run_dir: Path, data_root: Path, category: str, compute: Compute | N
     detector = Detector.load(run_dir, compute)
     result = evaluate_detector(detector, data_root, category, plots_dir=Path(run_dir) / PLOTS_DIR,
                                maps_dir=Path(run_dir) / MAPS_DIR, max_pixels=max_pixels)
-    (Path(run_dir) / METRICS_FILE).write_text(json.dumps(result, indent=2))
+    write_json(Path(run_dir) / METRICS_FILE, result)
     return result
 
 

@@ -15,7 +15,6 @@ Matplotlib's object API is used (no pyplot), so nothing depends on a display or 
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from matplotlib.figure import Figure
 
 from dualstpm import metrics
 from dualstpm.detector import Detector
+from dualstpm.files import staged_dir
 from dualstpm.fusion import VIEWS
 from dualstpm.predict import overlay
 
@@ -130,13 +130,13 @@ def write_overlays(plots_dir: Path, detector: Detector, images: torch.Tensor, la
 def write_test_figures(plots_dir: Path, detector: Detector, images: torch.Tensor, labels: np.ndarray,
                        scores: dict[str, np.ndarray], names: Sequence[str],
                        maps: dict[str, np.ndarray] | None = None, masks: np.ndarray | None = None) -> Path:
-    """All figures of one test run into a fresh `plots_dir` (old files would mislead)."""
+    """All figures of one test run into a fresh `plots_dir` (old files would mislead), built
+    in a staging folder and swapped in whole (`files.staged_dir`)."""
     plots_dir = Path(plots_dir)
-    shutil.rmtree(plots_dir, ignore_errors=True)
-    plots_dir.mkdir(parents=True)
-    write_roc(plots_dir, labels, scores)
-    if maps is not None and masks is not None:
-        write_pro(plots_dir, masks, maps)
-    write_overlays(plots_dir, detector, images, np.asarray(labels, dtype=bool), scores["fused"], names, masks)
+    with staged_dir(plots_dir) as staging:
+        write_roc(staging, labels, scores)
+        if maps is not None and masks is not None:
+            write_pro(staging, masks, maps)
+        write_overlays(staging, detector, images, np.asarray(labels, dtype=bool), scores["fused"], names, masks)
     return plots_dir
 

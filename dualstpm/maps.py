@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import Tensor
 from dualstpm.data import Category, decode_images, split_train_val
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError
+from dualstpm.files import atomic_file
 from dualstpm.fusion import FusionSpec, MapStats, fuse, image_scores
 
 MAPS_DIR = "maps"
@@ -108,12 +108,8 @@ class MapSet:
         }
         if self.masks is not None:
             arrays["masks"] = np.packbits(self.masks.reshape(-1))
-        tmp = path.with_name(f".{path.stem}.tmp.npz")
-        try:
+        with atomic_file(path) as tmp:
             np.savez(tmp, **arrays)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     @classmethod

@@ -40,7 +40,8 @@ from dualstpm.data import list_images, read_image, resize_image
 from dualstpm.detector import MODEL_SUBDIR, read_chosen_fusion, read_model_dir
 from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.evaluation import METRICS_FILE
-from dualstpm.tracking import TAG, RunRecord, connect, dataset_name, params_for_data, tracking_errors
+from dualstpm.lineage import MODEL_HASH_TAG, check_model_of_run
+from dualstpm.tracking import TAG, CategoryRun, RunRecord, connect, dataset_name, tracking_errors
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -48,14 +49,38 @@ PROMOTION_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 LOCK_SUFFIX = ".promotion-lock"
 LOCK_WAIT_S = 120.0
 LOCK_STALE_S = 600.0  # a lock older than this was left by a crashed promotion
+REGISTRATION_TAG = "dualstpm.registration"  # `incomplete` from a version's creation until its alias is set
+INCOMPLETE, COMPLETE = "incomplete", "complete"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 # What the logged model needs at inference, pinned to this environment (no 23 s inference).
 RUNTIME_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pillow", "pandas",
                     "pyyaml", "pydantic", "scipy", "scikit-learn", "matplotlib", "rich")
 
 
-def model_name(params: Params, category: str) -> str:
-    return f"dualstpm-{dataset_name(params)}-{category}"
+def model_name(data_root: Path | str, category: str) -> str:
+    """`dualstpm-<dataset>-<category>`: the registered model of `category` in `data_root`
+    (the dataset is the data root folder's own name, `tracking.dataset_name`)."""
+    return f"dualstpm-{dataset_name(data_root)}-{category}"
+
+
+def registered_name(client, category: str, data_root: Path | str | None = None) -> str:
+    """The registered model of `category`: of the data in `data_root` when given, else the
+    one `register` made for `category` (registered models carry `dualstpm.category`).
+
+    Raises RunError when there is none, or when several datasets have one (naming them:
+    `--data-root` chooses)."""
+    if data_root is not None:
+        return model_name(data_root, category)
+    with tracking_errors(client.tracking_uri, f"looking up the registered models of {category}"):
+        found = client.search_registered_models(filter_string=f"tags.`{TAG}category` = '{category}'")
+    if len(found) == 1:
+        return found[0].name
+    if not found:
+        raise RunError(f"no registered model of category {category!r} in {client.tracking_uri}: register one with "
+                       f"`dualstpm register --run RUN`, or name its data with --data-root DIR")
+    roots = ", ".join(f"{m.name} ({m.tags.get(f'{TAG}data_root', '?')})" for m in found)
+    raise RunError(f"category {category!r} has registered models for several datasets: {roots}; "
+                   "choose one with --data-root DIR (the data it was tested on)")
 
 
 def _pinned_requirements() -> list[str]:
@@ -111,11 +136,10 @@ def _package_copy(into: Path) -> str:
     return str(target)
 
 
-def _version_tags(record: RunRecord, fused: dict, n_images: int, params: Params, category: str,
-                  run_dir: Path) -> dict[str, str]:
+def _version_tags(record: RunRecord, fused: dict, n_images: int, category: str, run_dir: Path) -> dict[str, str]:
     tags = {
         f"{TAG}category": category,
-        f"{TAG}dataset": dataset_name(params),
+        f"{TAG}dataset": dataset_name(record.eval_data_root),
         f"{TAG}data_hash": record.eval_data_hash or "",
         f"{TAG}run_dir": str(Path(run_dir).resolve()),
         f"{TAG}n_test_images": str(n_images),
@@ -130,7 +154,11 @@ def register_run(run_dir: Path, params: Params, category: str):
     it as a new version of `dualstpm-<dataset>-<category>` and point `challenger` at it.
 
     Needs `dualstpm fit` and `dualstpm test` done (tracked: `RUN/mlflow_run.json` names the
-    run and the evaluation data's hash). Returns the MLflow `ModelVersion`.
+    run and the evaluation data's hash) and the run to be the one that trained the model
+    files (`lineage.check_model_of_run`). The version carries `dualstpm.registration =
+    incomplete` from its creation until its alias is set: an interrupted registration
+    leaves it visibly marked, and the next registration of the same run deletes it.
+    Returns the MLflow `ModelVersion`.
     """
     import mlflow
 
@@ -155,16 +183,18 @@ def register_run(run_dir: Path, params: Params, category: str):
             "(it logs the metrics and the evaluation data's hash that promotion compares)"
         )
     uri = client.tracking_uri
+    check_model_of_run(CategoryRun(client, record, run_dir, created=False), category)
     with tracking_errors(uri, f"reading run {record.run_id}"):
         trained_by = client.get_run(record.run_id).data.tags
-    params = params_for_data(params, record.eval_data_root)  # named after the data it was tested on
-    name = model_name(params, category)
+    name = model_name(record.eval_data_root, category)  # named after the data it was tested on
     example, example_origin = _example_image(record, category, model_params.image_size, params.data.max_image_pixels)
     tags = {
-        **_version_tags(record, evidence, result["n_test_images"], params, category, run_dir),
+        **_version_tags(record, evidence, result["n_test_images"], category, run_dir),
         f"{TAG}git_commit": trained_by.get(f"{TAG}git_commit", "unknown"),
         f"{TAG}metrics_source": evidence_source,
         f"{TAG}input_example": example_origin,
+        MODEL_HASH_TAG: trained_by[MODEL_HASH_TAG],
+        REGISTRATION_TAG: INCOMPLETE,
     }
     with tempfile.TemporaryDirectory(prefix="dualstpm-code-") as code_dir:
         with tracking_errors(uri, f"logging the model of {run_dir}"), mlflow.start_run(run_id=record.run_id):
@@ -180,13 +210,18 @@ def register_run(run_dir: Path, params: Params, category: str):
                 pip_requirements=_pinned_requirements(),
             )
     with tracking_errors(uri, f"registering {name}"):
-        version = mlflow.register_model(info.model_uri, name, tags=tags)
+        _drop_incomplete(client, name, record.run_id)
+        version = mlflow.register_model(info.model_uri, name, tags=tags)  # created with its tags, marked incomplete
     try:
         with tracking_errors(uri, f"describing {name} version {version.version}"):
+            for key, value in {f"{TAG}category": category, f"{TAG}dataset": tags[f"{TAG}dataset"],
+                               f"{TAG}data_root": record.eval_data_root}.items():
+                client.set_registered_model_tag(name, key, value)  # how `registered_name` finds it
             client.update_model_version(name, version.version,
                                         description=_describe(evidence, result["n_test_images"], record, category))
         with tracking_errors(uri, f"setting alias {CHALLENGER} of {name}"):
             client.set_registered_model_alias(name, CHALLENGER, version.version)
+            client.set_model_version_tag(name, version.version, REGISTRATION_TAG, COMPLETE)  # last
     except TrackingError:
         _drop_version(client, name, version.version)
         raise
@@ -218,6 +253,18 @@ def _fused_evidence(run_dir: Path, result: dict, threshold: float, chosen) -> tu
         f"(threshold {result['fused'].get('threshold')} vs {threshold}): run "
         f"`dualstpm test --run {run_dir} --data-root DIR` again before registering"
     )
+
+
+def _drop_incomplete(client, name: str, run_id: str) -> None:
+    """Delete the versions of `name` an interrupted registration left marked incomplete: those
+    of the same MLflow run (an earlier attempt of this registration) and any older than
+    LOCK_STALE_S (nothing registers for that long). Other versions are never touched."""
+    now_ms = time.time() * 1000
+    for version in client.search_model_versions(f"name = '{name}'"):
+        if version.tags.get(REGISTRATION_TAG) != INCOMPLETE:
+            continue
+        if version.run_id == run_id or now_ms - version.creation_timestamp > LOCK_STALE_S * 1000:
+            client.delete_model_version(name, str(version.version))
 
 
 def _drop_version(client, name: str, version: str) -> None:
@@ -285,31 +332,74 @@ def _alias(client, name: str, alias: str):
         raise
 
 
+def _try_create(client, model: str, holder: str, token: str, description: str) -> bool:
+    """Create the registered model `model` (atomic in every MLflow store): True if we did,
+    False if it exists already."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(model, tags={"holder": holder, "token": token}, description=description)
+        return True
+    except MlflowException as exc:
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+        return False
+
+
+def _get(client, model: str):
+    """The registered model `model`, or None when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_registered_model(model)
+    except MlflowException as exc:
+        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+            return None
+        raise
+
+
+def _takeover(lock: str, token: str) -> str:
+    return f"{lock}.takeover-{token}"
+
+
+def _current_holder(client, lock: str):
+    """The registered model that holds `lock` now: the lock itself, or the last takeover of
+    it (each takeover is named after the token of the holder it replaced); None when free."""
+    held = _get(client, lock)
+    while held is not None:
+        token = held.tags.get("token") or f"created-{held.creation_timestamp}"
+        taken = _get(client, _takeover(lock, token))
+        if taken is None:
+            return held
+        held = taken
+    return None
+
+
 @contextmanager
 def promotion_lock(client, name: str, holder: str) -> Iterator[None]:
     """Mutual exclusion across processes and machines: a registered model `<name>.promotion-lock`
-    exists while a promotion of `name` runs (creation fails for everyone else)."""
-    from mlflow.exceptions import MlflowException
+    exists while a promotion of `name` runs (creation fails for everyone else).
+
+    A holder older than LOCK_STALE_S crashed. Taking its lock over is a compare-and-set in
+    the store: creating `<lock>.takeover-<its token>`, which only one contender can do; the
+    winner holds the lock (the lock model stays) until it deletes the lock. Takeover models
+    are never deleted (their names are unique), so a late contender cannot win one twice.
+    """
+    import uuid
 
     lock = name + LOCK_SUFFIX
+    token = uuid.uuid4().hex
+    note = f"held while {holder} promotes {name}; delete {lock} only if no promotion is running"
     deadline = time.monotonic() + LOCK_WAIT_S
-    while True:
-        try:
-            client.create_registered_model(
-                lock, tags={"holder": holder},
-                description=f"held while {holder} promotes {name}; delete it only if no promotion is running",
-            )
-            break
-        except MlflowException as exc:
-            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                raise
-        try:
-            held = client.get_registered_model(lock)
-        except MlflowException:
+    while not _try_create(client, lock, holder, token, note):
+        held = _current_holder(client, lock)
+        if held is None:
             continue  # released meanwhile: try again at once
         if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
-            client.delete_registered_model(lock)
-            continue
+            stale = held.tags.get("token") or f"created-{held.creation_timestamp}"
+            if _try_create(client, _takeover(lock, stale), holder, token, note):
+                break
+            continue  # another contender won this takeover: look again
         if time.monotonic() > deadline:
             raise TrackingError(
                 f"another promotion of {name} holds the lock {lock} ({held.tags.get('holder', '?')}); "
@@ -319,10 +409,18 @@ def promotion_lock(client, name: str, holder: str) -> Iterator[None]:
     try:
         yield
     finally:
-        try:
+        _release(client, lock, token)
+
+
+def _release(client, lock: str, token: str) -> None:
+    """Delete `lock` unless our hold was taken over meanwhile (then the taker deletes it)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if _get(client, _takeover(lock, token)) is None:
             client.delete_registered_model(lock)
-        except MlflowException:
-            pass  # becomes stale and is taken over after LOCK_STALE_S
+    except MlflowException:
+        pass  # becomes stale and is taken over after LOCK_STALE_S
 
 
 def _decide(challenger, champion, metric: str, min_delta: float, floor: float) -> tuple[bool, str]:
@@ -351,16 +449,22 @@ def _decide(challenger, champion, metric: str, min_delta: float, floor: float) -
 
 
 def promote(category: str, params: Params, metric: str = "image_auroc", min_delta: float = 0.0,
-            *, version: str | int | None = None, decided_by: str = "dualstpm.registry.promote") -> PromotionDecision:
+            *, version: str | int | None = None, decided_by: str = "dualstpm.registry.promote",
+            data_root: Path | str | None = None) -> PromotionDecision:
     """Move `champion` to the challenger (or `version`) only if it beats the champion on the
     same evaluation data by more than `min_delta` on the fused `metric`; the first champion
-    must reach `tracking.promotion_floor`. The decision is tagged on the challenger either way."""
+    must reach `tracking.promotion_floor`. The decision is tagged on the challenger either way.
+
+    The registered model is that of `category` in `data_root`, or without it the one
+    `register` made for `category` (`registered_name`). A version whose registration did
+    not complete is refused (RunError). The alias moves before the decision is tagged, so
+    a crash in between never leaves a version tagged promoted that is not champion."""
     if metric not in PROMOTION_METRICS:
         raise ConfigError(f"--metric {metric!r} is not a promotion metric; choose one of {', '.join(PROMOTION_METRICS)}")
     if min_delta < 0:
         raise ConfigError(f"--min-delta {min_delta} must be >= 0")
     client = connect(params)
-    name = model_name(params, category)
+    name = registered_name(client, category, data_root)
     who = f"{decided_by} ({getpass.getuser()}@{socket.gethostname()})"
     with tracking_errors(client.tracking_uri, f"promoting {name}"), promotion_lock(client, name, who):
         if version is None:
@@ -369,6 +473,12 @@ def promote(category: str, params: Params, metric: str = "image_auroc", min_delt
                 raise RunError(f"{name} has no '{CHALLENGER}' version: register one with `dualstpm register --run RUN --category {category}`")
         else:
             challenger = client.get_model_version(name, str(version))
+        if challenger.tags.get(REGISTRATION_TAG) == INCOMPLETE:
+            raise RunError(
+                f"{name} version {challenger.version} is marked {REGISTRATION_TAG}={INCOMPLETE}: its registration "
+                f"was interrupted. Register the run again (`dualstpm register --run "
+                f"{challenger.tags.get(f'{TAG}run_dir', 'RUN')}`), which deletes it, then promote"
+            )
         champion = _alias(client, name, CHAMPION)
         promoted, reason = _decide(challenger, champion, metric, min_delta, params.tracking.promotion_floor)
         previous = None if champion is None else str(champion.version)
@@ -386,9 +496,9 @@ def promote(category: str, params: Params, metric: str = "image_auroc", min_delt
             decided_by=who,
             decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         )
-        _record(client, challenger, decision)
-        if promoted:
+        if promoted:  # the alias first: it is what serving reads, and a crash after it loses only tags
             client.set_registered_model_alias(name, CHAMPION, challenger.version)
-            if previous is not None:
-                client.set_model_version_tag(name, previous, "promotion.replaced_by", str(challenger.version))
+        _record(client, challenger, decision)
+        if promoted and previous is not None:
+            client.set_model_version_tag(name, previous, "promotion.replaced_by", str(challenger.version))
     return decision

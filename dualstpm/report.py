@@ -31,6 +31,7 @@ import pandas as pd
 from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE, ablation_report, report_metrics
 from dualstpm.errors import RunError
 from dualstpm.evaluation import METRICS_FILE
+from dualstpm.files import staged_dir
 from dualstpm.figures import PLOTS_DIR, PRO_GRID
 from dualstpm.fusion import VIEWS
 from dualstpm.stages import AUC_TABLE, metrics_table
@@ -102,8 +103,10 @@ def _write_category_figures(category: str, run_dir: Path, out: Path) -> None:
 def write_report(run_dirs: Mapping[str, Path], out_dir: Path) -> pd.DataFrame:
     """Write the report of the tested `run_dirs` ({category: run dir}) to `out_dir`; returns the AUC table.
 
-    The report's own folders are replaced whole (a category no longer reported must not
-    linger); anything else in `out_dir`, such as the `.gitignore` DVC keeps there, stays.
+    The report is built in a staging folder and swapped in whole (`files.staged_dir`): a
+    crash leaves the previous report, never half of one, and a category no longer reported
+    does not linger. Anything else in `out_dir`, such as the `.gitignore` DVC keeps there,
+    is carried over.
     """
     if not run_dirs:
         raise RunError("no categories to report on: every category failed or none was given.")
@@ -112,15 +115,26 @@ def write_report(run_dirs: Mapping[str, Path], out_dir: Path) -> pd.DataFrame:
     if ablation is not None:
         table = _with_chosen(table, ablation, list(run_dirs))
     out_dir = Path(out_dir)
-    for folder in REPORT_FOLDERS:
-        shutil.rmtree(out_dir / folder, ignore_errors=True)
-    (out_dir / ABLATION_TABLE).unlink(missing_ok=True)
-    (out_dir / "metrics").mkdir(parents=True)
-    if ablation is not None:
-        ablation.to_csv(out_dir / ABLATION_TABLE, index=False)
-    for category, figures in report_metrics(table).items():
-        (out_dir / "metrics" / f"{category}.json").write_text(json.dumps(figures, indent=2))
-    for category, run_dir in run_dirs.items():
-        _write_category_figures(category, Path(run_dir), out_dir)
-    table.to_csv(out_dir / AUC_TABLE, index=False)
+    with staged_dir(out_dir) as staging:
+        _carry_over(out_dir, staging)
+        (staging / "metrics").mkdir()
+        if ablation is not None:
+            ablation.to_csv(staging / ABLATION_TABLE, index=False)
+        for category, figures in report_metrics(table).items():
+            (staging / "metrics" / f"{category}.json").write_text(json.dumps(figures, indent=2))
+        for category, run_dir in run_dirs.items():
+            _write_category_figures(category, Path(run_dir), staging)
+        table.to_csv(staging / AUC_TABLE, index=False)
     return table
+
+
+def _carry_over(out_dir: Path, staging: Path) -> None:
+    """Copy what in `out_dir` is not the report's own (e.g. DVC's `.gitignore`) into `staging`."""
+    own = {*REPORT_FOLDERS, ABLATION_TABLE, AUC_TABLE}
+    for entry in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
+        if entry.name in own:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.copytree(entry, staging / entry.name, symlinks=True)
+        else:
+            shutil.copy2(entry, staging / entry.name, follow_symlinks=False)

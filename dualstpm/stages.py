@@ -14,9 +14,11 @@ from dualstpm.ablation import ABLATION_DIR, AblationResult, ablate
 from dualstpm.config import Params
 from dualstpm.data import load_category, make_synthetic_category, prepare_mvtec
 from dualstpm.detector import FUSION_FILE, MODEL_SUBDIR, Calibration, read_model_dir
-from dualstpm.errors import DataError, TrackingError
+from dualstpm.errors import DataError, RunError, TrackingError
 from dualstpm.evaluation import test_run
 from dualstpm.metrics import category_means
+from dualstpm.files import write_csv
+from dualstpm.lineage import check_model_of_run, record_model
 from dualstpm.tracking import (
     RUN_RECORD,
     TAG,
@@ -97,10 +99,13 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
         raise
     if not failures:
         try:
+            record_model(run())
             run().log_fit(result.selected_epochs, result.thresholds)
             run().finish()
         except TrackingError as exc:
             failures.append(exc)
+    elif opened:  # the run holds the epochs: the model names it, and `test` logs its hash later
+        record_model(opened[0], log_hash=False)
     if failures:
         raise TrackingError(
             f"the model is trained and saved in {result.model_dir}, but logging it to MLflow failed: {failures[0]}\n"
@@ -117,19 +122,48 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
     the evaluation data's hash that promotion compares. Returns metrics.json's content.
 
     Runs are described by the model's own params (what was trained); only the `tracking`
-    section comes from `params` (where to log now).
+    section comes from `params` (where to log now). A run's results describe one
+    evaluation: a run directory tested on another category or other data is refused
+    (RunError) before anything is written.
     """
     connect(params)
     run_dir = Path(run_dir)
-    result = test_run(run_dir, data_root, category, max_pixels=params.data.max_image_pixels)
-    metrics_table({category: result}).to_csv(run_dir / AUC_TABLE, index=False)
+    evaluation_hash = data_hash(data_root, category)
+    check_one_evaluation(run_dir, category, evaluation_hash, data_root)
     run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
+    try:
+        result = test_run(run_dir, data_root, category, max_pixels=params.data.max_image_pixels)
+    except BaseException:
+        if run.created:
+            with contextlib.suppress(TrackingError):
+                run.finish("FAILED")
+        raise
+    write_csv(run_dir / AUC_TABLE, metrics_table({category: result}))
     if run.created:  # fitted without tracking, or into another store: log what the files tell
         run.log_history(run_dir / HISTORY_FILE)
         run.log_fit(calibration.selected_epochs, calibration.thresholds)
-    run.log_test(result, data_hash(data_root, category), data_root)
+    run.log_test(result, evaluation_hash, data_root)
     run.finish()
     return result
+
+
+def check_one_evaluation(run_dir: Path, category: str, evaluation_hash: str, data_root: Path) -> None:
+    """Refuse (RunError, with the fix) to test `run_dir` on `category` in `data_root` when it
+    was tested on another category or other data (another DVC data hash): its metrics.json,
+    plots, maps and MLflow run describe one evaluation, and would mix two."""
+    record = RunRecord.read(run_dir)
+    if record is None or not record.eval_data_hash:
+        return
+    if record.eval_data_hash == evaluation_hash and record.eval_category in (None, category):
+        return
+    raise RunError(
+        f"{run_dir} was tested on {record.eval_category or 'another category'} in {record.eval_data_root} "
+        f"(data {record.eval_data_hash}); testing it on {category} in {Path(data_root).resolve()} (data "
+        f"{evaluation_hash}) would overwrite its metrics.json and plots and mix two evaluations in MLflow run "
+        f"{record.run_id}. A run's results describe one evaluation: test a copy of the model in a run directory "
+        f"of its own (`mkdir -p NEW && cp -r {run_dir / MODEL_SUBDIR} NEW/` then `dualstpm test --run NEW "
+        f"--data-root {data_root} --category {category}`), or train again with `dualstpm fit --overwrite`"
+    )
 
 
 def reopen_trained_run(params: Params, run_dir: Path, category: str, data_root: Path,
@@ -137,11 +171,16 @@ def reopen_trained_run(params: Params, run_dir: Path, category: str, data_root: 
     """The MLflow run of a trained model (made now if it has none) and its calibration.
 
     Logged with the model's own params, except the `tracking` section, which comes from
-    `params` (where to log now)."""
+    `params` (where to log now). A run reopened must be the one that trained the model
+    files (`lineage.check_model_of_run`, RunError otherwise); a run made now becomes it."""
     _, trained, calibration = read_model_dir(run_dir)
     trained = trained.model_copy(update={"tracking": params.tracking})
     run = open_category_run(params_for_data(trained, data_root), run_dir, category, data_root,
                             reuse=True, source=source)
+    if run.created:
+        record_model(run)
+    else:
+        check_model_of_run(run, category)
     return run, calibration
 
 
@@ -157,10 +196,10 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
     if record is None or record.eval_data_root is None:
         raise TrackingError(f"{run_dir} has no tested MLflow run ({run_dir / RUN_RECORD}): run `dualstpm test "
                             f"--run {run_dir} --data-root ...` first; the ablation adds to the run it logs")
+    run, _ = reopen_trained_run(params, run_dir, record.eval_category or read_model_dir(run_dir)[2].category,
+                                Path(record.eval_data_root), "dualstpm ablate")
     result = ablate(run_dir, params.ablation)
     summary = result.summary
-    data_root = Path(record.eval_data_root)
-    run, _ = reopen_trained_run(params, run_dir, summary["category"], data_root, "dualstpm ablate")
     figures = {f"ablation.{key}.{metric}": value
                for key in ("stpm_alone", "fused_published", "fused_chosen", "oracle") if summary.get(key)
                for metric, value in summary[key].items() if metric in TABLE_METRICS and value is not None}

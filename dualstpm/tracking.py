@@ -1,6 +1,6 @@
 """MLflow tracking: where runs go, what a category's run records, and clear failures.
 
-One experiment per dataset (`dualstpm-<dataset>`); one parent run per trained category
+One experiment per dataset (`dualstpm-<dataset>`, named after the data root folder); one parent run per trained category
 with a child run per branch (`stpm`, `recon`). The parent holds the resolved params, the
 git commit, the hash of the data, per-epoch losses, the fused model's final metrics and
 the artifacts (AUC table, metrics.json, ROC/PRO curves, overlays); each child holds its
@@ -35,6 +35,7 @@ import yaml
 
 from dualstpm.config import Params
 from dualstpm.errors import ConfigError, TrackingError
+from dualstpm.files import write_json
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -95,27 +96,35 @@ def artifact_location(uri: str, experiment: str) -> str | None:
     return (Path(uri[len("sqlite:///") :]).parent / ARTIFACTS_DIR / experiment).as_uri()
 
 
-def dataset_name(params: Params) -> str:
-    """`mvtec`, `synthetic`, or for a `folder` source a slug of `data.root` (taken relative
-    to the project, so `../shared/data` and `/work/shared/data` name the same dataset)."""
-    if params.data.source != "folder":
-        return params.data.source
-    root = os.path.relpath(Path(params.data.root).expanduser().resolve(), project_dir())
-    slug = re.sub(r"[^a-z0-9]+", "-", re.sub(r"^(\.\./)+", "", root).lower()).strip("-")
-    return slug or "folder"
+def dataset_name(data_root: Path | str) -> str:
+    """The name of the dataset in `data_root`: the data root folder's own name, after
+    symlinks are followed, lower-cased, each run of other characters than a-z and 0-9
+    made one `-` (`data/synthetic` -> `synthetic`, `~/Data/MVTec_AD` -> `mvtec-ad`).
+
+    It depends on the data actually used, not on `data.source`, the working directory or
+    the path (relative, absolute, through a symlink) it is reached by. Raises ConfigError
+    for a folder whose name has no letter or digit (such as `/`).
+    """
+    folder = Path(data_root).expanduser().resolve()
+    slug = re.sub(r"[^a-z0-9]+", "-", folder.name.lower()).strip("-")
+    if not slug:
+        raise ConfigError(f"cannot name a dataset after the data root {folder}: its folder name has no "
+                          "letter or digit; put the categories in a folder named after the dataset")
+    return slug
 
 
 def params_for_data(params: Params, data_root: Path | str | None) -> Params:
-    """`params` describing the data actually used: a `--data-root` other than `data.root`
-    makes it a `folder` dataset there (so runs and models are named after the real data)."""
+    """`params` describing the data actually used, as logged to MLflow: a `--data-root`
+    other than `data.root` makes it a `folder` dataset there."""
     if data_root is None or Path(data_root).resolve() == Path(params.data.root).resolve():
         return params
     data = params.data.model_copy(update={"source": "folder", "root": str(data_root)})
     return params.model_copy(update={"data": data})
 
 
-def experiment_name(params: Params) -> str:
-    return f"dualstpm-{dataset_name(params)}"
+def experiment_name(data_root: Path | str) -> str:
+    """`dualstpm-<dataset>`: the MLflow experiment of the runs on `data_root` (see `dataset_name`)."""
+    return f"dualstpm-{dataset_name(data_root)}"
 
 
 # --------------------------------------------------------------------------- what data, what code
@@ -247,11 +256,10 @@ def connect(params: Params):
         return MlflowClient(uri)
 
 
-def ensure_experiment(client, params: Params) -> str:
-    """The id of the dataset's experiment, created with an absolute artifact location."""
+def ensure_experiment(client, name: str) -> str:
+    """The id of the experiment `name`, created with an absolute artifact location."""
     from mlflow.exceptions import MlflowException
 
-    name = experiment_name(params)
     with tracking_errors(client.tracking_uri, f"opening experiment {name}"):
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
@@ -297,6 +305,7 @@ class RunRecord:
     branch_run_ids: dict[str, str]
     eval_data_hash: str | None = None
     eval_data_root: str | None = None
+    eval_category: str | None = None
 
     @classmethod
     def read(cls, run_dir: Path) -> RunRecord | None:
@@ -309,10 +318,7 @@ class RunRecord:
             raise TrackingError(f"{path} is damaged ({exc}); delete it and run `dualstpm test` again") from None
 
     def write(self, run_dir: Path) -> None:
-        path = Path(run_dir) / RUN_RECORD
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.__dict__, indent=2))
-        os.replace(tmp, path)
+        write_json(Path(run_dir) / RUN_RECORD, self.__dict__)
 
 
 @dataclass
@@ -385,6 +391,7 @@ class CategoryRun:
         self.log_artifacts(["plots"], "")
         self.record.eval_data_hash = data_hash_value
         self.record.eval_data_root = str(Path(data_root).resolve())
+        self.record.eval_category = result["category"]
         self.record.write(self.run_dir)
 
     def log_artifacts(self, names: list[str], artifact_path: str) -> None:
@@ -433,7 +440,7 @@ def open_category_run(params: Params, run_dir: Path, category: str, data_root: P
     run_dir = Path(run_dir)
     if reuse and (record := _existing_record(client, run_dir)) is not None:
         return CategoryRun(client, record, run_dir, created=False)
-    experiment_id = ensure_experiment(client, params)
+    experiment_id = ensure_experiment(client, experiment_name(data_root))
     commit, dirty = git_state()
     tags = {
         "mlflow.source.name": source,
@@ -442,7 +449,7 @@ def open_category_run(params: Params, run_dir: Path, category: str, data_root: P
         f"{TAG}git_commit": commit,
         f"{TAG}git_dirty": str(dirty).lower(),
         f"{TAG}category": category,
-        f"{TAG}dataset": dataset_name(params),
+        f"{TAG}dataset": dataset_name(data_root),
         f"{TAG}data_root": str(Path(data_root).resolve()),
         f"{TAG}data_hash": data_hash(data_root, category),
         f"{TAG}run_dir": str(run_dir.resolve()),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import csv
 import math
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dualstpm.data import decode_images, load_category, split_train_val
 from dualstpm.detector import Calibration, save_detector, summarize
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
+from dualstpm.files import atomic_file
 from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
@@ -83,9 +83,8 @@ def _state_copy(module: torch.nn.Module) -> dict[str, Tensor]:
 
 
 def _atomic_save(obj: dict, path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        torch.save(obj, tmp)
 
 
 def _check_resumable(checkpoint: dict, params: Params, path: Path) -> None:
@@ -220,7 +219,7 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
-    with path.open("w", newline="") as handle:
+    with atomic_file(path) as tmp, tmp.open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(history[0]))
         writer.writeheader()
         writer.writerows(history)

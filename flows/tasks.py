@@ -109,4 +109,5 @@ def register_task(run_dir: Path, params: Params, category: str) -> str:
 @task(name="promote", cache_policy=NO_CACHE, task_run_name="promote-{category}")
 def promote_task(category: str, params: Params) -> PromotionDecision:
     """`champion` moves only when the challenger beats it; the flow run is recorded as the decider."""
-    return promote(category, params, decided_by=f"prefect flow run {flow_run.flow_name}/{flow_run.name}")
+    return promote(category, params, decided_by=f"prefect flow run {flow_run.flow_name}/{flow_run.name}",
+                   data_root=params.data.root)  # the data the flow tested on: the model `register` made

@@ -56,3 +56,22 @@ def test_staged_dir_swaps_whole_folders(tmp_path, umask_022):
         (staging / "b.txt").write_text("new")
     assert sorted(p.name for p in final.iterdir()) == ["b.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["report"]  # no staging or old folder left
+
+
+def test_a_saved_model_directory_is_readable_per_the_umask(tmp_path, umask_022):
+    """Issue #13: model directories were created owner-only (drwx------) by mkdtemp."""
+    import torch
+
+    from dualstpm.config import load_params
+    from dualstpm.detector import Calibration, save_detector
+    from dualstpm.fusion import MapStats
+
+    calibration = Calibration(image_size=64, map_stats=MapStats(torch.zeros(2, 3), torch.ones(2, 3)),
+                              thresholds={"fused": 1.0, "stpm": 1.0, "recon": 1.0}, val_score_summary={},
+                              selected_epochs={"stpm": 1, "recon": 1}, category="c", false_alarm_rate=0.01)
+    for _ in range(2):  # a new model and one replacing it
+        model_dir = save_detector(tmp_path / "run", torch.nn.Linear(2, 2), load_params(None), calibration)
+        assert stat.S_IMODE(model_dir.stat().st_mode) == 0o755
+        assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in model_dir.iterdir()} == {
+            "weights.safetensors": 0o644, "params.yaml": 0o644, "calibration.json": 0o644}
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["model"]  # no staging or old folder left

@@ -51,7 +51,7 @@ def champion_version(params_path: Path, category: str) -> str:
 
     from dualstpm.registry import CHAMPION, model_name
 
-    name = model_name(load_params(params_path), category)
+    name = model_name(load_params(params_path).data.root, category)
     return str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
 
 
@@ -85,7 +85,7 @@ def test_a_failing_category_is_reported_and_the_other_keeps_its_results(
     assert set(table["category"]) == {"synth_texture"}
     assert champion_version(params, "synth_texture") == "1"
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
-        MlflowClient().get_registered_model(model_name(load_params(params), "synth_broken"))
+        MlflowClient().get_registered_model(model_name(load_params(params).data.root, "synth_broken"))
 
 
 def test_retrain_refuses_a_category_the_data_step_does_not_prepare(harness, tmp_path: Path, synthetic_root: Path) -> None:

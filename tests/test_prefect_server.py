@@ -137,5 +137,5 @@ def test_a_triggered_retrain_run_completes_and_registers_a_champion(served: dict
     assert final.state.is_completed(), f"{final.state}\n{log.read_text()[-3000:]}"
     run_dir = served["out"] / "runs" / "synth_texture"
     assert (run_dir / "model" / "weights.safetensors").is_file() and (run_dir / "metrics.json").is_file()
-    name = model_name(load_params(served["params"]), "synth_texture")
+    name = model_name(load_params(served["params"]).data.root, "synth_texture")
     assert str(MlflowClient(served["mlflow_uri"]).get_model_version_by_alias(name, CHAMPION).version) == "1"

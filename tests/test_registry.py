@@ -62,7 +62,7 @@ def test_fit_and_test_are_one_parent_run_with_a_child_per_branch(texture_run: Pa
     record = RunRecord.read(texture_run)
     assert record.tracking_uri == os.environ["MLFLOW_TRACKING_URI"]
     parent = client.get_run(record.run_id)
-    assert client.get_experiment(parent.info.experiment_id).name == "dualstpm-synthetic"
+    assert client.get_experiment(parent.info.experiment_id).name == f"dualstpm-{synthetic_root.name}"  # data root's name
     assert parent.info.run_name == "synth_texture" and parent.info.status == "FINISHED"
 
     # params: the resolved params.yaml, flattened
@@ -101,7 +101,7 @@ def test_fit_and_test_are_one_parent_run_with_a_child_per_branch(texture_run: Pa
 def test_registered_champion_predicts_like_dualstpm_predict(texture_run: Path, params, synthetic_root: Path, tmp_path: Path):
     done = cli("register", "--run", str(texture_run), "--set", "data.source=synthetic", "--set", f"data.root={synthetic_root}")
     assert done.returncode == 0, done.stderr
-    name = model_name(params, "synth_texture")
+    name = model_name(synthetic_root, "synth_texture")
     version = MlflowClient().get_model_version_by_alias(name, CHALLENGER)
     assert f"{name} version {version.version}" in done.stdout
     assert version.tags["dualstpm.data_hash"] == data_hash(synthetic_root, "synth_texture")
@@ -163,7 +163,7 @@ def no_champion(name: str) -> None:
 
 def test_promotion_moves_champion_only_on_evidence(pool: dict[str, str], params, synthetic_root: Path):
     client = MlflowClient()
-    name = model_name(params, "synth_texture")
+    name = model_name(synthetic_root, "synth_texture")
     no_champion(name)
     assert client.get_model_version_by_alias(name, CHALLENGER).version == pool["other-data"]  # the last registered
 
@@ -203,11 +203,11 @@ def test_promotion_moves_champion_only_on_evidence(pool: dict[str, str], params,
     assert history[-1]["promoted"] is False and history[-1]["metric"] == "image_auroc"
 
 
-def test_racing_promotions_leave_the_better_model_champion(pool: dict[str, str], params):
+def test_racing_promotions_leave_the_better_model_champion(pool: dict[str, str], params, synthetic_root: Path):
     """Three challengers, each better than the champion, promoted at the same moment: the
     promotions are serialised, so the best of them ends as champion, whatever the order."""
     client = MlflowClient()
-    name = model_name(params, "synth_texture")
+    name = model_name(synthetic_root, "synth_texture")
     no_champion(name)
     assert promote("synth_texture", params, version=pool["0.80"]).promoted
     contenders = [pool["0.85"], pool["0.95"], pool["0.90"]]
@@ -284,10 +284,10 @@ def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_se
 
 @pytest.mark.slow
 def test_a_server_lost_mid_registration_leaves_no_alias(mlflow_server: MlflowServer, tracking_env, params,
-                                                       texture_run: Path):
+                                                       texture_run: Path, synthetic_root: Path):
     """The server crashes while the model is being uploaded: the registration fails with a
     clear message, and a version it may have created carries no alias."""
-    name = model_name(params, "synth_texture")
+    name = model_name(synthetic_root, "synth_texture")
 
     def versions(client: MlflowClient) -> set[str]:
         return {str(v.version) for v in client.search_model_versions(f"name = '{name}'")}  # SQLite says int
@@ -310,7 +310,7 @@ def test_a_server_lost_mid_registration_leaves_no_alias(mlflow_server: MlflowSer
 
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, params, synthetic_root: Path, tmp_path: Path):
-    name = model_name(params, "synth_texture")
+    name = model_name(synthetic_root, "synth_texture")
     version = register_run(texture_run, params, "synth_texture")
     promote("synth_texture", params.model_copy(update={"tracking": params.tracking.model_copy(update={"promotion_floor": 0.0})}),
             version=version.version)

@@ -57,6 +57,28 @@ def test_report_of_tested_runs(tested_runs: dict[str, Path], tmp_path: Path) -> 
     assert (out / ".gitignore").read_text() == "/overlays\n"
 
 
+def test_a_report_that_crashes_half_way_leaves_the_previous_one(tested_runs: dict[str, Path], tmp_path: Path,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import dualstpm.report
+
+    out = tmp_path / "reports"
+    write_report({"a": tested_runs["plain"], "b": tested_runs["plain"]}, out)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    figures = dualstpm.report._write_category_figures
+
+    def crash_at_b(category: str, run_dir: Path, into: Path) -> None:
+        if category == "b":
+            raise OSError("disk full")  # after a's figures, the metrics and ablation files are written
+        figures(category, run_dir, into)
+
+    monkeypatch.setattr(dualstpm.report, "_write_category_figures", crash_at_b)
+    with pytest.raises(OSError, match="disk full"):
+        write_report({"a": tested_runs["ablated"], "b": tested_runs["ablated"]}, out)
+    assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert not (out / "ablation.csv").exists()  # nothing of the crashed report
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["reports"]  # no staging folder left
+
+
 def test_report_adds_the_validation_chosen_fusion_of_ablated_runs(tested_runs: dict[str, Path], tmp_path: Path) -> None:
     table = write_report({"synth_texture": tested_runs["ablated"]}, tmp_path)
     assert list(table["model"]) == ["stpm", "recon", "fused", "fused_chosen"]

@@ -52,18 +52,32 @@ def test_a_dvc_temporary_experiment_logs_into_its_project(tmp_path: Path, monkey
     assert tracking_uri(load_params(None)) == f"sqlite:///{(tmp_path / 'proj').resolve()}/mlflow.db"
 
 
-def test_dataset_names(in_project: Path):
-    assert dataset_name(load_params(None, ["data.source=synthetic"])) == "synthetic"
-    assert dataset_name(load_params(None, ["data.source=mvtec"])) == "mvtec"
-    folder = load_params(None, ["data.source=folder", "data.root=../shared/data"])
-    assert dataset_name(folder) == "shared-data"
-    # the same folder by absolute path is the same dataset
-    absolute = load_params(None, ["data.source=folder", f"data.root={(in_project / '../shared/data').resolve()}"])
-    assert dataset_name(absolute) == "shared-data"
-    # a --data-root other than data.root names the data actually used
-    assert dataset_name(params_for_data(load_params(None, ["data.source=synthetic"]), in_project / "elsewhere")) == "elsewhere"
+def test_dataset_names_come_from_the_data_root_folder_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """The dataset is the data root folder's own name: the same from any working directory,
+    by relative or absolute path, through a symlink, whatever `data.source` says."""
+    from dualstpm.registry import model_name
+
+    data = tmp_path / "shared" / "MyData_v2"
+    data.mkdir(parents=True)
+    (tmp_path / "project" / "sub").mkdir(parents=True)
+    (tmp_path / "links").mkdir()
+    (tmp_path / "links" / "current").symlink_to(data, target_is_directory=True)
+    monkeypatch.chdir(tmp_path / "project")
+    seen = {dataset_name("../shared/MyData_v2"), dataset_name(str(data) + "/"), dataset_name(tmp_path / "links" / "current")}
+    monkeypatch.chdir(tmp_path / "project" / "sub")
+    seen |= {dataset_name("../../shared/MyData_v2"), dataset_name("../../links/current")}
+    assert seen == {"mydata-v2"}  # lower-cased, "_" made "-"
+    assert model_name(Path("../../links/current"), "weld") == "dualstpm-mydata-v2-weld"
+    assert dataset_name("data/synthetic") == dataset_name("/anywhere/synthetic") == "synthetic"
+    with pytest.raises(ConfigError, match="no letter or digit"):
+        dataset_name("/")
+
+
+def test_params_for_data_describes_the_data_actually_used(in_project: Path):
     synthetic = load_params(None, ["data.source=synthetic", f"data.root={in_project}"])
     assert params_for_data(synthetic, in_project) is synthetic
+    moved = params_for_data(synthetic, in_project / "elsewhere")
+    assert (moved.data.source, moved.data.root) == ("folder", str(in_project / "elsewhere"))
 
 
 def test_data_hash_is_the_hash_dvc_gives_the_folder(synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

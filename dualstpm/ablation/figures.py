@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 
 from dualstpm.data import decode_images
 from dualstpm.errors import DataError
+from dualstpm.files import atomic_file
 from dualstpm.fusion import FusionSpec, MapStats
 from dualstpm.maps import MapSet, fuse_stack
 
@@ -49,7 +50,8 @@ def write_heatmap(table: pd.DataFrame, path: Path, category: str) -> Path | None
         ax.set_title(f"{category}: mode {mode}, normalize {normalize}", fontsize=9)
         ax.set_xlabel("branch weight w_B / (w_A + w_B)   (0 = STPM only, 1 = reconstruction only)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_file(path) as tmp:
+        fig.savefig(path, dpi=100)
     return path
 
 
@@ -107,5 +109,6 @@ def write_panel(test: MapSet, stats: MapStats, fused_specs: dict[str, FusionSpec
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    with atomic_file(path) as tmp:
+        fig.savefig(path, dpi=90)
     return path

@@ -19,10 +19,7 @@ fusing with `params.fusion`.
 
 from __future__ import annotations
 
-import json
-import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,6 +32,7 @@ from dualstpm.ablation.rescore import SplitScorer, score_grid
 from dualstpm.ablation.selection import METRICS, check_same_model, choose, combined_score, selection_set, synthetic_maps
 from dualstpm.config import AblationParams
 from dualstpm.detector import ChosenFusion, read_model_dir, write_chosen_fusion
+from dualstpm.files import write_csv, write_json
 from dualstpm.fusion import FusionSpec, MapStats, calibrate_threshold
 from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet, fused_and_scores
 
@@ -98,13 +96,6 @@ class _Laps:
         return {**self.seconds, "total_s": round(time.perf_counter() - self.start, 3)}
 
 
-def _write_atomically(path: Path, write: Callable[[Path], object]) -> None:
-    """Write to a hidden sibling, then rename: readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def rank(table: pd.DataFrame, metric: str) -> tuple[int, int | None]:
     """Add selection_score (validation), test_score, chosen and oracle columns; return
     (chosen row, oracle row or None when the test split defines no score)."""
@@ -137,7 +128,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
 
     out_dir = run_dir / ABLATION_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomically(out_dir / TABLE_FILE, lambda tmp: table.to_csv(tmp, index=False))
+    write_csv(out_dir / TABLE_FILE, table)
     category = str(test.meta["category"])
     write_heatmap(table, out_dir / HEATMAP_FILE, category)
     if params.panel_images:
@@ -162,5 +153,5 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
         "fusion_file": str(fusion_file),
         "timing": lap.total(),
     }
-    _write_atomically(out_dir / SUMMARY_FILE, lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
+    write_json(out_dir / SUMMARY_FILE, summary)
     return AblationResult(table, summary, out_dir)

@@ -14,9 +14,6 @@ existing ones.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +23,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import gaussian_filter
 
 from dualstpm.errors import DataError
+from dualstpm.files import staged_dir
 
 SYNTHETIC_KINDS = ("texture", "object")
 DEFECT_TYPES = ("scratch", "hole", "stain")
@@ -258,17 +256,6 @@ def _check_target(target: Path, overwrite: bool) -> None:
         )
 
 
-def _move_into_place(built: Path, target: Path) -> None:
-    """Swap the finished folder in; an old folder is moved aside first, then deleted."""
-    if target.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".old", dir=target.parent))
-        os.replace(target, old / target.name)
-        os.replace(built, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(built, target)
-
-
 def make_synthetic_category(data_root: Path, category: str, kind: str = "texture", *, seed: int = 0,
                             image_size: int = 128, n_train: int = 60, n_test_good: int = 12,
                             n_per_defect: int = 8, overwrite: bool = False) -> Path:
@@ -284,13 +271,6 @@ def make_synthetic_category(data_root: Path, category: str, kind: str = "texture
     data_root = Path(data_root)
     target = data_root / category
     _check_target(target, overwrite)
-    data_root.mkdir(parents=True, exist_ok=True)
-    built = Path(tempfile.mkdtemp(prefix=f".{category}.", suffix=".tmp", dir=data_root))
-    try:
-        built.chmod(0o755)  # mkdtemp makes it private; the result is an ordinary folder
+    with staged_dir(target) as built:
         _write_category(built, kind, seed, image_size, n_train, n_test_good, n_per_defect)
-        _move_into_place(built, target)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
     return target
