@@ -110,5 +110,5 @@ def write_panel(test: MapSet, stats: MapStats, fused_specs: dict[str, FusionSpec
         ax.set_yticks([])
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(path, dpi=90)
+        fig.savefig(tmp, dpi=90)
     return path
