@@ -51,7 +51,7 @@ def write_heatmap(table: pd.DataFrame, path: Path, category: str) -> Path | None
         ax.set_xlabel("branch weight w_B / (w_A + w_B)   (0 = STPM only, 1 = reconstruction only)", fontsize=8)
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(path, dpi=100)
+        fig.savefig(tmp, dpi=100)
     return path
 
 
