@@ -15,7 +15,9 @@ from dualstpm.config import Params
 from dualstpm.data import load_category, make_synthetic_category, prepare_mvtec
 from dualstpm.detector import FUSION_FILE, MODEL_SUBDIR, Calibration, read_model_dir
 from dualstpm.errors import DataError, TrackingError
-from dualstpm.evaluation import test_run
+from dualstpm.evaluation import METRICS_FILE, test_run
+from dualstpm.figures import PLOTS_DIR
+from dualstpm.maps import MAPS_DIR
 from dualstpm.tracking import (
     RUN_RECORD,
     TAG,
@@ -96,6 +98,7 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
         raise
     if not failures:
         try:
+            run().log_missing_epochs(result.history)  # epochs an interruption kept from a run (resume)
             run().log_fit(result.selected_epochs, result.thresholds)
             run().finish()
         except TrackingError as exc:
@@ -118,16 +121,23 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
     Runs are described by the model's own params (what was trained); only the `tracking`
     section comes from `params` (where to log now).
     """
-    connect(params)
+    connect(params)  # an unreachable store fails before any work
     run_dir = Path(run_dir)
     result = test_run(run_dir, data_root, category)
     metrics_table({category: result}).to_csv(run_dir / AUC_TABLE, index=False)
-    run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
-    if run.created:  # fitted without tracking, or into another store: log what the files tell
-        run.log_history(run_dir / HISTORY_FILE)
-        run.log_fit(calibration.selected_epochs, calibration.thresholds)
-    run.log_test(result, data_hash(data_root, category), data_root)
-    run.finish()
+    try:
+        run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
+        if run.created:  # fitted without tracking, or into another store: log what the files tell
+            run.log_history(run_dir / HISTORY_FILE)
+            run.log_fit(calibration.selected_epochs, calibration.thresholds)
+        run.log_test(result, data_hash(data_root, category), data_root)
+        run.finish()
+    except TrackingError as exc:  # the store went away during the test: the results are on disk
+        raise TrackingError(
+            f"the test results are saved in {run_dir} ({METRICS_FILE}, {AUC_TABLE}, {PLOTS_DIR}/, {MAPS_DIR}/), "
+            f"but logging them to MLflow failed: {exc}\nOnce the store answers again, `dualstpm test --run {run_dir} "
+            f"--data-root {data_root} --category {category}` tests again and logs them."
+        ) from exc
     return result
 
 

@@ -70,12 +70,55 @@ def test_resume_ends_where_an_uninterrupted_fit_ends(trained_run: Path, syntheti
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_with_other_params_is_refused(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+@pytest.mark.parametrize("overrides, fragment", [
+    (["fit.lr=0.1"], "fit.lr: 0.4 in the checkpoint, 0.1 now"),
+    (["seed=1"], "seed: 0 in the checkpoint, 1 now"),
+    (["model.attention=none"], "model.attention: 'spatial' in the checkpoint, 'none' now"),
+    (["fit.epochs=1"], "it holds 2 epochs but fit.epochs=1"),  # params would say 1 epoch, history 2
+])
+def test_resume_with_other_training_params_is_refused(overrides, fragment, trained_run: Path, synthetic_root: Path,
+                                                      tmp_path: Path):
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
-    other = load_params(None, TINY_OVERRIDES + ["fit.lr=0.1"])
-    with pytest.raises(TrainingError, match="fit"):
-        fit(other, synthetic_root, "synth_texture", run, resume=True)
+    with pytest.raises(TrainingError) as info:
+        fit(load_params(None, TINY_OVERRIDES + overrides), synthetic_root, "synth_texture", run, resume=True)
+    assert fragment in str(info.value) and "--overwrite" in str(info.value)
+
+
+def test_resume_on_other_data_is_refused(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    params = load_params(None, TINY_OVERRIDES)
+    with pytest.raises(TrainingError, match="data.category: 'synth_texture' in the checkpoint, 'synth_object' now"):
+        fit(params, synthetic_root, "synth_object", run, resume=True)
+    changed = tmp_path / "changed"
+    shutil.copytree(synthetic_root / "synth_texture", changed / "synth_texture")
+    first = sorted((changed / "synth_texture" / "train" / "good").iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # same names, one file one byte longer
+    with pytest.raises(TrainingError) as info:
+        fit(params, changed, "synth_texture", run, resume=True)
+    assert "data.train.files_md5" in str(info.value) or "data.validation.files_md5" in str(info.value)
+    assert "data.category" not in str(info.value)
+
+
+def test_resume_ignores_what_does_not_shape_training(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    """The same files in another folder, and edits of prefect.*, tracking.*, ablation.*, data.*,
+    the final fusion and fit.device/cache: the checkpoint continues (here: nothing left to train)."""
+    run, moved = tmp_path / "copy", tmp_path / "moved"
+    shutil.copytree(trained_run, run)
+    shutil.copytree(synthetic_root / "synth_texture", moved / "synth_texture")
+    edits = ["prefect.max_workers=9", "tracking.retries=1", "ablation.workers=2", "data.categories=[other]",
+             "data.source=folder", "fusion.sigma=1", "fit.cache=false"]
+    result = fit(load_params(None, TINY_OVERRIDES + edits), moved, "synth_texture", run, resume=True)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert load_params(run / "model" / "params.yaml").prefect.max_workers == 9
+
+
+def test_resume_and_overwrite_together_are_refused(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    with pytest.raises(TrainingError, match="--resume and --overwrite contradict"):
+        fit(load_params(None, TINY_OVERRIDES), synthetic_root, "synth_texture", run, resume=True, overwrite=True)
 
 
 def test_nan_loss_is_a_clear_error_and_keeps_no_model(synthetic_root: Path, tmp_path: Path):
