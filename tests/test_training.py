@@ -143,6 +143,23 @@ def test_predict_writes_overlays_and_csv(trained_run: Path, synthetic_root: Path
     torch.testing.assert_close(torch.tensor(table["score"].values), torch.tensor(everything["score"].values))
 
 
+def test_a_good_only_test_set_says_why_metrics_are_undefined(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "synth_texture", root / "synth_texture")
+    for folder in (root / "synth_texture" / "test").iterdir():
+        if folder.name != "good":
+            shutil.rmtree(folder)
+    result = test_run(trained_run, root, "synth_texture")
+    note = result["note"]
+    assert "no defective images" in note and "no ground_truth folder" not in note
+    unflagged = note.split("threshold of ")[1].split(", so")[0].split(", ") if "threshold of " in note else []
+    for view in ("fused", "stpm", "recon"):
+        m = result[view]
+        assert m["image_auroc"] is None and m["pixel_auroc"] is None and m["aupro"] is None and m["recall"] is None
+        assert m["precision"] in (None, 0.0)  # every flagged part is a false alarm; nothing flagged: undefined
+        assert (m["precision"] is None) == (view in unflagged)
+
+
 def test_category_without_ground_truth_is_image_level_only(trained_run: Path, synthetic_root: Path, tmp_path: Path):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root / "synth_texture", root / "synth_texture", ignore=shutil.ignore_patterns("ground_truth"))
