@@ -41,6 +41,9 @@ ARTIFACTS_DIR = "mlartifacts"
 RUN_RECORD = "mlflow_run.json"
 BRANCH_RUNS = ("stpm", "recon")
 RESULT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall", "threshold")
+#: MLflow error codes of a store that answered (a missing or bad name, version or value): not a store that is down
+STORE_ANSWERED = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE", "BAD_REQUEST",
+                            "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "INVALID_STATE"})
 TAG = "dualstpm."  # prefix of our own tags, apart from MLflow's `mlflow.*` ones
 _METRIC_UNSAFE = re.compile(r"[^\w\-. /]")  # MLflow metric names allow only these characters
 
@@ -205,6 +208,8 @@ def tracking_errors(uri: str, doing: str) -> Iterator[None]:
         yield
     except (MlflowException, requests.RequestException, SQLAlchemyError, OSError) as exc:  # OSError: a local store
         cause = str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__
+        if isinstance(exc, MlflowException) and exc.error_code in STORE_ANSWERED:  # it runs: no advice to start it
+            raise TrackingError(f"MLflow at {uri} refused {doing}: {cause}") from exc
         raise TrackingError(f"MLflow at {uri} failed while {doing}: {cause}\n{_server_hint(uri)}") from exc
 
 

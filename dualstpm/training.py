@@ -187,6 +187,7 @@ class Trainer:
         self.best: dict[str, dict] = {b: {"score": math.inf, "epoch": 0, "state": None} for b in BRANCHES}
         self.history: list[dict[str, float]] = []
         self.epochs_done = 0
+        self.epochs_saved = 0  # the epoch the checkpoint on disk holds
         self.selection_spec = FusionSpec(mode=params.fusion.mode, weights=FusionSpec().weights)
 
     # --- checkpoints -----------------------------------------------------------
@@ -204,6 +205,7 @@ class Trainer:
             },
             self.checkpoint_path,
         )
+        self.epochs_saved = self.epochs_done
 
     def load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
         """Continue from a checkpoint `check_resumable` accepted."""
@@ -212,7 +214,7 @@ class Trainer:
             self.optimizers[name].load_state_dict(checkpoint["optimizers"][name])
         self.best = checkpoint["best"]
         self.history = list(checkpoint["history"])
-        self.epochs_done = int(checkpoint["epoch"])
+        self.epochs_done = self.epochs_saved = int(checkpoint["epoch"])
 
     # --- one epoch -----------------------------------------------------------------
     def train_epoch(self, images: Tensor, progress: Progress, cache: TeacherFeatureCache | None = None) -> dict[str, float]:
@@ -357,7 +359,7 @@ def fit(
                 if on_epoch is not None:
                     on_epoch(record)
     except KeyboardInterrupt:
-        raise FitInterrupted(trainer.epochs_done, params.fit.epochs, checkpoint_path) from None
+        raise FitInterrupted(trainer.epochs_saved, params.fit.epochs, checkpoint_path) from None
     finally:
         if cache is not None:
             cache.close()

@@ -119,3 +119,28 @@ def test_path_errors_come_before_heavy_imports(args, fragment, tmp_path: Path):
     done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert json.loads(done.stdout.splitlines()[-1]) == [2, []], done.stderr
     assert fragment in " ".join(done.stderr.split()), done.stderr
+
+
+def test_ctrl_c_during_fit_says_what_is_checkpointed_and_how_to_resume(synthetic_root: Path, tmp_path: Path):
+    import shlex
+    import signal
+    import time
+
+    import torch
+
+    run = tmp_path / "run"
+    args = ["fit", "--data-root", str(synthetic_root), "--category", "synth_texture", "--out", str(run),
+            *sets(TINY_OVERRIDES + ["fit.epochs=50"])]
+    process = subprocess.Popen([sys.executable, "-m", "dualstpm", *args], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not (run / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    epoch = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]  # what is really on disk
+    message = " ".join(stderr.split())
+    assert f"epoch {epoch} of 50 is checkpointed in {run / 'checkpoint.pt'}" in message
+    assert f"continue with: {shlex.join(['dualstpm', *args, '--resume'])}" in message

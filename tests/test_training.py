@@ -168,3 +168,34 @@ def test_category_without_ground_truth_is_image_level_only(trained_run: Path, sy
     for view in ("fused", "stpm", "recon"):
         assert result[view]["pixel_auroc"] is None and result[view]["aupro"] is None
         assert result[view]["image_auroc"] is not None
+
+
+def test_a_fit_interrupted_while_logging_then_resumed_logs_every_epoch_to_every_run(
+        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C lands after epoch 1's checkpoint, while its metrics go to MLflow (parent and stpm
+    logged, recon not): after --resume, the parent and both branch runs hold epochs 1 and 2, once."""
+    from mlflow import MlflowClient
+
+    from dualstpm.stages import tracked_fit
+    from dualstpm.tracking import CategoryRun, RunRecord
+    from dualstpm.training import FitInterrupted
+
+    log = CategoryRun.log
+
+    def ctrl_c_before_recon_epoch_1(self, run_id, doing, *args, **kwargs):
+        if doing == "logging epoch 1 of recon":
+            raise KeyboardInterrupt
+        return log(self, run_id, doing, *args, **kwargs)
+
+    params, run = load_params(None, TINY_OVERRIDES), tmp_path / "run"  # 2 epochs
+    monkeypatch.setattr(CategoryRun, "log", ctrl_c_before_recon_epoch_1)
+    with pytest.raises(FitInterrupted) as stop:
+        tracked_fit(params, synthetic_root, "synth_texture", run)
+    assert (stop.value.epochs_done, stop.value.epochs) == (1, 2)
+    monkeypatch.undo()
+    tracked_fit(params, synthetic_root, "synth_texture", run, resume=True)
+    record = RunRecord.read(run)
+    client = MlflowClient(record.tracking_uri)
+    for run_id, key in [(record.run_id, "loss_recon"), (record.run_id, "val_score_stpm"),
+                        (record.branch_run_ids["stpm"], "loss"), (record.branch_run_ids["recon"], "val_score")]:
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2], key
