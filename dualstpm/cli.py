@@ -242,6 +242,7 @@ def ablate(
     overrides: SetOption = None,
 ) -> None:
     """Re-score RUN's stored maps under the fusion grid, choose on validation data; writes RUN/ablation/."""
+    trained_model_dir(run)  # a wrong run fails before torch and MLflow load
     from dualstpm.stages import tracked_ablate
 
     result = tracked_ablate(resolve_params(params, overrides), run)
@@ -325,6 +326,7 @@ def bench(
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("bench/results.json"),
 ) -> None:
     """Training and inference speed, the inference floor, peak memory: one run, one table."""
+    category_dir(data_root, category)  # a wrong path fails before torch loads
     from dualstpm.bench import benchmark, write_results
 
     results = benchmark(resolve_params(params, overrides), data_root, category, images, repeats)
@@ -348,9 +350,10 @@ def register(
     overrides: SetOption = None,
 ) -> None:
     """Register the tested model of RUN as a new version (alias `challenger`) in the MLflow registry."""
+    category = trained_category(run, category)  # a wrong run fails before MLflow loads
     from dualstpm.registry import CHALLENGER, register_run
 
-    version = register_run(run, resolve_params(params, overrides), trained_category(run, category))
+    version = register_run(run, resolve_params(params, overrides), category)
     out.print(f"registered: {version.name} version {version.version} (@{CHALLENGER}); "
               f"load it as models:/{version.name}@{CHALLENGER}")
 

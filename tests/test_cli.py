@@ -100,6 +100,9 @@ HEAVY = ("torch", "timm", "mlflow", "prefect")
     (["fit", "--data-root", "{tmp}", "--category", "nope", "--out", "{tmp}/r"], "nope not found"),
     (["test", "--run", "{tmp}/missing", "--data-root", "{tmp}"], "missing/model is not a trained model"),
     (["test", "--run", "{fake}", "--data-root", "{tmp}"], "synth_texture not found"),
+    (["register", "--run", "{tmp}/missing"], "missing/model is not a trained model"),
+    (["ablate", "--run", "{tmp}/missing"], "missing/model is not a trained model"),
+    (["bench", "--data-root", "{tmp}/missing", "--category", "c"], "missing does not exist"),
 ])
 def test_path_errors_come_before_heavy_imports(args, fragment, tmp_path: Path):
     """A wrong path is refused before torch, timm, MLflow or Prefect are imported (so in well under a second)."""
