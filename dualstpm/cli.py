@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
+import shlex
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
@@ -13,8 +15,10 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from dualstpm import __version__
 from dualstpm.config import Params, load_params, valid_keys
 from dualstpm.errors import ConfigError, DualStpmError
+from dualstpm.paths import CALIBRATION_FILE, category_dir, expand_paths, trained_model_dir
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -43,10 +47,24 @@ DataRootOption = Annotated[Path, typer.Option("--data-root", help="folder holdin
 
 
 def trained_category(run: Path, category: str | None) -> str:
-    """The category asked for, else the one the run's model was trained on."""
-    from dualstpm.detector import read_model_dir
+    """The category asked for, else the one the run's model was trained on (from its
+    calibration.json, without loading the model). Raises RunError when RUN is not a trained model."""
+    model_dir = trained_model_dir(run)
+    return category or json.loads((model_dir / CALIBRATION_FILE).read_text())["category"]
 
-    return category or read_model_dir(run)[2].category
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"dualstpm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True,
+                                          help="print the version and exit")] = False,
+) -> None:
+    """Dual student-teacher feature pyramid matching: learn good parts, flag and locate defects."""
 
 
 def resolve_params(path: Path | None, overrides: list[str] | None) -> Params:
@@ -84,10 +102,25 @@ def fit(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="start again in a run directory that has a checkpoint")] = False,
 ) -> None:
     """Train both branches on the good images of one category (logged to MLflow)."""
+    category_dir(data_root, category)  # a wrong path fails before torch and MLflow load
+    p = resolve_params(params, overrides)
     from dualstpm.stages import tracked_fit
+    from dualstpm.training import FitInterrupted
 
-    result = tracked_fit(resolve_params(params, overrides), data_root, category, out_dir, resume=resume, overwrite=overwrite)
+    try:
+        result = tracked_fit(p, data_root, category, out_dir, resume=resume, overwrite=overwrite)
+    except FitInterrupted as stop:
+        err.print(f"interrupted: {stop}", highlight=False, soft_wrap=True)
+        if stop.epochs_done:
+            err.print(f"continue with: {resume_command()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     out.print(f"trained: {result.model_dir}")
+
+
+def resume_command(argv: list[str] | None = None) -> str:
+    """This `dualstpm fit` command line with --resume instead of --overwrite, ready to paste."""
+    args = [a for a in (sys.argv[1:] if argv is None else argv) if a != "--overwrite"]
+    return shlex.join(["dualstpm", *args, *([] if "--resume" in args else ["--resume"])])
 
 
 @app.command()
@@ -99,24 +132,29 @@ def test(
     overrides: SetOption = None,
 ) -> None:
     """Evaluate a trained model on the test split; writes RUN/metrics.json and RUN/plots/, logs to MLflow."""
+    category = trained_category(run, category)
+    category_dir(data_root, category)  # wrong paths fail before torch and MLflow load
+    p = resolve_params(params, overrides)
     from dualstpm.stages import tracked_test
 
-    category = trained_category(run, category)
-    print_metrics(tracked_test(resolve_params(params, overrides), run, data_root, category))
+    print_metrics(tracked_test(p, run, data_root, category))
     out.print(f"written: {run / 'metrics.json'}")
 
 
 @app.command()
 def predict(
     run: TrainedRunOption,
-    paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
+    paths: Annotated[list[Path], typer.Argument(help="image files, folders, or quoted glob patterns ('imgs/*.png')")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for overlays and predictions.csv")],
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="override the calibrated threshold")] = None,
     params: ParamsOption = None,
     overrides: SetOption = None,
 ) -> None:
-    """Score images: label, heat-map overlay per image and one CSV (unreadable files: a row
-    with their error; the command then exits with status 2)."""
+    """Score images (files, folders, or quoted patterns such as 'imgs/*.png'): label, heat-map
+    overlay per image and one CSV (unreadable files: a row with their error; the command then
+    exits with status 2)."""
+    trained_model_dir(run)  # wrong paths fail before torch loads
+    paths = expand_paths(paths)
     from dualstpm.detector import Detector
     from dualstpm.errors import DataError
     from dualstpm.predict import PREDICTIONS_FILE
@@ -215,6 +253,7 @@ def ablate(
     overrides: SetOption = None,
 ) -> None:
     """Re-score RUN's stored maps under the fusion grid, choose on validation data; writes RUN/ablation/."""
+    trained_model_dir(run)  # a wrong run fails before torch and MLflow load
     from dualstpm.stages import tracked_ablate
 
     result = tracked_ablate(resolve_params(params, overrides), run)
@@ -295,6 +334,7 @@ def bench(
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("bench/results.json"),
 ) -> None:
     """Training and inference speed, the inference floor, peak memory: one run, one table."""
+    category_dir(data_root, category)  # a wrong path fails before torch loads
     from dualstpm.bench import benchmark, write_results
 
     results = benchmark(resolve_params(params, overrides), data_root, category, images, repeats)
@@ -318,9 +358,10 @@ def register(
     overrides: SetOption = None,
 ) -> None:
     """Register the tested model of RUN as a new version (alias `challenger`) in the MLflow registry."""
+    category = trained_category(run, category)  # a wrong run fails before MLflow loads
     from dualstpm.registry import CHALLENGER, register_run
 
-    version = register_run(run, resolve_params(params, overrides), trained_category(run, category))
+    version = register_run(run, resolve_params(params, overrides), category)
     out.print(f"registered: {version.name} version {version.version} (@{CHALLENGER}); "
               f"load it as models:/{version.name}@{CHALLENGER}")
 
@@ -346,12 +387,19 @@ def promote(
 
 
 @app.command("params")
-def show_params(params: ParamsOption = None, overrides: SetOption = None) -> None:
-    """Print the resolved params (after --set) and the valid keys."""
+def show_params(
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+    keys: Annotated[bool, typer.Option("--keys", help="list the valid keys instead, one per line")] = False,
+) -> None:
+    """Print the resolved params (after --set) as YAML that --params accepts (`dualstpm params > p.yaml`)."""
     import yaml
 
-    out.print(yaml.safe_dump(resolve_params(params, overrides).to_dict(), sort_keys=False))
-    out.print("valid keys: " + ", ".join(valid_keys()))
+    if keys:
+        sys.stdout.write("\n".join(valid_keys()) + "\n")
+        return
+    resolved = resolve_params(params, overrides).to_dict()
+    sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False, width=math.inf))  # plain text: no terminal wrapping
 
 
 def main() -> None:
@@ -359,5 +407,5 @@ def main() -> None:
     try:
         app()
     except DualStpmError as exc:
-        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
+        err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)  # paths, commands: unbroken
         raise SystemExit(2) from None

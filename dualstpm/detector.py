@@ -28,12 +28,9 @@ from dualstpm.errors import RunError
 from dualstpm.files import staged_dir, write_bytes, write_json
 from dualstpm.fusion import VIEWS, FusionSpec, MapStats, fuse, image_scores
 from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE, trained_model_dir
 
 FORMAT_VERSION = 2  # 2: branch B decoder with bottleneck widths
-MODEL_SUBDIR = "model"
-WEIGHTS_FILE = "weights.safetensors"
-PARAMS_FILE = "params.yaml"
-CALIBRATION_FILE = "calibration.json"
 FUSION_FILE = "fusion.json"
 
 
@@ -178,13 +175,7 @@ class Detector:
 
 def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:
     """(model dir, params, calibration) of a trained run, checked; the weights stay on disk."""
-    model_dir = Path(run_dir) / MODEL_SUBDIR
-    missing = [n for n in (WEIGHTS_FILE, PARAMS_FILE, CALIBRATION_FILE) if not (model_dir / n).is_file()]
-    if missing:
-        raise RunError(
-            f"{model_dir} is not a trained model (missing {', '.join(missing)}); "
-            f"run `dualstpm fit --out {run_dir} ...` first"
-        )
+    model_dir = trained_model_dir(run_dir)
     params = load_params(model_dir / PARAMS_FILE)
     calibration = Calibration.from_json(json.loads((model_dir / CALIBRATION_FILE).read_text()))
     if calibration.format_version != FORMAT_VERSION:

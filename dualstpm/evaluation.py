@@ -24,6 +24,26 @@ METRICS_FILE = "metrics.json"
 IMAGE_ONLY_NOTE = "image-level only: the category has no ground_truth folder, so pixel metrics are null"
 
 
+def undefined_metrics_note(result: dict, has_ground_truth: bool) -> str | None:
+    """Why the null metrics of a metrics.json `result` are null, one clause per cause (None
+    when every metric is defined): no defective test images, no good ones, no ground truth,
+    or nothing flagged at a view's threshold."""
+    n_defective = result["n_defective"]
+    reasons = []
+    if n_defective == 0:
+        reasons.append("the test set has no defective images, so image AUROC, image F1-max, pixel AUROC, AUPRO "
+                       "and recall are undefined (null): each needs at least one defective image")
+    elif not has_ground_truth:
+        reasons.append(IMAGE_ONLY_NOTE)
+    if n_defective == result["n_test_images"]:
+        reasons.append("the test set has no good images, so image AUROC is undefined (null): it needs good images too")
+    unflagged = [view for view in VIEWS if result[view]["precision"] is None]
+    if unflagged:
+        reasons.append(f"no test image scores above the threshold of {', '.join(unflagged)}, so precision is "
+                       "undefined (null) there: nothing was flagged")
+    return "; ".join(reasons) or None
+
+
 def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_size: int | None = None,
                       plots_dir: Path | None = None, maps_dir: Path | None = None,
                       max_pixels: int | None = None) -> dict:
@@ -79,6 +99,8 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
             truth,
             detector.thresholds[view],
         )
+    if (note := undefined_metrics_note(result, has_ground_truth=masks is not None)) is not None:
+        result["note"] = note
     if plots_dir is not None:
         names = [f"{s.defect_type}_{s.path.stem}" for s in dataset.test]
         write_test_figures(plots_dir, detector, images, labels, scores, names, maps, masks)

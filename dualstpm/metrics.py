@@ -261,19 +261,19 @@ def f1_max(labels: np.ndarray, scores: np.ndarray) -> tuple[float, float] | None
     return float(f1[best]), float(thresholds[best])
 
 
-def precision_recall_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float, float]:
+def precision_recall_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> tuple[float | None, float | None]:
     """(precision, recall) when score > threshold is flagged defective (the decision rule).
 
-    Precision is 0.0 when nothing is flagged and recall is 0.0 when there is no
-    defective sample (sklearn's zero_division=0), so results stay JSON numbers.
+    Precision is None (undefined, not 0) when nothing is flagged, and recall is None when
+    there is no defective sample: 0/0 is no measurement, and a 0.0 would read as a failure.
     """
     labels, scores = _as_binary(labels, scores)
     flagged = scores > threshold
     hits = np.count_nonzero(flagged & labels)
     n_flagged, n_defective = np.count_nonzero(flagged), np.count_nonzero(labels)
-    precision = hits / n_flagged if n_flagged else 0.0
-    recall = hits / n_defective if n_defective else 0.0
-    return float(precision), float(recall)
+    precision = float(hits / n_flagged) if n_flagged else None
+    recall = float(hits / n_defective) if n_defective else None
+    return precision, recall
 
 
 def per_defect_auroc(defect_types: Sequence[str], scores: np.ndarray) -> dict[str, float]:

@@ -41,7 +41,7 @@ from dualstpm.detector import MODEL_SUBDIR, read_chosen_fusion, read_model_dir
 from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.evaluation import METRICS_FILE
 from dualstpm.lineage import MODEL_HASH_TAG, check_model_of_run
-from dualstpm.tracking import TAG, CategoryRun, RunRecord, connect, dataset_name, tracking_errors
+from dualstpm.tracking import STORE_ANSWERED, TAG, CategoryRun, RunRecord, connect, dataset_name, tracking_errors
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -375,6 +375,23 @@ def _current_holder(client, lock: str):
     return None
 
 
+def _version(client, name: str, version: str | int, category: str):
+    """Version `version` of `name`; RunError naming the versions there are when it does not exist."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version(name, str(version))
+    except MlflowException as exc:
+        if exc.error_code not in STORE_ANSWERED:
+            raise
+    existing = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
+    if not existing:
+        raise RunError(f"there is no registered model {name}, so no version {version}: register one with "
+                       f"`dualstpm register --run RUN --category {category}`")
+    raise RunError(f"{name} has no version {version}; its versions are {', '.join(map(str, existing))}. "
+                   f"Pass one of them to --version, or leave --version out to judge @{CHALLENGER}.")
+
+
 @contextmanager
 def promotion_lock(client, name: str, holder: str) -> Iterator[None]:
     """Mutual exclusion across processes and machines: a registered model `<name>.promotion-lock`
@@ -472,7 +489,7 @@ def promote(category: str, params: Params, metric: str = "image_auroc", min_delt
             if challenger is None:
                 raise RunError(f"{name} has no '{CHALLENGER}' version: register one with `dualstpm register --run RUN --category {category}`")
         else:
-            challenger = client.get_model_version(name, str(version))
+            challenger = _version(client, name, version, category)
         if challenger.tags.get(REGISTRATION_TAG) == INCOMPLETE:
             raise RunError(
                 f"{name} version {challenger.version} is marked {REGISTRATION_TAG}={INCOMPLETE}: its registration "

@@ -15,10 +15,12 @@ from dualstpm.config import Params
 from dualstpm.data import load_category, make_synthetic_category, prepare_mvtec
 from dualstpm.detector import FUSION_FILE, MODEL_SUBDIR, Calibration, read_model_dir
 from dualstpm.errors import DataError, RunError, TrackingError
-from dualstpm.evaluation import test_run
-from dualstpm.metrics import category_means
+from dualstpm.evaluation import METRICS_FILE, test_run
+from dualstpm.figures import PLOTS_DIR
 from dualstpm.files import write_csv
 from dualstpm.lineage import check_model_of_run, record_model
+from dualstpm.maps import MAPS_DIR
+from dualstpm.metrics import category_means
 from dualstpm.tracking import (
     RUN_RECORD,
     TAG,
@@ -100,6 +102,7 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     if not failures:
         try:
             record_model(run())
+            run().log_missing_epochs(result.history)  # epochs an interruption kept from a run (resume)
             run().log_fit(result.selected_epochs, result.thresholds)
             run().finish()
         except TrackingError as exc:
@@ -126,7 +129,7 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
     evaluation: a run directory tested on another category or other data is refused
     (RunError) before anything is written.
     """
-    connect(params)
+    connect(params)  # an unreachable store fails before any work
     run_dir = Path(run_dir)
     evaluation_hash = data_hash(data_root, category)
     check_one_evaluation(run_dir, category, evaluation_hash, data_root)
@@ -139,11 +142,18 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
                 run.finish("FAILED")
         raise
     write_csv(run_dir / AUC_TABLE, metrics_table({category: result}))
-    if run.created:  # fitted without tracking, or into another store: log what the files tell
-        run.log_history(run_dir / HISTORY_FILE)
-        run.log_fit(calibration.selected_epochs, calibration.thresholds)
-    run.log_test(result, evaluation_hash, data_root)
-    run.finish()
+    try:
+        if run.created:  # fitted without tracking, or into another store: log what the files tell
+            run.log_history(run_dir / HISTORY_FILE)
+            run.log_fit(calibration.selected_epochs, calibration.thresholds)
+        run.log_test(result, evaluation_hash, data_root)
+        run.finish()
+    except TrackingError as exc:  # the store went away during the test: the results are on disk
+        raise TrackingError(
+            f"the test results are saved in {run_dir} ({METRICS_FILE}, {AUC_TABLE}, {PLOTS_DIR}/, {MAPS_DIR}/), "
+            f"but logging them to MLflow failed: {exc}\nOnce the store answers again, `dualstpm test --run {run_dir} "
+            f"--data-root {data_root} --category {category}` tests again and logs them."
+        ) from exc
     return result
 
 

@@ -25,7 +25,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +42,9 @@ ARTIFACTS_DIR = "mlartifacts"
 RUN_RECORD = "mlflow_run.json"
 BRANCH_RUNS = ("stpm", "recon")
 RESULT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall", "threshold")
+#: MLflow error codes of a store that answered (a missing or bad name, version or value): not a store that is down
+STORE_ANSWERED = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE", "BAD_REQUEST",
+                            "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "INVALID_STATE"})
 TAG = "dualstpm."  # prefix of our own tags, apart from MLflow's `mlflow.*` ones
 _METRIC_UNSAFE = re.compile(r"[^\w\-. /]")  # MLflow metric names allow only these characters
 
@@ -214,6 +217,8 @@ def tracking_errors(uri: str, doing: str) -> Iterator[None]:
         yield
     except (MlflowException, requests.RequestException, SQLAlchemyError, OSError) as exc:  # OSError: a local store
         cause = str(exc).splitlines()[0][:400] if str(exc) else type(exc).__name__
+        if isinstance(exc, MlflowException) and exc.error_code in STORE_ANSWERED:  # it runs: no advice to start it
+            raise TrackingError(f"MLflow at {uri} refused {doing}: {cause}") from exc
         raise TrackingError(f"MLflow at {uri} failed while {doing}: {cause}\n{_server_hint(uri)}") from exc
 
 
@@ -348,14 +353,35 @@ class CategoryRun:
                 tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()],
             )
 
-    def log_epoch(self, record: Mapping[str, float]) -> None:
-        """One epoch of `training.fit`'s history: all of it on the parent, each branch's on its child."""
-        epoch = int(record["epoch"])
+    def _epoch_parts(self, record: Mapping[str, float]) -> dict[str, tuple[str, dict[str, float]]]:
+        """{run id: (what, metrics)} of one history row: all of it for the parent, each branch's
+        `*_<branch>` values, without the suffix, for its child."""
         values = {k: v for k, v in record.items() if k != "epoch"}
-        self.log(self.run_id, f"logging epoch {epoch}", values, step=epoch)
+        parts = {self.run_id: ("", values)}
         for branch, run_id in self.record.branch_run_ids.items():
-            mine = {k.removesuffix(f"_{branch}"): v for k, v in values.items() if k.endswith(f"_{branch}")}
-            self.log(run_id, f"logging epoch {epoch} of {branch}", mine, step=epoch)
+            parts[run_id] = (f" of {branch}", {k.removesuffix(f"_{branch}"): v for k, v in values.items() if k.endswith(f"_{branch}")})
+        return parts
+
+    def log_epoch(self, record: Mapping[str, float], skip: Mapping[str, set[int]] | None = None) -> None:
+        """One epoch of `training.fit`'s history: all of it on the parent, each branch's on its
+        child; `skip`: {run id: epochs that run already holds}."""
+        epoch = int(record["epoch"])
+        for run_id, (what, values) in self._epoch_parts(record).items():
+            if epoch not in (skip or {}).get(run_id, ()):
+                self.log(run_id, f"logging epoch {epoch}{what}", values, step=epoch)
+
+    def log_missing_epochs(self, history: Sequence[Mapping[str, float]]) -> None:
+        """Log each epoch of `history` into each run (parent, children) that lacks it, so a fit
+        interrupted while logging and then resumed ends with every epoch in every run, once."""
+        if not history:
+            return
+        held: dict[str, set[int]] = {}
+        for run_id, (_, values) in self._epoch_parts(history[0]).items():
+            key = next(iter(values))  # one log_batch per run and epoch: one key tells which epochs it holds
+            with tracking_errors(self.client.tracking_uri, f"reading the logged epochs of run {run_id}"):
+                held[run_id] = {m.step for m in self.client.get_metric_history(run_id, key)}
+        for record in history:
+            self.log_epoch(record, skip=held)
 
     def log_history(self, history_csv: Path) -> None:
         """Per-epoch losses from `RUN/history.csv`, for a run whose fit was not tracked live."""

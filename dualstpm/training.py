@@ -9,11 +9,14 @@ continues with `--resume` and ends where an uninterrupted one would have.
 from __future__ import annotations
 
 import csv
+import hashlib
+import json
 import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ from torch import Tensor
 
 from dualstpm.compute import Compute
 from dualstpm.config import Params
-from dualstpm.data import decode_images, load_category, split_train_val
+from dualstpm.data import Category, decode_images, load_category, split_train_val
 from dualstpm.detector import Calibration, save_detector, summarize
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
@@ -87,25 +90,89 @@ def _atomic_save(obj: dict, path: Path) -> None:
         torch.save(obj, tmp)
 
 
-def _check_resumable(checkpoint: dict, params: Params, path: Path) -> None:
-    saved, now = dict(checkpoint["params"]), params.to_dict()
-    saved["fit"] = {k: v for k, v in saved["fit"].items() if k != "epochs"}
-    now["fit"] = {k: v for k, v in now["fit"].items() if k != "epochs"}
-    for tree in (saved, now):
-        tree.pop("tracking", None)  # where runs are logged does not change what is trained
-    if saved != now:
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+#: fit keys that do not change what an epoch computes, so a resumed fit may change them
+#: (epochs only upwards: see `check_resumable`).
+RESUMABLE_FIT_KEYS = ("epochs", "device", "cache", "cache_ram_gb")
+
+
+class FitInterrupted(KeyboardInterrupt):
+    """Ctrl-C during a fit, with what is safe on disk: `epochs_done` epochs in `checkpoint`
+    (0: nothing to resume). Still a KeyboardInterrupt, so everything that stops on one stops."""
+
+    def __init__(self, epochs_done: int, epochs: int, checkpoint: Path) -> None:
+        self.epochs_done, self.epochs, self.checkpoint = epochs_done, epochs, checkpoint
+        if epochs_done:
+            what = f"epoch {epochs_done} of {epochs} is checkpointed in {checkpoint}"
+        else:
+            what = "no epoch finished, nothing is checkpointed: run the same command again"
+        super().__init__(what)
+
+
+def training_signature(params: Params) -> dict[str, Any]:
+    """The params that shape the weights and history of every epoch: image size, seed, the
+    model, the fit (but `RESUMABLE_FIT_KEYS`) and the fusion mode model selection scores
+    with. Data, tracking, ablation, Prefect, the final fusion and calibration are not in it."""
+    fit = {k: v for k, v in params.fit.model_dump(mode="json").items() if k not in RESUMABLE_FIT_KEYS}
+    return {"image_size": params.image_size, "seed": params.seed, "model": params.model.model_dump(mode="json"),
+            "fit": fit, "fusion": {"mode": params.fusion.mode}}
+
+
+def _files_digest(paths: Sequence[Path], root: Path) -> str:
+    """md5 of the (relative path, size) list: the same files give the same digest wherever they lie."""
+    listing = [(p.relative_to(root).as_posix(), p.stat().st_size) for p in paths]
+    return hashlib.md5(json.dumps(listing).encode()).hexdigest()
+
+
+def data_signature(dataset: Category, train_paths: Sequence[Path], val_paths: Sequence[Path]) -> dict[str, Any]:
+    """What a fit was trained and selected on: the category, and its training and validation
+    files (relative paths and sizes, so a moved copy of the same data is the same data)."""
+    return {
+        "category": dataset.name,
+        "train": {"images": len(train_paths), "files_md5": _files_digest(train_paths, dataset.root)},
+        "validation": {"images": len(val_paths), "files_md5": _files_digest(val_paths, dataset.root)},
+    }
+
+
+def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
+    """`key: saved -> now` for every dotted key whose value differs."""
+    for key in sorted(set(saved) | set(now)):
+        a, b = saved.get(key), now.get(key)
+        if isinstance(a, Mapping) and isinstance(b, Mapping):
+            yield from _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            yield f"{prefix}{key}: {a!r} in the checkpoint, {b!r} now"
+
+
+def check_resumable(checkpoint: Mapping[str, Any], params: Params, data: Mapping[str, Any], path: Path) -> None:
+    """Raise TrainingError unless `checkpoint` continues into this fit: same data and split,
+    same training-shaping params (`training_signature`), and no more epochs than fit.epochs."""
+    if "signature" not in checkpoint or "data" not in checkpoint:
+        raise TrainingError(f"cannot resume from {path}: it was written by an older dualstpm that did not record "
+                            "its data and params. Start again with --overwrite.")
+    differences = [*_differences({"data": checkpoint["data"]}, {"data": dict(data)}),
+                   *_differences(checkpoint["signature"], training_signature(params))]
+    if differences:
         raise TrainingError(
-            f"cannot resume from {path}: its params differ in {', '.join(diff)} (only fit.epochs may change). "
-            "Resume with the same params, or start again with --overwrite."
+            f"cannot resume from {path}: it was trained differently:\n  " + "\n  ".join(differences) + "\n"
+            "Resume with the data and params it was trained with, or start again with --overwrite "
+            f"(only {', '.join('fit.' + k for k in RESUMABLE_FIT_KEYS)} may change; data.*, tracking.*, "
+            "ablation.* and prefect.* do not matter)."
+        )
+    done = int(checkpoint["epoch"])
+    if done > params.fit.epochs:
+        raise TrainingError(
+            f"cannot resume from {path}: it holds {done} epochs but fit.epochs={params.fit.epochs}. "
+            f"Continue it with fit.epochs >= {done} (e.g. --set fit.epochs={done}), "
+            f"or start again with --overwrite to train {params.fit.epochs}."
         )
 
 
 class Trainer:
     """Holds the state of one fit: model, optimisers, best checkpoints, history."""
 
-    def __init__(self, params: Params, run_dir: Path, compute: Compute) -> None:
+    def __init__(self, params: Params, run_dir: Path, compute: Compute, data: Mapping[str, Any]) -> None:
         self.params = params
+        self.data = dict(data)
         self.run_dir = run_dir
         self.compute = compute
         self.checkpoint_path = run_dir / CHECKPOINT_FILE
@@ -119,6 +186,7 @@ class Trainer:
         self.best: dict[str, dict] = {b: {"score": math.inf, "epoch": 0, "state": None} for b in BRANCHES}
         self.history: list[dict[str, float]] = []
         self.epochs_done = 0
+        self.epochs_saved = 0  # the epoch the checkpoint on disk holds
         self.selection_spec = FusionSpec(mode=params.fusion.mode, weights=FusionSpec().weights)
 
     # --- checkpoints -----------------------------------------------------------
@@ -127,6 +195,8 @@ class Trainer:
             {
                 "epoch": self.epochs_done,
                 "params": self.params.to_dict(),
+                "signature": training_signature(self.params),
+                "data": self.data,
                 "students": {n: s.state_dict() for n, s in self.model.students().items()},
                 "optimizers": {n: o.state_dict() for n, o in self.optimizers.items()},
                 "best": self.best,
@@ -134,18 +204,16 @@ class Trainer:
             },
             self.checkpoint_path,
         )
+        self.epochs_saved = self.epochs_done
 
-    def load_checkpoint(self) -> None:
-        if not self.checkpoint_path.is_file():
-            raise TrainingError(f"nothing to resume: {self.checkpoint_path} does not exist. Run without --resume.")
-        checkpoint = torch.load(self.checkpoint_path, map_location="cpu", weights_only=True)
-        _check_resumable(checkpoint, self.params, self.checkpoint_path)
+    def load_checkpoint(self, checkpoint: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint `check_resumable` accepted."""
         for name, student in self.model.students().items():
             student.load_state_dict(checkpoint["students"][name])
             self.optimizers[name].load_state_dict(checkpoint["optimizers"][name])
         self.best = checkpoint["best"]
         self.history = list(checkpoint["history"])
-        self.epochs_done = int(checkpoint["epoch"])
+        self.epochs_done = self.epochs_saved = int(checkpoint["epoch"])
 
     # --- one epoch -----------------------------------------------------------------
     def train_epoch(self, images: Tensor, progress: Progress, cache: TeacherFeatureCache | None = None) -> dict[str, float]:
@@ -238,22 +306,36 @@ def fit(
     """Train both branches on `category`, select, calibrate and write `run_dir/model`."""
     run_dir = Path(run_dir)
     checkpoint_path = run_dir / CHECKPOINT_FILE
+    if resume and overwrite:
+        raise TrainingError(
+            "--resume and --overwrite contradict each other: --resume continues the checkpoint in "
+            f"{run_dir}, --overwrite discards it and starts again. Pass one of them."
+        )
     if checkpoint_path.exists() and not (resume or overwrite):
         raise TrainingError(
             f"{run_dir} already holds a training checkpoint: pass --resume to continue it, "
             "--overwrite to start again, or choose another --out"
         )
+    if resume and not checkpoint_path.is_file():
+        raise TrainingError(f"nothing to resume: {checkpoint_path} does not exist. Run without --resume.")
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     dataset = load_category(Path(data_root), category)
     train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
+    data = data_signature(dataset, train_paths, val_paths)
+    checkpoint = None
+    if resume:  # checked before the images are decoded: a refusal costs nothing
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        check_resumable(checkpoint, params, data, checkpoint_path)
+    elif overwrite:
+        checkpoint_path.unlink(missing_ok=True)  # an interrupted new fit must never look like the old one
     limit = params.data.max_image_pixels
     train_images = decode_images(train_paths, params.image_size, f"decoding {len(train_paths)} train images", limit)
     val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images", limit)
 
-    trainer = Trainer(params, run_dir, compute)
+    trainer = Trainer(params, run_dir, compute, data)
     run_dir.mkdir(parents=True, exist_ok=True)
-    if resume:
-        trainer.load_checkpoint()
+    if checkpoint is not None:
+        trainer.load_checkpoint(checkpoint)
         console.print(f"resuming {run_dir} after epoch {trainer.epochs_done}")
     console.print(
         f"fitting [bold]{category}[/]: {len(train_paths)} train / {len(val_paths)} validation images, "
@@ -261,11 +343,11 @@ def fit(
     )
     columns = (MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
     cache = None
-    if params.fit.cache and trainer.epochs_done < params.fit.epochs:
-        cache = TeacherFeatureCache.build(
-            trainer.model, train_images, params.fit.batch_size, compute, params.fit.cache_ram_gb * 2**30, run_dir
-        )
-    try:
+    try:  # Ctrl-C from here on says what is checkpointed (FitInterrupted)
+        if params.fit.cache and trainer.epochs_done < params.fit.epochs:
+            cache = TeacherFeatureCache.build(
+                trainer.model, train_images, params.fit.batch_size, compute, params.fit.cache_ram_gb * 2**30, run_dir
+            )
         with progress_bar(*columns) as progress:
             while trainer.epochs_done < params.fit.epochs:
                 losses = trainer.train_epoch(train_images, progress, cache)
@@ -276,6 +358,8 @@ def fit(
                 console.print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 if on_epoch is not None:
                     on_epoch(record)
+    except KeyboardInterrupt:
+        raise FitInterrupted(trainer.epochs_saved, params.fit.epochs, checkpoint_path) from None
     finally:
         if cache is not None:
             cache.close()

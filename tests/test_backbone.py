@@ -171,6 +171,21 @@ def test_hub_offline_fails_fast_with_alternatives(monkeypatch: pytest.MonkeyPatc
     assert time.monotonic() - start < 10
     message = str(info.value)
     assert "resnet18" in message and "package" in message and "file:" in message
+    # HF_HUB_OFFLINE is already set: the advice is to warm the cache, not to set it again
+    assert "HF_HUB_OFFLINE is set" in message and "set HF_HUB_OFFLINE=1" not in message
+
+
+def test_hub_unreachable_suggests_the_offline_cache(monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "https://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.delenv("HTTPS_PROXY", raising=False)
+    monkeypatch.delenv("https_proxy", raising=False)
+    with pytest.raises(WeightsError) as info:
+        load_teacher("resnet18", "hub")
+    message = str(info.value)
+    assert "127.0.0.1:9" in message and "set HF_HUB_OFFLINE=1" in message and "HF_HUB_OFFLINE is set" not in message
 
 
 def test_unknown_source_and_package_without_wheel() -> None:

@@ -29,10 +29,11 @@ def test_fit_test_predict_through_the_cli(synthetic_root: Path, tmp_path: Path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"fused", "stpm", "recon"} <= set(metrics)
     assert "image AUROC" in done.stdout
-    images = sorted((synthetic_root / "synth_object" / "test" / "stain").iterdir())[:2]
-    done = dualstpm("predict", "--run", str(run), *map(str, images), "--out", str(tmp_path / "pred"))
+    # a quoted pattern, as a user types it when the shell does not expand it: 000.png and 001.png
+    pattern = str(synthetic_root / "synth_object" / "test" / "stain" / "00[01].png")
+    done = dualstpm("predict", "--run", str(run), pattern, "--out", str(tmp_path / "pred"))
     assert done.returncode == 0, done.stderr
-    assert len(pd.read_csv(tmp_path / "pred" / "predictions.csv")) == 2
+    assert sorted(Path(p).name for p in pd.read_csv(tmp_path / "pred" / "predictions.csv")["path"]) == ["000.png", "001.png"]
 
 
 @pytest.mark.parametrize(
@@ -59,6 +60,90 @@ def test_bad_input_is_one_clear_message_without_traceback(args, fragments, synth
         assert fragment in done.stderr
 
 
-def test_params_command_lists_keys():
-    done = dualstpm("params", "--set", "fit.epochs=9")
-    assert done.returncode == 0 and "epochs: 9" in done.stdout and "fusion.normalize" in done.stdout
+def test_params_output_is_yaml_that_params_accepts(tmp_path: Path):
+    """`dualstpm params > p.yaml` then `--params p.yaml`: the same params, even on a narrow terminal."""
+    import os
+
+    import yaml
+
+    url = "https://example.com/" + "a-long-path-segment/" * 8 + "mvtec_anomaly_detection.tar.xz"
+    narrow = {**os.environ, "COLUMNS": "40"}
+    first = subprocess.run([sys.executable, "-m", "dualstpm", "params", "--set", "fit.epochs=9", "--set", f"data.mvtec.url={url}"],
+                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=narrow)
+    assert first.returncode == 0, first.stderr
+    loaded = yaml.safe_load(first.stdout)
+    assert loaded["fit"]["epochs"] == 9 and loaded["data"]["mvtec"]["url"] == url
+    (tmp_path / "p.yaml").write_text(first.stdout)
+    again = dualstpm("params", "--params", str(tmp_path / "p.yaml"), cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert again.stdout == first.stdout
+    keys = dualstpm("params", "--keys").stdout.split()
+    assert "fusion.normalize" in keys and "fit.epochs" in keys and "fit" not in keys
+
+
+def test_version_is_the_package_version():
+    import tomllib
+
+    version = tomllib.loads((PROJECT_ROOT / "pyproject.toml").read_text())["project"]["version"]
+    done = dualstpm("--version")
+    assert done.returncode == 0 and done.stdout == f"dualstpm {version}\n"
+
+
+HEAVY = ("torch", "timm", "mlflow", "prefect")
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["predict", "--run", "{tmp}/missing", "{tmp}/x.png", "--out", "{tmp}/o"], "missing"),
+    (["predict", "--run", "{fake}", "{tmp}/x.png", "--out", "{tmp}/o"], "x.png does not exist"),
+    (["predict", "--run", "{fake}", "{tmp}/*.tif", "--out", "{tmp}/o"], "*.tif' matches no file"),
+    (["fit", "--data-root", "{tmp}/missing", "--category", "c", "--out", "{tmp}/r"], "missing does not exist"),
+    (["fit", "--data-root", "{tmp}", "--category", "nope", "--out", "{tmp}/r"], "nope not found"),
+    (["test", "--run", "{tmp}/missing", "--data-root", "{tmp}"], "missing/model is not a trained model"),
+    (["test", "--run", "{fake}", "--data-root", "{tmp}"], "synth_texture not found"),
+    (["register", "--run", "{tmp}/missing"], "missing/model is not a trained model"),
+    (["ablate", "--run", "{tmp}/missing"], "missing/model is not a trained model"),
+    (["bench", "--data-root", "{tmp}/missing", "--category", "c"], "missing does not exist"),
+])
+def test_path_errors_come_before_heavy_imports(args, fragment, tmp_path: Path):
+    """A wrong path is refused before torch, timm, MLflow or Prefect are imported (so in well under a second)."""
+    fake = tmp_path / "run"  # a run directory whose model files exist (their content is never read this early)
+    (fake / "model").mkdir(parents=True)
+    for name in ("weights.safetensors", "params.yaml"):
+        (fake / "model" / name).write_text("")
+    (fake / "model" / "calibration.json").write_text(json.dumps({"category": "synth_texture"}))
+    args = [a.format(tmp=tmp_path, fake=fake) for a in args]
+    code = (
+        "import json, sys\n"
+        "from dualstpm.cli import main\n"
+        f"sys.argv = ['dualstpm', *{args!r}]\n"
+        "try:\n    main()\nexcept SystemExit as exc:\n"
+        f"    print(json.dumps([exc.code, [m for m in {HEAVY!r} if m in sys.modules]]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert json.loads(done.stdout.splitlines()[-1]) == [2, []], done.stderr
+    assert fragment in " ".join(done.stderr.split()), done.stderr
+
+
+def test_ctrl_c_during_fit_says_what_is_checkpointed_and_how_to_resume(synthetic_root: Path, tmp_path: Path):
+    import shlex
+    import signal
+    import time
+
+    import torch
+
+    run = tmp_path / "run"
+    args = ["fit", "--data-root", str(synthetic_root), "--category", "synth_texture", "--out", str(run),
+            *sets(TINY_OVERRIDES + ["fit.epochs=50"])]
+    process = subprocess.Popen([sys.executable, "-m", "dualstpm", *args], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while not (run / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=600)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stderr
+    epoch = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]  # what is really on disk
+    message = " ".join(stderr.split())
+    assert f"epoch {epoch} of 50 is checkpointed in {run / 'checkpoint.pt'}" in message
+    assert f"continue with: {shlex.join(['dualstpm', *args, '--resume'])}" in message

@@ -307,8 +307,15 @@ def test_precision_recall_at_threshold() -> None:
     assert metrics.precision_recall_at(labels, scores, 0.49) == pytest.approx((2 / 3, 2 / 3))
     # The decision is strict: at 0.5 the defect scored exactly 0.5 is not flagged.
     assert metrics.precision_recall_at(labels, scores, 0.5) == pytest.approx((1 / 2, 1 / 3))
-    # Nothing flagged: precision is defined as 0.
-    assert metrics.precision_recall_at(labels, scores, 0.9) == (0.0, 0.0)
+    # Nothing flagged: precision is undefined (0/0), recall is 0 of 3 defects found.
+    assert metrics.precision_recall_at(labels, scores, 0.9) == (None, 0.0)
+
+
+def test_recall_is_undefined_without_defects() -> None:
+    good = np.zeros(3, dtype=bool)
+    scores = np.array([0.1, 0.6, 0.2])
+    assert metrics.precision_recall_at(good, scores, 0.5) == (0.0, None)  # one flagged, a false alarm
+    assert metrics.precision_recall_at(good, scores, 0.9) == (None, None)  # nothing flagged, nothing to find
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -348,3 +355,22 @@ def test_evaluate_without_ground_truth_gives_null_pixel_metrics() -> None:
     assert '"aupro": null' in json.dumps(result)
     with pytest.raises(ValueError, match="defect types"):
         metrics.evaluate(labels, types[:-1], scores, maps, None, threshold=0.9)
+
+
+def _views(**fused) -> dict:
+    defined = {"precision": 0.5}
+    return {"fused": {**defined, **fused}, "stpm": dict(defined), "recon": dict(defined)}
+
+
+def test_the_note_names_why_each_undefined_metric_is_undefined() -> None:
+    from dualstpm.evaluation import undefined_metrics_note
+
+    good_only = {"n_test_images": 5, "n_defective": 0, **_views()}
+    note = undefined_metrics_note(good_only, has_ground_truth=False)
+    assert "no defective images" in note and "recall" in note and "ground_truth" not in note
+    assert "no good images" in undefined_metrics_note({"n_test_images": 3, "n_defective": 3, **_views()}, True)
+    no_masks = undefined_metrics_note({"n_test_images": 5, "n_defective": 2, **_views()}, has_ground_truth=False)
+    assert "ground_truth" in no_masks and "defective" not in no_masks
+    quiet = undefined_metrics_note({"n_test_images": 5, "n_defective": 2, **_views(precision=None)}, True)
+    assert "threshold of fused, so precision is undefined" in quiet and "stpm" not in quiet
+    assert undefined_metrics_note({"n_test_images": 5, "n_defective": 2, **_views()}, True) is None

@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from dualstpm.config import ModelParams
-from dualstpm.errors import ConfigError
 from dualstpm.models.loss import distance_map, distance_map_chunked, pyramid_loss
 from dualstpm.models.recon import ReconstructionStudent
 from dualstpm.models.torch_model import DualStpmModel
@@ -96,7 +95,3 @@ def test_gate_uses_t2_features_of_the_coarser_levels():
     assert torch.equal(base[2], moved[2])  # a level's output never sees T2's feature of that level
     assert not torch.equal(base[0], moved[0])  # but the stride-16 gate shapes the finer levels
 
-
-def test_same_teacher_twice_is_rejected():
-    with pytest.raises(ConfigError, match="different"):
-        DualStpmModel.build(params("resnet18", "resnet18"))

@@ -28,7 +28,7 @@ from mlflow import MlflowClient
 from conftest import TINY_OVERRIDES
 from dualstpm.config import load_params
 from dualstpm.detector import Detector
-from dualstpm.errors import TrackingError
+from dualstpm.errors import RunError, TrackingError
 from dualstpm.predict import predict
 from dualstpm.registry import CHALLENGER, CHAMPION, model_name, promote, register_run
 from dualstpm.stages import tracked_fit, tracked_test
@@ -235,6 +235,21 @@ def test_racing_promotions_leave_the_better_model_champion(pool: dict[str, str],
     assert f"{name}.promotion-lock" not in [m.name for m in client.search_registered_models()]
 
 
+def test_promoting_a_missing_version_names_what_exists(pool: dict[str, str], params, synthetic_root: Path):
+    """The server runs: the message names the missing version and the ones there are, and
+    does not tell the user to start a server."""
+    name = model_name(params, "synth_texture")
+    done = cli("promote", "--category", "synth_texture", "--version", "99",
+               "--set", "data.source=synthetic", "--set", f"data.root={synthetic_root}")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    message = " ".join(done.stderr.split())
+    assert f"{name} has no version 99" in message and "Start it" not in message
+    listed = message.split("its versions are ")[1].split(".")[0].split(", ")
+    assert set(pool.values()) <= set(listed) and "99" not in listed
+    with pytest.raises(RunError, match="there is no registered model dualstpm-synthetic-synth_nothing"):
+        promote("synth_nothing", params, version=1)
+
+
 # --------------------------------------------------------------------------- a server that goes away
 
 
@@ -272,6 +287,18 @@ def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_se
         with pytest.raises(TrackingError, match="unreachable"):
             tracked_test(p, run_dir, synthetic_root, "synth_texture")  # refused before testing
         assert not (run_dir / "metrics.json").exists()
+    finally:
+        if mlflow_server.process is None:
+            mlflow_server.start()
+    try:  # the server goes away after the test wrote its results: they are kept, and the message says so
+        crash = crash_when(mlflow_server, lambda: (run_dir / "metrics.json").exists())
+        with pytest.raises(TrackingError) as lost:
+            tracked_test(p, run_dir, synthetic_root, "synth_texture")
+        crash.join()
+        message = " ".join(str(lost.value).split())
+        assert f"the test results are saved in {run_dir} (metrics.json, auc_table.csv, plots/, maps/)" in message
+        assert f"`dualstpm test --run {run_dir} --data-root {synthetic_root} --category synth_texture`" in message
+        assert (run_dir / "metrics.json").is_file() and (run_dir / "plots" / "roc.png").is_file()
     finally:
         if mlflow_server.process is None:
             mlflow_server.start()

@@ -112,3 +112,17 @@ def test_data_hash_is_the_hash_dvc_gives_the_folder(synthetic_root: Path, tmp_pa
     image = next((project / "data" / "synth_texture" / "test" / "good").iterdir())
     image.write_bytes(image.read_bytes() + b"\0")
     assert data_hash(project / "data", "synth_texture") != computed  # other data, other hash
+
+
+def test_a_store_that_answers_is_not_called_down(tmp_path: Path):
+    """A missing run is the store's answer, not an outage: no advice to start or check the store."""
+    from mlflow import MlflowClient
+
+    from dualstpm.errors import TrackingError
+    from dualstpm.tracking import tracking_errors
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with pytest.raises(TrackingError) as info:
+        with tracking_errors(uri, "looking up run 0"):
+            MlflowClient(uri).get_run("0" * 32)
+    assert "refused looking up run 0" in str(info.value) and "writable MLflow database" not in str(info.value)

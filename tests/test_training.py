@@ -70,12 +70,55 @@ def test_resume_ends_where_an_uninterrupted_fit_ends(trained_run: Path, syntheti
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_resume_with_other_params_is_refused(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+@pytest.mark.parametrize("overrides, fragment", [
+    (["fit.lr=0.1"], "fit.lr: 0.4 in the checkpoint, 0.1 now"),
+    (["seed=1"], "seed: 0 in the checkpoint, 1 now"),
+    (["model.attention=none"], "model.attention: 'spatial' in the checkpoint, 'none' now"),
+    (["fit.epochs=1"], "it holds 2 epochs but fit.epochs=1"),  # params would say 1 epoch, history 2
+])
+def test_resume_with_other_training_params_is_refused(overrides, fragment, trained_run: Path, synthetic_root: Path,
+                                                      tmp_path: Path):
     run = tmp_path / "copy"
     shutil.copytree(trained_run, run)
-    other = load_params(None, TINY_OVERRIDES + ["fit.lr=0.1"])
-    with pytest.raises(TrainingError, match="fit"):
-        fit(other, synthetic_root, "synth_texture", run, resume=True)
+    with pytest.raises(TrainingError) as info:
+        fit(load_params(None, TINY_OVERRIDES + overrides), synthetic_root, "synth_texture", run, resume=True)
+    assert fragment in str(info.value) and "--overwrite" in str(info.value)
+
+
+def test_resume_on_other_data_is_refused(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    params = load_params(None, TINY_OVERRIDES)
+    with pytest.raises(TrainingError, match="data.category: 'synth_texture' in the checkpoint, 'synth_object' now"):
+        fit(params, synthetic_root, "synth_object", run, resume=True)
+    changed = tmp_path / "changed"
+    shutil.copytree(synthetic_root / "synth_texture", changed / "synth_texture")
+    first = sorted((changed / "synth_texture" / "train" / "good").iterdir())[0]
+    first.write_bytes(first.read_bytes() + b"\0")  # same names, one file one byte longer
+    with pytest.raises(TrainingError) as info:
+        fit(params, changed, "synth_texture", run, resume=True)
+    assert "data.train.files_md5" in str(info.value) or "data.validation.files_md5" in str(info.value)
+    assert "data.category" not in str(info.value)
+
+
+def test_resume_ignores_what_does_not_shape_training(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    """The same files in another folder, and edits of prefect.*, tracking.*, ablation.*, data.*,
+    the final fusion and fit.device/cache: the checkpoint continues (here: nothing left to train)."""
+    run, moved = tmp_path / "copy", tmp_path / "moved"
+    shutil.copytree(trained_run, run)
+    shutil.copytree(synthetic_root / "synth_texture", moved / "synth_texture")
+    edits = ["prefect.max_workers=9", "tracking.retries=1", "ablation.workers=2", "data.categories=[other]",
+             "data.source=folder", "fusion.sigma=1", "fit.cache=false"]
+    result = fit(load_params(None, TINY_OVERRIDES + edits), moved, "synth_texture", run, resume=True)
+    assert [row["epoch"] for row in result.history] == [1, 2]
+    assert load_params(run / "model" / "params.yaml").prefect.max_workers == 9
+
+
+def test_resume_and_overwrite_together_are_refused(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    run = tmp_path / "copy"
+    shutil.copytree(trained_run, run)
+    with pytest.raises(TrainingError, match="--resume and --overwrite contradict"):
+        fit(load_params(None, TINY_OVERRIDES), synthetic_root, "synth_texture", run, resume=True, overwrite=True)
 
 
 def test_nan_loss_is_a_clear_error_and_keeps_no_model(synthetic_root: Path, tmp_path: Path):
@@ -100,6 +143,23 @@ def test_predict_writes_overlays_and_csv(trained_run: Path, synthetic_root: Path
     torch.testing.assert_close(torch.tensor(table["score"].values), torch.tensor(everything["score"].values))
 
 
+def test_a_good_only_test_set_says_why_metrics_are_undefined(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root / "synth_texture", root / "synth_texture")
+    for folder in (root / "synth_texture" / "test").iterdir():
+        if folder.name != "good":
+            shutil.rmtree(folder)
+    result = test_run(trained_run, root, "synth_texture")
+    note = result["note"]
+    assert "no defective images" in note and "no ground_truth folder" not in note
+    unflagged = note.split("threshold of ")[1].split(", so")[0].split(", ") if "threshold of " in note else []
+    for view in ("fused", "stpm", "recon"):
+        m = result[view]
+        assert m["image_auroc"] is None and m["pixel_auroc"] is None and m["aupro"] is None and m["recall"] is None
+        assert m["precision"] in (None, 0.0)  # every flagged part is a false alarm; nothing flagged: undefined
+        assert (m["precision"] is None) == (view in unflagged)
+
+
 def test_category_without_ground_truth_is_image_level_only(trained_run: Path, synthetic_root: Path, tmp_path: Path):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root / "synth_texture", root / "synth_texture", ignore=shutil.ignore_patterns("ground_truth"))
@@ -108,3 +168,34 @@ def test_category_without_ground_truth_is_image_level_only(trained_run: Path, sy
     for view in ("fused", "stpm", "recon"):
         assert result[view]["pixel_auroc"] is None and result[view]["aupro"] is None
         assert result[view]["image_auroc"] is not None
+
+
+def test_a_fit_interrupted_while_logging_then_resumed_logs_every_epoch_to_every_run(
+        synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """Ctrl-C lands after epoch 1's checkpoint, while its metrics go to MLflow (parent and stpm
+    logged, recon not): after --resume, the parent and both branch runs hold epochs 1 and 2, once."""
+    from mlflow import MlflowClient
+
+    from dualstpm.stages import tracked_fit
+    from dualstpm.tracking import CategoryRun, RunRecord
+    from dualstpm.training import FitInterrupted
+
+    log = CategoryRun.log
+
+    def ctrl_c_before_recon_epoch_1(self, run_id, doing, *args, **kwargs):
+        if doing == "logging epoch 1 of recon":
+            raise KeyboardInterrupt
+        return log(self, run_id, doing, *args, **kwargs)
+
+    params, run = load_params(None, TINY_OVERRIDES), tmp_path / "run"  # 2 epochs
+    monkeypatch.setattr(CategoryRun, "log", ctrl_c_before_recon_epoch_1)
+    with pytest.raises(FitInterrupted) as stop:
+        tracked_fit(params, synthetic_root, "synth_texture", run)
+    assert (stop.value.epochs_done, stop.value.epochs) == (1, 2)
+    monkeypatch.undo()
+    tracked_fit(params, synthetic_root, "synth_texture", run, resume=True)
+    record = RunRecord.read(run)
+    client = MlflowClient(record.tracking_uri)
+    for run_id, key in [(record.run_id, "loss_recon"), (record.run_id, "val_score_stpm"),
+                        (record.branch_run_ids["stpm"], "loss"), (record.branch_run_ids["recon"], "val_score")]:
+        assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2], key

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from dualstpm.data.images import IMAGE_SUFFIXES, image_size_of, is_hidden, list_images
 from dualstpm.errors import ConfigError, DataError
+from dualstpm.paths import category_dir
 
 GOOD = "good"
 MASK_SUFFIX = "_mask"
@@ -62,22 +63,6 @@ def _subfolders(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and not is_hidden(p.name))
-
-
-def _category_root(data_root: Path, category: str) -> Path:
-    if not data_root.is_dir():
-        raise DataError(
-            f"data root {data_root.absolute()} does not exist or is not a folder: "
-            "point the data root at the folder that holds the category folders."
-        )
-    root = data_root / category
-    if not root.is_dir():
-        existing = ", ".join(p.name for p in _subfolders(data_root)) or "none"
-        raise DataError(
-            f"category folder {root.absolute()} not found. Categories in "
-            f"{data_root.absolute()}: {existing}. Fix the category name or the data root."
-        )
-    return root
 
 
 def _train_images(root: Path) -> tuple[Path, ...]:
@@ -170,7 +155,7 @@ def load_category(data_root: Path, category: str) -> Category:
     False (image-level scores only); with one, every defective test image needs a
     mask of its own size. ``test/good`` images never have masks.
     """
-    root = _category_root(Path(data_root), category)
+    root = category_dir(Path(data_root), category)
     train = _train_images(root)
     validation = _validation_images(root)
     ground_truth = root / "ground_truth"

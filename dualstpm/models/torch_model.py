@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dualstpm.config import ModelParams, TeacherParams
-from dualstpm.errors import ConfigError
 from dualstpm.models.backbone import FeaturePyramid, build_student, load_teacher
 from dualstpm.models.loss import distance_map_chunked, pyramid_loss
 from dualstpm.models.recon import ReconstructionStudent
@@ -81,11 +80,6 @@ class DualStpmModel(nn.Module):
     def build(cls, params: ModelParams, pretrained: bool = True) -> DualStpmModel:
         """Teachers with their configured weights (`pretrained`) or bare architectures whose
         weights a saved model will fill in; students always start random."""
-        if params.t1.name == params.t2.name:
-            raise ConfigError(
-                f"model.t1.name and model.t2.name are both '{params.t1.name}': branch B needs a different "
-                "second teacher (METHOD.md §3), e.g. model.t2.name=resnet50 or tf_efficientnet_lite2"
-            )
         t1 = _teacher(params.t1, (*PYRAMID_STRIDES, DEEP_STRIDE), pretrained)
         t2 = _teacher(params.t2, PYRAMID_STRIDES, pretrained)
         s1 = build_student(params.t1.name, PYRAMID_STRIDES)

