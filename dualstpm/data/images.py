@@ -228,7 +228,9 @@ def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndar
     are background: where alpha varies a pixel must also be above alpha's halfway value
     (a constant colour with a varying alpha, e.g. strokes on a transparent layer, is
     decided by alpha alone). A mask holding a single value is empty when that value
-    (or its alpha) is 0, and all defect otherwise (a wholly defective part). Raises
+    (or its alpha) is 0, and all defect otherwise (a wholly defective part). Class-index
+    maps with several defect classes (0/1/2...) are not a mask convention: only classes
+    above the halfway value would count, so save them as two values (0/255). Raises
     DataError for an unreadable file or one above `max_pixels` pixels.
     """
     image = _decode(Path(path), max_pixels=max_pixels)
