@@ -61,8 +61,10 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     max_pixels = detector.params.data.max_image_pixels if max_pixels is None else max_pixels
     images = decode_images([s.path for s in dataset.test], size, f"decoding {len(dataset.test)} test images",
                            max_pixels)
-    masks, truth_report = decode_masks(dataset.test, size, max_pixels) if dataset.has_ground_truth else (None, None)
-    masks = masks.numpy() if masks is not None else None
+    masks, truth_report = None, None
+    if dataset.has_ground_truth:
+        stack, truth_report = decode_masks(dataset.test, size, max_pixels)
+        masks = stack.numpy()
     labels = np.array([s.label for s in dataset.test])
     defect_types = [s.defect_type for s in dataset.test]
 
@@ -88,8 +90,9 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         result["note"] = IMAGE_ONLY_NOTE
     else:
         result["ground_truth"] = truth_report.to_dict()
-        if truth_report.note():
-            result["note"] = truth_report.note()
+        note = truth_report.note()
+        if note:
+            result["note"] = note
     for view in VIEWS:
         result[view] = metrics.evaluate(
             labels,

@@ -38,7 +38,8 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
         else:
             raise DataError(f"{path} does not exist: pass image files or folders of images")
     if not found:
-        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, paths))}")
+        raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, paths))} "
+                        "(hidden files and folders are skipped): pass image files or folders of images")
     return found
 
 

@@ -67,6 +67,9 @@ CONVENTIONS: dict[str, tuple[Callable[[], Image.Image], str]] = {
     "RGBA black strokes on transparent": (lambda: Image.fromarray(_stack(0, 0, 0, m * 255)), "png"),
     "gray+alpha, white everywhere": (lambda: Image.fromarray(_stack(255, m * 255)), "png"),
     "gray+alpha, white on transparent": (lambda: Image.fromarray(_stack(m * 255, m * 255)), "png"),
+    # class indices: rectangle 1, dot 2, line 3 (every class is a defect)
+    "class-index map 0/1/2/3": (lambda: Image.fromarray((MASK * np.select(
+        [np.arange(H)[:, None] < 10, np.arange(H)[:, None] < 18], [1, 2], 3)).astype(np.uint8)), "png"),
     # off-white defect and off-black background with +-3 noise: the halfway split is (0 + 250) / 2
     "noisy 0/250": (lambda: Image.fromarray((m * 247 + np.random.default_rng(0).integers(0, 4, (H, W))).astype(np.uint8)),
                     "png"),

@@ -49,6 +49,9 @@ def test_hidden_files_and_folders_are_skipped_in_a_folder_walk(tmp_path: Path) -
     # a hidden file or folder named explicitly is what the user asked for
     assert collect_images([tmp_path / ".hidden.png"]) == [tmp_path / ".hidden.png"]
     assert collect_images([tmp_path / ".ipynb_checkpoints"]) == [tmp_path / ".ipynb_checkpoints" / "a-checkpoint.png"]
+    _png(tmp_path / "only_hidden" / ".x" / "a.png", gray)
+    with pytest.raises(DataError, match="hidden files and folders are skipped"):
+        collect_images([tmp_path / "only_hidden"])
 
 
 def test_hidden_files_and_folders_are_skipped_in_the_dataset_layout(tmp_path: Path) -> None:

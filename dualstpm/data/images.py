@@ -196,12 +196,18 @@ def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
+# Three or more values within this many levels are class indices (0 background, 1, 2, ...
+# defect classes): grey-level masks, antialiased or lossy, span the 8- or 16-bit range.
+_CLASS_INDEX_LEVELS = 16
+
+
 def _foreground(planes: list[np.ndarray]) -> np.ndarray:
     """Defect pixels of a mask given as intensity planes (colour, and alpha when present).
 
     A plane whose values vary is split halfway between its lowest and highest value
-    present; a pixel is defect when it is above that in every varying plane. When no
-    plane varies, the mask is all defect if every plane is non-zero, else empty.
+    present (a class-index map: above its lowest value); a pixel is defect when it is
+    above that in every varying plane. When no plane varies, the mask is all defect if
+    every plane is non-zero, else empty.
     """
     varying = [plane for plane in planes if plane.size and plane.min() != plane.max()]
     if not varying:
@@ -210,7 +216,8 @@ def _foreground(planes: list[np.ndarray]) -> np.ndarray:
     mask = np.ones(varying[0].shape, dtype=bool)
     for plane in varying:
         low, high = float(plane.min()), float(plane.max())
-        mask &= plane > (low + high) / 2.0
+        class_map = high - low < _CLASS_INDEX_LEVELS and np.unique(plane).size > 2
+        mask &= plane > (low if class_map else (low + high) / 2.0)
     return mask
 
 
@@ -228,7 +235,9 @@ def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndar
     are background: where alpha varies a pixel must also be above alpha's halfway value
     (a constant colour with a varying alpha, e.g. strokes on a transparent layer, is
     decided by alpha alone). A mask holding a single value is empty when that value
-    (or its alpha) is 0, and all defect otherwise (a wholly defective part). Raises
+    (or its alpha) is 0, and all defect otherwise (a wholly defective part). A class-index
+    map (three or more values spanning fewer than 16 levels, e.g. 0 background, 1 scratch,
+    2 dent) counts every class above the lowest value as defect. Raises
     DataError for an unreadable file or one above `max_pixels` pixels.
     """
     image = _decode(Path(path), max_pixels=max_pixels)
