@@ -164,6 +164,15 @@ def register_run(run_dir: Path, params: Params, category: str):
 
     run_dir = Path(run_dir)
     model_dir, model_params, calibration = read_model_dir(run_dir)  # checks the model directory is complete
+    client = connect(params)
+    record = RunRecord.read(run_dir)
+    if record is None or record.tracking_uri != client.tracking_uri or not record.eval_data_hash:
+        raise RunError(
+            f"{run_dir} has no tested MLflow run in {client.tracking_uri}: run "
+            f"`dualstpm test --run {run_dir} --data-root DIR` with this tracking URI first "
+            "(it logs the metrics and the evaluation data's hash that promotion compares)"
+        )
+    check_model_of_run(CategoryRun(client, record, run_dir, created=False), category)
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise RunError(f"{metrics_path} is missing: run `dualstpm test --run {run_dir} --data-root DIR` before registering")
@@ -174,16 +183,7 @@ def register_run(run_dir: Path, params: Params, category: str):
     chosen = read_chosen_fusion(model_dir)
     threshold = chosen.threshold if chosen else calibration.thresholds["fused"]  # the fused view, as Detector uses it
     evidence, evidence_source = _fused_evidence(run_dir, result, threshold, chosen)
-    client = connect(params)
-    record = RunRecord.read(run_dir)
-    if record is None or record.tracking_uri != client.tracking_uri or not record.eval_data_hash:
-        raise RunError(
-            f"{run_dir} has no tested MLflow run in {client.tracking_uri}: run "
-            f"`dualstpm test --run {run_dir} --data-root DIR` with this tracking URI first "
-            "(it logs the metrics and the evaluation data's hash that promotion compares)"
-        )
     uri = client.tracking_uri
-    check_model_of_run(CategoryRun(client, record, run_dir, created=False), category)
     with tracking_errors(uri, f"reading run {record.run_id}"):
         trained_by = client.get_run(record.run_id).data.tags
     name = model_name(record.eval_data_root, category)  # named after the data it was tested on
