@@ -8,11 +8,15 @@ champion on the same evaluation data by a margin, or, for the first champion, wh
 reaches `tracking.promotion_floor`; every decision, either way, is written to the
 challenger's tags (who, when, values, data hash, reason).
 
-Failure rules: the alias is the last thing written, so a registration that fails half
-way leaves no alias on a half-registered version (and that version is deleted when the
-store still answers). Promotions of one model are serialised by a lock in the registry
-itself (creating a registered model is atomic in every MLflow store), so two racing
-promotions end as if they had run one after the other: the better model is champion.
+Failure rules: a version is created marked `dualstpm.registration=incomplete` and marked
+`complete` only after its alias is set, so an interrupted registration leaves a version
+that says so; `promote` refuses it and the next registration of the run deletes it (a
+registration that fails with the store still answering deletes it at once). A promotion
+moves the alias before it tags the decision. Promotions of one model are serialised by a
+lock in the registry itself (creating a registered model is atomic in every MLflow store,
+and so is taking over a stale lock), so two racing promotions end as if they had run one
+after the other: the better model is champion. The dataset of a name is the data root
+folder the model was tested on (`tracking.dataset_name`).
 """
 
 from __future__ import annotations
