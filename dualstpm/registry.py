@@ -8,11 +8,15 @@ champion on the same evaluation data by a margin, or, for the first champion, wh
 reaches `tracking.promotion_floor`; every decision, either way, is written to the
 challenger's tags (who, when, values, data hash, reason).
 
-Failure rules: the alias is the last thing written, so a registration that fails half
-way leaves no alias on a half-registered version (and that version is deleted when the
-store still answers). Promotions of one model are serialised by a lock in the registry
-itself (creating a registered model is atomic in every MLflow store), so two racing
-promotions end as if they had run one after the other: the better model is champion.
+Failure rules: a version is created marked `dualstpm.registration=incomplete` and marked
+`complete` only after its alias is set, so an interrupted registration leaves a version
+that says so; `promote` refuses it and the next registration of the run deletes it (a
+registration that fails with the store still answering deletes it at once). A promotion
+moves the alias before it tags the decision. Promotions of one model are serialised by a
+lock in the registry itself (creating a registered model is atomic in every MLflow store,
+and so is taking over a stale lock), so two racing promotions end as if they had run one
+after the other: the better model is champion. The dataset of a name is the data root
+folder the model was tested on (`tracking.dataset_name`).
 """
 
 from __future__ import annotations
@@ -164,6 +168,15 @@ def register_run(run_dir: Path, params: Params, category: str):
 
     run_dir = Path(run_dir)
     model_dir, model_params, calibration = read_model_dir(run_dir)  # checks the model directory is complete
+    client = connect(params)
+    record = RunRecord.read(run_dir)
+    if record is None or record.tracking_uri != client.tracking_uri or not record.eval_data_hash:
+        raise RunError(
+            f"{run_dir} has no tested MLflow run in {client.tracking_uri}: run "
+            f"`dualstpm test --run {run_dir} --data-root DIR` with this tracking URI first "
+            "(it logs the metrics and the evaluation data's hash that promotion compares)"
+        )
+    check_model_of_run(CategoryRun(client, record, run_dir, created=False), category)
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise RunError(f"{metrics_path} is missing: run `dualstpm test --run {run_dir} --data-root DIR` before registering")
@@ -174,16 +187,7 @@ def register_run(run_dir: Path, params: Params, category: str):
     chosen = read_chosen_fusion(model_dir)
     threshold = chosen.threshold if chosen else calibration.thresholds["fused"]  # the fused view, as Detector uses it
     evidence, evidence_source = _fused_evidence(run_dir, result, threshold, chosen)
-    client = connect(params)
-    record = RunRecord.read(run_dir)
-    if record is None or record.tracking_uri != client.tracking_uri or not record.eval_data_hash:
-        raise RunError(
-            f"{run_dir} has no tested MLflow run in {client.tracking_uri}: run "
-            f"`dualstpm test --run {run_dir} --data-root DIR` with this tracking URI first "
-            "(it logs the metrics and the evaluation data's hash that promotion compares)"
-        )
     uri = client.tracking_uri
-    check_model_of_run(CategoryRun(client, record, run_dir, created=False), category)
     with tracking_errors(uri, f"reading run {record.run_id}"):
         trained_by = client.get_run(record.run_id).data.tags
     name = model_name(record.eval_data_root, category)  # named after the data it was tested on
