@@ -30,6 +30,7 @@ from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
+from dualstpm.rng import own_rng
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.csv"
@@ -48,10 +49,20 @@ class FitResult:
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed, same weights, same shuffles: the basis of reproducible metrics on CPU."""
+    """Seed the process-wide RNGs (for scripts driving third-party code, e.g. anomalib).
+    A fit never calls it: its randomness is its own (:func:`build_model`, :func:`epoch_order`)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def build_model(params: Params, compute: Compute) -> DualStpmModel:
+    """The network of a new fit on `compute`: teachers with their weights, students
+    initialised from `params.seed` alone. The draws come from the fit's own generators
+    (:func:`dualstpm.rng.own_rng`), so threads building or training beside it change
+    nothing, and the process's global RNG is left as it was."""
+    with own_rng(params.seed):
+        return compute.module(DualStpmModel.build(params.model))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -110,8 +121,7 @@ class Trainer:
         self.run_dir = run_dir
         self.compute = compute
         self.checkpoint_path = run_dir / CHECKPOINT_FILE
-        seed_everything(params.seed)
-        self.model = compute.module(DualStpmModel.build(params.model))
+        self.model = build_model(params, compute)
         fit = params.fit
         self.optimizers = {
             name: torch.optim.SGD(student.parameters(), lr=fit.lr, momentum=fit.momentum, weight_decay=fit.weight_decay)
