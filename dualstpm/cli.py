@@ -354,4 +354,4 @@ def main() -> None:
         app()
     except DualStpmError as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False)
-        raise SystemExit(2) from None
+        raise SystemExit(exc.exit_code) from None

@@ -38,12 +38,14 @@ def synthetic_kind(category: str) -> str:
     return "object" if "object" in category else "texture"
 
 
-def prepare_data(params: Params) -> Path:
-    """Make the configured categories available and return the data root.
+def prepare_root(params: Params) -> Path:
+    """Make the data root ready and return it, without checking each category's layout.
 
     - `synthetic`: generate each missing category (deterministic, seeded by `seed`);
-    - `folder`: check that each category exists in `data.root` in MVTec AD layout;
+    - `folder`: check that `data.root` is a folder (its categories: :func:`check_category`);
     - `mvtec`: download (or take the user's archive), verify and extract.
+
+    Raises DataError (a download that failed for a while: its subclass NetworkError).
     """
     root = Path(params.data.root)
     source = params.data.source
@@ -54,11 +56,24 @@ def prepare_data(params: Params) -> Path:
     elif source == "folder":
         if not root.is_dir():
             raise DataError(f"data.root {root} is not a folder: point data.root at an MVTec-layout data root")
-        for category in params.data.categories:
-            load_category(root, category)
     else:
         mvtec = params.data.mvtec
         prepare_mvtec(root, params.data.categories, url=mvtec.url, sha256=mvtec.sha256, archive=Path(mvtec.archive))
+    return root
+
+
+def check_category(data_root: Path, category: str) -> Path:
+    """Raise DataError naming the first problem of `category`'s files (a missing mask, a
+    missing folder, an empty split, ...); return `data_root` when it can be trained on."""
+    load_category(Path(data_root), category)
+    return Path(data_root)
+
+
+def prepare_data(params: Params) -> Path:
+    """:func:`prepare_root`, then every configured category checked; returns the data root."""
+    root = prepare_root(params)
+    for category in params.data.categories:
+        check_category(root, category)
     return root
 
 
