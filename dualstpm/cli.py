@@ -40,6 +40,7 @@ SetOption = Annotated[
 CategoryOption = Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")]
 TrainedRunOption = Annotated[Path, typer.Option("--run", help="run directory written by `dualstpm fit`")]
 DataRootOption = Annotated[Path, typer.Option("--data-root", help="folder holding the category")]
+DeviceOption = Annotated[str, typer.Option("--device", help="where the networks run: auto (the GPU when there is one), cpu or cuda")]
 
 
 def trained_category(run: Path, category: str | None) -> str:
@@ -97,12 +98,13 @@ def test(
     category: CategoryOption = None,
     params: ParamsOption = None,
     overrides: SetOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Evaluate a trained model on the test split; writes RUN/metrics.json and RUN/plots/, logs to MLflow."""
     from dualstpm.stages import tracked_test
 
     category = trained_category(run, category)
-    print_metrics(tracked_test(resolve_params(params, overrides), run, data_root, category))
+    print_metrics(tracked_test(resolve_params(params, overrides), run, data_root, category, device))
     out.print(f"written: {run / 'metrics.json'}")
 
 
@@ -112,13 +114,14 @@ def predict(
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for overlays and predictions.csv")],
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="override the calibrated threshold")] = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Score images: label, heat-map overlay per image and one CSV."""
     from dualstpm.detector import Detector
     from dualstpm.predict import PREDICTIONS_FILE
     from dualstpm.predict import predict as predict_images
 
-    table = predict_images(Detector.load(run), paths, out_dir, threshold)
+    table = predict_images(Detector.load(run, device=device), paths, out_dir, threshold)
     counts = table["label"].value_counts().to_dict()
     out.print(f"{len(table)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good "
               f"(threshold {table['threshold'].iloc[0]:.5g}); {out_dir / PREDICTIONS_FILE}")
@@ -286,11 +289,13 @@ def bench(
     images: Annotated[int, typer.Option("--images", help="how many train images to time on")] = 64,
     repeats: Annotated[int, typer.Option("--repeats", help="timed repetitions for medians")] = 5,
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("bench/results.json"),
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: fit.device)")] = None,
 ) -> None:
     """Training and inference speed, the inference floor, peak memory: one run, one table."""
     from dualstpm.bench import benchmark, write_results
 
-    results = benchmark(resolve_params(params, overrides), data_root, category, images, repeats)
+    settings = [*(overrides or []), *([f"fit.device={device}"] if device else [])]
+    results = benchmark(resolve_params(params, settings), data_root, category, images, repeats)
     write_results(results, out_file)
     table = Table(title=f"{results['setup']['category']} @ {results['setup']['image_size']} px, {results['machine']['device']}")
     table.add_column("figure")

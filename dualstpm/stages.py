@@ -124,18 +124,19 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     return result
 
 
-def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) -> dict:
+def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str, device: str = "auto") -> dict:
     """`evaluation.test_run` logged to MLflow into the run `tracked_fit` started (or a new
     one, filled from the run directory's files, when there is none in this store): the
     metrics of the fused model and each branch, the AUC table, curves and overlays, and
     the evaluation data's hash that promotion compares. Returns metrics.json's content.
 
     Runs are described by the model's own params (what was trained); only the `tracking`
-    section comes from `params` (where to log now).
+    section comes from `params` (where to log now). The model runs on `device` (`auto`: the
+    GPU when there is one), whatever device it was trained on.
     """
     connect(params)
     run_dir = Path(run_dir)
-    result = test_run(run_dir, data_root, category)
+    result = test_run(run_dir, data_root, category, device=device)
     metrics_table({category: result}).to_csv(run_dir / AUC_TABLE, index=False)
     run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
     if run.created:  # fitted without tracking, or into another store: log what the files tell

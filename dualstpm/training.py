@@ -192,8 +192,19 @@ class Trainer:
         return {f"loss_{b}": totals[b] / len(images) for b in BRANCHES}
 
     def select(self, val_images: Tensor) -> dict[str, float]:
-        """Keep each branch's checkpoint with the lowest mean validation image score."""
+        """Keep each branch's checkpoint with the lowest mean validation image score.
+        Raises TrainingError naming the epoch and branch when a score is not finite."""
         scores = branch_scores(self.model, val_images, self.selection_spec, self.params.fit.batch_size, self.compute)
+        for branch, values in scores.items():
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            if bad:
+                fit = self.params.fit
+                raise TrainingError(
+                    f"the {branch} branch gave {bad} of {len(values)} validation images a non-finite score "
+                    f"(NaN or inf) after epoch {self.epochs_done}, although its training loss was finite: its maps "
+                    f"overflow. Lower the learning rate (fit.lr={fit.lr}, e.g. --set fit.lr={fit.lr / 10:g}) or run in "
+                    f"float32 (--set fit.precision=float32); the last completed epoch is kept in {self.checkpoint_path}."
+                )
         means = {b: float(np.mean(s)) for b, s in scores.items()}
         for branch, student in self.model.students().items():
             if means[branch] < self.best[branch]["score"]:

@@ -147,6 +147,33 @@ def test_a_data_error_of_the_shared_data_step_is_not_retried(harness, tmp_path: 
     assert data.run_count == 1 and data.state.type.value == "FAILED"
 
 
+def _run_figures(out: Path, categories: list[str]) -> dict[str, bytes]:
+    """Every figure a pipeline run leaves: the report's table, and per category the training
+    history, calibration, weights, chosen fusion, test metrics and ablation table."""
+    files = {"reports/auc_table.csv": out / "reports" / "auc_table.csv"}
+    for category in categories:
+        run_dir = out / "runs" / category
+        for name in ("history.csv", "model/calibration.json", "model/weights.safetensors", "model/fusion.json",
+                     "metrics.json", "ablation/table.csv", "plots/roc/fused.csv"):
+            files[f"{category}/{name}"] = run_dir / name
+    return {name: path.read_bytes() for name, path in files.items()}
+
+
+@pytest.mark.slow
+def test_the_pipeline_twice_with_the_same_params_gives_the_same_figures(
+        harness, tmp_path: Path, synthetic_root: Path, mlflow_store: str) -> None:
+    """Fits, tests and ablations of two categories share the flow's thread pool; whatever
+    interleaving each run gets, every figure is the same to the last byte."""
+    from flows.pipeline import pipeline
+
+    categories = ["synth_texture", "synth_object"]
+    params = params_file(tmp_path, synthetic_root, categories)
+    pipeline(str(params), [], str(tmp_path / "first"), False)
+    pipeline(str(params), [], str(tmp_path / "second"), False)
+    first, second = _run_figures(tmp_path / "first", categories), _run_figures(tmp_path / "second", categories)
+    assert [name for name in first if first[name] != second[name]] == []
+
+
 def test_retrain_refuses_a_category_the_data_step_does_not_prepare(harness, tmp_path: Path, synthetic_root: Path) -> None:
     from dualstpm.errors import ConfigError
     from flows.retrain import retrain
