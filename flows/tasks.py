@@ -3,8 +3,8 @@
 Every task calls one `dualstpm` function and re-implements nothing. All of them have side
 effects (run directories, the report, the model registry), so none is cached. The data
 step retries with exponential backoff when a download failed for a while, and only then;
-each category's files are checked in a task of its own, so a bad one fails that category alone. Fit tasks carry
-the tag `dualstpm-training`, whose concurrency limit (`prefect.training_slots`, one per
+each category's files are checked in a task of its own, so a bad one fails that category
+alone. Fit tasks carry the tag `dualstpm-training`, whose concurrency limit (`prefect.training_slots`, one per
 GPU) the API enforces before a fit starts running, whichever worker or machine runs it.
 """
 
