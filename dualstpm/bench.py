@@ -35,7 +35,7 @@ from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import write_json
 from dualstpm.models.loss import pyramid_loss
 from dualstpm.models.torch_model import DualStpmModel
-from dualstpm.training import calibrate, seed_everything
+from dualstpm.training import build_model, calibrate
 
 INFER_BATCH = 16
 
@@ -54,11 +54,6 @@ def median_seconds(run: Callable[[], object], compute: Compute, repeats: int) ->
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def _model(params: Params, compute: Compute) -> DualStpmModel:
-    seed_everything(params.seed)
-    return compute.module(DualStpmModel.build(params.model))
 
 
 def train_epoch(
@@ -113,7 +108,7 @@ def training_phase(params: Params, images: Tensor, compute: Compute) -> dict:
     for cached in (False, True):
         tag = "cache" if cached else "no_cache"
         for branches in (("stpm", "recon"), ("stpm",), ("recon",)):
-            model = _model(params, compute)
+            model = build_model(params, compute)
             cache = None
             if cached:
                 start = time.perf_counter()
@@ -147,7 +142,7 @@ def floor_forward(model: DualStpmModel, images: Tensor) -> None:
 
 
 def inference_phase(params: Params, images: Tensor, compute: Compute, repeats: int) -> dict:
-    model = _model(params, compute).eval()
+    model = build_model(params, compute).eval()
     calibration = calibrate(model, params, images[:INFER_BATCH], compute, {"stpm": 0, "recon": 0}, "bench")
     detector = Detector(model, params, calibration, compute)
     batch = images[:INFER_BATCH].to(compute.device)

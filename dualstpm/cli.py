@@ -44,6 +44,7 @@ SetOption = Annotated[
 CategoryOption = Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")]
 TrainedRunOption = Annotated[Path, typer.Option("--run", help="run directory written by `dualstpm fit`")]
 DataRootOption = Annotated[Path, typer.Option("--data-root", help="folder holding the category")]
+DeviceOption = Annotated[str, typer.Option("--device", help="where the networks run: auto (the GPU when there is one), cpu or cuda")]
 
 
 def trained_category(run: Path, category: str | None) -> str:
@@ -130,6 +131,7 @@ def test(
     category: CategoryOption = None,
     params: ParamsOption = None,
     overrides: SetOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Evaluate a trained model on the test split; writes RUN/metrics.json and RUN/plots/, logs to MLflow."""
     category = trained_category(run, category)
@@ -137,7 +139,7 @@ def test(
     p = resolve_params(params, overrides)
     from dualstpm.stages import tracked_test
 
-    print_metrics(tracked_test(p, run, data_root, category))
+    print_metrics(tracked_test(p, run, data_root, category, device))
     out.print(f"written: {run / 'metrics.json'}")
 
 
@@ -149,6 +151,7 @@ def predict(
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="override the calibrated threshold")] = None,
     params: ParamsOption = None,
     overrides: SetOption = None,
+    device: DeviceOption = "auto",
 ) -> None:
     """Score images (files, folders, or quoted patterns such as 'imgs/*.png'): label, heat-map
     overlay per image and one CSV (unreadable files: a row with their error; the command then
@@ -161,7 +164,7 @@ def predict(
     from dualstpm.predict import predict as predict_images
 
     limit = resolve_params(params, overrides).data.max_image_pixels
-    table = predict_images(Detector.load(run), paths, out_dir, threshold, max_pixels=limit)
+    table = predict_images(Detector.load(run, device=device), paths, out_dir, threshold, max_pixels=limit)
     counts = table["label"].value_counts().to_dict()
     failed = int((table["error"] != "").sum())
     out.print(f"{len(table)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good"
@@ -332,12 +335,14 @@ def bench(
     images: Annotated[int, typer.Option("--images", help="how many train images to time on")] = 64,
     repeats: Annotated[int, typer.Option("--repeats", help="timed repetitions for medians")] = 5,
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("bench/results.json"),
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: fit.device)")] = None,
 ) -> None:
     """Training and inference speed, the inference floor, peak memory: one run, one table."""
     category_dir(data_root, category)  # a wrong path fails before torch loads
     from dualstpm.bench import benchmark, write_results
 
-    results = benchmark(resolve_params(params, overrides), data_root, category, images, repeats)
+    settings = [*(overrides or []), *([f"fit.device={device}"] if device else [])]
+    results = benchmark(resolve_params(params, settings), data_root, category, images, repeats)
     write_results(results, out_file)
     table = Table(title=f"{results['setup']['category']} @ {results['setup']['image_size']} px, {results['machine']['device']}")
     table.add_column("figure")
@@ -408,4 +413,4 @@ def main() -> None:
         app()
     except DualStpmError as exc:
         err.print(Text.assemble(("error: ", "bold red"), str(exc)), highlight=False, soft_wrap=True)  # paths, commands: unbroken
-        raise SystemExit(2) from None
+        raise SystemExit(exc.exit_code) from None

@@ -4,7 +4,8 @@ One place, so that training, inference, the benchmark's floor and the anomalib
 comparison all run the networks the same way.
 
 - **Device**: `fit.device=auto` picks the GPU when there is one; `cuda` without one is an
-  error, not a fallback.
+  error, not a fallback. Inference chooses its own (`--device`, default `auto`): a model
+  trained on a GPU is tested and served on a CPU-only machine.
 - **Precision**: `fit.precision=auto` runs the convolutions in bfloat16 (autocast) on a
   GPU and on a CPU with native bfloat16 units (AVX512-BF16 or AMX, as oneDNN reports),
   where it is about twice as fast; elsewhere float32, because emulated bfloat16 is slower
@@ -22,17 +23,24 @@ import torch
 from torch import Tensor, nn
 
 from dualstpm.config import Precision
-from dualstpm.errors import RunError
+from dualstpm.errors import ConfigError, RunError
 
 MEMORY_FORMAT = torch.channels_last
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
 def resolve_device(choice: str) -> torch.device:
-    """`auto` picks the GPU when there is one; `cuda` without one is an error, not a fallback."""
+    """`auto` picks the GPU when there is one; `cuda` without one is an error, not a fallback.
+    Raises ConfigError for a name other than auto, cpu or cuda, RunError for cuda without one."""
+    if choice not in DEVICES:
+        raise ConfigError(f"device {choice!r} is not one of {', '.join(DEVICES)}: choose one of them.")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RunError("fit.device=cuda but no CUDA device is visible; use fit.device=auto or cpu")
+        raise RunError("device cuda was asked for (fit.device, or --device) but no CUDA device is visible; "
+                       "use auto or cpu")
     return torch.device(choice)
 
 

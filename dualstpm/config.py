@@ -13,11 +13,12 @@ differ. Keys are flat and explicit so that `dvc exp run -S fit.epochs=5` and
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dualstpm.errors import ConfigError
 
@@ -267,6 +268,19 @@ class Params(_Strict):
     def _multiple_of_32(cls, value: int) -> int:
         if value % 32:
             raise ValueError("must be a multiple of 32 (the deepest teacher map has stride 32)")
+        return value
+
+    @field_validator("fusion")
+    @classmethod
+    def _blur_fits_the_map(cls, value: FusionParams, info: ValidationInfo) -> FusionParams:
+        """The fused map is image_size px square and its Gaussian blur reflect-pads it by
+        ceil(4 sigma) px, which must be less than image_size: sigma <= (image_size - 1) / 4."""
+        size = info.data.get("image_size")
+        if size is not None and value.sigma > 0 and math.ceil(4 * value.sigma) >= size:
+            raise ValueError(
+                f"fusion.sigma={value.sigma:g} blurs with a radius of ceil(4 sigma) = {math.ceil(4 * value.sigma)} px, "
+                f"which must be smaller than the {size} px map (image_size): use fusion.sigma <= {(size - 1) / 4:g}"
+            )
         return value
 
     def to_dict(self) -> dict[str, Any]:

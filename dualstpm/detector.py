@@ -158,8 +158,10 @@ class Detector:
         return model_dir
 
     @classmethod
-    def load(cls, run_dir: Path, compute: Compute | None = None) -> Detector:
-        """The detector of a trained run; `compute` defaults to what its params ask for on this machine."""
+    def load(cls, run_dir: Path, compute: Compute | None = None, device: str = "auto") -> Detector:
+        """The detector of a trained run, on `compute`, else on `device` (`auto`: the GPU when
+        there is one) in the precision its params ask for. Where it was trained does not
+        matter: weights load on the CPU first. Raises RunError for an unusable run directory."""
         model_dir, params, calibration = read_model_dir(run_dir)
         model = DualStpmModel.build(params.model, pretrained=False)
         try:
@@ -169,7 +171,7 @@ class Detector:
                 f"{model_dir / WEIGHTS_FILE} does not fit the network its params.yaml describes "
                 f"({str(exc).splitlines()[0]}): the file is damaged or from another dualstpm version; retrain it"
             ) from None
-        compute = compute or Compute.resolve(params.fit.device, params.fit.precision)
+        compute = compute or Compute.resolve(device, params.fit.precision)
         return cls(model, params, calibration, compute, read_chosen_fusion(model_dir))
 
 

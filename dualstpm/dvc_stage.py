@@ -22,9 +22,10 @@ from pathlib import Path
 
 from dualstpm.config import Params, read_yaml, validate
 from dualstpm.data import load_category
-from dualstpm.errors import ConfigError, DataError
+from dualstpm.errors import ConfigError, DataError, NetworkError
 from dualstpm.files import write_json
-from dualstpm.stages import prepare_data
+from dualstpm.progress import stderr_console
+from dualstpm.stages import prepare_data, prepare_root
 
 DOWNLOAD_STAGE = "download"
 MANIFEST_FILE = "manifest.json"
@@ -40,18 +41,29 @@ def _same_folder(a: Path, b: Path) -> bool:
 
 
 def write_manifest(params: Params, out: Path) -> Path:
-    """For `folder`: record what was validated (category, image counts, defect types)."""
+    """For `folder`: record what was validated (category, image counts, defect types), and
+    under `unusable` each category that cannot be used with its error. One bad category
+    costs the others nothing: its own fit then fails with that error. Raises DataError
+    when no category is usable."""
     root = Path(params.data.root)
-    categories = {}
+    categories, unusable = {}, {}
     for name in params.data.categories:
-        category = load_category(root, name)
+        try:
+            category = load_category(root, name)
+        except DataError as exc:
+            unusable[name] = str(exc)
+            stderr_console.print(f"warning: category {name} cannot be used (its stages will fail): {exc}",
+                                 highlight=False, markup=False)
+            continue
         categories[name] = {
             "train_images": len(category.train),
             "test_images": len(category.test),
             "defect_types": list(category.defect_types),
             "has_ground_truth": category.has_ground_truth,
         }
-    return write_json(out / MANIFEST_FILE, {"data_root": str(root.resolve()), "categories": categories})
+    if not categories:
+        raise DataError("no category of data.categories can be used:\n" + "\n".join(unusable.values()))
+    return write_json(out / MANIFEST_FILE, {"data_root": str(root.resolve()), "categories": categories, "unusable": unusable})
 
 
 def run_download_stage(params: Params, out: Path) -> Path:
@@ -67,7 +79,7 @@ def run_download_stage(params: Params, out: Path) -> Path:
                 f"data.root {params.data.root} is the download stage's output folder {out}, which DVC deletes "
                 "before each run: keep your data elsewhere and point data.root there."
             )
-        prepare_data(params)
+        prepare_root(params)
         return write_manifest(params, out)
     if not _same_folder(Path(params.data.root), out):
         raise ConfigError(
@@ -108,5 +120,8 @@ def reproduce_download(params: Params, project: Path) -> Path:
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
-        raise DataError(f"`dvc repro {DOWNLOAD_STAGE}` failed in {project} (exit {done.returncode}):\n{tail}")
+        # The stage's command exits with NetworkError's code when its download may pass.
+        transient = f"exited with {NetworkError.exit_code}" in done.stdout + done.stderr
+        raise (NetworkError if transient else DataError)(
+            f"`dvc repro {DOWNLOAD_STAGE}` failed in {project} (exit {done.returncode}):\n{tail}")
     return (project / params.data.root).resolve()

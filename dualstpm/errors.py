@@ -9,6 +9,8 @@ traceback; any other exception is a bug and keeps its traceback.
 class DualStpmError(Exception):
     """Base class of user-facing errors (printed by the CLI without a traceback)."""
 
+    exit_code = 2  # of the CLI
+
 
 class ConfigError(DualStpmError):
     """A bad `params.yaml` key or value, or a bad `--set` override."""
@@ -16,6 +18,13 @@ class ConfigError(DualStpmError):
 
 class DataError(DualStpmError):
     """An unreadable image, a missing mask, a bad dataset layout or a bad download."""
+
+
+class NetworkError(DataError):
+    """A download that failed for a while (no connection, a timeout, a server error): the
+    one kind of data error worth retrying as is. The CLI exits with 75 (EX_TEMPFAIL)."""
+
+    exit_code = 75
 
 
 class WeightsError(DualStpmError):

@@ -122,7 +122,9 @@ def fuse(maps: Tensor, spec: FusionSpec, stats: MapStats | None = None) -> Tenso
     """
     maps = normalize_maps(maps, spec, stats)
     weights = torch.tensor(spec.weights, dtype=maps.dtype, device=maps.device)
-    weighted = maps * weights[None, :, :, None, None]  # (B, 2, 3, H, W)
+    used_maps = weights[None, :, :, None, None] > 0
+    # A map weighted 0 is left out, not multiplied by 0: a NaN in it (a diverged branch) stays out of the other views.
+    weighted = torch.where(used_maps, maps * weights[None, :, :, None, None], 0.0)  # (B, 2, 3, H, W)
     if spec.mode == "product_all":
         fused = weighted.flatten(1, 2)[:, weights.flatten() > 0].prod(dim=1)
     elif spec.mode == "sum":

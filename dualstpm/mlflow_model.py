@@ -9,7 +9,9 @@ with, per image, `score` (fused), `label` (`defective` / `good` at the threshold
 `threshold`, `stpm_score`, `recon_score`, and with `params={"return_map": True}` the
 fused anomaly map at the image's own size (`anomaly_map`, a list of rows).
 `params={"threshold": t}` overrides the stored threshold. Images above the model's
-`data.max_image_pixels` (the value it was trained with) are refused. Scoring goes through
+`data.max_image_pixels` (the value it was trained with) are refused. The model runs on the device
+of `model_config={"device": ...}` at load (`auto`, the default: the GPU when there is one,
+whatever device it was trained on; `cpu`; `cuda`). Scoring goes through
 `dualstpm.predict.score_images`, the path of `dualstpm predict`, so the numbers agree.
 """
 
@@ -26,7 +28,8 @@ MAP_COLUMN = "anomaly_map"
 
 
 class DualStpmPyfunc(PythonModel):
-    """Loads the model directory logged under the artifact key `model`."""
+    """Loads the model directory logged under the artifact key `model`, on the device of
+    `model_config["device"]` (default `auto`)."""
 
     def load_context(self, context) -> None:
         from dualstpm.detector import MODEL_SUBDIR, Detector
@@ -34,7 +37,7 @@ class DualStpmPyfunc(PythonModel):
         model_dir = Path(context.artifacts[MODEL_SUBDIR])
         if model_dir.name != MODEL_SUBDIR:  # Detector.load reads <run>/model/
             raise RuntimeError(f"logged model directory must be named {MODEL_SUBDIR!r}, got {model_dir}")
-        self.detector = Detector.load(model_dir.parent)
+        self.detector = Detector.load(model_dir.parent, device=(context.model_config or {}).get("device", "auto"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from dualstpm.data.images import read_image_bytes

@@ -43,12 +43,14 @@ def synthetic_kind(category: str) -> str:
     return "object" if "object" in category else "texture"
 
 
-def prepare_data(params: Params) -> Path:
-    """Make the configured categories available and return the data root.
+def prepare_root(params: Params) -> Path:
+    """Make the data root ready and return it, without checking each category's layout.
 
     - `synthetic`: generate each missing category (deterministic, seeded by `seed`);
-    - `folder`: check that each category exists in `data.root` in MVTec AD layout;
+    - `folder`: check that `data.root` is a folder (its categories: :func:`check_category`);
     - `mvtec`: download (or take the user's archive), verify and extract.
+
+    Raises DataError (a download that failed for a while: its subclass NetworkError).
     """
     root = Path(params.data.root)
     source = params.data.source
@@ -59,11 +61,24 @@ def prepare_data(params: Params) -> Path:
     elif source == "folder":
         if not root.is_dir():
             raise DataError(f"data.root {root} is not a folder: point data.root at an MVTec-layout data root")
-        for category in params.data.categories:
-            load_category(root, category)
     else:
         mvtec = params.data.mvtec
         prepare_mvtec(root, params.data.categories, url=mvtec.url, sha256=mvtec.sha256, archive=Path(mvtec.archive))
+    return root
+
+
+def check_category(data_root: Path, category: str) -> Path:
+    """Raise DataError naming the first problem of `category`'s files (a missing mask, a
+    missing folder, an empty split, ...); return `data_root` when it can be trained on."""
+    load_category(Path(data_root), category)
+    return Path(data_root)
+
+
+def prepare_data(params: Params) -> Path:
+    """:func:`prepare_root`, then every configured category checked; returns the data root."""
+    root = prepare_root(params)
+    for category in params.data.categories:
+        check_category(root, category)
     return root
 
 
@@ -118,7 +133,7 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     return result
 
 
-def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) -> dict:
+def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str, device: str = "auto") -> dict:
     """`evaluation.test_run` logged to MLflow into the run `tracked_fit` started (or a new
     one, filled from the run directory's files, when there is none in this store): the
     metrics of the fused model and each branch, the AUC table, curves and overlays, and
@@ -127,7 +142,8 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
     Runs are described by the model's own params (what was trained); only the `tracking`
     section comes from `params` (where to log now). A run's results describe one
     evaluation: a run directory tested on another category or other data is refused
-    (RunError) before anything is written.
+    (RunError) before anything is written. The model runs on `device` (`auto`: the
+    GPU when there is one), whatever device it was trained on.
     """
     connect(params)  # an unreachable store fails before any work
     run_dir = Path(run_dir)
@@ -135,7 +151,7 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
     check_one_evaluation(run_dir, category, evaluation_hash, data_root)
     run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
     try:
-        result = test_run(run_dir, data_root, category, max_pixels=params.data.max_image_pixels)
+        result = test_run(run_dir, data_root, category, max_pixels=params.data.max_image_pixels, device=device)
     except BaseException:
         if run.created:
             with contextlib.suppress(TrackingError):

@@ -33,6 +33,7 @@ from dualstpm.files import atomic_file
 from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
+from dualstpm.rng import own_rng
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.csv"
@@ -51,10 +52,20 @@ class FitResult:
 
 
 def seed_everything(seed: int) -> None:
-    """Same seed, same weights, same shuffles: the basis of reproducible metrics on CPU."""
+    """Seed the process-wide RNGs (for scripts driving third-party code, e.g. anomalib).
+    A fit never calls it: its randomness is its own (:func:`build_model`, :func:`epoch_order`)."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def build_model(params: Params, compute: Compute) -> DualStpmModel:
+    """The network of a new fit on `compute`: teachers with their weights, students
+    initialised from `params.seed` alone. The draws come from the fit's own generators
+    (:func:`dualstpm.rng.own_rng`), so threads building or training beside it change
+    nothing, and the process's global RNG is left as it was."""
+    with own_rng(params.seed):
+        return compute.module(DualStpmModel.build(params.model))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -176,8 +187,7 @@ class Trainer:
         self.run_dir = run_dir
         self.compute = compute
         self.checkpoint_path = run_dir / CHECKPOINT_FILE
-        seed_everything(params.seed)
-        self.model = compute.module(DualStpmModel.build(params.model))
+        self.model = build_model(params, compute)
         fit = params.fit
         self.optimizers = {
             name: torch.optim.SGD(student.parameters(), lr=fit.lr, momentum=fit.momentum, weight_decay=fit.weight_decay)
@@ -249,8 +259,19 @@ class Trainer:
         return {f"loss_{b}": totals[b] / len(images) for b in BRANCHES}
 
     def select(self, val_images: Tensor) -> dict[str, float]:
-        """Keep each branch's checkpoint with the lowest mean validation image score."""
+        """Keep each branch's checkpoint with the lowest mean validation image score.
+        Raises TrainingError naming the epoch and branch when a score is not finite."""
         scores = branch_scores(self.model, val_images, self.selection_spec, self.params.fit.batch_size, self.compute)
+        for branch, values in scores.items():
+            bad = int(np.count_nonzero(~np.isfinite(values)))
+            if bad:
+                fit = self.params.fit
+                raise TrainingError(
+                    f"the {branch} branch gave {bad} of {len(values)} validation images a non-finite score "
+                    f"(NaN or inf) after epoch {self.epochs_done}, although its training loss was finite: its maps "
+                    f"overflow. Lower the learning rate (fit.lr={fit.lr}, e.g. --set fit.lr={fit.lr / 10:g}) or run in "
+                    f"float32 (--set fit.precision=float32); the last completed epoch is kept in {self.checkpoint_path}."
+                )
         means = {b: float(np.mean(s)) for b, s in scores.items()}
         for branch, student in self.model.students().items():
             if means[branch] < self.best[branch]["score"]:

@@ -28,6 +28,7 @@ from dualstpm.evaluation import METRICS_FILE
 from dualstpm.registry import PromotionDecision
 from flows.tasks import (
     ablate_task,
+    check_task,
     data_task,
     ensure_training_limit,
     fit_task,
@@ -52,13 +53,16 @@ def _failure(*steps: tuple[str, PrefectFuture]) -> str | None:
 
 @flow(name="dualstpm-categories")
 def categories_flow(params: Params, data_root: Path, categories: list[str], runs_dir: Path) -> dict[str, str | None]:
-    """Fit, test and ablate each category on this flow's task runner; {category: None, or why it failed}."""
+    """Check, fit, test and ablate each category on this flow's task runner; {category: None,
+    or the stage that failed and why}."""
     run_dirs = [runs_dir / category for category in categories]
-    fits = fit_task.map(unmapped(params), unmapped(data_root), categories, run_dirs)
+    checks = check_task.map(unmapped(data_root), categories)
+    fits = fit_task.map(unmapped(params), checks, categories, run_dirs)
     tests = test_task.map(unmapped(params), fits, unmapped(data_root), categories)
     ablations = ablate_task.map(unmapped(params), tests)
-    wait([*fits, *tests, *ablations])
-    return {c: _failure(("fit", f), ("test", t), ("ablate", a)) for c, f, t, a in zip(categories, fits, tests, ablations)}
+    wait([*checks, *fits, *tests, *ablations])
+    return {c: _failure(("data", d), ("fit", f), ("test", t), ("ablate", a))
+            for c, d, f, t, a in zip(categories, checks, fits, tests, ablations)}
 
 
 def _release(params: Params, run_dirs: dict[str, Path]) -> tuple[dict[str, PromotionDecision], dict[str, str]]:
@@ -74,6 +78,21 @@ def _release(params: Params, run_dirs: dict[str, Path]) -> tuple[dict[str, Promo
         else:
             done[category] = future.result()
     return done, failed
+
+
+def _report(run_dirs: dict[str, Path], out_dir: Path) -> tuple[list[dict], str | None]:
+    """The AUC table of `run_dirs` (also a Prefect table artifact); (rows, None, or why the
+    report failed). A failed report costs no category its registration."""
+    if not run_dirs:
+        return [], None
+    report = report_task.submit(run_dirs, out_dir)
+    wait([report])
+    why = _failure(("report", report))
+    if why:
+        return [], why
+    table = report.result()
+    create_table_artifact(table, key="dualstpm-auc-table", description="AUC table of the tested categories")
+    return table, None
 
 
 def run_categories(params: Params, categories: list[str], out: Path, dvc_project: Path | None) -> dict:
@@ -92,16 +111,15 @@ def run_categories(params: Params, categories: list[str], out: Path, dvc_project
     tested = {c: runs_dir / c for c in categories if c not in failed}
     reportable = {c: runs_dir / c for c in params.data.categories
                   if c not in failed and (runs_dir / c / METRICS_FILE).is_file()}
-    table = report_task(reportable, out / REPORTS) if reportable else []
-    if table:
-        create_table_artifact(table, key="dualstpm-auc-table", description="AUC table of the tested categories")
+    table, report_failed = _report(reportable, out / REPORTS)
     promotions, release_failed = _release(params, tested)
     failed.update(release_failed)
-    if failed:
+    if failed or report_failed:
         lines = "\n".join(f"  {c}: {why}" for c, why in failed.items())
+        report_line = f"\n  {report_failed}" if report_failed else ""
         raise PipelineError(
             f"{len(failed)} of {len(categories)} categories failed (the others' models, metrics and report "
-            f"rows are kept in {out}):\n{lines}"
+            f"rows are kept in {out}):\n{lines}{report_line}"
         )
     return {"auc_table": table, "promotions": promotions, "reports": str(out / REPORTS)}
 
@@ -139,12 +157,13 @@ def run_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def entry_point(main: Callable[[], object]) -> None:
-    """Run a flow's command line: a user error ends with its message and exit code 2, as `dualstpm` does."""
+    """Run a flow's command line: a user error ends with its message and exit code 2 (75 for a
+    network failure worth retrying), as `dualstpm` does."""
     try:
         main()
     except DualStpmError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
+        raise SystemExit(exc.exit_code) from None
 
 
 def main(argv: list[str] | None = None) -> dict:

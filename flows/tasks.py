@@ -2,8 +2,9 @@
 
 Every task calls one `dualstpm` function and re-implements nothing. All of them have side
 effects (run directories, the report, the model registry), so none is cached. The data
-step retries with exponential backoff (a download can fail for a while). Fit tasks carry
-the tag `dualstpm-training`, whose concurrency limit (`prefect.training_slots`, one per
+step retries with exponential backoff when a download failed for a while, and only then;
+each category's files are checked in a task of its own, so a bad one fails that category
+alone. Fit tasks carry the tag `dualstpm-training`, whose concurrency limit (`prefect.training_slots`, one per
 GPU) the API enforces before a fit starts running, whichever worker or machine runs it.
 """
 
@@ -21,10 +22,11 @@ from prefect.tasks import exponential_backoff
 
 from dualstpm.config import Params, PrefectParams
 from dualstpm.dvc_stage import reproduce_download
-from dualstpm.errors import ConfigError
+from dualstpm.data.download import failed_for_a_while
+from dualstpm.errors import DualStpmError, NetworkError
 from dualstpm.registry import PromotionDecision, promote, register_run
 from dualstpm.report import write_report
-from dualstpm.stages import prepare_data, tracked_ablate, tracked_fit, tracked_test
+from dualstpm.stages import check_category, prepare_root, tracked_ablate, tracked_fit, tracked_test
 
 TRAINING_TAG = "dualstpm-training"
 
@@ -49,13 +51,16 @@ def ensure_training_limit(slots: int) -> None:
 
 
 def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
-    """A wrong setting stays wrong on the next try; a network or DVC hiccup may not."""
+    """Only a failure that may pass is retried: a download or server that did not answer.
+    A data or config error (a missing mask, a wrong key) stays wrong on the next try."""
     try:
         state.result()
-    except ConfigError:
-        return False
-    except Exception:  # noqa: BLE001 - any other failure of the data step is worth another try
+    except NetworkError:
         return True
+    except DualStpmError:
+        return False
+    except Exception as exc:  # noqa: BLE001 - a network failure outside our wrappers is still one
+        return failed_for_a_while(exc)
     return False
 
 
@@ -68,10 +73,18 @@ def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
     retry_condition_fn=_worth_retrying,
 )
 def data_task(params: Params, dvc_project: Path | None) -> Path:
-    """The data root, through DVC's `download` stage in `dvc_project` (the versioned data) or directly."""
+    """The data root, through DVC's `download` stage in `dvc_project` (the versioned data) or
+    directly; each category's own files are checked by :func:`check_task`."""
     if dvc_project is not None:
         return reproduce_download(params, dvc_project)
-    return prepare_data(params).resolve()
+    return prepare_root(params).resolve()
+
+
+@task(name="check", cache_policy=NO_CACHE, task_run_name="check-{category}")
+def check_task(data_root: Path, category: str) -> Path:
+    """One category's files (masks, splits, sizes) checked before its fit; never retried:
+    a bad file is the user's to fix, and fails this category alone. Returns the data root."""
+    return check_category(data_root, category)
 
 
 @task(name="fit", cache_policy=NO_CACHE, task_run_name="fit-{category}", tags=[TRAINING_TAG])

@@ -47,6 +47,18 @@ def test_a_missing_folder_category_is_a_clear_error(tmp_path: Path, synthetic_ro
                            tmp_path / "data" / "folder")
 
 
+def test_an_unusable_folder_category_is_recorded_and_costs_the_others_nothing(tmp_path: Path, synthetic_root: Path) -> None:
+    data = tmp_path / "mine"
+    shutil.copytree(synthetic_root / "synth_texture", data / "synth_texture")
+    shutil.copytree(synthetic_root / "synth_texture", data / "synth_nomask")
+    (data / "synth_nomask" / "ground_truth" / "stain" / "001_mask.png").unlink()
+    folder = params("data.source=folder", f"data.root={data}", "data.categories=[synth_texture, synth_nomask, synth_gone]")
+    manifest = json.loads(run_download_stage(folder, tmp_path / "data" / "folder").read_text())
+    assert list(manifest["categories"]) == ["synth_texture"]
+    assert sorted(manifest["unusable"]) == ["synth_gone", "synth_nomask"]
+    assert "001_mask.png" in manifest["unusable"]["synth_nomask"]
+
+
 def test_the_dvc_data_step_needs_the_dvc_project(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not the DVC project"):
         reproduce_download(params(), tmp_path)

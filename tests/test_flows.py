@@ -88,6 +88,92 @@ def test_a_failing_category_is_reported_and_the_other_keeps_its_results(
         MlflowClient().get_registered_model(model_name(load_params(params).data.root, "synth_broken"))
 
 
+def _task_runs(flow_run_id) -> list:
+    """The task runs of a flow run and of its subflow runs (the category fan-out)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, FlowRunFilterParentFlowRunId
+
+    with get_client(sync_client=True) as api:
+        children = api.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+        ids = [flow_run_id, *(run.id for run in children)]
+        return api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+
+
+def test_bad_data_fails_its_category_alone_at_the_data_stage_without_retries(
+        harness, tmp_path: Path, synthetic_root: Path, mlflow_store: str) -> None:
+    """retrain over a good category, one whose defect image lost its mask, one whose folder
+    is missing, plus a configured category whose stale metrics.json breaks the report: the
+    good one is trained, tested, registered and champion; each bad one fails at `data`, once."""
+    from flows.retrain import retrain
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "synth_texture", data / "synth_texture")
+    shutil.copytree(synthetic_root / "synth_texture", data / "synth_nomask")
+    (data / "synth_nomask" / "ground_truth" / "hole" / "000_mask.png").unlink()
+    out = tmp_path / "out"
+    (out / "runs" / "synth_stale").mkdir(parents=True)
+    (out / "runs" / "synth_stale" / "metrics.json").write_text("{half written")
+    categories = ["synth_texture", "synth_nomask", "synth_gone"]
+    params = params_file(tmp_path, data, [*categories, "synth_stale"])
+
+    state = retrain(categories, str(params), [], str(out), False, return_state=True)
+
+    assert state.is_failed()
+    with pytest.raises(PipelineError) as failure:
+        state.result()
+    message = str(failure.value)
+    assert "2 of 3 categories failed" in message
+    assert "synth_nomask: data:" in message and "000_mask.png" in message
+    assert "synth_gone: data:" in message and "synth_texture:" not in message
+    assert "report:" in message
+    assert (out / "runs" / "synth_texture" / "ablation" / "summary.json").is_file()
+    assert champion_version(params, "synth_texture") == "1"
+    runs = {run.name: run for run in _task_runs(state.state_details.flow_run_id)}
+    assert {runs[f"check-{c}"].state.type.value for c in categories} == {"COMPLETED", "FAILED"}
+    assert runs["check-synth_nomask"].run_count == 1 and runs["check-synth_gone"].run_count == 1
+    assert "fit-synth_nomask" not in runs or not runs["fit-synth_nomask"].run_count  # never started
+
+
+def test_a_data_error_of_the_shared_data_step_is_not_retried(harness, tmp_path: Path, mlflow_store: str) -> None:
+    from dualstpm.errors import DataError
+    from flows.pipeline import pipeline
+
+    params = params_file(tmp_path, tmp_path / "no_such_root", ["synth_texture"])
+    state = pipeline(str(params), [], str(tmp_path / "out"), False, return_state=True)
+    with pytest.raises(DataError, match="no_such_root is not a folder"):
+        state.result()
+    (data,) = [run for run in _task_runs(state.state_details.flow_run_id) if run.name.startswith("data")]
+    assert data.run_count == 1 and data.state.type.value == "FAILED"
+
+
+def _run_figures(out: Path, categories: list[str]) -> dict[str, bytes]:
+    """Every figure a pipeline run leaves: the report's table, and per category the training
+    history, calibration, weights, chosen fusion, test metrics and ablation table."""
+    files = {"reports/auc_table.csv": out / "reports" / "auc_table.csv"}
+    for category in categories:
+        run_dir = out / "runs" / category
+        for name in ("history.csv", "model/calibration.json", "model/weights.safetensors", "model/fusion.json",
+                     "metrics.json", "ablation/table.csv", "plots/roc/fused.csv"):
+            files[f"{category}/{name}"] = run_dir / name
+    return {name: path.read_bytes() for name, path in files.items()}
+
+
+@pytest.mark.slow
+def test_the_pipeline_twice_with_the_same_params_gives_the_same_figures(
+        harness, tmp_path: Path, synthetic_root: Path, mlflow_store: str) -> None:
+    """Fits, tests and ablations of two categories share the flow's thread pool; whatever
+    interleaving each run gets, every figure is the same to the last byte."""
+    from flows.pipeline import pipeline
+
+    categories = ["synth_texture", "synth_object"]
+    params = params_file(tmp_path, synthetic_root, categories)
+    pipeline(str(params), [], str(tmp_path / "first"), False)
+    pipeline(str(params), [], str(tmp_path / "second"), False)
+    first, second = _run_figures(tmp_path / "first", categories), _run_figures(tmp_path / "second", categories)
+    assert [name for name in first if first[name] != second[name]] == []
+
+
 def test_retrain_refuses_a_category_the_data_step_does_not_prepare(harness, tmp_path: Path, synthetic_root: Path) -> None:
     from dualstpm.errors import ConfigError
     from flows.retrain import retrain

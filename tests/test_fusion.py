@@ -41,20 +41,21 @@ def test_level_with_zero_weights_is_left_out_of_the_product():
 
 
 def test_val_stats_normalisation():
-    m = six_maps(batch=4)
+    # Two validation images of one pixel; every map is 1 on the first and 3 on the second
+    # (fed in two batches), so each map's mean is 2 and its (population) std is 1.
+    m = torch.tensor([1.0, 3.0])[:, None, None, None, None].expand(2, 2, 3, 1, 1).contiguous()
     acc = MapStatsAccumulator()
-    acc.update(m[:2])
-    acc.update(m[2:])
+    acc.update(m[:1])
+    acc.update(m[1:])
     stats = acc.result()
-    flat = m.permute(1, 2, 0, 3, 4).reshape(2, 3, -1).double()
-    torch.testing.assert_close(stats.mean.double(), flat.mean(-1), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(stats.std.double(), flat.std(-1, unbiased=False), rtol=1e-4, atol=1e-6)
+    assert stats.mean.tolist() == [[2.0] * 3] * 2 and stats.std.tolist() == [[1.0] * 3] * 2
+    # sum: each of the six maps standardised to (1 - 2) / 1 = -1 and (3 - 2) / 1 = +1, summed.
     z = fuse(m, FusionSpec(mode="sum", normalize="val_stats"), stats)
-    standardised = (m - stats.mean[None, :, :, None, None]) / stats.std[None, :, :, None, None]
-    torch.testing.assert_close(z, standardised.sum(dim=(1, 2)))
+    assert z.flatten().tolist() == [-6.0, 6.0]
+    # product: each map divided by its mean, 0.5 and 1.5; per level 0.5 + 0.5 = 1 and 1.5 + 1.5 = 3;
+    # across the three levels 1 * 1 * 1 = 1 and 3 * 3 * 3 = 27.
     p = fuse(m, FusionSpec(mode="product", normalize="val_stats"), stats)
-    scaled = m / stats.mean[None, :, :, None, None]
-    torch.testing.assert_close(p, scaled.sum(dim=1).prod(dim=1))
+    assert p.flatten().tolist() == [1.0, 27.0]
 
 
 def test_gaussian_blur_keeps_mass_and_spreads_a_peak():

@@ -209,13 +209,17 @@ def test_aupro_undefined_cases() -> None:
         metrics.aupro(masks, maps[:1])
 
 
-def test_aupro_runs_on_a_category_sized_stack() -> None:
-    # Speed sanity check (no timing assertion): 200 maps of 256 x 256 = 13 M pixels.
+def test_aupro_on_a_category_sized_stack_is_one_when_separated_and_0_15_at_chance() -> None:
+    # 100 maps of 256 x 256 = 6.6 M pixels (a category-sized stack), thousands of regions.
     rng = np.random.default_rng(0)
-    masks = _random_masks(rng, (200, 256, 256))
-    maps = (rng.random(masks.shape, dtype=np.float32) + 0.5 * masks).astype(np.float32)
-    value = metrics.aupro(masks, maps)
-    assert value is not None and 0.0 < value <= 1.0
+    masks = _random_masks(rng, (100, 256, 256))
+    noise = rng.random(masks.shape, dtype=np.float32)
+    # Every defect pixel (>= 1) above every good one (< 1): all regions are whole at FPR 0.
+    assert metrics.aupro(masks, (noise + masks).astype(np.float32)) == pytest.approx(1.0, abs=1e-12)
+    # Scores independent of the masks: at each threshold a region overlaps as much as the
+    # good pixels flagged, PRO(fpr) = fpr, so the area on [0, 0.3] is 0.3^2 / 2 = 0.045 and
+    # AUPRO = 0.045 / 0.3 = 0.15 (up to sampling noise, about 1e-3 with these region counts).
+    assert metrics.aupro(masks, noise) == pytest.approx(0.15, abs=0.005)
 
 
 # --------------------------------------------------------------------------- AUROC

@@ -6,9 +6,11 @@ Per configuration and split: one vectorised fusion of the whole (N, 2, 3, S, S) 
 connected regions labelled once, not per configuration or threshold), and a
 configuration whose `FusionSpec` equals an earlier one is not scored twice.
 
-Configurations are independent, so they are scored in parallel threads (NumPy's sort
-and PyTorch's kernels release the GIL), each thread with a single-threaded PyTorch:
-one configuration per core instead of every kernel fighting over all cores.
+Configurations are independent, so they are scored in parallel threads (NumPy's sort,
+most of the work, and PyTorch's kernels release the GIL). The threads leave torch's thread
+count alone: it is process-wide for every thread that starts using torch, so lowering it
+here would give a fit started meanwhile in a threaded Prefect flow fewer threads, and a
+fit's figures depend on its thread count (the order of its float sums).
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import pandas as pd
-import torch
 
 from dualstpm import metrics
 from dualstpm.ablation.grid import Config
@@ -71,5 +72,5 @@ def score_grid(configs: Sequence[Config], splits: dict[str, SplitScorer], worker
             described.update({f"{prefix}{k}": v for k, v in scorer.score(config.spec).items()})
         return described
 
-    with ThreadPoolExecutor(workers or default_workers(), initializer=torch.set_num_threads, initargs=(1,)) as pool:
+    with ThreadPoolExecutor(workers or default_workers()) as pool:
         return pd.DataFrame(list(pool.map(row, configs)))

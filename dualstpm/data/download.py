@@ -29,7 +29,7 @@ from pathlib import Path
 from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColumn
 
 from dualstpm.data.mvtec import load_category
-from dualstpm.errors import DataError
+from dualstpm.errors import DataError, NetworkError
 from dualstpm.progress import progress_bar
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
@@ -39,6 +39,7 @@ MVTEC_CATEGORIES: tuple[str, ...] = (
 SHA256_KEY = "data.mvtec.sha256"
 _CHUNK = 1 << 20
 _NETWORK_ERRORS = (urllib.error.URLError, http.client.HTTPException, OSError, ValueError)  # ValueError: bad URL
+_RETRY_HTTP_STATUS = frozenset({408, 429})  # request timeout, too many requests; and every 5xx
 # What a truncated or corrupt tar raises, by compression (bz2 raises a plain OSError).
 _BROKEN_ARCHIVE = (tarfile.ReadError, tarfile.CompressionError, EOFError, lzma.LZMAError,
                    zlib.error, gzip.BadGzipFile)
@@ -117,11 +118,20 @@ def _download(url: str, part: Path, timeout: float) -> None:
         _copy(response, part, offset if resumed else 0)
 
 
+def failed_for_a_while(exc: BaseException) -> bool:
+    """True for a network failure that may pass (no connection, a timeout, a dropped
+    connection, HTTP 408/429/5xx); False for one that stays (HTTP 404, a bad URL, a full disk)."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return exc.code >= 500 or exc.code in _RETRY_HTTP_STATUS
+    return isinstance(exc, (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError))
+
+
 def fetch(url: str, dest: Path, expected_sha256: str, *, timeout: float = 60.0) -> Path:
     """Download `url` to `dest` unless `dest` already has the expected checksum.
 
     Bytes go to ``<dest>.part`` first (a re-run resumes it with an HTTP Range request);
     only a verified file is renamed to `dest`, so `dest` is never a partial download.
+    A failed download raises NetworkError when trying again may succeed, else DataError.
     """
     dest = Path(dest)
     expected = _expected(expected_sha256)
@@ -133,7 +143,7 @@ def fetch(url: str, dest: Path, expected_sha256: str, *, timeout: float = 60.0) 
     try:
         _download(url, part, timeout)
     except _NETWORK_ERRORS as exc:
-        raise DataError(
+        raise (NetworkError if failed_for_a_while(exc) else DataError)(
             f"download of {url} failed: {exc}. Any partial download is kept as {part.absolute()} "
             "and running again resumes it. If you already have the archive or an extracted "
             "MVTec AD folder, pass it with --source instead."
