@@ -279,6 +279,17 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def run_params(params: Params, category: str, data_root: Path | str) -> dict[str, str]:
+    """The params of one category's run, flat for MLflow, saying what the run used: the
+    download settings (`data.mvtec.*`) only when `data.source` is `mvtec`, `data.root` as
+    the absolute folder read, and `data.category` (the category trained) instead of the
+    pipeline's `data.categories` list."""
+    flat = flatten(params.to_dict())
+    used = {k: v for k, v in flat.items()
+            if k != "data.categories" and (params.data.source == "mvtec" or not k.startswith("data.mvtec."))}
+    return {**used, "data.root": str(Path(data_root).resolve()), "data.category": category}
+
+
 def result_metrics(view_result: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric metrics of one view of metrics.json (null ones are skipped, per defect type too)."""
     values = {f"{prefix}{k}": float(view_result[k]) for k in RESULT_METRICS if view_result.get(k) is not None}
@@ -460,5 +471,5 @@ def open_category_run(params: Params, run_dir: Path, category: str, data_root: P
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write(run_dir)
     run = CategoryRun(client, record, run_dir, created=True)
-    run.log(run.run_id, "logging params", params=flatten(params.to_dict()))
+    run.log(run.run_id, "logging params", params=run_params(params, category, data_root))
     return run

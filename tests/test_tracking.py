@@ -12,7 +12,15 @@ import yaml
 
 from dualstpm.config import load_params
 from dualstpm.errors import ConfigError
-from dualstpm.tracking import artifact_location, data_hash, dataset_name, params_for_data, project_dir, tracking_uri
+from dualstpm.tracking import (
+    artifact_location,
+    data_hash,
+    dataset_name,
+    params_for_data,
+    project_dir,
+    run_params,
+    tracking_uri,
+)
 
 
 @pytest.fixture
@@ -98,3 +106,13 @@ def test_data_hash_is_the_hash_dvc_gives_the_folder(synthetic_root: Path, tmp_pa
     image = next((project / "data" / "synth_texture" / "test" / "good").iterdir())
     image.write_bytes(image.read_bytes() + b"\0")
     assert data_hash(project / "data", "synth_texture") != computed  # other data, other hash
+
+
+def test_a_run_logs_the_params_it_used(tmp_path: Path):
+    folder = load_params(None, ["data.source=folder", "data.root=elsewhere", "data.categories=[a, b]"])
+    logged = run_params(folder, "b", tmp_path)
+    assert logged["data.root"] == str(tmp_path.resolve()) and logged["data.category"] == "b"
+    assert logged["data.source"] == "folder" and logged["fit.epochs"] == str(folder.fit.epochs)
+    assert not [key for key in logged if key.startswith("data.mvtec.") or key == "data.categories"]
+    mvtec = load_params(None, ["data.source=mvtec"])
+    assert run_params(mvtec, "bottle", tmp_path)["data.mvtec.url"] == mvtec.data.mvtec.url  # what it downloads
