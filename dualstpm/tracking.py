@@ -41,11 +41,19 @@ ARTIFACTS_DIR = "mlartifacts"
 RUN_RECORD = "mlflow_run.json"
 BRANCH_RUNS = ("stpm", "recon")
 RESULT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall", "threshold")
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # read by MLflow at each transfer
 TAG = "dualstpm."  # prefix of our own tags, apart from MLflow's `mlflow.*` ones
 _METRIC_UNSAFE = re.compile(r"[^\w\-. /]")  # MLflow metric names allow only these characters
 
 
 # --------------------------------------------------------------------------- where
+
+
+def quiet_artifact_progress() -> None:
+    """For entry points only (the `dualstpm` command, `python -m flows.*`), which own their
+    process: no MLflow artifact up/download progress bars in it and its children, which
+    would clutter flow and stage logs. A value the user set is kept."""
+    os.environ.setdefault(PROGRESS_BAR_ENV, "false")
 
 
 def _absolute_sqlite(uri: str, source: str) -> str:
