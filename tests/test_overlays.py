@@ -133,3 +133,20 @@ def test_a_foreign_predictions_csv_in_the_output_folder_is_refused(trained_run: 
     (tmp_path / "predictions.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match=r"predictions.csv is not a predictions.csv of `dualstpm predict`"):
         predict(Detector.load(trained_run), [synthetic_root / "synth_texture" / "test" / "hole"], tmp_path)
+
+
+def test_the_scale_and_heading_follow_an_applied_chosen_fusion(trained_run: Path):
+    from dualstpm.detector import ChosenFusion, Detector
+    from dualstpm.overlays import fusion_label, overlay_scale
+
+    trained = Detector.load(trained_run)
+    mean = trained.calibration.map_stats.mean
+    # the trained product fusion: typical level = product over levels of (mean A + mean B)
+    assert overlay_scale(trained).low == pytest.approx(float((mean[0] + mean[1]).prod()), rel=1e-5)
+    assert fusion_label(trained) == "params.fusion"
+    chosen = ChosenFusion(FusionSpec(mode="sum"), threshold=100.0, source={"config": "sum_all"})
+    decided = Detector(trained.model, trained.params, trained.calibration, trained.compute, chosen)
+    scale = overlay_scale(decided)  # the sum of the six means, up to the chosen threshold
+    assert (scale.low, scale.threshold) == (pytest.approx(float(mean.sum()), rel=1e-5), 100.0)
+    assert fusion_label(decided) == "sum_all"
+    assert overlay_scale(decided, threshold=150.0).threshold == 150.0  # predict --threshold
