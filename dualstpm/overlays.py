@@ -128,7 +128,7 @@ def _band(width: int, scale: OverlayScale, lines: Sequence[tuple[str, tuple[int,
     mark = x0 + round((x1 - x0) * (scale.threshold - scale.low) / (scale.high - scale.low))
     draw.rectangle((mark - 1, y - 3, mark + 1, y + bar_h + 2), fill="black")
     y += bar_h + 2
-    ticks = ((x0, f"typical good {scale.low:.3g}", "la"), (mark, f"threshold {scale.threshold:.3g}", "ma"),
+    ticks = ((x0, f"typical good {scale.low:.3g}", "la"), (mark, "threshold", "ma"),
              (x1, f"{scale.high:.3g}", "ra"))
     for x, text, anchor in ticks:
         draw.text((x, y), text, fill="black", font=small, anchor=anchor)
