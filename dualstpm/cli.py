@@ -315,10 +315,14 @@ def demo(
     use_dvc: Annotated[bool, typer.Option("--dvc/--no-dvc", help="data through DVC's download stage (the versioned data)")] = True,
 ) -> None:
     """The main job: the Prefect pipeline flow (data, fit, test, report, register, promote), then the AUC table."""
+    flows = _project_module("flows.pipeline")
+    print_pipeline_summary(flows.pipeline(str(params), overrides or [], str(out_dir), use_dvc))
+
+
+def print_pipeline_summary(summary: dict) -> None:
+    """What a pipeline or retrain flow returned: the AUC table, then each promotion decision."""
     import pandas as pd
 
-    flows = _project_module("flows.pipeline")
-    summary = flows.pipeline(str(params), overrides or [], str(out_dir), use_dvc)
     print_auc_table(pd.DataFrame(summary["auc_table"]), f"AUC table ({summary['reports']})")
     for decision in summary["promotions"].values():
         verdict = "promoted" if decision.promoted else "not promoted"
@@ -409,6 +413,9 @@ def show_params(
 
 def main() -> None:
     """Console entry point: user errors print one clear message, no traceback."""
+    from dualstpm.tracking import quiet_artifact_progress
+
+    quiet_artifact_progress()
     try:
         app()
     except DualStpmError as exc:

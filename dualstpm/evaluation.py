@@ -16,9 +16,10 @@ from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
 from dualstpm.files import write_json
-from dualstpm.figures import PLOTS_DIR, write_test_figures
+from dualstpm.figures import PLOTS_DIR, overlay_name, write_test_figures
 from dualstpm.fusion import VIEWS
 from dualstpm.maps import MAPS_DIR, compute_six_maps, fused_and_scores, store_test_and_val_maps
+from dualstpm.overlays import fusion_label
 
 METRICS_FILE = "metrics.json"
 IMAGE_ONLY_NOTE = "image-level only: the category has no ground_truth folder, so pixel metrics are null"
@@ -84,7 +85,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         "n_defective": int(labels.sum()),
         "image_level_only": masks is None,
         # which fusion the fused view used: the trained params, or the ablation's choice
-        "fusion": detector.chosen.source.get("config", "chosen") if detector.chosen else "params.fusion",
+        "fusion": fusion_label(detector),
     }
     if truth_report is None:
         result["note"] = IMAGE_ONLY_NOTE
@@ -105,8 +106,8 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     if (note := undefined_metrics_note(result, has_ground_truth=masks is not None)) is not None:
         result["note"] = note
     if plots_dir is not None:
-        names = [f"{s.defect_type}_{s.path.stem}" for s in dataset.test]
-        write_test_figures(plots_dir, detector, images, labels, scores, names, maps, masks)
+        names = [overlay_name(s.defect_type, s.path) for s in dataset.test]
+        write_test_figures(plots_dir, detector, [s.path for s in dataset.test], labels, scores, names, maps, masks)
     if maps_dir is not None:
         store_test_and_val_maps(maps_dir, detector, dataset, six, masks, batch_size, max_pixels)
     return result

@@ -7,7 +7,7 @@ and MLflow (logged as artifacts of the category's run):
     plots/roc/{fused,stpm,recon}.csv   image-level ROC: fpr, tpr
     plots/pro/{fused,stpm,recon}.csv   per-region overlap: fpr, pro (pixel-level categories only)
     plots/roc.png, plots/pro.png       the three views in one chart each
-    plots/overlays/*.png               heat maps of the most telling test images
+    plots/overlays/*.png               heat maps of the most telling test images (`dualstpm.overlays`)
     plots/overlays.png                 those overlays as one grid, ground truth outlined
 
 Matplotlib's object API is used (no pyplot), so nothing depends on a display or backend.
@@ -15,23 +15,26 @@ Matplotlib's object API is used (no pyplot), so nothing depends on a display or 
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib.figure import Figure
 
 from dualstpm import metrics
+from dualstpm.data import read_image
 from dualstpm.detector import Detector
-from dualstpm.files import staged_dir
+from dualstpm.files import atomic_file, staged_dir
 from dualstpm.fusion import VIEWS
-from dualstpm.predict import overlay
+from dualstpm.overlays import GRID_CELL_WIDTH, draw_overlay, fusion_label, overlay_grid, overlay_scale
+from dualstpm.predict import score_images
 
 PLOTS_DIR = "plots"
 PRO_GRID = np.linspace(0.0, 1.0, 1001)  # the exact PRO curve has a point per pixel threshold
 GRID_COLUMNS = 4
+OVERLAY_GRID = "overlays.png"
 
 
 def _curve_chart(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]],
@@ -97,37 +100,42 @@ def telling_images(labels: np.ndarray, scores: np.ndarray, count: int = 8) -> li
     return chosen[:count]
 
 
-def write_overlays(plots_dir: Path, detector: Detector, images: torch.Tensor, labels: np.ndarray,
-                   scores: np.ndarray, names: Sequence[str], masks: np.ndarray | None) -> list[Path]:
-    """Fused heat-map overlays of the telling images (one PNG each) and a grid of them."""
+def overlay_name(defect_type: str, path: Path) -> str:
+    """The name a test image goes by in overlays: `<defect type>_<file stem>`."""
+    return f"{defect_type}_{path.stem}"
+
+
+def write_overlays(out_dir: Path, detector: Detector, paths: Sequence[Path], labels: np.ndarray,
+                   scores: np.ndarray, names: Sequence[str], masks: np.ndarray | None) -> Path:
+    """Overlays of the telling images in the detector's decision view: one PNG each in
+    `out_dir/overlays/` and a grid of them, `out_dir/overlays.png` (returned).
+
+    paths: the test images (N,), read at their own size; labels (N,) bool; scores (N,):
+    the decision view's image scores, which choose the telling images; names (N,);
+    masks: (N, h, w) bool ground truth at any size, outlined in white, or None.
+    """
     chosen = telling_images(labels, scores)
-    fused = detector.score(images[chosen], views=("fused",)).maps["fused"].cpu().numpy()
-    out_dir = plots_dir / "overlays"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    threshold = detector.threshold
-    rows = -(-len(chosen) // GRID_COLUMNS)
-    fig = Figure(figsize=(3 * GRID_COLUMNS, 3.3 * rows))
-    axes = np.atleast_1d(fig.subplots(rows, GRID_COLUMNS)).reshape(-1)
-    written = []
-    for ax, index, anomaly_map in zip(axes, chosen, fused, strict=False):
-        picture = overlay(images[index].permute(1, 2, 0).cpu().numpy(), anomaly_map, threshold)
-        path = out_dir / f"{index:03d}_{names[index]}.png"
-        picture.save(path)
-        written.append(path)
-        ax.imshow(np.asarray(picture))
-        if masks is not None and masks[index].any():
-            ax.contour(masks[index], levels=[0.5], colors="white", linewidths=0.8)
-        verdict = "defective" if scores[index] > threshold else "good"
-        ax.set_title(f"{names[index]}\nscore {scores[index]:.4g} -> {verdict}", fontsize=8)
-    for ax in axes:
-        ax.axis("off")
-    fig.suptitle(f"fused anomaly maps (red at or above the threshold {threshold:.4g}; white: ground truth)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(plots_dir / "overlays.png", dpi=90)
-    return written
+    originals = [read_image(Path(paths[i])) for i in chosen]
+    scale = overlay_scale(detector)
+    folder = out_dir / "overlays"
+    shutil.rmtree(folder, ignore_errors=True)  # another choice of images must not leave old ones
+    folder.mkdir(parents=True)
+    cells = []
+    for index, original, result in zip(chosen, originals, score_images(detector, originals), strict=True):
+        mask = masks[index] if masks is not None else None
+        args = (original, result.anomaly_map, scale, result.score, result.label)
+        with atomic_file(folder / f"{index:03d}_{names[index]}.png") as tmp:
+            draw_overlay(*args, title=names[index], mask=mask).save(tmp)
+        cells.append(draw_overlay(*args, title=names[index], mask=mask, width=GRID_CELL_WIDTH))
+    heading = (f"{detector.calibration.category}: fused anomaly maps, decision view {fusion_label(detector)} "
+               "(white outline: ground truth)")
+    grid_path = out_dir / OVERLAY_GRID
+    with atomic_file(grid_path) as tmp:
+        overlay_grid(cells, heading, GRID_COLUMNS).save(tmp)
+    return grid_path
 
 
-def write_test_figures(plots_dir: Path, detector: Detector, images: torch.Tensor, labels: np.ndarray,
+def write_test_figures(plots_dir: Path, detector: Detector, paths: Sequence[Path], labels: np.ndarray,
                        scores: dict[str, np.ndarray], names: Sequence[str],
                        maps: dict[str, np.ndarray] | None = None, masks: np.ndarray | None = None) -> Path:
     """All figures of one test run into a fresh `plots_dir` (old files would mislead), built
@@ -137,6 +145,6 @@ def write_test_figures(plots_dir: Path, detector: Detector, images: torch.Tensor
         write_roc(staging, labels, scores)
         if maps is not None and masks is not None:
             write_pro(staging, masks, maps)
-        write_overlays(staging, detector, images, np.asarray(labels, dtype=bool), scores["fused"], names, masks)
+        write_overlays(staging, detector, paths, np.asarray(labels, dtype=bool), scores["fused"], names, masks)
     return plots_dir
 

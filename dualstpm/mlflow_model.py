@@ -40,23 +40,40 @@ class DualStpmPyfunc(PythonModel):
         self.detector = Detector.load(model_dir.parent, device=(context.model_config or {}).get("device", "auto"))
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
-        from dualstpm.data.images import read_image_bytes
+        from mlflow.exceptions import MlflowException
+        from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+
         from dualstpm.errors import DataError
         from dualstpm.predict import score_images
 
         params = params or {}
-        if INPUT_COLUMN not in model_input.columns:
-            raise DataError(f"expected a column {INPUT_COLUMN!r} of encoded images, got columns {list(model_input.columns)}")
-        originals = [
-            read_image_bytes(data if isinstance(data, bytes) else bytes(data), f"input row {i}",
-                             self.detector.params.data.max_image_pixels)
-            for i, data in enumerate(model_input[INPUT_COLUMN])
-        ]
+        try:
+            originals = _decode_images(model_input, self.detector.params.data.max_image_pixels)
+        except DataError as exc:  # the caller's input: HTTP 400 with this message, not a stack trace
+            raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         results = score_images(self.detector, originals, params.get("threshold"))
         table = pd.DataFrame([r.row() for r in results])
         if params.get("return_map"):
             table[MAP_COLUMN] = [r.anomaly_map.tolist() for r in results]
         return table
+
+
+def _decode_images(model_input: pd.DataFrame, max_pixels: int) -> list:
+    """The images of column `image` as (H, W, 3) float arrays; DataError naming the column
+    or the row (0-based) that is not an encoded image file, or holds more than `max_pixels`."""
+    from dualstpm.data.images import read_image_bytes
+    from dualstpm.errors import DataError
+
+    if INPUT_COLUMN not in model_input.columns:
+        raise DataError(f"expected a column {INPUT_COLUMN!r} of encoded images (PNG, JPEG, ...; base64 strings "
+                        f"in a JSON request), got columns {list(model_input.columns)}")
+    originals = []
+    for row, data in enumerate(model_input[INPUT_COLUMN]):
+        if not isinstance(data, bytes | bytearray):
+            raise DataError(f"column {INPUT_COLUMN!r}, row {row}: expected an encoded image file (bytes; base64 "
+                            f"in a JSON request), got {type(data).__name__}")
+        originals.append(read_image_bytes(bytes(data), f"in column {INPUT_COLUMN!r}, row {row}", max_pixels))
+    return originals
 
 
 mlflow.models.set_model(DualStpmPyfunc())

@@ -10,20 +10,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image
 from dualstpm.detector import Detector
 from dualstpm.errors import DataError
-from dualstpm.files import write_csv
+from dualstpm.files import atomic_file, write_csv
+from dualstpm.overlays import draw_overlay, overlay_scale
 
 PREDICTIONS_FILE = "predictions.csv"
-OVERLAY_ALPHA = 0.6
+OVERLAY_COLUMN = "overlay"
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
@@ -41,20 +40,6 @@ def collect_images(paths: Sequence[Path]) -> list[Path]:
         raise DataError(f"no images ({', '.join(IMAGE_SUFFIXES)}) found in {', '.join(map(str, paths))} "
                         "(hidden files and folders are skipped): pass image files or folders of images")
     return found
-
-
-def overlay(image: np.ndarray, anomaly_map: np.ndarray, threshold: float) -> Image.Image:
-    """Blend a jet heat map over the image; opacity grows with the map up to the threshold.
-
-    The colour scale is fixed by the threshold (0 -> transparent blue, threshold and above
-    -> opaque red), so overlays of different images can be compared by eye.
-    """
-    low = min(0.0, float(anomaly_map.min()))
-    level = np.clip((anomaly_map - low) / max(threshold - low, 1e-12), 0.0, 1.0)
-    colours = matplotlib.colormaps["jet"](level)[..., :3]
-    alpha = OVERLAY_ALPHA * level[..., None]
-    blended = (1 - alpha) * image + alpha * colours
-    return Image.fromarray((blended * 255).round().astype(np.uint8))
 
 
 def _unique_name(stem: str, taken: set[str]) -> str:
@@ -108,6 +93,21 @@ def score_images(detector: Detector, originals: Sequence[np.ndarray], threshold:
     return results
 
 
+def _listed_overlays(out_dir: Path) -> set[str]:
+    """The overlay files a previous `predictions.csv` in `out_dir` lists (empty without one).
+
+    Raises DataError when `out_dir` holds a predictions.csv that is not ours."""
+    table_path = out_dir / PREDICTIONS_FILE
+    if not table_path.is_file():
+        return set()
+    try:
+        listed = pd.read_csv(table_path, usecols=[OVERLAY_COLUMN])[OVERLAY_COLUMN]
+    except (ValueError, pd.errors.ParserError) as exc:
+        raise DataError(f"{table_path} is not a predictions.csv of `dualstpm predict` ({exc}): "
+                        "choose another --out folder or remove that file") from None
+    return {name for name in listed.dropna().astype(str) if name == Path(name).name}  # files in out_dir only
+
+
 COLUMNS = ("path", *(f.name for f in fields(ImagePrediction) if f.name != "anomaly_map"), "overlay", "error")
 
 
@@ -131,12 +131,18 @@ def predict(detector: Detector, paths: Sequence[Path], out_dir: Path, threshold:
     ``data.max_image_pixels``) gets its message in `error` and empty score, label and
     overlay; every other image is scored. Raises DataError only for paths that do not
     exist or hold no image at all (before anything is scored).
+
+    Reusing `out_dir`: after the new table is written, the overlays the previous
+    `predictions.csv` listed and the new one does not are deleted (nothing else in the
+    folder is touched), so every overlay beside the table belongs to it.
     """
     images = collect_images(paths)
     max_pixels = detector.params.data.max_image_pixels if max_pixels is None else max_pixels
     threshold = detector.threshold if threshold is None else float(threshold)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    previous = _listed_overlays(out_dir)
+    scale = overlay_scale(detector, threshold)
     rows, taken = [], set()
     batch_size = detector.params.fit.batch_size
     for start in range(0, len(images), batch_size):
@@ -149,8 +155,12 @@ def predict(detector: Detector, paths: Sequence[Path], out_dir: Path, threshold:
                 rows.append({"path": str(path), "threshold": threshold, "error": str(image)})
                 continue
             result, name = next(results), _unique_name(path.stem, taken)
-            overlay(image, result.anomaly_map, result.threshold).save(out_dir / name)
-            rows.append({"path": str(path), **result.row(), "overlay": name, "error": ""})
+            picture = draw_overlay(image, result.anomaly_map, scale, result.score, result.label, title=path.name)
+            with atomic_file(out_dir / name) as tmp:
+                picture.save(tmp)
+            rows.append({"path": str(path), **result.row(), OVERLAY_COLUMN: name, "error": ""})
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     write_csv(out_dir / PREDICTIONS_FILE, table)
+    for stale in previous - taken:
+        (out_dir / stale).unlink(missing_ok=True)
     return table

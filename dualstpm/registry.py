@@ -44,6 +44,7 @@ from dualstpm.data import list_images, read_image, resize_image
 from dualstpm.detector import MODEL_SUBDIR, read_chosen_fusion, read_model_dir
 from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.evaluation import METRICS_FILE
+from dualstpm.figures import OVERLAY_GRID
 from dualstpm.lineage import MODEL_HASH_TAG, check_model_of_run
 from dualstpm.tracking import STORE_ANSWERED, TAG, CategoryRun, RunRecord, connect, dataset_name, tracking_errors
 
@@ -221,8 +222,9 @@ def register_run(run_dir: Path, params: Params, category: str):
             for key, value in {f"{TAG}category": category, f"{TAG}dataset": tags[f"{TAG}dataset"],
                                f"{TAG}data_root": record.eval_data_root}.items():
                 client.set_registered_model_tag(name, key, value)  # how `registered_name` finds it
-            client.update_model_version(name, version.version,
-                                        description=_describe(evidence, result["n_test_images"], record, category))
+            client.update_registered_model(name, description=model_description(name, record.eval_data_root, category))
+            client.update_model_version(name, version.version, description=version_description(
+                name, version.version, evidence, result["n_test_images"], record, category, run_dir))
         with tracking_errors(uri, f"setting alias {CHALLENGER} of {name}"):
             client.set_registered_model_alias(name, CHALLENGER, version.version)
             client.set_model_version_tag(name, version.version, REGISTRATION_TAG, COMPLETE)  # last
@@ -232,9 +234,40 @@ def register_run(run_dir: Path, params: Params, category: str):
     return client.get_model_version(name, version.version)
 
 
-def _describe(fused: dict, n_images: int, record: RunRecord, category: str) -> str:
+def model_description(name: str, data_root: Path | str, category: str) -> str:
+    """The registered model's description (Markdown): what it detects, on which data, how to load it."""
+    return (
+        f"Finds defective **{category}** parts ({dataset_name(data_root)} data) and where the defect is: "
+        "a dual student-teacher anomaly detector (dualstpm) trained on good parts only. Per image it "
+        "answers `score`, `label` (`defective` above the calibrated `threshold`, else `good`), "
+        "`threshold`, `stpm_score`, `recon_score`, and with `params={\"return_map\": true}` the "
+        "anomaly map at the image's size.\n\n"
+        f"`@{CHAMPION}` is the version in use (moved only on evidence: each version's `promotion.*` tags), "
+        f"`@{CHALLENGER}` the latest registered. Each version's description names its data, test "
+        "figures and run.\n\n"
+        "```python\nimport mlflow, pandas as pd\n"
+        f"model = mlflow.pyfunc.load_model(\"models:/{name}@{CHAMPION}\")\n"
+        "model.predict(pd.DataFrame({\"image\": [open(\"part.png\", \"rb\").read()]}))\n```\n\n"
+        f"Serve: `mlflow models serve -m \"models:/{name}@{CHAMPION}\" --env-manager local -p 5001`, then "
+        "POST `{\"dataframe_split\": {\"columns\": [\"image\"], \"data\": [[\"<base64 PNG or JPEG>\"]]}}` "
+        "to `/invocations`."
+    )
+
+
+def version_description(name: str, version: str, fused: dict, n_images: int, record: RunRecord, category: str,
+                        run_dir: Path) -> str:
+    """A version's description (Markdown): its test figures, the data they were measured on,
+    where its figures are, and how to load this very version."""
     shown = ", ".join(f"{m} {fused[m]:.4f}" for m in PROMOTION_METRICS if fused.get(m) is not None)
-    return f"{category}: {shown} on {n_images} test images (data {record.eval_data_hash})"
+    overlays = f"{ABLATION_DIR}/{OVERLAY_GRID}" if (Path(run_dir) / ABLATION_DIR / OVERLAY_GRID).is_file() \
+        else f"plots/{OVERLAY_GRID}"
+    return (
+        f"{category}: {shown} on {n_images} test images of `{record.eval_data_root}` "
+        f"(data hash `{record.eval_data_hash}`).\n\n"
+        f"Figures in run `{record.run_id}`: `plots/roc.png`, `plots/pro.png` and the overlays in the "
+        f"model's decision view, `{overlays}`.\n\n"
+        f"Load this version: `mlflow.pyfunc.load_model(\"models:/{name}/{version}\")`."
+    )
 
 
 def _fused_evidence(run_dir: Path, result: dict, threshold: float, chosen) -> tuple[dict, str]:

@@ -15,7 +15,11 @@ writes one report folder, laid out for DVC (and read as plain files by everyone 
                                 plot per category with the three models as series
     plots/pro/<category>.csv    fpr, then the per-region overlap of each model
                                 (categories with ground-truth masks only)
-    overlays/<category>.png     the grid of fused heat-map overlays of the category
+    dvc.yaml                    one DVC plot per category and curve, titled with the category
+                                and the views (`dvc plots show` reads every dvc.yaml)
+    overlays/<category>.png     the grid of heat-map overlays of the category in the model's
+                                decision view (`ablation/overlays.png` once ablated, else the
+                                test's `plots/overlays.png`)
 """
 
 from __future__ import annotations
@@ -27,18 +31,23 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE, ablation_report, report_metrics
 from dualstpm.errors import RunError
 from dualstpm.evaluation import METRICS_FILE
-from dualstpm.files import staged_dir
-from dualstpm.figures import PLOTS_DIR, PRO_GRID
+from dualstpm.files import staged_dir, write_text
+from dualstpm.figures import OVERLAY_GRID, PLOTS_DIR, PRO_GRID
 from dualstpm.fusion import VIEWS
 from dualstpm.stages import AUC_TABLE, metrics_table
 
 REPORT_FOLDERS = ("metrics", "plots", "overlays")
 ABLATION_TABLE = "ablation.csv"
 CHOSEN = "fused_chosen"
+DVC_PLOTS_FILE = "dvc.yaml"
+# curve kind -> (its y column in RUN/plots/<kind>/<view>.csv, chart title, y axis label)
+CURVES = {"roc": ("tpr", "image ROC", "true-positive rate"),
+          "pro": ("pro", "per-region overlap (AUPRO to 30 % FPR)", "PRO")}
 MEAN = "mean"
 
 
@@ -87,17 +96,38 @@ def _curves(run_plots: Path, kind: str, column: str) -> pd.DataFrame | None:
     return frame
 
 
-def _write_category_figures(category: str, run_dir: Path, out: Path) -> None:
+def _write_category_figures(category: str, run_dir: Path, out: Path) -> list[str]:
+    """Curves and overlay grid of one category into the report; returns the curve kinds written."""
     run_plots = Path(run_dir) / PLOTS_DIR
-    for kind, column in (("roc", "tpr"), ("pro", "pro")):
+    written = []
+    for kind, (column, _, _) in CURVES.items():
         frame = _curves(run_plots, kind, column)
         if frame is not None:
             (out / "plots" / kind).mkdir(parents=True, exist_ok=True)
             frame.to_csv(out / "plots" / kind / f"{category}.csv", index=False)
-    grid = run_plots / "overlays.png"
+            written.append(kind)
+    redrawn = Path(run_dir) / ABLATION_DIR / OVERLAY_GRID  # the decision view after the ablation's choice
+    grid = redrawn if redrawn.is_file() else run_plots / OVERLAY_GRID
     if grid.is_file():
         (out / "overlays").mkdir(parents=True, exist_ok=True)
         shutil.copyfile(grid, out / "overlays" / f"{category}.png")
+    return written
+
+
+def write_dvc_plots(out_dir: Path, curves: Mapping[str, list[str]]) -> Path:
+    """`out_dir/dvc.yaml`: one DVC plot per category and curve kind ({category: kinds}),
+    titled with the category and listing the views drawn, for `dvc plots show`."""
+    plots = []
+    for category, kinds in curves.items():
+        for kind in kinds:
+            _, title, y_label = CURVES[kind]
+            plots.append({f"{category} {kind}": {
+                "template": "linear", "x": "fpr", "y": {f"plots/{kind}/{category}.csv": list(VIEWS)},
+                "title": f"{category}: {title}, views {', '.join(VIEWS)}",
+                "x_label": "false-positive rate", "y_label": y_label,
+            }})
+    header = "# Written by `dualstpm report`: the per-category curves for `dvc plots show`.\n"
+    return write_text(Path(out_dir) / DVC_PLOTS_FILE, header + yaml.safe_dump({"plots": plots}, sort_keys=False))
 
 
 def write_report(run_dirs: Mapping[str, Path], out_dir: Path) -> pd.DataFrame:
@@ -122,15 +152,16 @@ def write_report(run_dirs: Mapping[str, Path], out_dir: Path) -> pd.DataFrame:
             ablation.to_csv(staging / ABLATION_TABLE, index=False)
         for category, figures in report_metrics(table).items():
             (staging / "metrics" / f"{category}.json").write_text(json.dumps(figures, indent=2))
-        for category, run_dir in run_dirs.items():
-            _write_category_figures(category, Path(run_dir), staging)
+        curves = {category: _write_category_figures(category, Path(run_dir), staging)
+                  for category, run_dir in run_dirs.items()}
+        write_dvc_plots(staging, curves)
         table.to_csv(staging / AUC_TABLE, index=False)
     return table
 
 
 def _carry_over(out_dir: Path, staging: Path) -> None:
     """Copy what in `out_dir` is not the report's own (e.g. DVC's `.gitignore`) into `staging`."""
-    own = {*REPORT_FOLDERS, ABLATION_TABLE, AUC_TABLE}
+    own = {*REPORT_FOLDERS, ABLATION_TABLE, AUC_TABLE, DVC_PLOTS_FILE}
     for entry in sorted(out_dir.iterdir()) if out_dir.is_dir() else []:
         if entry.name in own:
             continue

@@ -45,11 +45,19 @@ RESULT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precis
 #: MLflow error codes of a store that answered (a missing or bad name, version or value): not a store that is down
 STORE_ANSWERED = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE", "BAD_REQUEST",
                             "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "INVALID_STATE"})
+PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # read by MLflow at each transfer
 TAG = "dualstpm."  # prefix of our own tags, apart from MLflow's `mlflow.*` ones
 _METRIC_UNSAFE = re.compile(r"[^\w\-. /]")  # MLflow metric names allow only these characters
 
 
 # --------------------------------------------------------------------------- where
+
+
+def quiet_artifact_progress() -> None:
+    """For entry points only (the `dualstpm` command, `python -m flows.*`), which own their
+    process: no MLflow artifact up/download progress bars in it and its children, which
+    would clutter flow and stage logs. A value the user set is kept."""
+    os.environ.setdefault(PROGRESS_BAR_ENV, "false")
 
 
 def _absolute_sqlite(uri: str, source: str) -> str:
@@ -292,6 +300,17 @@ def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def run_params(params: Params, category: str, data_root: Path | str) -> dict[str, str]:
+    """The params of one category's run, flat for MLflow, saying what the run used: the
+    download settings (`data.mvtec.*`) only when `data.source` is `mvtec`, `data.root` as
+    the absolute folder read, and `data.category` (the category trained) instead of the
+    pipeline's `data.categories` list."""
+    flat = flatten(params.to_dict())
+    used = {k: v for k, v in flat.items()
+            if k != "data.categories" and (params.data.source == "mvtec" or not k.startswith("data.mvtec."))}
+    return {**used, "data.root": str(Path(data_root).resolve()), "data.category": category}
+
+
 def result_metrics(view_result: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric metrics of one view of metrics.json (null ones are skipped, per defect type too)."""
     values = {f"{prefix}{k}": float(view_result[k]) for k in RESULT_METRICS if view_result.get(k) is not None}
@@ -493,5 +512,5 @@ def open_category_run(params: Params, run_dir: Path, category: str, data_root: P
     run_dir.mkdir(parents=True, exist_ok=True)
     record.write(run_dir)
     run = CategoryRun(client, record, run_dir, created=True)
-    run.log(run.run_id, "logging params", params=flatten(params.to_dict()))
+    run.log(run.run_id, "logging params", params=run_params(params, category, data_root))
     return run

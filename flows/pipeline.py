@@ -22,10 +22,12 @@ from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, wait
 
+from dualstpm.cli import print_pipeline_summary
 from dualstpm.config import Params, load_params
 from dualstpm.errors import ConfigError, DualStpmError, PipelineError
 from dualstpm.evaluation import METRICS_FILE
 from dualstpm.registry import PromotionDecision
+from dualstpm.tracking import quiet_artifact_progress
 from flows.tasks import (
     ablate_task,
     check_task,
@@ -158,7 +160,9 @@ def run_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def entry_point(main: Callable[[], object]) -> None:
     """Run a flow's command line: a user error ends with its message and exit code 2 (75 for a
-    network failure worth retrying), as `dualstpm` does."""
+    network failure worth retrying), as `dualstpm` does (and, as there, no MLflow artifact
+    progress bars in the logs)."""
+    quiet_artifact_progress()
     try:
         main()
     except DualStpmError as exc:
@@ -169,7 +173,9 @@ def entry_point(main: Callable[[], object]) -> None:
 def main(argv: list[str] | None = None) -> dict:
     parser = run_options(argparse.ArgumentParser(prog="python -m flows.pipeline", description=__doc__.splitlines()[0]))
     args = parser.parse_args(argv)
-    return pipeline(args.params, args.overrides, args.out, args.use_dvc)
+    summary = pipeline(args.params, args.overrides, args.out, args.use_dvc)
+    print_pipeline_summary(summary)  # as `dualstpm demo` ends
+    return summary
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from prefect import flow
 
+from dualstpm.cli import print_pipeline_summary
 from dualstpm.config import load_params
 from flows.pipeline import check_categories, entry_point, run_categories, run_options
 
@@ -31,7 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = run_options(argparse.ArgumentParser(prog="python -m flows.retrain", description=__doc__.splitlines()[0]))
     parser.add_argument("categories", nargs="*", help="categories to retrain (default: data.categories)")
     args = parser.parse_args(argv)
-    return retrain(args.categories or None, args.params, args.overrides, args.out, args.use_dvc)
+    summary = retrain(args.categories or None, args.params, args.overrides, args.out, args.use_dvc)
+    print_pipeline_summary(summary)
+    return summary
 
 if __name__ == "__main__":
     entry_point(main)

@@ -294,7 +294,8 @@ def test_ablate_through_the_cli_logs_to_mlflow(trained_run: Path, synthetic_root
     assert logged.data.metrics["ablation.fused_chosen.aupro"] == summary["fused_chosen"]["aupro"]
     assert logged.data.tags["dualstpm.ablation.chosen"] == summary["fused_chosen"]["config"]
     assert {a.path for a in client.list_artifacts(logged.info.run_id, "ablation")} >= {
-        "ablation/table.csv", "ablation/table.json", "ablation/summary.json"}
+        "ablation/table.csv", "ablation/table.json", "ablation/summary.json",
+        "ablation/overlays.png"}  # the overlays in the model's decision view after the choice
 
 
 def test_product_all_multiplies_every_weighted_map():

@@ -240,3 +240,56 @@ def test_a_cron_prefect_refuses_is_a_config_error_naming_the_key() -> None:
     assert retrain_schedule(PrefectParams(retrain_cron="30 2 * * *", retrain_timezone="Asia/Tokyo")).timezone == "Asia/Tokyo"
     with pytest.raises(ConfigError, match=r"prefect.retrain_cron = '99 3 \* \* 1'"):
         retrain_schedule(PrefectParams(retrain_cron="99 3 * * 1"))
+
+
+def test_the_pipeline_summary_is_the_auc_table_then_each_promotion(capsys: pytest.CaptureFixture) -> None:
+    from dualstpm.cli import print_pipeline_summary
+    from dualstpm.registry import PromotionDecision
+
+    decision = PromotionDecision(True, "first champion: 0.9100 reaches the floor 0.7000", "dualstpm-synthetic-a",
+                                 "image_auroc", "3", 0.91, "3", None, None, "feed.dir", "me", "now")
+    table = [{"category": "a", "model": "fused", "image_auroc": 0.91, "pixel_auroc": 0.8, "aupro": 0.5,
+              "image_f1_max": 0.7}]
+    print_pipeline_summary({"auc_table": table, "promotions": {"a": decision}, "reports": "out/reports"})
+    printed = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal's width
+    assert "AUC table (out/reports)" in printed and "0.9100" in printed
+    assert printed.endswith("dualstpm-synthetic-a: version 3 promoted; champion: version 3 "
+                                     "(first champion: 0.9100 reaches the floor 0.7000)")
+
+
+def test_entry_points_turn_mlflow_progress_bars_off_unless_the_user_set_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    import os
+
+    from dualstpm import cli
+    from dualstpm.tracking import PROGRESS_BAR_ENV
+    from flows.pipeline import entry_point
+
+    seen = []
+    monkeypatch.delenv(PROGRESS_BAR_ENV, raising=False)
+    entry_point(lambda: seen.append(os.environ.get(PROGRESS_BAR_ENV)))
+    monkeypatch.delenv(PROGRESS_BAR_ENV)
+    monkeypatch.setattr(cli, "app", lambda: seen.append(os.environ.get(PROGRESS_BAR_ENV)))
+    cli.main()
+    monkeypatch.setenv(PROGRESS_BAR_ENV, "true")  # the user's own choice wins
+    entry_point(lambda: seen.append(os.environ.get(PROGRESS_BAR_ENV)))
+    assert seen == ["false", "false", "true"]
+
+
+@pytest.mark.slow
+def test_python_m_flows_pipeline_ends_like_dualstpm_demo(tmp_path: Path, synthetic_root: Path, mlflow_store: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from conftest import PROJECT_ROOT
+
+    params = params_file(tmp_path, synthetic_root, ["synth_texture"])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(PROJECT_ROOT), os.environ.get("PYTHONPATH", "")]),
+           "COLUMNS": "200"}
+    env.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+    done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", str(params), "--out", str(tmp_path / "out"),
+                           "--no-dvc"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert f"AUC table ({tmp_path / 'out' / 'reports'})" in done.stdout
+    assert "dualstpm-" in done.stdout and "synth_texture: version 1 promoted; champion: version 1" in done.stdout
+    assert "Downloading artifacts" not in done.stdout + done.stderr

@@ -23,7 +23,8 @@ import yaml
 from dualstpm.config import apply_overrides
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore")
+PROJECT_FILES = ("dvc.yaml", "params.yaml", ".dvcignore", ".gitignore", ".dvc/config", ".dvc/.gitignore",
+                 "vendor/vega/dvc_plots.html")
 CATEGORY = "synth_texture"
 TINY = ["image_size=64", "fit.epochs=1", "fit.device=cpu", f"data.categories=[{CATEGORY}]",
         "ablation.branch_weight_step=0.5", "ablation.panel_images=0"]
@@ -97,8 +98,27 @@ def test_metrics_show_prints_the_auc_table(repro, dvc_env) -> None:
     assert f"reports/metrics/{CATEGORY}.json" in printed and "fused.image_auroc" in printed
     plots = json.loads(run(["dvc", "plots", "show", "--json"], project, dvc_env))
     assert not plots.get("errors")
-    assert {f"reports/plots/roc/{CATEGORY}.csv", f"reports/plots/pro/{CATEGORY}.csv",
-            f"reports/overlays/{CATEGORY}.png"} <= set(plots["data"])
+    assert {f"{CATEGORY} roc", f"{CATEGORY} pro", f"reports/overlays/{CATEGORY}.png"} <= set(plots["data"])
+    assert plots["data"][f"{CATEGORY} roc"][0]["content"]["title"]["text"] == \
+        f"{CATEGORY}: image ROC, views fused, stpm, recon"
+
+
+def test_plots_show_works_offline_and_titles_name_the_category(tmp_path: Path, dvc_env) -> None:
+    from dualstpm.report import write_dvc_plots
+
+    project = make_project(tmp_path / "project", [])
+    for category in ("bottle", "wood"):
+        folder = project / "reports" / "plots" / "roc"
+        folder.mkdir(parents=True, exist_ok=True)
+        pd.DataFrame({"fpr": [0.0, 1.0], "fused": [0.5, 1.0], "stpm": [0.2, 1.0], "recon": [0.1, 1.0]}).to_csv(
+            folder / f"{category}.csv", index=False)
+    write_dvc_plots(project / "reports", {"bottle": ["roc"], "wood": ["roc"]})
+    run(["dvc", "plots", "show", "-o", "page"], project, dvc_env)
+    page = (project / "page" / "index.html").read_text()
+    assert re.findall(r"<script[^>]*\bsrc=", page) == []  # nothing to fetch: the libraries are inlined
+    assert "vegaEmbed" in page and "/* vega-lite@" in page
+    titles = re.findall(r'"title": \{"text": "([^"]+)"', page)
+    assert sorted(titles) == ["bottle: image ROC, views fused, stpm, recon", "wood: image ROC, views fused, stpm, recon"]
 
 
 def digest(folder: Path) -> dict[str, str]:

@@ -67,6 +67,10 @@ def test_fit_and_test_are_one_parent_run_with_a_child_per_branch(texture_run: Pa
 
     # params: the resolved params.yaml, flattened
     assert parent.data.params["fit.epochs"] == "2" and parent.data.params["image_size"] == "64"
+    # only what the run used: its data folder and category, no download settings of another source
+    assert parent.data.params["data.root"] == str(synthetic_root.resolve())
+    assert parent.data.params["data.category"] == "synth_texture"
+    assert not [k for k in parent.data.params if k.startswith("data.mvtec.") or k == "data.categories"]
     assert parent.data.params["model.t2.name"] == "tf_efficientnet_lite2"
     # provenance: the code's commit and the data's DVC hash
     assert parent.data.tags["dualstpm.git_commit"] == git_state()[0] != "unknown"
@@ -366,6 +370,19 @@ def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, pa
         local = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
         np.testing.assert_allclose(served["score"], local["score"], rtol=0, atol=1e-5)
         assert list(served["label"]) == list(local["label"])
+
+        # bad input: HTTP 400 naming the column (and row), no stack trace
+        good = base64.b64encode(images[0].read_bytes()).decode()
+        not_an_image = base64.b64encode(b"just some text").decode()
+        for columns, rows, named in (
+            (["image"], [[good], [not_an_image]], "column 'image', row 1"),  # base64, but not an image
+            (["image"], [["%%% not base64"]], "column image"),  # MLflow's own base64 decoding refuses it
+            (["picture"], [[good]], "image"),  # the column missing
+        ):
+            body = {"dataframe_split": {"columns": columns, "data": rows}}
+            refused = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
+            assert refused.status_code == 400, refused.text
+            assert named in refused.json()["message"] and "stack_trace" not in refused.json(), refused.text
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)
@@ -390,3 +407,19 @@ def test_version_metrics_describe_the_model_as_registered(tmp_path: Path):
         {"fused_chosen": {"config": "sweep_sum_wB0.3", "image_auroc": 0.95, "aupro": 0.8}}))
     evidence, source = _fused_evidence(tmp_path, tested, 2.5, chosen)
     assert evidence["image_auroc"] == 0.95 and "sweep_sum_wB0.3" in source
+
+
+def test_registered_models_say_what_they_detect_on_which_data_and_how_to_load_them(texture_run: Path, params,
+                                                                                     synthetic_root: Path):
+    client = MlflowClient()
+    name = model_name(params, "synth_texture")
+    version = register_run(texture_run, params, "synth_texture").version
+    model = client.get_registered_model(name).description
+    assert model.startswith("Finds defective **synth_texture** parts (synthetic data)")
+    assert f'mlflow.pyfunc.load_model("models:/{name}@champion")' in model
+    assert f'mlflow models serve -m "models:/{name}@champion"' in model
+    described = client.get_model_version(name, version).description
+    assert f"test images of `{synthetic_root.resolve()}` (data hash `{data_hash(synthetic_root, 'synth_texture')}`)" \
+        in described
+    assert f"Figures in run `{RunRecord.read(texture_run).run_id}`" in described and "`plots/overlays.png`" in described
+    assert f'load_model("models:/{name}/{version}")' in described

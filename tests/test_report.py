@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from dualstpm.errors import RunError
 from dualstpm.report import _step_at, write_report
@@ -50,6 +51,12 @@ def test_report_of_tested_runs(tested_runs: dict[str, Path], tmp_path: Path) -> 
     assert (roc[["fused", "stpm", "recon"]].diff().dropna() >= 0).all().all()  # a ROC never goes down
     assert (out / "plots" / "pro" / "b.csv").is_file() and (out / "overlays" / "a.png").is_file()
     assert not (out / "ablation.csv").exists()
+    # not ablated: the test's overlays are the decision view
+    assert (out / "overlays" / "a.png").read_bytes() == (tested_runs["plain"] / "plots" / "overlays.png").read_bytes()
+    charts = [next(iter(plot.items())) for plot in yaml.safe_load((out / "dvc.yaml").read_text())["plots"]]
+    assert [name for name, _ in charts] == ["a roc", "a pro", "b roc", "b pro"]
+    assert charts[1][1]["title"] == "a: per-region overlap (AUPRO to 30 % FPR), views fused, stpm, recon"
+    assert charts[2][1]["y"] == {"plots/roc/b.csv": ["fused", "stpm", "recon"]}  # relative to the report folder
 
     write_report({"a": tested_runs["plain"]}, out)  # one category fewer: its files go, DVC's stay
     assert sorted(p.name for p in (out / "metrics").iterdir()) == ["a.json"]
@@ -86,6 +93,9 @@ def test_report_adds_the_validation_chosen_fusion_of_ablated_runs(tested_runs: d
     chosen = ablation[ablation["model"] == "fused_chosen"].iloc[0]
     assert table.iloc[3]["image_auroc"] == pytest.approx(chosen["image_auroc"])
     assert "oracle" in set(ablation["model"])
+    # the overlays the ablation redrew in the model's decision view, not the test's
+    redrawn = (tested_runs["ablated"] / "ablation" / "overlays.png").read_bytes()
+    assert (tmp_path / "overlays" / "synth_texture.png").read_bytes() == redrawn
 
 
 def test_report_refuses_missing_tests_and_half_ablated_runs(tested_runs: dict[str, Path], tmp_path: Path) -> None:

@@ -12,7 +12,15 @@ import yaml
 
 from dualstpm.config import load_params
 from dualstpm.errors import ConfigError
-from dualstpm.tracking import artifact_location, data_hash, dataset_name, params_for_data, project_dir, tracking_uri
+from dualstpm.tracking import (
+    artifact_location,
+    data_hash,
+    dataset_name,
+    params_for_data,
+    project_dir,
+    run_params,
+    tracking_uri,
+)
 
 
 @pytest.fixture
@@ -126,3 +134,13 @@ def test_a_store_that_answers_is_not_called_down(tmp_path: Path):
         with tracking_errors(uri, "looking up run 0"):
             MlflowClient(uri).get_run("0" * 32)
     assert "refused looking up run 0" in str(info.value) and "writable MLflow database" not in str(info.value)
+
+
+def test_a_run_logs_the_params_it_used(tmp_path: Path):
+    folder = load_params(None, ["data.source=folder", "data.root=elsewhere", "data.categories=[a, b]"])
+    logged = run_params(folder, "b", tmp_path)
+    assert logged["data.root"] == str(tmp_path.resolve()) and logged["data.category"] == "b"
+    assert logged["data.source"] == "folder" and logged["fit.epochs"] == str(folder.fit.epochs)
+    assert not [key for key in logged if key.startswith("data.mvtec.") or key == "data.categories"]
+    mvtec = load_params(None, ["data.source=mvtec"])
+    assert run_params(mvtec, "bottle", tmp_path)["data.mvtec.url"] == mvtec.data.mvtec.url  # what it downloads

@@ -10,6 +10,9 @@ Writes into `RUN/ablation/`:
                                 fusion and the oracle (best on test, labelled as such)
     branch_weight_heatmap.png   metrics vs w_B / (w_A + w_B)
     six_map_panel.png           image, mask, six maps and fused maps of a few test images
+    overlays/*.png, overlays.png  the test overlays redrawn in the model's decision view
+                                after the choice (applied or not), as `plots/overlays*`
+                                are drawn at test time: the report shows these
 
 and `RUN/model/fusion.json`: with `ablation.apply: true` the chosen fusion with its
 threshold recalibrated on the validation images, which the detector's fused view then
@@ -31,7 +34,8 @@ from dualstpm.ablation.grid import Config, build_grid
 from dualstpm.ablation.rescore import SplitScorer, score_grid
 from dualstpm.ablation.selection import METRICS, check_same_model, choose, combined_score, selection_set, synthetic_maps
 from dualstpm.config import AblationParams
-from dualstpm.detector import ChosenFusion, read_model_dir, write_chosen_fusion
+from dualstpm.detector import ChosenFusion, Detector, read_model_dir, write_chosen_fusion
+from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
 from dualstpm.fusion import FusionSpec, MapStats, calibrate_threshold
 from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet, fused_and_scores
@@ -108,6 +112,16 @@ def rank(table: pd.DataFrame, metric: str) -> tuple[int, int | None]:
     return chosen, oracle
 
 
+def write_decision_overlays(run_dir: Path, test: MapSet) -> Path:
+    """Redraw the test overlays with the fusion the model now decides with (`RUN/ablation/overlays*`);
+    the telling images are chosen by that fusion's scores of the stored maps. Returns the grid."""
+    detector = Detector.load(run_dir)
+    _, scores = fused_and_scores(test.maps, detector.spec, detector.calibration.map_stats)
+    names = [overlay_name(kind, Path(path)) for kind, path in zip(test.defect_types, test.paths, strict=True)]
+    return write_overlays(run_dir / ABLATION_DIR, detector, [Path(p) for p in test.paths],
+                          test.labels.astype(bool), scores, names, test.masks)
+
+
 def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     """Run the ablation on a tested run directory (see the module docstring)."""
     run_dir = Path(run_dir)
@@ -141,6 +155,8 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
               "weights_sha256": fingerprint}
     choice = chosen_fusion(configs[chosen], val, stats, calibration.false_alarm_rate, source) if params.apply else None
     fusion_file = write_chosen_fusion(run_dir, choice, source)
+    write_decision_overlays(run_dir, test)
+    lap("overlays_s")
 
     summary = {
         "category": category,

@@ -1,0 +1,208 @@
+"""Heat-map overlays an inspector can read: the one drawing function of every overlay.
+
+`dualstpm predict`, the test figures (`RUN/plots/overlays*`), the ablation's redrawn
+overlays (`RUN/ablation/overlays*`), the report and MLflow all show pictures drawn by
+:func:`draw_overlay`, from the model's decision view (the detector's fused view, with an
+applied chosen fusion) at the image's own size and aspect ratio.
+
+The colour scale is fixed by the model, not by the picture (:class:`OverlayScale`):
+
+- ``low``: the fused-map level of a typical good pixel, i.e. the fused value of six maps
+  each at its validation mean (``calibration.json``'s ``map_stats``, fused with the
+  decision view's fusion). At or below it the image is left untouched.
+- ``threshold``: the decision threshold (image score = the map's maximum; a part is
+  defective when its score is above it). Opacity grows linearly from 0 at ``low`` to
+  :data:`OVERLAY_ALPHA` at the threshold and stays there above it.
+- ``high`` = ``threshold + (threshold - low) / 2``: the top of the colour bar, so the
+  threshold sits at two thirds of it (jet: yellow-orange; above it orange to dark red).
+
+Below the picture a band carries the caption (name, score, label, threshold) and the
+colour bar with the threshold marked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
+
+import matplotlib
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from dualstpm.errors import DataError
+from dualstpm.fusion import FusionSpec, MapStats, fuse
+
+if TYPE_CHECKING:
+    from dualstpm.detector import Detector
+
+OVERLAY_ALPHA = 0.6
+COLORMAP = "jet"
+MIN_WIDTH = 256  # narrower images are enlarged for display, so the caption fits
+GRID_CELL_WIDTH = 320
+GRID_GAP = 8
+LABEL_COLOURS = {"defective": (190, 0, 40), "good": (0, 120, 0)}  # colours jet never has
+
+
+@dataclass(frozen=True)
+class OverlayScale:
+    """The colour scale of a model's overlays, in fused-map units: low < threshold < high."""
+
+    low: float
+    threshold: float
+
+    @property
+    def high(self) -> float:
+        return self.threshold + (self.threshold - self.low) / 2
+
+    @classmethod
+    def of_model(cls, spec: FusionSpec, stats: MapStats, threshold: float) -> OverlayScale:
+        """The scale of a decision view: `spec` (its fusion), `stats` (validation map
+        statistics) and the decision `threshold`.
+
+        Raises DataError when the threshold is not above the typical good level (every
+        pixel of every part would count as defective), naming both values.
+        """
+        typical = stats.mean.to(torch.float32)[None, :, :, None, None]  # (1, 2, 3, 1, 1)
+        low = float(fuse(typical, replace(spec, sigma=0.0), stats)[0, 0, 0])  # smoothing keeps a constant map
+        if not threshold > low:
+            raise DataError(f"threshold {threshold:.6g} is not above the fused level of a typical good pixel "
+                            f"({low:.6g}): every part would be flagged; pass a threshold above {low:.6g}")
+        return cls(low, float(threshold))
+
+    def opacity(self, values: np.ndarray) -> np.ndarray:
+        """0 at or below `low`, rising linearly to OVERLAY_ALPHA at the threshold, flat above."""
+        return OVERLAY_ALPHA * np.clip((values - self.low) / (self.threshold - self.low), 0.0, 1.0)
+
+    def colours(self, values: np.ndarray) -> np.ndarray:
+        """RGB in [0, 1] of the colour map at `values` clipped to [low, high]; shape (..., 3)."""
+        level = np.clip((values - self.low) / (self.high - self.low), 0.0, 1.0)
+        return matplotlib.colormaps[COLORMAP](level)[..., :3]
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size=size)
+
+
+def _fit_text(draw: ImageDraw.ImageDraw, text: str, font, width: float) -> str:
+    """`text`, cut with an ellipsis so that it is at most `width` px wide."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def _outline(mask: np.ndarray) -> np.ndarray:
+    """Boundary pixels of a boolean mask (inside the mask, next to a pixel outside it)."""
+    padded = np.pad(mask, 1, mode="edge")
+    inner = padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    return mask & ~inner
+
+
+def _resized(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
+    """A float (H, W) or (H, W, 3) array resized to `size` = (width, height)."""
+    if array.ndim == 2:
+        return np.asarray(Image.fromarray(array.astype(np.float32), mode="F").resize(size, resample))
+    return np.stack([_resized(array[..., c], size, resample) for c in range(array.shape[-1])], axis=-1)
+
+
+def _band(width: int, scale: OverlayScale, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> Image.Image:
+    """The caption lines and the colour bar (threshold marked) under a picture `width` px wide."""
+    size = int(np.clip(width / 24, 11, 22))
+    font, small = _font(size), _font(max(size - 3, 9))
+    pad, line_h, bar_h = size // 2, int(size * 1.3), size
+    height = pad + line_h * len(lines) + pad // 2 + bar_h + int(size * 1.2) + pad
+    band = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(band)
+    y = pad
+    for text, colour in lines:
+        draw.text((pad, y), _fit_text(draw, text, font, width - 2 * pad), fill=colour, font=font)
+        y += line_h
+    y += pad // 2
+    x0, x1 = pad, width - pad
+    values = np.linspace(scale.low, scale.high, x1 - x0)
+    bar = (scale.colours(values) * 255).round().astype(np.uint8)
+    band.paste(Image.fromarray(np.repeat(bar[None], bar_h, axis=0)), (x0, y))
+    mark = x0 + round((x1 - x0) * (scale.threshold - scale.low) / (scale.high - scale.low))
+    draw.rectangle((mark - 1, y - 3, mark + 1, y + bar_h + 2), fill="black")
+    y += bar_h + 2
+    ticks = ((x0, f"typical good {scale.low:.3g}", "la"), (mark, "threshold", "ma"),
+             (x1, f"{scale.high:.3g}", "ra"))
+    for x, text, anchor in ticks:
+        draw.text((x, y), text, fill="black", font=small, anchor=anchor)
+    return band
+
+
+def draw_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: OverlayScale, score: float,
+                 label: str, title: str | None = None, mask: np.ndarray | None = None,
+                 width: int | None = None) -> Image.Image:
+    """The heat-map overlay of one image, with its caption and colour bar below it.
+
+    image: (H, W, 3) float RGB in [0, 1]; anomaly_map: (H, W) fused map of the decision
+    view at the image's size; score and label: the image's decision; title: e.g. its
+    name; mask: optional (h, w) ground truth at any size, outlined in white; width: the
+    displayed width in px (default: the image's own, at least MIN_WIDTH). The picture
+    keeps the image's aspect ratio: its top `round(H * width / W)` rows are the overlay,
+    pixel for pixel (a map at or below `scale.low` leaves the image unchanged), and the
+    caption band follows. Returns an RGB PIL image.
+    """
+    height_in, width_in = anomaly_map.shape
+    if image.shape[:2] != (height_in, width_in):
+        raise ValueError(f"image {image.shape[:2]} and anomaly map {anomaly_map.shape} differ in size")
+    width = width or max(width_in, MIN_WIDTH)
+    height = max(1, round(height_in * width / width_in))
+    if (width, height) != (width_in, height_in):
+        image = _resized(image, (width, height), Image.Resampling.BILINEAR)
+        anomaly_map = _resized(anomaly_map, (width, height), Image.Resampling.BILINEAR)
+    alpha = scale.opacity(anomaly_map)[..., None]
+    blended = (1 - alpha) * np.clip(image, 0.0, 1.0) + alpha * scale.colours(anomaly_map)
+    pixels = (blended * 255).round().astype(np.uint8)
+    if mask is not None and mask.any():
+        shown = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height),
+                                                                              Image.Resampling.NEAREST)) > 127
+        pixels[_outline(shown)] = 255
+    lines = [(title, (0, 0, 0))] if title else []
+    lines.append((f"score {score:.4g}: {label} (threshold {scale.threshold:.4g})",
+                  LABEL_COLOURS.get(label, (0, 0, 0))))
+    band = _band(width, scale, lines)
+    picture = Image.new("RGB", (width, height + band.height), "white")
+    picture.paste(Image.fromarray(pixels), (0, 0))
+    picture.paste(band, (0, height))
+    return picture
+
+
+def overlay_grid(pictures: Sequence[Image.Image], heading: str, columns: int = 4) -> Image.Image:
+    """Pictures from :func:`draw_overlay` tiled `columns` to a row under a heading line,
+    each at its own size (nothing is stretched); rows are as tall as their tallest picture."""
+    if not pictures:
+        raise ValueError("no pictures to tile")
+    rows = [pictures[i : i + columns] for i in range(0, len(pictures), columns)]
+    cell_w = max(p.width for p in pictures)
+    font = _font(14)
+    top = 2 * GRID_GAP + 16
+    width = columns * cell_w + (columns + 1) * GRID_GAP
+    heights = [max(p.height for p in row) for row in rows]
+    grid = Image.new("RGB", (width, top + sum(heights) + len(rows) * GRID_GAP), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((GRID_GAP, GRID_GAP), _fit_text(draw, heading, font, width - 2 * GRID_GAP), fill="black", font=font)
+    y = top
+    for row, row_h in zip(rows, heights, strict=True):
+        for k, picture in enumerate(row):
+            grid.paste(picture, (GRID_GAP + k * (cell_w + GRID_GAP), y))
+        y += row_h + GRID_GAP
+    return grid
+
+
+def overlay_scale(detector: Detector, threshold: float | None = None) -> OverlayScale:
+    """The overlay scale of `detector`'s decision view (its fused view, with an applied
+    chosen fusion) at `threshold` (default: the detector's own). Raises DataError as
+    :meth:`OverlayScale.of_model` does."""
+    return OverlayScale.of_model(detector.spec, detector.calibration.map_stats,
+                                 detector.threshold if threshold is None else float(threshold))
+
+
+def fusion_label(detector: Detector) -> str:
+    """Which fusion the decision view uses: the applied chosen configuration, or `params.fusion`."""
+    return detector.chosen.source.get("config", "chosen") if detector.chosen else "params.fusion"

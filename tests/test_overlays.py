@@ -1,0 +1,152 @@
+"""Overlays an inspector can use: a scale fixed by the model, the decision, the aspect ratio."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from dualstpm.errors import DataError
+from dualstpm.fusion import FusionSpec, MapStats
+from dualstpm.overlays import LABEL_COLOURS, OverlayScale, draw_overlay, overlay_grid
+
+STATS = MapStats(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), torch.ones(2, 3))
+
+
+def _band_height(width: int, scale: OverlayScale, title: str | None = None) -> int:
+    """The caption band's height at `width`: a square picture's height minus its image's."""
+    square = draw_overlay(np.zeros((width, width, 3)), np.zeros((width, width)), scale, 1.0, "good", title=title)
+    return square.height - width
+
+
+def test_scale_starts_at_the_fused_level_of_a_typical_good_pixel():
+    # six maps at their validation means 1..6; product: (1+4)(2+5)(3+6) = 315; sum: 21
+    product = OverlayScale.of_model(FusionSpec(sigma=2.0), STATS, threshold=400.0)
+    assert product.low == pytest.approx(315.0)
+    assert product.high == pytest.approx(400.0 + 85.0 / 2)
+    assert OverlayScale.of_model(FusionSpec(mode="sum"), STATS, 30.0).low == pytest.approx(21.0)
+    # normalised by the means, a typical pixel is 1 per map: product of (1 + 1) over 3 levels = 8
+    assert OverlayScale.of_model(FusionSpec(normalize="val_stats"), STATS, 30.0).low == pytest.approx(8.0)
+    # branch A alone at level weights 1, 0, 2: levels 1 and 3 used, 1 * (2 * 3) = 6
+    spec = FusionSpec(weights=((1.0, 0.0, 2.0), (0.0, 0.0, 0.0)))
+    assert OverlayScale.of_model(spec, STATS, 30.0).low == pytest.approx(6.0)
+
+
+def test_a_threshold_at_or_below_the_typical_level_is_refused():
+    with pytest.raises(DataError, match=r"threshold 315 is not above .* \(315\)"):
+        OverlayScale.of_model(FusionSpec(), STATS, threshold=315.0)
+
+
+def test_pixels_follow_the_models_scale():
+    scale = OverlayScale(low=1.0, threshold=3.0)  # high = 3 + 2 / 2 = 4
+    image = np.full((128, 256, 3), 0.5)
+    values = np.full((128, 256), 0.5)  # below low: untouched
+    values[:, 64:128] = 2.0  # half way to the threshold: alpha 0.3, colour jet(1/3) = (0, 5/6, 1)
+    values[:, 128:192] = 4.0  # the top of the scale: alpha 0.6, jet(1) = (0.5, 0, 0)
+    values[:, 192:] = 9.0  # above it: the same
+    picture = np.asarray(draw_overlay(image, values, scale, 9.0, "defective"))
+    assert picture.shape[1] == 256 and picture.shape[0] > 128  # the caption band below the image
+    assert (picture[:128, :64] == 128).all()  # 0.5 * 255 = 127.5 -> 128
+    # 0.7 * 0.5 + 0.3 * (0, 5/6, 1) = (0.35, 0.6, 0.65) -> (89, 153, 166)
+    assert (picture[:128, 64:128] == [89, 153, 166]).all()
+    # 0.4 * 0.5 + 0.6 * (0.5, 0, 0) = (0.5, 0.2, 0.2) -> (128, 51, 51)
+    assert (picture[:128, 128:] == [128, 51, 51]).all()
+
+
+def test_the_aspect_ratio_is_kept_and_narrow_images_are_enlarged():
+    scale = OverlayScale(low=0.0, threshold=1.0)
+    band = _band_height(256, scale)
+    tall = draw_overlay(np.zeros((300, 100, 3)), np.zeros((300, 100)), scale, 0.5, "good")
+    assert tall.size == (256, 768 + band)  # shown 256 wide: 300 * 256 / 100 = 768 rows
+    wide = draw_overlay(np.zeros((200, 400, 3)), np.zeros((200, 400)), scale, 0.5, "good")
+    assert wide.size[0] == 400 and wide.size[1] - 200 == _band_height(400, scale)
+    cell = draw_overlay(np.zeros((200, 400, 3)), np.zeros((200, 400)), scale, 0.5, "good", width=320)
+    assert cell.size == (320, 160 + _band_height(320, scale))
+
+
+def test_the_caption_shows_the_label_in_its_colour_and_a_title_adds_a_line():
+    scale = OverlayScale(low=0.0, threshold=1.0)
+    image, values = np.full((64, 256, 3), 0.5), np.zeros((64, 256))
+    for label, other in (("defective", "good"), ("good", "defective")):
+        band = np.asarray(draw_overlay(image, values, scale, 2.0, label))[64:].reshape(-1, 3)
+        assert (band == LABEL_COLOURS[label]).all(axis=1).any()
+        assert not (band == LABEL_COLOURS[other]).all(axis=1).any()
+    assert _band_height(256, scale, title="hole_000.png") > _band_height(256, scale)
+
+
+def test_ground_truth_is_outlined_in_white():
+    scale = OverlayScale(low=0.0, threshold=1.0)
+    mask = np.zeros((4, 4), dtype=bool)
+    mask[1:3, 1:3] = True  # shown at 256 x 256: rows and columns 64..191, its border white
+    picture = np.asarray(draw_overlay(np.zeros((256, 256, 3)), np.zeros((256, 256)), scale, 0.0, "good", mask=mask))
+    assert (picture[64, 64:192] == 255).all() and (picture[64:192, 191] == 255).all()
+    assert (picture[65:191, 65:191] == 0).all() and (picture[63, 64:192] == 0).all()
+
+
+def test_the_grid_tiles_pictures_without_stretching_them():
+    scale = OverlayScale(low=0.0, threshold=1.0)
+    pictures = [draw_overlay(np.zeros((h, 200, 3)), np.zeros((h, 200)), scale, 0.5, "good", width=320)
+                for h in (100, 200, 100)]
+    grid = np.asarray(overlay_grid(pictures, "heading", columns=2))
+    second = np.asarray(pictures[1])
+    x, y = 8 + 320 + 8, 2 * 8 + 16  # GRID_GAP, the heading line
+    assert (grid[y : y + second.shape[0], x : x + 320] == second).all()  # pasted pixel for pixel
+    assert grid.shape[1] == 2 * 320 + 3 * 8
+
+
+def test_predict_overlays_show_the_decision_and_a_reused_folder_keeps_no_stale_ones(
+        trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    from dualstpm.detector import Detector
+    from dualstpm.predict import PREDICTIONS_FILE, predict
+
+    detector = Detector.load(trained_run)
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("000.png", "001.png"):
+        shutil.copy(synthetic_root / "synth_texture" / "test" / "hole" / name, images / name)
+    wide = np.asarray(Image.open(images / "000.png"))[:32]  # a 64 x 32 crop: twice as wide as tall
+    Image.fromarray(wide).save(images / "wide.png")
+    out = tmp_path / "pred"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    first = predict(detector, [images], out)
+    assert sorted(first["overlay"]) == ["000_overlay.png", "001_overlay.png", "wide_overlay.png"]
+    shown = Image.open(out / "wide_overlay.png")
+    assert shown.width == 256 and shown.height == 128 + _band_height(256, OverlayScale(0.0, 1.0), "wide.png")
+
+    second = predict(detector, [images / "001.png"], out)
+    assert list(second["overlay"]) == ["001_overlay.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["001_overlay.png", "notes.txt", PREDICTIONS_FILE]
+    assert list(pd.read_csv(out / PREDICTIONS_FILE)["overlay"]) == ["001_overlay.png"]
+
+
+def test_a_foreign_predictions_csv_in_the_output_folder_is_refused(trained_run: Path, synthetic_root: Path,
+                                                                   tmp_path: Path):
+    from dualstpm.detector import Detector
+    from dualstpm.predict import predict
+
+    (tmp_path / "predictions.csv").write_text("a,b\n1,2\n")
+    with pytest.raises(DataError, match=r"predictions.csv is not a predictions.csv of `dualstpm predict`"):
+        predict(Detector.load(trained_run), [synthetic_root / "synth_texture" / "test" / "hole"], tmp_path)
+
+
+def test_the_scale_and_heading_follow_an_applied_chosen_fusion(trained_run: Path):
+    from dualstpm.detector import ChosenFusion, Detector
+    from dualstpm.overlays import fusion_label, overlay_scale
+
+    trained = Detector.load(trained_run)
+    mean = trained.calibration.map_stats.mean
+    # the trained product fusion: typical level = product over levels of (mean A + mean B)
+    assert overlay_scale(trained).low == pytest.approx(float((mean[0] + mean[1]).prod()), rel=1e-5)
+    assert fusion_label(trained) == "params.fusion"
+    chosen = ChosenFusion(FusionSpec(mode="sum"), threshold=100.0, source={"config": "sum_all"})
+    decided = Detector(trained.model, trained.params, trained.calibration, trained.compute, chosen)
+    scale = overlay_scale(decided)  # the sum of the six means, up to the chosen threshold
+    assert (scale.low, scale.threshold) == (pytest.approx(float(mean.sum()), rel=1e-5), 100.0)
+    assert fusion_label(decided) == "sum_all"
+    assert overlay_scale(decided, threshold=150.0).threshold == 150.0  # predict --threshold
