@@ -108,20 +108,37 @@ def test(
 
 @app.command()
 def predict(
-    run: TrainedRunOption,
     paths: Annotated[list[Path], typer.Argument(help="image files or folders")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for overlays and predictions.csv")],
+    run: Annotated[Optional[Path], typer.Option("--run", help="run directory written by `dualstpm fit`")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="override the calibrated threshold")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="torch | onnxruntime | openvino")] = "torch",
+    exported: Annotated[Optional[Path], typer.Option("--exported", help="an export folder (`dualstpm export`) instead of --run")] = None,
 ) -> None:
     """Score images: label, heat-map overlay per image and one CSV."""
-    from dualstpm.detector import Detector
+    from dualstpm.backends import load_scorer
     from dualstpm.predict import PREDICTIONS_FILE
     from dualstpm.predict import predict as predict_images
 
-    table = predict_images(Detector.load(run), paths, out_dir, threshold)
+    table = predict_images(load_scorer(backend, run, exported), paths, out_dir, threshold)
     counts = table["label"].value_counts().to_dict()
     out.print(f"{len(table)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good "
               f"(threshold {table['threshold'].iloc[0]:.5g}); {out_dir / PREDICTIONS_FILE}")
+
+
+@app.command()
+def export(
+    run: TrainedRunOption,
+    out_dir: Annotated[Path, typer.Option("--out", help="export folder to write (replaced atomically)")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | openvino | torchscript")] = "onnx",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | int8")] = "fp32",
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="int8: folder holding the category "
+                                                      "(default: where `dualstpm test` found it)")] = None,
+) -> None:
+    """Export the whole detector (pre-processing to decision) with metadata.json."""
+    from dualstpm.export import export_run
+
+    out.print(f"exported: {export_run(run, fmt, precision, out_dir, data_root)}")
 
 
 @app.command()
