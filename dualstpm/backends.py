@@ -7,8 +7,9 @@ pyfunc and the benchmark score the same way whatever runs the graph.
 - `torch`: :class:`dualstpm.detector.Detector` on the run directory, or a TorchScript export;
 - `onnxruntime`: an ONNX export (`model.onnx`) on ONNX Runtime's CPU provider;
 - `openvino`: an OpenVINO export (`model.xml`), or an ONNX export read by OpenVINO, on its
-  CPU plugin (fp32 exports with `INFERENCE_PRECISION_HINT=f32`, so that a CPU with bfloat16
-  units does not silently compute them in bfloat16).
+  CPU plugin (fp32 and int8 exports with `INFERENCE_PRECISION_HINT=f32`, so that a CPU
+  with bfloat16 units does not silently compute their float ops in bfloat16; fp16 at the
+  plugin's default, bfloat16 on such CPUs).
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class ExportedModel:
         if self.backend == "openvino":
             import openvino as ov
 
-            config = {"INFERENCE_PRECISION_HINT": "f32"} if self.metadata["precision"] == "fp32" else {}
+            # fp32 and int8 (its float ops) in f32; fp16 at the plugin's default precision
+            config = {"INFERENCE_PRECISION_HINT": "f32"} if self.metadata["precision"] != "fp16" else {}
             if threads:
                 config["INFERENCE_NUM_THREADS"] = threads
             compiled = ov.Core().compile_model(str(path), "CPU", config)

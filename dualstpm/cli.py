@@ -303,19 +303,26 @@ def bench(
     images: Annotated[int, typer.Option("--images", help="how many train images to time on")] = 64,
     repeats: Annotated[int, typer.Option("--repeats", help="timed repetitions for medians")] = 5,
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("bench/results.json"),
+    backends: Annotated[Optional[list[str]], typer.Option("--backend", help="also time exports on onnxruntime / "
+                                                          "openvino (repeatable), beside PyTorch float32")] = None,
+    precisions: Annotated[Optional[list[str]], typer.Option("--precision", help="fp32 | fp16 | int8 (repeatable; "
+                                                            "default fp32)")] = None,
+    train: Annotated[bool, typer.Option("--train/--no-train", help="time training too")] = True,
 ) -> None:
-    """Training and inference speed, the inference floor, peak memory: one run, one table."""
+    """Training and inference speed, the inference floor, backends, peak memory: one run, one table."""
     from dualstpm.bench import benchmark, write_results
 
-    results = benchmark(resolve_params(params, overrides), data_root, category, images, repeats)
+    results = benchmark(resolve_params(params, overrides), data_root, category, images, repeats,
+                        tuple(backends or ()), tuple(precisions or ("fp32",)), train)
     write_results(results, out_file)
     table = Table(title=f"{results['setup']['category']} @ {results['setup']['image_size']} px, {results['machine']['device']}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    for phase in ("train", "inference"):
-        for key, value in results[phase].items():
-            if isinstance(value, float):
-                table.add_row(f"{phase}.{key}", f"{value:.4g}")
+    rows = [(f"{phase}.{key}", value) for phase in ("train", "inference") for key, value in results.get(phase, {}).items()]
+    rows += [(f"{name}.{key}", value) for name, figures in results.get("backends", {}).items() for key, value in figures.items()]
+    for key, value in rows:
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4g}")
     out.print(table)
     out.print(f"written: {out_file}")
 

@@ -204,11 +204,14 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
     }
 
 
-def export_run(run_dir: Path, fmt: str, precision: str, out_dir: Path, data_root: Path | None = None) -> Path:
+def export_run(run_dir: Path, fmt: str, precision: str, out_dir: Path, data_root: Path | None = None,
+               calibration_images: np.ndarray | None = None) -> Path:
     """Export the trained model of `run_dir` into `out_dir` (replaced atomically); returns `out_dir`.
 
-    Raises :class:`ExportError` for an unsupported (format, precision) pair, a missing
-    package or (int8) validation images that cannot be found.
+    int8 calibrates on the run's validation good images (found under `data_root`, default
+    where `dualstpm test` found the category), or on `calibration_images` (N, 3, S, S)
+    float32 in [0, 1] when given. Raises :class:`ExportError` for an unsupported (format,
+    precision) pair, a missing package or validation images that cannot be found.
     """
     check_supported(fmt, precision)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
@@ -223,7 +226,9 @@ def export_run(run_dir: Path, fmt: str, precision: str, out_dir: Path, data_root
                 _require("onnxruntime", "int8")
                 float_path = onnx_path.with_name("model-fp32.onnx")
                 onnx_path.rename(float_path)
-                quantization = quantize_onnx(float_path, onnx_path, validation_images(detector, data_root, run_dir))
+                if calibration_images is None:
+                    calibration_images = validation_images(detector, data_root, run_dir)
+                quantization = quantize_onnx(float_path, onnx_path, calibration_images)
                 float_path.unlink()
             if fmt == "openvino":
                 ov = _require("openvino", "openvino")

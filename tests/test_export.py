@@ -21,6 +21,7 @@ import torch
 
 from dualstpm import metrics
 from dualstpm.backends import ExportedModel, load_scorer
+from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
 from dualstpm.errors import ExportError
@@ -33,6 +34,12 @@ from conftest import PROJECT_ROOT, TINY_OVERRIDES
 pytestmark = pytest.mark.filterwarnings("ignore")
 SCORE_RTOL, MAP_ATOL = 1e-4, 1e-3
 AUROC_GAP, LABEL_AGREEMENT = 0.005, 0.99
+
+
+def float32_detector(run: Path) -> Detector:
+    """PyTorch in float32: the reference of fp32 exports (`fit.precision=auto` would pick
+    bfloat16 on CPUs with native bfloat16 units)."""
+    return Detector.load(run, Compute.resolve("cpu", "float32"))
 
 
 def assert_parity(exported: InferenceOutput, reference: InferenceOutput) -> None:
@@ -97,7 +104,7 @@ def onnx_export(trained_run: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 def test_onnx_export_matches_pytorch(trained_run: Path, onnx_export: Path, texture_images: torch.Tensor):
     meta = json.loads((onnx_export / METADATA_FILE).read_text())
-    detector = Detector.load(trained_run)
+    detector = float32_detector(trained_run)
     assert meta["image_size"] == 64 and meta["threshold"] == detector.threshold
     assert meta["normalization"]["val_min"] == detector.calibration.val_score_summary["fused"]["min"]
     assert meta["fusion"]["mode"] == "product" and meta["source"]["run_dir"] == str(trained_run.resolve())
@@ -121,7 +128,7 @@ def test_unsupported_configurations_are_named(trained_run: Path, onnx_export: Pa
 
 def test_torchscript_export_matches_pytorch(trained_run: Path, tmp_path: Path, texture_images: torch.Tensor):
     exported = ExportedModel(export_run(trained_run, "torchscript", "fp32", tmp_path / "ts"), "torch")
-    assert_parity(exported.infer(texture_images), Detector.load(trained_run).infer(texture_images))
+    assert_parity(exported.infer(texture_images), float32_detector(trained_run).infer(texture_images))
 
 
 def test_predict_cli_runs_an_export_like_pytorch(trained_run: Path, onnx_export: Path, synthetic_root: Path,
@@ -136,8 +143,11 @@ def test_predict_cli_runs_an_export_like_pytorch(trained_run: Path, onnx_export:
         assert done.returncode == 0, done.stderr
         return pd.read_csv(out / "predictions.csv")
 
-    torch_table = predict("--run", str(trained_run))
+    from dualstpm.predict import predict as predict_in_process
+
+    torch_table = predict_in_process(float32_detector(trained_run), images, tmp_path / "float32")
     onnx_table = predict("--backend", "onnxruntime", "--exported", str(onnx_export))
+    assert len(predict("--run", str(trained_run))) == len(images)  # the default backend, torch
     assert {"score", "normalized_score", "label", "threshold"} <= set(torch_table.columns)
     np.testing.assert_allclose(onnx_table["score"], torch_table["score"], rtol=SCORE_RTOL)
     np.testing.assert_allclose(onnx_table["normalized_score"], torch_table["normalized_score"], rtol=SCORE_RTOL, atol=1e-7)
@@ -175,7 +185,7 @@ def tile(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
         "root": root, "run": run, "images": images,
         "labels": np.array([s.label for s in dataset.test]),
         "masks": decode_masks(dataset.test, 64).numpy(),
-        "torch": Detector.load(run).infer(images),
+        "torch": float32_detector(run).infer(images),
         "exports": tmp_path_factory.mktemp("tile_exports"),
     }
 
