@@ -29,7 +29,7 @@ from dualstpm.export import METADATA_FILE, export_run
 from dualstpm.models.anomaly_map import ScoreNormalization
 from dualstpm.models.inference import InferenceOutput
 
-from conftest import PROJECT_ROOT, TINY_OVERRIDES
+from conftest import PROJECT_ROOT, SHARED_DATA, TINY_OVERRIDES
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SCORE_RTOL, MAP_ATOL = 1e-4, 1e-3
@@ -160,15 +160,16 @@ TILE_TRAIN_IMAGES = 60
 
 
 @pytest.fixture(scope="module")
-def tile(shared_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+def tile(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """A small model trained here on magnetic_tile (64 px, 1 epoch, the first 60 good
-    training images; all 582 test images), with PyTorch's answers on the test split."""
+    training images; all 582 test images), with PyTorch's answers on the test split.
+    The data: ../shared/data beside the project, or $DUALSTPM_SHARED_DATA (a worktree elsewhere)."""
     from dualstpm.config import load_params
     from dualstpm.training import fit
 
-    source = shared_data / "magnetic_tile"
+    source = Path(os.environ.get("DUALSTPM_SHARED_DATA", SHARED_DATA)) / "magnetic_tile"
     if not source.is_dir():
-        pytest.skip(f"{source} not found")
+        pytest.skip(f"{source} not found (the shared datasets sit beside the project root)")
     root = tmp_path_factory.mktemp("tile_data")
     target = root / "magnetic_tile"
     train = sorted((source / "train" / "good").iterdir())[:TILE_TRAIN_IMAGES]
