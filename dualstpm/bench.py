@@ -8,7 +8,11 @@ times on shared machines drift.
   with and without the teacher-feature cache, plus the first-epoch losses of both ways;
 - inference: the floor (T1, S1, T2, S2 forward only, nothing else, `inference_mode`),
   fused-model throughput at batch 16 and latency at batch 1 (decoded image to score and
-  map), and their ratio to the floor.
+  map), and their ratio to the floor;
+- backends (`--backend`, `--precision`): the whole inference module (all outputs) on
+  PyTorch float32 and on each exported backend and precision, batch-16 throughput,
+  batch-1 latency and peak memory, each in its own process; the exports are made first,
+  from the same seeded model (int8 calibrated on the benchmark images, good parts).
 
 Everything runs as training and inference do (`dualstpm.compute`: the device,
 `fit.precision`, channels_last), the floor in the same precision as the fused model.
@@ -17,6 +21,7 @@ Everything runs as training and inference do (`dualstpm.compute`: the device,
 from __future__ import annotations
 
 import multiprocessing
+import os
 import platform
 import resource
 import statistics
@@ -160,30 +165,88 @@ def inference_phase(params: Params, images: Tensor, compute: Compute, repeats: i
     }
 
 
-def _child(phase: str, params_dict: dict, paths: list[str], repeats: int, queue: multiprocessing.Queue) -> None:
+def backend_phase(images: Tensor, backend: str, export_dir: Path | None, run_dir: Path, repeats: int) -> dict:
+    """The whole inference module on one backend: batch-16 throughput, batch-1 latency, peak RSS.
+    `export_dir` None: PyTorch float32 on the saved run (the reference of the exports)."""
+    from dualstpm.backends import ExportedModel
+
+    cpu = Compute.resolve("cpu", "float32")
+    scorer = Detector.load(run_dir, cpu) if export_dir is None else ExportedModel(export_dir, backend)
+    batch, single = images[:INFER_BATCH], images[:1]
+    batch_s = median_seconds(lambda: scorer.infer(batch), cpu, repeats)
+    single_s = median_seconds(lambda: scorer.infer(single), cpu, repeats)
+    return {"images_per_s": len(batch) / batch_s, "latency_batch1_ms": single_s * 1000, "peak_rss_mib": _peak_rss_mib()}
+
+
+def _child(phase: str, params_dict: dict, paths: list[str], repeats: int, queue: multiprocessing.Queue,
+           backend: dict | None = None) -> None:
     params = Params.model_validate(params_dict)
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     images = decode_images([Path(p) for p in paths], params.image_size, "decoding benchmark images",
                            params.data.max_image_pixels)
     if phase == "train":
         queue.put(training_phase(params, images, compute))
+    elif phase == "backend":
+        queue.put(backend_phase(images, **backend, repeats=repeats))
     else:
         queue.put(inference_phase(params, images, compute, repeats))
 
 
-def run_phase(phase: str, params: Params, paths: list[Path], repeats: int) -> dict:
+def run_phase(phase: str, params: Params, paths: list[Path], repeats: int, backend: dict | None = None) -> dict:
     """Run one phase in a fresh process (its own peak memory) and return its figures."""
     context = multiprocessing.get_context("spawn")
     queue = context.Queue()
-    process = context.Process(target=_child, args=(phase, params.to_dict(), [str(p) for p in paths], repeats, queue))
+    process = context.Process(target=_child, args=(phase, params.to_dict(), [str(p) for p in paths], repeats, queue,
+                                                   backend))
     process.start()
     result = queue.get()
     process.join()
     return result
 
 
-def benchmark(params: Params, data_root: Path, category: str, n_images: int, repeats: int = 5) -> dict:
-    """Both phases on the first `n_images` train images of `category`."""
+def backend_phases(params: Params, paths: list[Path], repeats: int, backends: tuple[str, ...],
+                   precisions: tuple[str, ...]) -> dict:
+    """Export the seeded model in every supported (backend, precision) asked for, then time
+    PyTorch float32 and each export, each in its own process; {"backend/precision": figures}."""
+    import tempfile
+
+    from dualstpm.backends import BACKENDS, DEFAULT_FORMAT
+    from dualstpm.detector import save_detector
+    from dualstpm.errors import ExportError
+    from dualstpm.export import PRECISIONS, SUPPORTED, export_run
+
+    unknown = [b for b in backends if b not in BACKENDS] + [p for p in precisions if p not in PRECISIONS]
+    if unknown:
+        raise ExportError(f"unknown backend or precision {unknown}: backends {', '.join(BACKENDS)}; "
+                          f"precisions {', '.join(PRECISIONS)}")
+    cpu = Compute.resolve("cpu", "float32")
+    images = decode_images(paths, params.image_size, "decoding benchmark images")
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="dualstpm-bench-") as work:
+        run_dir = Path(work) / "run"
+        model = build_model(params, cpu).eval()
+        save_detector(run_dir, model, params, calibrate(model, params, images, cpu, {"stpm": 0, "recon": 0}, "bench"))
+        out["torch/fp32"] = run_phase("backend", params, paths, repeats, {"backend": "torch", "export_dir": None,
+                                                                          "run_dir": run_dir})
+        for backend in backends:
+            for precision in precisions:
+                fmt = DEFAULT_FORMAT[backend]
+                if backend == "torch" or (fmt, precision) not in SUPPORTED:
+                    continue
+                target = export_run(run_dir, fmt, precision, Path(work) / f"{fmt}-{precision}",
+                                    calibration_images=images.numpy())
+                out[f"{backend}/{precision}"] = run_phase("backend", params, paths, repeats, {
+                    "backend": backend, "export_dir": target, "run_dir": run_dir})
+    torch_rate = out["torch/fp32"]["images_per_s"]
+    for figures in out.values():
+        figures["speedup_vs_torch_fp32"] = figures["images_per_s"] / torch_rate
+    return out
+
+
+def benchmark(params: Params, data_root: Path, category: str, n_images: int, repeats: int = 5,
+              backends: tuple[str, ...] = (), precisions: tuple[str, ...] = ("fp32",), train: bool = True) -> dict:
+    """The phases on the first `n_images` train images of `category` (training unless
+    `train` is False; the exported backends when `backends` names any)."""
     paths = list(load_category(Path(data_root), category).train[:n_images])
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     device = compute.device
@@ -206,9 +269,11 @@ def benchmark(params: Params, data_root: Path, category: str, n_images: int, rep
             "infer_batch": INFER_BATCH,
             "repeats": repeats,
         },
-        "train": run_phase("train", params, paths, repeats),
+        **({"train": run_phase("train", params, paths, repeats)} if train else {}),
         "inference": run_phase("infer", params, paths, repeats),
+        **({"backends": backend_phases(params, paths, repeats, backends, precisions)} if backends else {}),
         "date": time.strftime("%Y-%m-%d"),
+        "load_average": list(os.getloadavg()),
     }
 
 

@@ -145,26 +145,29 @@ def test(
 
 @app.command()
 def predict(
-    run: TrainedRunOption,
     paths: Annotated[list[Path], typer.Argument(help="image files, folders, or quoted glob patterns ('imgs/*.png')")],
     out_dir: Annotated[Path, typer.Option("--out", help="folder for overlays and predictions.csv")],
+    run: Annotated[Optional[Path], typer.Option("--run", help="run directory written by `dualstpm fit`")] = None,
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="override the calibrated threshold")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="torch | onnxruntime | openvino")] = "torch",
+    exported: Annotated[Optional[Path], typer.Option("--exported", help="an export folder (`dualstpm export`) instead of --run")] = None,
     params: ParamsOption = None,
     overrides: SetOption = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Score images (files, folders, or quoted patterns such as 'imgs/*.png'): label, heat-map
     overlay per image and one CSV (unreadable files: a row with their error; the command then
-    exits with status 2)."""
-    trained_model_dir(run)  # wrong paths fail before torch loads
+    exits with status 2). `--exported DIR` runs an export folder instead of `--run`."""
+    if run is not None:
+        trained_model_dir(run)  # wrong paths fail before torch loads
     paths = expand_paths(paths)
-    from dualstpm.detector import Detector
+    from dualstpm.backends import load_scorer
     from dualstpm.errors import DataError
     from dualstpm.predict import PREDICTIONS_FILE
     from dualstpm.predict import predict as predict_images
 
     limit = resolve_params(params, overrides).data.max_image_pixels
-    table = predict_images(Detector.load(run, device=device), paths, out_dir, threshold, max_pixels=limit)
+    table = predict_images(load_scorer(backend, run, exported, device), paths, out_dir, threshold, max_pixels=limit)
     counts = table["label"].value_counts().to_dict()
     failed = int((table["error"] != "").sum())
     out.print(f"{len(table)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good"
@@ -173,6 +176,21 @@ def predict(
     if failed:
         raise DataError(f"{failed} of {len(table)} images could not be read and have no prediction: see the "
                         f"`error` column of {out_dir / PREDICTIONS_FILE}; every other image was scored.")
+
+
+@app.command()
+def export(
+    run: TrainedRunOption,
+    out_dir: Annotated[Path, typer.Option("--out", help="export folder to write (replaced atomically)")],
+    fmt: Annotated[str, typer.Option("--format", help="onnx | openvino | torchscript")] = "onnx",
+    precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | int8")] = "fp32",
+    data_root: Annotated[Optional[Path], typer.Option("--data-root", help="int8: folder holding the category "
+                                                      "(default: where `dualstpm test` found it)")] = None,
+) -> None:
+    """Export the whole detector (pre-processing to decision) with metadata.json."""
+    from dualstpm.export import export_run
+
+    out.print(f"exported: {export_run(run, fmt, precision, out_dir, data_root)}")
 
 
 @app.command()
@@ -340,21 +358,28 @@ def bench(
     repeats: Annotated[int, typer.Option("--repeats", help="timed repetitions for medians")] = 5,
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("bench/results.json"),
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: fit.device)")] = None,
+    backends: Annotated[Optional[list[str]], typer.Option("--backend", help="also time exports on onnxruntime / "
+                                                          "openvino (repeatable), beside PyTorch float32")] = None,
+    precisions: Annotated[Optional[list[str]], typer.Option("--precision", help="fp32 | fp16 | int8 (repeatable; "
+                                                            "default fp32)")] = None,
+    train: Annotated[bool, typer.Option("--train/--no-train", help="time training too")] = True,
 ) -> None:
-    """Training and inference speed, the inference floor, peak memory: one run, one table."""
+    """Training and inference speed, the inference floor, backends, peak memory: one run, one table."""
     category_dir(data_root, category)  # a wrong path fails before torch loads
     from dualstpm.bench import benchmark, write_results
 
     settings = [*(overrides or []), *([f"fit.device={device}"] if device else [])]
-    results = benchmark(resolve_params(params, settings), data_root, category, images, repeats)
+    results = benchmark(resolve_params(params, settings), data_root, category, images, repeats,
+                        tuple(backends or ()), tuple(precisions or ("fp32",)), train)
     write_results(results, out_file)
     table = Table(title=f"{results['setup']['category']} @ {results['setup']['image_size']} px, {results['machine']['device']}")
     table.add_column("figure")
     table.add_column("value", justify="right")
-    for phase in ("train", "inference"):
-        for key, value in results[phase].items():
-            if isinstance(value, float):
-                table.add_row(f"{phase}.{key}", f"{value:.4g}")
+    rows = [(f"{phase}.{key}", value) for phase in ("train", "inference") for key, value in results.get(phase, {}).items()]
+    rows += [(f"{name}.{key}", value) for name, figures in results.get("backends", {}).items() for key, value in figures.items()]
+    for key, value in rows:
+        if isinstance(value, float):
+            table.add_row(key, f"{value:.4g}")
     out.print(table)
     out.print(f"written: {out_file}")
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,8 @@ from dualstpm.compute import Compute
 from dualstpm.config import FusionParams, Params, load_params, save_params
 from dualstpm.errors import RunError
 from dualstpm.files import staged_dir, write_bytes, write_json
-from dualstpm.fusion import VIEWS, FusionSpec, MapStats, fuse, image_scores
+from dualstpm.fusion import VIEWS, FusionSpec, MapStats, image_scores
+from dualstpm.models.inference import DualStpmInference, InferenceOutput
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE, trained_model_dir
 
@@ -67,14 +68,17 @@ class ChosenFusion:
     spec: FusionSpec
     threshold: float
     source: dict  # provenance: which configuration, on what evidence
+    val_min: float | None = None  # lowest validation image score under `spec` (the normalised score's 0)
 
     def to_json(self) -> dict:
-        return {"applied": True, "fusion": asdict(self.spec), "threshold": self.threshold, "source": self.source}
+        return {"applied": True, "fusion": asdict(self.spec), "threshold": self.threshold, "source": self.source,
+                "val_min": self.val_min}
 
     @classmethod
     def from_json(cls, data: dict) -> ChosenFusion:
         spec = FusionSpec.from_params(FusionParams(**data["fusion"]))  # validated like params.fusion
-        return cls(spec, float(data["threshold"]), dict(data["source"]))
+        val_min = data.get("val_min")  # absent in files written before normalised scores
+        return cls(spec, float(data["threshold"]), dict(data["source"]), None if val_min is None else float(val_min))
 
 
 def read_chosen_fusion(model_dir: Path) -> ChosenFusion | None:
@@ -110,17 +114,39 @@ class Detector:
     def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, compute: Compute,
                  chosen: ChosenFusion | None = None) -> None:
         self.compute = compute
-        self.model = compute.module(model).eval()
         self.params = params
         self.calibration = calibration
         self.chosen = chosen
         self.trained_spec = FusionSpec.from_params(params.fusion)
         self.spec = chosen.spec if chosen else self.trained_spec  # the fused view's fusion
         self.thresholds = {**calibration.thresholds, **({"fused": chosen.threshold} if chosen else {})}  # per view
+        val_min = chosen.val_min if chosen else calibration.val_score_summary["fused"]["min"]
+        if val_min is None:
+            raise RunError("the applied chosen fusion has no validation minimum (an older fusion.json): "
+                           "load it with Detector.load, or re-run `dualstpm ablate --run RUN`")
+        # the one scoring module (networks, fusion, normalisation, decision): see dualstpm.models.inference
+        self.inference = compute.module(DualStpmInference(
+            model, self.spec, self.trained_spec, calibration.map_stats.mean, calibration.map_stats.std,
+            self.threshold, val_min)).eval()
+        self.model = self.inference.network
 
     @property
     def threshold(self) -> float:
         return self.thresholds["fused"]
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square input, px (resize with `dualstpm.data.resize_image`)."""
+        return self.params.image_size
+
+    @property
+    def batch_size(self) -> int:
+        return self.params.fit.batch_size
+
+    @property
+    def map_stats(self) -> MapStats:
+        """Per-map validation mean/std, (2, 3) each (from `calibration.json`)."""
+        return self.calibration.map_stats
 
     def view_spec(self, view: str) -> FusionSpec:
         """`fused`: the (possibly chosen) fusion; a branch: that branch alone, as trained."""
@@ -134,13 +160,20 @@ class Detector:
     def six_maps(self, images: Tensor) -> Tensor:
         """(B, 3, S, S) images in [0, 1] -> (B, 2, 3, S, S) raw float32 maps (networks in `compute`'s precision)."""
         with self.compute.autocast():
-            return self.model(self.prepare(images)).float()
+            return self.inference.six_maps(self.prepare(images))
 
     @torch.inference_mode()
     def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
         """Fuse six maps into each requested view and score them."""
-        fused = {v: fuse(maps, self.view_spec(v), self.calibration.map_stats) for v in views}
+        fused = self.inference.view_maps(maps.to(self.compute.device), views)
         return ScoredBatch({v: image_scores(m) for v, m in fused.items()}, fused)
+
+    @torch.inference_mode()
+    def infer(self, images: Tensor) -> InferenceOutput:
+        """(N, 3, S, S) images at `image_size` (uint8, or float in [0, 1]) -> the inference
+        module's outputs (scores, normalised score, label at the stored threshold, fused map)."""
+        with self.compute.autocast():
+            return self.inference(self.prepare(images))
 
     def score(self, images: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
         return self.score_maps(self.six_maps(images), views)
@@ -172,7 +205,18 @@ class Detector:
                 f"({str(exc).splitlines()[0]}): the file is damaged or from another dualstpm version; retrain it"
             ) from None
         compute = compute or Compute.resolve(device, params.fit.precision)
-        return cls(model, params, calibration, compute, read_chosen_fusion(model_dir))
+        chosen = read_chosen_fusion(model_dir)
+        if chosen is not None and chosen.val_min is None:
+            chosen = replace(chosen, val_min=_stored_val_min(Path(run_dir), chosen.spec, calibration.map_stats))
+        return cls(model, params, calibration, compute, chosen)
+
+
+def _stored_val_min(run_dir: Path, spec: FusionSpec, stats: MapStats) -> float:
+    """The lowest validation image score under `spec`, from the maps `dualstpm test` stored
+    (for a fusion.json written before it recorded this)."""
+    from dualstpm.maps import MAPS_DIR, VAL_MAPS, MapSet, fused_and_scores
+
+    return float(fused_and_scores(MapSet.load(run_dir / MAPS_DIR / VAL_MAPS).maps, spec, stats)[1].min())
 
 
 def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:

@@ -45,3 +45,7 @@ class TrackingError(DualStpmError):
 
 class PipelineError(DualStpmError):
     """Some categories of a pipeline run failed; the other categories' results were kept."""
+
+
+class ExportError(DualStpmError):
+    """An export or a backend that is not supported, missing or does not fit (names the fix)."""

@@ -125,12 +125,15 @@ def fuse(maps: Tensor, spec: FusionSpec, stats: MapStats | None = None) -> Tenso
     used_maps = weights[None, :, :, None, None] > 0
     # A map weighted 0 is left out, not multiplied by 0: a NaN in it (a diverged branch) stays out of the other views.
     weighted = torch.where(used_maps, maps * weights[None, :, :, None, None], 0.0)  # (B, 2, 3, H, W)
+    # Which maps/levels take part is decided from the Python weights, not from tensors, so
+    # that a traced or exported graph holds constant indices (no data-dependent shapes).
     if spec.mode == "product_all":
-        fused = weighted.flatten(1, 2)[:, weights.flatten() > 0].prod(dim=1)
+        kept = [i for i, w in enumerate(w for row in spec.weights for w in row) if w > 0]
+        fused = weighted.flatten(1, 2)[:, kept].prod(dim=1)
     elif spec.mode == "sum":
         fused = weighted.sum(dim=1).sum(dim=1)
     else:
-        used = [level for level in range(3) if float(weights[:, level].sum()) > 0]
+        used = [level for level in range(3) if spec.weights[0][level] + spec.weights[1][level] > 0]
         fused = weighted.sum(dim=1)[:, used].prod(dim=1)
     if spec.sigma > 0:
         fused = gaussian_blur(fused, spec.sigma)

@@ -1,16 +1,19 @@
 """The detector as an MLflow pyfunc, logged *from code*: MLflow stores this file, the
-model directory (`weights.safetensors`, `params.yaml`, `calibration.json`) as an artifact
-and a copy of the `dualstpm` package; loading runs `load_context`, which calls
-`Detector.load`. Nothing is pickled.
+model directory (`weights.safetensors`, `params.yaml`, `calibration.json`) and its ONNX
+export (`dualstpm export --format onnx`, artifact `onnx`) as artifacts and a copy of the
+`dualstpm` package; loading runs `load_context`, which calls `Detector.load`. Nothing is
+pickled.
 
 Input: a DataFrame with one column `image` holding encoded image files (PNG, JPEG, ...
 bytes; base64 strings in a JSON request to `mlflow models serve`). Output: a DataFrame
-with, per image, `score` (fused), `label` (`defective` / `good` at the threshold),
-`threshold`, `stpm_score`, `recon_score`, and with `params={"return_map": True}` the
-fused anomaly map at the image's own size (`anomaly_map`, a list of rows).
-`params={"threshold": t}` overrides the stored threshold. Images above the model's
-`data.max_image_pixels` (the value it was trained with) are refused. The model runs on the device
-of `model_config={"device": ...}` at load (`auto`, the default: the GPU when there is one,
+with, per image, `score` (fused), `normalized_score` (in [0, 1], 0.5 = the stored
+threshold), `label` (`defective` / `good` at the threshold), `threshold`, `stpm_score`,
+`recon_score`, and with `params={"return_map": True}` the fused anomaly map at the image's
+own size (`anomaly_map`, a list of rows). `params={"threshold": t}` overrides the stored
+threshold; `params={"backend": "onnxruntime"}` answers with the ONNX export on ONNX
+Runtime instead of PyTorch (default `torch`). Images above the model's `data.max_image_pixels`
+(the value it was trained with) are refused. The PyTorch model runs on the device of
+`model_config={"device": ...}` at load (`auto`, the default: the GPU when there is one,
 whatever device it was trained on; `cpu`; `cuda`). Scoring goes through
 `dualstpm.predict.score_images`, the path of `dualstpm predict`, so the numbers agree.
 """
@@ -25,6 +28,8 @@ from mlflow.pyfunc import PythonModel
 
 INPUT_COLUMN = "image"
 MAP_COLUMN = "anomaly_map"
+ONNX_ARTIFACT = "onnx"
+PYFUNC_BACKENDS = ("torch", "onnxruntime")
 
 
 class DualStpmPyfunc(PythonModel):
@@ -38,6 +43,21 @@ class DualStpmPyfunc(PythonModel):
         if model_dir.name != MODEL_SUBDIR:  # Detector.load reads <run>/model/
             raise RuntimeError(f"logged model directory must be named {MODEL_SUBDIR!r}, got {model_dir}")
         self.detector = Detector.load(model_dir.parent, device=(context.model_config or {}).get("device", "auto"))
+        self.onnx_dir = context.artifacts.get(ONNX_ARTIFACT)
+        self.scorers = {"torch": self.detector}
+
+    def scorer(self, backend: str):
+        """The scorer of `backend`; the ONNX Runtime session is opened on first use."""
+        from dualstpm.backends import ExportedModel
+        from dualstpm.errors import ExportError
+
+        if backend not in PYFUNC_BACKENDS:
+            raise ExportError(f"backend {backend!r} is not served; choose one of {', '.join(PYFUNC_BACKENDS)}")
+        if backend not in self.scorers:
+            if self.onnx_dir is None:
+                raise ExportError("this model version carries no ONNX export: register it again to add one")
+            self.scorers[backend] = ExportedModel(Path(self.onnx_dir), backend)
+        return self.scorers[backend]
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException
@@ -51,7 +71,7 @@ class DualStpmPyfunc(PythonModel):
             originals = _decode_images(model_input, self.detector.params.data.max_image_pixels)
         except DataError as exc:  # the caller's input: HTTP 400 with this message, not a stack trace
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        results = score_images(self.detector, originals, params.get("threshold"))
+        results = score_images(self.scorer(params.get("backend") or "torch"), originals, params.get("threshold"))
         table = pd.DataFrame([r.row() for r in results])
         if params.get("return_map"):
             table[MAP_COLUMN] = [r.anomaly_map.tolist() for r in results]

@@ -36,6 +36,7 @@ from dualstpm.fusion import FusionSpec, MapStats, fuse
 
 if TYPE_CHECKING:
     from dualstpm.detector import Detector
+    from dualstpm.predict import Scorer
 
 OVERLAY_ALPHA = 0.6
 COLORMAP = "jet"
@@ -195,11 +196,11 @@ def overlay_grid(pictures: Sequence[Image.Image], heading: str, columns: int = 4
     return grid
 
 
-def overlay_scale(detector: Detector, threshold: float | None = None) -> OverlayScale:
+def overlay_scale(detector: Scorer, threshold: float | None = None) -> OverlayScale:
     """The overlay scale of `detector`'s decision view (its fused view, with an applied
-    chosen fusion) at `threshold` (default: the detector's own). Raises DataError as
-    :meth:`OverlayScale.of_model` does."""
-    return OverlayScale.of_model(detector.spec, detector.calibration.map_stats,
+    chosen fusion; a `Detector` or an export) at `threshold` (default: the detector's own).
+    Raises DataError as :meth:`OverlayScale.of_model` does."""
+    return OverlayScale.of_model(detector.spec, detector.map_stats,
                                  detector.threshold if threshold is None else float(threshold))
 
 

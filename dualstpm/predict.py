@@ -9,20 +9,37 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image
-from dualstpm.detector import Detector
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file, write_csv
+from dualstpm.fusion import FusionSpec, MapStats
+from dualstpm.models.inference import InferenceOutput
 from dualstpm.overlays import draw_overlay, overlay_scale
 
 PREDICTIONS_FILE = "predictions.csv"
 OVERLAY_COLUMN = "overlay"
+
+
+class Scorer(Protocol):
+    """What scores images: a `Detector` (PyTorch) or a loaded export (`dualstpm.backends`)."""
+
+    image_size: int  # side of the square input, px
+    batch_size: int
+    threshold: float  # stored decision threshold, raw score units
+    spec: FusionSpec  # the fusion of the decision view (for the overlays' colour scale)
+    map_stats: MapStats  # validation statistics of the six maps
+
+    def infer(self, images: torch.Tensor) -> InferenceOutput:
+        """(N, 3, S, S) float images in [0, 1] -> the inference module's outputs."""
+
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
@@ -52,9 +69,11 @@ def _unique_name(stem: str, taken: set[str]) -> str:
 
 @dataclass
 class ImagePrediction:
-    """One image's answer: fused score, label at the threshold, branch scores, fused map at image size."""
+    """One image's answer: fused score, its normalised value (0.5 = the stored threshold,
+    see `dualstpm.models.anomaly_map`), label at the threshold, branch scores, fused map at image size."""
 
     score: float
+    normalized_score: float
     label: str
     threshold: float
     stpm_score: float
@@ -66,27 +85,28 @@ class ImagePrediction:
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "anomaly_map"}
 
 
-def score_images(detector: Detector, originals: Sequence[np.ndarray], threshold: float | None = None) -> list[ImagePrediction]:
+def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: float | None = None) -> list[ImagePrediction]:
     """Score decoded images (float HxWx3 in [0, 1], any size): the one scoring path of
-    `dualstpm predict` and the MLflow model, so both give the same numbers."""
+    `dualstpm predict` and the MLflow model, whatever the backend (a `Detector` or an
+    export, `dualstpm.backends`), so all give the same numbers. A `threshold` override
+    changes the label only; the normalised score stays relative to the stored threshold."""
     threshold = detector.threshold if threshold is None else float(threshold)
-    size = detector.params.image_size
-    batch_size = detector.params.fit.batch_size
     results = []
-    for start in range(0, len(originals), batch_size):
-        chunk = originals[start : start + batch_size]
-        scored = detector.score(torch.stack([resize_image(o, size) for o in chunk]))
+    for start in range(0, len(originals), detector.batch_size):
+        chunk = originals[start : start + detector.batch_size]
+        out = detector.infer(torch.stack([resize_image(o, detector.image_size) for o in chunk]))
         for i, original in enumerate(chunk):
-            fused = scored.maps["fused"][i : i + 1, None]
+            fused = torch.as_tensor(out.anomaly_map[i : i + 1, None]).float()
             full = F.interpolate(fused, size=original.shape[:2], mode="bilinear", align_corners=False)[0, 0]
-            score = float(scored.scores["fused"][i])
+            score = float(out.score[i])
             results.append(
                 ImagePrediction(
                     score=score,
+                    normalized_score=float(out.normalized_score[i]),
                     label="defective" if score > threshold else "good",
                     threshold=threshold,
-                    stpm_score=float(scored.scores["stpm"][i]),
-                    recon_score=float(scored.scores["recon"][i]),
+                    stpm_score=float(out.stpm_score[i]),
+                    recon_score=float(out.recon_score[i]),
                     anomaly_map=full.cpu().numpy(),
                 )
             )
@@ -122,13 +142,12 @@ def _read_each(chunk: Sequence[Path], max_pixels: int) -> list[np.ndarray | Data
     return decoded
 
 
-def predict(detector: Detector, paths: Sequence[Path], out_dir: Path, threshold: float | None = None,
-            max_pixels: int | None = None) -> pd.DataFrame:
+def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: float | None = None,
+            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> pd.DataFrame:
     """Score images, write an overlay per image and `predictions.csv` (atomically); return the table.
 
     Columns: `COLUMNS`, one row per image in input order. A file that cannot be read (not
-    an image, truncated, above `max_pixels` pixels; None: the model's
-    ``data.max_image_pixels``) gets its message in `error` and empty score, label and
+    an image, truncated, above `max_pixels` pixels: ``data.max_image_pixels``) gets its message in `error` and empty score, label and
     overlay; every other image is scored. Raises DataError only for paths that do not
     exist or hold no image at all (before anything is scored).
 
@@ -137,14 +156,13 @@ def predict(detector: Detector, paths: Sequence[Path], out_dir: Path, threshold:
     folder is touched), so every overlay beside the table belongs to it.
     """
     images = collect_images(paths)
-    max_pixels = detector.params.data.max_image_pixels if max_pixels is None else max_pixels
     threshold = detector.threshold if threshold is None else float(threshold)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     previous = _listed_overlays(out_dir)
     scale = overlay_scale(detector, threshold)
     rows, taken = [], set()
-    batch_size = detector.params.fit.batch_size
+    batch_size = detector.batch_size
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
         decoded = _read_each(chunk, max_pixels)

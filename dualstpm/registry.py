@@ -39,6 +39,7 @@ import numpy as np
 
 import dualstpm
 from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE
+from dualstpm.backends import run_export_dir
 from dualstpm.config import Params
 from dualstpm.data import list_images, read_image, resize_image
 from dualstpm.detector import MODEL_SUBDIR, read_chosen_fusion, read_model_dir
@@ -59,7 +60,7 @@ INCOMPLETE, COMPLETE = "incomplete", "complete"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 # What the logged model needs at inference, pinned to this environment (no 23 s inference).
 RUNTIME_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pillow", "pandas",
-                    "pyyaml", "pydantic", "scipy", "scikit-learn", "matplotlib", "rich")
+                    "pyyaml", "pydantic", "scipy", "scikit-learn", "matplotlib", "rich", "onnxruntime")
 
 
 def model_name(data_root: Path | str, category: str) -> str:
@@ -106,6 +107,7 @@ def _signature(threshold: float):
         inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
         outputs=Schema([
             ColSpec(DataType.double, "score"),
+            ColSpec(DataType.double, "normalized_score"),
             ColSpec(DataType.string, "label"),
             ColSpec(DataType.double, "threshold"),
             ColSpec(DataType.double, "stpm_score"),
@@ -114,6 +116,7 @@ def _signature(threshold: float):
         params=ParamSchema([
             ParamSpec("return_map", DataType.boolean, False),
             ParamSpec("threshold", DataType.double, float(threshold)),
+            ParamSpec("backend", DataType.string, "torch"),
         ]),
     )
 
@@ -201,6 +204,8 @@ def register_run(run_dir: Path, params: Params, category: str):
         MODEL_HASH_TAG: trained_by[MODEL_HASH_TAG],
         REGISTRATION_TAG: INCOMPLETE,
     }
+    from dualstpm.mlflow_model import ONNX_ARTIFACT
+
     with tempfile.TemporaryDirectory(prefix="dualstpm-code-") as code_dir:
         with tracking_errors(uri, f"logging the model of {run_dir}"), mlflow.start_run(run_id=record.run_id):
             import pandas as pd
@@ -208,7 +213,7 @@ def register_run(run_dir: Path, params: Params, category: str):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(MODEL_CODE),
-                artifacts={MODEL_SUBDIR: str(run_dir / MODEL_SUBDIR)},
+                artifacts={MODEL_SUBDIR: str(run_dir / MODEL_SUBDIR), ONNX_ARTIFACT: str(run_export_dir(run_dir, "onnx"))},
                 code_paths=[_package_copy(Path(code_dir))],
                 signature=_signature(threshold),
                 input_example=pd.DataFrame({"image": [example]}),

@@ -26,6 +26,7 @@ import requests
 from mlflow import MlflowClient
 
 from conftest import TINY_OVERRIDES
+from dualstpm.compute import Compute
 from dualstpm.config import load_params
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError, TrackingError
@@ -125,6 +126,12 @@ def test_registered_champion_predicts_like_dualstpm_predict(texture_run: Path, p
     assert got["threshold"].iloc[0] == pytest.approx(Detector.load(texture_run).threshold)
     assert np.asarray(got["anomaly_map"].iloc[0]).shape == (64, 64)  # the image's own size
     assert "anomaly_map" not in model.predict(pd.DataFrame({"image": [images[0].read_bytes()]})).columns
+    # the version carries its ONNX export: PyTorch float32's answers from ONNX Runtime (fp32 parity bounds)
+    onnx = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"backend": "onnxruntime"})
+    expected = predict(Detector.load(texture_run, Compute.resolve("cpu", "float32")), images, tmp_path / "float32")
+    np.testing.assert_allclose(onnx["score"], expected["score"], rtol=1e-4)
+    np.testing.assert_allclose(onnx["normalized_score"], expected["normalized_score"], rtol=1e-4, atol=1e-7)
+    assert list(onnx["label"]) == list(expected["label"])
 
 
 # --------------------------------------------------------------------------- promotion
@@ -370,6 +377,14 @@ def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, pa
         local = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
         np.testing.assert_allclose(served["score"], local["score"], rtol=0, atol=1e-5)
         assert list(served["label"]) == list(local["label"])
+        answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={**body, "params": {"backend": "onnxruntime"}},
+                               timeout=120)
+        assert answer.status_code == 200, answer.text
+        served_onnx = pd.DataFrame(answer.json()["predictions"])
+        local_onnx = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(
+            pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"backend": "onnxruntime"})
+        np.testing.assert_allclose(served_onnx["score"], local_onnx["score"], rtol=0, atol=1e-6)
+        assert list(served_onnx["label"]) == list(local_onnx["label"])
 
         # bad input: HTTP 400 naming the column (and row), no stack trace
         good = base64.b64encode(images[0].read_bytes()).decode()

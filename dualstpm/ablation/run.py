@@ -80,8 +80,8 @@ def _summary(table: pd.DataFrame, configs: list[Config], chosen: int, oracle: in
 
 def chosen_fusion(config: Config, val: MapSet, stats: MapStats, false_alarm_rate: float, source: dict) -> ChosenFusion:
     """The chosen fusion with its threshold recalibrated on the validation maps."""
-    threshold = calibrate_threshold(fused_and_scores(val.maps, config.spec, stats)[1], false_alarm_rate)
-    return ChosenFusion(config.spec, threshold, source)
+    scores = fused_and_scores(val.maps, config.spec, stats)[1]
+    return ChosenFusion(config.spec, calibrate_threshold(scores, false_alarm_rate), source, float(scores.min()))
 
 
 class _Laps:

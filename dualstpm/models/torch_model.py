@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from dualstpm.config import ModelParams, TeacherParams
 from dualstpm.models.backbone import FeaturePyramid, build_student, load_teacher
-from dualstpm.models.loss import distance_map_chunked, pyramid_loss
+from dualstpm.models.loss import distance_map, distance_map_chunked, pyramid_loss
 from dualstpm.models.recon import ReconstructionStudent
 
 PYRAMID_STRIDES = (4, 8, 16)
@@ -50,11 +50,15 @@ class PyramidPairs:
         """(branch A loss, branch B loss); each only reaches its own student's parameters."""
         return pyramid_loss(self.teacher_a, self.student_a), pyramid_loss(self.teacher_b, self.student_b)
 
-    def maps(self, size: tuple[int, int]) -> Tensor:
-        """Six distance maps upsampled to `size`: shape (B, 2, 3, H, W)."""
+    def maps(self, size: tuple[int, int], chunked: bool = True) -> Tensor:
+        """Six distance maps upsampled to `size`: shape (B, 2, 3, H, W).
+
+        `chunked`: a few images at a time (faster in eager mode, same numbers); False gives
+        one graph for any batch size (tracing and export)."""
+        distance = distance_map_chunked if chunked else distance_map
         branches = []
         for teachers, students in ((self.teacher_a, self.student_a), (self.teacher_b, self.student_b)):
-            levels = [distance_map_chunked(t, s)[:, None] for t, s in zip(teachers, students, strict=True)]
+            levels = [distance(t, s)[:, None] for t, s in zip(teachers, students, strict=True)]
             levels = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in levels]
             branches.append(torch.cat(levels, dim=1))
         return torch.stack(branches, dim=1)

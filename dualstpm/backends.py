@@ -1,0 +1,128 @@
+"""Running the detector on a backend: PyTorch (the run's weights) or an export.
+
+Every backend gives a :class:`dualstpm.predict.Scorer`: `image_size`, `batch_size`,
+`threshold` and `infer(images) -> InferenceOutput`, so `dualstpm predict`, the MLflow
+pyfunc and the benchmark score the same way whatever runs the graph.
+
+- `torch`: :class:`dualstpm.detector.Detector` on the run directory, or a TorchScript export;
+- `onnxruntime`: an ONNX export (`model.onnx`) on ONNX Runtime's CPU provider;
+- `openvino`: an OpenVINO export (`model.xml`), or an ONNX export read by OpenVINO, on its
+  CPU plugin (fp32 and int8 exports with `INFERENCE_PRECISION_HINT=f32`, so that a CPU
+  with bfloat16 units does not silently compute their float ops in bfloat16; fp16 at the
+  plugin's default, bfloat16 on such CPUs).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dualstpm.errors import ExportError
+from dualstpm.export import EXPORTS_DIR, METADATA_FILE, MODEL_FILES, export_run
+from dualstpm.fusion import FusionSpec, MapStats
+from dualstpm.models.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
+
+BACKENDS = ("torch", "onnxruntime", "openvino")
+BACKEND_FORMATS = {"torch": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("openvino", "onnx")}
+DEFAULT_FORMAT = {"torch": "torchscript", "onnxruntime": "onnx", "openvino": "openvino"}
+
+
+class ExportedModel:
+    """An export folder run by one backend: the same inputs and outputs as the inference module."""
+
+    def __init__(self, directory: Path, backend: str, threads: int | None = None) -> None:
+        directory = Path(directory)
+        meta_path = directory / METADATA_FILE
+        if not meta_path.is_file():
+            raise ExportError(f"{directory} is not a dualstpm export (no {METADATA_FILE}): "
+                              "make one with `dualstpm export --run RUN --format onnx --out DIR`")
+        self.directory = directory
+        self.metadata = json.loads(meta_path.read_text())
+        self.backend = backend
+        fmt = self.metadata["format"]
+        if backend not in BACKENDS or fmt not in BACKEND_FORMATS[backend]:
+            usable = [b for b, formats in BACKEND_FORMATS.items() if fmt in formats]
+            raise ExportError(f"backend {backend!r} cannot run the {fmt} export in {directory}; "
+                              f"use --backend {' or '.join(usable)}")
+        self.image_size = int(self.metadata["image_size"])
+        self.batch_size = int(self.metadata["batch_size"])
+        self.threshold = float(self.metadata["threshold"])
+        fusion = self.metadata["fusion"]  # the decision view's fusion: for the overlays' colour scale
+        self.map_stats = MapStats.from_json(fusion["map_stats"])
+        self.spec = FusionSpec(fusion["mode"], tuple(tuple(row) for row in fusion["weights"]),
+                               fusion["normalize"], fusion["sigma"])
+        self._run = self._load(directory / self.metadata["model_file"], threads)
+
+    def _load(self, path: Path, threads: int | None):
+        if self.backend == "onnxruntime":
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            if threads:
+                options.intra_op_num_threads = threads
+            session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            return lambda images: session.run(list(OUTPUT_NAMES), {INPUT_NAME: images})
+        if self.backend == "openvino":
+            import openvino as ov
+
+            # fp32 and int8 (its float ops) in f32; fp16 at the plugin's default precision
+            config = {"INFERENCE_PRECISION_HINT": "f32"} if self.metadata["precision"] != "fp16" else {}
+            if threads:
+                config["INFERENCE_NUM_THREADS"] = threads
+            compiled = ov.Core().compile_model(str(path), "CPU", config)
+            request = compiled.create_infer_request()
+
+            def run(images: np.ndarray) -> list[np.ndarray]:
+                results = request.infer({INPUT_NAME: images})
+                return [results[compiled.output(name)] for name in OUTPUT_NAMES]
+
+            return run
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+        def run_torch(images: np.ndarray) -> list[np.ndarray]:
+            with torch.inference_mode():
+                return [t.numpy() for t in module(torch.from_numpy(images))]
+
+        return run_torch
+
+    def infer(self, images: torch.Tensor | np.ndarray) -> InferenceOutput:
+        """(N, 3, S, S) float images in [0, 1] (or uint8) -> outputs as CPU tensors."""
+        array = np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images)
+        if array.dtype == np.uint8:
+            array = array.astype(np.float32) / np.float32(255.0)
+        outputs = self._run(np.ascontiguousarray(array, dtype=np.float32))
+        return InferenceOutput(*(torch.from_numpy(np.asarray(o)) for o in outputs))
+
+
+def run_export_dir(run_dir: Path, fmt: str, precision: str = "fp32") -> Path:
+    """`RUN/exports/<format>-<precision>/`, exported now unless it is already there and newer
+    than the model directory (a new fit or ablation makes it stale)."""
+    from dualstpm.detector import MODEL_SUBDIR
+
+    target = Path(run_dir) / EXPORTS_DIR / f"{fmt}-{precision}"
+    model_dir = Path(run_dir) / MODEL_SUBDIR
+    newest = max((p.stat().st_mtime for p in model_dir.iterdir()), default=0.0)
+    meta = target / METADATA_FILE
+    if not meta.is_file() or meta.stat().st_mtime < newest or not (target / MODEL_FILES[fmt]).is_file():
+        export_run(run_dir, fmt, precision, target)
+    return target
+
+
+def load_scorer(backend: str = "torch", run: Path | None = None, exported: Path | None = None, device: str = "auto"):
+    """The scorer for `backend`: from an export folder when `exported` is given, else from the
+    run directory (PyTorch directly, on `device`; other backends through `RUN/exports/`,
+    exported on demand; they run on the CPU)."""
+    if backend not in BACKENDS:
+        raise ExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if exported is not None:
+        return ExportedModel(exported, backend)
+    if run is None:
+        raise ExportError("give --run RUN (a trained run) or --exported DIR (an export folder)")
+    if backend == "torch":
+        from dualstpm.detector import Detector
+
+        return Detector.load(run, device=device)
+    return ExportedModel(run_export_dir(run, DEFAULT_FORMAT[backend]), backend)
