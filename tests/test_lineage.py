@@ -348,3 +348,18 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_contender(mlflow_server, monk
     takeover = client.get_registered_model(f"{lock}.takeover-dead")  # taken over once, by one of them
     assert takeover.tags["holder"].startswith("racer ")
     assert lock not in [m.name for m in client.search_registered_models(f"name = '{lock}'")]  # released
+
+
+def test_a_slow_holder_whose_lock_was_taken_over_leaves_it_to_the_taker(store: str, monkeypatch: pytest.MonkeyPatch):
+    client = MlflowClient()
+    name = f"lock-slow-{uuid.uuid4().hex[:8]}"
+    lock = name + LOCK_SUFFIX
+    monkeypatch.setattr(registry, "LOCK_STALE_S", 0.5)
+    slow, taker = registry.promotion_lock(client, name, "slow"), registry.promotion_lock(client, name, "taker")
+    slow.__enter__()
+    time.sleep(1.0)  # the slow holder's lock is stale now
+    taker.__enter__()  # takes it over
+    slow.__exit__(None, None, None)  # the slow one ends: it must not free the taker's lock
+    assert client.get_registered_model(lock).tags["holder"] == "slow"  # still held (through the takeover)
+    taker.__exit__(None, None, None)
+    assert not client.search_registered_models(f"name = '{lock}'")
