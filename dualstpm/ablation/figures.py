@@ -51,7 +51,7 @@ def write_heatmap(table: pd.DataFrame, path: Path, category: str) -> Path | None
         ax.set_xlabel("branch weight w_B / (w_A + w_B)   (0 = STPM only, 1 = reconstruction only)", fontsize=8)
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(path, dpi=100)
+        fig.savefig(tmp, dpi=100)
     return path
 
 
@@ -108,5 +108,5 @@ def write_panel(test: MapSet, stats: MapStats, fused_specs: dict[str, FusionSpec
         ax.set_yticks([])
     fig.tight_layout()
     with atomic_file(path) as tmp:
-        fig.savefig(path, dpi=90)
+        fig.savefig(tmp, dpi=90)
     return path
