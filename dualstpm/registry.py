@@ -29,6 +29,7 @@ import shutil
 import socket
 import tempfile
 import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -401,7 +402,13 @@ def _get(client, model: str):
 
 
 def _takeover(lock: str, token: str) -> str:
+    """The registered model whose creation takes over the hold of `token` on `lock`."""
     return f"{lock}.takeover-{token}"
+
+
+def _token(held) -> str:
+    """The token of a lock or takeover model (a lock made before tokens: its creation time)."""
+    return held.tags.get("token") or f"created-{held.creation_timestamp}"
 
 
 def _current_holder(client, lock: str):
@@ -409,8 +416,7 @@ def _current_holder(client, lock: str):
     it (each takeover is named after the token of the holder it replaced); None when free."""
     held = _get(client, lock)
     while held is not None:
-        token = held.tags.get("token") or f"created-{held.creation_timestamp}"
-        taken = _get(client, _takeover(lock, token))
+        taken = _get(client, _takeover(lock, _token(held)))
         if taken is None:
             return held
         held = taken
@@ -444,8 +450,6 @@ def promotion_lock(client, name: str, holder: str) -> Iterator[None]:
     winner holds the lock (the lock model stays) until it deletes the lock. Takeover models
     are never deleted (their names are unique), so a late contender cannot win one twice.
     """
-    import uuid
-
     lock = name + LOCK_SUFFIX
     token = uuid.uuid4().hex
     note = f"held while {holder} promotes {name}; delete {lock} only if no promotion is running"
@@ -455,8 +459,7 @@ def promotion_lock(client, name: str, holder: str) -> Iterator[None]:
         if held is None:
             continue  # released meanwhile: try again at once
         if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
-            stale = held.tags.get("token") or f"created-{held.creation_timestamp}"
-            if _try_create(client, _takeover(lock, stale), holder, token, note):
+            if _try_create(client, _takeover(lock, _token(held)), holder, token, note):
                 break
             continue  # another contender won this takeover: look again
         if time.monotonic() > deadline:
