@@ -14,7 +14,8 @@ Each bar sits half way between the two runs, so the working model clears every o
 0.08 or more (room for another CPU's float rounding) and the random-teacher model fails
 every one by as much. Five epochs, not more: after 20 epochs the random-teacher model's
 fused image AUROC (0.920) overtakes the working one's (0.903), so image AUROC would no
-longer tell them apart. Slow: the fit takes over a minute of two cores.
+longer tell them apart (figures measured for the earlier version of this test). Slow: the
+fit takes over a minute of two cores.
 """
 
 import pytest
