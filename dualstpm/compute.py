@@ -39,7 +39,7 @@ def resolve_device(choice: str) -> torch.device:
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if choice == "cuda" and not torch.cuda.is_available():
-        raise RunError("device cuda was asked for (fit.device, or --device) but no CUDA device is visible; "
+        raise RunError("fit.device=cuda (or --device cuda) asks for a GPU, but no CUDA device is visible; "
                        "use auto or cpu")
     return torch.device(choice)
 
