@@ -13,6 +13,7 @@ differ. Keys are flat and explicit so that `dvc exp run -S fit.epochs=5` and
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -26,6 +27,21 @@ MVTEC_URL = (
     "420938113-1629952094/mvtec_anomaly_detection.tar.xz"
 )
 MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d"
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads `1e-4` as a number, as users write it (YAML 1.1 wants `1.0e-4`
+    and would give the string '1e-4', which the strict types then refuse)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+.0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` of params text, with exponent-only floats (`1e-4`) read as floats."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Strict(BaseModel):
@@ -306,7 +322,7 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     if key not in valid_keys():
         raise ConfigError(f"unknown key '{key}' in --set {assignment}\nvalid keys: " + ", ".join(valid_keys()))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        value = load_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse the value of --set {assignment}: {exc}") from None
     return key, value
@@ -342,7 +358,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read params file {path}: {exc.strerror}. Pass an existing file with --params.") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

@@ -48,8 +48,12 @@ def test_no_silent_coercion_between_booleans_and_numbers(override, key):
     assert f"{key} = " in str(info.value)
 
 
-def test_an_int_still_fills_a_float():
+def test_an_int_still_fills_a_float_and_exponents_are_numbers(tmp_path):
     assert load_params(None, ["fit.lr=1"]).fit.lr == 1.0
+    assert load_params(None, ["fit.weight_decay=1e-4"]).fit.weight_decay == 0.0001  # YAML 1.1 alone: a string
+    (tmp_path / "p.yaml").write_text("fit:\n  lr: 5E-2\n  cache_ram_gb: 2.5e+1\n")
+    p = load_params(tmp_path / "p.yaml")
+    assert (p.fit.lr, p.fit.cache_ram_gb) == (0.05, 25.0)
 
 
 @pytest.mark.parametrize("overrides, fragments", [
