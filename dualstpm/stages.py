@@ -29,7 +29,7 @@ from dualstpm.tracking import (
     params_for_data,
     tracking_errors,
 )
-from dualstpm.training import HISTORY_FILE, FitResult, fit
+from dualstpm.training import HISTORY_FILE, FitResult, check_start, fit
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 AUC_TABLE = "auc_table.csv"
@@ -72,6 +72,7 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     An unreachable store fails before training; a store lost during training does not stop
     it: the model is saved first, then the TrackingError says so and how to log it later.
     """
+    check_start(run_dir, resume=resume, overwrite=overwrite)  # contradictory flags fail before the store opens
     connect(params)  # fail fast: nothing trained yet, nothing lost
     tracked = params_for_data(params, data_root)
     opened: list[CategoryRun] = []
