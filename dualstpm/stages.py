@@ -6,6 +6,7 @@ Each takes validated `Params` and paths, does one thing, and returns plain data.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -126,20 +127,26 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str) 
     run_dir = Path(run_dir)
     result = test_run(run_dir, data_root, category)
     metrics_table({category: result}).to_csv(run_dir / AUC_TABLE, index=False)
-    try:
+    with logged_after_saving(f"the test results are saved in {run_dir} ({METRICS_FILE}, {AUC_TABLE}, {PLOTS_DIR}/, "
+                             f"{MAPS_DIR}/)", f"dualstpm test --run {run_dir} --data-root {data_root} --category {category}"):
         run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
         if run.created:  # fitted without tracking, or into another store: log what the files tell
             run.log_history(run_dir / HISTORY_FILE)
             run.log_fit(calibration.selected_epochs, calibration.thresholds)
         run.log_test(result, data_hash(data_root, category), data_root)
         run.finish()
-    except TrackingError as exc:  # the store went away during the test: the results are on disk
-        raise TrackingError(
-            f"the test results are saved in {run_dir} ({METRICS_FILE}, {AUC_TABLE}, {PLOTS_DIR}/, {MAPS_DIR}/), "
-            f"but logging them to MLflow failed: {exc}\nOnce the store answers again, `dualstpm test --run {run_dir} "
-            f"--data-root {data_root} --category {category}` tests again and logs them."
-        ) from exc
     return result
+
+
+@contextlib.contextmanager
+def logged_after_saving(saved: str, again: str) -> Iterator[None]:
+    """Logging results that are already on disk: a TrackingError (the store went away
+    meanwhile) becomes one that says what is `saved` and the command that logs it `again`."""
+    try:
+        yield
+    except TrackingError as exc:
+        raise TrackingError(f"{saved}, but logging to MLflow failed: {exc}\nOnce the store answers again, "
+                            f"`{again}` runs again and logs the results.") from exc
 
 
 def reopen_trained_run(params: Params, run_dir: Path, category: str, data_root: Path,
@@ -170,19 +177,22 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
     result = ablate(run_dir, params.ablation)
     summary = result.summary
     data_root = Path(record.eval_data_root)
-    run, _ = reopen_trained_run(params, run_dir, summary["category"], data_root, "dualstpm ablate")
-    figures = {f"ablation.{key}.{metric}": value
-               for key in ("stpm_alone", "fused_published", "fused_chosen", "oracle") if summary.get(key)
-               for metric, value in summary[key].items() if metric in TABLE_METRICS and value is not None}
-    run.log(run.run_id, "logging the ablation", figures, tags={
-        f"{TAG}ablation.chosen": summary["fused_chosen"]["config"],
-        f"{TAG}ablation.applied": str(summary["applied"]).lower(),
-        f"{TAG}ablation.oracle": (summary["oracle"] or {}).get("config", "none"),
-    })
-    with tracking_errors(client.tracking_uri, "logging the ablation table"):
-        client.log_table(run.run_id, data=result.table, artifact_file=f"{ABLATION_DIR}/table.json")
-    run.log_artifacts([ABLATION_DIR, f"{MODEL_SUBDIR}/{FUSION_FILE}"], "")
-    run.finish()
+    saved = f"the ablation is saved in {run_dir / ABLATION_DIR}" + (
+        f" and applied in {run_dir / MODEL_SUBDIR / FUSION_FILE}" if summary["applied"] else "")
+    with logged_after_saving(saved, f"dualstpm ablate --run {run_dir}"):
+        run, _ = reopen_trained_run(params, run_dir, summary["category"], data_root, "dualstpm ablate")
+        figures = {f"ablation.{key}.{metric}": value
+                   for key in ("stpm_alone", "fused_published", "fused_chosen", "oracle") if summary.get(key)
+                   for metric, value in summary[key].items() if metric in TABLE_METRICS and value is not None}
+        run.log(run.run_id, "logging the ablation", figures, tags={
+            f"{TAG}ablation.chosen": summary["fused_chosen"]["config"],
+            f"{TAG}ablation.applied": str(summary["applied"]).lower(),
+            f"{TAG}ablation.oracle": (summary["oracle"] or {}).get("config", "none"),
+        })
+        with tracking_errors(client.tracking_uri, "logging the ablation table"):
+            client.log_table(run.run_id, data=result.table, artifact_file=f"{ABLATION_DIR}/table.json")
+        run.log_artifacts([ABLATION_DIR, f"{MODEL_SUBDIR}/{FUSION_FILE}"], "")
+        run.finish()
     return result
 
 
