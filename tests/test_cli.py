@@ -158,3 +158,12 @@ def test_resume_with_overwrite_is_refused_before_the_store_opens(synthetic_root:
                           cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 2 and "--resume and --overwrite contradict" in done.stderr
     assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_damaged_calibration_is_named(tmp_path: Path):
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    for name, text in (("weights.safetensors", ""), ("params.yaml", ""), ("calibration.json", "{")):
+        (tmp_path / "run" / "model" / name).write_text(text)
+    done = dualstpm("test", "--run", str(tmp_path / "run"), "--data-root", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{tmp_path / 'run' / 'model' / 'calibration.json'} is damaged" in done.stderr
