@@ -103,11 +103,13 @@ class ModelParams(_Strict):
     def _different_teachers(self) -> ModelParams:
         from dualstpm.models.weights import architecture
 
-        if architecture(self.t1.name) == architecture(self.t2.name):
-            other = "tf_efficientnet_lite2" if architecture(self.t1.name) != "tf_efficientnet_lite2" else "tf_efficientnet_lite0"
+        same = architecture(self.t1.name)
+        if same == architecture(self.t2.name):
+            packaged = next(n for n in ("tf_efficientnet_lite2", "tf_efficientnet_lite0") if n != same)
+            hub = next(n for n in ("resnet50", "wide_resnet50_2") if n != same)
             raise ValueError(
-                f"model.t1.name and model.t2.name are both '{architecture(self.t1.name)}': branch B needs a different "
-                f"second teacher (METHOD.md §3), e.g. --set model.t2.name={other} (weights package) or resnet50 (weights hub)"
+                f"model.t1.name and model.t2.name are both '{same}': branch B needs a different second teacher "
+                f"(METHOD.md §3), e.g. --set model.t2.name={packaged} (weights package) or {hub} (weights hub)"
             )
         return self
 

@@ -62,6 +62,8 @@ def test_an_int_still_fills_a_float_and_exponents_are_numbers(tmp_path):
     # the same architecture with a pretrained tag is the same teacher
     (["model.t1.name=resnet18", "model.t1.weights=hub", "model.t2.name=resnet18.tv_in1k", "model.t2.weights=hub"],
      ["both 'resnet18'"]),
+    (["model.t1.name=resnet50", "model.t1.weights=hub", "model.t2.name=resnet50", "model.t2.weights=hub"],
+     ["both 'resnet50'", "or wide_resnet50_2 (weights hub)"]),
     (["model.t1.name=resnet81", "model.t1.weights=hub"], ["model.t1.name = 'resnet81'", "did you mean", "resnet18"]),
     (["model.t2.name=tf_efficientnet_lite9"], ["model.t2.name", "did you mean tf_efficientnet_lite"]),
     (["model.t1.name=resnet18"], ["weights=package", "resnet18", "weights=hub"]),
