@@ -17,7 +17,7 @@ from rich.text import Text
 
 from dualstpm import __version__
 from dualstpm.config import Params, load_params, valid_keys
-from dualstpm.errors import ConfigError, DualStpmError
+from dualstpm.errors import ConfigError, DualStpmError, RunError
 from dualstpm.paths import CALIBRATION_FILE, category_dir, expand_paths, trained_model_dir
 
 if TYPE_CHECKING:
@@ -50,8 +50,13 @@ DeviceOption = Annotated[str, typer.Option("--device", help="where the networks 
 def trained_category(run: Path, category: str | None) -> str:
     """The category asked for, else the one the run's model was trained on (from its
     calibration.json, without loading the model). Raises RunError when RUN is not a trained model."""
-    model_dir = trained_model_dir(run)
-    return category or json.loads((model_dir / CALIBRATION_FILE).read_text())["category"]
+    path = trained_model_dir(run) / CALIBRATION_FILE
+    if category:
+        return category
+    try:
+        return str(json.loads(path.read_text())["category"])
+    except (ValueError, KeyError, TypeError):
+        raise RunError(f"{path} is damaged (no category in it): fit the model again, or pass --category") from None
 
 
 def _show_version(value: bool) -> None:

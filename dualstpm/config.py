@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,6 +31,21 @@ MVTEC_SHA256 = "cf4313b13603bec67abb49ca959488f7eedce2a9f7795ec54446c649ac98cd3d
 # 16384 x 16384: a full line-scan frame (16384 x 12288 fits). Decoded as float RGB such an
 # image takes 3 GiB, so the limit is a memory guard as much as a decompression-bomb guard.
 DEFAULT_MAX_IMAGE_PIXELS = 16384 * 16384
+
+
+class _YamlLoader(yaml.SafeLoader):
+    """Safe YAML that reads `1e-4` as a number, as users write it (YAML 1.1 wants `1.0e-4`
+    and would give the string '1e-4', which the strict types then refuse)."""
+
+
+_YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"), list("-+.0123456789")
+)
+
+
+def load_yaml(text: str) -> Any:
+    """`yaml.safe_load` of params text, with exponent-only floats (`1e-4`) read as floats."""
+    return yaml.load(text, Loader=_YamlLoader)  # noqa: S506 - a SafeLoader subclass
 
 
 class _Strict(BaseModel):
@@ -91,11 +107,13 @@ class ModelParams(_Strict):
     def _different_teachers(self) -> ModelParams:
         from dualstpm.models.weights import architecture
 
-        if architecture(self.t1.name) == architecture(self.t2.name):
-            other = "tf_efficientnet_lite2" if architecture(self.t1.name) != "tf_efficientnet_lite2" else "tf_efficientnet_lite0"
+        same = architecture(self.t1.name)
+        if same == architecture(self.t2.name):
+            packaged = next(n for n in ("tf_efficientnet_lite2", "tf_efficientnet_lite0") if n != same)
+            hub = next(n for n in ("resnet50", "wide_resnet50_2") if n != same)
             raise ValueError(
-                f"model.t1.name and model.t2.name are both '{architecture(self.t1.name)}': branch B needs a different "
-                f"second teacher (METHOD.md §3), e.g. --set model.t2.name={other} (weights package) or resnet50 (weights hub)"
+                f"model.t1.name and model.t2.name are both '{same}': branch B needs a different second teacher "
+                f"(METHOD.md §3), e.g. --set model.t2.name={packaged} (weights package) or {hub} (weights hub)"
             )
         return self
 
@@ -327,7 +345,7 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     if key not in valid_keys():
         raise ConfigError(f"unknown key '{key}' in --set {assignment}\nvalid keys: " + ", ".join(valid_keys()))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else raw
+        value = load_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError as exc:
         raise ConfigError(f"cannot parse the value of --set {assignment}: {exc}") from None
     return key, value
@@ -363,7 +381,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     except OSError as exc:
         raise ConfigError(f"cannot read params file {path}: {exc.strerror}. Pass an existing file with --params.") from None
     try:
-        raw = yaml.safe_load(text) or {}
+        raw = load_yaml(text) or {}
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path} is not valid YAML: {exc}") from None
     if not isinstance(raw, dict):

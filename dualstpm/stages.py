@@ -6,6 +6,7 @@ Each takes validated `Params` and paths, does one thing, and returns plain data.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pandas as pd
@@ -32,7 +33,7 @@ from dualstpm.tracking import (
     params_for_data,
     tracking_errors,
 )
-from dualstpm.training import HISTORY_FILE, FitResult, fit
+from dualstpm.training import HISTORY_FILE, FitResult, check_start, fit
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 AUC_TABLE = "auc_table.csv"
@@ -90,6 +91,7 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     An unreachable store fails before training; a store lost during training does not stop
     it: the model is saved first, then the TrackingError says so and how to log it later.
     """
+    check_start(run_dir, resume=resume, overwrite=overwrite)  # contradictory flags fail before the store opens
     connect(params)  # fail fast: nothing trained yet, nothing lost
     tracked = params_for_data(params, data_root)
     opened: list[CategoryRun] = []
@@ -158,18 +160,13 @@ def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str, 
                 run.finish("FAILED")
         raise
     write_csv(run_dir / AUC_TABLE, metrics_table({category: result}))
-    try:
+    with logged_after_saving(f"the test results are saved in {run_dir} ({METRICS_FILE}, {AUC_TABLE}, {PLOTS_DIR}/, "
+                             f"{MAPS_DIR}/)", f"dualstpm test --run {run_dir} --data-root {data_root} --category {category}"):
         if run.created:  # fitted without tracking, or into another store: log what the files tell
             run.log_history(run_dir / HISTORY_FILE)
             run.log_fit(calibration.selected_epochs, calibration.thresholds)
         run.log_test(result, evaluation_hash, data_root)
         run.finish()
-    except TrackingError as exc:  # the store went away during the test: the results are on disk
-        raise TrackingError(
-            f"the test results are saved in {run_dir} ({METRICS_FILE}, {AUC_TABLE}, {PLOTS_DIR}/, {MAPS_DIR}/), "
-            f"but logging them to MLflow failed: {exc}\nOnce the store answers again, `dualstpm test --run {run_dir} "
-            f"--data-root {data_root} --category {category}` tests again and logs them."
-        ) from exc
     return result
 
 
@@ -190,6 +187,17 @@ def check_one_evaluation(run_dir: Path, category: str, evaluation_hash: str, dat
         f"of its own (`mkdir -p NEW && cp -r {run_dir / MODEL_SUBDIR} NEW/` then `dualstpm test --run NEW "
         f"--data-root {data_root} --category {category}`), or train again with `dualstpm fit --overwrite`"
     )
+
+
+@contextlib.contextmanager
+def logged_after_saving(saved: str, again: str) -> Iterator[None]:
+    """Logging results that are already on disk: a TrackingError (the store went away
+    meanwhile) becomes one that says what is `saved` and the command that logs it `again`."""
+    try:
+        yield
+    except TrackingError as exc:
+        raise TrackingError(f"{saved}, but logging to MLflow failed: {exc}\nOnce the store answers again, "
+                            f"`{again}` runs again and logs the results.") from exc
 
 
 def reopen_trained_run(params: Params, run_dir: Path, category: str, data_root: Path,
@@ -226,18 +234,21 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
                                 Path(record.eval_data_root), "dualstpm ablate")
     result = ablate(run_dir, params.ablation)
     summary = result.summary
-    figures = {f"ablation.{key}.{metric}": value
-               for key in ("stpm_alone", "fused_published", "fused_chosen", "oracle") if summary.get(key)
-               for metric, value in summary[key].items() if metric in TABLE_METRICS and value is not None}
-    run.log(run.run_id, "logging the ablation", figures, tags={
-        f"{TAG}ablation.chosen": summary["fused_chosen"]["config"],
-        f"{TAG}ablation.applied": str(summary["applied"]).lower(),
-        f"{TAG}ablation.oracle": (summary["oracle"] or {}).get("config", "none"),
-    })
-    with tracking_errors(client.tracking_uri, "logging the ablation table"):
-        client.log_table(run.run_id, data=result.table, artifact_file=f"{ABLATION_DIR}/table.json")
-    run.log_artifacts([ABLATION_DIR, f"{MODEL_SUBDIR}/{FUSION_FILE}"], "")
-    run.finish()
+    saved = f"the ablation is saved in {run_dir / ABLATION_DIR}" + (
+        f" and applied in {run_dir / MODEL_SUBDIR / FUSION_FILE}" if summary["applied"] else "")
+    with logged_after_saving(saved, f"dualstpm ablate --run {run_dir}"):
+        figures = {f"ablation.{key}.{metric}": value
+                   for key in ("stpm_alone", "fused_published", "fused_chosen", "oracle") if summary.get(key)
+                   for metric, value in summary[key].items() if metric in TABLE_METRICS and value is not None}
+        run.log(run.run_id, "logging the ablation", figures, tags={
+            f"{TAG}ablation.chosen": summary["fused_chosen"]["config"],
+            f"{TAG}ablation.applied": str(summary["applied"]).lower(),
+            f"{TAG}ablation.oracle": (summary["oracle"] or {}).get("config", "none"),
+        })
+        with tracking_errors(client.tracking_uri, "logging the ablation table"):
+            client.log_table(run.run_id, data=result.table, artifact_file=f"{ABLATION_DIR}/table.json")
+        run.log_artifacts([ABLATION_DIR, f"{MODEL_SUBDIR}/{FUSION_FILE}"], "")
+        run.finish()
     return result
 
 

@@ -314,19 +314,10 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
-def fit(
-    params: Params,
-    data_root: Path,
-    category: str,
-    run_dir: Path,
-    *,
-    resume: bool = False,
-    overwrite: bool = False,
-    on_epoch: EpochCallback | None = None,
-) -> FitResult:
-    """Train both branches on `category`, select, calibrate and write `run_dir/model`."""
-    run_dir = Path(run_dir)
-    checkpoint_path = run_dir / CHECKPOINT_FILE
+def check_start(run_dir: Path, *, resume: bool, overwrite: bool) -> Path:
+    """The checkpoint path of `run_dir` when --resume/--overwrite fit what is there; else
+    TrainingError (both flags, a checkpoint and neither flag, --resume and no checkpoint)."""
+    checkpoint_path = Path(run_dir) / CHECKPOINT_FILE
     if resume and overwrite:
         raise TrainingError(
             "--resume and --overwrite contradict each other: --resume continues the checkpoint in "
@@ -339,6 +330,22 @@ def fit(
         )
     if resume and not checkpoint_path.is_file():
         raise TrainingError(f"nothing to resume: {checkpoint_path} does not exist. Run without --resume.")
+    return checkpoint_path
+
+
+def fit(
+    params: Params,
+    data_root: Path,
+    category: str,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    overwrite: bool = False,
+    on_epoch: EpochCallback | None = None,
+) -> FitResult:
+    """Train both branches on `category`, select, calibrate and write `run_dir/model`."""
+    run_dir = Path(run_dir)
+    checkpoint_path = check_start(run_dir, resume=resume, overwrite=overwrite)
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     dataset = load_category(Path(data_root), category)
     train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)

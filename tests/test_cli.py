@@ -147,3 +147,23 @@ def test_ctrl_c_during_fit_says_what_is_checkpointed_and_how_to_resume(synthetic
     message = " ".join(stderr.split())
     assert f"epoch {epoch} of 50 is checkpointed in {run / 'checkpoint.pt'}" in message
     assert f"continue with: {shlex.join(['dualstpm', *args, '--resume'])}" in message
+
+
+def test_resume_with_overwrite_is_refused_before_the_store_opens(synthetic_root: Path, tmp_path: Path):
+    import os
+
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default store: ./mlflow.db
+    done = subprocess.run([sys.executable, "-m", "dualstpm", "fit", "--data-root", str(synthetic_root), "--category",
+                           "synth_texture", "--out", "run", "--resume", "--overwrite"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 2 and "--resume and --overwrite contradict" in done.stderr
+    assert not (tmp_path / "mlflow.db").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_damaged_calibration_is_named(tmp_path: Path):
+    (tmp_path / "run" / "model").mkdir(parents=True)
+    for name, text in (("weights.safetensors", ""), ("params.yaml", ""), ("calibration.json", "{")):
+        (tmp_path / "run" / "model" / name).write_text(text)
+    done = dualstpm("test", "--run", str(tmp_path / "run"), "--data-root", str(tmp_path), cwd=tmp_path)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert f"{tmp_path / 'run' / 'model' / 'calibration.json'} is damaged" in done.stderr

@@ -48,8 +48,12 @@ def test_no_silent_coercion_between_booleans_and_numbers(override, key):
     assert f"{key} = " in str(info.value)
 
 
-def test_an_int_still_fills_a_float():
+def test_an_int_still_fills_a_float_and_exponents_are_numbers(tmp_path):
     assert load_params(None, ["fit.lr=1"]).fit.lr == 1.0
+    assert load_params(None, ["fit.weight_decay=1e-4"]).fit.weight_decay == 0.0001  # YAML 1.1 alone: a string
+    (tmp_path / "p.yaml").write_text("fit:\n  lr: 5E-2\n  cache_ram_gb: 2.5e+1\n")
+    p = load_params(tmp_path / "p.yaml")
+    assert (p.fit.lr, p.fit.cache_ram_gb) == (0.05, 25.0)
 
 
 @pytest.mark.parametrize("overrides, fragments", [
@@ -58,6 +62,8 @@ def test_an_int_still_fills_a_float():
     # the same architecture with a pretrained tag is the same teacher
     (["model.t1.name=resnet18", "model.t1.weights=hub", "model.t2.name=resnet18.tv_in1k", "model.t2.weights=hub"],
      ["both 'resnet18'"]),
+    (["model.t1.name=resnet50", "model.t1.weights=hub", "model.t2.name=resnet50", "model.t2.weights=hub"],
+     ["both 'resnet50'", "or wide_resnet50_2 (weights hub)"]),
     (["model.t1.name=resnet81", "model.t1.weights=hub"], ["model.t1.name = 'resnet81'", "did you mean", "resnet18"]),
     (["model.t2.name=tf_efficientnet_lite9"], ["model.t2.name", "did you mean tf_efficientnet_lite"]),
     (["model.t1.name=resnet18"], ["weights=package", "resnet18", "weights=hub"]),

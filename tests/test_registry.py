@@ -32,7 +32,7 @@ from dualstpm.detector import Detector
 from dualstpm.errors import RunError, TrackingError
 from dualstpm.predict import predict
 from dualstpm.registry import CHALLENGER, CHAMPION, model_name, promote, register_run
-from dualstpm.stages import tracked_fit, tracked_test
+from dualstpm.stages import tracked_ablate, tracked_fit, tracked_test
 from dualstpm.tracking import RUN_RECORD, RunRecord, data_hash, git_state
 from mlflow_fixtures import MlflowServer, free_port
 
@@ -308,7 +308,7 @@ def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_se
         crash.join()
         message = " ".join(str(lost.value).split())
         assert f"the test results are saved in {run_dir} (metrics.json, auc_table.csv, plots/, maps/)" in message
-        assert f"`dualstpm test --run {run_dir} --data-root {synthetic_root} --category synth_texture`" in message
+        assert f"`dualstpm test --run {run_dir} --data-root {synthetic_root} --category synth_texture` runs again" in message
         assert (run_dir / "metrics.json").is_file() and (run_dir / "plots" / "roc.png").is_file()
     finally:
         if mlflow_server.process is None:
@@ -318,6 +318,19 @@ def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_se
     run_id = RunRecord.read(run_dir).run_id
     assert version.aliases == [CHALLENGER] and version.run_id == run_id
     assert "image_auroc" in MlflowClient().get_run(run_id).data.metrics
+    # and during an ablation: its files are kept and the message says so
+    small = p.ablation.model_copy(update={"panel_images": 0, "sweep_modes": ["sum"], "level_modes": ["product"]})
+    try:
+        crash = crash_when(mlflow_server, lambda: (run_dir / "ablation" / "summary.json").exists())
+        with pytest.raises(TrackingError) as lost:
+            tracked_ablate(p.model_copy(update={"ablation": small}), run_dir)
+        crash.join()
+        message = " ".join(str(lost.value).split())
+        assert f"the ablation is saved in {run_dir / 'ablation'} and applied in {run_dir / 'model' / 'fusion.json'}" in message
+        assert f"`dualstpm ablate --run {run_dir}` runs again" in message
+    finally:
+        if mlflow_server.process is None:
+            mlflow_server.start()
 
 
 @pytest.mark.slow
