@@ -50,24 +50,25 @@ LABEL_COLOURS = {"defective": (190, 0, 40), "good": (0, 120, 0)}  # colours jet 
 @dataclass(frozen=True)
 class OverlayScale:
     """The colour scale of a model's overlays, in fused-map units: low < threshold < high;
-    `decision` (default: `threshold`) is the threshold the labels were decided at."""
+    `decision`, when given, is another threshold the labels were decided at."""
 
     low: float
     threshold: float
     decision: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.decision is None:
-            object.__setattr__(self, "decision", self.threshold)
 
     @property
     def high(self) -> float:
         return self.threshold + (self.threshold - self.low) / 2
 
     @property
+    def decided_at(self) -> float:
+        """The threshold the labels were decided at: `decision`, else the model's."""
+        return self.threshold if self.decision is None else self.decision
+
+    @property
     def decision_on_bar(self) -> bool:
-        """Whether the decision threshold lies on the colour bar, [low, high], to be marked there."""
-        return self.low <= self.decision <= self.high
+        """Whether that threshold lies on the colour bar, [low, high], to be marked there."""
+        return self.low <= self.decided_at <= self.high
 
     @classmethod
     def of_model(cls, spec: FusionSpec, stats: MapStats, threshold: float,
@@ -142,7 +143,7 @@ def _band(width: int, scale: OverlayScale, lines: Sequence[tuple[str, tuple[int,
     low_text, high_text = f"typical good {scale.low:.3g}", f"{scale.high:.3g}"
     mark = None
     if scale.decision_on_bar:
-        mark = x0 + round((x1 - x0) * (scale.decision - scale.low) / (scale.high - scale.low))
+        mark = x0 + round((x1 - x0) * (scale.decided_at - scale.low) / (scale.high - scale.low))
         draw.rectangle((mark - 1, y - 3, mark + 1, y + bar_h + 2), fill="black")
     y += bar_h + 2
     draw.text((x0, y), low_text, fill="black", font=small)
@@ -187,7 +188,7 @@ def draw_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: OverlayScale
         pixels[_outline(shown)] = 255
     lines = [(title, (0, 0, 0))] if title else []
     off_bar = "" if scale.decision_on_bar else ", off scale"
-    lines.append((f"score {score:.4g}: {label} (threshold {scale.decision:.4g}{off_bar})",
+    lines.append((f"score {score:.4g}: {label} (threshold {scale.decided_at:.4g}{off_bar})",
                   LABEL_COLOURS.get(label, (0, 0, 0))))
     band = _band(width, scale, lines)
     picture = Image.new("RGB", (width, height + band.height), "white")
