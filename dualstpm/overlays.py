@@ -10,14 +10,16 @@ The colour scale is fixed by the model, not by the picture (:class:`OverlayScale
 - ``low``: the fused-map level of a typical good pixel, i.e. the fused value of six maps
   each at its validation mean (``calibration.json``'s ``map_stats``, fused with the
   decision view's fusion). At or below it the image is left untouched.
-- ``threshold``: the decision threshold (image score = the map's maximum; a part is
-  defective when its score is above it). Opacity grows linearly from 0 at ``low`` to
+- ``threshold``: the model's decision threshold (image score = the map's maximum; a part
+  is defective when its score is above it). Opacity grows linearly from 0 at ``low`` to
   :data:`OVERLAY_ALPHA` at the threshold and stays there above it.
 - ``high`` = ``threshold + (threshold - low) / 2``: the top of the colour bar, so the
   threshold sits at two thirds of it (jet: yellow-orange; above it orange to dark red).
 
-Below the picture a band carries the caption (name, score, label, threshold) and the
-colour bar with the threshold marked.
+A threshold the user chooses instead (``dualstpm predict --threshold``) is the
+``decision``: it labels the parts and is marked on the colour bar, while the colours keep
+the model's scale, so pictures of one model always compare. Below the picture a band
+carries the caption (name, score, label, decision threshold) and the colour bar.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dualstpm.errors import DataError
+from dualstpm.errors import RunError
 from dualstpm.fusion import FusionSpec, MapStats, fuse
 
 if TYPE_CHECKING:
@@ -48,29 +50,42 @@ LABEL_COLOURS = {"defective": (190, 0, 40), "good": (0, 120, 0)}  # colours jet 
 
 @dataclass(frozen=True)
 class OverlayScale:
-    """The colour scale of a model's overlays, in fused-map units: low < threshold < high."""
+    """The colour scale of a model's overlays, in fused-map units: low < threshold < high;
+    `decision`, when given, is another threshold the labels were decided at."""
 
     low: float
     threshold: float
+    decision: float | None = None
 
     @property
     def high(self) -> float:
         return self.threshold + (self.threshold - self.low) / 2
 
-    @classmethod
-    def of_model(cls, spec: FusionSpec, stats: MapStats, threshold: float) -> OverlayScale:
-        """The scale of a decision view: `spec` (its fusion), `stats` (validation map
-        statistics) and the decision `threshold`.
+    @property
+    def decided_at(self) -> float:
+        """The threshold the labels were decided at: `decision`, else the model's."""
+        return self.threshold if self.decision is None else self.decision
 
-        Raises DataError when the threshold is not above the typical good level (every
-        pixel of every part would count as defective), naming both values.
+    @property
+    def decision_on_bar(self) -> bool:
+        """Whether that threshold lies on the colour bar, [low, high], to be marked there."""
+        return self.low <= self.decided_at <= self.high
+
+    @classmethod
+    def of_model(cls, spec: FusionSpec, stats: MapStats, threshold: float,
+                 decision: float | None = None) -> OverlayScale:
+        """The scale of a decision view: `spec` (its fusion), `stats` (validation map
+        statistics), the model's `threshold` and the `decision` threshold (default: it).
+
+        Raises RunError when the model's threshold is not above the typical good level
+        (its calibration is broken: every part would be flagged), naming both values.
         """
         typical = stats.mean.to(torch.float32)[None, :, :, None, None]  # (1, 2, 3, 1, 1)
         low = float(fuse(typical, replace(spec, sigma=0.0), stats)[0, 0, 0])  # smoothing keeps a constant map
         if not threshold > low:
-            raise DataError(f"threshold {threshold:.6g} is not above the fused level of a typical good pixel "
-                            f"({low:.6g}): every part would be flagged; pass a threshold above {low:.6g}")
-        return cls(low, float(threshold))
+            raise RunError(f"the model's threshold {threshold:.6g} is not above the fused level of a typical good "
+                           f"pixel ({low:.6g}) in its calibration.json: every part would be flagged; retrain it")
+        return cls(low, float(threshold), None if decision is None else float(decision))
 
     def opacity(self, values: np.ndarray) -> np.ndarray:
         """0 at or below `low`, rising linearly to OVERLAY_ALPHA at the threshold, flat above."""
@@ -126,13 +141,21 @@ def _band(width: int, scale: OverlayScale, lines: Sequence[tuple[str, tuple[int,
     values = np.linspace(scale.low, scale.high, x1 - x0)
     bar = (scale.colours(values) * 255).round().astype(np.uint8)
     band.paste(Image.fromarray(np.repeat(bar[None], bar_h, axis=0)), (x0, y))
-    mark = x0 + round((x1 - x0) * (scale.threshold - scale.low) / (scale.high - scale.low))
-    draw.rectangle((mark - 1, y - 3, mark + 1, y + bar_h + 2), fill="black")
+    low_text, high_text = f"typical good {scale.low:.3g}", f"{scale.high:.3g}"
+    mark = None
+    if scale.decision_on_bar:
+        mark = x0 + round((x1 - x0) * (scale.decided_at - scale.low) / (scale.high - scale.low))
+        draw.rectangle((mark - 1, y - 3, mark + 1, y + bar_h + 2), fill="black")
     y += bar_h + 2
-    ticks = ((x0, f"typical good {scale.low:.3g}", "la"), (mark, "threshold", "ma"),
-             (x1, f"{scale.high:.3g}", "ra"))
-    for x, text, anchor in ticks:
-        draw.text((x, y), text, fill="black", font=small, anchor=anchor)
+    draw.text((x0, y), low_text, fill="black", font=small)
+    draw.text((x1, y), high_text, fill="black", font=small, anchor="ra")
+    if mark is not None:  # centred under the mark, shifted clear of the end labels (left out if no room)
+        free_from = x0 + draw.textlength(low_text, font=small) + 4
+        free_to = x1 - draw.textlength(high_text, font=small) - 4
+        label_w = draw.textlength("threshold", font=small)
+        if free_to - free_from >= label_w:
+            draw.text((float(np.clip(mark - label_w / 2, free_from, free_to - label_w)), y), "threshold",
+                      fill="black", font=small)
     return band
 
 
@@ -165,7 +188,8 @@ def draw_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: OverlayScale
                                                                               Image.Resampling.NEAREST)) > 127
         pixels[_outline(shown)] = 255
     lines = [(title, (0, 0, 0))] if title else []
-    lines.append((f"score {score:.4g}: {label} (threshold {scale.threshold:.4g})",
+    off_bar = "" if scale.decision_on_bar else ", off scale"
+    lines.append((f"score {score:.4g}: {label} (threshold {scale.decided_at:.4g}{off_bar})",
                   LABEL_COLOURS.get(label, (0, 0, 0))))
     band = _band(width, scale, lines)
     picture = Image.new("RGB", (width, height + band.height), "white")
@@ -198,10 +222,9 @@ def overlay_grid(pictures: Sequence[Image.Image], heading: str, columns: int = 4
 
 def overlay_scale(detector: Scorer, threshold: float | None = None) -> OverlayScale:
     """The overlay scale of `detector`'s decision view (its fused view, with an applied
-    chosen fusion; a `Detector` or an export) at `threshold` (default: the detector's own).
-    Raises DataError as :meth:`OverlayScale.of_model` does."""
-    return OverlayScale.of_model(detector.spec, detector.map_stats,
-                                 detector.threshold if threshold is None else float(threshold))
+    chosen fusion and its threshold; a `Detector` or an export); `threshold` overrides the
+    decision threshold only. Raises RunError as :meth:`OverlayScale.of_model` does."""
+    return OverlayScale.of_model(detector.spec, detector.map_stats, detector.threshold, threshold)
 
 
 def fusion_label(detector: Detector) -> str:

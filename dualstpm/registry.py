@@ -46,7 +46,7 @@ from dualstpm.data import list_images, read_image, resize_image
 from dualstpm.detector import MODEL_SUBDIR, read_chosen_fusion, read_model_dir
 from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.evaluation import METRICS_FILE
-from dualstpm.figures import OVERLAY_GRID
+from dualstpm.figures import OVERLAY_GRID, PLOTS_DIR
 from dualstpm.lineage import MODEL_HASH_TAG, check_model_of_run
 from dualstpm.tracking import STORE_ANSWERED, TAG, CategoryRun, RunRecord, connect, dataset_name, tracking_errors
 
@@ -266,11 +266,12 @@ def version_description(name: str, version: str, fused: dict, n_images: int, rec
     where its figures are, and how to load this very version."""
     shown = ", ".join(f"{m} {fused[m]:.4f}" for m in PROMOTION_METRICS if fused.get(m) is not None)
     overlays = f"{ABLATION_DIR}/{OVERLAY_GRID}" if (Path(run_dir) / ABLATION_DIR / OVERLAY_GRID).is_file() \
-        else f"plots/{OVERLAY_GRID}"
+        else f"{PLOTS_DIR}/{OVERLAY_GRID}"
+    curves = [f"`{PLOTS_DIR}/{n}`" for n in ("roc.png", "pro.png") if (Path(run_dir) / PLOTS_DIR / n).is_file()]
     return (
         f"{category}: {shown} on {n_images} test images of `{record.eval_data_root}` "
         f"(data hash `{record.eval_data_hash}`).\n\n"
-        f"Figures in run `{record.run_id}`: `plots/roc.png`, `plots/pro.png` and the overlays in the "
+        f"Figures in run `{record.run_id}`: {', '.join([*curves, ''])}the overlays in the "
         f"model's decision view, `{overlays}`.\n\n"
         f"Load this version: `mlflow.pyfunc.load_model(\"models:/{name}/{version}\")`."
     )

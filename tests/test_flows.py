@@ -290,6 +290,9 @@ def test_python_m_flows_pipeline_ends_like_dualstpm_demo(tmp_path: Path, synthet
     done = subprocess.run([sys.executable, "-m", "flows.pipeline", "--params", str(params), "--out", str(tmp_path / "out"),
                            "--no-dvc"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"AUC table ({tmp_path / 'out' / 'reports'})" in done.stdout
-    assert "dualstpm-" in done.stdout and "synth_texture: version 1 promoted; champion: version 1" in done.stdout
+    printed = " ".join(done.stdout.split())  # rich wraps at its width
+    table = pd.read_csv(tmp_path / "out" / "reports" / "auc_table.csv")
+    fused = table[table["model"] == "fused"].iloc[0]
+    assert "AUC table" in printed and f"synth_texture │ fused │ {fused['image_auroc']:.4f}" in printed
+    assert "-synth_texture: version 1 promoted; champion: version 1 (first champion" in printed
     assert "Downloading artifacts" not in done.stdout + done.stderr

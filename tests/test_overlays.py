@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dualstpm.errors import DataError
+from dualstpm.errors import DataError, RunError
 from dualstpm.fusion import FusionSpec, MapStats
 from dualstpm.overlays import LABEL_COLOURS, OverlayScale, draw_overlay, overlay_grid
 
@@ -37,9 +37,19 @@ def test_scale_starts_at_the_fused_level_of_a_typical_good_pixel():
     assert OverlayScale.of_model(spec, STATS, 30.0).low == pytest.approx(6.0)
 
 
-def test_a_threshold_at_or_below_the_typical_level_is_refused():
-    with pytest.raises(DataError, match=r"threshold 315 is not above .* \(315\)"):
+def test_a_model_threshold_at_or_below_the_typical_level_is_refused():
+    with pytest.raises(RunError, match=r"the model's threshold 315 is not above .* \(315\)"):
         OverlayScale.of_model(FusionSpec(), STATS, threshold=315.0)
+
+
+def test_a_chosen_decision_threshold_moves_the_mark_not_the_colours():
+    image, values = np.full((64, 256, 3), 0.5), np.linspace(0.0, 5.0, 256)[None].repeat(64, 0)
+    model = np.asarray(draw_overlay(image, values, OverlayScale(1.0, 3.0), 2.0, "good"))
+    chosen = np.asarray(draw_overlay(image, values, OverlayScale(1.0, 3.0, decision=1.5), 2.0, "defective"))
+    below = np.asarray(draw_overlay(image, values, OverlayScale(1.0, 3.0, decision=-1.0), 2.0, "defective"))
+    assert (model[:64] == chosen[:64]).all() and (model[:64] == below[:64]).all()  # same colours
+    assert not (model[64:] == chosen[64:]).all()  # the caption and the mark differ
+    assert OverlayScale(1.0, 3.0, decision=1.5).decision_on_bar and not OverlayScale(1.0, 3.0, decision=-1.0).decision_on_bar
 
 
 def test_pixels_follow_the_models_scale():
@@ -149,4 +159,5 @@ def test_the_scale_and_heading_follow_an_applied_chosen_fusion(trained_run: Path
     scale = overlay_scale(decided)  # the sum of the six means, up to the chosen threshold
     assert (scale.low, scale.threshold) == (pytest.approx(float(mean.sum()), rel=1e-5), 100.0)
     assert fusion_label(decided) == "sum_all"
-    assert overlay_scale(decided, threshold=150.0).threshold == 150.0  # predict --threshold
+    chosen_by_user = overlay_scale(decided, threshold=150.0)  # predict --threshold: labels, not colours
+    assert (chosen_by_user.threshold, chosen_by_user.decision) == (100.0, 150.0)
