@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,24 @@ def test_inference_module_is_what_the_detector_scores_with(trained_run: Path, te
     torch.testing.assert_close(out.normalized_score, expected, rtol=1e-6, atol=1e-7)
     as_uint8 = (texture_images * 255).round().to(torch.uint8)
     assert torch.equal(detector.infer(as_uint8).score, detector.infer(as_uint8.float() / 255).score)
+
+
+def test_an_older_fusion_json_takes_its_validation_minimum_from_the_stored_maps(trained_run: Path, synthetic_root: Path,
+                                                                                tmp_path: Path):
+    from dualstpm.detector import ChosenFusion, write_chosen_fusion
+    from dualstpm.evaluation import test_run
+    from dualstpm.fusion import FusionSpec
+    from dualstpm.maps import MapSet, fused_and_scores
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("exports"))
+    test_run(run, synthetic_root, "synth_texture")  # stores maps/val.npz
+    spec = FusionSpec(mode="sum")
+    stats = Detector.load(run).calibration.map_stats
+    scores = fused_and_scores(MapSet.load(run / "maps" / "val.npz").maps, spec, stats)[1]
+    write_chosen_fusion(run, ChosenFusion(spec, float(scores.max()), {"config": "sum"}))  # no val_min, as before
+    assert json.loads((run / "model" / "fusion.json").read_text())["val_min"] is None
+    assert Detector.load(run).inference.normalization.val_min == pytest.approx(float(scores.min()), rel=1e-6)
 
 
 # --- exports on the synthetic run -------------------------------------------------------------
