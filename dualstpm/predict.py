@@ -19,6 +19,7 @@ from dualstpm.errors import DataError
 from dualstpm.models.inference import InferenceOutput
 
 PREDICTIONS_FILE = "predictions.csv"
+OVERLAY_ALPHA = 0.6
 
 
 class Scorer(Protocol):
@@ -30,8 +31,6 @@ class Scorer(Protocol):
 
     def infer(self, images: torch.Tensor) -> InferenceOutput:
         """(N, 3, S, S) float images in [0, 1] -> the inference module's outputs."""
-
-OVERLAY_ALPHA = 0.6
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
@@ -100,7 +99,7 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
         chunk = originals[start : start + detector.batch_size]
         out = detector.infer(torch.stack([resize_image(o, detector.image_size) for o in chunk]))
         for i, original in enumerate(chunk):
-            fused = torch.as_tensor(out.anomaly_map[i : i + 1, None]).float()
+            fused = out.anomaly_map[i : i + 1, None].float()
             full = F.interpolate(fused, size=original.shape[:2], mode="bilinear", align_corners=False)[0, 0]
             score = float(out.score[i])
             results.append(
