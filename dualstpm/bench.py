@@ -58,6 +58,14 @@ def median_seconds(run: Callable[[], object], compute: Compute, repeats: int) ->
 
 
 def _peak_rss_mib() -> float:
+    """This process's peak resident memory, MiB. Linux: VmHWM, which starts afresh at exec;
+    `ru_maxrss` survives exec, so a child spawned by a large parent would report the parent's."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # KiB
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 

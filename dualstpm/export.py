@@ -127,8 +127,13 @@ def write_torchscript(detector: Detector, path: Path) -> Path:
 def quantize_onnx(source: Path, target: Path, images: np.ndarray) -> dict:
     """Static int8 quantisation of the convolutions of an ONNX export, calibrated on `images`
     (N, 3, S, S) float32 in [0, 1]; returns what metadata records about it."""
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -146,7 +151,7 @@ def quantize_onnx(source: Path, target: Path, images: np.ndarray) -> dict:
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                     op_types_to_quantize=["Conv"], nodes_to_exclude=smoothing)
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
-            "activations": "uint8", "weights": "int8", "ops": ["Conv"], "calibration_images": int(len(images)),
+            "activations": "uint8", "weights": "int8", "ops": ["Conv"], "calibration_images": len(images),
             "calibration_data": "the run's validation good images"}
 
 

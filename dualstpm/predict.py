@@ -96,7 +96,7 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
         chunk = originals[start : start + detector.batch_size]
         out = detector.infer(torch.stack([resize_image(o, detector.image_size) for o in chunk]))
         for i, original in enumerate(chunk):
-            fused = torch.as_tensor(out.anomaly_map[i : i + 1, None]).float()
+            fused = out.anomaly_map[i : i + 1, None].float()
             full = F.interpolate(fused, size=original.shape[:2], mode="bilinear", align_corners=False)[0, 0]
             score = float(out.score[i])
             results.append(
