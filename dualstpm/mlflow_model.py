@@ -34,7 +34,11 @@ PYFUNC_BACKENDS = ("torch", "onnxruntime")
 
 class DualStpmPyfunc(PythonModel):
     """Loads the model directory logged under the artifact key `model`, on the device of
-    `model_config["device"]` (default `auto`)."""
+    `model_config["device"]` (default `auto`); the ONNX export runs only when a request asks
+    for `backend: onnxruntime` (its session is opened then, once)."""
+
+    onnx_dir: str | None = None  # the version's ONNX export (artifact `onnx`), if it carries one
+    exported = None  # its ONNX Runtime session, once opened (a dualstpm.backends.ExportedModel)
 
     def load_context(self, context) -> None:
         from dualstpm.detector import MODEL_SUBDIR, Detector
@@ -44,7 +48,6 @@ class DualStpmPyfunc(PythonModel):
             raise RuntimeError(f"logged model directory must be named {MODEL_SUBDIR!r}, got {model_dir}")
         self.detector = Detector.load(model_dir.parent, device=(context.model_config or {}).get("device", "auto"))
         self.onnx_dir = context.artifacts.get(ONNX_ARTIFACT)
-        self.scorers = {"torch": self.detector}
 
     def scorer(self, backend: str):
         """The scorer of `backend`; the ONNX Runtime session is opened on first use."""
@@ -53,11 +56,13 @@ class DualStpmPyfunc(PythonModel):
 
         if backend not in PYFUNC_BACKENDS:
             raise ExportError(f"backend {backend!r} is not served; choose one of {', '.join(PYFUNC_BACKENDS)}")
-        if backend not in self.scorers:
+        if backend == "torch":
+            return self.detector
+        if self.exported is None:
             if self.onnx_dir is None:
                 raise ExportError("this model version carries no ONNX export: register it again to add one")
-            self.scorers[backend] = ExportedModel(Path(self.onnx_dir), backend)
-        return self.scorers[backend]
+            self.exported = ExportedModel(Path(self.onnx_dir), backend)
+        return self.exported
 
     def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> pd.DataFrame:
         from mlflow.exceptions import MlflowException

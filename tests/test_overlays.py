@@ -154,7 +154,7 @@ def test_the_scale_and_heading_follow_an_applied_chosen_fusion(trained_run: Path
     # the trained product fusion: typical level = product over levels of (mean A + mean B)
     assert overlay_scale(trained).low == pytest.approx(float((mean[0] + mean[1]).prod()), rel=1e-5)
     assert fusion_label(trained) == "params.fusion"
-    chosen = ChosenFusion(FusionSpec(mode="sum"), threshold=100.0, source={"config": "sum_all"})
+    chosen = ChosenFusion(FusionSpec(mode="sum"), threshold=100.0, source={"config": "sum_all"}, val_min=0.0)
     decided = Detector(trained.model, trained.params, trained.calibration, trained.compute, chosen)
     scale = overlay_scale(decided)  # the sum of the six means, up to the chosen threshold
     assert (scale.low, scale.threshold) == (pytest.approx(float(mean.sum()), rel=1e-5), 100.0)

@@ -127,7 +127,7 @@ def test_fusion_sigma_must_fit_the_map_when_params_load(image_size: int, sigma: 
 
 def test_non_finite_validation_scores_name_the_epoch_and_the_branch(synthetic_root: Path, tmp_path: Path) -> None:
     params = load_params(None, TINY_OVERRIDES)
-    trainer = Trainer(params, tmp_path, Compute.resolve("cpu"))
+    trainer = Trainer(params, tmp_path, Compute.resolve("cpu"), data={})  # no checkpoint is written: no data record needed
     paths = sorted((synthetic_root / "synth_texture" / "train" / "good").iterdir())[:3]
     images = decode_images(paths, params.image_size, "validation images")
     with torch.no_grad():

@@ -33,7 +33,7 @@ from dualstpm.errors import RunError, TrackingError
 from dualstpm.predict import predict
 from dualstpm.registry import CHALLENGER, CHAMPION, model_name, promote, register_run
 from dualstpm.stages import tracked_ablate, tracked_fit, tracked_test
-from dualstpm.tracking import RUN_RECORD, RunRecord, data_hash, git_state
+from dualstpm.tracking import RUN_RECORD, RunRecord, data_hash, dataset_name, git_state
 from mlflow_fixtures import MlflowServer, free_port
 
 
@@ -249,7 +249,7 @@ def test_racing_promotions_leave_the_better_model_champion(pool: dict[str, str],
 def test_promoting_a_missing_version_names_what_exists(pool: dict[str, str], params, synthetic_root: Path):
     """The server runs: the message names the missing version and the ones there are, and
     does not tell the user to start a server."""
-    name = model_name(params, "synth_texture")
+    name = model_name(synthetic_root, "synth_texture")
     done = cli("promote", "--category", "synth_texture", "--version", "99",
                "--set", "data.source=synthetic", "--set", f"data.root={synthetic_root}")
     assert done.returncode == 2 and "Traceback" not in done.stderr
@@ -257,7 +257,7 @@ def test_promoting_a_missing_version_names_what_exists(pool: dict[str, str], par
     assert f"{name} has no version 99" in message and "Start it" not in message
     listed = message.split("its versions are ")[1].split(".")[0].split(", ")
     assert set(pool.values()) <= set(listed) and "99" not in listed
-    with pytest.raises(RunError, match="there is no registered model dualstpm-synthetic-synth_nothing"):
+    with pytest.raises(RunError, match="no registered model of category 'synth_nothing'"):
         promote("synth_nothing", params, version=1)
 
 
@@ -440,10 +440,10 @@ def test_version_metrics_describe_the_model_as_registered(tmp_path: Path):
 def test_registered_models_say_what_they_detect_on_which_data_and_how_to_load_them(texture_run: Path, params,
                                                                                      synthetic_root: Path):
     client = MlflowClient()
-    name = model_name(params, "synth_texture")
+    name = model_name(synthetic_root, "synth_texture")
     version = register_run(texture_run, params, "synth_texture").version
     model = client.get_registered_model(name).description
-    assert model.startswith("Finds defective **synth_texture** parts (synthetic data)")
+    assert model.startswith(f"Finds defective **synth_texture** parts ({dataset_name(synthetic_root)} data)")
     assert f'mlflow.pyfunc.load_model("models:/{name}@champion")' in model
     assert f'mlflow models serve -m "models:/{name}@champion"' in model
     described = client.get_model_version(name, version).description

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from mlflow.exceptions import MlflowException
 from PIL import Image
 
 from conftest import PROJECT_ROOT, TINY_OVERRIDES
@@ -175,7 +176,7 @@ def test_every_reader_honours_the_configured_limit(trained_run: Path, synthetic_
     served = DualStpmPyfunc()
     served.detector = Detector.load(run)
     served.detector.params.data.max_image_pixels = 4095  # as if trained with that limit
-    with pytest.raises(DataError, match="input row 0 is 64 x 64"):
+    with pytest.raises(MlflowException, match="column 'image', row 0 is 64 x 64"):  # HTTP 400 when served
         served.predict(None, pd.DataFrame({"image": [image.read_bytes()]}))
     buffer = io.BytesIO()
     Image.open(image).save(buffer, format="PNG")
