@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import threading
 import time
 import warnings
 from dataclasses import asdict
@@ -86,6 +87,18 @@ def _vecdot_symbolic(g, x, y, dim):
     return g.op("ReduceSum", g.op("Mul", x, y), g.op("Constant", value_t=torch.tensor([axis])), keepdims_i=0)
 
 
+#: torch's exporters keep process-wide state (`torch.onnx` GLOBALS, the JIT tracer, and the
+#: warnings filter silenced around them): one export at a time per process, even when the
+#: flows register several categories in threads.
+_EXPORTING = threading.Lock()
+
+
+def _example_images(detector: Detector, batch: int) -> torch.Tensor:
+    """A fixed example batch for tracing (its values do not matter; no global RNG is drawn)."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand(batch, 3, detector.image_size, detector.image_size, generator=generator)
+
+
 def write_onnx(detector: Detector, path: Path) -> Path:
     """Export the detector's inference module to ONNX (opset 17, float32 input, dynamic batch).
 
@@ -94,12 +107,12 @@ def write_onnx(detector: Detector, path: Path) -> Path:
     only `linalg_vecdot`, registered here.
     """
     _require("onnx", "onnx")
-    torch.onnx.register_custom_op_symbolic("aten::linalg_vecdot", _vecdot_symbolic, ONNX_OPSET)
     inference = detector.inference
     inference.chunked = False  # one graph for every batch size
-    example = torch.rand(1, 3, detector.image_size, detector.image_size)
+    example = _example_images(detector, 1)
     try:
-        with warnings.catch_warnings():
+        with _EXPORTING, warnings.catch_warnings():
+            torch.onnx.register_custom_op_symbolic("aten::linalg_vecdot", _vecdot_symbolic, ONNX_OPSET)
             warnings.simplefilter("ignore")  # tracer warnings about Python constants (the fusion's weights)
             torch.onnx.export(
                 inference, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
@@ -115,8 +128,8 @@ def write_torchscript(detector: Detector, path: Path) -> Path:
     inference = detector.inference
     inference.chunked = False
     try:
-        with torch.inference_mode(False), torch.no_grad():
-            example = torch.rand(2, 3, detector.image_size, detector.image_size)
+        with _EXPORTING, torch.inference_mode(False), torch.no_grad():
+            example = _example_images(detector, 2)
             traced = torch.jit.trace(inference, (example,), check_trace=False)
         traced.save(str(path))
     finally:

@@ -249,3 +249,26 @@ def test_reduced_precision_keeps_auroc_on_magnetic_tile(tile: dict, fmt: str, pr
     assert abs(image_got - image_ref) <= AUROC_GAP
     assert abs(pixel_got - pixel_ref) <= AUROC_GAP
     assert agreement >= LABEL_AGREEMENT
+
+
+def test_exports_in_threads_at_once_both_succeed(trained_run: Path, tmp_path: Path, texture_images: torch.Tensor):
+    """The flows register (and so export) several categories in threads: torch's ONNX
+    exporter keeps process-wide state, and two exports at once used to fail one of them
+    (`GLOBALS.in_onnx_export must be True`). Both must succeed and run like PyTorch."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import onnxruntime
+
+    from dualstpm.export import write_onnx
+
+    def one(k: int) -> Path:
+        return write_onnx(float32_detector(trained_run), tmp_path / f"model{k}.onnx")
+
+    with ThreadPoolExecutor(2) as pool:
+        paths = list(pool.map(one, range(2)))
+
+    reference = float32_detector(trained_run).infer(texture_images).score.numpy()
+    for path in paths:
+        session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        score = session.run(["score"], {"images": texture_images.numpy()})[0]
+        np.testing.assert_allclose(score, reference, rtol=1e-4)
