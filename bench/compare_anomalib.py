@@ -616,7 +616,7 @@ def load_split(params: Params, data_root: Path, category: str) -> Split:
         train=decode_images(train_paths, size, f"decoding {len(train_paths)} train images"),
         test=decode_images([s.path for s in dataset.test], size, f"decoding {len(dataset.test)} test images"),
         labels=np.array([s.label for s in dataset.test]),
-        truth=metrics.PixelTruth(decode_masks(dataset.test, size).numpy()) if dataset.has_ground_truth else None,
+        truth=metrics.PixelTruth(decode_masks(dataset.test, size)[0].numpy()) if dataset.has_ground_truth else None,
     )
 
 

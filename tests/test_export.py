@@ -206,7 +206,7 @@ def tile(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {
         "root": root, "run": run, "images": images,
         "labels": np.array([s.label for s in dataset.test]),
-        "masks": decode_masks(dataset.test, 64).numpy(),
+        "masks": decode_masks(dataset.test, 64)[0].numpy(),
         "torch": float32_detector(run).infer(images),
         "exports": tmp_path_factory.mktemp("tile_exports"),
     }
