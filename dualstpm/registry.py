@@ -365,15 +365,26 @@ def _metric_value(version, metric: str) -> float | None:
     return None if raw in (None, "", "null") else float(raw)
 
 
-def _alias(client, name: str, alias: str):
+_MISSING = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"})  # MLflow's "no such thing" error codes
+
+
+def _unless_missing(call, *args, missing: frozenset[str] = _MISSING):
+    """`call(*args)` against the registry, or None when the store answers with an error code
+    in `missing` (it does not exist); any other error is raised."""
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(name, alias)
+        return call(*args)
     except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+        if exc.error_code in missing:
             return None
         raise
+
+
+def _alias(client, name: str, alias: str):
+    """The version `alias` points at, or None (no such model or alias)."""
+    return _unless_missing(client.get_model_version_by_alias, name, alias,
+                           missing=_MISSING | {"INVALID_PARAMETER_VALUE"})
 
 
 def _try_create(client, model: str, holder: str, token: str, description: str) -> bool:
@@ -392,14 +403,7 @@ def _try_create(client, model: str, holder: str, token: str, description: str) -
 
 def _get(client, model: str):
     """The registered model `model`, or None when it does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_registered_model(model)
-    except MlflowException as exc:
-        if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-            return None
-        raise
+    return _unless_missing(client.get_registered_model, model)
 
 
 def _takeover(lock: str, token: str) -> str:
@@ -426,13 +430,9 @@ def _current_holder(client, lock: str):
 
 def _version(client, name: str, version: str | int, category: str):
     """Version `version` of `name`; RunError naming the versions there are when it does not exist."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version(name, str(version))
-    except MlflowException as exc:
-        if exc.error_code not in STORE_ANSWERED:
-            raise
+    found = _unless_missing(client.get_model_version, name, str(version), missing=STORE_ANSWERED)
+    if found is not None:
+        return found
     existing = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
     if not existing:
         raise RunError(f"there is no registered model {name}, so no version {version}: register one with "
