@@ -102,6 +102,26 @@ class ModelParams(_Strict):
     t1: TeacherParams = Field(default_factory=lambda: TeacherParams(name="tf_efficientnet_lite0"))
     t2: TeacherParams = Field(default_factory=lambda: TeacherParams(name="tf_efficientnet_lite2"))
     attention: Literal["spatial", "none"] = "spatial"
+    decoder_width: Literal["quarter", "full"] = Field(
+        "quarter",
+        description="branch B decoder's internal width per level: quarter = T2's channels / 4 within [64, 256] "
+        "(a bottleneck, as ResNet-50's blocks and Reverse Distillation's decoder); full = T2's channels "
+        "(as public re-implementations of the method)",
+    )
+    gate_form: Literal["residual", "method"] = Field(
+        "residual",
+        description="attention gates (with attention=spatial): residual = x + x*g at strides 16 and 8; "
+        "method = x*g at stride 16 and x + x*g at stride 8 (METHOD.md §3)",
+    )
+
+    @model_validator(mode="after")
+    def _gate_form_needs_gates(self) -> ModelParams:
+        if self.gate_form != "residual" and self.attention == "none":
+            raise ValueError(
+                f"model.gate_form={self.gate_form} shapes the attention gates, but model.attention=none has none: "
+                "use model.attention=spatial, or leave model.gate_form at residual"
+            )
+        return self
 
     @model_validator(mode="after")
     def _different_teachers(self) -> ModelParams:
@@ -134,6 +154,18 @@ class FitParams(_Strict):
     )
     cache: bool = Field(True, description="compute teacher features once and reuse them every epoch")
     cache_ram_gb: float = Field(4.0, ge=0, description="RAM budget of that cache; above it, a memory-mapped file")
+    loss_scale: float = Field(
+        1.0, gt=0,
+        description="per-level training loss = loss_scale * (1 - cos), averaged over positions and batch; 1.0 = "
+        "METHOD.md §2's 0.5 ||t^ - s^||^2, 2.0 = the released STPM code's channel sum of squared differences of "
+        "L2-normalised features. Maps are 1 - cos whatever the scale",
+    )
+    select: Literal["score_mean", "map_mean"] = Field(
+        "score_mean",
+        description="checkpoint selection per branch: the epoch with the lowest mean validation image score "
+        "(score_mean, max of the branch's map) or the lowest mean of the branch's anomaly map over all "
+        "validation pixels (map_mean, the released STPM code)",
+    )
 
 
 FusionMode = Literal["product", "sum", "product_all"]

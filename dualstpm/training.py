@@ -1,9 +1,10 @@
 """Training both branches on one category (METHOD.md §5), with checkpoints and resume.
 
 The loop is plain PyTorch: two students, two SGD optimisers, frozen teachers. After every
-epoch the validation images pick the best checkpoint per branch (lowest mean image score,
-the original STPM rule) and a checkpoint is written atomically, so an interrupted fit
-continues with `--resume` and ends where an uninterrupted one would have.
+epoch the validation images pick the best checkpoint per branch (`fit.select`: lowest mean
+image score, or lowest mean of the anomaly map as the released STPM code does) and a
+checkpoint is written atomically, so an interrupted fit continues with `--resume` and ends
+where an uninterrupted one would have.
 """
 
 from __future__ import annotations
@@ -82,14 +83,25 @@ def six_maps(model: DualStpmModel, images: Tensor, compute: Compute) -> Tensor:
         return model(compute.images(images)).float().cpu()
 
 
-def branch_scores(model: DualStpmModel, images: Tensor, spec: FusionSpec, batch_size: int, compute: Compute) -> dict[str, np.ndarray]:
-    """Image scores of each branch alone on raw maps: the model-selection signal."""
-    scores: dict[str, list[Tensor]] = {b: [] for b in BRANCHES}
+#: `fit.select` -> the per-image statistic whose mean over validation images selects the epoch.
+SELECTION_STATISTICS = {"score_mean": "score", "map_mean": "map_mean"}
+
+
+def branch_statistics(model: DualStpmModel, images: Tensor, spec: FusionSpec, batch_size: int,
+                      compute: Compute) -> dict[str, dict[str, np.ndarray]]:
+    """Per branch, on raw maps of that branch alone (its view under `spec`), two (N,) arrays
+    over the N images: `score`, the image score (max of the map), and `map_mean`, the mean
+    of the map over its pixels. Their means over images are the model-selection signals
+    (`fit.select`); all images have the same size, so the mean of `map_mean` is the mean
+    over every validation pixel."""
+    stats: dict[str, dict[str, list[Tensor]]] = {b: {"score": [], "map_mean": []} for b in BRANCHES}
     for start in range(0, len(images), batch_size):
         maps = six_maps(model, images[start : start + batch_size], compute)
         for branch in BRANCHES:
-            scores[branch].append(image_scores(fuse(maps, spec.view(branch))).cpu())
-    return {b: torch.cat(s).numpy() for b, s in scores.items()}
+            view = fuse(maps, spec.view(branch))
+            stats[branch]["score"].append(image_scores(view).cpu())
+            stats[branch]["map_mean"].append(view.flatten(1).mean(dim=1).cpu())
+    return {b: {k: torch.cat(v).numpy() for k, v in s.items()} for b, s in stats.items()}
 
 
 def _state_copy(module: torch.nn.Module) -> dict[str, Tensor]:
@@ -239,7 +251,7 @@ class Trainer:
             batch = self.compute.images(images[indices])
             teachers = cache.batch(indices, self.compute) if cache is not None else None
             with self.compute.autocast():
-                losses = dict(zip(BRANCHES, self.model.pyramids(batch, teachers).losses(), strict=True))
+                losses = dict(zip(BRANCHES, self.model.pyramids(batch, teachers).losses(fit.loss_scale), strict=True))
             for branch, loss in losses.items():
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -259,10 +271,13 @@ class Trainer:
         return {f"loss_{b}": totals[b] / len(images) for b in BRANCHES}
 
     def select(self, val_images: Tensor) -> dict[str, float]:
-        """Keep each branch's checkpoint with the lowest mean validation image score.
+        """Keep each branch's checkpoint with the lowest mean over validation images of the
+        `fit.select` statistic: `score_mean`, the image score (max of the branch's map), or
+        `map_mean`, the mean of the branch's map (the released STPM code). Returns both
+        means per branch (`val_score_<branch>`, `val_map_mean_<branch>`) for the history.
         Raises TrainingError naming the epoch and branch when a score is not finite."""
-        scores = branch_scores(self.model, val_images, self.selection_spec, self.params.fit.batch_size, self.compute)
-        for branch, values in scores.items():
+        stats = branch_statistics(self.model, val_images, self.selection_spec, self.params.fit.batch_size, self.compute)
+        for branch, values in ((b, s["score"]) for b, s in stats.items()):
             bad = int(np.count_nonzero(~np.isfinite(values)))
             if bad:
                 fit = self.params.fit
@@ -272,11 +287,13 @@ class Trainer:
                     f"overflow. Lower the learning rate (fit.lr={fit.lr}, e.g. --set fit.lr={fit.lr / 10:g}) or run in "
                     f"float32 (--set fit.precision=float32); the last completed epoch is kept in {self.checkpoint_path}."
                 )
-        means = {b: float(np.mean(s)) for b, s in scores.items()}
+        key = SELECTION_STATISTICS[self.params.fit.select]
         for branch, student in self.model.students().items():
-            if means[branch] < self.best[branch]["score"]:
-                self.best[branch] = {"score": means[branch], "epoch": self.epochs_done, "state": _state_copy(student)}
-        return {f"val_score_{b}": m for b, m in means.items()}
+            value = float(np.mean(stats[branch][key]))
+            if value < self.best[branch]["score"]:  # "score": the selection value, whichever the rule
+                self.best[branch] = {"score": value, "epoch": self.epochs_done, "state": _state_copy(student)}
+        return {**{f"val_score_{b}": float(np.mean(s["score"])) for b, s in stats.items()},
+                **{f"val_map_mean_{b}": float(np.mean(s["map_mean"])) for b, s in stats.items()}}
 
     def restore_best(self) -> dict[str, int]:
         for branch, student in self.model.students().items():

@@ -175,6 +175,28 @@ def test_predict_cli_runs_an_export_like_pytorch(trained_run: Path, onnx_export:
     assert list(onnx_table["label"]) == list(torch_table["label"])
 
 
+def test_onnx_fp32_export_of_a_method_gated_full_width_model(synthetic_root: Path, tmp_path: Path,
+                                                             texture_images: torch.Tensor):
+    """The recipe-fidelity variants (issue 11) survive the model directory and the export:
+    fitted with all four non-default values, saved, loaded back as the same network (a
+    strict state-dict load: full-width layers only fit a full-width network) and exported."""
+    from dualstpm.config import load_params
+    from dualstpm.training import fit
+
+    recipe = ["model.gate_form=method", "model.decoder_width=full", "fit.loss_scale=2.0", "fit.select=map_mean"]
+    params = load_params(None, [*TINY_OVERRIDES, "fit.epochs=1", *recipe])
+    run = tmp_path / "run"
+    fit(params, synthetic_root, "synth_texture", run)
+    detector = float32_detector(run)
+    assert detector.params == params
+    decoder = detector.model.s2
+    assert not decoder.gate16.residual and decoder.gate8.residual
+    assert decoder.up4.up[0].out_channels == 24  # Lite2's stride-4 channels: full width (quarter would be 64)
+    assert "val_map_mean_recon" in (run / "history.csv").read_text()
+    exported = export_run(run, "onnx", "fp32", tmp_path / "onnx")
+    assert_parity(ExportedModel(exported, "onnxruntime").infer(texture_images), detector.infer(texture_images))
+
+
 # --- real images: magnetic_tile ---------------------------------------------------------------
 
 TILE_TRAIN_IMAGES = 60

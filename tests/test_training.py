@@ -74,6 +74,10 @@ def test_resume_ends_where_an_uninterrupted_fit_ends(trained_run: Path, syntheti
     (["fit.lr=0.1"], "fit.lr: 0.4 in the checkpoint, 0.1 now"),
     (["seed=1"], "seed: 0 in the checkpoint, 1 now"),
     (["model.attention=none"], "model.attention: 'spatial' in the checkpoint, 'none' now"),
+    (["fit.loss_scale=2.0"], "fit.loss_scale: 1.0 in the checkpoint, 2.0 now"),
+    (["fit.select=map_mean"], "fit.select: 'score_mean' in the checkpoint, 'map_mean' now"),
+    (["model.decoder_width=full"], "model.decoder_width: 'quarter' in the checkpoint, 'full' now"),
+    (["model.gate_form=method"], "model.gate_form: 'residual' in the checkpoint, 'method' now"),
     (["fit.epochs=1"], "it holds 2 epochs but fit.epochs=1"),  # params would say 1 epoch, history 2
 ])
 def test_resume_with_other_training_params_is_refused(overrides, fragment, trained_run: Path, synthetic_root: Path,

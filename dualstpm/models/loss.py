@@ -39,6 +39,15 @@ def distance_map_chunked(teacher: Tensor, student: Tensor, elements: int = CHUNK
     return torch.cat([distance_map(teacher[i : i + step], student[i : i + step]) for i in range(0, len(teacher), step)])
 
 
-def pyramid_loss(teachers: Sequence[Tensor], students: Sequence[Tensor]) -> Tensor:
-    """Sum over levels of the mean distance over positions and batch."""
-    return torch.stack([distance_map(t, s).mean() for t, s in zip(teachers, students, strict=True)]).sum()
+def pyramid_loss(teachers: Sequence[Tensor], students: Sequence[Tensor], scale: float = 1.0) -> Tensor:
+    """`scale` times the sum over levels of the mean distance (1 - cos) over positions and batch.
+
+    `scale` is `fit.loss_scale`: 1.0 is METHOD.md §2's 0.5 ||t^ - s^||^2; 2.0 is the released
+    STPM code's channel *sum* of squared differences of L2-normalised features, 2 (1 - cos)
+    (METHOD.md §5): the same minimum, gradients twice as large at the same learning rate.
+    A training knob only: the maps stay 1 - cos.
+    """
+    if not scale > 0:
+        raise ValueError(f"the loss scale must be > 0 (fit.loss_scale), got {scale}")
+    total = torch.stack([distance_map(t, s).mean() for t, s in zip(teachers, students, strict=True)]).sum()
+    return scale * total

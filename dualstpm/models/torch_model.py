@@ -46,22 +46,28 @@ class PyramidPairs:
     teacher_b: list[Tensor]
     student_b: list[Tensor]
 
-    def losses(self) -> tuple[Tensor, Tensor]:
-        """(branch A loss, branch B loss); each only reaches its own student's parameters."""
-        return pyramid_loss(self.teacher_a, self.student_a), pyramid_loss(self.teacher_b, self.student_b)
+    def losses(self, scale: float = 1.0) -> tuple[Tensor, Tensor]:
+        """(branch A loss, branch B loss), each `scale` * sum over levels of mean (1 - cos)
+        (`fit.loss_scale`, see `pyramid_loss`); each only reaches its own student's parameters."""
+        return (pyramid_loss(self.teacher_a, self.student_a, scale),
+                pyramid_loss(self.teacher_b, self.student_b, scale))
 
     def maps(self, size: tuple[int, int], chunked: bool = True) -> Tensor:
         """Six distance maps upsampled to `size`: shape (B, 2, 3, H, W).
 
         `chunked`: a few images at a time (faster in eager mode, same numbers); False gives
         one graph for any batch size (tracing and export)."""
-        distance = distance_map_chunked if chunked else distance_map
-        branches = []
-        for teachers, students in ((self.teacher_a, self.student_a), (self.teacher_b, self.student_b)):
-            levels = [distance(t, s)[:, None] for t, s in zip(teachers, students, strict=True)]
-            levels = [F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in levels]
-            branches.append(torch.cat(levels, dim=1))
+        branches = [level_maps(self.teacher_a, self.student_a, size, chunked),
+                    level_maps(self.teacher_b, self.student_b, size, chunked)]
         return torch.stack(branches, dim=1)
+
+
+def level_maps(teachers: list[Tensor], students: list[Tensor], size: tuple[int, int], chunked: bool = True) -> Tensor:
+    """One branch's distance maps (1 - cos) per level, bilinearly upsampled to `size`:
+    (B, levels, H, W) float32. `chunked` as in `PyramidPairs.maps`."""
+    distance = distance_map_chunked if chunked else distance_map
+    levels = [distance(t, s)[:, None] for t, s in zip(teachers, students, strict=True)]
+    return torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in levels], dim=1)
 
 
 def _teacher(params: TeacherParams, strides: tuple[int, ...], pretrained: bool) -> FeaturePyramid:
@@ -87,7 +93,8 @@ class DualStpmModel(nn.Module):
         t1 = _teacher(params.t1, (*PYRAMID_STRIDES, DEEP_STRIDE), pretrained)
         t2 = _teacher(params.t2, PYRAMID_STRIDES, pretrained)
         s1 = build_student(params.t1.name, PYRAMID_STRIDES)
-        s2 = ReconstructionStudent(t1.channels[-1], t2.channels, attention=params.attention == "spatial")
+        s2 = ReconstructionStudent(t1.channels[-1], t2.channels, attention=params.attention == "spatial",
+                                   width=params.decoder_width, gate_form=params.gate_form)
         return cls(t1, s1, t2, s2)
 
     def students(self) -> dict[str, nn.Module]:
