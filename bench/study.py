@@ -386,9 +386,14 @@ def run_recipe(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
             record = fitted(p, args.data_root, category, args.out / "runs" / category / name, args.refit)
             detector = Detector.load(record.run_dir, compute)
             vset = ValidationSet.build(decoded.split(p, "val"), p.ablation)
+            view = decision_view(p)
+            validation = validation_evidence(detector, vset)
+            if view not in validation:
+                raise StudyError(f"variant {name} decides with the view {view!r}, which the detector does not "
+                                 f"score (it scores {', '.join(validation)})")
             results[name] = {
-                "overrides": list(variants[name]), "run_dir": str(record.run_dir), "decision_view": decision_view(p),
-                "validation": validation_evidence(detector, vset),
+                "overrides": list(variants[name]), "run_dir": str(record.run_dir), "decision_view": view,
+                "validation": validation,
                 "test": test_evidence(detector, args.data_root, category),
                 "fit_s": record.fit_s, "epoch_s": record.epoch_s, "epochs_s": record.epochs_s,
                 "selected_epochs": record.selected_epochs, "fit_reused": record.reused,
