@@ -1,0 +1,158 @@
+"""bench/study.py: the choice rule, the variant syntax, the score-reduction adapter, and the
+subcommands end to end on a tiny synthetic category (64 px, 1 epoch, random teachers)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import PROJECT_ROOT
+
+_spec = importlib.util.spec_from_file_location("study", PROJECT_ROOT / "bench" / "study.py")
+study = importlib.util.module_from_spec(_spec)
+sys.modules["study"] = study  # dataclasses look their module up there
+_spec.loader.exec_module(study)
+
+TINY = ["--image-size", "64", "--epochs", "1", "--set", "fit.batch_size=8", "--set", "fit.device=cpu",
+        "--set", "model.t1.name=tf_efficientnet_lite0", "--set", "model.t1.weights=random",
+        "--set", "model.t2.name=tf_efficientnet_lite2", "--set", "model.t2.weights=random", "--category", "synth_texture"]
+
+
+def figures(image: float, pixel: float | None, pro: float | None) -> dict:
+    return {"image_auroc": image, "pixel_auroc": pixel, "aupro": pro}
+
+
+# --------------------------------------------------------------------------- the choice rule
+
+
+def test_choice_is_the_best_mean_over_datasets_of_the_validation_selection_score():
+    evidence = {
+        # per-dataset selection scores (means of the three): 0.8 and 0.6 -> 0.7
+        "baseline": {"a": figures(0.8, 0.9, 0.7), "b": figures(0.6, 0.6, 0.6)},
+        # 0.9 and 0.5 -> 0.7: ties with the baseline
+        "tie": {"a": figures(0.9, 0.9, 0.9), "b": figures(0.4, 0.5, 0.6)},
+        # 0.85 and (0.7 + 0.7) / 2 = 0.7 (an undefined metric is left out) -> 0.775
+        "better": {"a": figures(0.85, 0.85, 0.85), "b": figures(0.7, None, 0.7)},
+    }
+    choice = study.choose_variant(evidence)
+    assert choice.best == "better"
+    assert choice.means == pytest.approx({"baseline": 0.7, "tie": 0.7, "better": 0.775})
+    assert choice.datasets == ("a", "b")
+
+
+def test_choice_ties_go_to_the_earliest_variant():
+    a = {"d": figures(0.8, 0.8, 0.8)}
+    b = {"d": figures(0.7, 0.9, 0.8)}  # also 0.8
+    assert study.choose_variant({"baseline": a, "other": b}).best == "baseline"
+    assert study.choose_variant({"other": b, "baseline": a}).best == "other"
+
+
+def test_choice_refuses_variants_measured_on_different_datasets_or_without_a_score():
+    with pytest.raises(ValueError, match="measured on"):
+        study.choose_variant({"x": {"a": figures(0.9, 0.9, 0.9)},
+                              "y": {"a": figures(0.5, 0.5, 0.5), "b": figures(0.5, 0.5, 0.5)}})
+    with pytest.raises(ValueError, match="no validation selection metric"):
+        study.choose_variant({"x": {"a": {"image_auroc": None, "pixel_auroc": None, "aupro": None}}})
+
+
+# --------------------------------------------------------------------------- variants and reductions
+
+
+def test_variant_syntax_keeps_values_with_commas_whole():
+    assert study.parse_variant("w=fusion.weights=[[1,1,1],[0,0,0]],fit.lr=0.1") == (
+        "w", ("fusion.weights=[[1,1,1],[0,0,0]]", "fit.lr=0.1"))
+    assert study.parse_variant("plain=") == ("plain", ())
+    with pytest.raises(study.StudyError, match="NAME=key=value"):
+        study.parse_variant("no_equals_sign")
+
+
+def test_only_picks_variants_in_its_order_and_names_unknown_ones():
+    picked = study.pick_variants(["low=fit.lr=0.1"], "low,baseline")
+    assert picked == {"low": ("fit.lr=0.1",), "baseline": ()}
+    with pytest.raises(study.StudyError, match="nope"):
+        study.pick_variants([], "baseline,nope")
+    with pytest.raises(study.StudyError, match="taken"):
+        study.pick_variants(["baseline=fit.lr=0.1"], None)
+
+
+def test_score_reductions_by_hand():
+    maps = torch.tensor([[[0.0, 1.0], [2.0, 5.0]]])  # one 2x2 map
+    assert study.reduce_maps(maps, "max", 0.0, 0.0).tolist() == [5.0]
+    assert study.reduce_maps(maps, "topk_mean", 0.5, 0.0).tolist() == [3.5]  # ceil(0.5 * 4) = 2 pixels: 5, 2
+    assert study.reduce_maps(maps, "topk_mean", 0.001, 0.0).tolist() == [5.0]  # at least one pixel
+    flat = torch.full((1, 9, 9), 0.25)
+    assert study.reduce_maps(flat, "smoothed_max", 0.0, 2.0).tolist() == pytest.approx([0.25])  # a normalised kernel
+
+
+def test_a_variant_with_an_unknown_key_fails_before_any_fit(synthetic_root: Path, tmp_path: Path, capsys):
+    code = study.main(["recipe", "--data-root", str(synthetic_root), *TINY, "--variant", "bad=fit.no_such_key=1",
+                       "--only", "baseline,bad", "--out", str(tmp_path)])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "variant bad" in err and "fit.no_such_key" in err
+    assert not (tmp_path / "runs").exists()
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_recipe_writes_both_rows_and_the_choice(synthetic_root: Path, tmp_path: Path, capsys):
+    code = study.main(["recipe", "--data-root", str(synthetic_root), *TINY, "--only", "baseline,attention_none",
+                       "--out", str(tmp_path)])
+    assert code == 0, capsys.readouterr().err[-2000:]
+    saved = json.loads((tmp_path / "recipe.json").read_text())
+    results = saved["datasets"]["synth_texture"]
+    assert list(results) == ["baseline", "attention_none"]
+    for name, r in results.items():
+        assert set(r["validation"]) == {"fused", "stpm", "recon"}
+        for split in ("validation", "test"):
+            for value in r[split]["fused"].values():
+                assert 0.0 <= value <= 1.0, (name, split)
+        assert r["fit_s"] >= r["epoch_s"] > 0 and len(r["epochs_s"]) == 1
+        assert (tmp_path / "runs" / "synth_texture" / name / "model").is_dir()
+    assert results["attention_none"]["overrides"] == ["model.attention=none"]
+    assert saved["chosen"]["variant"] in ("baseline", "attention_none")
+    table = (tmp_path / "recipe.md").read_text()
+    rows = [line.split(" | ")[0].removeprefix("| ") for line in table.splitlines() if line.startswith("| ")]
+    assert "baseline" in rows and "attention_none" in rows
+    assert "Chosen by validation across all datasets" in table and table in capsys.readouterr().out
+
+    # the same command again reuses both fits and their timings
+    assert study.main(["recipe", "--data-root", str(synthetic_root), *TINY, "--only", "baseline,attention_none",
+                       "--out", str(tmp_path)]) == 0
+    again = json.loads((tmp_path / "recipe.json").read_text())["datasets"]["synth_texture"]
+    assert all(r["fit_reused"] for r in again.values())
+    assert again["baseline"]["fit_s"] == results["baseline"]["fit_s"]
+
+
+@pytest.mark.slow
+def test_curve_and_reduce(synthetic_root: Path, tmp_path: Path):
+    assert study.main(["curve", "--data-root", str(synthetic_root), *TINY, "--curve-epochs", "1,2",
+                       "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "curve.json").read_text())["datasets"]["synth_texture"]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert rows[1]["train_s"] > rows[0]["train_s"] > 0
+    assert rows[0]["test"]["fused"] != rows[1]["test"]["fused"]  # the state after each epoch, not one model
+
+    assert study.main(["reduce", "--data-root", str(synthetic_root), *TINY, "--out", str(tmp_path)]) == 0
+    reduced = json.loads((tmp_path / "reduce.json").read_text())["datasets"]["synth_texture"]
+    assert set(reduced) == {"fused", "stpm", "recon"}
+    labels = [label for label, *_ in study.REDUCTIONS]
+    for view in reduced.values():
+        for split in ("validation", "test"):
+            assert list(view[split]) == labels
+            assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in view[split].values())
+
+
+@pytest.mark.skipif(any(importlib.util.find_spec(m) is not None and hasattr(importlib.import_module(m), "leak_test")
+                        for m in study.LEAK_MODULES), reason="leak_test exists: the guard does not apply")
+def test_leak_without_the_function_is_a_clear_error(synthetic_root: Path, tmp_path: Path, capsys):
+    assert study.main(["leak", "--data-root", str(synthetic_root), *TINY, "--out", str(tmp_path)]) == 2
+    assert "no leak_test function" in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
