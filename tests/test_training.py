@@ -74,6 +74,7 @@ def test_resume_ends_where_an_uninterrupted_fit_ends(trained_run: Path, syntheti
     (["fit.lr=0.1"], "fit.lr: 0.4 in the checkpoint, 0.1 now"),
     (["seed=1"], "seed: 0 in the checkpoint, 1 now"),
     (["model.attention=none"], "model.attention: 'spatial' in the checkpoint, 'none' now"),
+    (["calibration.split=0.25"], "calibration.split: 0.5 in the checkpoint, 0.25 now"),  # other selection images
     (["fit.epochs=1"], "it holds 2 epochs but fit.epochs=1"),  # params would say 1 epoch, history 2
 ])
 def test_resume_with_other_training_params_is_refused(overrides, fragment, trained_run: Path, synthetic_root: Path,
