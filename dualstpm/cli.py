@@ -288,14 +288,20 @@ def ablate(
                         f"{summary['timing']['grid_s']:.1f} s)")
     for column in ("model", "configuration", "image AUROC", "pixel AUROC", "AUPRO", "image F1-max"):
         table.add_column(column, justify="left" if column in ("model", "configuration") else "right")
-    for key, label in (("stpm_alone", "STPM alone"), ("fused_published", "published"),
-                       ("fused_chosen", "chosen (val)"), ("oracle", "oracle (test)")):
+    for key, label in (("stpm_alone", "STPM alone"), ("fused_published", "published"), ("default", "default (params)"),
+                       ("candidate", "best on val"), ("fused_chosen", "chosen"), ("oracle", "oracle (test)")):
         if summary.get(key):
             row = summary[key]
             table.add_row(label, row["config"], *(_fmt(row[m]) for m in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")))
     out.print(table)
-    applied = "applied to the model" if summary["applied"] else "not applied (ablation.apply=false)"
-    out.print(f"chosen on validation data: {summary['fused_chosen']['config']}, {applied}: {summary['fusion_file']}")
+    out.print(f"best on validation data: {summary['candidate']['config']}; {summary['margin']['decision']}")
+    if summary["applied"]:
+        applied = "applied to the model (its `chosen` view decides)"
+    elif summary["fused_chosen"]["adopted"]:
+        applied = "not applied (ablation.apply=false)"
+    else:
+        applied = "the model keeps deciding with params.fusion"
+    out.print(f"chosen: {summary['fused_chosen']['config']}, {applied}: {summary['fusion_file']}")
     out.print(f"written: {result.out_dir}")
 
 

@@ -192,6 +192,11 @@ class FusionParams(_Strict):
 
 class CalibrationParams(_Strict):
     false_alarm_rate: float = Field(0.01, ge=0, lt=1, description="share of good validation parts flagged")
+    split: float = Field(
+        0.5, ge=0, le=0.9,
+        description="share of the validation images held out for calibration (map statistics and thresholds), "
+        "disjoint from the images that select the epoch; 0 = calibrate on the selection images themselves",
+    )
 
 
 class AblationParams(_Strict):
@@ -219,7 +224,12 @@ class AblationParams(_Strict):
     )
     synthetic_per_image: int = Field(1, ge=1, le=10, description="synthetic defective copies of each validation image")
     synthetic_seed: int = Field(0, ge=0, description="seed of the synthetic defects")
-    apply: bool = Field(True, description="write the validation-chosen fusion into RUN/model/fusion.json")
+    apply: bool = Field(True, description="write the validation-chosen fusion into RUN/model/fusion.json "
+                        "when it beats the params' fusion by a bootstrap margin")
+    bootstrap: int = Field(200, ge=10, le=100_000,
+                           description="bootstrap resamples of the validation images behind the adoption margin")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="one-sided confidence of the margin's lower bound: "
+                              "a non-default fusion is adopted only when that bound is > 0")
     panel_images: int = Field(4, ge=0, le=16, description="test images in the six-map panel figure (0 = no panel)")
     workers: int = Field(0, ge=0, description="threads scoring configurations; 0 = one per CPU core, at most 8")
 

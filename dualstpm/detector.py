@@ -5,9 +5,12 @@ A model directory holds three files, none of them pickled:
 `calibration.json` (validation statistics, thresholds, selected epochs). It is written
 to a hidden sibling and swapped into place, so a crash never leaves half a model.
 A fourth, `fusion.json`, is written by `dualstpm ablate`: when its choice (made on
-validation data) is applied, the detector's fused view uses that fusion and its
-recalibrated threshold instead of `params.fusion`; the branch views stay as trained.
-A new fit replaces the directory, so a stale choice never survives.
+validation data, adopted only on a bootstrap margin) is applied, it is the `chosen` view
+with its recalibrated threshold, and the detector *decides* with it (`decision_view`:
+predict, exports, overlays, promotion). The `fused` view is always `params.fusion` with
+its trained threshold, so a test's `fused` figures never depend on whether `ablate` ran;
+the branch views stay as trained. A new fit replaces the directory, so a stale choice
+never survives.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_
 
 FORMAT_VERSION = 2  # 2: branch B decoder with bottleneck widths
 FUSION_FILE = "fusion.json"
+CHOSEN_VIEW = "chosen"  # the view of an applied chosen fusion (metrics.json row, thresholds key)
 
 
 @dataclass
@@ -48,6 +52,8 @@ class Calibration:
     false_alarm_rate: float
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
+    # sizes of the validation parts that selected the epoch and calibrated (training.validation_parts)
+    validation_split: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -102,7 +108,8 @@ def write_chosen_fusion(run_dir: Path, chosen: ChosenFusion | None, source: dict
 
 @dataclass
 class ScoredBatch:
-    """Per view (`fused`, `stpm`, `recon`): image scores (B,) and maps (B, H, W)."""
+    """Per view: image scores (B,) and maps (B, H, W). Computed by the inference module,
+    whose `fused` is the decision view (`Detector.decision_view`)."""
 
     scores: dict[str, Tensor]
     maps: dict[str, Tensor]
@@ -118,8 +125,8 @@ class Detector:
         self.calibration = calibration
         self.chosen = chosen
         self.trained_spec = FusionSpec.from_params(params.fusion)
-        self.spec = chosen.spec if chosen else self.trained_spec  # the fused view's fusion
-        self.thresholds = {**calibration.thresholds, **({"fused": chosen.threshold} if chosen else {})}  # per view
+        self.spec = chosen.spec if chosen else self.trained_spec  # the decision view's fusion
+        self.thresholds = {**calibration.thresholds, **({CHOSEN_VIEW: chosen.threshold} if chosen else {})}  # per view
         val_min = chosen.val_min if chosen else calibration.val_score_summary["fused"]["min"]
         if val_min is None:
             raise RunError("the applied chosen fusion has no validation minimum (an older fusion.json): "
@@ -131,8 +138,19 @@ class Detector:
         self.model = self.inference.network
 
     @property
+    def decision_view(self) -> str:
+        """The view the detector decides with: `chosen` when an ablation's fusion is applied, else `fused`."""
+        return CHOSEN_VIEW if self.chosen else "fused"
+
+    @property
+    def views(self) -> tuple[str, ...]:
+        """The views a test evaluates: `fused` (params.fusion), `stpm`, `recon`, and `chosen` when applied."""
+        return (*VIEWS, CHOSEN_VIEW) if self.chosen else VIEWS
+
+    @property
     def threshold(self) -> float:
-        return self.thresholds["fused"]
+        """The decision view's threshold (raw image-score units)."""
+        return self.thresholds[self.decision_view]
 
     @property
     def image_size(self) -> int:
@@ -149,8 +167,14 @@ class Detector:
         return self.calibration.map_stats
 
     def view_spec(self, view: str) -> FusionSpec:
-        """`fused`: the (possibly chosen) fusion; a branch: that branch alone, as trained."""
-        return self.spec if view == "fused" else self.trained_spec.view(view)
+        """`fused`: `params.fusion`; `chosen`: the applied chosen fusion; a branch: that branch
+        alone, as trained. Raises RunError for `chosen` when none is applied."""
+        if view == CHOSEN_VIEW:
+            if self.chosen is None:
+                raise RunError("this model has no applied chosen fusion (no `dualstpm ablate` adopted one): "
+                               f"its views are {', '.join(VIEWS)}")
+            return self.chosen.spec
+        return self.trained_spec if view == "fused" else self.trained_spec.view(view)
 
     def prepare(self, images: Tensor) -> Tensor:
         """Images on the model's device in its memory format."""

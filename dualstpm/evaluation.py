@@ -1,8 +1,12 @@
 """Testing a trained detector on a category's test split (METHOD.md §6).
 
 The test split is touched here and nowhere else. Metrics are computed per view: the
-fused model and each branch alone, with the same fusion settings and the thresholds
-calibrated on validation images.
+fused model (always `params.fusion`, with its trained threshold), each branch alone, and
+`chosen` when `dualstpm ablate` applied a fusion (its own row, named under
+`chosen_fusion`), each at its threshold calibrated on validation images. `decision_view`
+names the view the model decides with. Each view also reports the false-alarm rate
+observed on the good test images at its threshold, next to the target it was calibrated
+for (`calibration.false_alarm_rate`).
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import numpy as np
 from dualstpm import metrics
 from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
-from dualstpm.detector import Detector
+from dualstpm.detector import CHOSEN_VIEW, Detector
 from dualstpm.files import write_json
 from dualstpm.figures import PLOTS_DIR, overlay_name, write_test_figures
 from dualstpm.fusion import VIEWS
@@ -38,11 +42,21 @@ def undefined_metrics_note(result: dict, has_ground_truth: bool) -> str | None:
         reasons.append(IMAGE_ONLY_NOTE)
     if n_defective == result["n_test_images"]:
         reasons.append("the test set has no good images, so image AUROC is undefined (null): it needs good images too")
-    unflagged = [view for view in VIEWS if result[view]["precision"] is None]
+    unflagged = [view for view in (*VIEWS, CHOSEN_VIEW) if view in result and result[view]["precision"] is None]
     if unflagged:
         reasons.append(f"no test image scores above the threshold of {', '.join(unflagged)}, so precision is "
                        "undefined (null) there: nothing was flagged")
     return "; ".join(reasons) or None
+
+
+def false_alarms(labels: np.ndarray, scores: np.ndarray, threshold: float, target: float) -> dict:
+    """The good images (label 0) flagged at `threshold` (score > threshold, the decision
+    rule): `false_alarm_rate` = flagged / good (None without good images), `false_alarms`
+    the count, `false_alarm_target` the rate the threshold was calibrated for."""
+    good = np.asarray(scores, dtype=np.float64)[np.asarray(labels) == 0]
+    flagged = int(np.count_nonzero(good > threshold))
+    return {"false_alarm_rate": flagged / good.size if good.size else None, "false_alarms": flagged,
+            "false_alarm_target": float(target)}
 
 
 def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_size: int | None = None,
@@ -73,7 +87,8 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     six = compute_six_maps(detector, images, batch_size)
     scores: dict[str, np.ndarray] = {}
     maps: dict[str, np.ndarray] | None = {} if masks is not None else None
-    for view in VIEWS:
+    views = detector.views
+    for view in views:
         fused, scores[view] = fused_and_scores(six, detector.view_spec(view), detector.calibration.map_stats)
         if maps is not None:
             maps[view] = fused
@@ -84,8 +99,12 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         "n_test_images": int(len(images)),
         "n_defective": int(labels.sum()),
         "image_level_only": masks is None,
-        # which fusion the fused view used: the trained params, or the ablation's choice
-        "fusion": fusion_label(detector),
+        # `fused` is always params.fusion; an applied ablation choice is the `chosen` view and decides
+        "decision_view": detector.decision_view,
+        "chosen_fusion": fusion_label(detector) if detector.chosen else None,
+        "calibration": {"false_alarm_rate": detector.calibration.false_alarm_rate,
+                        "validation_split": detector.calibration.validation_split,
+                        "notes": detector.calibration.notes},
     }
     if truth_report is None:
         result["note"] = IMAGE_ONLY_NOTE
@@ -94,15 +113,12 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         note = truth_report.note()
         if note:
             result["note"] = note
-    for view in VIEWS:
-        result[view] = metrics.evaluate(
-            labels,
-            defect_types,
-            scores[view],
-            maps[view] if maps is not None else None,
-            truth,
-            detector.thresholds[view],
-        )
+    for view in views:
+        result[view] = {
+            **metrics.evaluate(labels, defect_types, scores[view], maps[view] if maps is not None else None, truth,
+                               detector.thresholds[view]),
+            **false_alarms(labels, scores[view], detector.thresholds[view], detector.calibration.false_alarm_rate),
+        }
     if (note := undefined_metrics_note(result, has_ground_truth=masks is not None)) is not None:
         result["note"] = note
     if plots_dir is not None:

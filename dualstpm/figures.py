@@ -145,6 +145,7 @@ def write_test_figures(plots_dir: Path, detector: Detector, paths: Sequence[Path
         write_roc(staging, labels, scores)
         if maps is not None and masks is not None:
             write_pro(staging, masks, maps)
-        write_overlays(staging, detector, paths, np.asarray(labels, dtype=bool), scores["fused"], names, masks)
+        write_overlays(staging, detector, paths, np.asarray(labels, dtype=bool), scores[detector.decision_view], names,
+                       masks)
     return plots_dir
 

@@ -2,8 +2,8 @@
 
 One registered model per dataset and category, `dualstpm-<dataset>-<category>`. Every
 registered training becomes a new version with the alias `challenger`; its version tags
-carry what promotion needs (the fused test metrics, the hash of the evaluation data,
-the git commit, the run). `promote` moves `champion` only when the challenger beats the
+carry what promotion needs (the test metrics of the view the model decides with, the
+hash of the evaluation data, the git commit, the run). `promote` moves `champion` only when the challenger beats the
 champion on the same evaluation data by a margin, or, for the first champion, when it
 reaches `tracking.promotion_floor`; every decision, either way, is written to the
 challenger's tags (who, when, values, data hash, reason).
@@ -43,7 +43,7 @@ from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE
 from dualstpm.backends import run_export_dir
 from dualstpm.config import Params
 from dualstpm.data import list_images, read_image, resize_image
-from dualstpm.detector import MODEL_SUBDIR, read_chosen_fusion, read_model_dir
+from dualstpm.detector import CHOSEN_VIEW, MODEL_SUBDIR, read_chosen_fusion, read_model_dir
 from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.evaluation import METRICS_FILE
 from dualstpm.figures import OVERLAY_GRID, PLOTS_DIR
@@ -190,8 +190,8 @@ def register_run(run_dir: Path, params: Params, category: str):
         raise RunError(f"{metrics_path} is a test on {result.get('category')!r}, not {category!r}: register it "
                        f"as --category {result.get('category')}, or test it on {category} first")
     chosen = read_chosen_fusion(model_dir)
-    threshold = chosen.threshold if chosen else calibration.thresholds["fused"]  # the fused view, as Detector uses it
-    evidence, evidence_source = _fused_evidence(run_dir, result, threshold, chosen)
+    threshold = chosen.threshold if chosen else calibration.thresholds["fused"]  # the decision view, as Detector uses it
+    evidence, evidence_source = _decision_evidence(run_dir, result, threshold, chosen)
     uri = client.tracking_uri
     with tracking_errors(uri, f"reading run {record.run_id}"):
         trained_by = client.get_run(record.run_id).data.tags
@@ -277,24 +277,29 @@ def version_description(name: str, version: str, fused: dict, n_images: int, rec
     )
 
 
-def _fused_evidence(run_dir: Path, result: dict, threshold: float, chosen) -> tuple[dict, str]:
-    """The fused test metrics of the model *as registered*, and where they come from.
+def _decision_evidence(run_dir: Path, result: dict, threshold: float, chosen) -> tuple[dict, str]:
+    """The test metrics of the view the registered model decides with (`Detector.decision_view`:
+    the applied chosen fusion, else `fused` = params.fusion), and where they come from.
 
-    `metrics.json` when its test used the model's current fused view (same threshold);
-    after `dualstpm ablate` applied a chosen fusion, the chosen fusion's test figures from
-    `ablation/summary.json` (re-scored from the test's stored maps). Anything else would
-    promote a model on another model's evidence, so it is refused.
+    `metrics.json`'s row of that view when its test measured it at the model's current
+    threshold (and, for `chosen`, the same configuration); a choice applied after the test,
+    the chosen fusion's test figures from `ablation/summary.json` (re-scored from the
+    test's stored maps). Anything else would promote a model on another model's evidence,
+    so it is refused.
     """
-    if result["fused"].get("threshold") == threshold:
-        return result["fused"], METRICS_FILE
+    name = chosen.source.get("config") if chosen is not None else None
+    view = CHOSEN_VIEW if chosen is not None else "fused"
+    measured = result.get(view) or {}
+    if measured.get("threshold") == threshold and (chosen is None or result.get("chosen_fusion") == name):
+        return measured, METRICS_FILE if chosen is None else f"{METRICS_FILE}: chosen fusion {name}"
     summary_path = run_dir / ABLATION_DIR / SUMMARY_FILE
     if chosen is not None and summary_path.is_file():
         picked = json.loads(summary_path.read_text()).get("fused_chosen") or {}
-        if picked.get("config") == chosen.source.get("config"):
+        if picked.get("config") == name:
             return picked, f"{ABLATION_DIR}/{SUMMARY_FILE}: chosen fusion {picked['config']}"
     raise RunError(
-        f"{run_dir / METRICS_FILE} was measured with another fused view than the model now has "
-        f"(threshold {result['fused'].get('threshold')} vs {threshold}): run "
+        f"{run_dir / METRICS_FILE} was measured with another {view} view than the model now decides with "
+        f"(threshold {measured.get('threshold')} vs {threshold}): run "
         f"`dualstpm test --run {run_dir} --data-root DIR` again before registering"
     )
 
@@ -515,7 +520,8 @@ def promote(category: str, params: Params, metric: str = "image_auroc", min_delt
             *, version: str | int | None = None, decided_by: str = "dualstpm.registry.promote",
             data_root: Path | str | None = None) -> PromotionDecision:
     """Move `champion` to the challenger (or `version`) only if it beats the champion on the
-    same evaluation data by more than `min_delta` on the fused `metric`; the first champion
+    same evaluation data by more than `min_delta` on `metric` of the view each version decides
+    with (`fused`, or an applied `chosen` fusion: its version tags); the first champion
     must reach `tracking.promotion_floor`. The decision is tagged on the challenger either way.
 
     The registered model is that of `category` in `data_root`, or without it the one

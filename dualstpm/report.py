@@ -5,8 +5,9 @@ writes one report folder, laid out for DVC (and read as plain files by everyone 
 
     auc_table.csv               category, model, image_auroc, pixel_auroc, aupro, image_f1_max;
                                 models: stpm, recon, fused (published fusion) and, once the
-                                runs are ablated, fused_chosen (the validation-chosen fusion
-                                the model applies); a `mean` row per model (2+ categories)
+                                runs are ablated, fused_chosen (the fusion the ablation kept:
+                                the validation-chosen one when its bootstrap margin adopted it,
+                                else params.fusion); a `mean` row per model (2+ categories)
     metrics/<category>.json     the same figures as DVC metrics: `dvc metrics show` prints
     metrics/mean.json           one row per category
     ablation.csv                the cross-category ablation table (`ablation_report`), with

@@ -221,7 +221,7 @@ def reopen_trained_run(params: Params, run_dir: Path, category: str, data_root: 
 def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
     """`ablation.ablate` (with `params.ablation`) logged to MLflow into the run `dualstpm test`
     logged: STPM alone, the published and the chosen fusion and the oracle as `ablation.*`
-    metrics, the choice as tags, the table as one MLflow table, and `RUN/ablation/` and
+    metrics, the adoption margin as `ablation.margin.*`, the choice as tags, the table as one MLflow table, and `RUN/ablation/` and
     `model/fusion.json` as artifacts.
     """
     client = connect(params)
@@ -240,8 +240,13 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
         figures = {f"ablation.{key}.{metric}": value
                    for key in ("stpm_alone", "fused_published", "fused_chosen", "oracle") if summary.get(key)
                    for metric, value in summary[key].items() if metric in TABLE_METRICS and value is not None}
+        figures.update({f"ablation.margin.{key}": summary["margin"][key]
+                        for key in ("observed_difference", "mean_difference", "lower_bound")
+                        if summary["margin"][key] is not None and summary["margin"][key] == summary["margin"][key]})
         run.log(run.run_id, "logging the ablation", figures, tags={
             f"{TAG}ablation.chosen": summary["fused_chosen"]["config"],
+            f"{TAG}ablation.candidate": summary["candidate"]["config"],
+            f"{TAG}ablation.adopted": str(summary["fused_chosen"]["adopted"]).lower(),
             f"{TAG}ablation.applied": str(summary["applied"]).lower(),
             f"{TAG}ablation.oracle": (summary["oracle"] or {}).get("config", "none"),
         })

@@ -41,7 +41,8 @@ DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
 RUN_RECORD = "mlflow_run.json"
 BRANCH_RUNS = ("stpm", "recon")
-RESULT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall", "threshold")
+RESULT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall", "threshold",
+                  "false_alarm_rate")
 #: MLflow error codes of a store that answered (a missing or bad name, version or value): not a store that is down
 STORE_ANSWERED = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE", "BAD_REQUEST",
                             "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "INVALID_STATE"})
@@ -427,6 +428,7 @@ class CategoryRun:
         self.log(self.run_id, "logging test metrics", {
             **result_metrics(result["fused"]),
             **{f"{b}.{k}": v for b in BRANCH_RUNS for k, v in result_metrics(result[b]).items() if "per_defect" not in k},
+            **(result_metrics(result["chosen"], "chosen.") if "chosen" in result else {}),
             "n_test_images": result["n_test_images"],
         }, tags={f"{TAG}eval_data_hash": data_hash_value, f"{TAG}eval_category": result["category"],
                  f"{TAG}eval_data_root": str(Path(data_root).resolve())})

@@ -1,10 +1,24 @@
 """Training both branches on one category (METHOD.md §5), with checkpoints and resume.
 
 The loop is plain PyTorch: two students, two SGD optimisers, frozen teachers. After every
+<<<<<<< HEAD
 epoch the validation images pick the best checkpoint per branch (`fit.select`: lowest mean
 image score, or lowest mean of the anomaly map as the released STPM code does) and a
 checkpoint is written atomically, so an interrupted fit continues with `--resume` and ends
 where an uninterrupted one would have.
+=======
+epoch the validation images pick the best checkpoint per branch (lowest mean image score,
+the original STPM rule) and a checkpoint is written atomically, so an interrupted fit
+continues with `--resume` and ends where an uninterrupted one would have.
+
+The validation images are split in two disjoint, seeded parts (`validation_parts`,
+`calibration.split`): the *selection* part picks the epoch, the *calibration* part then
+measures the map statistics and sets the thresholds. A threshold set on the images that
+also chose the epoch is biased low (the chosen epoch is the one that scores those very
+images lowest), so its false-alarm rate on new good parts would exceed the target. A
+split, not cross-fitting: one model is shipped, so there is one epoch choice, and the
+thresholds must be measured on images that choice never saw.
+>>>>>>> choices
 """
 
 from __future__ import annotations
@@ -37,6 +51,7 @@ from dualstpm.progress import progress_bar, stderr_console
 from dualstpm.rng import own_rng
 
 CHECKPOINT_FILE = "checkpoint.pt"
+MIN_SPLIT_IMAGES = 4  # each part of the validation split needs at least 2 images
 HISTORY_FILE = "history.csv"
 EpochCallback = Callable[[dict[str, float]], None]
 
@@ -133,11 +148,56 @@ class FitInterrupted(KeyboardInterrupt):
 
 def training_signature(params: Params) -> dict[str, Any]:
     """The params that shape the weights and history of every epoch: image size, seed, the
-    model, the fit (but `RESUMABLE_FIT_KEYS`) and the fusion mode model selection scores
-    with. Data, tracking, ablation, Prefect, the final fusion and calibration are not in it."""
+    model, the fit (but `RESUMABLE_FIT_KEYS`), the fusion mode model selection scores with
+    and `calibration.split` (which validation images select). Data, tracking, ablation,
+    Prefect, the final fusion and the false-alarm rate are not in it."""
     fit = {k: v for k, v in params.fit.model_dump(mode="json").items() if k not in RESUMABLE_FIT_KEYS}
     return {"image_size": params.image_size, "seed": params.seed, "model": params.model.model_dump(mode="json"),
-            "fit": fit, "fusion": {"mode": params.fusion.mode}}
+            "fit": fit, "fusion": {"mode": params.fusion.mode}, "calibration": {"split": params.calibration.split}}
+
+
+@dataclass(frozen=True)
+class ValidationParts:
+    """Indices into the validation images: `selection` picks the epoch, `calibration` sets
+    the map statistics and thresholds. `note` says why they are not disjoint (else None)."""
+
+    selection: np.ndarray  # int64, ascending
+    calibration: np.ndarray  # int64, ascending
+    note: str | None = None
+
+    @property
+    def disjoint(self) -> bool:
+        return not np.intersect1d(self.selection, self.calibration).size
+
+    def to_json(self) -> dict[str, Any]:
+        return {"selection_images": len(self.selection), "calibration_images": len(self.calibration),
+                "disjoint": self.disjoint}
+
+
+def validation_parts(n_images: int, split: float, seed: int) -> ValidationParts:
+    """Split `n_images` validation images into disjoint selection and calibration parts.
+
+    round(split * n) images (at least 2, leaving at least 2 to select) are drawn for
+    calibration by a shuffle seeded with `seed` alone, so the same seed and count give the
+    same parts. `split` 0 asks for no split (both parts are all images, noted); fewer than
+    MIN_SPLIT_IMAGES images cannot be split: both parts are all images and `note` says so
+    and how to fix it (the caller warns; the note is kept in calibration.json).
+    """
+    everything = np.arange(n_images, dtype=np.int64)
+    if split == 0:
+        return ValidationParts(everything, everything, "calibration.split=0: the thresholds are calibrated on the "
+                               "same validation images that selected the epoch, so false alarms may exceed the target")
+    if n_images < MIN_SPLIT_IMAGES:
+        return ValidationParts(everything, everything, (
+            f"only {n_images} validation image(s): calibration.split={split:g} needs at least {MIN_SPLIT_IMAGES} "
+            "to hold out a calibration part, so the thresholds are calibrated on the images that selected the "
+            "epoch and false alarms may exceed the target. Add good images (validation/good, or more train/good "
+            "with a larger fit.val_fraction), or pass --set calibration.split=0 to accept this knowingly"))
+    n_calibration = min(max(2, round(split * n_images)), n_images - 2)
+    order = list(range(n_images))
+    random.Random(f"calibration.split {seed}").shuffle(order)
+    return ValidationParts(np.sort(np.asarray(order[n_calibration:], dtype=np.int64)),
+                           np.sort(np.asarray(order[:n_calibration], dtype=np.int64)))
 
 
 def _files_digest(paths: Sequence[Path], root: Path) -> str:
@@ -302,8 +362,11 @@ class Trainer:
 
 
 def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute: Compute,
-              selected_epochs: dict[str, int], category: str) -> Calibration:
-    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate."""
+              selected_epochs: dict[str, int], category: str, parts: ValidationParts | None = None) -> Calibration:
+    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate.
+
+    `val_images` are the calibration part of the validation images (`validation_parts`);
+    `parts`, when given, is recorded in the calibration (sizes, disjointness, its note)."""
     batch_size = params.fit.batch_size
     maps = [six_maps(model, val_images[i : i + batch_size], compute) for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
@@ -321,6 +384,8 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         selected_epochs=selected_epochs,
         category=category,
         false_alarm_rate=rate,
+        notes=[parts.note] if parts is not None and parts.note else [],
+        validation_split=parts.to_json() if parts is not None else {},
     )
 
 
@@ -377,13 +442,19 @@ def fit(
     train_images = decode_images(train_paths, params.image_size, f"decoding {len(train_paths)} train images", limit)
     val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images", limit)
 
+    parts = validation_parts(len(val_images), params.calibration.split, params.seed)
+    if parts.note and params.calibration.split > 0:
+        console.print(f"[bold yellow]warning:[/] {parts.note}")
+    selection_images, calibration_images = val_images[parts.selection], val_images[parts.calibration]
+
     trainer = Trainer(params, run_dir, compute, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
         console.print(f"resuming {run_dir} after epoch {trainer.epochs_done}")
     console.print(
-        f"fitting [bold]{category}[/]: {len(train_paths)} train / {len(val_paths)} validation images, "
+        f"fitting [bold]{category}[/]: {len(train_paths)} train / {len(val_paths)} validation images "
+        f"({len(parts.selection)} select the epoch, {len(parts.calibration)} calibrate), "
         f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
     )
     columns = (MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
@@ -397,7 +468,7 @@ def fit(
             while trainer.epochs_done < params.fit.epochs:
                 losses = trainer.train_epoch(train_images, progress, cache)
                 trainer.epochs_done += 1
-                record = {"epoch": trainer.epochs_done, **losses, **trainer.select(val_images)}
+                record = {"epoch": trainer.epochs_done, **losses, **trainer.select(selection_images)}
                 trainer.history.append(record)
                 trainer.save_checkpoint()
                 console.print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
@@ -410,7 +481,7 @@ def fit(
             cache.close()
 
     selected = trainer.restore_best()
-    calibration = calibrate(trainer.model, params, val_images, compute, selected, category)
+    calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts)
     thresholds = calibration.thresholds
     model_dir = save_detector(run_dir, trainer.model, params, calibration)
     write_history(trainer.history, run_dir / HISTORY_FILE)

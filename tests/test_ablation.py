@@ -164,17 +164,21 @@ def test_synthetic_defects_are_seeded_with_exact_masks(synthetic_root: Path):
 # --------------------------------------------------------------------------- applying the choice
 
 
-def test_the_applied_choice_is_what_the_detector_and_test_use(ablated, synthetic_root: Path, tmp_path: Path):
+def test_the_applied_choice_decides_and_test_keeps_params_fusion_as_fused(ablated, synthetic_root: Path,
+                                                                          tmp_path: Path):
     run, before, result = ablated
     chosen = int(np.flatnonzero(result.table["chosen"])[0])
-    assert Detector.load(run).spec == build_grid(PARAMS)[chosen].spec  # ablate applied it
+    applied = result.summary["applied"]
+    assert applied == (result.summary["fused_chosen"]["adopted"] and result.table["name"][chosen] != "published")
+    assert Detector.load(run).spec == (build_grid(PARAMS)[chosen].spec if applied else FusionSpec())
     other = tmp_path / "run"
     shutil.copytree(run, other)
     retested = test_run(other, synthetic_root, "synth_texture")
-    assert retested["fusion"] == result.table["name"][chosen]
-    assert headline(retested["fused"]) == headline(result.table.iloc[chosen])
+    assert retested["fused"] == before["fused"]  # the fused row never depends on the ablation
+    assert retested["decision_view"] == ("chosen" if applied else "fused")
+    assert ("chosen" in retested) == applied
 
-    # Apply a configuration that certainly differs from the trained fusion, as ablate would.
+    # Apply a configuration that certainly differs from the trained fusion, as ablate does when it adopts one.
     config = next(c for c in build_grid(PARAMS) if c.name == "levels_2_sum+val_stats")
     calibration = read_model_dir(other)[2]
     val = MapSet.load(other / "maps" / "val.npz")
@@ -182,6 +186,7 @@ def test_the_applied_choice_is_what_the_detector_and_test_use(ablated, synthetic
                                              {"config": config.name}))
     detector = Detector.load(other)
     assert detector.spec == config.spec and detector.threshold != calibration.thresholds["fused"]
+    assert detector.decision_view == "chosen" and detector.view_spec("fused") == FusionSpec()
     assert detector.view_spec("stpm") == FusionSpec().view("stpm")  # the branch views stay as trained
     trained = Detector(detector.model, detector.params, detector.calibration, detector.compute)  # no choice
     images = decode_images([Path(p) for p in val.paths[:2]], 64)
@@ -189,14 +194,31 @@ def test_the_applied_choice_is_what_the_detector_and_test_use(ablated, synthetic
 
     after = test_run(other, synthetic_root, "synth_texture")
     row = result.table.set_index("name").loc[config.name]
-    assert after["fusion"] == config.name
-    assert headline(after["fused"]) == headline(row)
+    assert after["chosen_fusion"] == config.name and after["decision_view"] == "chosen"
+    assert headline(after["chosen"]) == headline(row)
+    assert after["fused"] == before["fused"]  # identical, although a different fusion is applied
     assert headline(after["stpm"]) == headline(before["stpm"])
 
     # apply=false records the choice but leaves the trained fusion in charge
     ablate(other, AblationParams(panel_images=0, apply=False, level_subsets=[], sweep_modes=[], normalizations=["none"]))
     assert Detector.load(other).spec == FusionSpec() and Detector.load(other).chosen is None
     assert json.loads((other / "model" / "fusion.json").read_text())["applied"] is False
+
+
+def test_the_summary_reports_the_adoption_margin(ablated):
+    _, _, result = ablated
+    summary, table = result.summary, result.table
+    margin = summary["margin"]
+    assert margin["n_resamples"] <= PARAMS.bootstrap and margin["confidence"] == PARAMS.confidence
+    assert margin["metric"] == PARAMS.select_metric and margin["n_units"] == summary["selection_set"][
+        "normal_validation_images"]
+    assert margin["adopted"] == (margin["lower_bound"] > 0) == summary["fused_chosen"]["adopted"]
+    assert margin["decision"].startswith("adopted" if margin["adopted"] else "kept the default")
+    candidate, chosen = (table["name"][table[c]].item() for c in ("candidate", "chosen"))
+    assert summary["candidate"]["config"] == candidate
+    assert summary["default"]["config"] == "published"  # params.fusion is the grid's published fusion
+    assert chosen == (candidate if margin["adopted"] else "published")
+    assert summary["fused_chosen"]["config"] == chosen
 
 
 def test_stale_or_missing_maps_are_refused(ablated, tmp_path: Path):

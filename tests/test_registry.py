@@ -326,7 +326,9 @@ def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_se
             tracked_ablate(p.model_copy(update={"ablation": small}), run_dir)
         crash.join()
         message = " ".join(str(lost.value).split())
-        assert f"the ablation is saved in {run_dir / 'ablation'} and applied in {run_dir / 'model' / 'fusion.json'}" in message
+        applied = json.loads((run_dir / "ablation" / "summary.json").read_text())["applied"]  # adopted on a margin
+        assert f"the ablation is saved in {run_dir / 'ablation'}" in message
+        assert (f"and applied in {run_dir / 'model' / 'fusion.json'}" in message) == applied
         assert f"`dualstpm ablate --run {run_dir}` runs again" in message
     finally:
         if mlflow_server.process is None:
@@ -416,24 +418,30 @@ def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, pa
         server.wait(timeout=60)
 
 
-def test_version_metrics_describe_the_model_as_registered(tmp_path: Path):
-    """After `dualstpm ablate` applied a chosen fusion, metrics.json (the published fusion's
-    test) no longer describes the model: its version must carry the chosen fusion's test
-    figures, or registration is refused."""
+def test_version_metrics_describe_the_view_the_model_decides_with(tmp_path: Path):
+    """Promotion compares the view the model decides with: `fused` (params.fusion) without
+    an applied choice; after `dualstpm ablate` applied one, its `chosen` row of metrics.json
+    (a test after the ablation) or the chosen fusion's test figures in the ablation summary
+    (a test before it). Evidence of another view or threshold is refused."""
     from dualstpm.detector import ChosenFusion
     from dualstpm.errors import RunError
     from dualstpm.fusion import FusionSpec
-    from dualstpm.registry import _fused_evidence
+    from dualstpm.registry import _decision_evidence
 
-    tested = {"fused": {"image_auroc": 0.9, "threshold": 1.5}}
-    assert _fused_evidence(tmp_path, tested, 1.5, None) == (tested["fused"], "metrics.json")
+    tested = {"fused": {"image_auroc": 0.9, "threshold": 1.5}, "chosen_fusion": None}
+    assert _decision_evidence(tmp_path, tested, 1.5, None) == (tested["fused"], "metrics.json")
     chosen = ChosenFusion(FusionSpec(mode="sum"), 2.5, {"config": "sweep_sum_wB0.3"})
     with pytest.raises(RunError, match="dualstpm test"):
-        _fused_evidence(tmp_path, tested, 2.5, chosen)
+        _decision_evidence(tmp_path, tested, 2.5, chosen)
+    retested = {**tested, "chosen": {"image_auroc": 0.97, "threshold": 2.5}, "chosen_fusion": "sweep_sum_wB0.3"}
+    evidence, source = _decision_evidence(tmp_path, retested, 2.5, chosen)
+    assert evidence["image_auroc"] == 0.97 and source == "metrics.json: chosen fusion sweep_sum_wB0.3"
+    with pytest.raises(RunError, match="dualstpm test"):  # another configuration's row is not this model's
+        _decision_evidence(tmp_path, {**retested, "chosen_fusion": "levels_1_sum"}, 2.5, chosen)
     (tmp_path / "ablation").mkdir()
     (tmp_path / "ablation" / "summary.json").write_text(json.dumps(
         {"fused_chosen": {"config": "sweep_sum_wB0.3", "image_auroc": 0.95, "aupro": 0.8}}))
-    evidence, source = _fused_evidence(tmp_path, tested, 2.5, chosen)
+    evidence, source = _decision_evidence(tmp_path, tested, 2.5, chosen)
     assert evidence["image_auroc"] == 0.95 and "sweep_sum_wB0.3" in source
 
 

@@ -14,10 +14,22 @@ Writes into `RUN/ablation/`:
                                 after the choice (applied or not), as `plots/overlays*`
                                 are drawn at test time: the report shows these
 
-and `RUN/model/fusion.json`: with `ablation.apply: true` the chosen fusion with its
-threshold recalibrated on the validation images, which the detector's fused view then
-uses; with `apply: false` a record of the choice marked not applied, so the model keeps
-fusing with `params.fusion`.
+and `RUN/model/fusion.json`: with `ablation.apply: true` and a candidate *adopted*, the
+chosen fusion with its threshold recalibrated on the validation images, which the
+detector then decides with (its `chosen` view; `fused` stays `params.fusion`); otherwise
+a record of the choice marked not applied, so the model keeps deciding with `params.fusion`.
+
+Adoption: the configuration with the best selection score (the *candidate*) replaces the
+default (`params.fusion`, scored like the grid) only when its gain survives resampling
+of the validation images (`margin.bootstrap_margin`: `ablation.bootstrap` resamples, a
+one-sided `ablation.confidence` lower bound > 0, seeded by `ablation.synthetic_seed`);
+else the ablation keeps the default and says so. The margin is in `summary.json`.
+
+Which validation images: the fit split them (`training.validation_parts`,
+`calibration.split`) into a part that selected the epoch and a part that calibrated. The
+ablation chooses on the selection part (plus the defects pasted on it) and recalibrates
+the chosen fusion's threshold on the calibration part, so that threshold, too, is set on
+images that chose neither the epoch nor the fusion.
 """
 
 from __future__ import annotations
@@ -32,19 +44,32 @@ import pandas as pd
 from dualstpm.ablation.figures import HEATMAP_FILE, PANEL_FILE, write_heatmap, write_panel
 from dualstpm.ablation.grid import Config, build_grid
 from dualstpm.ablation.rescore import SplitScorer, score_grid
-from dualstpm.ablation.selection import METRICS, check_same_model, choose, combined_score, selection_set, synthetic_maps
+from dualstpm.ablation.margin import Margin, bootstrap_margin, contributions
+from dualstpm.ablation.selection import (
+    METRICS,
+    check_same_model,
+    choose,
+    combined_score,
+    selection_part,
+    selection_set,
+    source_units,
+    subset,
+    synthetic_maps,
+)
 from dualstpm.config import AblationParams
 from dualstpm.detector import ChosenFusion, Detector, read_model_dir, write_chosen_fusion
 from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
 from dualstpm.fusion import FusionSpec, MapStats, calibrate_threshold
 from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet, fused_and_scores
+from dualstpm.training import validation_parts
 
 ABLATION_DIR = "ablation"
 TABLE_FILE = "table.csv"
 SUMMARY_FILE = "summary.json"
 ORACLE_LABEL = "oracle: the best configuration on the test split itself; for reference only, not a valid estimate"
 SELECTION_NOTE = "chosen on normal validation images plus synthetic defects pasted on them; the test split is not used"
+DEFAULT_NAME = "params.fusion"  # the default configuration's name when the grid lacks params.fusion
 
 
 @dataclass
@@ -59,21 +84,25 @@ def _figures_of(table: pd.DataFrame, position: int) -> dict:
     return {"config": row["name"], **{m: None if pd.isna(row[m]) else float(row[m]) for m in METRICS}}
 
 
-def _summary(table: pd.DataFrame, configs: list[Config], chosen: int, oracle: int | None,
-             params: AblationParams) -> dict:
+def _summary(table: pd.DataFrame, configs: list[Config], picks: dict[str, int], oracle: int | None,
+             params: AblationParams, margin: Margin) -> dict:
+    """`picks`: row positions of the `default`, the validation-best `candidate` and the
+    `final` choice (the candidate when adopted, else the default)."""
     names = list(table["name"])
-    chosen_row = table.iloc[chosen]
+
+    def described(position: int) -> dict:
+        return {**_figures_of(table, position), "selection_score": float(table["selection_score"].iloc[position]),
+                "fusion": asdict(configs[position].spec)}
+
     return {
         "n_configurations": len(table),
         "select_metric": params.select_metric,
         "stpm_alone": _figures_of(table, names.index("branch_A")) if "branch_A" in names else None,
         "fused_published": _figures_of(table, names.index("published")) if "published" in names else None,
-        "fused_chosen": {
-            **_figures_of(table, chosen),
-            "selection_score": float(chosen_row["selection_score"]),
-            "fusion": asdict(configs[chosen].spec),
-            "note": SELECTION_NOTE,
-        },
+        "default": described(picks["default"]),
+        "candidate": described(picks["candidate"]),
+        "fused_chosen": {**described(picks["final"]), "adopted": margin.adopted, "note": SELECTION_NOTE},
+        "margin": {**margin.to_json(), "decision": margin.describe()},
         "oracle": None if oracle is None else {**_figures_of(table, oracle), "label": ORACLE_LABEL},
     }
 
@@ -101,15 +130,41 @@ class _Laps:
 
 
 def rank(table: pd.DataFrame, metric: str) -> tuple[int, int | None]:
-    """Add selection_score (validation), test_score, chosen and oracle columns; return
-    (chosen row, oracle row or None when the test split defines no score)."""
+    """Add selection_score (validation), test_score, candidate and oracle columns; return
+    (candidate row: the best validation score, oracle row or None when the test split
+    defines no score)."""
     table["selection_score"] = combined_score(table, metric, "val_")
     table["test_score"] = combined_score(table, metric, "")
-    chosen = choose(table, metric)
+    candidate = choose(table, metric)
     oracle = int(np.nanargmax(table["test_score"].to_numpy())) if table["test_score"].notna().any() else None
-    table["chosen"] = np.arange(len(table)) == chosen
+    table["candidate"] = np.arange(len(table)) == candidate
     table["oracle"] = np.arange(len(table)) == (-1 if oracle is None else oracle)
-    return chosen, oracle
+    return candidate, oracle
+
+
+def with_default(configs: list[Config], default: FusionSpec) -> tuple[list[Config], int]:
+    """The grid with the default fusion in it (first, as `params.fusion`, when no grid
+    configuration equals it, so that a tie in the selection score keeps it), and its position."""
+    for position, config in enumerate(configs):
+        if config.spec == default:
+            return configs, position
+    return [Config(DEFAULT_NAME, "default", default), *configs], 0
+
+
+def adoption_margin(selection: MapSet, stats: MapStats, default: FusionSpec, candidate: FusionSpec,
+                    params: AblationParams) -> Margin:
+    """`margin.bootstrap_margin` of `candidate` over `default` on the selection set, resampled
+    by source image. The same fusion on both sides gives a difference of exactly 0 (kept)."""
+    units, n_units = source_units(selection)
+
+    def contributed(spec: FusionSpec):
+        fused, scores = fused_and_scores(selection.maps, spec, stats)
+        return contributions(scores, selection.labels, units, n_units, fused, selection.masks)
+
+    base = contributed(default)
+    challenger = base if candidate == default else contributed(candidate)
+    return bootstrap_margin(base, challenger, params.select_metric, params.bootstrap, params.confidence,
+                            params.synthetic_seed)
 
 
 def write_decision_overlays(run_dir: Path, test: MapSet) -> Path:
@@ -134,11 +189,18 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     lap("synthetic_maps_s")
 
     stats, sigma = calibration.map_stats, model_params.fusion.sigma
-    configs = build_grid(params, sigma)
-    splits = {"test": SplitScorer(test, stats), "val": SplitScorer(selection_set(val, synthetic), stats)}
+    parts = validation_parts(len(val), model_params.calibration.split, model_params.seed)
+    selection = selection_set(*selection_part(val, synthetic, parts.selection))
+    default_spec = FusionSpec.from_params(model_params.fusion)
+    configs, default = with_default(build_grid(params, sigma), default_spec)
+    splits = {"test": SplitScorer(test, stats), "val": SplitScorer(selection, stats)}
     table = score_grid(configs, splits, params.workers)
-    chosen, oracle = rank(table, params.select_metric)
+    candidate, oracle = rank(table, params.select_metric)
     lap("grid_s")
+    margin = adoption_margin(selection, stats, default_spec, configs[candidate].spec, params)
+    final = candidate if margin.adopted else default
+    table["chosen"] = np.arange(len(table)) == final
+    lap("margin_s")
 
     out_dir = run_dir / ABLATION_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -146,14 +208,16 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     category = str(test.meta["category"])
     write_heatmap(table, out_dir / HEATMAP_FILE, category)
     if params.panel_images:
-        fused = {"published": FusionSpec(sigma=sigma), f"chosen:\n{configs[chosen].name}": configs[chosen].spec}
+        fused = {"published": FusionSpec(sigma=sigma), f"chosen:\n{configs[final].name}": configs[final].spec}
         write_panel(test, stats, fused, params.panel_images, out_dir / PANEL_FILE, model_params.data.max_image_pixels)
     lap("figures_s")
 
-    source = {"config": configs[chosen].name, "select_metric": params.select_metric,
-              "selection_score": float(table["selection_score"].iloc[chosen]), "chosen_by": SELECTION_NOTE,
-              "weights_sha256": fingerprint}
-    choice = chosen_fusion(configs[chosen], val, stats, calibration.false_alarm_rate, source) if params.apply else None
+    source = {"config": configs[final].name, "select_metric": params.select_metric,
+              "selection_score": float(table["selection_score"].iloc[final]), "chosen_by": SELECTION_NOTE,
+              "candidate": configs[candidate].name, "margin": margin.describe(), "weights_sha256": fingerprint}
+    applied = params.apply and margin.adopted and final != default
+    choice = chosen_fusion(configs[final], subset(val, parts.calibration), stats, calibration.false_alarm_rate,
+                           source) if applied else None
     fusion_file = write_chosen_fusion(run_dir, choice, source)
     write_decision_overlays(run_dir, test)
     lap("overlays_s")
@@ -161,11 +225,14 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     summary = {
         "category": category,
         "run": str(run_dir.resolve()),
-        **_summary(table, configs, chosen, oracle, params),
-        "selection_set": {"normal_validation_images": len(val), "synthetic_defects": len(synthetic),
+        **_summary(table, configs, {"default": default, "candidate": candidate, "final": final}, oracle, params,
+                   margin),
+        "selection_set": {"normal_validation_images": int((selection.labels == 0).sum()),
+                          "synthetic_defects": int((selection.labels == 1).sum()),
+                          "calibration_images": len(parts.calibration), "validation_split_note": parts.note,
                           "kinds": list(params.synthetic_kinds), "per_image": params.synthetic_per_image,
                           "seed": params.synthetic_seed},
-        "applied": params.apply,
+        "applied": applied,
         "fusion_file": str(fusion_file),
         "timing": lap.total(),
     }

@@ -74,6 +74,29 @@ def synthetic_maps(run_dir: Path, val: MapSet, params: AblationParams) -> MapSet
     return synthetic
 
 
+def subset(stored: MapSet, indices: np.ndarray) -> MapSet:
+    """The images `indices` of a map set, in that order."""
+    masks = None if stored.masks is None else stored.masks[indices]
+    return MapSet(stored.maps[indices], stored.labels[indices], np.asarray(stored.defect_types)[indices],
+                  np.asarray(stored.paths)[indices], masks, dict(stored.meta))
+
+
+def selection_part(val: MapSet, synthetic: MapSet, indices: np.ndarray) -> tuple[MapSet, MapSet]:
+    """The validation images `indices` and the defective copies pasted on them (copies follow
+    their base image's order: `synthetic_maps` makes `per_image` copies of each in turn)."""
+    keep = set(np.asarray(val.paths, dtype=str)[indices])
+    copies = np.flatnonzero([str(p) in keep for p in synthetic.paths])
+    return subset(val, indices), subset(synthetic, copies)
+
+
+def source_units(selection: MapSet) -> tuple[np.ndarray, int]:
+    """The bootstrap's resampling unit of each image of a `selection_set`: the index of its
+    source validation image (a defective copy shares its base image's unit), and the count."""
+    paths = np.asarray(selection.paths, dtype=str)
+    names, units = np.unique(paths, return_inverse=True)
+    return units.astype(np.int64), len(names)
+
+
 def selection_set(val: MapSet, synthetic: MapSet) -> MapSet:
     """Normal validation images (label 0, empty masks) followed by their defective copies."""
     size = val.maps.shape[-1]
