@@ -74,7 +74,8 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     scores: dict[str, np.ndarray] = {}
     maps: dict[str, np.ndarray] | None = {} if masks is not None else None
     for view in VIEWS:
-        fused, scores[view] = fused_and_scores(six, detector.view_spec(view), detector.calibration.map_stats)
+        fused, scores[view] = fused_and_scores(six, detector.view_spec(view), detector.calibration.map_stats,
+                                               detector.score_spec)
         if maps is not None:
             maps[view] = fused
     truth = metrics.PixelTruth(masks) if masks is not None else None  # regions labelled once for all views
@@ -86,6 +87,8 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         "image_level_only": masks is None,
         # which fusion the fused view used: the trained params, or the ablation's choice
         "fusion": fusion_label(detector),
+        # how maps became image scores: the model's calibrated reduction, not the params file's
+        "score": detector.score_spec.to_json(),
     }
     if truth_report is None:
         result["note"] = IMAGE_ONLY_NOTE

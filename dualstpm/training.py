@@ -30,7 +30,8 @@ from dualstpm.detector import Calibration, save_detector, summarize
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import atomic_file
-from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
+from dualstpm.fusion import (BRANCHES, MAX_SCORE, VIEWS, FusionSpec, MapStatsAccumulator, ScoreSpec, calibrate_threshold,
+                             fuse, image_score)
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
 from dualstpm.rng import own_rng
@@ -83,12 +84,12 @@ def six_maps(model: DualStpmModel, images: Tensor, compute: Compute) -> Tensor:
 
 
 def branch_scores(model: DualStpmModel, images: Tensor, spec: FusionSpec, batch_size: int, compute: Compute) -> dict[str, np.ndarray]:
-    """Image scores of each branch alone on raw maps: the model-selection signal."""
+    """Image scores (max of the map, `MAX_SCORE`) of each branch alone on raw maps: the model-selection signal."""
     scores: dict[str, list[Tensor]] = {b: [] for b in BRANCHES}
     for start in range(0, len(images), batch_size):
         maps = six_maps(model, images[start : start + batch_size], compute)
         for branch in BRANCHES:
-            scores[branch].append(image_scores(fuse(maps, spec.view(branch))).cpu())
+            scores[branch].append(image_score(fuse(maps, spec.view(branch)), MAX_SCORE).cpu())
     return {b: torch.cat(s).numpy() for b, s in scores.items()}
 
 
@@ -181,8 +182,12 @@ def check_resumable(checkpoint: Mapping[str, Any], params: Params, data: Mapping
 class Trainer:
     """Holds the state of one fit: model, optimisers, best checkpoints, history."""
 
-    def __init__(self, params: Params, run_dir: Path, compute: Compute, data: Mapping[str, Any]) -> None:
+    def __init__(self, params: Params, run_dir: Path, compute: Compute, data: Mapping[str, Any],
+                 branches: tuple[str, ...] = BRANCHES) -> None:
+        """`branches`: the students `train_epoch` trains (a fit trains both; `dualstpm bench`
+        also times each alone with this same loop)."""
         self.params = params
+        self.branches = branches
         self.data = dict(data)
         self.run_dir = run_dir
         self.compute = compute
@@ -191,7 +196,7 @@ class Trainer:
         fit = params.fit
         self.optimizers = {
             name: torch.optim.SGD(student.parameters(), lr=fit.lr, momentum=fit.momentum, weight_decay=fit.weight_decay)
-            for name, student in self.model.students().items()
+            for name, student in self.model.students().items() if name in branches
         }
         self.best: dict[str, dict] = {b: {"score": math.inf, "epoch": 0, "state": None} for b in BRANCHES}
         self.history: list[dict[str, float]] = []
@@ -233,13 +238,13 @@ class Trainer:
         order = epoch_order(len(images), self.params.seed, epoch)
         n_batches = math.ceil(len(images) / fit.batch_size)
         task = progress.add_task(f"epoch {epoch}/{fit.epochs}", total=n_batches, status="")
-        totals = {b: 0.0 for b in BRANCHES}
+        totals = {b: 0.0 for b in self.branches}
         for index in range(n_batches):
             indices = order[index * fit.batch_size : (index + 1) * fit.batch_size]
             batch = self.compute.images(images[indices])
             teachers = cache.batch(indices, self.compute) if cache is not None else None
             with self.compute.autocast():
-                losses = dict(zip(BRANCHES, self.model.pyramids(batch, teachers).losses(), strict=True))
+                losses = self.model.losses(batch, teachers, self.branches)
             for branch, loss in losses.items():
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -256,7 +261,7 @@ class Trainer:
                 totals[branch] += loss.item() * len(batch)
             progress.update(task, advance=1, status=" ".join(f"{b} {l.item():.4f}" for b, l in losses.items()))
         progress.remove_task(task)
-        return {f"loss_{b}": totals[b] / len(images) for b in BRANCHES}
+        return {f"loss_{b}": totals[b] / len(images) for b in self.branches}
 
     def select(self, val_images: Tensor) -> dict[str, float]:
         """Keep each branch's checkpoint with the lowest mean validation image score.
@@ -286,15 +291,16 @@ class Trainer:
 
 def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute: Compute,
               selected_epochs: dict[str, int], category: str) -> Calibration:
-    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate."""
+    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate,
+    in the units of the image score `params.score` reduces to (recorded in the calibration)."""
     batch_size = params.fit.batch_size
     maps = [six_maps(model, val_images[i : i + batch_size], compute) for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
     for batch in maps:
         accumulator.update(batch)
     stats = accumulator.result()
-    spec = FusionSpec.from_params(params.fusion)
-    scores = {v: torch.cat([image_scores(fuse(m, spec.view(v), stats)) for m in maps]).numpy() for v in VIEWS}
+    spec, score = FusionSpec.from_params(params.fusion), ScoreSpec.from_params(params.score)
+    scores = {v: torch.cat([image_score(fuse(m, spec.view(v), stats), score) for m in maps]).numpy() for v in VIEWS}
     rate = params.calibration.false_alarm_rate
     return Calibration(
         image_size=params.image_size,
@@ -304,6 +310,7 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         selected_epochs=selected_epochs,
         category=category,
         false_alarm_rate=rate,
+        score=score,
     )
 
 

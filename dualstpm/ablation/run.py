@@ -7,7 +7,10 @@ Writes into `RUN/ablation/`:
                                 selection set's metrics (`val_*`), selection_score,
                                 test_score, chosen, oracle
     summary.json                STPM alone, the published fusion, the validation-chosen
-                                fusion and the oracle (best on test, labelled as such)
+                                fusion and the oracle (best on test, labelled as such),
+                                and the score-reduction table's rows
+    score_reductions.csv        the trained fusion's image metrics under each image-score
+                                reduction (`reductions.REDUCTIONS`; reported, never applied)
     branch_weight_heatmap.png   metrics vs w_B / (w_A + w_B)
     six_map_panel.png           image, mask, six maps and fused maps of a few test images
     overlays/*.png, overlays.png  the test overlays redrawn in the model's decision view
@@ -31,13 +34,14 @@ import pandas as pd
 
 from dualstpm.ablation.figures import HEATMAP_FILE, PANEL_FILE, write_heatmap, write_panel
 from dualstpm.ablation.grid import Config, build_grid
+from dualstpm.ablation.reductions import REDUCTIONS_FILE, reduction_summary, reduction_table, table_reductions
 from dualstpm.ablation.rescore import SplitScorer, score_grid
 from dualstpm.ablation.selection import METRICS, check_same_model, choose, combined_score, selection_set, synthetic_maps
 from dualstpm.config import AblationParams
 from dualstpm.detector import ChosenFusion, Detector, read_model_dir, write_chosen_fusion
 from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
-from dualstpm.fusion import FusionSpec, MapStats, calibrate_threshold
+from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, calibrate_threshold
 from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet, fused_and_scores
 
 ABLATION_DIR = "ablation"
@@ -78,9 +82,11 @@ def _summary(table: pd.DataFrame, configs: list[Config], chosen: int, oracle: in
     }
 
 
-def chosen_fusion(config: Config, val: MapSet, stats: MapStats, false_alarm_rate: float, source: dict) -> ChosenFusion:
-    """The chosen fusion with its threshold recalibrated on the validation maps."""
-    scores = fused_and_scores(val.maps, config.spec, stats)[1]
+def chosen_fusion(config: Config, val: MapSet, stats: MapStats, false_alarm_rate: float, source: dict,
+                  score: ScoreSpec) -> ChosenFusion:
+    """The chosen fusion with its threshold recalibrated on the validation maps, in the units
+    of the model's image-score reduction `score` (`Calibration.score`)."""
+    scores = fused_and_scores(val.maps, config.spec, stats, score)[1]
     return ChosenFusion(config.spec, calibrate_threshold(scores, false_alarm_rate), source, float(scores.min()))
 
 
@@ -116,7 +122,7 @@ def write_decision_overlays(run_dir: Path, test: MapSet) -> Path:
     """Redraw the test overlays with the fusion the model now decides with (`RUN/ablation/overlays*`);
     the telling images are chosen by that fusion's scores of the stored maps. Returns the grid."""
     detector = Detector.load(run_dir)
-    _, scores = fused_and_scores(test.maps, detector.spec, detector.calibration.map_stats)
+    _, scores = fused_and_scores(test.maps, detector.spec, detector.calibration.map_stats, detector.score_spec)
     names = [overlay_name(kind, Path(path)) for kind, path in zip(test.defect_types, test.paths, strict=True)]
     return write_overlays(run_dir / ABLATION_DIR, detector, [Path(p) for p in test.paths],
                           test.labels.astype(bool), scores, names, test.masks)
@@ -135,14 +141,19 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
 
     stats, sigma = calibration.map_stats, model_params.fusion.sigma
     configs = build_grid(params, sigma)
-    splits = {"test": SplitScorer(test, stats), "val": SplitScorer(selection_set(val, synthetic), stats)}
+    splits = {split: SplitScorer(maps, stats, calibration.score)
+              for split, maps in (("test", test), ("val", selection_set(val, synthetic)))}
     table = score_grid(configs, splits, params.workers)
     chosen, oracle = rank(table, params.select_metric)
     lap("grid_s")
+    reductions = reduction_table(FusionSpec.from_params(model_params.fusion), splits,
+                                 table_reductions(model_params.image_size, calibration.score), calibration.score)
+    lap("score_reductions_s")
 
     out_dir = run_dir / ABLATION_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / TABLE_FILE, table)
+    write_csv(out_dir / REDUCTIONS_FILE, reductions)
     category = str(test.meta["category"])
     write_heatmap(table, out_dir / HEATMAP_FILE, category)
     if params.panel_images:
@@ -153,7 +164,8 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     source = {"config": configs[chosen].name, "select_metric": params.select_metric,
               "selection_score": float(table["selection_score"].iloc[chosen]), "chosen_by": SELECTION_NOTE,
               "weights_sha256": fingerprint}
-    choice = chosen_fusion(configs[chosen], val, stats, calibration.false_alarm_rate, source) if params.apply else None
+    choice = (chosen_fusion(configs[chosen], val, stats, calibration.false_alarm_rate, source, calibration.score)
+              if params.apply else None)
     fusion_file = write_chosen_fusion(run_dir, choice, source)
     write_decision_overlays(run_dir, test)
     lap("overlays_s")
@@ -165,6 +177,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
         "selection_set": {"normal_validation_images": len(val), "synthetic_defects": len(synthetic),
                           "kinds": list(params.synthetic_kinds), "per_image": params.synthetic_per_image,
                           "seed": params.synthetic_seed},
+        "score_reductions": reduction_summary(reductions),
         "applied": params.apply,
         "fusion_file": str(fusion_file),
         "timing": lap.total(),
