@@ -138,7 +138,7 @@ from dualstpm.detector import Detector  # noqa: E402
 from dualstpm.errors import DualStpmError, RunError  # noqa: E402
 from dualstpm.evaluation import test_run  # noqa: E402
 from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
-from dualstpm.fusion import VIEWS, fuse, image_scores  # noqa: E402
+from dualstpm.fusion import VIEWS, fuse, image_score  # noqa: E402
 from dualstpm.models.backbone import FeaturePyramid, load_teacher  # noqa: E402
 from dualstpm.models.loss import distance_map_chunked  # noqa: E402
 from dualstpm.models.torch_model import DualStpmModel  # noqa: E402
@@ -440,7 +440,7 @@ def branch_predictor(detector: Detector, branch: str) -> Predictor:
             ]
             maps = torch.cat(levels, dim=1).float()
         fused = fuse(maps[:, None].expand(-1, 2, -1, -1, -1), spec, stats)
-        return image_scores(fused), fused
+        return image_score(fused, detector.score_spec), fused
 
     return predict
 

@@ -4,8 +4,9 @@ Each phase runs in a fresh child process so that its peak resident memory is its
 Figures are medians of repeated timings; compare ratios from one run, since absolute
 times on shared machines drift.
 
-- training: images/s over one epoch after a warm-up epoch, per branch and for both,
-  with and without the teacher-feature cache, plus the first-epoch losses of both ways;
+- training: images/s over one epoch of the real training loop (`training.Trainer`, the
+  run's `fit.*` params) after a warm-up epoch, per branch and for both, with and without
+  the teacher-feature cache, plus the first-epoch losses of both ways;
 - inference: the floor (T1, S1, T2, S2 forward only, nothing else, `inference_mode`),
   fused-model throughput at batch 16 and latency at batch 1 (decoded image to score and
   map), and their ratio to the floor;
@@ -25,6 +26,7 @@ import os
 import platform
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,9 +40,9 @@ from dualstpm.data import decode_images, load_category
 from dualstpm.detector import Detector
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import write_json
-from dualstpm.models.loss import pyramid_loss
 from dualstpm.models.torch_model import DualStpmModel
-from dualstpm.training import build_model, calibrate
+from dualstpm.progress import progress_bar
+from dualstpm.training import Trainer, build_model, calibrate
 
 INFER_BATCH = 16
 
@@ -69,73 +71,46 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def train_epoch(
-    model: DualStpmModel,
-    images: Tensor,
-    batch_size: int,
-    branches: tuple[str, ...],
-    compute: Compute,
-    cache: TeacherFeatureCache | None,
-) -> tuple[float, dict[str, float]]:
-    """One epoch in a fixed order, training only `branches`; (seconds, mean loss per branch).
-
-    Without a cache only the teachers a branch needs are run (T1 for A, T1 and T2 for B),
-    so per-branch figures are what training that branch alone would cost.
-    """
-    students = {"stpm": model.s1, "recon": model.s2}
-    params = [p for b in branches for p in students[b].parameters()]
-    optimizer = torch.optim.SGD(params, lr=0.4, momentum=0.9, weight_decay=1e-4)
-    model.train()
-    totals = dict.fromkeys(branches, 0.0)
-    compute.sync()
-    start = time.perf_counter()
-    for first in range(0, len(images), batch_size):
-        indices = torch.arange(first, min(first + batch_size, len(images)))
-        x = compute.images(images[indices])
-        with compute.autocast():
-            if cache is not None:
-                teachers = cache.batch(indices, compute)
-                t1_levels, t1_deep, t2_levels = teachers.t1_levels, teachers.t1_deep, teachers.t2_levels
-            else:
-                with torch.no_grad():
-                    *t1_levels, t1_deep = model.t1(x)
-                    t2_levels = model.t2(x) if "recon" in branches else None
-            losses = {}
-            if "stpm" in branches:
-                losses["stpm"] = pyramid_loss(t1_levels, model.s1(x))
-            if "recon" in branches:
-                losses["recon"] = pyramid_loss(t2_levels, model.s2(t1_deep, t2_levels))
-        optimizer.zero_grad(set_to_none=True)
-        sum(losses.values()).backward()
-        optimizer.step()
-        for branch, loss in losses.items():
-            totals[branch] += loss.item() * len(indices)
-    compute.sync()
-    return time.perf_counter() - start, {b: t / len(images) for b, t in totals.items()}
+def timed_epoch(trainer: Trainer, images: Tensor, cache: TeacherFeatureCache | None) -> tuple[float, dict[str, float]]:
+    """One epoch of the real training loop (`Trainer.train_epoch`, the run's `fit.*` params,
+    its branches only); (seconds, mean loss per branch). Without a cache only the teachers
+    those branches need run (T1 for stpm, T1 and T2 for recon), so per-branch figures are
+    what training that branch alone costs."""
+    with progress_bar() as progress:
+        trainer.compute.sync()
+        start = time.perf_counter()
+        losses = trainer.train_epoch(images, progress, cache)
+        trainer.compute.sync()
+        seconds = time.perf_counter() - start
+    trainer.epochs_done += 1  # as `training.fit` counts: the next epoch draws its own order
+    return seconds, {b: losses[f"loss_{b}"] for b in trainer.branches}
 
 
 def training_phase(params: Params, images: Tensor, compute: Compute) -> dict:
-    """Throughput per branch and for both, with and without the cache; first-epoch losses."""
+    """Throughput per branch and for both, with and without the cache; first-epoch losses.
+    A warm-up epoch, then a timed one, of a fresh `Trainer` per (cache, branches)."""
     batch_size = params.fit.batch_size
     out: dict = {}
-    for cached in (False, True):
-        tag = "cache" if cached else "no_cache"
-        for branches in (("stpm", "recon"), ("stpm",), ("recon",)):
-            model = build_model(params, compute)
-            cache = None
-            if cached:
-                start = time.perf_counter()
-                cache = TeacherFeatureCache.build(model, images, batch_size, compute, params.fit.cache_ram_gb * 2**30, Path("."))
-                out[f"{tag}_build_s"] = time.perf_counter() - start
-            _, first_losses = train_epoch(model, images, batch_size, branches, compute, cache)  # warm-up epoch
-            seconds, _ = train_epoch(model, images, batch_size, branches, compute, cache)
-            name = "+".join(branches)
-            out[f"{tag}_{name}_epoch_s"] = seconds
-            out[f"{tag}_{name}_images_per_s"] = len(images) / seconds
-            if len(branches) == 2:
-                out[f"{tag}_first_epoch_losses"] = first_losses
-            if cache is not None:
-                cache.close()
+    with tempfile.TemporaryDirectory(prefix="dualstpm-bench-train-") as work:
+        for cached in (False, True):
+            tag = "cache" if cached else "no_cache"
+            for branches in (("stpm", "recon"), ("stpm",), ("recon",)):
+                trainer = Trainer(params, Path(work), compute, {}, branches)
+                cache = None
+                if cached:
+                    start = time.perf_counter()
+                    cache = TeacherFeatureCache.build(trainer.model, images, batch_size, compute,
+                                                      params.fit.cache_ram_gb * 2**30, Path(work))
+                    out[f"{tag}_build_s"] = time.perf_counter() - start
+                _, first_losses = timed_epoch(trainer, images, cache)  # warm-up epoch
+                seconds, _ = timed_epoch(trainer, images, cache)
+                name = "+".join(branches)
+                out[f"{tag}_{name}_epoch_s"] = seconds
+                out[f"{tag}_{name}_images_per_s"] = len(images) / seconds
+                if len(branches) == 2:
+                    out[f"{tag}_first_epoch_losses"] = first_losses
+                if cache is not None:
+                    cache.close()
     both = "stpm+recon"
     out["cache_epoch_ratio"] = out[f"cache_{both}_epoch_s"] / out[f"no_cache_{both}_epoch_s"]
     out["cache_loss_rel_diff"] = max(
@@ -216,8 +191,6 @@ def backend_phases(params: Params, paths: list[Path], repeats: int, backends: tu
                    precisions: tuple[str, ...]) -> dict:
     """Export the seeded model in every supported (backend, precision) asked for, then time
     PyTorch float32 and each export, each in its own process; {"backend/precision": figures}."""
-    import tempfile
-
     from dualstpm.backends import BACKENDS, DEFAULT_FORMAT
     from dualstpm.detector import save_detector
     from dualstpm.errors import ExportError

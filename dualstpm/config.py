@@ -190,6 +190,24 @@ class FusionParams(_Strict):
         return value
 
 
+ScoreReduce = Literal["max", "topk_mean", "smoothed_max"]
+
+
+class ScoreParams(_Strict):
+    """How a fused anomaly map becomes one image score (`dualstpm.fusion.image_score`).
+
+    It changes what calibration computes (thresholds and the normalised score are in the
+    reduced units), not what training computes: model selection always scores with the max.
+    """
+
+    reduce: ScoreReduce = Field(
+        "max", description="max of the map | topk_mean: mean of its score.topk highest pixels | "
+        "smoothed_max: max after a Gaussian blur of score.sigma px"
+    )
+    topk: float = Field(0.01, gt=0, le=1, description="topk_mean: fraction of the map's pixels averaged (at least 1 pixel)")
+    sigma: float = Field(4.0, gt=0, description="smoothed_max: Gaussian sigma in px of the blur before the max")
+
+
 class CalibrationParams(_Strict):
     false_alarm_rate: float = Field(0.01, ge=0, lt=1, description="share of good validation parts flagged")
     split: float = Field(
@@ -318,6 +336,7 @@ class Params(_Strict):
     model: ModelParams = Field(default_factory=ModelParams)
     fit: FitParams = FitParams()
     fusion: FusionParams = FusionParams()
+    score: ScoreParams = ScoreParams()
     calibration: CalibrationParams = CalibrationParams()
     ablation: AblationParams = AblationParams()
     tracking: TrackingParams = TrackingParams()
@@ -340,6 +359,18 @@ class Params(_Strict):
             raise ValueError(
                 f"fusion.sigma={value.sigma:g} blurs with a radius of ceil(4 sigma) = {math.ceil(4 * value.sigma)} px, "
                 f"which must be smaller than the {size} px map (image_size): use fusion.sigma <= {(size - 1) / 4:g}"
+            )
+        return value
+
+    @field_validator("score")
+    @classmethod
+    def _score_blur_fits_the_map(cls, value: ScoreParams, info: ValidationInfo) -> ScoreParams:
+        """smoothed_max blurs the image_size px fused map as fusion.sigma does (see above)."""
+        size = info.data.get("image_size")
+        if size is not None and value.reduce == "smoothed_max" and math.ceil(4 * value.sigma) >= size:
+            raise ValueError(
+                f"score.sigma={value.sigma:g} blurs with a radius of ceil(4 sigma) = {math.ceil(4 * value.sigma)} px, "
+                f"which must be smaller than the {size} px map (image_size): use score.sigma <= {(size - 1) / 4:g}"
             )
         return value
 

@@ -2,7 +2,8 @@
 
 A model directory holds three files, none of them pickled:
 `weights.safetensors` (all four networks), `params.yaml` (the resolved params) and
-`calibration.json` (validation statistics, thresholds, selected epochs). It is written
+`calibration.json` (validation statistics, thresholds, selected epochs, and the image-score
+reduction the thresholds are in: see `Calibration.score`). It is written
 to a hidden sibling and swapped into place, so a crash never leaves half a model.
 A fourth, `fusion.json`, is written by `dualstpm ablate`: when its choice (made on
 validation data, adopted only on a bootstrap margin) is applied, it is the `chosen` view
@@ -29,7 +30,7 @@ from dualstpm.compute import Compute
 from dualstpm.config import FusionParams, Params, load_params, save_params
 from dualstpm.errors import RunError
 from dualstpm.files import staged_dir, write_bytes, write_json
-from dualstpm.fusion import VIEWS, FusionSpec, MapStats, image_scores
+from dualstpm.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec, image_score
 from dualstpm.models.inference import DualStpmInference, InferenceOutput
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE, trained_model_dir
@@ -39,9 +40,18 @@ FUSION_FILE = "fusion.json"
 CHOSEN_VIEW = "chosen"  # the view of an applied chosen fusion (metrics.json row, thresholds key)
 
 
+#: the reduction of a calibration.json written before `score.*` existed: the max was the only one
+LEGACY_SCORE = ScoreSpec("max")
+
+
 @dataclass
 class Calibration:
-    """What the validation split taught us, saved next to the weights."""
+    """What the validation split taught us, saved next to the weights.
+
+    `score` is the image-score reduction the thresholds and score summaries are in: the
+    detector scores with it, not with whatever `score.*` a later params file says, so a
+    threshold is never compared with a score of other units.
+    """
 
     image_size: int
     map_stats: MapStats
@@ -54,16 +64,19 @@ class Calibration:
     notes: list[str] = field(default_factory=list)
     # sizes of the validation parts that selected the epoch and calibrated (training.validation_parts)
     validation_split: dict = field(default_factory=dict)
+    score: ScoreSpec = LEGACY_SCORE
 
     def to_json(self) -> dict:
         data = asdict(self)
         data["map_stats"] = self.map_stats.to_json()
+        data["score"] = self.score.to_json()
         return data
 
     @classmethod
     def from_json(cls, data: dict) -> Calibration:
         data = dict(data)
         data["map_stats"] = MapStats.from_json(data["map_stats"])
+        data["score"] = ScoreSpec.from_json(data["score"]) if "score" in data else LEGACY_SCORE
         return cls(**data)
 
 
@@ -127,6 +140,7 @@ class Detector:
         self.trained_spec = FusionSpec.from_params(params.fusion)
         self.spec = chosen.spec if chosen else self.trained_spec  # the decision view's fusion
         self.thresholds = {**calibration.thresholds, **({CHOSEN_VIEW: chosen.threshold} if chosen else {})}  # per view
+        self.score_spec = calibration.score  # the units of the thresholds (not params.score: see Calibration)
         val_min = chosen.val_min if chosen else calibration.val_score_summary["fused"]["min"]
         if val_min is None:
             raise RunError("the applied chosen fusion has no validation minimum (an older fusion.json): "
@@ -134,7 +148,7 @@ class Detector:
         # the one scoring module (networks, fusion, normalisation, decision): see dualstpm.models.inference
         self.inference = compute.module(DualStpmInference(
             model, self.spec, self.trained_spec, calibration.map_stats.mean, calibration.map_stats.std,
-            self.threshold, val_min)).eval()
+            self.threshold, val_min, score=self.score_spec)).eval()
         self.model = self.inference.network
 
     @property
@@ -188,9 +202,9 @@ class Detector:
 
     @torch.inference_mode()
     def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
-        """Fuse six maps into each requested view and score them."""
+        """Fuse six maps into each requested view and score them (`score_spec`)."""
         fused = self.inference.view_maps(maps.to(self.compute.device), views)
-        return ScoredBatch({v: image_scores(m) for v, m in fused.items()}, fused)
+        return ScoredBatch({v: image_score(m, self.score_spec) for v, m in fused.items()}, fused)
 
     @torch.inference_mode()
     def infer(self, images: Tensor) -> InferenceOutput:
@@ -231,16 +245,17 @@ class Detector:
         compute = compute or Compute.resolve(device, params.fit.precision)
         chosen = read_chosen_fusion(model_dir)
         if chosen is not None and chosen.val_min is None:
-            chosen = replace(chosen, val_min=_stored_val_min(Path(run_dir), chosen.spec, calibration.map_stats))
+            chosen = replace(chosen, val_min=_stored_val_min(Path(run_dir), chosen.spec, calibration))
         return cls(model, params, calibration, compute, chosen)
 
 
-def _stored_val_min(run_dir: Path, spec: FusionSpec, stats: MapStats) -> float:
-    """The lowest validation image score under `spec`, from the maps `dualstpm test` stored
-    (for a fusion.json written before it recorded this)."""
+def _stored_val_min(run_dir: Path, spec: FusionSpec, calibration: Calibration) -> float:
+    """The lowest validation image score under `spec` (in `calibration.score`'s units), from the
+    maps `dualstpm test` stored (for a fusion.json written before it recorded this)."""
     from dualstpm.maps import MAPS_DIR, VAL_MAPS, MapSet, fused_and_scores
 
-    return float(fused_and_scores(MapSet.load(run_dir / MAPS_DIR / VAL_MAPS).maps, spec, stats)[1].min())
+    val = MapSet.load(run_dir / MAPS_DIR / VAL_MAPS)
+    return float(fused_and_scores(val.maps, spec, calibration.map_stats, calibration.score)[1].min())
 
 
 def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:

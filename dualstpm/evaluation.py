@@ -89,7 +89,8 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     maps: dict[str, np.ndarray] | None = {} if masks is not None else None
     views = detector.views
     for view in views:
-        fused, scores[view] = fused_and_scores(six, detector.view_spec(view), detector.calibration.map_stats)
+        fused, scores[view] = fused_and_scores(six, detector.view_spec(view), detector.calibration.map_stats,
+                                               detector.score_spec)
         if maps is not None:
             maps[view] = fused
     truth = metrics.PixelTruth(masks) if masks is not None else None  # regions labelled once for all views
@@ -105,6 +106,8 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         "calibration": {"false_alarm_rate": detector.calibration.false_alarm_rate,
                         "validation_split": detector.calibration.validation_split,
                         "notes": detector.calibration.notes},
+        # how maps became image scores: the model's calibrated reduction, not the params file's
+        "score": detector.score_spec.to_json(),
     }
     if truth_report is None:
         result["note"] = IMAGE_ONLY_NOTE

@@ -4,7 +4,7 @@ An export folder holds the model file(s) and `metadata.json`; it is built in a s
 folder and swapped in complete (`dualstpm.files.staged_dir`). What is exported is a trace
 of :class:`dualstpm.models.inference.DualStpmInference` in float32: teachers' and students'
 normalisation, the six maps, the fusion with its validation statistics, smoothing, the
-image score, the normalised score and the decision at the stored threshold are all
+image score (the calibrated `score.*` reduction), the normalised score and the decision at the stored threshold are all
 inside the graph. The resize is not (see `metadata.json` → `input.resize`).
 
 Supported (format, precision) pairs, see :data:`SUPPORTED`:
@@ -198,13 +198,15 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         "input": {"name": INPUT_NAME, "shape": ["N", 3, size, size], "dtype": "float32", "range": [0.0, 1.0],
                   "resize": RESIZE_NOTE},
         "outputs": {
-            "score": "(N,) raw fused image score: max of the fused map",
+            "score": f"(N,) raw fused image score: {detector.score_spec.label} of the fused map (see score)",
             "normalized_score": "(N,) in [0, 1]; 0.5 = the threshold (see normalization)",
             "label": "(N,) bool, true = defective (score > threshold)",
             "anomaly_map": "(N, S, S) fused anomaly map at image_size, raw score units",
             "stpm_score": "(N,) branch A (STPM) alone", "recon_score": "(N,) branch B (reconstruction) alone",
         },
         "threshold": detector.threshold,
+        # the reduction of the fused map to the image score; threshold and normalization are in its units
+        "score": {**detector.score_spec.to_json(), "function": "dualstpm.fusion.image_score"},
         "normalization": detector.inference.normalization.to_json(),
         "fusion": {**asdict(detector.spec),
                    "source": detector.chosen.source if detector.chosen else "params.fusion",

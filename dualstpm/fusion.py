@@ -1,4 +1,4 @@
-"""Six maps, one answer (METHOD.md §4): normalisation, fusion, smoothing, calibration.
+"""Six maps, one answer (METHOD.md §4): normalisation, fusion, smoothing, image score, calibration.
 
 Pure tensor functions so that the model, the evaluation and the fusion-weight ablation
 re-score maps the same way. Maps arrive as a tensor of shape (B, 2, 3, H, W): branch
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from dualstpm.config import FusionMode, FusionParams
+from dualstpm.config import FusionMode, FusionParams, ScoreParams, ScoreReduce
 
 BRANCHES = ("stpm", "recon")
 VIEWS = ("fused", "stpm", "recon")
@@ -140,9 +140,62 @@ def fuse(maps: Tensor, spec: FusionSpec, stats: MapStats | None = None) -> Tenso
     return fused
 
 
-def image_scores(fused: Tensor) -> Tensor:
-    """Image score = max of the fused map (METHOD.md §4)."""
-    return fused.flatten(1).amax(dim=1)
+@dataclass(frozen=True)
+class ScoreSpec:
+    """How a fused map becomes an image score: the `score.*` params (see :func:`image_score`)."""
+
+    reduce: ScoreReduce = "max"
+    topk: float = 0.01
+    sigma: float = 4.0
+
+    @classmethod
+    def from_params(cls, params: ScoreParams) -> ScoreSpec:
+        return cls(params.reduce, params.topk, params.sigma)
+
+    def to_json(self) -> dict[str, str | float]:
+        """Only what the reduction uses, e.g. {"reduce": "topk_mean", "topk": 0.01}."""
+        used = {"max": {}, "topk_mean": {"topk": self.topk}, "smoothed_max": {"sigma": self.sigma}}[self.reduce]
+        return {"reduce": self.reduce, **used}
+
+    @classmethod
+    def from_json(cls, data: dict) -> ScoreSpec:
+        """Read `to_json`'s record, validated like `params.score` (pydantic's ValidationError, a ValueError, on bad values)."""
+        return cls.from_params(ScoreParams(**data))
+
+    @property
+    def label(self) -> str:
+        """`max`, `topk_mean(topk=0.01)` or `smoothed_max(sigma=4)`: a table row's name."""
+        used = ", ".join(f"{k}={v:g}" for k, v in self.to_json().items() if k != "reduce")
+        return f"{self.reduce}({used})" if used else self.reduce
+
+
+#: model selection's score (the original STPM rule), whatever `score.*` says: so that a
+#: model can be re-calibrated with another reduction without retraining.
+MAX_SCORE = ScoreSpec("max")
+
+
+def topk_count(n_pixels: int, fraction: float) -> int:
+    """Pixels averaged by `topk_mean`: round(fraction * n_pixels), at least 1, at most n_pixels."""
+    return min(n_pixels, max(1, round(fraction * n_pixels)))
+
+
+def image_score(fused: Tensor, spec: ScoreSpec) -> Tensor:
+    """(B, H, W) fused maps -> (B,) image scores, in the map's units (METHOD.md §4 uses the max).
+
+    - `max`: the largest pixel;
+    - `topk_mean`: the mean of the k = `topk_count(H * W, spec.topk)` largest pixels; k is
+      a Python int from the map's size, so a traced or exported graph holds it constant;
+    - `smoothed_max`: the largest pixel after `gaussian_blur(fused, spec.sigma)`, so a lone
+      hot pixel counts for what its neighbourhood supports.
+    """
+    if spec.reduce == "smoothed_max":
+        fused = gaussian_blur(fused, spec.sigma)
+    flat = fused.flatten(1)
+    if spec.reduce == "topk_mean":
+        # int() of a traced size is a constant: the graph's k is fixed for the exported map size
+        k = topk_count(int(fused.shape[-2]) * int(fused.shape[-1]), spec.topk)
+        return flat.topk(k, dim=1, sorted=False).values.mean(dim=1)
+    return flat.amax(dim=1)
 
 
 def calibrate_threshold(val_scores: np.ndarray, false_alarm_rate: float) -> float:

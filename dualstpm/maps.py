@@ -31,7 +31,7 @@ from dualstpm.data import Category, decode_images, split_train_val
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError
 from dualstpm.files import atomic_file
-from dualstpm.fusion import FusionSpec, MapStats, fuse, image_scores
+from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, fuse, image_score
 
 MAPS_DIR = "maps"
 TEST_MAPS = "test.npz"
@@ -75,10 +75,16 @@ def fuse_stack(maps: np.ndarray, spec: FusionSpec, stats: MapStats | None) -> np
     return fused
 
 
-def fused_and_scores(maps: np.ndarray, spec: FusionSpec, stats: MapStats | None) -> tuple[np.ndarray, np.ndarray]:
-    """(fused maps (N, S, S) float32, image scores (N,) float64) of a stored stack."""
+def fused_and_scores(maps: np.ndarray, spec: FusionSpec, stats: MapStats | None,
+                     score: ScoreSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(fused maps (N, S, S) float32, image scores (N,) float64 reduced by `score`) of a stored stack."""
     fused = fuse_stack(maps, spec, stats)
-    return fused, image_scores(torch.from_numpy(fused)).numpy().astype(np.float64)
+    return fused, stack_scores(fused, score)
+
+
+def stack_scores(fused: np.ndarray, score: ScoreSpec) -> np.ndarray:
+    """(N, S, S) float32 fused maps -> (N,) float64 image scores (`fusion.image_score`)."""
+    return image_score(torch.from_numpy(fused), score).numpy().astype(np.float64)
 
 
 @dataclass(frozen=True)

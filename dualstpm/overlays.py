@@ -10,9 +10,9 @@ The colour scale is fixed by the model, not by the picture (:class:`OverlayScale
 - ``low``: the fused-map level of a typical good pixel, i.e. the fused value of six maps
   each at its validation mean (``calibration.json``'s ``map_stats``, fused with the
   decision view's fusion). At or below it the image is left untouched.
-- ``threshold``: the model's decision threshold (image score = the map's maximum; a part
-  is defective when its score is above it). Opacity grows linearly from 0 at ``low`` to
-  :data:`OVERLAY_ALPHA` at the threshold and stays there above it.
+- ``threshold``: the model's decision threshold (a part is defective when its image score,
+  the map's max, top-k mean or smoothed max: map units, is above it). Opacity grows
+  linearly from 0 at ``low`` to :data:`OVERLAY_ALPHA` at the threshold and stays there above it.
 - ``high`` = ``threshold + (threshold - low) / 2``: the top of the colour bar, so the
   threshold sits at two thirds of it (jet: yellow-orange; above it orange to dark red).
 

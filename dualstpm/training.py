@@ -1,15 +1,10 @@
 """Training both branches on one category (METHOD.md §5), with checkpoints and resume.
 
 The loop is plain PyTorch: two students, two SGD optimisers, frozen teachers. After every
-<<<<<<< HEAD
 epoch the validation images pick the best checkpoint per branch (`fit.select`: lowest mean
 image score, or lowest mean of the anomaly map as the released STPM code does) and a
 checkpoint is written atomically, so an interrupted fit continues with `--resume` and ends
 where an uninterrupted one would have.
-=======
-epoch the validation images pick the best checkpoint per branch (lowest mean image score,
-the original STPM rule) and a checkpoint is written atomically, so an interrupted fit
-continues with `--resume` and ends where an uninterrupted one would have.
 
 The validation images are split in two disjoint, seeded parts (`validation_parts`,
 `calibration.split`): the *selection* part picks the epoch, the *calibration* part then
@@ -18,7 +13,6 @@ also chose the epoch is biased low (the chosen epoch is the one that scores thos
 images lowest), so its false-alarm rate on new good parts would exceed the target. A
 split, not cross-fitting: one model is shipped, so there is one epoch choice, and the
 thresholds must be measured on images that choice never saw.
->>>>>>> choices
 """
 
 from __future__ import annotations
@@ -45,7 +39,8 @@ from dualstpm.detector import Calibration, save_detector, summarize
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import atomic_file
-from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
+from dualstpm.fusion import (BRANCHES, MAX_SCORE, VIEWS, FusionSpec, MapStatsAccumulator, ScoreSpec, calibrate_threshold,
+                             fuse, image_score)
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
 from dualstpm.rng import own_rng
@@ -114,7 +109,7 @@ def branch_statistics(model: DualStpmModel, images: Tensor, spec: FusionSpec, ba
         maps = six_maps(model, images[start : start + batch_size], compute)
         for branch in BRANCHES:
             view = fuse(maps, spec.view(branch))
-            stats[branch]["score"].append(image_scores(view).cpu())
+            stats[branch]["score"].append(image_score(view, MAX_SCORE).cpu())
             stats[branch]["map_mean"].append(view.flatten(1).mean(dim=1).cpu())
     return {b: {k: torch.cat(v).numpy() for k, v in s.items()} for b, s in stats.items()}
 
@@ -253,8 +248,12 @@ def check_resumable(checkpoint: Mapping[str, Any], params: Params, data: Mapping
 class Trainer:
     """Holds the state of one fit: model, optimisers, best checkpoints, history."""
 
-    def __init__(self, params: Params, run_dir: Path, compute: Compute, data: Mapping[str, Any]) -> None:
+    def __init__(self, params: Params, run_dir: Path, compute: Compute, data: Mapping[str, Any],
+                 branches: tuple[str, ...] = BRANCHES) -> None:
+        """`branches`: the students `train_epoch` trains (a fit trains both; `dualstpm bench`
+        also times each alone with this same loop)."""
         self.params = params
+        self.branches = branches
         self.data = dict(data)
         self.run_dir = run_dir
         self.compute = compute
@@ -263,7 +262,7 @@ class Trainer:
         fit = params.fit
         self.optimizers = {
             name: torch.optim.SGD(student.parameters(), lr=fit.lr, momentum=fit.momentum, weight_decay=fit.weight_decay)
-            for name, student in self.model.students().items()
+            for name, student in self.model.students().items() if name in branches
         }
         self.best: dict[str, dict] = {b: {"score": math.inf, "epoch": 0, "state": None} for b in BRANCHES}
         self.history: list[dict[str, float]] = []
@@ -305,13 +304,13 @@ class Trainer:
         order = epoch_order(len(images), self.params.seed, epoch)
         n_batches = math.ceil(len(images) / fit.batch_size)
         task = progress.add_task(f"epoch {epoch}/{fit.epochs}", total=n_batches, status="")
-        totals = {b: 0.0 for b in BRANCHES}
+        totals = {b: 0.0 for b in self.branches}
         for index in range(n_batches):
             indices = order[index * fit.batch_size : (index + 1) * fit.batch_size]
             batch = self.compute.images(images[indices])
             teachers = cache.batch(indices, self.compute) if cache is not None else None
             with self.compute.autocast():
-                losses = dict(zip(BRANCHES, self.model.pyramids(batch, teachers).losses(fit.loss_scale), strict=True))
+                losses = self.model.losses(batch, teachers, self.branches, fit.loss_scale)
             for branch, loss in losses.items():
                 if not torch.isfinite(loss):
                     raise TrainingError(
@@ -328,7 +327,7 @@ class Trainer:
                 totals[branch] += loss.item() * len(batch)
             progress.update(task, advance=1, status=" ".join(f"{b} {l.item():.4f}" for b, l in losses.items()))
         progress.remove_task(task)
-        return {f"loss_{b}": totals[b] / len(images) for b in BRANCHES}
+        return {f"loss_{b}": totals[b] / len(images) for b in self.branches}
 
     def select(self, val_images: Tensor) -> dict[str, float]:
         """Keep each branch's checkpoint with the lowest mean over validation images of the
@@ -366,15 +365,16 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
     """Per-map validation statistics, then per-view thresholds at the target false-alarm rate.
 
     `val_images` are the calibration part of the validation images (`validation_parts`);
-    `parts`, when given, is recorded in the calibration (sizes, disjointness, its note)."""
+    `parts`, when given, is recorded in the calibration (sizes, disjointness, its note).
+    Thresholds are in the units of the image score `params.score` reduces to (recorded too)."""
     batch_size = params.fit.batch_size
     maps = [six_maps(model, val_images[i : i + batch_size], compute) for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
     for batch in maps:
         accumulator.update(batch)
     stats = accumulator.result()
-    spec = FusionSpec.from_params(params.fusion)
-    scores = {v: torch.cat([image_scores(fuse(m, spec.view(v), stats)) for m in maps]).numpy() for v in VIEWS}
+    spec, score = FusionSpec.from_params(params.fusion), ScoreSpec.from_params(params.score)
+    scores = {v: torch.cat([image_score(fuse(m, spec.view(v), stats), score) for m in maps]).numpy() for v in VIEWS}
     rate = params.calibration.false_alarm_rate
     return Calibration(
         image_size=params.image_size,
@@ -386,6 +386,7 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         false_alarm_rate=rate,
         notes=[parts.note] if parts is not None and parts.note else [],
         validation_split=parts.to_json() if parts is not None else {},
+        score=score,
     )
 
 

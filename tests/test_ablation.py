@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
@@ -20,7 +21,7 @@ from dualstpm.data import decode_images
 from dualstpm.detector import Detector, read_model_dir, write_chosen_fusion
 from dualstpm.errors import RunError
 from dualstpm.evaluation import test_run
-from dualstpm.fusion import FusionSpec, MapStats, fuse
+from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, fuse
 from dualstpm.maps import MapSet
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
@@ -103,9 +104,10 @@ def test_weight_zero_ignores_that_branch_in_the_stored_maps(ablated):
     test = MapSet.load(run / "maps" / "test.npz")
     garbage = test.maps.copy()
     garbage[:, 1] = np.random.default_rng(0).uniform(0, 2, garbage[:, 1].shape).astype(np.float16)
-    stats = read_model_dir(run)[2].map_stats
-    original = SplitScorer(test, stats)
-    changed = SplitScorer(dataclasses.replace(test, maps=garbage), stats)
+    calibration = read_model_dir(run)[2]
+    stats = calibration.map_stats
+    original = SplitScorer(test, stats, calibration.score)
+    changed = SplitScorer(dataclasses.replace(test, maps=garbage), stats, calibration.score)
     for config in build_grid(PARAMS):
         if config.branch_weight == 0.0:
             assert changed.score(config.spec) == original.score(config.spec), config.name
@@ -183,7 +185,7 @@ def test_the_applied_choice_decides_and_test_keeps_params_fusion_as_fused(ablate
     calibration = read_model_dir(other)[2]
     val = MapSet.load(other / "maps" / "val.npz")
     write_chosen_fusion(other, chosen_fusion(config, val, calibration.map_stats, calibration.false_alarm_rate,
-                                             {"config": config.name}))
+                                             {"config": config.name}, calibration.score))
     detector = Detector.load(other)
     assert detector.spec == config.spec and detector.threshold != calibration.thresholds["fused"]
     assert detector.decision_view == "chosen" and detector.view_spec("fused") == FusionSpec()
@@ -266,6 +268,34 @@ def test_ablation_report_compares_stpm_published_chosen_and_oracle(ablated, tmp_
     assert report_metrics(table)["synth_texture"]["oracle"]["aupro"] == result.summary["oracle"]["aupro"]
     with pytest.raises(RunError, match="dualstpm ablate"):
         ablation_report([tmp_path])
+
+
+def test_ablation_reports_the_score_reductions_without_applying_one(ablated):
+    """The score-reduction table re-scores the trained fusion's stored maps: its `max` row is
+    the grid's `published` row (same fusion, the model's reduction), and nothing changes the
+    model's reduction."""
+    run, _, result = ablated
+    table = pd.read_csv(run / "ablation" / "score_reductions.csv")
+    assert list(table["name"]) == ["max", "topk_mean(topk=0.001)", "topk_mean(topk=0.01)", "topk_mean(topk=0.05)",
+                                   "smoothed_max(sigma=2)", "smoothed_max(sigma=4)", "smoothed_max(sigma=8)"]
+    assert list(table["model"]) == [True] + [False] * 6  # the tiny run was calibrated with the max
+    published = result.table.set_index("name").loc["published"]
+    max_row = table.set_index("name").loc["max"]
+    for column in ("image_auroc", "image_f1_max", "val_image_auroc", "val_image_f1_max"):
+        assert max_row[column] == pytest.approx(published[column], abs=1e-12), column
+    summary = result.summary["score_reductions"]
+    assert summary["file"] == "score_reductions.csv" and len(summary["rows"]) == 7
+    assert summary["best_on_validation_image_auroc"] in set(table["name"])
+    assert read_model_dir(run)[2].score == ScoreSpec("max") and Detector.load(run).score_spec == ScoreSpec("max")
+
+
+def test_the_reduction_grid_keeps_what_fits_the_map_and_adds_the_model_reduction():
+    from dualstpm.ablation.reductions import table_reductions
+
+    # at 32 px a sigma of 8 blurs with a radius of 32 px: no longer below the map size
+    assert [r.label for r in table_reductions(32, ScoreSpec("max"))][-1] == "smoothed_max(sigma=4)"
+    own = ScoreSpec("topk_mean", topk=0.02)
+    assert table_reductions(64, own)[-1] == own and len(table_reductions(64, own)) == 8
 
 
 def test_ablation_params_are_validated():

@@ -109,8 +109,9 @@ def test_an_older_fusion_json_takes_its_validation_minimum_from_the_stored_maps(
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("exports"))
     test_run(run, synthetic_root, "synth_texture")  # stores maps/val.npz
     spec = FusionSpec(mode="sum")
-    stats = Detector.load(run).calibration.map_stats
-    scores = fused_and_scores(MapSet.load(run / "maps" / "val.npz").maps, spec, stats)[1]
+    calibration = Detector.load(run).calibration
+    scores = fused_and_scores(MapSet.load(run / "maps" / "val.npz").maps, spec, calibration.map_stats,
+                              calibration.score)[1]
     write_chosen_fusion(run, ChosenFusion(spec, float(scores.max()), {"config": "sum"}))  # no val_min, as before
     assert json.loads((run / "model" / "fusion.json").read_text())["val_min"] is None
     assert Detector.load(run).inference.normalization.val_min == pytest.approx(float(scores.min()), rel=1e-6)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from dualstpm.fusion import FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, gaussian_blur, image_scores
+from dualstpm.fusion import FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, gaussian_blur
 
 
 def six_maps(seed: int = 0, batch: int = 2, size: int = 5) -> torch.Tensor:
@@ -64,12 +64,6 @@ def test_gaussian_blur_keeps_mass_and_spreads_a_peak():
     blurred = gaussian_blur(impulse, sigma=4.0)
     assert blurred.sum().item() == pytest.approx(1.0, abs=1e-4)
     assert blurred[0, 20, 20] < 0.02 and blurred[0, 20, 24] > 0.005
-
-
-def test_image_score_is_the_map_maximum():
-    m = torch.zeros(2, 4, 4)
-    m[0, 1, 2], m[1, 3, 3] = 5.0, 2.0
-    assert image_scores(m).tolist() == [5.0, 2.0]
 
 
 def test_threshold_flags_at_most_the_false_alarm_rate():

@@ -75,6 +75,25 @@ def test_branch_losses_reach_only_their_own_student():
     assert all(p.grad is None for p in model.s2.parameters())
 
 
+def test_training_losses_of_some_branches_run_only_the_networks_they_need():
+    """`losses` is what `Trainer.train_epoch` (and so `dualstpm bench`) trains on: the same
+    values as the pyramids' losses; branch A alone runs neither T2 nor S2."""
+    torch.manual_seed(0)
+    model = DualStpmModel.build(params("tf_efficientnet_lite0", "tf_efficientnet_lite2"))
+    model.train()
+    images = torch.rand(2, 3, 64, 64)
+    both = model.losses(images)
+    loss_a, loss_b = model.pyramids(images).losses()
+    assert set(both) == {"stpm", "recon"} and both["stpm"].item() == loss_a.item() and both["recon"].item() == loss_b.item()
+
+    def unused(*_):
+        raise AssertionError("branch A alone must not run T2 or S2")
+
+    model.t2.forward = model.s2.forward = unused
+    alone = model.losses(images, branches=("stpm",))
+    assert set(alone) == {"stpm"} and alone["stpm"].item() == loss_a.item()
+
+
 def test_attention_gate_can_be_switched_off():
     with_gate = ReconstructionStudent(320, (24, 48, 120), attention=True)
     without = ReconstructionStudent(320, (24, 48, 120), attention=False)

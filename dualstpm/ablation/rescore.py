@@ -1,7 +1,8 @@
 """Re-scoring stored maps under every configuration: array arithmetic, no network.
 
 Per configuration and split: one vectorised fusion of the whole (N, 2, 3, S, S) stack
-(`maps.fuse_stack`, i.e. `fusion.fuse`), image scores as map maxima, and the metrics of
+(`maps.fuse_stack`, i.e. `fusion.fuse`), image scores by the model's calibrated reduction
+(`fusion.image_score`; the score-reduction table varies it instead), and the metrics of
 `dualstpm.metrics`. The ground truth is prepared once per split (`metrics.PixelTruth`:
 connected regions labelled once, not per configuration or threshold), and a
 configuration whose `FusionSpec` equals an earlier one is not scored twice.
@@ -19,22 +20,25 @@ import os
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pandas as pd
 
 from dualstpm import metrics
 from dualstpm.ablation.grid import Config
-from dualstpm.fusion import FusionSpec, MapStats
-from dualstpm.maps import MapSet, fused_and_scores
+from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec
+from dualstpm.maps import MapSet, fuse_stack, fused_and_scores, stack_scores
 
 Metrics = dict[str, float | None]
 
 
 class SplitScorer:
-    """Scores one split's stored maps under any fusion, with the masks prepared once."""
+    """Scores one split's stored maps under any fusion, with the masks prepared once;
+    image scores by `score` (the model's reduction: `Calibration.score`)."""
 
-    def __init__(self, stored: MapSet, stats: MapStats) -> None:
+    def __init__(self, stored: MapSet, stats: MapStats, score: ScoreSpec) -> None:
         self.stored = stored
         self.stats = stats
+        self.score_spec = score
         self.labels = stored.labels.astype(bool)
         self.truth = metrics.PixelTruth(stored.masks) if stored.masks is not None else None
         if self.truth is not None:
@@ -43,16 +47,23 @@ class SplitScorer:
 
     def score(self, spec: FusionSpec) -> Metrics:
         if spec not in self._memo:
-            fused, scores = fused_and_scores(self.stored.maps, spec, self.stats)
+            fused, scores = fused_and_scores(self.stored.maps, spec, self.stats, self.score_spec)
             pixel, pro = metrics.pixel_metrics(self.truth, fused) if self.truth is not None else (None, None)
-            best = metrics.f1_max(self.labels, scores)
-            self._memo[spec] = {
-                "image_auroc": metrics.image_auroc(self.labels, scores),
-                "pixel_auroc": pixel,
-                "aupro": pro,
-                "image_f1_max": None if best is None else best[0],
-            }
+            image = self.image_metrics(scores)
+            self._memo[spec] = {"image_auroc": image["image_auroc"], "pixel_auroc": pixel, "aupro": pro,
+                                "image_f1_max": image["image_f1_max"]}
         return self._memo[spec]
+
+    def image_metrics(self, scores: np.ndarray) -> Metrics:
+        """Image AUROC and F1-max of (N,) image scores of this split (None where undefined)."""
+        best = metrics.f1_max(self.labels, scores)
+        return {"image_auroc": metrics.image_auroc(self.labels, scores), "image_f1_max": None if best is None else best[0]}
+
+    def reductions(self, spec: FusionSpec, scores: Sequence[ScoreSpec]) -> list[Metrics]:
+        """Image metrics of `spec`'s fused maps under each reduction in `scores` (fused once;
+        pixel metrics do not depend on the reduction, so they are not computed)."""
+        fused = fuse_stack(self.stored.maps, spec, self.stats)
+        return [self.image_metrics(stack_scores(fused, score)) for score in scores]
 
 
 def default_workers() -> int:

@@ -7,7 +7,10 @@ Writes into `RUN/ablation/`:
                                 selection set's metrics (`val_*`), selection_score,
                                 test_score, chosen, oracle
     summary.json                STPM alone, the published fusion, the validation-chosen
-                                fusion and the oracle (best on test, labelled as such)
+                                fusion and the oracle (best on test, labelled as such),
+                                and the score-reduction table's rows
+    score_reductions.csv        the trained fusion's image metrics under each image-score
+                                reduction (`reductions.REDUCTIONS`; reported, never applied)
     branch_weight_heatmap.png   metrics vs w_B / (w_A + w_B)
     six_map_panel.png           image, mask, six maps and fused maps of a few test images
     overlays/*.png, overlays.png  the test overlays redrawn in the model's decision view
@@ -43,6 +46,7 @@ import pandas as pd
 
 from dualstpm.ablation.figures import HEATMAP_FILE, PANEL_FILE, write_heatmap, write_panel
 from dualstpm.ablation.grid import Config, build_grid
+from dualstpm.ablation.reductions import REDUCTIONS_FILE, reduction_summary, reduction_table, table_reductions
 from dualstpm.ablation.rescore import SplitScorer, score_grid
 from dualstpm.ablation.margin import Margin, bootstrap_margin, contributions
 from dualstpm.ablation.selection import (
@@ -60,7 +64,7 @@ from dualstpm.config import AblationParams
 from dualstpm.detector import ChosenFusion, Detector, read_model_dir, write_chosen_fusion
 from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
-from dualstpm.fusion import FusionSpec, MapStats, calibrate_threshold
+from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, calibrate_threshold
 from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet, fused_and_scores
 from dualstpm.training import validation_parts
 
@@ -107,9 +111,11 @@ def _summary(table: pd.DataFrame, configs: list[Config], picks: dict[str, int], 
     }
 
 
-def chosen_fusion(config: Config, val: MapSet, stats: MapStats, false_alarm_rate: float, source: dict) -> ChosenFusion:
-    """The chosen fusion with its threshold recalibrated on the validation maps."""
-    scores = fused_and_scores(val.maps, config.spec, stats)[1]
+def chosen_fusion(config: Config, val: MapSet, stats: MapStats, false_alarm_rate: float, source: dict,
+                  score: ScoreSpec) -> ChosenFusion:
+    """The chosen fusion with its threshold recalibrated on the validation maps, in the units
+    of the model's image-score reduction `score` (`Calibration.score`)."""
+    scores = fused_and_scores(val.maps, config.spec, stats, score)[1]
     return ChosenFusion(config.spec, calibrate_threshold(scores, false_alarm_rate), source, float(scores.min()))
 
 
@@ -152,13 +158,13 @@ def with_default(configs: list[Config], default: FusionSpec) -> tuple[list[Confi
 
 
 def adoption_margin(selection: MapSet, stats: MapStats, default: FusionSpec, candidate: FusionSpec,
-                    params: AblationParams) -> Margin:
+                    params: AblationParams, score: ScoreSpec) -> Margin:
     """`margin.bootstrap_margin` of `candidate` over `default` on the selection set, resampled
-    by source image. The same fusion on both sides gives a difference of exactly 0 (kept)."""
+    by source image, image scores reduced with `score` (the model's). The same fusion on both sides gives a difference of exactly 0 (kept)."""
     units, n_units = source_units(selection)
 
     def contributed(spec: FusionSpec):
-        fused, scores = fused_and_scores(selection.maps, spec, stats)
+        fused, scores = fused_and_scores(selection.maps, spec, stats, score)
         return contributions(scores, selection.labels, units, n_units, fused, selection.masks)
 
     base = contributed(default)
@@ -171,7 +177,7 @@ def write_decision_overlays(run_dir: Path, test: MapSet) -> Path:
     """Redraw the test overlays with the fusion the model now decides with (`RUN/ablation/overlays*`);
     the telling images are chosen by that fusion's scores of the stored maps. Returns the grid."""
     detector = Detector.load(run_dir)
-    _, scores = fused_and_scores(test.maps, detector.spec, detector.calibration.map_stats)
+    _, scores = fused_and_scores(test.maps, detector.spec, detector.calibration.map_stats, detector.score_spec)
     names = [overlay_name(kind, Path(path)) for kind, path in zip(test.defect_types, test.paths, strict=True)]
     return write_overlays(run_dir / ABLATION_DIR, detector, [Path(p) for p in test.paths],
                           test.labels.astype(bool), scores, names, test.masks)
@@ -193,18 +199,22 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     selection = selection_set(*selection_part(val, synthetic, parts.selection))
     default_spec = FusionSpec.from_params(model_params.fusion)
     configs, default = with_default(build_grid(params, sigma), default_spec)
-    splits = {"test": SplitScorer(test, stats), "val": SplitScorer(selection, stats)}
+    splits = {"test": SplitScorer(test, stats, calibration.score), "val": SplitScorer(selection, stats, calibration.score)}
     table = score_grid(configs, splits, params.workers)
     candidate, oracle = rank(table, params.select_metric)
     lap("grid_s")
-    margin = adoption_margin(selection, stats, default_spec, configs[candidate].spec, params)
+    margin = adoption_margin(selection, stats, default_spec, configs[candidate].spec, params, calibration.score)
     final = candidate if margin.adopted else default
     table["chosen"] = np.arange(len(table)) == final
     lap("margin_s")
+    reductions = reduction_table(FusionSpec.from_params(model_params.fusion), splits,
+                                 table_reductions(model_params.image_size, calibration.score), calibration.score)
+    lap("score_reductions_s")
 
     out_dir = run_dir / ABLATION_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / TABLE_FILE, table)
+    write_csv(out_dir / REDUCTIONS_FILE, reductions)
     category = str(test.meta["category"])
     write_heatmap(table, out_dir / HEATMAP_FILE, category)
     if params.panel_images:
@@ -217,7 +227,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
               "candidate": configs[candidate].name, "margin": margin.describe(), "weights_sha256": fingerprint}
     applied = params.apply and margin.adopted and final != default
     choice = chosen_fusion(configs[final], subset(val, parts.calibration), stats, calibration.false_alarm_rate,
-                           source) if applied else None
+                           source, calibration.score) if applied else None
     fusion_file = write_chosen_fusion(run_dir, choice, source)
     write_decision_overlays(run_dir, test)
     lap("overlays_s")
@@ -232,6 +242,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
                           "calibration_images": len(parts.calibration), "validation_split_note": parts.note,
                           "kinds": list(params.synthetic_kinds), "per_image": params.synthetic_per_image,
                           "seed": params.synthetic_seed},
+        "score_reductions": reduction_summary(reductions),
         "applied": applied,
         "fusion_file": str(fusion_file),
         "timing": lap.total(),

@@ -11,10 +11,11 @@ or float in [0, 1] (an export takes float32). Resizing stays outside: use
 image, as training did. Each teacher and student applies its own mean/std inside.
 
 Outputs (:class:`InferenceOutput`, in this order, also the output names of an export):
-`score` (N,) raw fused image score (max of the fused map), `normalized_score` (N,) in
+`score` (N,) raw fused image score (the fused map reduced by the `score` spec: its max,
+top-k mean or smoothed max, :func:`dualstpm.fusion.image_score`), `normalized_score` (N,) in
 [0, 1] with 0.5 at the threshold (:class:`~dualstpm.models.anomaly_map.ScoreNormalization`),
 `label` (N,) bool, True = defective (score > threshold), `anomaly_map` (N, H, W) fused map
-(raw units), `stpm_score` and `recon_score` (N,) each branch alone, as trained.
+(raw units), `stpm_score` and `recon_score` (N,) each branch alone, as trained (same reduction).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dualstpm.fusion import VIEWS, FusionSpec, image_scores
+from dualstpm.fusion import VIEWS, FusionSpec, ScoreSpec, image_score
 from dualstpm.models.anomaly_map import MapFusion, ScoreNormalization
 from dualstpm.models.torch_model import DualStpmModel
 
@@ -62,17 +63,21 @@ class DualStpmInference(nn.Module):
         map_mean, map_std: (2, 3) per-map validation statistics.
         threshold: the fused view's decision threshold (raw score units).
         val_min: the fused view's lowest validation image score (for the normalised score).
+        score: how every view's map becomes an image score (the calibration's reduction:
+            the threshold and val_min are in its units).
         chunked: compute distances a few images at a time (eager speed); set False before
             tracing or exporting, so that one graph serves any batch size.
     """
 
     def __init__(self, network: DualStpmModel, fused: FusionSpec, trained: FusionSpec, map_mean: Tensor,
-                 map_std: Tensor, threshold: float, val_min: float, chunked: bool = True) -> None:
+                 map_std: Tensor, threshold: float, val_min: float, chunked: bool = True, *,
+                 score: ScoreSpec) -> None:
         super().__init__()
         self.network = network.eval()
         specs = {"fused": fused, **{view: trained.view(view) for view in VIEWS if view != "fused"}}
         self.fusions = nn.ModuleDict({view: MapFusion(spec, map_mean, map_std) for view, spec in specs.items()})
         self.normalization = ScoreNormalization(threshold, val_min)
+        self.score_spec = score
         self.chunked = chunked
 
     @property
@@ -90,7 +95,7 @@ class DualStpmInference(nn.Module):
 
     def forward(self, images: Tensor) -> InferenceOutput:
         fused = self.view_maps(self.six_maps(images))
-        scores = {view: image_scores(m) for view, m in fused.items()}
+        scores = {view: image_score(m, self.score_spec) for view, m in fused.items()}
         return InferenceOutput(
             score=scores["fused"],
             normalized_score=self.normalization(scores["fused"]),

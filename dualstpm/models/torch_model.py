@@ -100,15 +100,16 @@ class DualStpmModel(nn.Module):
     def students(self) -> dict[str, nn.Module]:
         return {"stpm": self.s1, "recon": self.s2}
 
-    def teacher_features(self, images: Tensor) -> TeacherFeatures:
+    def teacher_features(self, images: Tensor, t2: bool = True) -> TeacherFeatures:
         """What the frozen teachers say about a batch; never trained through, so no autograd.
 
         Training has no augmentation, so these are the same every epoch for an image: the
         feature cache (`dualstpm.feature_cache`) computes them once and reuses them.
+        `t2` False skips T2 (its pyramid is then empty): what training branch A alone needs.
         """
         with torch.no_grad():
             *t1_levels, t1_deep = self.t1(images)
-            return TeacherFeatures(t1_levels, t1_deep, self.t2(images))
+            return TeacherFeatures(t1_levels, t1_deep, self.t2(images) if t2 else [])
 
     def pyramids(self, images: Tensor, teachers: TeacherFeatures | None = None) -> PyramidPairs:
         """All four pyramids; `teachers` may come precomputed (cache), else they are computed."""
@@ -116,6 +117,19 @@ class DualStpmModel(nn.Module):
         s1_levels = self.s1(images)
         s2_levels = self.s2(teachers.t1_deep, teachers.t2_levels)
         return PyramidPairs(teachers.t1_levels, s1_levels, teachers.t2_levels, s2_levels)
+
+    def losses(self, images: Tensor, teachers: TeacherFeatures | None = None,
+               branches: tuple[str, ...] = ("stpm", "recon"), scale: float = 1.0) -> dict[str, Tensor]:
+        """The training losses of `branches` (`stpm`, `recon`) for a batch (B, 3, H, W): each a
+        `pyramid_loss` (scalar, times `scale` = `fit.loss_scale`) reaching only its own student. `teachers` may come from the
+        cache; else only the teachers these branches need run (T1, and T2 for `recon`)."""
+        teachers = teachers if teachers is not None else self.teacher_features(images, t2="recon" in branches)
+        losses = {}
+        if "stpm" in branches:
+            losses["stpm"] = pyramid_loss(teachers.t1_levels, self.s1(images), scale)
+        if "recon" in branches:
+            losses["recon"] = pyramid_loss(teachers.t2_levels, self.s2(teachers.t1_deep, teachers.t2_levels), scale)
+        return losses
 
     def forward(self, images: Tensor) -> PyramidPairs | Tensor:
         """Train mode: the pyramids for the losses. Eval mode: six maps (B, 2, 3, H, W)."""
