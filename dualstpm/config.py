@@ -134,6 +134,9 @@ class FitParams(_Strict):
     )
     cache: bool = Field(True, description="compute teacher features once and reuse them every epoch")
     cache_ram_gb: float = Field(4.0, ge=0, description="RAM budget of that cache; above it, a memory-mapped file")
+    discriminator: bool = Field(
+        False, description="after both branches, train the discriminative stage (`disc.*`, METHOD.md §5b): the view `disc`"
+    )
 
 
 FusionMode = Literal["product", "sum", "product_all"]
@@ -147,6 +150,10 @@ class FusionParams(_Strict):
     )
     normalize: Literal["none", "val_stats"] = "none"
     sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of the fused map in px; 0 = off")
+    view: Literal["fused", "disc", "stpm", "recon"] = Field(
+        "fused", description="the view the model decides with (score, label, map of predict/export; `default` in "
+        "metrics.json); disc needs fit.discriminator: true"
+    )
 
     @field_validator("weights")
     @classmethod
@@ -156,6 +163,24 @@ class FusionParams(_Strict):
         if any(w < 0 for row in value for w in row) or not any(w > 0 for row in value for w in row):
             raise ValueError("weights must be >= 0 with at least one > 0")
         return value
+
+
+DefectKind = Literal["cutpaste", "scratch", "texture"]
+
+
+class DiscParams(_Strict):
+    """The discriminative stage (METHOD.md §5b), trained when `fit.discriminator` is true."""
+
+    epochs: int = Field(20, ge=1, description="epochs over the cached maps of the synthetic training set")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(16, ge=1, description="maps per optimiser step")
+    width: int = Field(32, ge=1, le=512, description="channels of the hidden convolutions")
+    kinds: list[DefectKind] = Field(
+        default_factory=lambda: ["cutpaste", "scratch", "texture"], min_length=1,
+        description="synthetic defects pasted on the training images (texture: smooth noise blended into a blob)",
+    )
+    copies: int = Field(1, ge=1, le=10, description="defective copies of each training image (its clean copy is also used)")
+    val_copies: int = Field(1, ge=1, le=10, description="defective copies of each validation image, to select the epoch")
 
 
 class CalibrationParams(_Strict):
@@ -276,6 +301,7 @@ class Params(_Strict):
     model: ModelParams = Field(default_factory=ModelParams)
     fit: FitParams = FitParams()
     fusion: FusionParams = FusionParams()
+    disc: DiscParams = DiscParams()
     calibration: CalibrationParams = CalibrationParams()
     ablation: AblationParams = AblationParams()
     tracking: TrackingParams = TrackingParams()
@@ -300,6 +326,15 @@ class Params(_Strict):
                 f"which must be smaller than the {size} px map (image_size): use fusion.sigma <= {(size - 1) / 4:g}"
             )
         return value
+
+    @model_validator(mode="after")
+    def _decision_view_exists(self) -> Params:
+        if self.fusion.view == "disc" and not self.fit.discriminator:
+            raise ValueError(
+                "fusion.view = 'disc' decides with the discriminative stage, but fit.discriminator is false so none "
+                "is trained: set fit.discriminator=true, or fusion.view to fused, stpm or recon"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
@@ -330,7 +365,10 @@ def _format_errors(error: ValidationError, source: str) -> str:
             if isinstance(value, bool) and item["type"] in ("int_type", "float_type"):
                 message += " (YAML reads true/false/yes/no/on/off as booleans: give a number)"
             # a check across keys (e.g. T1 = T2) names its keys itself: no dump of the section
-            lines.append(f"  - {key}: {message}" if isinstance(value, dict) else f"  - {key} = {value!r}: {message}")
+            if not key:  # a check across sections names its keys itself
+                lines.append(f"  - {message}")
+            else:
+                lines.append(f"  - {key}: {message}" if isinstance(value, dict) else f"  - {key} = {value!r}: {message}")
     if unknown:
         lines.append("valid keys: " + ", ".join(valid_keys()))
     return "\n".join(lines)

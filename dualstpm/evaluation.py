@@ -2,7 +2,8 @@
 
 The test split is touched here and nowhere else. Metrics are computed per view: the
 fused model and each branch alone, with the same fusion settings and the thresholds
-calibrated on validation images.
+calibrated on validation images, and the discriminative stage (`disc`) on a model that has
+it. `default` names the view the model decides with (`fusion.view`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,8 @@ from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
 from dualstpm.files import write_json
 from dualstpm.figures import PLOTS_DIR, overlay_name, write_test_figures
-from dualstpm.fusion import VIEWS
-from dualstpm.maps import MAPS_DIR, compute_six_maps, fused_and_scores, store_test_and_val_maps
+from dualstpm.fusion import DISC_VIEW, VIEWS
+from dualstpm.maps import MAPS_DIR, compute_six_maps, disc_and_scores, fused_and_scores, store_test_and_val_maps
 from dualstpm.overlays import fusion_label
 
 METRICS_FILE = "metrics.json"
@@ -38,7 +39,7 @@ def undefined_metrics_note(result: dict, has_ground_truth: bool) -> str | None:
         reasons.append(IMAGE_ONLY_NOTE)
     if n_defective == result["n_test_images"]:
         reasons.append("the test set has no good images, so image AUROC is undefined (null): it needs good images too")
-    unflagged = [view for view in VIEWS if result[view]["precision"] is None]
+    unflagged = [view for view in (*VIEWS, DISC_VIEW) if view in result and result[view]["precision"] is None]
     if unflagged:
         reasons.append(f"no test image scores above the threshold of {', '.join(unflagged)}, so precision is "
                        "undefined (null) there: nothing was flagged")
@@ -77,6 +78,10 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         fused, scores[view] = fused_and_scores(six, detector.view_spec(view), detector.calibration.map_stats)
         if maps is not None:
             maps[view] = fused
+    if DISC_VIEW in detector.views:
+        disc_maps, scores[DISC_VIEW] = disc_and_scores(six, detector)
+        if maps is not None:
+            maps[DISC_VIEW] = disc_maps
     truth = metrics.PixelTruth(masks) if masks is not None else None  # regions labelled once for all views
 
     result: dict = {
@@ -86,6 +91,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         "image_level_only": masks is None,
         # which fusion the fused view used: the trained params, or the ablation's choice
         "fusion": fusion_label(detector),
+        "default": detector.decision,  # the view the model decides with (predict, export, registry)
     }
     if truth_report is None:
         result["note"] = IMAGE_ONLY_NOTE
@@ -94,7 +100,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         note = truth_report.note()
         if note:
             result["note"] = note
-    for view in VIEWS:
+    for view in detector.views:
         result[view] = metrics.evaluate(
             labels,
             defect_types,

@@ -127,7 +127,7 @@ def write_overlays(out_dir: Path, detector: Detector, paths: Sequence[Path], lab
         with atomic_file(folder / f"{index:03d}_{names[index]}.png") as tmp:
             draw_overlay(*args, title=names[index], mask=mask).save(tmp)
         cells.append(draw_overlay(*args, title=names[index], mask=mask, width=GRID_CELL_WIDTH))
-    heading = (f"{detector.calibration.category}: fused anomaly maps, decision view {fusion_label(detector)} "
+    heading = (f"{detector.calibration.category}: {detector.decision} anomaly maps, fusion {fusion_label(detector)} "
                "(white outline: ground truth)")
     grid_path = out_dir / OVERLAY_GRID
     with atomic_file(grid_path) as tmp:
@@ -145,6 +145,6 @@ def write_test_figures(plots_dir: Path, detector: Detector, paths: Sequence[Path
         write_roc(staging, labels, scores)
         if maps is not None and masks is not None:
             write_pro(staging, masks, maps)
-        write_overlays(staging, detector, paths, np.asarray(labels, dtype=bool), scores["fused"], names, masks)
+        write_overlays(staging, detector, paths, np.asarray(labels, dtype=bool), scores[detector.decision], names, masks)
     return plots_dir
 

@@ -27,10 +27,11 @@ from dualstpm.compute import Compute
 from dualstpm.config import Params
 from dualstpm.data import Category, decode_images, load_category, split_train_val
 from dualstpm.detector import Calibration, save_detector, summarize
+from dualstpm.disc_training import DISC_HISTORY_FILE, DiscResult, train_discriminator
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import atomic_file
-from dualstpm.fusion import BRANCHES, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
+from dualstpm.fusion import BRANCHES, DISC_VIEW, VIEWS, FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, image_scores
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
 from dualstpm.rng import own_rng
@@ -49,6 +50,7 @@ class FitResult:
     history: list[dict[str, float]]
     selected_epochs: dict[str, int]
     thresholds: dict[str, float]
+    disc_seconds: float | None = None  # wall time of the discriminative stage (None: not trained)
 
 
 def seed_everything(seed: int) -> None:
@@ -103,7 +105,7 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 #: fit keys that do not change what an epoch computes, so a resumed fit may change them
 #: (epochs only upwards: see `check_resumable`).
-RESUMABLE_FIT_KEYS = ("epochs", "device", "cache", "cache_ram_gb")
+RESUMABLE_FIT_KEYS = ("epochs", "device", "cache", "cache_ram_gb", "discriminator")  # the stage runs after the epochs
 
 
 class FitInterrupted(KeyboardInterrupt):
@@ -285,8 +287,9 @@ class Trainer:
 
 
 def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute: Compute,
-              selected_epochs: dict[str, int], category: str) -> Calibration:
-    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate."""
+              selected_epochs: dict[str, int], category: str, disc: DiscResult | None = None) -> Calibration:
+    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate
+    (the view `disc` too when `disc` is given)."""
     batch_size = params.fit.batch_size
     maps = [six_maps(model, val_images[i : i + batch_size], compute) for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
@@ -295,6 +298,9 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
     stats = accumulator.result()
     spec = FusionSpec.from_params(params.fusion)
     scores = {v: torch.cat([image_scores(fuse(m, spec.view(v), stats)) for m in maps]).numpy() for v in VIEWS}
+    if disc is not None:
+        with torch.no_grad():
+            scores[DISC_VIEW] = torch.cat([image_scores(disc.module(m)) for m in maps]).numpy()
     rate = params.calibration.false_alarm_rate
     return Calibration(
         image_size=params.image_size,
@@ -304,7 +310,19 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         selected_epochs=selected_epochs,
         category=category,
         false_alarm_rate=rate,
+        discriminator=disc.summary() if disc is not None else None,
     )
+
+
+def fit_discriminator(model: DualStpmModel, params: Params, train_images: Tensor, val_images: Tensor,
+                      compute: Compute) -> DiscResult:
+    """Train the discriminative stage on the selected, frozen branches (`dualstpm.disc_training`):
+    synthetic defects on the training images only, the validation images select its epoch."""
+    console.print(f"training the discriminative stage: {params.disc.epochs} epochs, defects {params.disc.kinds}")
+    result = train_discriminator(lambda images: six_maps(model, images, compute), train_images, val_images,
+                                 params.disc, params.seed, params.fit.batch_size, compute.device, log=console.print)
+    console.print(f"discriminative stage: epoch {result.selected_epoch} kept, trained in {result.seconds:.1f} s")
+    return result
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
@@ -393,9 +411,12 @@ def fit(
             cache.close()
 
     selected = trainer.restore_best()
-    calibration = calibrate(trainer.model, params, val_images, compute, selected, category)
+    disc = fit_discriminator(trainer.model, params, train_images, val_images, compute) if params.fit.discriminator else None
+    calibration = calibrate(trainer.model, params, val_images, compute, selected, category, disc)
     thresholds = calibration.thresholds
-    model_dir = save_detector(run_dir, trainer.model, params, calibration)
+    model_dir = save_detector(run_dir, trainer.model, params, calibration, disc.module if disc is not None else None)
     write_history(trainer.history, run_dir / HISTORY_FILE)
+    if disc is not None:
+        write_history(disc.history, run_dir / DISC_HISTORY_FILE)
     console.print(f"model written to {model_dir} (selected epochs: {selected}, threshold {thresholds['fused']:.5g})")
-    return FitResult(run_dir, model_dir, trainer.history, selected, thresholds)
+    return FitResult(run_dir, model_dir, trainer.history, selected, thresholds, disc.seconds if disc is not None else None)
