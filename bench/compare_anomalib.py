@@ -13,7 +13,10 @@ written as JSON to ``--out`` and as markdown next to it (``.md``):
 - **anomalib STFPM** (``anomalib.models.Stfpm``, trained by ``anomalib.engine.Engine``);
 - **anomalib PatchCore** (``anomalib.models.Patchcore``): the training-free reference;
 - **ours**: branch A (STPM), branch B (reconstruction) and the fused model, all from one
-  ``dualstpm.training.fit`` and tested by ``dualstpm.evaluation.test_run``.
+  ``dualstpm.training.fit`` and tested by ``dualstpm.evaluation.test_run``; with
+  ``--set fit.discriminator=true`` also the discriminative stage (``ours disc``, its
+  ``train s total`` the stage alone), and always ``ours default``: the view the model
+  decides with (``fusion.view``), its ``train s total`` the whole fit.
 
 What is the same for every row, and why
 ---------------------------------------
@@ -116,7 +119,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +141,7 @@ from dualstpm.detector import Detector  # noqa: E402
 from dualstpm.errors import DualStpmError, RunError  # noqa: E402
 from dualstpm.evaluation import test_run  # noqa: E402
 from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
-from dualstpm.fusion import VIEWS, fuse, image_score  # noqa: E402
+from dualstpm.fusion import fuse, image_score  # noqa: E402
 from dualstpm.models.backbone import FeaturePyramid, load_teacher  # noqa: E402
 from dualstpm.models.loss import distance_map_chunked  # noqa: E402
 from dualstpm.models.torch_model import DualStpmModel  # noqa: E402
@@ -158,7 +161,8 @@ CROSS_CHECK_TOLERANCE = 1e-3
 
 ROW_STFPM = "anomalib STFPM"
 ROW_PATCHCORE = "anomalib PatchCore"
-OUR_ROWS = {"stpm": "ours branch A (STPM)", "recon": "ours branch B (recon)", "fused": "ours fused"}
+OUR_ROWS = {"stpm": "ours branch A (STPM)", "recon": "ours branch B (recon)", "fused": "ours fused", "disc": "ours disc"}
+ROW_DEFAULT = "ours default"
 
 #: images (B, 3, S, S) in [0, 1] -> image scores (B,) and anomaly maps (B, S, S)
 Predictor = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -445,12 +449,12 @@ def branch_predictor(detector: Detector, branch: str) -> Predictor:
     return predict
 
 
-def fused_predictor(detector: Detector) -> Predictor:
-    """The deployed detector: six maps, fusion, score (`Detector.score`, fused view only)."""
+def view_predictor(detector: Detector, view: str) -> Predictor:
+    """The deployed detector in one view (`fused` or `disc`): six maps, then that view's map and score."""
 
     def predict(images: Tensor) -> tuple[Tensor, Tensor]:
-        scored = detector.score(images, views=("fused",))
-        return scored.scores["fused"], scored.maps["fused"]
+        scored = detector.score(images, views=(view,))
+        return scored.scores[view], scored.maps[view]
 
     return predict
 
@@ -459,8 +463,8 @@ def all_views(detector: Detector) -> Callable[[Tensor], dict[str, tuple[Tensor, 
     """Every view from one forward pass, for the metrics."""
 
     def predict(images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-        scored = detector.score(images)
-        return {view: (scored.scores[view], scored.maps[view]) for view in VIEWS}
+        scored = detector.score(images, detector.views)
+        return {view: (scored.scores[view], scored.maps[view]) for view in detector.views}
 
     return predict
 
@@ -507,7 +511,8 @@ def run_ours(params: Params, data_root: Path, category: str, split: Split, compu
     epochs = epoch_seconds(params, split.train, compute, work)
     amortised = epochs["cache_build"] / params.fit.epochs
     rows = []
-    for view in ("stpm", "recon", "fused"):
+    disc = detector.calibration.discriminator  # None without the stage
+    for view in (v for v in ("stpm", "recon", "fused", "disc") if v in detector.views):
         figures = quality(split, *outputs[view])
         for key, value in figures.items():
             reference = library[view][key]
@@ -516,19 +521,31 @@ def run_ours(params: Params, data_root: Path, category: str, split: Split, compu
             if not agree:
                 raise RunError(f"{view} {key}: {value} here but {reference} from `dualstpm test`: "
                                "the two metric paths disagree")
-        if view == "fused":
-            predict = fused_predictor(detector)
+        if view in ("fused", "disc"):
+            predict = view_predictor(detector, view)
         else:
             predict = branch_predictor(detector, view)
             check_branch_predictor(detector, view, predict, split.test[:INFER_BATCH])
-        rows.append(Row(OUR_ROWS[view], **figures,
-                        train_s_total=fit_s if view == "fused" else None,
-                        train_s_per_epoch=epochs[view] + amortised,
-                        infer_images_per_s=images_per_second(predict, split.test, compute, repeats),
-                        note="epoch chosen on validation images"
-                        + ("" if view == "fused" else "; trained in the fused fit")))
+        speed = images_per_second(predict, split.test, compute, repeats)
+        if view == "disc":
+            rows.append(Row(OUR_ROWS[view], **figures, train_s_total=disc["train_seconds"],
+                            train_s_per_epoch=disc["train_seconds"] / params.disc.epochs, infer_images_per_s=speed,
+                            note="the discriminative stage alone, after the branches (synthetic defects on training "
+                            f"images; its maps computed once); epoch {disc['selected_epoch']} of {params.disc.epochs} "
+                            "chosen on validation images"))
+        else:
+            rows.append(Row(OUR_ROWS[view], **figures, train_s_total=fit_s if view == "fused" else None,
+                            train_s_per_epoch=epochs[view] + amortised, infer_images_per_s=speed,
+                            note="epoch chosen on validation images"
+                            + ("" if view == "fused" else "; trained in the fused fit")))
+    decided = next(r for r in rows if r.model == OUR_ROWS[detector.decision_view])
+    rows.append(replace(decided, model=ROW_DEFAULT, train_s_total=fit_s,
+                        note=f"the view the model decides with (fusion.view = {detector.decision_view}); train s total: "
+                        "the whole fit" + (", discriminative stage included" if disc else "")))
     details = {"fit_s": fit_s, "epoch_s_alone": epochs, "cache_build_per_epoch_s": amortised,
-               "test_metrics": {v: {k: library[v][k] for k in ("image_auroc", "pixel_auroc", "aupro")} for v in VIEWS}}
+               "disc_train_s": disc["train_seconds"] if disc else None, "default_view": detector.decision_view,
+               "test_metrics": {v: {k: library[v][k] for k in ("image_auroc", "pixel_auroc", "aupro")}
+                                for v in detector.views}}
     return rows, details
 
 

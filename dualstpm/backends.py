@@ -50,6 +50,7 @@ class ExportedModel:
         self.image_size = int(self.metadata["image_size"])
         self.batch_size = int(self.metadata["batch_size"])
         self.threshold = float(self.metadata["threshold"])
+        self.decision = self.metadata.get("decision", "fused")  # absent in exports made before fusion.view
         fusion = self.metadata["fusion"]  # the decision view's fusion: for the overlays' colour scale
         self.map_stats = MapStats.from_json(fusion["map_stats"])
         self.spec = FusionSpec(fusion["mode"], tuple(tuple(row) for row in fusion["weights"]),
@@ -87,6 +88,10 @@ class ExportedModel:
                 return [t.numpy() for t in module(torch.from_numpy(images))]
 
         return run_torch
+
+    def typical_level(self) -> float:
+        """The decision view's typical good level, recorded by the export (`Detector.typical_level`)."""
+        return float(self.metadata["typical_level"])
 
     def infer(self, images: torch.Tensor | np.ndarray) -> InferenceOutput:
         """(N, 3, S, S) float images in [0, 1] (or uint8) -> outputs as CPU tensors."""

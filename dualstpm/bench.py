@@ -227,7 +227,10 @@ def backend_phases(params: Params, paths: list[Path], repeats: int, backends: tu
 def benchmark(params: Params, data_root: Path, category: str, n_images: int, repeats: int = 5,
               backends: tuple[str, ...] = (), precisions: tuple[str, ...] = ("fp32",), train: bool = True) -> dict:
     """The phases on the first `n_images` train images of `category` (training unless
-    `train` is False; the exported backends when `backends` names any)."""
+    `train` is False; the exported backends when `backends` names any). The phases time
+    untrained two-branch models: without the discriminative stage (`fit.discriminator`)."""
+    params = params.model_copy(update={"fit": params.fit.model_copy(update={"discriminator": False}),
+                                       "fusion": params.fusion.model_copy(update={"view": "fused"})})
     paths = list(load_category(Path(data_root), category).train[:n_images])
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     device = compute.device

@@ -89,9 +89,9 @@ def print_metrics(result: dict) -> None:
     table.add_column("model")
     for column in ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "precision", "recall"):
         table.add_column(column, justify="right")
-    for view in ("stpm", "recon", "fused"):
+    for view in (v for v in ("stpm", "recon", "fused", "disc") if v in result):
         m = result[view]
-        table.add_row(view, *(_fmt(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall")))
+        table.add_row(view + (" (default)" if result.get("default") == view else ""), *(_fmt(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall")))
     out.print(table)
     if result.get("note"):
         out.print(f"[yellow]note:[/] {result['note']}")

@@ -166,6 +166,9 @@ class FitParams(_Strict):
         "(score_mean, max of the branch's map) or the lowest mean of the branch's anomaly map over all "
         "validation pixels (map_mean, the released STPM code)",
     )
+    discriminator: bool = Field(
+        False, description="after both branches, train the discriminative stage (`disc.*`, METHOD.md §5b): the view `disc`"
+    )
 
 
 FusionMode = Literal["product", "sum", "product_all"]
@@ -179,6 +182,10 @@ class FusionParams(_Strict):
     )
     normalize: Literal["none", "val_stats"] = "none"
     sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of the fused map in px; 0 = off")
+    view: Literal["fused", "disc", "stpm", "recon"] = Field(
+        "fused", description="the view the model decides with (score, label, map of predict/export; `default` in "
+        "metrics.json); disc needs fit.discriminator: true"
+    )
 
     @field_validator("weights")
     @classmethod
@@ -206,6 +213,24 @@ class ScoreParams(_Strict):
     )
     topk: float = Field(0.01, gt=0, le=1, description="topk_mean: fraction of the map's pixels averaged (at least 1 pixel)")
     sigma: float = Field(4.0, gt=0, description="smoothed_max: Gaussian sigma in px of the blur before the max")
+
+
+DefectKind = Literal["cutpaste", "scratch", "texture"]
+
+
+class DiscParams(_Strict):
+    """The discriminative stage (METHOD.md §5b), trained when `fit.discriminator` is true."""
+
+    epochs: int = Field(20, ge=1, description="epochs over the cached maps of the synthetic training set")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    batch_size: int = Field(16, ge=1, description="maps per optimiser step")
+    width: int = Field(32, ge=1, le=512, description="channels of the hidden convolutions")
+    kinds: list[DefectKind] = Field(
+        default_factory=lambda: ["cutpaste", "scratch", "texture"], min_length=1,
+        description="synthetic defects pasted on the training images (texture: smooth noise blended into a blob)",
+    )
+    copies: int = Field(1, ge=1, le=10, description="defective copies of each training image (its clean copy is also used)")
+    val_copies: int = Field(1, ge=1, le=10, description="defective copies of each validation image, to select the epoch")
 
 
 class CalibrationParams(_Strict):
@@ -337,6 +362,7 @@ class Params(_Strict):
     fit: FitParams = FitParams()
     fusion: FusionParams = FusionParams()
     score: ScoreParams = ScoreParams()
+    disc: DiscParams = DiscParams()
     calibration: CalibrationParams = CalibrationParams()
     ablation: AblationParams = AblationParams()
     tracking: TrackingParams = TrackingParams()
@@ -374,6 +400,15 @@ class Params(_Strict):
             )
         return value
 
+    @model_validator(mode="after")
+    def _decision_view_exists(self) -> Params:
+        if self.fusion.view == "disc" and not self.fit.discriminator:
+            raise ValueError(
+                "fusion.view = 'disc' decides with the discriminative stage, but fit.discriminator is false so none "
+                "is trained: set fit.discriminator=true, or fusion.view to fused, stpm or recon"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
@@ -403,7 +438,10 @@ def _format_errors(error: ValidationError, source: str) -> str:
             if isinstance(value, bool) and item["type"] in ("int_type", "float_type"):
                 message += " (YAML reads true/false/yes/no/on/off as booleans: give a number)"
             # a check across keys (e.g. T1 = T2) names its keys itself: no dump of the section
-            lines.append(f"  - {key}: {message}" if isinstance(value, dict) else f"  - {key} = {value!r}: {message}")
+            if not key:  # a check across sections names its keys itself
+                lines.append(f"  - {message}")
+            else:
+                lines.append(f"  - {key}: {message}" if isinstance(value, dict) else f"  - {key} = {value!r}: {message}")
     if unknown:
         lines.append("valid keys: " + ", ".join(valid_keys()))
     return "\n".join(lines)

@@ -3,7 +3,8 @@
 A model directory holds three files, none of them pickled:
 `weights.safetensors` (all four networks), `params.yaml` (the resolved params) and
 `calibration.json` (validation statistics, thresholds, selected epochs, and the image-score
-reduction the thresholds are in: see `Calibration.score`). It is written
+reduction the thresholds are in: see `Calibration.score`), plus `discriminator.safetensors`
+when the model has the discriminative stage (`fit.discriminator`). It is written
 to a hidden sibling and swapped into place, so a crash never leaves half a model.
 A fourth, `fusion.json`, is written by `dualstpm ablate`: when its choice (made on
 validation data, adopted only on a bootstrap margin) is applied, it is the `chosen` view
@@ -30,7 +31,8 @@ from dualstpm.compute import Compute
 from dualstpm.config import FusionParams, Params, load_params, save_params
 from dualstpm.errors import RunError
 from dualstpm.files import staged_dir, write_bytes, write_json
-from dualstpm.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec, image_score
+from dualstpm.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, image_score
+from dualstpm.models.discriminator import Discriminator
 from dualstpm.models.inference import DualStpmInference, InferenceOutput
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE, trained_model_dir
@@ -42,6 +44,7 @@ CHOSEN_VIEW = "chosen"  # the view of an applied chosen fusion (metrics.json row
 
 #: the reduction of a calibration.json written before `score.*` existed: the max was the only one
 LEGACY_SCORE = ScoreSpec("max")
+DISC_WEIGHTS_FILE = "discriminator.safetensors"
 
 
 @dataclass
@@ -65,6 +68,8 @@ class Calibration:
     # sizes of the validation parts that selected the epoch and calibrated (training.validation_parts)
     validation_split: dict = field(default_factory=dict)
     score: ScoreSpec = LEGACY_SCORE
+    #: the discriminative stage's selection and cost (`DiscResult.summary`); None without it
+    discriminator: dict | None = None
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -121,8 +126,9 @@ def write_chosen_fusion(run_dir: Path, chosen: ChosenFusion | None, source: dict
 
 @dataclass
 class ScoredBatch:
-    """Per view: image scores (B,) and maps (B, H, W). Computed by the inference module,
-    whose `fused` is the decision view (`Detector.decision_view`)."""
+    """Per view (`fused`, `stpm`, `recon`, and `disc` if asked for): image scores (B,) and maps
+    (B, H, W). Computed by the inference module, whose `fused` is the applied chosen fusion
+    when there is one (`Detector.decision_view` is then `chosen`)."""
 
     scores: dict[str, Tensor]
     maps: dict[str, Tensor]
@@ -132,39 +138,48 @@ class Detector:
     """A trained dual STPM with its fusion and calibration: images in, scores and maps out."""
 
     def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, compute: Compute,
-                 chosen: ChosenFusion | None = None) -> None:
+                 chosen: ChosenFusion | None = None, disc: Discriminator | None = None) -> None:
         self.compute = compute
         self.params = params
         self.calibration = calibration
         self.chosen = chosen
         self.trained_spec = FusionSpec.from_params(params.fusion)
-        self.spec = chosen.spec if chosen else self.trained_spec  # the decision view's fusion
+        self.spec = chosen.spec if chosen else self.trained_spec  # the fusion of the inference module's `fused`
         self.thresholds = {**calibration.thresholds, **({CHOSEN_VIEW: chosen.threshold} if chosen else {})}  # per view
         self.score_spec = calibration.score  # the units of the thresholds (not params.score: see Calibration)
-        val_min = chosen.val_min if chosen else calibration.val_score_summary["fused"]["min"]
+        available = VIEWS + ((DISC_VIEW,) if disc is not None else ()) + ((CHOSEN_VIEW,) if chosen else ())
+        self.views: tuple[str, ...] = available  # the views a test evaluates
+        # the view the model decides with: `fusion.view`, where an applied chosen fusion replaces `fused`
+        self.decision_view = CHOSEN_VIEW if chosen and params.fusion.view == "fused" else params.fusion.view
+        if self.decision_view not in self.views or self.decision_view not in self.thresholds:
+            raise RunError(f"fusion.view={params.fusion.view!r} but this model has no calibrated {params.fusion.view!r} "
+                           f"view (views: {', '.join(self.views)}): refit it with fit.discriminator=true")
+        val_min = (chosen.val_min if self.decision_view == CHOSEN_VIEW
+                   else calibration.val_score_summary[self.decision_view]["min"])
         if val_min is None:
             raise RunError("the applied chosen fusion has no validation minimum (an older fusion.json): "
                            "load it with Detector.load, or re-run `dualstpm ablate --run RUN`")
         # the one scoring module (networks, fusion, normalisation, decision): see dualstpm.models.inference
         self.inference = compute.module(DualStpmInference(
             model, self.spec, self.trained_spec, calibration.map_stats.mean, calibration.map_stats.std,
-            self.threshold, val_min, score=self.score_spec)).eval()
+            self.threshold, val_min, score=self.score_spec, disc=disc,
+            decision="fused" if self.decision_view == CHOSEN_VIEW else self.decision_view)).eval()
         self.model = self.inference.network
-
-    @property
-    def decision_view(self) -> str:
-        """The view the detector decides with: `chosen` when an ablation's fusion is applied, else `fused`."""
-        return CHOSEN_VIEW if self.chosen else "fused"
-
-    @property
-    def views(self) -> tuple[str, ...]:
-        """The views a test evaluates: `fused` (params.fusion), `stpm`, `recon`, and `chosen` when applied."""
-        return (*VIEWS, CHOSEN_VIEW) if self.chosen else VIEWS
+        self.disc = self.inference.disc
 
     @property
     def threshold(self) -> float:
         """The decision view's threshold (raw image-score units)."""
         return self.thresholds[self.decision_view]
+
+    @torch.inference_mode()
+    def typical_level(self) -> float:
+        """The decision view's map value at a typical good pixel: the centre of its map of six
+        constant maps, each at its validation mean (64 px: beyond the discriminator's
+        receptive field from the border)."""
+        typical = self.map_stats.mean.to(torch.float32)[None, :, :, None, None].expand(1, 2, 3, 64, 64)
+        level = self.inference.view_maps(typical.to(self.compute.device), (self.inference.decision,))[self.inference.decision]
+        return float(level[0, 32, 32])
 
     @property
     def image_size(self) -> int:
@@ -202,7 +217,7 @@ class Detector:
 
     @torch.inference_mode()
     def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
-        """Fuse six maps into each requested view and score them (`score_spec`)."""
+        """Fuse six maps into each requested view (`disc` too, on a model that has it) and score them (`score_spec`)."""
         fused = self.inference.view_maps(maps.to(self.compute.device), views)
         return ScoredBatch({v: image_score(m, self.score_spec) for v, m in fused.items()}, fused)
 
@@ -223,7 +238,7 @@ class Detector:
 
     # --- persistence -------------------------------------------------------------
     def save(self, run_dir: Path) -> Path:
-        model_dir = save_detector(run_dir, self.model, self.params, self.calibration)
+        model_dir = save_detector(run_dir, self.model, self.params, self.calibration, self.disc)
         if self.chosen is not None:
             write_chosen_fusion(run_dir, self.chosen)
         return model_dir
@@ -246,7 +261,24 @@ class Detector:
         chosen = read_chosen_fusion(model_dir)
         if chosen is not None and chosen.val_min is None:
             chosen = replace(chosen, val_min=_stored_val_min(Path(run_dir), chosen.spec, calibration))
-        return cls(model, params, calibration, compute, chosen)
+        return cls(model, params, calibration, compute, chosen, _load_disc(model_dir, params))
+
+
+def _load_disc(model_dir: Path, params: Params) -> Discriminator | None:
+    """The discriminative stage of a model fitted with fit.discriminator (else None), strictly loaded."""
+    if not params.fit.discriminator:
+        return None
+    path = model_dir / DISC_WEIGHTS_FILE
+    if not path.is_file():
+        raise RunError(f"{model_dir} was fitted with fit.discriminator=true but {DISC_WEIGHTS_FILE} is missing: "
+                       "the model directory is incomplete; retrain it")
+    disc = Discriminator(params.disc.width)
+    try:
+        disc.load_state_dict(load_file(str(path)), strict=True)
+    except RuntimeError as exc:
+        raise RunError(f"{path} does not fit disc.width={params.disc.width} ({str(exc).splitlines()[0]}): "
+                       "the file is damaged or from another dualstpm version; retrain it") from None
+    return disc.eval()
 
 
 def _stored_val_min(run_dir: Path, spec: FusionSpec, calibration: Calibration) -> float:
@@ -271,13 +303,23 @@ def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:
     return model_dir, params, calibration
 
 
-def save_detector(run_dir: Path, model: DualStpmModel, params: Params, calibration: Calibration) -> Path:
+def _weights_bytes(module: torch.nn.Module) -> bytes:
+    return save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
+
+
+def save_detector(run_dir: Path, model: DualStpmModel, params: Params, calibration: Calibration,
+                  disc: Discriminator | None = None) -> Path:
     """Write the model directory atomically (`files.staged_dir`: built in a hidden sibling,
-    swapped in whole), readable per the umask like any file the user writes."""
+    swapped in whole), readable per the umask like any file the user writes. `disc` is
+    required exactly when `params.fit.discriminator` is true (else ValueError)."""
+    if (disc is not None) != params.fit.discriminator:
+        raise ValueError(f"fit.discriminator={params.fit.discriminator} but a discriminator was "
+                         f"{'given' if disc is not None else 'not given'}")
     final = Path(run_dir) / MODEL_SUBDIR
     with staged_dir(final) as staging:
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        write_bytes(staging / WEIGHTS_FILE, save(state))  # safetensors' save_file would make it 0600
+        write_bytes(staging / WEIGHTS_FILE, _weights_bytes(model))  # safetensors' save_file would make it 0600
+        if disc is not None:
+            write_bytes(staging / DISC_WEIGHTS_FILE, _weights_bytes(disc))
         save_params(params, staging / PARAMS_FILE)
         (staging / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json(), indent=2))
     return final

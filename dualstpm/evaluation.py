@@ -1,12 +1,13 @@
 """Testing a trained detector on a category's test split (METHOD.md §6).
 
 The test split is touched here and nowhere else. Metrics are computed per view: the
-fused model (always `params.fusion`, with its trained threshold), each branch alone, and
-`chosen` when `dualstpm ablate` applied a fusion (its own row, named under
-`chosen_fusion`), each at its threshold calibrated on validation images. `decision_view`
-names the view the model decides with. Each view also reports the false-alarm rate
-observed on the good test images at its threshold, next to the target it was calibrated
-for (`calibration.false_alarm_rate`).
+fused model (always `params.fusion`, with its trained threshold), each branch alone, the
+discriminative stage (`disc`) on a model that has it, and `chosen` when `dualstpm ablate`
+applied a fusion (its own row, named under `chosen_fusion`), each at its threshold
+calibrated on validation images. `default` names the view the model decides with
+(`fusion.view`, or `chosen` in place of `fused`). Each view also reports the false-alarm
+rate observed on the good test images at its threshold, next to the target it was
+calibrated for (`calibration.false_alarm_rate`).
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import CHOSEN_VIEW, Detector
 from dualstpm.files import write_json
 from dualstpm.figures import PLOTS_DIR, overlay_name, write_test_figures
-from dualstpm.fusion import VIEWS
-from dualstpm.maps import MAPS_DIR, compute_six_maps, fused_and_scores, store_test_and_val_maps
+from dualstpm.fusion import DISC_VIEW, VIEWS
+from dualstpm.maps import MAPS_DIR, compute_six_maps, disc_and_scores, fused_and_scores, store_test_and_val_maps
 from dualstpm.overlays import fusion_label
 
 METRICS_FILE = "metrics.json"
@@ -42,7 +43,7 @@ def undefined_metrics_note(result: dict, has_ground_truth: bool) -> str | None:
         reasons.append(IMAGE_ONLY_NOTE)
     if n_defective == result["n_test_images"]:
         reasons.append("the test set has no good images, so image AUROC is undefined (null): it needs good images too")
-    unflagged = [view for view in (*VIEWS, CHOSEN_VIEW) if view in result and result[view]["precision"] is None]
+    unflagged = [view for view in (*VIEWS, DISC_VIEW, CHOSEN_VIEW) if view in result and result[view]["precision"] is None]
     if unflagged:
         reasons.append(f"no test image scores above the threshold of {', '.join(unflagged)}, so precision is "
                        "undefined (null) there: nothing was flagged")
@@ -93,6 +94,10 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
                                                detector.score_spec)
         if maps is not None:
             maps[view] = fused
+    if DISC_VIEW in detector.views:
+        disc_maps, scores[DISC_VIEW] = disc_and_scores(six, detector)
+        if maps is not None:
+            maps[DISC_VIEW] = disc_maps
     truth = metrics.PixelTruth(masks) if masks is not None else None  # regions labelled once for all views
 
     result: dict = {
@@ -100,8 +105,8 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         "n_test_images": int(len(images)),
         "n_defective": int(labels.sum()),
         "image_level_only": masks is None,
-        # `fused` is always params.fusion; an applied ablation choice is the `chosen` view and decides
-        "decision_view": detector.decision_view,
+        # the view the model decides with (predict, export, registry); `fused` is always params.fusion
+        "default": detector.decision_view,
         "chosen_fusion": fusion_label(detector) if detector.chosen else None,
         "calibration": {"false_alarm_rate": detector.calibration.false_alarm_rate,
                         "validation_split": detector.calibration.validation_split,

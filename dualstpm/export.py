@@ -198,15 +198,18 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         "input": {"name": INPUT_NAME, "shape": ["N", 3, size, size], "dtype": "float32", "range": [0.0, 1.0],
                   "resize": RESIZE_NOTE},
         "outputs": {
-            "score": f"(N,) raw fused image score: {detector.score_spec.label} of the fused map (see score)",
+            "score": f"(N,) raw image score of the decision view (see decision): {detector.score_spec.label} of its map (see score)",
             "normalized_score": "(N,) in [0, 1]; 0.5 = the threshold (see normalization)",
             "label": "(N,) bool, true = defective (score > threshold)",
-            "anomaly_map": "(N, S, S) fused anomaly map at image_size, raw score units",
+            "anomaly_map": "(N, S, S) the decision view's anomaly map at image_size, raw score units (disc: logits)",
             "stpm_score": "(N,) branch A (STPM) alone", "recon_score": "(N,) branch B (reconstruction) alone",
+            "disc_score": "(N,) the discriminative stage alone; NaN when the model has none",
         },
+        "decision": detector.decision_view,
         "threshold": detector.threshold,
-        # the reduction of the fused map to the image score; threshold and normalization are in its units
+        # the reduction of a map to the image score; threshold and normalization are in its units
         "score": {**detector.score_spec.to_json(), "function": "dualstpm.fusion.image_score"},
+        "typical_level": detector.typical_level(),
         "normalization": detector.inference.normalization.to_json(),
         "fusion": {**asdict(detector.spec),
                    "source": detector.chosen.source if detector.chosen else "params.fusion",

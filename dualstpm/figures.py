@@ -127,7 +127,7 @@ def write_overlays(out_dir: Path, detector: Detector, paths: Sequence[Path], lab
         with atomic_file(folder / f"{index:03d}_{names[index]}.png") as tmp:
             draw_overlay(*args, title=names[index], mask=mask).save(tmp)
         cells.append(draw_overlay(*args, title=names[index], mask=mask, width=GRID_CELL_WIDTH))
-    heading = (f"{detector.calibration.category}: fused anomaly maps, decision view {fusion_label(detector)} "
+    heading = (f"{detector.calibration.category}: {detector.decision_view} anomaly maps, fusion {fusion_label(detector)} "
                "(white outline: ground truth)")
     grid_path = out_dir / OVERLAY_GRID
     with atomic_file(grid_path) as tmp:

@@ -20,6 +20,8 @@ from dualstpm.config import FusionMode, FusionParams, ScoreParams, ScoreReduce
 
 BRANCHES = ("stpm", "recon")
 VIEWS = ("fused", "stpm", "recon")
+#: the discriminative stage's view (METHOD.md §5b): only models fitted with fit.discriminator have it
+DISC_VIEW = "disc"
 
 
 @dataclass(frozen=True)

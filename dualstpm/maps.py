@@ -31,7 +31,7 @@ from dualstpm.data import Category, decode_images, split_train_val
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError
 from dualstpm.files import atomic_file
-from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, fuse, image_score
+from dualstpm.fusion import DISC_VIEW, FusionSpec, MapStats, ScoreSpec, fuse, image_score
 
 MAPS_DIR = "maps"
 TEST_MAPS = "test.npz"
@@ -85,6 +85,18 @@ def fused_and_scores(maps: np.ndarray, spec: FusionSpec, stats: MapStats | None,
 def stack_scores(fused: np.ndarray, score: ScoreSpec) -> np.ndarray:
     """(N, S, S) float32 fused maps -> (N,) float64 image scores (`fusion.image_score`)."""
     return image_score(torch.from_numpy(fused), score).numpy().astype(np.float64)
+
+
+def disc_and_scores(maps: np.ndarray, detector: Detector) -> tuple[np.ndarray, np.ndarray]:
+    """The discriminative stage's (maps (N, S, S) float32, image scores (N,) float64) of a
+    stored (N, 2, 3, S, S) float16 stack, chunked like `fuse_stack` (per image: chunking
+    changes nothing). Raises ValueError when `detector` has no discriminative stage."""
+    out = np.empty((len(maps), *maps.shape[-2:]), dtype=np.float32)
+    step = max(1, FUSE_CHUNK_ELEMENTS // max(1, int(np.prod(maps.shape[1:]))))
+    for start in range(0, len(maps), step):
+        chunk = torch.from_numpy(maps[start : start + step]).float()
+        out[start : start + step] = detector.score_maps(chunk, (DISC_VIEW,)).maps[DISC_VIEW].float().cpu().numpy()
+    return out, stack_scores(out, detector.score_spec)
 
 
 @dataclass(frozen=True)

@@ -82,6 +82,12 @@ class OverlayScale:
         """
         typical = stats.mean.to(torch.float32)[None, :, :, None, None]  # (1, 2, 3, 1, 1)
         low = float(fuse(typical, replace(spec, sigma=0.0), stats)[0, 0, 0])  # smoothing keeps a constant map
+        return cls.of_level(low, threshold, decision)
+
+    @classmethod
+    def of_level(cls, low: float, threshold: float, decision: float | None = None) -> OverlayScale:
+        """The scale from the decision view's typical good level `low` (its map where every
+        map is at its validation mean); raises RunError as :meth:`of_model` does."""
         if not threshold > low:
             raise RunError(f"the model's threshold {threshold:.6g} is not above the fused level of a typical good "
                            f"pixel ({low:.6g}) in its calibration.json: every part would be flagged; retrain it")
@@ -223,7 +229,10 @@ def overlay_grid(pictures: Sequence[Image.Image], heading: str, columns: int = 4
 def overlay_scale(detector: Scorer, threshold: float | None = None) -> OverlayScale:
     """The overlay scale of `detector`'s decision view (its fused view, with an applied
     chosen fusion and its threshold; a `Detector` or an export); `threshold` overrides the
-    decision threshold only. Raises RunError as :meth:`OverlayScale.of_model` does."""
+    decision threshold only. Raises RunError as :meth:`OverlayScale.of_model` does.
+    A model deciding with another view than `fused` (`fusion.view`) gives that view's level."""
+    if getattr(detector, "decision", "fused") != "fused":
+        return OverlayScale.of_level(detector.typical_level(), detector.threshold, threshold)
     return OverlayScale.of_model(detector.spec, detector.map_stats, detector.threshold, threshold)
 
 

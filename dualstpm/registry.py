@@ -190,8 +190,12 @@ def register_run(run_dir: Path, params: Params, category: str):
         raise RunError(f"{metrics_path} is a test on {result.get('category')!r}, not {category!r}: register it "
                        f"as --category {result.get('category')}, or test it on {category} first")
     chosen = read_chosen_fusion(model_dir)
-    threshold = chosen.threshold if chosen else calibration.thresholds["fused"]  # the decision view, as Detector uses it
-    evidence, evidence_source = _decision_evidence(run_dir, result, threshold, chosen)
+    view = model_params.fusion.view  # the view the model decides with
+    if view == "fused":
+        threshold = chosen.threshold if chosen else calibration.thresholds["fused"]  # the decision view, as Detector uses it
+        evidence, evidence_source = _decision_evidence(run_dir, result, threshold, chosen)
+    else:
+        evidence, evidence_source = _view_evidence(run_dir, result, view, calibration.thresholds[view])
     uri = client.tracking_uri
     with tracking_errors(uri, f"reading run {record.run_id}"):
         trained_by = client.get_run(record.run_id).data.tags
@@ -301,6 +305,18 @@ def _decision_evidence(run_dir: Path, result: dict, threshold: float, chosen) ->
         f"{run_dir / METRICS_FILE} was measured with another {view} view than the model now decides with "
         f"(threshold {measured.get('threshold')} vs {threshold}): run "
         f"`dualstpm test --run {run_dir} --data-root DIR` again before registering"
+    )
+
+
+def _view_evidence(run_dir: Path, result: dict, view: str, threshold: float) -> tuple[dict, str]:
+    """The test metrics of a model deciding with another view than `fused` (`fusion.view`):
+    its row of `metrics.json`, when that test named it `default` at the same threshold."""
+    row = result.get(view) or {}
+    if result.get("default") == view and row.get("threshold") == threshold:
+        return row, f"{METRICS_FILE} ({view} view)"
+    raise RunError(
+        f"{run_dir / METRICS_FILE} was not measured with the model's decision view {view!r} at its threshold "
+        f"{threshold}: run `dualstpm test --run {run_dir} --data-root DIR` again before registering"
     )
 
 

@@ -270,7 +270,7 @@ def metrics_table(results: dict[str, dict]) -> pd.DataFrame:
     rows = [
         {"category": category, "model": view, **{m: result[view][m] for m in TABLE_METRICS}}
         for category, result in results.items()
-        for view in ("stpm", "recon", "fused")
+        for view in ("stpm", "recon", "fused", "disc") if view in result
     ]
     table = pd.DataFrame(rows)
     if len(results) > 1:

@@ -416,6 +416,7 @@ class CategoryRun:
         self.log(self.run_id, "logging the fit", {
             "threshold": thresholds["fused"],
             **{f"selected_epoch_{b}": e for b, e in selected_epochs.items()},
+            **({"disc.threshold": thresholds["disc"]} if "disc" in thresholds else {}),
         })
         for branch, run_id in self.record.branch_run_ids.items():
             self.log(run_id, f"logging the fit of {branch}",
@@ -429,6 +430,7 @@ class CategoryRun:
             **result_metrics(result["fused"]),
             **{f"{b}.{k}": v for b in BRANCH_RUNS for k, v in result_metrics(result[b]).items() if "per_defect" not in k},
             **(result_metrics(result["chosen"], "chosen.") if "chosen" in result else {}),
+            **{f"disc.{k}": v for k, v in result_metrics(result.get("disc") or {}).items() if "per_defect" not in k},
             "n_test_images": result["n_test_images"],
         }, tags={f"{TAG}eval_data_hash": data_hash_value, f"{TAG}eval_category": result["category"],
                  f"{TAG}eval_data_root": str(Path(data_root).resolve())})

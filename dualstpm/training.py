@@ -36,11 +36,12 @@ from dualstpm.compute import Compute
 from dualstpm.config import Params
 from dualstpm.data import Category, decode_images, load_category, split_train_val
 from dualstpm.detector import Calibration, save_detector, summarize
+from dualstpm.disc_training import DISC_HISTORY_FILE, DiscResult, train_discriminator
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import atomic_file
-from dualstpm.fusion import (BRANCHES, MAX_SCORE, VIEWS, FusionSpec, MapStatsAccumulator, ScoreSpec, calibrate_threshold,
-                             fuse, image_score)
+from dualstpm.fusion import (BRANCHES, DISC_VIEW, MAX_SCORE, VIEWS, FusionSpec, MapStatsAccumulator, ScoreSpec,
+                             calibrate_threshold, fuse, image_score)
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
 from dualstpm.rng import own_rng
@@ -60,6 +61,7 @@ class FitResult:
     history: list[dict[str, float]]
     selected_epochs: dict[str, int]
     thresholds: dict[str, float]
+    disc_seconds: float | None = None  # wall time of the discriminative stage (None: not trained)
 
 
 def seed_everything(seed: int) -> None:
@@ -125,7 +127,7 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 #: fit keys that do not change what an epoch computes, so a resumed fit may change them
 #: (epochs only upwards: see `check_resumable`).
-RESUMABLE_FIT_KEYS = ("epochs", "device", "cache", "cache_ram_gb")
+RESUMABLE_FIT_KEYS = ("epochs", "device", "cache", "cache_ram_gb", "discriminator")  # the stage runs after the epochs
 
 
 class FitInterrupted(KeyboardInterrupt):
@@ -361,8 +363,10 @@ class Trainer:
 
 
 def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute: Compute,
-              selected_epochs: dict[str, int], category: str, parts: ValidationParts | None = None) -> Calibration:
-    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate.
+              selected_epochs: dict[str, int], category: str, parts: ValidationParts | None = None,
+              disc: DiscResult | None = None) -> Calibration:
+    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate
+    (the view `disc` too when `disc` is given).
 
     `val_images` are the calibration part of the validation images (`validation_parts`);
     `parts`, when given, is recorded in the calibration (sizes, disjointness, its note).
@@ -375,6 +379,9 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
     stats = accumulator.result()
     spec, score = FusionSpec.from_params(params.fusion), ScoreSpec.from_params(params.score)
     scores = {v: torch.cat([image_score(fuse(m, spec.view(v), stats), score) for m in maps]).numpy() for v in VIEWS}
+    if disc is not None:
+        with torch.no_grad():
+            scores[DISC_VIEW] = torch.cat([image_score(disc.module(m), score) for m in maps]).numpy()
     rate = params.calibration.false_alarm_rate
     return Calibration(
         image_size=params.image_size,
@@ -387,7 +394,19 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         notes=[parts.note] if parts is not None and parts.note else [],
         validation_split=parts.to_json() if parts is not None else {},
         score=score,
+        discriminator=disc.summary() if disc is not None else None,
     )
+
+
+def fit_discriminator(model: DualStpmModel, params: Params, train_images: Tensor, val_images: Tensor,
+                      compute: Compute) -> DiscResult:
+    """Train the discriminative stage on the selected, frozen branches (`dualstpm.disc_training`):
+    synthetic defects on the training images only, the validation images select its epoch."""
+    console.print(f"training the discriminative stage: {params.disc.epochs} epochs, defects {params.disc.kinds}")
+    result = train_discriminator(lambda images: six_maps(model, images, compute), train_images, val_images,
+                                 params.disc, params.seed, params.fit.batch_size, compute.device, log=console.print)
+    console.print(f"discriminative stage: epoch {result.selected_epoch} kept, trained in {result.seconds:.1f} s")
+    return result
 
 
 def write_history(history: list[dict[str, float]], path: Path) -> None:
@@ -482,9 +501,14 @@ def fit(
             cache.close()
 
     selected = trainer.restore_best()
-    calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts)
+    # the stage selects its epoch on the selection part too: the calibration part stays unseen until calibration
+    disc = (fit_discriminator(trainer.model, params, train_images, selection_images, compute)
+            if params.fit.discriminator else None)
+    calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc)
     thresholds = calibration.thresholds
-    model_dir = save_detector(run_dir, trainer.model, params, calibration)
+    model_dir = save_detector(run_dir, trainer.model, params, calibration, disc.module if disc is not None else None)
     write_history(trainer.history, run_dir / HISTORY_FILE)
+    if disc is not None:
+        write_history(disc.history, run_dir / DISC_HISTORY_FILE)
     console.print(f"model written to {model_dir} (selected epochs: {selected}, threshold {thresholds['fused']:.5g})")
-    return FitResult(run_dir, model_dir, trainer.history, selected, thresholds)
+    return FitResult(run_dir, model_dir, trainer.history, selected, thresholds, disc.seconds if disc is not None else None)

@@ -1,4 +1,4 @@
-"""bench/compare_anomalib.py runs end to end as a script and reports five complete rows."""
+"""bench/compare_anomalib.py runs end to end as a script and reports its seven complete rows."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ import pytest
 from conftest import PROJECT_ROOT
 
 SCRIPT = PROJECT_ROOT / "bench" / "compare_anomalib.py"
-ROWS = ["anomalib STFPM", "anomalib PatchCore", "ours branch A (STPM)", "ours branch B (recon)", "ours fused"]
+ROWS = ["anomalib STFPM", "anomalib PatchCore", "ours branch A (STPM)", "ours branch B (recon)", "ours fused",
+        "ours disc", "ours default"]
 
 
 def run_script(*args: str | Path) -> subprocess.CompletedProcess:
@@ -32,10 +33,11 @@ def test_unknown_category_is_a_clear_error(synthetic_root: Path, tmp_path: Path)
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("anomalib") is None,
                     reason="anomalib is not installed: `pip install -e '.[compare]'`")
-def test_compare_reports_five_rows_with_finite_figures(synthetic_root: Path, tmp_path: Path):
+def test_compare_reports_every_row_with_finite_figures(synthetic_root: Path, tmp_path: Path):
     out = tmp_path / "compare.json"
     result = run_script("--data-root", synthetic_root, "--category", "synth_texture", "--image-size", "64",
                         "--epochs", "1", "--batch-size", "8", "--repeats", "1", "--coreset-ratio", "0.01",
+                        "--set", "fit.discriminator=true", "--set", "disc.epochs=1", "--set", "fusion.view=disc",
                         "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads(out.read_text())
@@ -49,8 +51,11 @@ def test_compare_reports_five_rows_with_finite_figures(synthetic_root: Path, tmp
             assert row["train_s_per_epoch"] > 0, name
     assert rows["anomalib STFPM"]["train_s_total"] >= rows["anomalib STFPM"]["train_s_per_epoch"]
     assert rows["ours fused"]["train_s_total"] > 0
+    assert 0 < rows["ours disc"]["train_s_total"] == saved["ours"]["disc_train_s"] < rows["ours default"]["train_s_total"]
+    assert saved["ours"]["default_view"] == "disc"
     # Our rows are the library's own `dualstpm test` figures, reached by the shared metric path.
-    for view, name in (("fused", "ours fused"), ("stpm", "ours branch A (STPM)"), ("recon", "ours branch B (recon)")):
+    for view, name in (("fused", "ours fused"), ("stpm", "ours branch A (STPM)"), ("recon", "ours branch B (recon)"),
+                       ("disc", "ours disc"), ("disc", "ours default")):
         assert rows[name]["image_auroc"] == pytest.approx(saved["ours"]["test_metrics"][view]["image_auroc"], abs=1e-3)
     assert saved["setup"]["train_images"] == 16 and saved["setup"]["image_size"] == 64
     assert all(isinstance(v, bool) for v in saved["targets"].values())

@@ -108,15 +108,18 @@ def test_resume_on_other_data_is_refused(trained_run: Path, synthetic_root: Path
 
 def test_resume_ignores_what_does_not_shape_training(trained_run: Path, synthetic_root: Path, tmp_path: Path):
     """The same files in another folder, and edits of prefect.*, tracking.*, ablation.*, data.*,
-    the final fusion and fit.device/cache: the checkpoint continues (here: nothing left to train)."""
+    the final fusion, fit.device/cache and the discriminative stage: the checkpoint continues
+    (here: no epoch left to train; the stage is trained after them)."""
     run, moved = tmp_path / "copy", tmp_path / "moved"
     shutil.copytree(trained_run, run)
     shutil.copytree(synthetic_root / "synth_texture", moved / "synth_texture")
     edits = ["prefect.max_workers=9", "tracking.retries=1", "ablation.workers=2", "data.categories=[other]",
-             "data.source=folder", "fusion.sigma=1", "fit.cache=false"]
+             "data.source=folder", "fusion.sigma=1", "fit.cache=false",
+             "fit.discriminator=true", "disc.epochs=1"]  # the discriminative stage runs after the epochs
     result = fit(load_params(None, TINY_OVERRIDES + edits), moved, "synth_texture", run, resume=True)
     assert [row["epoch"] for row in result.history] == [1, 2]
     assert load_params(run / "model" / "params.yaml").prefect.max_workers == 9
+    assert (run / "model" / "discriminator.safetensors").is_file() and result.disc_seconds > 0
 
 
 def test_resume_and_overwrite_together_are_refused(trained_run: Path, synthetic_root: Path, tmp_path: Path):

@@ -6,7 +6,10 @@ needs defective examples. These are made from the validation images themselves:
 - `cutpaste` (Li et al., CutPaste, CVPR 2021): a rectangle of 2-15 % of the image,
   aspect ratio 0.3-3.3, cut from a random validation image, possibly flipped,
   made 15-40 % darker or brighter, and pasted at a random place;
-- `scratch`: the thin bright or dark polyline of the synthetic categories.
+- `scratch`: the thin bright or dark polyline of the synthetic categories;
+- `texture` (after DRAEM, Zavrtanik et al., ICCV 2021): a smooth random blob of 2-15 %
+  of the image (a bicubically upsampled coarse Gaussian field above its quantile) in which
+  a smooth random colour texture is blended in with opacity 0.3-0.8.
 
 Everything is seeded per (seed, image, copy), so the same params give the same set.
 """
@@ -17,11 +20,12 @@ import math
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from dualstpm.data.synthetic import paint_scratch
 
-KINDS = ("cutpaste", "scratch")
+KINDS = ("cutpaste", "scratch", "texture")
 
 
 def _cutpaste(images: Tensor, index: int, rng: np.random.Generator) -> tuple[Tensor, np.ndarray]:
@@ -50,7 +54,26 @@ def _scratch(images: Tensor, index: int, rng: np.random.Generator) -> tuple[Tens
     return torch.from_numpy(painted).permute(2, 0, 1).float(), mask
 
 
-_PAINTERS = {"cutpaste": _cutpaste, "scratch": _scratch}
+def _smooth_field(rng: np.random.Generator, channels: int, cells: int, size: int) -> Tensor:
+    """(channels, size, size) Gaussian noise on a cells x cells grid, upsampled bicubically."""
+    coarse = torch.from_numpy(rng.standard_normal((1, channels, cells, cells))).float()
+    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0]
+
+
+def _texture(images: Tensor, index: int, rng: np.random.Generator) -> tuple[Tensor, np.ndarray]:
+    target = images[index].clone()
+    size = target.shape[-1]
+    field = _smooth_field(rng, 1, int(rng.integers(3, 7)), size)[0]
+    area = rng.uniform(0.02, 0.15)
+    mask = field > torch.quantile(field.flatten(), 1 - area)
+    texture = _smooth_field(rng, 3, int(rng.integers(8, 33)), size)
+    texture = (texture - texture.amin()) / (texture.amax() - texture.amin()).clamp_min(1e-6)
+    opacity = rng.uniform(0.3, 0.8)
+    target = torch.where(mask[None], (1 - opacity) * target + opacity * texture, target)
+    return target, mask.numpy()
+
+
+_PAINTERS = {"cutpaste": _cutpaste, "scratch": _scratch, "texture": _texture}
 
 
 def paste_defects(images: Tensor, kinds: list[str], per_image: int, seed: int) -> tuple[Tensor, np.ndarray, list[str]]:

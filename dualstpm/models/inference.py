@@ -11,11 +11,14 @@ or float in [0, 1] (an export takes float32). Resizing stays outside: use
 image, as training did. Each teacher and student applies its own mean/std inside.
 
 Outputs (:class:`InferenceOutput`, in this order, also the output names of an export):
-`score` (N,) raw fused image score (the fused map reduced by the `score` spec: its max,
-top-k mean or smoothed max, :func:`dualstpm.fusion.image_score`), `normalized_score` (N,) in
-[0, 1] with 0.5 at the threshold (:class:`~dualstpm.models.anomaly_map.ScoreNormalization`),
-`label` (N,) bool, True = defective (score > threshold), `anomaly_map` (N, H, W) fused map
-(raw units), `stpm_score` and `recon_score` (N,) each branch alone, as trained (same reduction).
+`score` (N,) raw image score of the decision view (`fusion.view`, default `fused`), its map
+reduced by the `score` spec (max, top-k mean or smoothed max: :func:`dualstpm.fusion.image_score`),
+`normalized_score` (N,) in [0, 1] with 0.5 at the threshold
+(:class:`~dualstpm.models.anomaly_map.ScoreNormalization`), `label` (N,) bool, True =
+defective (score > threshold), `anomaly_map` (N, H, W) the decision view's map (raw units;
+logits for `disc`), `stpm_score` and `recon_score` (N,) each branch alone, as trained, and
+`disc_score` (N,) the discriminative stage's score (NaN when the model has none); every
+score with the same reduction.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from dualstpm.fusion import VIEWS, FusionSpec, ScoreSpec, image_score
+from dualstpm.fusion import DISC_VIEW, VIEWS, FusionSpec, ScoreSpec, image_score
 from dualstpm.models.anomaly_map import MapFusion, ScoreNormalization
+from dualstpm.models.discriminator import Discriminator
 from dualstpm.models.torch_model import DualStpmModel
 
 INPUT_NAME = "images"
@@ -41,6 +45,7 @@ class InferenceOutput(NamedTuple):
     anomaly_map: Tensor
     stpm_score: Tensor
     recon_score: Tensor
+    disc_score: Tensor
 
 
 OUTPUT_NAMES: tuple[str, ...] = InferenceOutput._fields
@@ -61,21 +66,29 @@ class DualStpmInference(nn.Module):
         fused: the fused view's fusion (`params.fusion`, or the applied chosen one).
         trained: the trained fusion, whose branch views give the per-branch scores.
         map_mean, map_std: (2, 3) per-map validation statistics.
-        threshold: the fused view's decision threshold (raw score units).
-        val_min: the fused view's lowest validation image score (for the normalised score).
+        threshold: the decision view's threshold (raw score units).
+        val_min: the decision view's lowest validation image score (for the normalised score).
         score: how every view's map becomes an image score (the calibration's reduction:
             the threshold and val_min are in its units).
         chunked: compute distances a few images at a time (eager speed); set False before
             tracing or exporting, so that one graph serves any batch size.
+        disc: the discriminative stage (view `disc`), or None.
+        decision: the view whose score, label and map are the outputs (`fusion.view`).
+    Raises ValueError for a decision view the module cannot compute.
     """
 
     def __init__(self, network: DualStpmModel, fused: FusionSpec, trained: FusionSpec, map_mean: Tensor,
                  map_std: Tensor, threshold: float, val_min: float, chunked: bool = True, *,
-                 score: ScoreSpec) -> None:
+                 score: ScoreSpec, disc: Discriminator | None = None, decision: str = "fused") -> None:
         super().__init__()
         self.network = network.eval()
         specs = {"fused": fused, **{view: trained.view(view) for view in VIEWS if view != "fused"}}
         self.fusions = nn.ModuleDict({view: MapFusion(spec, map_mean, map_std) for view, spec in specs.items()})
+        self.disc = disc.eval() if disc is not None else None
+        self.views: tuple[str, ...] = VIEWS + ((DISC_VIEW,) if disc is not None else ())
+        if decision not in self.views:
+            raise ValueError(f"decision view {decision!r} is not one of this model's views {self.views}")
+        self.decision = decision
         self.normalization = ScoreNormalization(threshold, val_min)
         self.score_spec = score
         self.chunked = chunked
@@ -90,17 +103,29 @@ class DualStpmInference(nn.Module):
         return self.network.pyramids(images).maps(images.shape[-2:], self.chunked).float()
 
     def view_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> dict[str, Tensor]:
-        """Six raw maps -> {view: (N, H, W) fused map} for `fused`, `stpm`, `recon`."""
-        return {view: self.fusions[view](maps) for view in views}
+        """Six raw maps -> {view: (N, H, W) map} for `fused`, `stpm`, `recon` and `disc`.
+        Raises ValueError for `disc` on a model without the discriminative stage."""
+        out = {}
+        for view in views:
+            if view == DISC_VIEW:
+                if self.disc is None:
+                    raise ValueError("this model has no discriminative stage (view 'disc'): fit it with "
+                                     "fit.discriminator=true")
+                out[view] = self.disc(maps)
+            else:
+                out[view] = self.fusions[view](maps)
+        return out
 
     def forward(self, images: Tensor) -> InferenceOutput:
-        fused = self.view_maps(self.six_maps(images))
+        fused = self.view_maps(self.six_maps(images), self.views)
         scores = {view: image_score(m, self.score_spec) for view, m in fused.items()}
+        decision = scores[self.decision]
         return InferenceOutput(
-            score=scores["fused"],
-            normalized_score=self.normalization(scores["fused"]),
-            label=scores["fused"] > self.threshold,
-            anomaly_map=fused["fused"],
+            score=decision,
+            normalized_score=self.normalization(decision),
+            label=decision > self.threshold,
+            anomaly_map=fused[self.decision],
             stpm_score=scores["stpm"],
             recon_score=scores["recon"],
+            disc_score=scores[DISC_VIEW] if DISC_VIEW in scores else torch.full_like(decision, float("nan")),
         )
