@@ -65,7 +65,7 @@ class Calibration:
     false_alarm_rate: float
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
-    # sizes of the validation parts that selected the epoch and calibrated (training.validation_parts)
+    # sizes of the validation parts that selected the epoch and calibrated (data.validation_parts)
     validation_split: dict = field(default_factory=dict)
     score: ScoreSpec = LEGACY_SCORE
     #: the discriminative stage's selection and cost (`DiscResult.summary`); None without it

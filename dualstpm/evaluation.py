@@ -88,8 +88,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     six = compute_six_maps(detector, images, batch_size)
     scores: dict[str, np.ndarray] = {}
     maps: dict[str, np.ndarray] | None = {} if masks is not None else None
-    views = detector.views
-    for view in views:
+    for view in (v for v in detector.views if v != DISC_VIEW):  # the views fused from the six maps
         fused, scores[view] = fused_and_scores(six, detector.view_spec(view), detector.calibration.map_stats,
                                                detector.score_spec)
         if maps is not None:
@@ -121,7 +120,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         note = truth_report.note()
         if note:
             result["note"] = note
-    for view in views:
+    for view in detector.views:
         result[view] = {
             **metrics.evaluate(labels, defect_types, scores[view], maps[view] if maps is not None else None, truth,
                                detector.thresholds[view]),

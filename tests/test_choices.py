@@ -20,8 +20,9 @@ from dualstpm.ablation.margin import (
     pixel_auroc,
 )
 from dualstpm.config import ConfigError, load_params
+from dualstpm.data import MIN_SPLIT_IMAGES, validation_parts
 from dualstpm.evaluation import false_alarms, test_run
-from dualstpm.training import MIN_SPLIT_IMAGES, training_signature, validation_parts
+from dualstpm.training import training_signature
 
 
 def _units(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -150,7 +151,7 @@ def test_metrics_json_reports_the_observed_false_alarm_rate(trained_run: Path, s
     detector = Detector.load(run)
     good = test.labels == 0
     for view in ("fused", "stpm", "recon"):
-        scores = fused_and_scores(test.maps, detector.view_spec(view), detector.map_stats)[1]
+        scores = fused_and_scores(test.maps, detector.view_spec(view), detector.map_stats, detector.score_spec)[1]
         flagged = int(np.count_nonzero(scores[good] > detector.thresholds[view]))
         assert result[view]["false_alarms"] == flagged
         assert result[view]["false_alarm_rate"] == flagged / int(good.sum())

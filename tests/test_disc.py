@@ -15,7 +15,12 @@ from dualstpm import disc_training
 from dualstpm.ablation.defects import paste_defects
 from dualstpm.compute import Compute
 from dualstpm.config import DiscParams, load_params
-from dualstpm.data import decode_images, load_category, split_train_val
+from dualstpm.data import (
+    decode_images,
+    load_category,
+    split_train_val,
+    validation_parts,
+)
 from dualstpm.detector import DISC_WEIGHTS_FILE, Detector
 from dualstpm.errors import ConfigError
 from dualstpm.evaluation import evaluate_detector
@@ -143,7 +148,8 @@ def test_the_stage_never_sees_test_or_validation_defects(disc_fit, synthetic_roo
     train_paths, val_paths = split_train_val(load_category(synthetic_root, "synth_texture"), params.fit.val_fraction,
                                              params.seed)
     assert torch.equal(disc_fit["received"]["train"], decode_images(train_paths, params.image_size))
-    assert torch.equal(disc_fit["received"]["val"], decode_images(val_paths, params.image_size))
+    selection = validation_parts(len(val_paths), params.calibration.split, params.seed).selection  # never the calibration part
+    assert torch.equal(disc_fit["received"]["val"], decode_images(val_paths, params.image_size)[selection])
     assert not set(train_paths) & set(val_paths)
 
 

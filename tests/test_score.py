@@ -14,7 +14,12 @@ import torch
 from conftest import TINY_OVERRIDES
 
 from dualstpm.config import load_params
-from dualstpm.data import decode_images, load_category, split_train_val
+from dualstpm.data import (
+    decode_images,
+    load_category,
+    split_train_val,
+    validation_parts,
+)
 from dualstpm.detector import LEGACY_SCORE, Calibration, Detector
 from dualstpm.errors import ConfigError
 from dualstpm.fusion import ScoreSpec, calibrate_threshold, image_score, topk_count
@@ -119,7 +124,8 @@ def test_threshold_is_calibrated_in_the_reduced_units(topk_run: Path, synthetic_
     assert detector.calibration.score == TOPK and detector.score_spec == TOPK
     params = detector.params
     _, val_paths = split_train_val(load_category(synthetic_root, "synth_texture"), params.fit.val_fraction, params.seed)
-    val = decode_images(val_paths, params.image_size)
+    calibration_part = validation_parts(len(val_paths), params.calibration.split, params.seed).calibration
+    val = decode_images(val_paths, params.image_size)[calibration_part]  # the images that calibrated the model
     scores = torch.cat([s.scores["fused"] for _, s in detector.batches(val, params.fit.batch_size)]).numpy()
     expected = calibrate_threshold(scores, params.calibration.false_alarm_rate)
     assert detector.threshold == pytest.approx(expected, rel=1e-6)

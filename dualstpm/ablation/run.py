@@ -28,7 +28,7 @@ of the validation images (`margin.bootstrap_margin`: `ablation.bootstrap` resamp
 one-sided `ablation.confidence` lower bound > 0, seeded by `ablation.synthetic_seed`);
 else the ablation keeps the default and says so. The margin is in `summary.json`.
 
-Which validation images: the fit split them (`training.validation_parts`,
+Which validation images: the fit split them (`data.validation_parts`,
 `calibration.split`) into a part that selected the epoch and a part that calibrated. The
 ablation chooses on the selection part (plus the defects pasted on it) and recalibrates
 the chosen fusion's threshold on the calibration part, so that threshold, too, is set on
@@ -61,12 +61,12 @@ from dualstpm.ablation.selection import (
     synthetic_maps,
 )
 from dualstpm.config import AblationParams
+from dualstpm.data import validation_parts
 from dualstpm.detector import ChosenFusion, Detector, read_model_dir, write_chosen_fusion
 from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
 from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, calibrate_threshold
 from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet, fused_and_scores
-from dualstpm.training import validation_parts
 
 ABLATION_DIR = "ablation"
 TABLE_FILE = "table.csv"

@@ -3,7 +3,7 @@ data for tests and the demo, and the MVTec AD downloader."""
 
 from dualstpm.data.download import MVTEC_CATEGORIES, extract_categories, fetch, prepare_mvtec, sha256_of
 from dualstpm.data.images import IMAGE_SUFFIXES, image_size_of, list_images, read_image, read_mask
-from dualstpm.data.mvtec import Category, Sample, load_category, split_train_val
+from dualstpm.data.mvtec import MIN_SPLIT_IMAGES, Category, Sample, ValidationParts, load_category, split_train_val, validation_parts
 from dualstpm.data.synthetic import SYNTHETIC_KINDS, make_synthetic_category
 from dualstpm.data.tensors import GroundTruthReport, decode_images, decode_masks, resize_image, resize_mask
 
@@ -29,4 +29,7 @@ __all__ = [
     "resize_mask",
     "sha256_of",
     "split_train_val",
+    "validation_parts",
+    "ValidationParts",
+    "MIN_SPLIT_IMAGES",
 ]

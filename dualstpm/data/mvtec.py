@@ -17,6 +17,9 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from dualstpm.data.images import IMAGE_SUFFIXES, image_size_of, is_hidden, list_images
 from dualstpm.errors import ConfigError, DataError
@@ -193,3 +196,49 @@ def split_train_val(category: Category, val_fraction: float, seed: int) -> tuple
     shuffled = sorted(category.train)
     random.Random(seed).shuffle(shuffled)
     return sorted(shuffled[n_val:]), sorted(shuffled[:n_val])
+
+MIN_SPLIT_IMAGES = 4  # each part of the validation split needs at least 2 images
+
+
+@dataclass(frozen=True)
+class ValidationParts:
+    """Indices into the validation images: `selection` picks the epoch, `calibration` sets
+    the map statistics and thresholds. `note` says why they are not disjoint (else None)."""
+
+    selection: np.ndarray  # int64, ascending
+    calibration: np.ndarray  # int64, ascending
+    note: str | None = None
+
+    @property
+    def disjoint(self) -> bool:
+        return not np.intersect1d(self.selection, self.calibration).size
+
+    def to_json(self) -> dict[str, Any]:
+        return {"selection_images": len(self.selection), "calibration_images": len(self.calibration),
+                "disjoint": self.disjoint}
+
+
+def validation_parts(n_images: int, split: float, seed: int) -> ValidationParts:
+    """Split `n_images` validation images into disjoint selection and calibration parts.
+
+    round(split * n) images (at least 2, leaving at least 2 to select) are drawn for
+    calibration by a shuffle seeded with `seed` alone, so the same seed and count give the
+    same parts. `split` 0 asks for no split (both parts are all images, noted); fewer than
+    MIN_SPLIT_IMAGES images cannot be split: both parts are all images and `note` says so
+    and how to fix it (the caller warns; the note is kept in calibration.json).
+    """
+    everything = np.arange(n_images, dtype=np.int64)
+    if split == 0:
+        return ValidationParts(everything, everything, "calibration.split=0: the thresholds are calibrated on the "
+                               "same validation images that selected the epoch, so false alarms may exceed the target")
+    if n_images < MIN_SPLIT_IMAGES:
+        return ValidationParts(everything, everything, (
+            f"only {n_images} validation image(s): calibration.split={split:g} needs at least {MIN_SPLIT_IMAGES} "
+            "to hold out a calibration part, so the thresholds are calibrated on the images that selected the "
+            "epoch and false alarms may exceed the target. Add good images (validation/good, or more train/good "
+            "with a larger fit.val_fraction), or pass --set calibration.split=0 to accept this knowingly"))
+    n_calibration = min(max(2, round(split * n_images)), n_images - 2)
+    order = list(range(n_images))
+    random.Random(f"calibration.split {seed}").shuffle(order)
+    return ValidationParts(np.sort(np.asarray(order[n_calibration:], dtype=np.int64)),
+                           np.sort(np.asarray(order[:n_calibration], dtype=np.int64)))
