@@ -286,8 +286,14 @@ class Trainer:
 
 def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute: Compute,
               selected_epochs: dict[str, int], category: str) -> Calibration:
-    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate."""
+    """Per-map validation statistics, then per-view thresholds at the target false-alarm rate.
+
+    The validation maps are computed in the inference precision (float32, on `compute`'s
+    device), whatever precision training ran in: the stored statistics, thresholds and
+    validation minimum are those of the scores PyTorch inference and the float32 exports give.
+    """
     batch_size = params.fit.batch_size
+    compute = compute.for_inference()
     maps = [six_maps(model, val_images[i : i + batch_size], compute) for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
     for batch in maps:
@@ -304,6 +310,7 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         selected_epochs=selected_epochs,
         category=category,
         false_alarm_rate=rate,
+        precision=compute.precision,
     )
 
 
