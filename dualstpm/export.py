@@ -230,6 +230,7 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
             "stpm_score": "(N,) branch A (STPM) alone", "recon_score": "(N,) branch B (reconstruction) alone",
         },
         "threshold": detector.threshold,
+        "threshold_precision": detector.calibration.precision,  # float32: the scores it was calibrated on
         "normalization": detector.inference.normalization.to_json(),
         "fusion": {**asdict(detector.spec),
                    "source": detector.chosen.source if detector.chosen else "params.fusion",

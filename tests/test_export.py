@@ -205,7 +205,7 @@ def test_a_model_trained_in_bfloat16_decides_alike_in_pytorch_and_its_float32_ex
     assert abs(calibrate_threshold(bf16_scores, rate) / detector.threshold - 1) > SCORE_RTOL
 
     exported = ExportedModel(export_run(run, "onnx", "fp32", tmp_path / "onnx"), "onnxruntime")
-    assert exported.threshold == detector.threshold
+    assert exported.threshold == detector.threshold and exported.metadata["threshold_precision"] == "float32"
     assert_parity(exported.infer(texture_images), detector.infer(texture_images))
 
 
