@@ -80,6 +80,26 @@ def resolve_params(path: Path | None, overrides: list[str] | None) -> Params:
     return load_params(path, overrides or [])
 
 
+def serving_params(path: Path | None, overrides: list[str] | None, command: str, honoured: tuple[str, ...]) -> Params:
+    """The params of a command that runs a trained model (`test`, `predict`): only the
+    sections in `honoured` (e.g. `data.`) are read from them, the model keeps its own
+    (RUN/model/params.yaml), so a --set of any other key is refused (ConfigError naming
+    it), never silently ignored."""
+    for item in overrides or []:
+        key = item.split("=", 1)[0].strip()
+        if not key.startswith(honoured):
+            why = (" PyTorch inference always runs in float32, the precision the model's thresholds and "
+                   "statistics were calibrated in (fit.precision is the training precision); for faster reduced-"
+                   "precision scoring, export it (`dualstpm export --precision fp16|int8`) and use --backend."
+                   if "precision" in key else "")
+            raise ConfigError(
+                f"`dualstpm {command}` does not apply --set {item}: a trained model scores with its own params "
+                f"(RUN/model/params.yaml), and this command reads only {', '.join(h + '*' for h in honoured)} "
+                f"from --set.{why}"
+            )
+    return resolve_params(path, overrides)
+
+
 def _fmt(value: float | None) -> str:
     return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
@@ -141,7 +161,7 @@ def test(
     """Evaluate a trained model on the test split; writes RUN/metrics.json and RUN/plots/, logs to MLflow."""
     category = trained_category(run, category)
     category_dir(data_root, category)  # wrong paths fail before torch and MLflow load
-    p = resolve_params(params, overrides)
+    p = serving_params(params, overrides, "test", ("data.", "tracking."))
     from dualstpm.stages import tracked_test
 
     print_metrics(tracked_test(p, run, data_root, category, device))
@@ -165,13 +185,13 @@ def predict(
     exits with status 2). `--exported DIR` runs an export folder instead of `--run`."""
     if run is not None:
         trained_model_dir(run)  # wrong paths fail before torch loads
+    limit = serving_params(params, overrides, "predict", ("data.",)).data.max_image_pixels
     paths = expand_paths(paths)
     from dualstpm.backends import load_scorer
     from dualstpm.errors import DataError
     from dualstpm.predict import PREDICTIONS_FILE
     from dualstpm.predict import predict as predict_images
 
-    limit = resolve_params(params, overrides).data.max_image_pixels
     table = predict_images(load_scorer(backend, run, exported, device), paths, out_dir, threshold, max_pixels=limit)
     counts = table["label"].value_counts().to_dict()
     failed = int((table["error"] != "").sum())

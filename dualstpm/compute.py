@@ -10,7 +10,10 @@ comparison all run the networks the same way.
   GPU and on a CPU with native bfloat16 units (AVX512-BF16 or AMX, as oneDNN reports),
   where it is about twice as fast; elsewhere float32, because emulated bfloat16 is slower
   than float32. The anomaly distances are computed in float32 either way
-  (`dualstpm.models.loss.distance_map`).
+  (`dualstpm.models.loss.distance_map`). Only *training* runs in it: calibration (map
+  statistics, thresholds, the normalised score's validation minimum) and PyTorch inference
+  run in float32 (:data:`INFERENCE_PRECISION`), the precision of the float32 ONNX/OpenVINO
+  exports, so one stored threshold decides the same way on every backend.
 - **Layout**: channels_last, which oneDNN and tensor cores both run faster (1.7x for an
   EfficientNet student's training step on CPU).
 """
@@ -29,6 +32,9 @@ MEMORY_FORMAT = torch.channels_last
 
 
 DEVICES = ("auto", "cpu", "cuda")
+#: The precision of calibration and of PyTorch inference (test, predict, the pyfunc, ablation):
+#: a stored threshold is valid for the precision its validation scores were computed in.
+INFERENCE_PRECISION = "float32"
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -78,6 +84,10 @@ class Compute:
     @property
     def label(self) -> str:
         return f"{self.device.type}, {self.precision}"
+
+    def for_inference(self) -> Compute:
+        """The same device in :data:`INFERENCE_PRECISION`: what calibration and serving run in."""
+        return Compute(self.device, resolve_precision(INFERENCE_PRECISION, self.device))
 
     def autocast(self) -> torch.autocast:
         """Mixed precision for the networks' forward passes (a no-op in float32)."""

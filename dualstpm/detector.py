@@ -18,6 +18,7 @@ never survives.
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
-from dualstpm.compute import Compute
+from dualstpm.compute import INFERENCE_PRECISION, Compute
 from dualstpm.config import FusionParams, Params, load_params, save_params
 from dualstpm.errors import RunError
 from dualstpm.files import staged_dir, write_bytes, write_json
@@ -70,6 +71,10 @@ class Calibration:
     score: ScoreSpec = LEGACY_SCORE
     #: the discriminative stage's selection and cost (`DiscResult.summary`); None without it
     discriminator: dict | None = None
+    #: the precision the validation maps (statistics, thresholds, minimum) were computed in:
+    #: `compute.INFERENCE_PRECISION`; None in files written before calibration was pinned to it
+    #: (those ran in `fit.precision`, bfloat16 on hardware that has it).
+    precision: str | None = None
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -246,8 +251,10 @@ class Detector:
     @classmethod
     def load(cls, run_dir: Path, compute: Compute | None = None, device: str = "auto") -> Detector:
         """The detector of a trained run, on `compute`, else on `device` (`auto`: the GPU when
-        there is one) in the precision its params ask for. Where it was trained does not
-        matter: weights load on the CPU first. Raises RunError for an unusable run directory."""
+        there is one) in float32 (`compute.INFERENCE_PRECISION`, the precision it was calibrated
+        in, whatever `fit.precision` trained it in). Where it was trained does not matter:
+        weights load on the CPU first. Raises RunError for an unusable run directory; warns
+        (RuntimeWarning) when its calibration predates the float32 rule and may be bfloat16's."""
         model_dir, params, calibration = read_model_dir(run_dir)
         model = DualStpmModel.build(params.model, pretrained=False)
         try:
@@ -257,7 +264,12 @@ class Detector:
                 f"{model_dir / WEIGHTS_FILE} does not fit the network its params.yaml describes "
                 f"({str(exc).splitlines()[0]}): the file is damaged or from another dualstpm version; retrain it"
             ) from None
-        compute = compute or Compute.resolve(device, params.fit.precision)
+        compute = compute or Compute.resolve(device, INFERENCE_PRECISION)
+        if calibration.precision is None and params.fit.precision != "float32":
+            warnings.warn(f"{model_dir / CALIBRATION_FILE} does not say in which precision it was calibrated: "
+                          f"with fit.precision={params.fit.precision} that was bfloat16 on hardware that has it, so "
+                          f"its thresholds may not match the {compute.precision} scores computed now. Fit it again "
+                          "with this dualstpm (calibration then runs in float32).", RuntimeWarning, stacklevel=2)
         chosen = read_chosen_fusion(model_dir)
         if chosen is not None and chosen.val_min is None:
             chosen = replace(chosen, val_min=_stored_val_min(Path(run_dir), chosen.spec, calibration))

@@ -10,8 +10,9 @@ inside the graph. The resize is not (see `metadata.json` → `input.resize`).
 Supported (format, precision) pairs, see :data:`SUPPORTED`:
 
 - `onnx`: `fp32`; `int8` = ONNX Runtime static post-training quantisation (QDQ, per-channel
-  int8 weights, uint8 activations) of the convolutions, calibrated on the run's
-  validation good images; the distance, fusion and scoring ops stay float32.
+  int8 weights, uint8 activations), calibrated on the run's validation good images, of the
+  convolutions that compute no compared feature (T1's deep-only stages and the S2 decoder:
+  :func:`int8_scope`); the rest of the networks, the distances, fusion and scores stay float32.
 - `openvino`: `fp32`; `fp16` (weights stored as fp16, computed at the plugin's precision);
   `int8` (the quantised ONNX graph converted to OpenVINO IR, whose CPU plugin runs it in int8).
 - `torchscript`: `fp32` (a `torch.jit.trace`, loadable without this package).
@@ -137,9 +138,30 @@ def write_torchscript(detector: Detector, path: Path) -> Path:
     return path
 
 
-def quantize_onnx(source: Path, target: Path, images: np.ndarray) -> dict:
-    """Static int8 quantisation of the convolutions of an ONNX export, calibrated on `images`
-    (N, 3, S, S) float32 in [0, 1]; returns what metadata records about it."""
+def int8_scope(detector: Detector) -> tuple[str, ...]:
+    """ONNX node-name prefixes of the convolutions int8 quantises: T1's stages past its last
+    compared level (they only compute the deep map S2 decodes) and the S2 decoder.
+
+    T1 up to its last compared level, S1 and T2 stay float32 (the teachers' pyramids and branch A's student):
+    the anomaly signal is a small teacher-student difference (1 - cosine), and int8 rounding
+    of those pyramids adds a difference of the same order. Quantising every convolution
+    moved 14 % of magnetic_tile's labels; this scope keeps them (bench/RESULTS.md §5).
+    """
+    t1 = detector.model.t1
+    compared, deep = t1.module_names[-2], t1.module_names[-1]
+    parent = compared.rpartition(".")[0]
+    container = t1.body.get_submodule(parent) if parent else t1.body
+    siblings = [f"{parent}.{name}" if parent else name for name, _ in container.named_children()]
+    if deep not in siblings:
+        raise ExportError(f"int8 export: T1 {t1.name!r} has its deep level {deep!r} outside {parent or 'its body'}, "
+                          "so its deep-only stages cannot be told apart; export it in fp32 or fp16")
+    return (*(f"/t1/body/{name}/" for name in siblings[siblings.index(compared) + 1 : siblings.index(deep) + 1]), "/s2/")
+
+
+def quantize_onnx(source: Path, target: Path, images: np.ndarray, scope: tuple[str, ...]) -> dict:
+    """Static int8 quantisation of the convolutions of an ONNX export whose node names start
+    with one of `scope` (:func:`int8_scope`), calibrated on `images` (N, 3, S, S) float32 in
+    [0, 1]; returns what metadata records about it. Raises ExportError when none matches."""
     import onnx
     from onnxruntime.quantization import (
         CalibrationDataReader,
@@ -156,16 +178,19 @@ def quantize_onnx(source: Path, target: Path, images: np.ndarray) -> dict:
         def get_next(self):
             return next(self.batches, None)
 
-    graph = onnx.load(str(source)).graph
-    shapes = {init.name: tuple(init.dims) for init in graph.initializer}
-    # smoothing kernels (1 in, 1 out channel) act on the fused map: keep them float
-    smoothing = [n.name for n in graph.node if n.op_type == "Conv" and shapes.get(n.input[1], (0, 0))[:2] == (1, 1)]
+    convs = [n.name for n in onnx.load(str(source)).graph.node if n.op_type == "Conv"]
+    chosen = [name for name in convs if name.startswith(scope)]
+    if not chosen:
+        raise ExportError(f"int8 export: no convolution of the graph lies in the quantised scope {list(scope)}")
     quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["Conv"], nodes_to_exclude=smoothing)
+                    op_types_to_quantize=["Conv"], nodes_to_quantize=chosen)
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
-            "activations": "uint8", "weights": "int8", "ops": ["Conv"], "calibration_images": len(images),
-            "calibration_data": "the run's validation good images"}
+            "activations": "uint8", "weights": "int8", "ops": ["Conv"], "scope": list(scope),
+            "quantized_convolutions": len(chosen), "convolutions": len(convs),
+            "float32": "every other op: the convolutions computing compared features (T1 to its last compared "
+                       "level, S1, T2), the distances, fusion and scores",
+            "calibration_images": len(images), "calibration_data": "the run's validation good images"}
 
 
 def validation_images(detector: Detector, data_root: Path | None, run_dir: Path) -> np.ndarray:
@@ -210,6 +235,7 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         # the reduction of a map to the image score; threshold and normalization are in its units
         "score": {**detector.score_spec.to_json(), "function": "dualstpm.fusion.image_score"},
         "typical_level": detector.typical_level(),
+        "threshold_precision": detector.calibration.precision,  # float32: the scores it was calibrated on
         "normalization": detector.inference.normalization.to_json(),
         "fusion": {**asdict(detector.spec),
                    "source": detector.chosen.source if detector.chosen else "params.fusion",
@@ -251,7 +277,7 @@ def export_run(run_dir: Path, fmt: str, precision: str, out_dir: Path, data_root
                 onnx_path.rename(float_path)
                 if calibration_images is None:
                     calibration_images = validation_images(detector, data_root, run_dir)
-                quantization = quantize_onnx(float_path, onnx_path, calibration_images)
+                quantization = quantize_onnx(float_path, onnx_path, calibration_images, int8_scope(detector))
                 float_path.unlink()
             if fmt == "openvino":
                 ov = _require("openvino", "openvino")

@@ -327,8 +327,14 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
 
     `val_images` are the calibration part of the validation images (`validation_parts`);
     `parts`, when given, is recorded in the calibration (sizes, disjointness, its note).
-    Thresholds are in the units of the image score `params.score` reduces to (recorded too)."""
+    Thresholds are in the units of the image score `params.score` reduces to (recorded too).
+
+    The validation maps are computed in the inference precision (float32, on `compute`'s
+    device), whatever precision training ran in: the stored statistics, thresholds and
+    validation minimum are those of the scores PyTorch inference and the float32 exports give.
+    """
     batch_size = params.fit.batch_size
+    compute = compute.for_inference()
     maps = [six_maps(model, val_images[i : i + batch_size], compute) for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
     for batch in maps:
@@ -352,6 +358,7 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         validation_split=parts.to_json() if parts is not None else {},
         score=score,
         discriminator=disc.summary() if disc is not None else None,
+        precision=compute.precision,
     )
 
 
