@@ -36,7 +36,6 @@ fails before anything is trained, naming the variant.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import math
 import os
@@ -45,7 +44,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +67,9 @@ from dualstpm.errors import DualStpmError  # noqa: E402
 from dualstpm.evaluation import evaluate_detector  # noqa: E402
 from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
 from dualstpm.files import write_json, write_text  # noqa: E402
-from dualstpm.fusion import BRANCHES, gaussian_blur  # noqa: E402
+from dualstpm.ablation.reductions import REDUCTIONS  # noqa: E402
+from dualstpm.leak import leak_test  # noqa: E402
+from dualstpm.fusion import BRANCHES, image_score  # noqa: E402
 from dualstpm.maps import MAPS_DIR, TEST_MAPS, MapSet, fused_and_scores  # noqa: E402
 from dualstpm.progress import progress_bar  # noqa: E402
 from dualstpm.training import Trainer, calibrate, data_signature, fit  # noqa: E402
@@ -89,18 +90,6 @@ VARIANTS: dict[str, tuple[str, ...]] = {
     "recipe": RECIPE,
 }
 DEFAULT_CURVE_EPOCHS = (1, 3, 10, 30)
-#: (label, reduce, topk fraction of the map's pixels, sigma px): issue 11, item 2
-REDUCTIONS = (
-    ("max", "max", 0.0, 0.0),
-    ("topk_mean 0.001", "topk_mean", 0.001, 0.0),
-    ("topk_mean 0.01", "topk_mean", 0.01, 0.0),
-    ("topk_mean 0.05", "topk_mean", 0.05, 0.0),
-    ("smoothed_max 2", "smoothed_max", 0.0, 2.0),
-    ("smoothed_max 4", "smoothed_max", 0.0, 4.0),
-    ("smoothed_max 8", "smoothed_max", 0.0, 8.0),
-)
-#: where the leak helper of issue 11 may put `leak_test(model, test_images, masks, normal_images) -> dict`
-LEAK_MODULES = ("dualstpm.leak", "dualstpm.models.recon")
 
 Metrics = dict[str, float | None]
 
@@ -153,13 +142,8 @@ def variant_params(args: argparse.Namespace, name: str, overrides: Sequence[str]
 
 
 def decision_view(params: Params) -> str:
-    """The view the model decides with: `fusion.view` of the param contract once it exists.
-
-    Until that key is merged every model decides with `fused`; remove this lookup's
-    fallback when `fusion.view` is in `FusionParams`.
-    """
-    view = params.fusion.model_dump().get("view")
-    return "fused" if view is None else str(view)
+    """The view the model decides with (`fusion.view`)."""
+    return params.fusion.view
 
 
 def find_categories(data_root: Path, wanted: Sequence[str]) -> list[str]:
@@ -468,27 +452,11 @@ def run_curve(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dict
     return out, "\n\n".join(tables)
 
 
-# TEMPORARY ADAPTER: replace by the score helper's `score.reduce` function in dualstpm/fusion.py once it is
-# merged (issue 11, item 2); it must then go, so that one function computes image scores.
-def reduce_maps(maps: Tensor, reduce: str, topk: float, sigma: float) -> Tensor:
-    """(N, H, W) maps -> (N,) image scores: `max`; `topk_mean` of the ceil(topk * H * W)
-    highest pixels (at least one); `smoothed_max`, the max after `fusion.gaussian_blur` (sigma px)."""
-    flat = maps.flatten(1)
-    if reduce == "max":
-        return flat.amax(dim=1)
-    if reduce == "topk_mean":
-        k = max(1, math.ceil(topk * flat.shape[1]))
-        return flat.topk(k, dim=1).values.mean(dim=1)
-    if reduce == "smoothed_max":
-        return gaussian_blur(maps, sigma).flatten(1).amax(dim=1)
-    raise StudyError(f"unknown score reduction {reduce!r}: max, topk_mean or smoothed_max")
-
-
 def reduction_aurocs(labels: np.ndarray, maps: np.ndarray) -> dict[str, float | None]:
     """Reduction label -> image AUROC of the (N, S, S) maps reduced that way."""
     stack = torch.from_numpy(maps)
-    return {label: metrics.image_auroc(labels, reduce_maps(stack, r, k, s).numpy().astype(np.float64))
-            for label, r, k, s in REDUCTIONS}
+    return {spec.label: metrics.image_auroc(labels, image_score(stack, spec).numpy().astype(np.float64))
+            for spec in REDUCTIONS}
 
 
 def baseline_run(args: argparse.Namespace, category: str) -> tuple[Params, FitRecord]:
@@ -498,7 +466,7 @@ def baseline_run(args: argparse.Namespace, category: str) -> tuple[Params, FitRe
 
 
 def run_reduce(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dict, str]:
-    out: dict[str, Any] = {"reductions": [list(r) for r in REDUCTIONS], "datasets": {}}
+    out: dict[str, Any] = {"reductions": [r.label for r in REDUCTIONS], "datasets": {}}
     tables = []
     for category in categories:
         params, record = baseline_run(args, category)
@@ -517,23 +485,10 @@ def run_reduce(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
         out["datasets"][category] = per_view
         header = ["reduction", *(f"{split} {view}" for view in per_view for split in ("val", "test"))]
         rows = [[label, *(_f(per_view[v][s][label]) for v in per_view for s in ("validation", "test"))]
-                for label, *_ in REDUCTIONS]
+                for label in (r.label for r in REDUCTIONS)]
         tables.append(f"### {category} (image AUROC; val = validation images + synthetic defects)\n\n"
                       + markdown(header, rows))
     return out, "\n\n".join(tables)
-
-
-def find_leak_test() -> Callable[..., dict]:
-    """The leak test of issue 11 (`leak_test(model, test_images, masks, normal_images) -> dict`)."""
-    for name in LEAK_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-        if hasattr(module, "leak_test"):
-            return module.leak_test
-    raise StudyError(f"no leak_test function in {' or '.join(LEAK_MODULES)}: the gate leak test of issue 11 "
-                     "is not merged into this dualstpm yet")
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -547,7 +502,6 @@ def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_leak(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dict, str]:
-    leak_test = find_leak_test()  # before any fit
     out: dict[str, Any] = {"datasets": {}}
     tables = []
     for category in categories:

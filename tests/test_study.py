@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import PROJECT_ROOT
 
@@ -81,15 +80,6 @@ def test_only_picks_variants_in_its_order_and_names_unknown_ones():
         study.pick_variants(["baseline=fit.lr=0.1"], None)
 
 
-def test_score_reductions_by_hand():
-    maps = torch.tensor([[[0.0, 1.0], [2.0, 5.0]]])  # one 2x2 map
-    assert study.reduce_maps(maps, "max", 0.0, 0.0).tolist() == [5.0]
-    assert study.reduce_maps(maps, "topk_mean", 0.5, 0.0).tolist() == [3.5]  # ceil(0.5 * 4) = 2 pixels: 5, 2
-    assert study.reduce_maps(maps, "topk_mean", 0.001, 0.0).tolist() == [5.0]  # at least one pixel
-    flat = torch.full((1, 9, 9), 0.25)
-    assert study.reduce_maps(flat, "smoothed_max", 0.0, 2.0).tolist() == pytest.approx([0.25])  # a normalised kernel
-
-
 def test_a_variant_with_an_unknown_key_fails_before_any_fit(synthetic_root: Path, tmp_path: Path, capsys):
     code = study.main(["recipe", "--data-root", str(synthetic_root), *TINY, "--variant", "bad=fit.no_such_key=1",
                        "--only", "baseline,bad", "--out", str(tmp_path)])
@@ -143,16 +133,8 @@ def test_curve_and_reduce(synthetic_root: Path, tmp_path: Path):
     assert study.main(["reduce", "--data-root", str(synthetic_root), *TINY, "--out", str(tmp_path)]) == 0
     reduced = json.loads((tmp_path / "reduce.json").read_text())["datasets"]["synth_texture"]
     assert set(reduced) == {"fused", "stpm", "recon"}
-    labels = [label for label, *_ in study.REDUCTIONS]
+    labels = [spec.label for spec in study.REDUCTIONS]
     for view in reduced.values():
         for split in ("validation", "test"):
             assert list(view[split]) == labels
             assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in view[split].values())
-
-
-@pytest.mark.skipif(any(importlib.util.find_spec(m) is not None and hasattr(importlib.import_module(m), "leak_test")
-                        for m in study.LEAK_MODULES), reason="leak_test exists: the guard does not apply")
-def test_leak_without_the_function_is_a_clear_error(synthetic_root: Path, tmp_path: Path, capsys):
-    assert study.main(["leak", "--data-root", str(synthetic_root), *TINY, "--out", str(tmp_path)]) == 2
-    assert "no leak_test function" in capsys.readouterr().err
-    assert not (tmp_path / "runs").exists()
