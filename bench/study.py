@@ -366,9 +366,8 @@ def run_recipe(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
         decoded = Decoded(args.data_root, category)
         results: dict[str, dict] = {}
         for name, p in params.items():
-            compute = Compute.resolve(p.fit.device, p.fit.precision)
             record = fitted(p, args.data_root, category, args.out / "runs" / category / name, args.refit)
-            detector = Detector.load(record.run_dir, compute)
+            detector = Detector.load(record.run_dir)  # float32, as it is served
             vset = ValidationSet.build(decoded.split(p, "val"), p.ablation)
             view = decision_view(p)
             validation = validation_evidence(detector, vset)
@@ -470,7 +469,7 @@ def run_reduce(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
     tables = []
     for category in categories:
         params, record = baseline_run(args, category)
-        detector = Detector.load(record.run_dir, Compute.resolve(params.fit.device, params.fit.precision))
+        detector = Detector.load(record.run_dir)
         vset = ValidationSet.build(Decoded(args.data_root, category).split(params, "val"), params.ablation)
         val_maps = score_views(detector, vset.images)
         test_evidence(detector, args.data_root, category, maps_dir=record.run_dir / MAPS_DIR)  # stores the maps
@@ -479,7 +478,7 @@ def run_reduce(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
         for view in val_maps:
             if view not in ("fused", *BRANCHES):
                 continue  # a view that is not a fusion of the six stored maps cannot be re-scored from them
-            test_fused, _ = fused_and_scores(test.maps, detector.view_spec(view), detector.map_stats)
+            test_fused, _ = fused_and_scores(test.maps, detector.view_spec(view), detector.map_stats, detector.score_spec)
             per_view[view] = {"validation": reduction_aurocs(vset.labels, val_maps[view][1]),
                               "test": reduction_aurocs(test.labels, test_fused)}
         out["datasets"][category] = per_view
@@ -506,7 +505,7 @@ def run_leak(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dict,
     tables = []
     for category in categories:
         params, record = baseline_run(args, category)
-        detector = Detector.load(record.run_dir, Compute.resolve(params.fit.device, params.fit.precision))
+        detector = Detector.load(record.run_dir)
         dataset = load_category(args.data_root, category)
         if not dataset.has_ground_truth:
             raise StudyError(f"{category} has no ground_truth masks: the leak test needs defect masks")
