@@ -133,7 +133,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from dualstpm import metrics  # noqa: E402
-from dualstpm.bench import INFER_BATCH, median_seconds, train_epoch  # noqa: E402
+from dualstpm.bench import INFER_BATCH, median_seconds, timed_epoch  # noqa: E402
 from dualstpm.config import Params, load_params  # noqa: E402
 from dualstpm.data import decode_images, decode_masks, load_category, split_train_val  # noqa: E402
 from dualstpm.compute import Compute  # noqa: E402
@@ -144,8 +144,7 @@ from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
 from dualstpm.fusion import fuse, image_score  # noqa: E402
 from dualstpm.models.backbone import FeaturePyramid, load_teacher  # noqa: E402
 from dualstpm.models.loss import distance_map_chunked  # noqa: E402
-from dualstpm.models.torch_model import DualStpmModel  # noqa: E402
-from dualstpm.training import fit, seed_everything  # noqa: E402
+from dualstpm.training import Trainer, fit, seed_everything  # noqa: E402
 
 T1 = "tf_efficientnet_lite0"
 T2 = "tf_efficientnet_lite2"
@@ -479,22 +478,20 @@ def check_branch_predictor(detector: Detector, branch: str, predict: Predictor, 
 
 def epoch_seconds(params: Params, images: Tensor, compute: Compute, work: Path) -> dict[str, float]:
     """Seconds of one training epoch per branch and for both, with the teacher-feature cache,
-    and the cache's build time; each on a fresh model after a one-batch warm-up."""
-    batch_size = params.fit.batch_size
-    seed_everything(params.seed)
-    model = compute.module(DualStpmModel.build(params.model))
-    initial = {name: {k: v.clone() for k, v in s.state_dict().items()} for name, s in model.students().items()}
-    start = time.perf_counter()
-    cache = TeacherFeatureCache.build(model, images, batch_size, compute, params.fit.cache_ram_gb * 2**30, work)
-    out = {"cache_build": time.perf_counter() - start}
-    try:
-        for name, branches in (("stpm", ("stpm",)), ("recon", ("recon",)), ("fused", ("stpm", "recon"))):
-            for student_name, student in model.students().items():  # every measurement starts from the same init
-                student.load_state_dict(initial[student_name])
-            train_epoch(model, images[:batch_size], batch_size, branches, compute, cache)  # warm-up batch
-            out[name], _ = train_epoch(model, images, batch_size, branches, compute, cache)
-    finally:
-        cache.close()
+    and the cache's build time: the real training loop (`Trainer.train_epoch` through
+    `dualstpm.bench.timed_epoch`), a fresh `Trainer` per measurement after a warm-up epoch."""
+    out: dict[str, float] = {}
+    for name, branches in (("stpm", ("stpm",)), ("recon", ("recon",)), ("fused", ("stpm", "recon"))):
+        trainer = Trainer(params, work, compute, {}, branches)
+        start = time.perf_counter()
+        cache = TeacherFeatureCache.build(trainer.model, images, params.fit.batch_size, compute,
+                                          params.fit.cache_ram_gb * 2**30, work)
+        out.setdefault("cache_build", time.perf_counter() - start)
+        try:
+            timed_epoch(trainer, images, cache)  # warm-up epoch
+            out[name], _ = timed_epoch(trainer, images, cache)
+        finally:
+            cache.close()
     return out
 
 

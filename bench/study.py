@@ -45,7 +45,7 @@ import statistics
 import sys
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +67,7 @@ from dualstpm.errors import DualStpmError  # noqa: E402
 from dualstpm.evaluation import evaluate_detector  # noqa: E402
 from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
 from dualstpm.files import write_json, write_text  # noqa: E402
+from dualstpm.ablation.margin import Contributions, contributions, selection_value  # noqa: E402
 from dualstpm.ablation.reductions import REDUCTIONS  # noqa: E402
 from dualstpm.leak import leak_test  # noqa: E402
 from dualstpm.fusion import BRANCHES, image_score  # noqa: E402
@@ -520,7 +521,87 @@ def run_leak(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dict,
     return out, "\n\n".join(tables)
 
 
-SUBCOMMANDS = {"recipe": run_recipe, "curve": run_curve, "reduce": run_reduce, "leak": run_leak}
+# --------------------------------------------------------------------------- choosing robustly
+
+
+@dataclass(frozen=True)
+class PooledMargin:
+    """A variant's gain over the baseline in the validation selection metric, averaged over
+    datasets, with the one-sided lower bound of a bootstrap that resamples each dataset's
+    validation images (a synthetic copy goes with its base image) independently."""
+
+    variant: str
+    observed: float
+    lower_bound: float
+    per_dataset: dict[str, float]
+    n_resamples: int
+
+    @property
+    def adopted(self) -> bool:
+        return self.lower_bound > 0
+
+
+def pooled_margin(variant: str, base: Mapping[str, Contributions], challenger: Mapping[str, Contributions],
+                  n_resamples: int = 1000, confidence: float = 0.95, seed: int = 0) -> PooledMargin:
+    """`margin.bootstrap_margin`'s rule on evidence pooled over datasets: per resample, each
+    dataset's units are drawn with replacement, the gain (challenger - base, selection metric
+    `mean`) is taken per dataset and averaged. Resamples undefined on a dataset are dropped."""
+    rng = np.random.default_rng([seed, 0x5EED])
+    per_dataset = {c: selection_value(challenger[c], np.ones(len(base[c].n_good)), "mean")
+                   - selection_value(base[c], np.ones(len(base[c].n_good)), "mean") for c in base}
+    gains = []
+    for _ in range(n_resamples):
+        values = []
+        for c, b in base.items():
+            n = len(b.n_good)
+            w = np.bincount(rng.integers(0, n, n), minlength=n).astype(np.float64)
+            values.append(selection_value(challenger[c], w, "mean") - selection_value(b, w, "mean"))
+        gains.append(np.mean(values))
+    gains_arr = np.asarray(gains)
+    gains_arr = gains_arr[~np.isnan(gains_arr)]
+    lower = float(np.quantile(gains_arr, 1 - confidence)) if gains_arr.size else float("nan")
+    return PooledMargin(variant, float(np.mean(list(per_dataset.values()))), lower, per_dataset, int(gains_arr.size))
+
+
+def validation_contributions(detector: Detector, vset: ValidationSet, per_image: int) -> Contributions:
+    """The decision view's per-image contributions on a validation set (`margin.contributions`):
+    normal image i is unit i, its `per_image` synthetic copies follow it in `paste_defects`' order."""
+    n_normal = int((vset.labels == 0).sum())
+    units = np.concatenate([np.arange(n_normal), np.repeat(np.arange(n_normal), per_image)])
+    scores, maps = score_views(detector, vset.images)[detector.decision_view]
+    return contributions(scores, vset.labels, units, n_normal, maps, vset.masks)
+
+
+def run_choose(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dict, str]:
+    """The default each variant of a finished `recipe` run (OUT/recipe.json) would earn: a
+    variant replaces the baseline only when its pooled bootstrap lower bound is > 0 (the
+    ablation's adoption rule, issue 11 item 4, pooled over datasets); among those, the
+    largest observed gain. Loads the fitted models, fits nothing; test figures are not read."""
+    recipe = json.loads((args.out / "recipe.json").read_text())
+    datasets = [c for c in categories if c in recipe["datasets"]]
+    variants = list(recipe["variants"])
+    evidence: dict[str, dict[str, Contributions]] = {v: {} for v in variants}
+    for category in datasets:
+        decoded = Decoded(args.data_root, category)
+        for variant in variants:
+            detector = Detector.load(Path(recipe["datasets"][category][variant]["run_dir"]))
+            ablation = detector.params.ablation
+            vset = ValidationSet.build(decoded.split(detector.params, "val"), ablation)
+            evidence[variant][category] = validation_contributions(detector, vset, ablation.synthetic_per_image)
+    margins = [pooled_margin(v, evidence["baseline"], evidence[v], seed=args.seed_bootstrap)
+               for v in variants if v != "baseline"]
+    adopted = [m for m in margins if m.adopted]
+    best = max(adopted, key=lambda m: m.observed).variant if adopted else "baseline"
+    rows = [[m.variant, f"{m.observed:+.4f}", f"{m.lower_bound:+.4f}",
+             *(f"{m.per_dataset[c]:+.4f}" for c in datasets), "yes" if m.adopted else "no"] for m in margins]
+    header = ["variant", "gain vs baseline (mean over datasets)", "95 % lower bound", *datasets, "adopted"]
+    out = {"datasets": datasets, "margins": [asdict(m) for m in margins], "chosen": best}
+    return out, (f"### Validation evidence pooled over {', '.join(datasets)} (selection metric: mean of image "
+                 f"AUROC, pixel AUROC, AUPRO; {margins[0].n_resamples if margins else 0} resamples)\n\n"
+                 + markdown(header, rows) + f"\n\nChosen default: **{best}**")
+
+
+SUBCOMMANDS = {"recipe": run_recipe, "choose": run_choose, "curve": run_curve, "reduce": run_reduce, "leak": run_leak}
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -544,6 +625,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     curve = sub.add_parser("curve", parents=[common], help="learning curve of one fit")
     curve.add_argument("--curve-epochs", type=lambda s: [int(x) for x in s.split(",")],
                        default=list(DEFAULT_CURVE_EPOCHS), help="epochs after which to measure (default 1,3,10,30)")
+    choose = sub.add_parser("choose", parents=[common], help="robust choice among a finished recipe run's variants")
+    choose.add_argument("--seed-bootstrap", type=int, default=0, help="seed of the pooled bootstrap")
     sub.add_parser("reduce", parents=[common], help="image-score reductions on the baseline's maps")
     sub.add_parser("leak", parents=[common], help="the gate leak test on the baseline")
     args = parser.parse_args(argv)

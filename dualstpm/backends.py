@@ -50,7 +50,7 @@ class ExportedModel:
         self.image_size = int(self.metadata["image_size"])
         self.batch_size = int(self.metadata["batch_size"])
         self.threshold = float(self.metadata["threshold"])
-        self.decision = self.metadata.get("decision", "fused")  # absent in exports made before fusion.view
+        self.decision_view = self.metadata.get("decision", "fused")  # absent in exports made before fusion.view
         fusion = self.metadata["fusion"]  # the decision view's fusion: for the overlays' colour scale
         self.map_stats = MapStats.from_json(fusion["map_stats"])
         self.spec = FusionSpec(fusion["mode"], tuple(tuple(row) for row in fusion["weights"]),

@@ -105,13 +105,14 @@ def _fmt(value: float | None) -> str:
 
 
 def print_metrics(result: dict) -> None:
-    table = Table(title=f"{result['category']}: test metrics ({result['n_test_images']} images)")
+    table = Table(title=f"{result['category']}: test metrics ({result['n_test_images']} images)",
+                  caption=f"the model decides with: {result.get('default', 'fused')}")
     table.add_column("model")
     for column in ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "precision", "recall"):
         table.add_column(column, justify="right")
-    for view in (v for v in ("stpm", "recon", "fused", "disc") if v in result):
+    for view in (v for v in ("stpm", "recon", "fused", "disc", "chosen") if v in result):
         m = result[view]
-        table.add_row(view + (" (default)" if result.get("default") == view else ""), *(_fmt(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall")))
+        table.add_row(view, *(_fmt(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall")))
     out.print(table)
     if result.get("note"):
         out.print(f"[yellow]note:[/] {result['note']}")
@@ -185,8 +186,8 @@ def predict(
     exits with status 2). `--exported DIR` runs an export folder instead of `--run`."""
     if run is not None:
         trained_model_dir(run)  # wrong paths fail before torch loads
+    paths = expand_paths(paths)  # before the params: their validation imports timm
     limit = serving_params(params, overrides, "predict", ("data.",)).data.max_image_pixels
-    paths = expand_paths(paths)
     from dualstpm.backends import load_scorer
     from dualstpm.errors import DataError
     from dualstpm.predict import PREDICTIONS_FILE

@@ -231,7 +231,7 @@ def overlay_scale(detector: Scorer, threshold: float | None = None) -> OverlaySc
     chosen fusion and its threshold; a `Detector` or an export); `threshold` overrides the
     decision threshold only. Raises RunError as :meth:`OverlayScale.of_model` does.
     A model deciding with another view than `fused` (`fusion.view`) gives that view's level."""
-    if getattr(detector, "decision", "fused") != "fused":
+    if detector.decision_view not in ("fused", "chosen"):  # not a fusion of the six maps: its own level
         return OverlayScale.of_level(detector.typical_level(), detector.threshold, threshold)
     return OverlayScale.of_model(detector.spec, detector.map_stats, detector.threshold, threshold)
 

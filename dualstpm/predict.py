@@ -36,6 +36,10 @@ class Scorer(Protocol):
     threshold: float  # stored decision threshold, raw score units
     spec: FusionSpec  # the fusion of the decision view (for the overlays' colour scale)
     map_stats: MapStats  # validation statistics of the six maps
+    decision_view: str  # the view it decides with: fused, chosen, disc, stpm or recon
+
+    def typical_level(self) -> float:
+        """The decision view's map value at a typical good pixel (the overlays' transparent end)."""
 
     def infer(self, images: torch.Tensor) -> InferenceOutput:
         """(N, 3, S, S) float images in [0, 1] -> the inference module's outputs."""

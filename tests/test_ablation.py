@@ -177,7 +177,7 @@ def test_the_applied_choice_decides_and_test_keeps_params_fusion_as_fused(ablate
     shutil.copytree(run, other)
     retested = test_run(other, synthetic_root, "synth_texture")
     assert retested["fused"] == before["fused"]  # the fused row never depends on the ablation
-    assert retested["decision_view"] == ("chosen" if applied else "fused")
+    assert retested["default"] == ("chosen" if applied else "fused")
     assert ("chosen" in retested) == applied
 
     # Apply a configuration that certainly differs from the trained fusion, as ablate does when it adopts one.
@@ -196,7 +196,7 @@ def test_the_applied_choice_decides_and_test_keeps_params_fusion_as_fused(ablate
 
     after = test_run(other, synthetic_root, "synth_texture")
     row = result.table.set_index("name").loc[config.name]
-    assert after["chosen_fusion"] == config.name and after["decision_view"] == "chosen"
+    assert after["chosen_fusion"] == config.name and after["default"] == "chosen"
     assert headline(after["chosen"]) == headline(row)
     assert after["fused"] == before["fused"]  # identical, although a different fusion is applied
     assert headline(after["stpm"]) == headline(before["stpm"])

@@ -185,7 +185,7 @@ def test_onnx_export_of_a_model_with_the_stage(disc_fit, synthetic_root: Path, t
 
     export_run(disc_fit["run_dir"], "onnx", "fp32", tmp_path / "onnx")
     exported = ExportedModel(tmp_path / "onnx", "onnxruntime")
-    assert exported.decision == "disc"
+    assert exported.decision_view == "disc"
     detector = Detector.load(disc_fit["run_dir"], Compute.resolve("cpu", "float32"))
     images = decode_images([s.path for s in load_category(synthetic_root, "synth_texture").test][:4], 64)
     got, want = exported.infer(images), detector.infer(images)

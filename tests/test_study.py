@@ -9,8 +9,8 @@ import math
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
-
 from conftest import PROJECT_ROOT
 
 _spec = importlib.util.spec_from_file_location("study", PROJECT_ROOT / "bench" / "study.py")
@@ -138,3 +138,23 @@ def test_curve_and_reduce(synthetic_root: Path, tmp_path: Path):
         for split in ("validation", "test"):
             assert list(view[split]) == labels
             assert all(0.0 <= v <= 1.0 and not math.isnan(v) for v in view[split].values())
+
+
+def test_pooled_margin_adopts_only_a_robust_gain():
+    """Ten units, each a good image (score 0.1 i) and its defective copy. The baseline scores
+    each copy 0.05 below its own good image: copy i beats the good images j < i, so image
+    AUROC = (0 + 1 + ... + 9) / 100 = 0.45. A challenger scoring every copy 2.0 has AUROC 1:
+    a gain of 0.55, and every resample keeps some copy below its own good image, so the
+    baseline stays below 1 and the lower bound is > 0. Identical evidence gains exactly 0."""
+    from dualstpm.ablation.margin import contributions
+
+    good = np.arange(10) * 0.1
+    labels = np.r_[np.zeros(10), np.ones(10)].astype(np.int8)
+    units = np.r_[np.arange(10), np.arange(10)]
+    base = contributions(np.r_[good, good - 0.05], labels, units, 10)
+    better = contributions(np.r_[good, np.full(10, 2.0)], labels, units, 10)
+    margin = study.pooled_margin("better", {"a": base, "b": base}, {"a": better, "b": better}, n_resamples=200)
+    assert margin.per_dataset == pytest.approx({"a": 0.55, "b": 0.55}) and margin.observed == pytest.approx(0.55)
+    assert margin.lower_bound > 0 and margin.adopted
+    same = study.pooled_margin("same", {"a": base}, {"a": base}, n_resamples=200)
+    assert same.observed == 0 and same.lower_bound == 0 and not same.adopted
