@@ -103,7 +103,7 @@ class ModelParams(_Strict):
     t2: TeacherParams = Field(default_factory=lambda: TeacherParams(name="tf_efficientnet_lite2"))
     attention: Literal["spatial", "none"] = "spatial"
     decoder_width: Literal["quarter", "full"] = Field(
-        "quarter",
+        "full",
         description="branch B decoder's internal width per level: quarter = T2's channels / 4 within [64, 256] "
         "(a bottleneck, as ResNet-50's blocks and Reverse Distillation's decoder); full = T2's channels "
         "(as public re-implementations of the method)",
@@ -208,7 +208,7 @@ class ScoreParams(_Strict):
     """
 
     reduce: ScoreReduce = Field(
-        "max", description="max of the map | topk_mean: mean of its score.topk highest pixels | "
+        "topk_mean", description="max of the map | topk_mean: mean of its score.topk highest pixels | "
         "smoothed_max: max after a Gaussian blur of score.sigma px"
     )
     topk: float = Field(0.01, gt=0, le=1, description="topk_mean: fraction of the map's pixels averaged (at least 1 pixel)")
