@@ -588,13 +588,16 @@ def run_choose(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
             ablation = detector.params.ablation
             vset = ValidationSet.build(decoded.split(detector.params, "val"), ablation)
             evidence[variant][category] = validation_contributions(detector, vset, ablation.synthetic_per_image)
-    margins = [pooled_margin(v, evidence["baseline"], evidence[v], seed=args.seed_bootstrap)
-               for v in variants if v != "baseline"]
+    if args.baseline not in evidence:
+        raise StudyError(f"no variant {args.baseline!r} in {args.out / 'recipe.json'} to compare with: "
+                         f"pass --baseline one of {', '.join(variants)}")
+    margins = [pooled_margin(v, evidence[args.baseline], evidence[v], seed=args.seed_bootstrap)
+               for v in variants if v != args.baseline]
     adopted = [m for m in margins if m.adopted]
-    best = max(adopted, key=lambda m: m.observed).variant if adopted else "baseline"
+    best = max(adopted, key=lambda m: m.observed).variant if adopted else args.baseline
     rows = [[m.variant, f"{m.observed:+.4f}", f"{m.lower_bound:+.4f}",
              *(f"{m.per_dataset[c]:+.4f}" for c in datasets), "yes" if m.adopted else "no"] for m in margins]
-    header = ["variant", "gain vs baseline (mean over datasets)", "95 % lower bound", *datasets, "adopted"]
+    header = ["variant", f"gain vs {args.baseline} (mean over datasets)", "95 % lower bound", *datasets, "adopted"]
     out = {"datasets": datasets, "margins": [asdict(m) for m in margins], "chosen": best}
     return out, (f"### Validation evidence pooled over {', '.join(datasets)} (selection metric: mean of image "
                  f"AUROC, pixel AUROC, AUPRO; {margins[0].n_resamples if margins else 0} resamples)\n\n"
@@ -627,6 +630,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                        default=list(DEFAULT_CURVE_EPOCHS), help="epochs after which to measure (default 1,3,10,30)")
     choose = sub.add_parser("choose", parents=[common], help="robust choice among a finished recipe run's variants")
     choose.add_argument("--seed-bootstrap", type=int, default=0, help="seed of the pooled bootstrap")
+    choose.add_argument("--baseline", default="baseline", help="the variant the others must beat")
     sub.add_parser("reduce", parents=[common], help="image-score reductions on the baseline's maps")
     sub.add_parser("leak", parents=[common], help="the gate leak test on the baseline")
     args = parser.parse_args(argv)

@@ -271,22 +271,23 @@ def test_ablation_report_compares_stpm_published_chosen_and_oracle(ablated, tmp_
 
 
 def test_ablation_reports_the_score_reductions_without_applying_one(ablated):
-    """The score-reduction table re-scores the trained fusion's stored maps: its `max` row is
-    the grid's `published` row (same fusion, the model's reduction), and nothing changes the
-    model's reduction."""
+    """The score-reduction table re-scores the trained fusion's stored maps: the row of the
+    model's own reduction is the grid's `published` row (same fusion, same reduction), and
+    nothing changes the model's reduction."""
     run, _, result = ablated
     table = pd.read_csv(run / "ablation" / "score_reductions.csv")
     assert list(table["name"]) == ["max", "topk_mean(topk=0.001)", "topk_mean(topk=0.01)", "topk_mean(topk=0.05)",
                                    "smoothed_max(sigma=2)", "smoothed_max(sigma=4)", "smoothed_max(sigma=8)"]
-    assert list(table["model"]) == [True] + [False] * 6  # the tiny run was calibrated with the max
-    published = result.table.set_index("name").loc["published"]
-    max_row = table.set_index("name").loc["max"]
+    model_score = ScoreSpec.from_params(read_model_dir(run)[1].score)  # what the run was fitted with (the default)
+    assert list(table["model"]) == [name == model_score.label for name in table["name"]]
+    published = result.table.set_index("name").loc["published"]  # the grid is scored with the model's reduction
+    own_row = table.set_index("name").loc[model_score.label]
     for column in ("image_auroc", "image_f1_max", "val_image_auroc", "val_image_f1_max"):
-        assert max_row[column] == pytest.approx(published[column], abs=1e-12), column
+        assert own_row[column] == pytest.approx(published[column], abs=1e-12), column
     summary = result.summary["score_reductions"]
     assert summary["file"] == "score_reductions.csv" and len(summary["rows"]) == 7
     assert summary["best_on_validation_image_auroc"] in set(table["name"])
-    assert read_model_dir(run)[2].score == ScoreSpec("max") and Detector.load(run).score_spec == ScoreSpec("max")
+    assert read_model_dir(run)[2].score == model_score and Detector.load(run).score_spec == model_score
 
 
 def test_the_reduction_grid_keeps_what_fits_the_map_and_adds_the_model_reduction():
