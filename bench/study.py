@@ -236,9 +236,10 @@ class Decoded:
 
 
 def score_views(detector: Detector, images: Tensor) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Every view the detector scores: view -> (image scores (N,) float64, maps (N, S, S) float32)."""
+    """Every view the inference module computes (`fused`, `stpm`, `recon`, and `disc` when the
+    model has it): view -> (image scores (N,) float64, maps (N, S, S) float32)."""
     parts: dict[str, tuple[list, list]] = {}
-    for _, scored in detector.batches(images, detector.batch_size):
+    for _, scored in detector.batches(images, detector.batch_size, detector.inference.views):
         for view, scores in scored.scores.items():
             s, m = parts.setdefault(view, ([], []))
             s.append(scores.float().cpu().numpy().astype(np.float64))

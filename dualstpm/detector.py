@@ -236,10 +236,12 @@ class Detector:
     def score(self, images: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
         return self.score_maps(self.six_maps(images), views)
 
-    def batches(self, images: Tensor, batch_size: int) -> Iterator[tuple[slice, ScoredBatch]]:
+    def batches(self, images: Tensor, batch_size: int,
+                views: tuple[str, ...] = VIEWS) -> Iterator[tuple[slice, ScoredBatch]]:
+        """`score` a few images at a time: (the slice of `images`, its ScoredBatch) per batch."""
         for start in range(0, len(images), batch_size):
             part = slice(start, start + batch_size)
-            yield part, self.score(images[part])
+            yield part, self.score(images[part], views)
 
     # --- persistence -------------------------------------------------------------
     def save(self, run_dir: Path) -> Path:
