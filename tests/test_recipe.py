@@ -154,8 +154,8 @@ def test_decoder_of_each_width_emits_t2_shapes(width, inner):
 
 def test_model_build_passes_the_width_on():
     """Lite2's channels 24/48/120: quarter = max(64, c // 4) = 64 each; full = 24/48/120."""
-    assert tiny_model().s2.up4.up[0].out_channels == 64
-    full = tiny_model(decoder_width="full").s2
+    assert tiny_model(decoder_width="quarter").s2.up4.up[0].out_channels == 64
+    full = tiny_model().s2  # the default: full
     assert (full.up4.up[0].out_channels, full.up8.up[0].out_channels, full.up16.up[0].out_channels) == LITE2_CHANNELS
 
 
