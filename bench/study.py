@@ -218,7 +218,7 @@ class Decoded:
 
     data_root: Path
     category: str
-    _memo: dict[tuple, Tensor] = field(default_factory=dict)
+    _memo: dict[tuple, Any] = field(default_factory=dict)
 
     def split(self, params: Params, which: str) -> Tensor:
         """(N, 3, S, S) `train` or `val` images of `params`' seeded split."""
@@ -229,6 +229,16 @@ class Decoded:
             paths = train if which == "train" else val
             self._memo[key] = decode_images(paths, params.image_size, f"decoding {len(paths)} {which} images",
                                             params.data.max_image_pixels)
+        return self._memo[key]
+
+    def validation_set(self, params: Params) -> ValidationSet:
+        """The `val` split with the ablation's synthetic defects pasted on, built once per
+        (split, size, `ablation.synthetic_*`) and shared by every variant that has them."""
+        ab = params.ablation
+        key = ("val+synthetic", params.image_size, params.fit.val_fraction, params.seed, params.data.max_image_pixels,
+               tuple(ab.synthetic_kinds), ab.synthetic_per_image, ab.synthetic_seed)
+        if key not in self._memo:
+            self._memo[key] = ValidationSet.build(self.split(params, "val"), ab)
         return self._memo[key]
 
 
@@ -370,7 +380,7 @@ def run_recipe(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
         for name, p in params.items():
             record = fitted(p, args.data_root, category, args.out / "runs" / category / name, args.refit)
             detector = Detector.load(record.run_dir)  # float32, as it is served
-            vset = ValidationSet.build(decoded.split(p, "val"), p.ablation)
+            vset = decoded.validation_set(p)
             view = decision_view(p)
             validation = validation_evidence(detector, vset)
             if view not in validation:
@@ -472,7 +482,7 @@ def run_reduce(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
     for category in categories:
         params, record = baseline_run(args, category)
         detector = Detector.load(record.run_dir)
-        vset = ValidationSet.build(Decoded(args.data_root, category).split(params, "val"), params.ablation)
+        vset = Decoded(args.data_root, category).validation_set(params)
         val_maps = score_views(detector, vset.images)
         test_evidence(detector, args.data_root, category, maps_dir=record.run_dir / MAPS_DIR)  # stores the maps
         test = MapSet.load(record.run_dir / MAPS_DIR / TEST_MAPS)
@@ -586,9 +596,9 @@ def run_choose(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
         decoded = Decoded(args.data_root, category)
         for variant in variants:
             detector = Detector.load(Path(recipe["datasets"][category][variant]["run_dir"]))
-            ablation = detector.params.ablation
-            vset = ValidationSet.build(decoded.split(detector.params, "val"), ablation)
-            evidence[variant][category] = validation_contributions(detector, vset, ablation.synthetic_per_image)
+            vset = decoded.validation_set(detector.params)
+            evidence[variant][category] = validation_contributions(detector, vset,
+                                                                   detector.params.ablation.synthetic_per_image)
     if args.baseline not in evidence:
         raise StudyError(f"no variant {args.baseline!r} in {args.out / 'recipe.json'} to compare with: "
                          f"pass --baseline one of {', '.join(variants)}")
