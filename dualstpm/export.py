@@ -12,7 +12,7 @@ Supported (format, precision) pairs, see :data:`SUPPORTED`:
 - `onnx`: `fp32`; `int8` = ONNX Runtime static post-training quantisation (QDQ, per-channel
   int8 weights, uint8 activations), calibrated on the run's validation good images, of the
   convolutions that compute no compared feature (T1's deep-only stages and the S2 decoder:
-  :func:`int8_scope`); the rest of the networks, the distances, fusion and scores stay float32.
+  :func:`int8_scope`, :data:`INT8_SCOPE`); the rest of the networks, the distances, fusion and scores stay float32.
 - `openvino`: `fp32`; `fp16` (weights stored as fp16, computed at the plugin's precision);
   `int8` (the quantised ONNX graph converted to OpenVINO IR, whose CPU plugin runs it in int8).
 - `torchscript`: `fp32` (a `torch.jit.trace`, loadable without this package).
@@ -138,24 +138,44 @@ def write_torchscript(detector: Detector, path: Path) -> Path:
     return path
 
 
-def int8_scope(detector: Detector) -> tuple[str, ...]:
-    """ONNX node-name prefixes of the convolutions int8 quantises: T1's stages past its last
-    compared level (they only compute the deep map S2 decodes) and the S2 decoder.
+#: the int8 scopes `bench/int8_scope.py` compares, widest first (node-name prefixes, :func:`int8_scope`)
+INT8_SCOPES = ("all", "students", "t1_deep_s2", "s2")
+#: the scope `dualstpm export --precision int8` quantises: chosen on validation images of every
+#: dataset in ../shared/data (bench/RESULTS.md §5, "int8 scope, chosen on validation")
+INT8_SCOPE = "t1_deep_s2"
 
-    T1 up to its last compared level, S1 and T2 stay float32 (the teachers' pyramids and branch A's student):
-    the anomaly signal is a small teacher-student difference (1 - cosine), and int8 rounding
-    of those pyramids adds a difference of the same order. Quantising every convolution
-    moved 14 % of magnetic_tile's labels; this scope keeps them (bench/RESULTS.md §5).
+
+def int8_scope(detector: Detector, name: str = INT8_SCOPE) -> tuple[str, ...]:
+    """ONNX node-name prefixes of the convolutions int8 quantises under the scope `name`:
+
+    - `all`: every convolution (teachers, students, the discriminative stage);
+    - `students`: S1 and S2;
+    - `t1_deep_s2`: T1's stages past its last compared level (they only compute the deep map
+      S2 decodes) and the S2 decoder;
+    - `s2`: the S2 decoder only.
+
+    What stays float32 keeps the anomaly signal, a small teacher-student difference
+    (1 - cosine): int8 rounding of the compared pyramids adds a difference of the same order.
+    Raises ExportError for an unknown name, or when T1's deep level is not a sibling of its
+    last compared one (`t1_deep_s2` cannot tell its deep-only stages apart).
     """
+    if name not in INT8_SCOPES:
+        raise ExportError(f"unknown int8 scope {name!r}; choose one of {', '.join(INT8_SCOPES)}")
+    if name == "all":
+        return ("/",)
+    if name == "students":
+        return ("/s1/", "/s2/")
+    if name == "s2":
+        return ("/s2/",)
     t1 = detector.model.t1
     compared, deep = t1.module_names[-2], t1.module_names[-1]
     parent = compared.rpartition(".")[0]
     container = t1.body.get_submodule(parent) if parent else t1.body
-    siblings = [f"{parent}.{name}" if parent else name for name, _ in container.named_children()]
+    siblings = [f"{parent}.{child}" if parent else child for child, _ in container.named_children()]
     if deep not in siblings:
         raise ExportError(f"int8 export: T1 {t1.name!r} has its deep level {deep!r} outside {parent or 'its body'}, "
                           "so its deep-only stages cannot be told apart; export it in fp32 or fp16")
-    return (*(f"/t1/body/{name}/" for name in siblings[siblings.index(compared) + 1 : siblings.index(deep) + 1]), "/s2/")
+    return (*(f"/t1/body/{child}/" for child in siblings[siblings.index(compared) + 1 : siblings.index(deep) + 1]), "/s2/")
 
 
 def quantize_onnx(source: Path, target: Path, images: np.ndarray, scope: tuple[str, ...]) -> dict:
@@ -254,17 +274,19 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
 
 
 def export_run(run_dir: Path, fmt: str, precision: str, out_dir: Path, data_root: Path | None = None,
-               calibration_images: np.ndarray | None = None) -> Path:
+               calibration_images: np.ndarray | None = None, scope: str = INT8_SCOPE) -> Path:
     """Export the trained model of `run_dir` into `out_dir` (replaced atomically); returns `out_dir`.
 
     int8 calibrates on the run's validation good images (found under `data_root`, default
     where `dualstpm test` found the category), or on `calibration_images` (N, 3, S, S)
-    float32 in [0, 1] when given. Raises :class:`ExportError` for an unsupported (format,
+    float32 in [0, 1] when given, quantising the convolutions of `scope` (:data:`INT8_SCOPES`).
+    Raises :class:`ExportError` for an unsupported (format,
     precision) pair, a missing package or validation images that cannot be found.
     """
     check_supported(fmt, precision)
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     detector = Detector.load(run_dir, Compute.resolve("cpu", "float32"))
+    scope_prefixes = int8_scope(detector, scope) if precision == "int8" else ()  # a bad scope fails before any work
     quantization = None
     with staged_dir(out_dir) as staging:
         if fmt == "torchscript":
@@ -277,7 +299,8 @@ def export_run(run_dir: Path, fmt: str, precision: str, out_dir: Path, data_root
                 onnx_path.rename(float_path)
                 if calibration_images is None:
                     calibration_images = validation_images(detector, data_root, run_dir)
-                quantization = quantize_onnx(float_path, onnx_path, calibration_images, int8_scope(detector))
+                quantization = quantize_onnx(float_path, onnx_path, calibration_images, scope_prefixes)
+                quantization["scope_name"] = scope
                 float_path.unlink()
             if fmt == "openvino":
                 ov = _require("openvino", "openvino")
