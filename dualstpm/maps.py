@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -61,18 +61,24 @@ def compute_six_maps(detector: Detector, images: Tensor, batch_size: int) -> np.
     return out
 
 
-def fuse_stack(maps: np.ndarray, spec: FusionSpec, stats: MapStats | None) -> np.ndarray:
-    """Fuse a stored (N, 2, 3, S, S) float16 stack into (N, S, S) float32 with `fusion.fuse`.
+def map_stack(maps: np.ndarray, to_map: Callable[[Tensor], Tensor]) -> np.ndarray:
+    """Apply a per-image `to_map` ((n, 2, 3, S, S) float32 -> (n, S, S)) to a stored
+    (N, 2, 3, S, S) float16 stack, giving (N, S, S) float32.
 
-    A chunk of about FUSE_CHUNK_ELEMENTS values is upcast at a time; fusion is per pixel,
-    so the result does not depend on the chunking.
+    A chunk of about FUSE_CHUNK_ELEMENTS values is upcast at a time; `to_map` works per
+    image, so the result does not depend on the chunking.
     """
-    fused = np.empty((len(maps), *maps.shape[-2:]), dtype=np.float32)
+    out = np.empty((len(maps), *maps.shape[-2:]), dtype=np.float32)
     step = max(1, FUSE_CHUNK_ELEMENTS // max(1, int(np.prod(maps.shape[1:]))))
     for start in range(0, len(maps), step):
-        chunk = torch.from_numpy(maps[start : start + step]).float()
-        fused[start : start + step] = fuse(chunk, spec, stats).numpy()
-    return fused
+        out[start : start + step] = to_map(torch.from_numpy(maps[start : start + step]).float()).float().cpu().numpy()
+    return out
+
+
+def fuse_stack(maps: np.ndarray, spec: FusionSpec, stats: MapStats | None) -> np.ndarray:
+    """Fuse a stored (N, 2, 3, S, S) float16 stack into (N, S, S) float32 with `fusion.fuse`
+    (chunked by :func:`map_stack`)."""
+    return map_stack(maps, lambda chunk: fuse(chunk, spec, stats))
 
 
 def fused_and_scores(maps: np.ndarray, spec: FusionSpec, stats: MapStats | None,
@@ -89,13 +95,9 @@ def stack_scores(fused: np.ndarray, score: ScoreSpec) -> np.ndarray:
 
 def disc_and_scores(maps: np.ndarray, detector: Detector) -> tuple[np.ndarray, np.ndarray]:
     """The discriminative stage's (maps (N, S, S) float32, image scores (N,) float64) of a
-    stored (N, 2, 3, S, S) float16 stack, chunked like `fuse_stack` (per image: chunking
-    changes nothing). Raises ValueError when `detector` has no discriminative stage."""
-    out = np.empty((len(maps), *maps.shape[-2:]), dtype=np.float32)
-    step = max(1, FUSE_CHUNK_ELEMENTS // max(1, int(np.prod(maps.shape[1:]))))
-    for start in range(0, len(maps), step):
-        chunk = torch.from_numpy(maps[start : start + step]).float()
-        out[start : start + step] = detector.score_maps(chunk, (DISC_VIEW,)).maps[DISC_VIEW].float().cpu().numpy()
+    stored (N, 2, 3, S, S) float16 stack (chunked by :func:`map_stack`). Raises ValueError
+    when `detector` has no discriminative stage."""
+    out = map_stack(maps, lambda chunk: detector.score_maps(chunk, (DISC_VIEW,)).maps[DISC_VIEW])
     return out, stack_scores(out, detector.score_spec)
 
 
