@@ -71,8 +71,14 @@ def leak_test(model: DualStpmModel, test_images: Tensor, masks: Tensor | np.ndar
         {"guide": how the normal guides were chosen, "images", "defect_pixels",
          "levels": {"stride4" | "stride8" | "stride16": {
             "defect_mean_own", "defect_mean_normal": mean map value on defect pixels,
-            "defect_mean_difference": normal - own (> 0: defects score higher with normal
-                guides, i.e. the gates let B copy anomalies),
+            "defect_mean_difference": normal - own,
+            "good_mean_own", "good_mean_normal": mean map value on good pixels (those outside
+                the masks, in the same images),
+            "contrast_own", "contrast_normal": defect mean - good mean,
+            "contrast_difference": normal - own (> 0: defects stand out more with a normal
+                image's features at the gates, i.e. with their own the gates let B copy
+                anomalies; a foreign guide can raise the whole map, which the defect mean
+                alone would count as a leak),
             "pixel_auroc_own", "pixel_auroc_normal", "pixel_auroc_difference": normal - own}}}
     Raises ValueError for mismatched shapes, no normal image, or masks without both classes.
     """
@@ -99,10 +105,14 @@ def leak_test(model: DualStpmModel, test_images: Tensor, masks: Tensor | np.ndar
     levels: dict[str, dict[str, float | None]] = {}
     for level, stride in enumerate(PYRAMID_STRIDES):
         mean = {g: float(m[:, level][masks].double().mean()) for g, m in stacked.items()}
+        good = {g: float(m[:, level][~masks].double().mean()) for g, m in stacked.items()}
         auroc = {g: metrics.pixel_auroc(truth, m[:, level].numpy()) for g, m in stacked.items()}
         levels[f"stride{stride}"] = {
             **{f"defect_mean_{g}": mean[g] for g in GUIDES},
             "defect_mean_difference": mean["normal"] - mean["own"],
+            **{f"good_mean_{g}": good[g] for g in GUIDES},
+            **{f"contrast_{g}": mean[g] - good[g] for g in GUIDES},
+            "contrast_difference": (mean["normal"] - good["normal"]) - (mean["own"] - good["own"]),
             **{f"pixel_auroc_{g}": auroc[g] for g in GUIDES},
             "pixel_auroc_difference": auroc["normal"] - auroc["own"],  # type: ignore[operator]  # both classes checked above
         }

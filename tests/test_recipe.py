@@ -232,10 +232,15 @@ def test_leak_test_compares_own_and_normal_guides(leak_data):
         assert row["defect_mean_own"] == pytest.approx(own[:, level][masks].double().mean().item(), rel=1e-6)
         assert row["defect_mean_normal"] == pytest.approx(guided[:, level][masks].double().mean().item(), rel=1e-6)
         assert row["defect_mean_difference"] == row["defect_mean_normal"] - row["defect_mean_own"]
+        assert row["good_mean_own"] == pytest.approx(own[:, level][~masks].double().mean().item(), rel=1e-6)
+        assert row["good_mean_normal"] == pytest.approx(guided[:, level][~masks].double().mean().item(), rel=1e-6)
+        assert row["contrast_difference"] == pytest.approx(
+            (row["defect_mean_normal"] - row["good_mean_normal"]) - (row["defect_mean_own"] - row["good_mean_own"]))
         assert row["pixel_auroc_difference"] == row["pixel_auroc_normal"] - row["pixel_auroc_own"]
         assert 0 <= row["pixel_auroc_own"] <= 1
     stride16 = result["levels"]["stride16"]  # taken before the first gate: the guides cannot reach it
     assert stride16["defect_mean_difference"] == 0 and stride16["pixel_auroc_difference"] == 0
+    assert stride16["contrast_difference"] == 0
     assert result["levels"]["stride4"]["defect_mean_difference"] != 0  # the gates do shape the finer levels
 
 
@@ -245,6 +250,7 @@ def test_without_attention_the_guides_change_nothing(leak_data):
     assert torch.equal(recon_maps_with_guides(model, images, images), recon_maps_with_guides(model, images, normal[[0, 1, 0, 1]]))
     for row in leak_test(model, images, masks, normal)["levels"].values():
         assert row["defect_mean_own"] == row["defect_mean_normal"] and row["pixel_auroc_own"] == row["pixel_auroc_normal"]
+        assert row["contrast_difference"] == 0
 
 
 def test_leak_test_refuses_masks_without_both_classes(leak_data):
