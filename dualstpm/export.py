@@ -11,8 +11,8 @@ Supported (format, precision) pairs, see :data:`SUPPORTED`:
 
 - `onnx`: `fp32`; `int8` = ONNX Runtime static post-training quantisation (QDQ, per-channel
   int8 weights, uint8 activations), calibrated on the run's validation good images, of the
-  convolutions that compute no compared feature (T1's deep-only stages and the S2 decoder:
-  :func:`int8_scope`, :data:`INT8_SCOPE`); the rest of the networks, the distances, fusion and scores stay float32.
+  S2 decoder's convolutions (:data:`INT8_SCOPE`, chosen among :func:`int8_scope`'s scopes on
+  validation images); the rest of the networks, the distances, fusion and scores stay float32.
 - `openvino`: `fp32`; `fp16` (weights stored as fp16, computed at the plugin's precision);
   `int8` (the quantised ONNX graph converted to OpenVINO IR, whose CPU plugin runs it in int8).
 - `torchscript`: `fp32` (a `torch.jit.trace`, loadable without this package).
@@ -142,7 +142,7 @@ def write_torchscript(detector: Detector, path: Path) -> Path:
 INT8_SCOPES = ("all", "students", "t1_deep_s2", "s2")
 #: the scope `dualstpm export --precision int8` quantises: chosen on validation images of every
 #: dataset in ../shared/data (bench/RESULTS.md §5, "int8 scope, chosen on validation")
-INT8_SCOPE = "t1_deep_s2"
+INT8_SCOPE = "s2"
 
 
 def int8_scope(detector: Detector, name: str = INT8_SCOPE) -> tuple[str, ...]:
@@ -208,8 +208,7 @@ def quantize_onnx(source: Path, target: Path, images: np.ndarray, scope: tuple[s
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
             "activations": "uint8", "weights": "int8", "ops": ["Conv"], "scope": list(scope),
             "quantized_convolutions": len(chosen), "convolutions": len(convs),
-            "float32": "every other op: the convolutions computing compared features (T1 to its last compared "
-                       "level, S1, T2), the distances, fusion and scores",
+            "float32": "every other op: the convolutions outside the scope, the distances, fusion and scores",
             "calibration_images": len(images), "calibration_data": "the run's validation good images"}
 
 
