@@ -122,6 +122,9 @@ def load_scorer(backend: str = "torch", run: Path | None = None, exported: Path 
     exported on demand; they run on the CPU)."""
     if backend not in BACKENDS:
         raise ExportError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if exported is not None and run is not None:
+        raise ExportError(f"give either --run {run} (the trained run) or --exported {exported} (an export folder), "
+                          "not both: they may hold different models or precisions")
     if exported is not None:
         return ExportedModel(exported, backend)
     if run is None:

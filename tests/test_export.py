@@ -146,6 +146,8 @@ def test_unsupported_configurations_are_named(trained_run: Path, onnx_export: Pa
         ExportedModel(onnx_export, "torch")
     with pytest.raises(ExportError, match="not a dualstpm export"):
         load_scorer("onnxruntime", exported=tmp_path)
+    with pytest.raises(ExportError, match="either --run .* or --exported .*not both"):
+        load_scorer("onnxruntime", run=trained_run, exported=onnx_export)
 
 
 def test_torchscript_export_matches_pytorch(trained_run: Path, tmp_path: Path, texture_images: torch.Tensor):
