@@ -69,15 +69,17 @@ def infer_all(scorer, images: torch.Tensor) -> InferenceOutput:
     return InferenceOutput(*(torch.cat(list(column)) for column in zip(*parts)))
 
 
-def compare(got: InferenceOutput, reference: InferenceOutput, labels: np.ndarray, masks: np.ndarray) -> dict:
-    """Labels agreement, AUROC deltas (image, pixel) and max relative score difference of `got` vs `reference`."""
-    truth = metrics.PixelTruth(masks)
+def aurocs(out: InferenceOutput, labels: np.ndarray, truth: metrics.PixelTruth) -> tuple[float, float]:
+    """(image AUROC, pixel AUROC) of one backend's outputs."""
+    return (metrics.image_auroc(labels, out.score.double().numpy()),
+            metrics.pixel_metrics(truth, out.anomaly_map.float().numpy())[0])
 
-    def aurocs(out: InferenceOutput) -> tuple[float, float]:
-        return (metrics.image_auroc(labels, out.score.double().numpy()),
-                metrics.pixel_metrics(truth, out.anomaly_map.float().numpy())[0])
 
-    (image_ref, pixel_ref), (image_got, pixel_got) = aurocs(reference), aurocs(got)
+def compare(got: InferenceOutput, reference: InferenceOutput, reference_aurocs: tuple[float, float],
+            labels: np.ndarray, truth: metrics.PixelTruth) -> dict:
+    """Labels agreement, AUROC deltas (image, pixel) and max relative score difference of `got`
+    vs `reference` (whose `aurocs` are `reference_aurocs`, computed once per split)."""
+    (image_ref, pixel_ref), (image_got, pixel_got) = reference_aurocs, aurocs(got, labels, truth)
     ref = reference.score.double()
     return {
         "images": len(labels),
@@ -100,13 +102,14 @@ def measure_category(args: argparse.Namespace, category: str) -> dict:
     record = fitted(params, args.data_root, category, args.out / "runs" / category / "baseline", args.refit)
     run_dir = record.run_dir
     vset = Decoded(args.data_root, category).validation_set(params)
-    sets = {"validation": (vset.images, vset.labels, vset.masks)}
+    sets = {"validation": (vset.images, vset.labels, metrics.PixelTruth(vset.masks))}
     if args.test:
         test = load_category(args.data_root, category).test
-        sets["test"] = (decode_images([s.path for s in test], params.image_size),
-                        np.array([s.label for s in test]), decode_masks(test, params.image_size)[0].numpy())
+        sets["test"] = (decode_images([s.path for s in test], params.image_size), np.array([s.label for s in test]),
+                        metrics.PixelTruth(decode_masks(test, params.image_size)[0].numpy()))
     reference = Detector.load(run_dir, Compute.resolve("cpu", "float32"))
     torch_out = {name: infer_all(reference, images) for name, (images, _, _) in sets.items()}
+    torch_aurocs = {name: aurocs(torch_out[name], labels, truth) for name, (_, labels, truth) in sets.items()}
     exports = args.out / "exports" / category
     result: dict = {"run_dir": str(run_dir), "fit_s": record.fit_s, "scopes": {}, "fp32_images_per_s": {}}
     for backend, fmt in BACKENDS.items():
@@ -118,8 +121,8 @@ def measure_category(args: argparse.Namespace, category: str) -> dict:
                                 scope=scope)
             scorer = ExportedModel(target, backend)
             quantized = json.loads((target / "metadata.json").read_text())["quantization"]
-            row = {name: compare(infer_all(scorer, images), torch_out[name], labels, masks)
-                   for name, (images, labels, masks) in sets.items()}
+            row = {name: compare(infer_all(scorer, images), torch_out[name], torch_aurocs[name], labels, truth)
+                   for name, (images, labels, truth) in sets.items()}
             row["images_per_s"] = throughput(scorer, vset.images, args.repeats)
             row["speedup_vs_fp32"] = row["images_per_s"] / result["fp32_images_per_s"][backend]
             row["quantized_convolutions"] = quantized["quantized_convolutions"]

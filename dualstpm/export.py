@@ -140,6 +140,8 @@ def write_torchscript(detector: Detector, path: Path) -> Path:
 
 #: the int8 scopes `bench/int8_scope.py` compares, widest first (node-name prefixes, :func:`int8_scope`)
 INT8_SCOPES = ("all", "students", "t1_deep_s2", "s2")
+#: the scopes whose node-name prefixes do not depend on the teachers
+_FIXED_SCOPES = {"all": ("/",), "students": ("/s1/", "/s2/"), "s2": ("/s2/",)}
 #: the scope `dualstpm export --precision int8` quantises: chosen on validation images of every
 #: dataset in ../shared/data (bench/RESULTS.md §5, "int8 scope, chosen on validation")
 INT8_SCOPE = "s2"
@@ -161,12 +163,8 @@ def int8_scope(detector: Detector, name: str = INT8_SCOPE) -> tuple[str, ...]:
     """
     if name not in INT8_SCOPES:
         raise ExportError(f"unknown int8 scope {name!r}; choose one of {', '.join(INT8_SCOPES)}")
-    if name == "all":
-        return ("/",)
-    if name == "students":
-        return ("/s1/", "/s2/")
-    if name == "s2":
-        return ("/s2/",)
+    if name in _FIXED_SCOPES:
+        return _FIXED_SCOPES[name]
     t1 = detector.model.t1
     compared, deep = t1.module_names[-2], t1.module_names[-1]
     parent = compared.rpartition(".")[0]

@@ -106,13 +106,14 @@ def leak_test(model: DualStpmModel, test_images: Tensor, masks: Tensor | np.ndar
     for level, stride in enumerate(PYRAMID_STRIDES):
         mean = {g: float(m[:, level][masks].double().mean()) for g, m in stacked.items()}
         good = {g: float(m[:, level][~masks].double().mean()) for g, m in stacked.items()}
+        contrast = {g: mean[g] - good[g] for g in GUIDES}
         auroc = {g: metrics.pixel_auroc(truth, m[:, level].numpy()) for g, m in stacked.items()}
         levels[f"stride{stride}"] = {
             **{f"defect_mean_{g}": mean[g] for g in GUIDES},
             "defect_mean_difference": mean["normal"] - mean["own"],
             **{f"good_mean_{g}": good[g] for g in GUIDES},
-            **{f"contrast_{g}": mean[g] - good[g] for g in GUIDES},
-            "contrast_difference": (mean["normal"] - good["normal"]) - (mean["own"] - good["own"]),
+            **{f"contrast_{g}": contrast[g] for g in GUIDES},
+            "contrast_difference": contrast["normal"] - contrast["own"],
             **{f"pixel_auroc_{g}": auroc[g] for g in GUIDES},
             "pixel_auroc_difference": auroc["normal"] - auroc["own"],  # type: ignore[operator]  # both classes checked above
         }
