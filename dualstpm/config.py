@@ -160,6 +160,12 @@ class FitParams(_Strict):
         "METHOD.md §2's 0.5 ||t^ - s^||^2, 2.0 = the released STPM code's channel sum of squared differences of "
         "L2-normalised features. Maps are 1 - cos whatever the scale",
     )
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant",
+        description="learning rate over the fit: constant (fit.lr every step, the released STPM code) or cosine "
+        "(fit.lr * (1 + cos(pi * step / steps)) / 2, annealed to 0 over all fit.epochs; Loshchilov & Hutter, "
+        "SGDR, ICLR 2017). With cosine the fit's length shapes every step, so fit.epochs cannot change on resume",
+    )
     select: Literal["score_mean", "map_mean"] = Field(
         "score_mean",
         description="checkpoint selection per branch: the epoch with the lowest mean validation image score "

@@ -33,7 +33,7 @@ from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeRemainin
 from torch import Tensor
 
 from dualstpm.compute import Compute
-from dualstpm.config import Params
+from dualstpm.config import FitParams, Params
 from dualstpm.data import Category, ValidationParts, decode_images, load_category, split_train_val, validation_parts
 from dualstpm.detector import Calibration, save_detector, summarize
 from dualstpm.disc_training import DISC_HISTORY_FILE, DiscResult, train_discriminator
@@ -84,6 +84,19 @@ def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
     """The shuffle of one epoch depends only on (seed, epoch), so a resumed run replays it."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
     return torch.randperm(n, generator=generator)
+
+
+def learning_rate(fit: FitParams, epoch: int, batch: int, n_batches: int) -> float:
+    """The learning rate of batch `batch` (0-based) of epoch `epoch` (1-based) under `fit.schedule`.
+
+    `constant`: `fit.lr`. `cosine`: `fit.lr * (1 + cos(pi * t / T)) / 2` with `t` the steps
+    taken before this one and `T = fit.epochs * n_batches` (SGDR without restarts, Loshchilov &
+    Hutter, ICLR 2017): `fit.lr` on the first step, falling towards 0 on the last. A pure
+    function of its arguments, so a resumed fit replays the same rates."""
+    if fit.schedule == "constant":
+        return fit.lr
+    step, steps = (epoch - 1) * n_batches + batch, fit.epochs * n_batches
+    return fit.lr * (1.0 + math.cos(math.pi * step / steps)) / 2.0
 
 
 @torch.no_grad()
@@ -196,6 +209,13 @@ def check_resumable(checkpoint: Mapping[str, Any], params: Params, data: Mapping
             "ablation.* and prefect.* do not matter)."
         )
     done = int(checkpoint["epoch"])
+    planned = int(checkpoint["params"]["fit"]["epochs"])
+    if params.fit.schedule == "cosine" and planned != params.fit.epochs:
+        raise TrainingError(
+            f"cannot resume from {path}: it was trained with fit.schedule=cosine over fit.epochs={planned}, "
+            f"and the cosine rate of every step depends on that length, so fit.epochs={params.fit.epochs} would not "
+            f"continue it. Resume with --set fit.epochs={planned}, or start again with --overwrite."
+        )
     if done > params.fit.epochs:
         raise TrainingError(
             f"cannot resume from {path}: it holds {done} epochs but fit.epochs={params.fit.epochs}. "
@@ -266,6 +286,10 @@ class Trainer:
         totals = {b: 0.0 for b in self.branches}
         for index in range(n_batches):
             indices = order[index * fit.batch_size : (index + 1) * fit.batch_size]
+            rate = learning_rate(fit, epoch, index, n_batches)
+            for optimizer in self.optimizers.values():
+                for group in optimizer.param_groups:
+                    group["lr"] = rate
             batch = self.compute.images(images[indices])
             teachers = cache.batch(indices, self.compute) if cache is not None else None
             with self.compute.autocast():

@@ -78,6 +78,7 @@ def test_resume_ends_where_an_uninterrupted_fit_ends(trained_run: Path, syntheti
     (["fit.select=map_mean"], "fit.select: 'score_mean' in the checkpoint, 'map_mean' now"),
     (["model.decoder_width=quarter"], "model.decoder_width: 'full' in the checkpoint, 'quarter' now"),
     (["model.gate_form=method"], "model.gate_form: 'residual' in the checkpoint, 'method' now"),
+    (["fit.schedule=cosine"], "fit.schedule: 'constant' in the checkpoint, 'cosine' now"),
     (["calibration.split=0.25"], "calibration.split: 0.5 in the checkpoint, 0.25 now"),  # other selection images
     (["fit.epochs=1"], "it holds 2 epochs but fit.epochs=1"),  # params would say 1 epoch, history 2
 ])
