@@ -214,7 +214,10 @@ def test_the_summary_reports_the_adoption_margin(ablated):
     assert margin["n_resamples"] <= PARAMS.bootstrap and margin["confidence"] == PARAMS.confidence
     assert margin["metric"] == PARAMS.select_metric and margin["n_units"] == summary["selection_set"][
         "normal_validation_images"]
-    assert margin["adopted"] == (margin["lower_bound"] > 0) == summary["fused_chosen"]["adopted"]
+    assert margin["min_units"] == 5  # ceil(log2(1 / 0.05)) at confidence 0.95
+    enough = margin["n_units"] >= margin["min_units"]
+    assert margin["adopted"] == (margin["lower_bound"] > 0 and enough) == summary["fused_chosen"]["adopted"]
+    assert ("cannot show a gain" in margin["decision"]) == (not enough)
     assert margin["decision"].startswith("adopted" if margin["adopted"] else "kept the default")
     candidate, chosen = (table["name"][table[c]].item() for c in ("candidate", "chosen"))
     assert summary["candidate"]["config"] == candidate

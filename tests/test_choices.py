@@ -17,6 +17,7 @@ from dualstpm.ablation.margin import (
     contributions,
     image_auroc,
     image_f1_max,
+    min_units,
     pixel_auroc,
 )
 from dualstpm.config import ConfigError, load_params
@@ -89,6 +90,30 @@ def test_a_gain_driven_by_one_image_is_kept_a_robust_one_is_adopted():
     assert adopted.observed_difference == pytest.approx(10 / 25) and adopted.lower_bound > 0 and adopted.adopted
     assert adopted.describe().startswith("adopted")
     assert bootstrap_margin(default, clear, "image_auroc", 200, 0.95, seed=0) == adopted  # seeded
+
+
+@pytest.mark.parametrize("confidence, expected", [(0.95, 5), (0.99, 7), (0.9, 4), (0.75, 2), (0.5, 1)])
+def test_min_units_is_the_sign_test_floor(confidence, expected):
+    """By hand: the smallest n with 2^-n <= 1 - confidence. 0.95: 2^-4 = 0.0625 > 0.05, 2^-5 = 0.03125;
+    0.99: 2^-6 = 0.0156 > 0.01, 2^-7 = 0.0078; 0.9: 2^-3 = 0.125 > 0.1, 2^-4 = 0.0625; 0.75: 2^-2 = 0.25 exactly."""
+    assert min_units(confidence) == expected
+
+
+def test_a_clear_gain_on_too_few_images_keeps_the_default_and_says_why():
+    """4 units, every defect separated from every good image by the challenger: the bootstrap's
+    lower bound is positive, but 4 units cannot show a gain at 95 % (2^-4 > 0.05); at 90 % they can."""
+    labels, units = _units(4)
+    goods, defects = np.array([0.0, 2, 4, 6]), np.array([1.0, 3, 5, 7])
+    default = contributions(np.r_[goods, defects], labels, units, 4)
+    clear = contributions(np.r_[goods, defects + 20], labels, units, 4)
+    kept = bootstrap_margin(default, clear, "image_auroc", 200, 0.95, seed=0)
+    assert kept.observed_difference == pytest.approx(1 - 10 / 16)  # (1+2+3+4)/16 -> 16/16
+    assert kept.lower_bound > 0 and kept.min_units == 5 and not kept.adopted
+    assert "4 validation images cannot show a gain at 95%" in kept.describe()
+    assert "at least 5" in kept.describe() and "fit.val_fraction" in kept.describe()
+    at_90 = bootstrap_margin(default, clear, "image_auroc", 200, 0.9, seed=0)
+    assert at_90.lower_bound > 0 and at_90.min_units == 4 and at_90.adopted
+    assert "cannot show" not in at_90.describe()
 
 
 def test_margin_params_are_validated():

@@ -15,7 +15,7 @@ from conftest import PROJECT_ROOT
 
 SCRIPT = PROJECT_ROOT / "bench" / "compare_anomalib.py"
 ROWS = ["anomalib STFPM", "anomalib PatchCore", "ours branch A (STPM)", "ours branch B (recon)", "ours fused",
-        "ours disc", "ours default"]
+        "ours disc", "ours default", "ours after ablate"]
 
 
 def run_script(*args: str | Path) -> subprocess.CompletedProcess:
@@ -57,6 +57,12 @@ def test_compare_reports_every_row_with_finite_figures(synthetic_root: Path, tmp
     for view, name in (("fused", "ours fused"), ("stpm", "ours branch A (STPM)"), ("recon", "ours branch B (recon)"),
                        ("disc", "ours disc"), ("disc", "ours default")):
         assert rows[name]["image_auroc"] == pytest.approx(saved["ours"]["test_metrics"][view]["image_auroc"], abs=1e-3)
+    # the pipeline's ablate stage ran on the fitted run; an applied fusion replaces only `fused`,
+    # and this model decides with `disc`, so the model the pipeline ships is the default row's
+    ablation = saved["ours"]["ablation"]
+    assert ablation["decision_view"] == "disc" and ablation["margin"].startswith(("adopted", "kept the default"))
+    assert {k: rows["ours after ablate"][k] for k in ("image_auroc", "pixel_auroc", "aupro")} == {
+        k: rows["ours default"][k] for k in ("image_auroc", "pixel_auroc", "aupro")}
     assert saved["setup"]["train_images"] == 16 and saved["setup"]["image_size"] == 64
     assert all(isinstance(v, bool) for v in saved["targets"].values())
     table = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")]

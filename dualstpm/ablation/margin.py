@@ -8,6 +8,14 @@ configurations are scored on each resample. The candidate is adopted only when t
 lower bound of the one-sided `confidence` interval of (candidate - default), the
 (1 - confidence) quantile of the resampled differences, is > 0.
 
+Too few images to show anything: with n units, the strongest evidence n units can give
+is all n favouring the candidate, which under "no difference" (each unit's sign a fair coin)
+happens with probability 2^-n (the sign test). When 2^-n > 1 - confidence no test at that
+confidence can reject, so no resampling can either: the percentile bootstrap of a handful
+of units is then only noise (with 3 units it has 10 distinct resamples, and a third of its
+draws repeat one unit three times). `min_units` = ceil(log2(1 / (1 - confidence))) (5 at
+0.95) is the floor below which the default is kept whatever the bootstrap says.
+
 Resampling unit: a *source image*: a normal validation image together with the
 defective copies pasted on it (`defects.paste_defects`), so a copy and its base are
 drawn together. (A cut-paste patch may come from another validation image; that weak
@@ -31,6 +39,7 @@ A resample then costs O(units^2 + units * PIXEL_BINS), whatever the image size.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -155,6 +164,13 @@ def selection_value(c: Contributions, w: np.ndarray, metric: str) -> float:
     return float(np.mean(defined)) if defined else np.nan
 
 
+def min_units(confidence: float) -> int:
+    """The fewest resampling units that can show a gain at `confidence` (in (0, 1)): the
+    smallest n with 2^-n <= 1 - confidence, i.e. ceil(log2(1 / (1 - confidence))) (the sign
+    test's floor; module docstring). 0.95 -> 5, 0.99 -> 7, 0.5 -> 1."""
+    return max(1, math.ceil(math.log2(1.0 / (1.0 - confidence)) - 1e-12))
+
+
 @dataclass(frozen=True)
 class Margin:
     """How much the candidate beats the default on the selection metric, and whether robustly."""
@@ -166,14 +182,23 @@ class Margin:
     confidence: float
     n_resamples: int
     n_units: int  # source images resampled
-    adopted: bool  # lower_bound > 0
+    adopted: bool  # lower_bound > 0 and n_units >= min_units
+    min_units: int = 1  # `min_units(confidence)`: fewer units cannot show a gain at this confidence
 
     def to_json(self) -> dict:
         """JSON-ready: an undefined (NaN) figure becomes None."""
         return {k: None if isinstance(v, float) and np.isnan(v) else v for k, v in asdict(self).items()}
 
+    @property
+    def too_few_units(self) -> bool:
+        return self.n_units < self.min_units
+
     def describe(self) -> str:
         verdict = "adopted" if self.adopted else "kept the default"
+        if self.too_few_units:
+            verdict += (f" ({self.n_units} validation images cannot show a gain at {self.confidence:.0%}: at least "
+                        f"{self.min_units} are needed, so the bootstrap below is not used; give the category more "
+                        "validation images: a validation/good folder, or a larger fit.val_fraction)")
         return (f"{verdict}: {self.metric} gain {self.observed_difference:+.4f} (bootstrap mean "
                 f"{self.mean_difference:+.4f}, {self.confidence:.0%} one-sided lower bound {self.lower_bound:+.4f}; "
                 f"{self.n_resamples} resamples of {self.n_units} validation images)")
@@ -182,8 +207,9 @@ class Margin:
 def bootstrap_margin(default: Contributions, candidate: Contributions, metric: str, n_resamples: int,
                      confidence: float, seed: int) -> Margin:
     """Resample the units `n_resamples` times (seeded by `seed`), score both configurations
-    on each resample with the same weights, and adopt when the lower bound is > 0.
-    Resamples where the metric is undefined for either (e.g. no defect region) are dropped."""
+    on each resample with the same weights, and adopt when the lower bound is > 0 and there
+    are at least `min_units(confidence)` units (else the default is kept, the bootstrap still
+    reported). Resamples where the metric is undefined for either (e.g. no defect region) are dropped."""
     n_units = len(default.n_good)
     rng = np.random.default_rng([seed, 0xB007])
     ones = np.ones(n_units)
@@ -193,8 +219,9 @@ def bootstrap_margin(default: Contributions, candidate: Contributions, metric: s
         w = np.bincount(rng.integers(0, n_units, n_units), minlength=n_units).astype(np.float64)
         differences[index] = selection_value(candidate, w, metric) - selection_value(default, w, metric)
     differences = differences[~np.isnan(differences)]
+    floor = min_units(confidence)
     if differences.size == 0:
-        return Margin(metric, float(observed), np.nan, np.nan, confidence, 0, n_units, False)
+        return Margin(metric, float(observed), np.nan, np.nan, confidence, 0, n_units, False, floor)
     lower = float(np.quantile(differences, 1 - confidence))
     return Margin(metric, float(observed), float(differences.mean()), lower, confidence, int(differences.size),
-                  n_units, bool(lower > 0))
+                  n_units, bool(lower > 0 and n_units >= floor), floor)
