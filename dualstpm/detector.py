@@ -33,6 +33,7 @@ from dualstpm.config import FusionParams, Params, load_params, save_params
 from dualstpm.errors import RunError
 from dualstpm.files import staged_dir, write_bytes, write_json
 from dualstpm.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, image_score
+from dualstpm.models.anomaly_map import MapFusion
 from dualstpm.models.discriminator import Discriminator
 from dualstpm.models.inference import DualStpmInference, InferenceOutput
 from dualstpm.models.torch_model import DualStpmModel
@@ -171,6 +172,11 @@ class Detector:
             decision="fused" if self.decision_view == CHOSEN_VIEW else self.decision_view)).eval()
         self.model = self.inference.network
         self.disc = self.inference.disc
+        # the module's `fused` is the decision fusion (the chosen one when applied); the params'
+        # fusion is then a view of its own for `score_maps`, on the same maps
+        stats = calibration.map_stats
+        self._trained_fusion = (MapFusion(self.trained_spec, stats.mean, stats.std).to(compute.device).eval()
+                                if chosen else None)
 
     @property
     def threshold(self) -> float:
@@ -222,8 +228,21 @@ class Detector:
 
     @torch.inference_mode()
     def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
-        """Fuse six maps into each requested view (`disc` too, on a model that has it) and score them (`score_spec`)."""
-        fused = self.inference.view_maps(maps.to(self.compute.device), views)
+        """Fuse six maps (B, 2, 3, H, W) into each requested view of `self.views` and score them
+        (`score_spec`): `fused` is always `params.fusion` and `chosen` the applied chosen fusion,
+        as `dualstpm test` reports them (`view_spec`); `stpm`, `recon` the branches, `disc` the
+        stage. Maps (B, H, W). Raises RunError for a view this model does not have."""
+        missing = [v for v in views if v not in self.views]
+        if missing:
+            raise RunError(f"this model has no view {', '.join(map(repr, missing))}: its views are "
+                           f"{', '.join(self.views)} (`chosen` only after `dualstpm ablate` applied a fusion, "
+                           "`disc` only with fit.discriminator=true)")
+        maps = maps.to(self.compute.device)
+        # the inference module computes the decision fusion as its `fused`: the chosen one, when applied
+        module = {CHOSEN_VIEW: "fused"} if self.chosen else {}
+        own = [v for v in views if not (self.chosen and v == "fused")]
+        computed = self.inference.view_maps(maps, tuple(dict.fromkeys(module.get(v, v) for v in own)))
+        fused = {v: self._trained_fusion(maps) if v not in own else computed[module.get(v, v)] for v in views}
         return ScoredBatch({v: image_score(m, self.score_spec) for v, m in fused.items()}, fused)
 
     @torch.inference_mode()

@@ -192,7 +192,14 @@ def test_the_applied_choice_decides_and_test_keeps_params_fusion_as_fused(ablate
     assert detector.view_spec("stpm") == FusionSpec().view("stpm")  # the branch views stay as trained
     trained = Detector(detector.model, detector.params, detector.calibration, detector.compute)  # no choice
     images = decode_images([Path(p) for p in val.paths[:2]], 64)
-    assert not torch.equal(detector.score(images).scores["fused"], trained.score(images).scores["fused"])
+    assert not torch.equal(detector.score(images, ("chosen",)).scores["chosen"], trained.score(images).scores["fused"])
+    # every view by its test name: `fused` stays the params' fusion, `chosen` is what the model decides with
+    views = detector.score(images, detector.views)
+    assert list(views.scores) == list(detector.views) == ["fused", "stpm", "recon", "chosen"]
+    assert torch.equal(views.scores["fused"], trained.score(images).scores["fused"])
+    assert torch.equal(views.scores["chosen"], detector.infer(images).score)
+    with pytest.raises(RunError, match="no view 'chosen'"):
+        trained.score(images, ("chosen",))
 
     after = test_run(other, synthetic_root, "synth_texture")
     row = result.table.set_index("name").loc[config.name]
