@@ -16,7 +16,12 @@ written as JSON to ``--out`` and as markdown next to it (``.md``):
   ``dualstpm.training.fit`` and tested by ``dualstpm.evaluation.test_run``; with
   ``--set fit.discriminator=true`` also the discriminative stage (``ours disc``, its
   ``train s total`` the stage alone), and always ``ours default``: the view the model
-  decides with (``fusion.view``), its ``train s total`` the whole fit.
+  decides with (``fusion.view``), its ``train s total`` the whole fit;
+- **ours after ablate**: the model as ``dvc repro`` ships it. The pipeline's ``ablate``
+  stage runs on the tested run with the params' ``ablation.*`` (a fusion chosen on the
+  validation images and synthetic defects only, applied when its bootstrap margin holds
+  on enough images); the row is the view the model then decides with (``ours default``
+  again when nothing was adopted), and the JSON's ``ours.ablation`` says what was decided.
 
 What is the same for every row, and why
 ---------------------------------------

@@ -22,7 +22,7 @@ from dualstpm.data import (
     validation_parts,
 )
 from dualstpm.detector import DISC_WEIGHTS_FILE, Detector
-from dualstpm.errors import ConfigError
+from dualstpm.errors import ConfigError, RunError
 from dualstpm.evaluation import evaluate_detector
 from dualstpm.models.discriminator import LOG_EPS, Discriminator, pooled_log
 from dualstpm.training import training_signature
@@ -201,7 +201,7 @@ def test_a_model_without_the_stage_has_no_disc_view(trained_run: Path):
     detector = Detector.load(trained_run, Compute.resolve("cpu", "float32"))
     assert detector.views == ("fused", "stpm", "recon") and detector.decision_view == "fused"
     assert torch.isnan(detector.infer(torch.rand(1, 3, 64, 64)).disc_score).all()
-    with pytest.raises(ValueError, match="fit.discriminator=true"):
+    with pytest.raises(RunError, match="no view 'disc'.*fit.discriminator=true"):
         detector.score(torch.rand(1, 3, 64, 64), ("disc",))
 
 
