@@ -465,12 +465,13 @@ def view_predictor(detector: Detector, view: str) -> Predictor:
     return predict
 
 
-def all_views(detector: Detector) -> Callable[[Tensor], dict[str, tuple[Tensor, Tensor]]]:
-    """Every view from one forward pass, for the metrics."""
+def all_views(detector: Detector, views: tuple[str, ...] | None = None) -> Callable[[Tensor], dict[str, tuple[Tensor, Tensor]]]:
+    """`views` (default: every view of the detector) from one forward pass, for the metrics."""
+    views = detector.views if views is None else views
 
     def predict(images: Tensor) -> dict[str, tuple[Tensor, Tensor]]:
-        scored = detector.score(images, detector.views)
-        return {view: (scored.scores[view], scored.maps[view]) for view in detector.views}
+        scored = detector.score(images, views)
+        return {view: (scored.scores[view], scored.maps[view]) for view in views}
 
     return predict
 
@@ -569,7 +570,8 @@ def after_ablate(params: Params, run_dir: Path, split: Split, compute: Compute, 
     note = f"the pipeline's `ablate` stage (validation only) then decides: {decision['margin']}"
     if detector.decision_view == fit_view:
         return replace(default, model=ROW_PIPELINE, note=note + "; the model is unchanged"), decision
-    scored = predict_split(all_views(detector), split.test, params.fit.batch_size)[detector.decision_view]
+    view = detector.decision_view
+    scored = predict_split(all_views(detector, (view,)), split.test, params.fit.batch_size)[view]
     speed = images_per_second(view_predictor(detector, detector.decision_view), split.test, compute, repeats)
     return Row(ROW_PIPELINE, **quality(split, *scored), train_s_total=default.train_s_total,
                train_s_per_epoch=default.train_s_per_epoch, infer_images_per_s=speed,
