@@ -105,15 +105,23 @@ def _fmt(value: float | None) -> str:
 
 
 def print_metrics(result: dict) -> None:
+    views = [v for v in ("stpm", "recon", "fused", "disc", "chosen") if v in result]
     table = Table(title=f"{result['category']}: test metrics ({result['n_test_images']} images)",
                   caption=f"the model decides with: {result.get('default', 'fused')}")
     table.add_column("model")
     for column in ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "precision", "recall"):
         table.add_column(column, justify="right")
-    for view in (v for v in ("stpm", "recon", "fused", "disc", "chosen") if v in result):
+    for view in views:
         m = result[view]
         table.add_row(view, *(_fmt(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall")))
     out.print(table)
+    calibration = result.get("calibration") or {}
+    target, bound = calibration.get("false_alarm_rate"), calibration.get("false_alarm_bound")
+    rates = [f"{v} {result[v]['false_alarm_rate']:.1%}" for v in views if result[v].get("false_alarm_rate") is not None]
+    if rates and target is not None:
+        promise = (f"; with its calibration images the threshold promises {bound:.1%} (see calibration notes)"
+                   if bound is not None and bound > target else "")
+        out.print(f"false alarms on the good test parts: {', '.join(rates)} (calibrated for {target:.1%}{promise})")
     if result.get("note"):
         out.print(f"[yellow]note:[/] {result['note']}")
 
@@ -301,6 +309,9 @@ def ablate(
 ) -> None:
     """Re-score RUN's stored maps under the fusion grid, choose on validation data; writes RUN/ablation/."""
     trained_model_dir(run)  # a wrong run fails before torch and MLflow load
+    from dualstpm.ablation import describe_outcome
+    from dualstpm.detector import CHOSEN_VIEW
+    from dualstpm.evaluation import METRICS_FILE
     from dualstpm.stages import tracked_ablate
 
     result = tracked_ablate(resolve_params(params, overrides), run)
@@ -316,13 +327,10 @@ def ablate(
             table.add_row(label, row["config"], *(_fmt(row[m]) for m in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")))
     out.print(table)
     out.print(f"best on validation data: {summary['candidate']['config']}; {summary['margin']['decision']}")
-    if summary["applied"]:
-        applied = "applied to the model (its `chosen` view decides)"
-    elif summary["fused_chosen"]["adopted"]:
-        applied = "not applied (ablation.apply=false)"
-    else:
-        applied = "the model keeps deciding with params.fusion"
-    out.print(f"chosen: {summary['fused_chosen']['config']}, {applied}: {summary['fusion_file']}")
+    out.print(f"{describe_outcome(summary)} ({summary['fusion_file']})")
+    if summary["decision_view"] == CHOSEN_VIEW:
+        out.print(f"{run / METRICS_FILE} was measured before this choice (its `default` is the params' fusion); "
+                  f"`dualstpm test --run {run} --data-root DIR` measures the model as it now decides")
     out.print(f"written: {result.out_dir}")
 
 
@@ -370,10 +378,13 @@ def demo(
 
 
 def print_pipeline_summary(summary: dict) -> None:
-    """What a pipeline or retrain flow returned: the AUC table, then each promotion decision."""
+    """What a pipeline or retrain flow returned: the AUC table, each category's ablation
+    outcome (what the model now decides with), then each promotion decision."""
     import pandas as pd
 
     print_auc_table(pd.DataFrame(summary["auc_table"]), f"AUC table ({summary['reports']})")
+    for category, outcome in summary["ablations"].items():
+        out.print(f"{category}: ablation {outcome}")
     for decision in summary["promotions"].values():
         verdict = "promoted" if decision.promoted else "not promoted"
         out.print(f"{decision.model_name}: version {decision.challenger_version} {verdict}; "

@@ -140,6 +140,13 @@ class ScoredBatch:
     maps: dict[str, Tensor]
 
 
+def decision_view(view: str, chosen_applied: bool) -> str:
+    """The view a model decides with: `fusion.view`, except that an applied chosen fusion
+    (`ablate` with `ablation.apply`) replaces `fused`, and only `fused`: a model deciding
+    with `stpm`, `recon` or `disc` keeps it, and carries the chosen fusion as a view only."""
+    return CHOSEN_VIEW if chosen_applied and view == "fused" else view
+
+
 class Detector:
     """A trained dual STPM with its fusion and calibration: images in, scores and maps out."""
 
@@ -156,7 +163,7 @@ class Detector:
         available = VIEWS + ((DISC_VIEW,) if disc is not None else ()) + ((CHOSEN_VIEW,) if chosen else ())
         self.views: tuple[str, ...] = available  # the views a test evaluates
         # the view the model decides with: `fusion.view`, where an applied chosen fusion replaces `fused`
-        self.decision_view = CHOSEN_VIEW if chosen and params.fusion.view == "fused" else params.fusion.view
+        self.decision_view = decision_view(params.fusion.view, chosen is not None)
         if self.decision_view not in self.views or self.decision_view not in self.thresholds:
             raise RunError(f"fusion.view={params.fusion.view!r} but this model has no calibrated {params.fusion.view!r} "
                            f"view (views: {', '.join(self.views)}): refit it with fit.discriminator=true")

@@ -200,15 +200,54 @@ def image_score(fused: Tensor, spec: ScoreSpec) -> Tensor:
     return flat.amax(dim=1)
 
 
-def calibrate_threshold(val_scores: np.ndarray, false_alarm_rate: float) -> float:
-    """Smallest threshold that flags at most `false_alarm_rate` of the good validation parts.
+def allowed_false_alarms(n_images: int, false_alarm_rate: float) -> int:
+    """k: how many of n good calibration scores may lie above the threshold so that a new
+    good part is flagged with probability at most `false_alarm_rate`; -1 when no k can.
 
-    A part is defective when its score is strictly above the threshold. With n validation
-    scores, k = floor(rate * n) of them may lie above it, so the threshold is the (k+1)-th
-    largest score; with few images that is the maximum and no good part is flagged.
+    Split conformal calibration (Vovk, Gammerman, Shafer, "Algorithmic Learning in a Random
+    World", 2005; Angelopoulos & Bates, "A Gentle Introduction to Conformal Prediction",
+    arXiv 2107.07511, §1): for n + 1 exchangeable good scores without ties, the new one
+    exceeds the (k+1)-th largest of the other n with probability exactly (k+1)/(n+1). The
+    largest k with (k+1)/(n+1) <= rate is floor(rate * (n+1)) - 1.
+    """
+    return math.floor(false_alarm_rate * (n_images + 1) + 1e-9) - 1  # 1e-9: 0.05 * 20 is 1, not 0.999...
+
+
+def false_alarm_bound(n_images: int, false_alarm_rate: float) -> float:
+    """The probability that a new good part scores above the threshold `calibrate_threshold`
+    sets on n good scores: (k+1)/(n+1), at most `false_alarm_rate` when n is at least
+    `calibration_images_needed(rate)`, else 1/(n+1) (the threshold is the highest score)."""
+    return (max(allowed_false_alarms(n_images, false_alarm_rate), 0) + 1) / (n_images + 1)
+
+
+def calibration_images_needed(false_alarm_rate: float) -> int:
+    """The fewest good calibration images whose threshold keeps `false_alarm_rate`:
+    the smallest n with rate * (n+1) >= 1 (99 for 1 %, 19 for 5 %)."""
+    return math.ceil(1 / false_alarm_rate - 1e-9) - 1
+
+
+def calibration_note(n_images: int, false_alarm_rate: float) -> str | None:
+    """Why n calibration images cannot keep the target false-alarm rate, and the fix; None when they can."""
+    if allowed_false_alarms(n_images, false_alarm_rate) >= 0:
+        return None
+    return (f"{n_images} calibration images cannot keep calibration.false_alarm_rate={false_alarm_rate:g}: the "
+            f"threshold is their highest score, which a new good part exceeds with probability 1/{n_images + 1} = "
+            f"{1 / (n_images + 1):.3g}; {calibration_images_needed(false_alarm_rate)} are needed. Add good images "
+            "(validation/good, or more train/good with a larger fit.val_fraction), or accept a higher target")
+
+
+def calibrate_threshold(val_scores: np.ndarray, false_alarm_rate: float) -> float:
+    """The threshold that flags a new good part with probability at most `false_alarm_rate`.
+
+    A part is defective when its score is strictly above the threshold. With n good
+    calibration scores the threshold is the (k+1)-th largest, k = `allowed_false_alarms`
+    (split conformal calibration: the promise holds for new parts, not only on these n);
+    with too few images for the rate (k < 0) it is the maximum, and a new good part is
+    flagged with probability 1/(n+1) (`false_alarm_bound`, `calibration_note`).
+    Raises ValueError without scores.
     """
     ordered = np.sort(np.asarray(val_scores, dtype=np.float64))
     if len(ordered) == 0:
         raise ValueError("no validation scores to calibrate on")
-    allowed = int(np.floor(false_alarm_rate * len(ordered)))
+    allowed = max(allowed_false_alarms(len(ordered), false_alarm_rate), 0)
     return float(ordered[len(ordered) - 1 - allowed])

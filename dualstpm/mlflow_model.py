@@ -6,9 +6,10 @@ pickled.
 
 Input: a DataFrame with one column `image` holding encoded image files (PNG, JPEG, ...
 bytes; base64 strings in a JSON request to `mlflow models serve`). Output: a DataFrame
-with, per image, `score` (fused), `normalized_score` (in [0, 1], 0.5 = the stored
-threshold), `label` (`defective` / `good` at the threshold), `threshold`, `stpm_score`,
-`recon_score`, and with `params={"return_map": True}` the fused anomaly map at the image's
+with, per image, `score` (of the view the model decides with), `normalized_score` (in
+[0, 1], 0.5 = the stored threshold), `label` (`defective` / `good` at the threshold),
+`threshold`, `stpm_score`, `recon_score`, `disc_score` (NaN without the discriminative
+stage), and with `params={"return_map": True}` the decision view's anomaly map at the image's
 own size (`anomaly_map`, a list of rows). `params={"threshold": t}` overrides the stored
 threshold; `params={"backend": "onnxruntime"}` answers with the ONNX export on ONNX
 Runtime instead of PyTorch (default `torch`). Images above the model's `data.max_image_pixels`

@@ -73,8 +73,11 @@ def _unique_name(stem: str, taken: set[str]) -> str:
 
 @dataclass
 class ImagePrediction:
-    """One image's answer: fused score, its normalised value (0.5 = the stored threshold,
-    see `dualstpm.models.anomaly_map`), label at the threshold, branch scores, fused map at image size."""
+    """One image's answer: the score of the view the model decides with (`fused`, or what
+    `fusion.view` / an applied ablation names), its normalised value (0.5 = the stored
+    threshold, see `dualstpm.models.anomaly_map`), label at the threshold, each branch's
+    score, the discriminative stage's (NaN when the model has none) and the decision
+    view's anomaly map at the image's size."""
 
     score: float
     normalized_score: float
@@ -82,6 +85,7 @@ class ImagePrediction:
     threshold: float
     stpm_score: float
     recon_score: float
+    disc_score: float
     anomaly_map: np.ndarray
 
     def row(self) -> dict[str, float | str]:
@@ -111,6 +115,7 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
                     threshold=threshold,
                     stpm_score=float(out.stpm_score[i]),
                     recon_score=float(out.recon_score[i]),
+                    disc_score=float(out.disc_score[i]),
                     anomaly_map=full.cpu().numpy(),
                 )
             )

@@ -113,6 +113,7 @@ def _signature(threshold: float):
             ColSpec(DataType.double, "threshold"),
             ColSpec(DataType.double, "stpm_score"),
             ColSpec(DataType.double, "recon_score"),
+            ColSpec(DataType.double, "disc_score"),
         ]),
         params=ParamSchema([
             ParamSpec("return_map", DataType.boolean, False),
@@ -250,7 +251,7 @@ def model_description(name: str, data_root: Path | str, category: str) -> str:
         f"Finds defective **{category}** parts ({dataset_name(data_root)} data) and where the defect is: "
         "a dual student-teacher anomaly detector (dualstpm) trained on good parts only. Per image it "
         "answers `score`, `label` (`defective` above the calibrated `threshold`, else `good`), "
-        "`threshold`, `stpm_score`, `recon_score`, and with `params={\"return_map\": true}` the "
+        "`threshold`, `stpm_score`, `recon_score`, `disc_score` (NaN without the discriminative stage), and with `params={\"return_map\": true}` the "
         "anomaly map at the image's size.\n\n"
         f"`@{CHAMPION}` is the version in use (moved only on evidence: each version's `promotion.*` tags), "
         f"`@{CHALLENGER}` the latest registered. Each version's description names its data, test "

@@ -41,7 +41,7 @@ from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import atomic_file
 from dualstpm.fusion import (BRANCHES, DISC_VIEW, MAX_SCORE, VIEWS, FusionSpec, MapStatsAccumulator, ScoreSpec,
-                             calibrate_threshold, fuse, image_score)
+                             calibrate_threshold, calibration_note, fuse, image_score)
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
 from dualstpm.rng import own_rng
@@ -378,7 +378,8 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         selected_epochs=selected_epochs,
         category=category,
         false_alarm_rate=rate,
-        notes=[parts.note] if parts is not None and parts.note else [],
+        notes=[note for note in (parts.note if parts is not None else None, calibration_note(len(val_images), rate))
+               if note],
         validation_split=parts.to_json() if parts is not None else {},
         score=score,
         discriminator=disc.summary() if disc is not None else None,
@@ -453,6 +454,8 @@ def fit(
     parts = validation_parts(len(val_images), params.calibration.split, params.seed)
     if parts.note and params.calibration.split > 0:
         console.print(f"[bold yellow]warning:[/] {parts.note}")
+    if (note := calibration_note(len(parts.calibration), params.calibration.false_alarm_rate)) is not None:
+        console.print(f"[bold yellow]warning:[/] {note}")  # before training: the fix costs nothing yet
     selection_images, calibration_images = val_images[parts.selection], val_images[parts.calibration]
 
     trainer = Trainer(params, run_dir, compute, data)
@@ -498,5 +501,7 @@ def fit(
     write_history(trainer.history, run_dir / HISTORY_FILE)
     if disc is not None:
         write_history(disc.history, run_dir / DISC_HISTORY_FILE)
-    console.print(f"model written to {model_dir} (selected epochs: {selected}, threshold {thresholds['fused']:.5g})")
+    view = params.fusion.view  # the view the model decides with (until an ablation applies a fusion to `fused`)
+    console.print(f"model written to {model_dir} (selected epochs: {selected}; decides with `{view}`, "
+                  f"threshold {thresholds[view]:.5g})")
     return FitResult(run_dir, model_dir, trainer.history, selected, thresholds, disc.seconds if disc is not None else None)

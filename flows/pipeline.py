@@ -14,6 +14,7 @@ and the report in `<out>/reports` (the same layout `dvc repro` writes to `runs/`
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, wait
 
+from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE, describe_outcome
 from dualstpm.cli import print_pipeline_summary
 from dualstpm.config import Params, load_params
 from dualstpm.errors import ConfigError, DualStpmError, PipelineError
@@ -123,7 +125,14 @@ def run_categories(params: Params, categories: list[str], out: Path, dvc_project
             f"{len(failed)} of {len(categories)} categories failed (the others' models, metrics and report "
             f"rows are kept in {out}):\n{lines}{report_line}"
         )
-    return {"auc_table": table, "promotions": promotions, "reports": str(out / REPORTS)}
+    return {"auc_table": table, "ablations": _ablation_outcomes(tested), "promotions": promotions,
+            "reports": str(out / REPORTS)}
+
+
+def _ablation_outcomes(run_dirs: dict[str, Path]) -> dict[str, str]:
+    """{category: what its ablation chose and what the model decides with} (`describe_outcome`)."""
+    return {c: describe_outcome(json.loads((run_dir / ABLATION_DIR / SUMMARY_FILE).read_text()))
+            for c, run_dir in run_dirs.items()}
 
 
 def check_categories(params: Params, categories: list[str]) -> list[str]:

@@ -177,7 +177,7 @@ def test_the_applied_choice_decides_and_test_keeps_params_fusion_as_fused(ablate
     shutil.copytree(run, other)
     retested = test_run(other, synthetic_root, "synth_texture")
     assert retested["fused"] == before["fused"]  # the fused row never depends on the ablation
-    assert retested["default"] == ("chosen" if applied else "fused")
+    assert retested["default"] == ("chosen" if applied else "fused") == result.summary["decision_view"]
     assert ("chosen" in retested) == applied
 
     # Apply a configuration that certainly differs from the trained fusion, as ablate does when it adopts one.
@@ -324,6 +324,30 @@ def test_ablation_params_are_validated():
 
 
 @pytest.mark.slow  # three CLI processes, each importing torch and MLflow
+def test_the_decision_view_and_the_outcome_line_say_what_the_model_decides_with():
+    from dualstpm.ablation import describe_outcome
+    from dualstpm.detector import decision_view
+
+    # an applied fusion replaces `fused` only; a model deciding with another view keeps it
+    assert decision_view("fused", True) == "chosen" and decision_view("fused", False) == "fused"
+    assert decision_view("disc", True) == "disc" and decision_view("stpm", True) == "stpm"
+
+    def summary(applied: bool, adopted: bool, view: str) -> dict:
+        return {"applied": applied, "decision_view": view, "fused_chosen": {"config": "levels_2_sum", "adopted": adopted}}
+
+    assert describe_outcome(summary(True, True, "chosen")) == (
+        "adopted levels_2_sum: the model now decides with its `chosen` view")
+    assert describe_outcome(summary(True, True, "disc")) == (
+        "adopted levels_2_sum, stored as the model's `chosen` view; the model decides with `disc` (fusion.view), "
+        "which the choice does not change")
+    assert describe_outcome(summary(False, True, "fused")) == (
+        "levels_2_sum was adopted but not applied (ablation.apply=false): the model decides with `fused`")
+    assert describe_outcome(summary(False, False, "recon")) == (
+        "kept the default (levels_2_sum): the model decides with `recon`")
+    older = {"applied": False, "fused_chosen": {"config": "published", "adopted": False}}  # before decision_view
+    assert describe_outcome(older).endswith("the model decides with `fused`")
+
+
 def test_ablate_through_the_cli_logs_to_mlflow(trained_run: Path, synthetic_root: Path, tmp_path: Path):
     import os
     import subprocess
@@ -345,6 +369,11 @@ def test_ablate_through_the_cli_logs_to_mlflow(trained_run: Path, synthetic_root
     done = dualstpm("ablate", "--run", str(run), "--set", "ablation.panel_images=0", "--set", "ablation.sweep_modes=[sum]")
     assert done.returncode == 0, done.stderr
     assert "STPM alone" in done.stdout and "oracle" in done.stdout
+    said = " ".join(done.stdout.split())  # rich wraps at the terminal's width
+    applied = json.loads((run / "ablation" / "summary.json").read_text())["applied"]
+    assert ("the model now decides with its `chosen` view" in said) == applied
+    assert ("the model decides with `fused`" in said) == (not applied)
+    assert ("was measured before this choice" in said) == applied
     report = dualstpm("ablate-report", str(run), "--out", str(tmp_path / "a.csv"), "--metrics", str(tmp_path / "a.json"))
     assert report.returncode == 0, report.stderr
     assert set(json.loads((tmp_path / "a.json").read_text())) == {"synth_texture", "mean"}

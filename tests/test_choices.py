@@ -166,7 +166,11 @@ def test_metrics_json_reports_the_observed_false_alarm_rate(trained_run: Path, s
     calibration = json.loads((run / "model" / "calibration.json").read_text())
     split = calibration["validation_split"]
     assert split["disjoint"] and split["selection_images"] + split["calibration_images"] == 4
-    assert result["calibration"]["false_alarm_rate"] == calibration["false_alarm_rate"]
+    assert result["calibration"]["false_alarm_rate"] == calibration["false_alarm_rate"] == 0.01
+    # 4 validation images split 2 / 2: 2 calibration images can promise 1/3, not 1 %, and the notes say so
+    assert split["calibration_images"] == 2 and result["calibration"]["false_alarm_bound"] == pytest.approx(1 / 3)
+    assert any("2 calibration images cannot keep calibration.false_alarm_rate=0.01" in n and "99 are needed" in n
+               for n in calibration["notes"])
     from dualstpm.maps import MapSet
 
     test = MapSet.load(run / "maps" / "test.npz")

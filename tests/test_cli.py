@@ -29,6 +29,11 @@ def test_fit_test_predict_through_the_cli(synthetic_root: Path, tmp_path: Path):
     metrics = json.loads((run / "metrics.json").read_text())
     assert {"fused", "stpm", "recon"} <= set(metrics)
     assert "image AUROC" in done.stdout
+    said = " ".join(done.stdout.split())  # rich wraps at the terminal's width
+    rates = ", ".join(f"{v} {metrics[v]['false_alarm_rate']:.1%}" for v in ("stpm", "recon", "fused"))
+    assert f"false alarms on the good test parts: {rates} (calibrated for 1.0%" in said
+    # TINY_OVERRIDES leave 2 calibration images: they promise 1/3, and the console says so
+    assert "the threshold promises 33.3% (see calibration notes)" in said
     # a quoted pattern, as a user types it when the shell does not expand it: 000.png and 001.png
     pattern = str(synthetic_root / "synth_object" / "test" / "stain" / "00[01].png")
     done = dualstpm("predict", "--run", str(run), pattern, "--out", str(tmp_path / "pred"))

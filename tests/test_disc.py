@@ -3,10 +3,13 @@ no-test-data guarantee, the saved model, evaluation rows, export and the decisio
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import TINY_OVERRIDES
@@ -125,12 +128,13 @@ def disc_fit(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path):
         finally:
             in_stage.clear()
 
-    with pytest.MonkeyPatch.context() as patch:
+    said = io.StringIO()
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(said):
         patch.setattr(tensors, "read_image", recording_read)
         patch.setattr(training, "train_discriminator", recording_train)
         result = training.fit(params, synthetic_root, "synth_texture", run_dir)
     return {"params": params, "run_dir": run_dir, "result": result, "read": read, "during_disc": during_disc,
-            "received": received}
+            "received": received, "said": " ".join(said.getvalue().split())}
 
 
 def test_the_stage_never_sees_test_or_validation_defects(disc_fit, synthetic_root: Path):
@@ -158,6 +162,10 @@ def test_fit_records_the_stage_and_evaluation_reports_it(disc_fit, synthetic_roo
     assert (run_dir / "model" / DISC_WEIGHTS_FILE).is_file() and (run_dir / disc_training.DISC_HISTORY_FILE).is_file()
     assert result.disc_seconds is not None and result.disc_seconds > 0
     assert "disc" in result.thresholds
+    # the fit's last line names the view the model decides with and that view's threshold, not fused's
+    disc_threshold, fused_threshold = f"{result.thresholds['disc']:.5g}", f"{result.thresholds['fused']:.5g}"
+    assert disc_threshold != fused_threshold
+    assert f"decides with `disc`, threshold {disc_threshold})" in disc_fit["said"]
     detector = Detector.load(run_dir, Compute.resolve("cpu", "float32"))
     assert detector.calibration.discriminator["train_seconds"] == pytest.approx(result.disc_seconds)
     assert detector.views == ("fused", "stpm", "recon", "disc") and detector.decision_view == "disc"
@@ -176,6 +184,18 @@ def test_the_decision_view_is_what_the_model_outputs(disc_fit, synthetic_root: P
     assert torch.equal(out.anomaly_map, views.maps["disc"]) and torch.equal(out.stpm_score, views.scores["stpm"])
     assert detector.threshold == detector.thresholds["disc"]
     assert torch.equal(out.label, out.score > detector.threshold)
+
+
+def test_predictions_csv_has_the_stage_score(disc_fit, synthetic_root: Path, tmp_path: Path):
+    from dualstpm.predict import PREDICTIONS_FILE, predict
+
+    detector = Detector.load(disc_fit["run_dir"], Compute.resolve("cpu", "float32"))
+    paths = [s.path for s in load_category(synthetic_root, "synth_texture").test][:3]
+    predict(detector, paths, tmp_path / "pred")
+    written = pd.read_csv(tmp_path / "pred" / PREDICTIONS_FILE)
+    assert written["disc_score"].notna().all()
+    np.testing.assert_array_equal(written["disc_score"], written["score"])  # the model decides with `disc`
+    assert not np.array_equal(written["disc_score"], written["stpm_score"])
 
 
 def test_onnx_export_of_a_model_with_the_stage(disc_fit, synthetic_root: Path, tmp_path: Path):

@@ -250,9 +250,11 @@ def test_the_pipeline_summary_is_the_auc_table_then_each_promotion(capsys: pytes
                                  "image_auroc", "3", 0.91, "3", None, None, "feed.dir", "me", "now")
     table = [{"category": "a", "model": "fused", "image_auroc": 0.91, "pixel_auroc": 0.8, "aupro": 0.5,
               "image_f1_max": 0.7}]
-    print_pipeline_summary({"auc_table": table, "promotions": {"a": decision}, "reports": "out/reports"})
+    print_pipeline_summary({"auc_table": table, "ablations": {"a": "kept the default (x): the model decides with `fused`"},
+                            "promotions": {"a": decision}, "reports": "out/reports"})
     printed = " ".join(capsys.readouterr().out.split())  # rich wraps at the terminal's width
     assert "AUC table (out/reports)" in printed and "0.9100" in printed
+    assert "a: ablation kept the default (x): the model decides with `fused` dualstpm-synthetic-a" in printed
     assert printed.endswith("dualstpm-synthetic-a: version 3 promoted; champion: version 3 "
                                      "(first champion: 0.9100 reaches the floor 0.7000)")
 

@@ -4,7 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from dualstpm.fusion import FusionSpec, MapStatsAccumulator, calibrate_threshold, fuse, gaussian_blur
+from dualstpm.fusion import (
+    FusionSpec,
+    MapStatsAccumulator,
+    allowed_false_alarms,
+    calibrate_threshold,
+    calibration_images_needed,
+    calibration_note,
+    false_alarm_bound,
+    fuse,
+    gaussian_blur,
+)
 
 
 def six_maps(seed: int = 0, batch: int = 2, size: int = 5) -> torch.Tensor:
@@ -68,7 +78,39 @@ def test_gaussian_blur_keeps_mass_and_spreads_a_peak():
 
 def test_threshold_flags_at_most_the_false_alarm_rate():
     scores = np.arange(1, 201, dtype=float)
+    # n = 200 at 1 %: k = floor(0.01 * 201) - 1 = 1 score may lie above, so the threshold is the 2nd largest
     t = calibrate_threshold(scores, 0.01)
-    assert (scores > t).mean() <= 0.01 and (scores > t).sum() == 2
+    assert t == 199 and (scores > t).sum() == 1
+    assert false_alarm_bound(200, 0.01) == pytest.approx(2 / 201) and 2 / 201 <= 0.01
     few = np.array([0.3, 0.1, 0.2])
     assert calibrate_threshold(few, 0.01) == 0.3  # with few images: the max, so no good part is flagged
+    assert false_alarm_bound(3, 0.01) == pytest.approx(1 / 4)  # ... yet a new good part is, one time in n + 1
+
+
+def test_the_conformal_rank_by_hand():
+    # the largest k with (k + 1) / (n + 1) <= rate; -1 when even k = 0 breaks it
+    assert allowed_false_alarms(99, 0.01) == 0 and allowed_false_alarms(98, 0.01) == -1
+    assert allowed_false_alarms(19, 0.05) == 0 and allowed_false_alarms(18, 0.05) == -1
+    assert allowed_false_alarms(59, 0.05) == 2  # 3 / 60 = 0.05
+    assert calibration_images_needed(0.01) == 99 and calibration_images_needed(0.05) == 19
+    assert calibration_images_needed(0.1) == 9 and calibration_images_needed(0.03) == 33  # 0.03 * 34 >= 1 > 0.03 * 33
+    assert calibration_note(99, 0.01) is None
+    note = calibration_note(4, 0.01)
+    assert "4 calibration images cannot keep calibration.false_alarm_rate=0.01" in note
+    assert "1/5 = 0.2" in note and "99 are needed" in note and "validation/good" in note
+
+
+def test_new_good_parts_are_flagged_at_the_promised_rate():
+    """Exchangeable good scores: the share of new ones above a threshold calibrated on n is
+    (k+1)/(n+1) (here 2/50 = 4 %, within the 5 % target); the empirical quantile the threshold
+    used to be (k = floor(rate * n) = 2) flags 3/50 = 6 %, above the target."""
+    rng = np.random.default_rng(0)
+    n, rate, trials = 49, 0.05, 40000
+    calibration = rng.normal(size=(trials, n))
+    new = rng.normal(size=trials)
+    flagged = np.mean([new[i] > calibrate_threshold(calibration[i], rate) for i in range(trials)])
+    assert false_alarm_bound(n, rate) == pytest.approx(2 / 50)
+    assert abs(flagged - 2 / 50) < 0.004 and flagged <= rate  # binomial sd ~ 0.001
+    ordered = np.sort(calibration, axis=1)
+    old_rule = np.mean(new > ordered[:, n - 1 - int(np.floor(rate * n))])
+    assert abs(old_rule - 3 / 50) < 0.004 and old_rule > rate

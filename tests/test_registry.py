@@ -126,6 +126,9 @@ def test_registered_champion_predicts_like_dualstpm_predict(texture_run: Path, p
     assert got["threshold"].iloc[0] == pytest.approx(Detector.load(texture_run).threshold)
     assert np.asarray(got["anomaly_map"].iloc[0]).shape == (64, 64)  # the image's own size
     assert "anomaly_map" not in model.predict(pd.DataFrame({"image": [images[0].read_bytes()]})).columns
+    # the answer has the signature's columns, in its order; this model has no discriminative stage
+    assert [c for c in got.columns if c != "anomaly_map"] == model.metadata.get_output_schema().input_names()
+    assert "disc_score" in got.columns and got["disc_score"].isna().all()
     # the version carries its ONNX export: PyTorch float32's answers from ONNX Runtime (fp32 parity bounds)
     onnx = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"backend": "onnxruntime"})
     expected = predict(Detector.load(texture_run, Compute.resolve("cpu", "float32")), images, tmp_path / "float32")

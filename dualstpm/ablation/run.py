@@ -62,7 +62,7 @@ from dualstpm.ablation.selection import (
 )
 from dualstpm.config import AblationParams
 from dualstpm.data import validation_parts
-from dualstpm.detector import ChosenFusion, Detector, read_model_dir, write_chosen_fusion
+from dualstpm.detector import CHOSEN_VIEW, ChosenFusion, Detector, decision_view, read_model_dir, write_chosen_fusion
 from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
 from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, calibrate_threshold
@@ -183,6 +183,23 @@ def write_decision_overlays(run_dir: Path, test: MapSet) -> Path:
                           test.labels.astype(bool), scores, names, test.masks)
 
 
+def describe_outcome(summary: dict) -> str:
+    """One line for a person: what the ablation chose and what the model now decides with.
+
+    `summary` is `summary.json`'s content (`ablate`); older summaries without
+    `decision_view` are read as a model deciding with `fused`.
+    """
+    config, view = summary["fused_chosen"]["config"], summary.get("decision_view", "fused")
+    if summary["applied"] and view == CHOSEN_VIEW:
+        return f"adopted {config}: the model now decides with its `chosen` view"
+    if summary["applied"]:
+        return (f"adopted {config}, stored as the model's `chosen` view; the model decides with `{view}` "
+                f"(fusion.view), which the choice does not change")
+    if summary["fused_chosen"]["adopted"]:
+        return f"{config} was adopted but not applied (ablation.apply=false): the model decides with `{view}`"
+    return f"kept the default ({config}): the model decides with `{view}`"
+
+
 def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     """Run the ablation on a tested run directory (see the module docstring)."""
     run_dir = Path(run_dir)
@@ -244,6 +261,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
                           "seed": params.synthetic_seed},
         "score_reductions": reduction_summary(reductions),
         "applied": applied,
+        "decision_view": decision_view(model_params.fusion.view, applied),
         "fusion_file": str(fusion_file),
         "timing": lap.total(),
     }
