@@ -13,6 +13,7 @@ differ. Keys are flat and explicit so that `dvc exp run -S fit.epochs=5` and
 from __future__ import annotations
 
 import copy
+import difflib
 import math
 import re
 from pathlib import Path
@@ -431,6 +432,12 @@ def valid_keys(model: type[BaseModel] = Params, prefix: str = "") -> list[str]:
     return keys
 
 
+def did_you_mean(key: str) -> str:
+    """' (did you mean 'fit.epochs'?)' for the closest valid key (difflib's ratio >= 0.8), else ''."""
+    close = difflib.get_close_matches(key, valid_keys(), n=1, cutoff=0.8)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
 def _format_errors(error: ValidationError, source: str) -> str:
     lines = [f"invalid parameters in {source}:"]
     unknown = False
@@ -438,7 +445,7 @@ def _format_errors(error: ValidationError, source: str) -> str:
         key = ".".join(str(part) for part in item["loc"])
         if item["type"] == "extra_forbidden":
             unknown = True
-            lines.append(f"  - unknown key '{key}'")
+            lines.append(f"  - unknown key '{key}'{did_you_mean(key)}")
         else:
             value, message = item.get("input"), item["msg"].removeprefix("Value error, ")
             if isinstance(value, bool) and item["type"] in ("int_type", "float_type"):
@@ -460,7 +467,8 @@ def parse_override(assignment: str) -> tuple[str, Any]:
     if not sep or not key:
         raise ConfigError(f"--set expects key=value, got {assignment!r} (e.g. --set fit.epochs=5)")
     if key not in valid_keys():
-        raise ConfigError(f"unknown key '{key}' in --set {assignment}\nvalid keys: " + ", ".join(valid_keys()))
+        raise ConfigError(f"unknown key '{key}' in --set {assignment}{did_you_mean(key)}\nvalid keys: "
+                          + ", ".join(valid_keys()))
     try:
         value = load_yaml(raw) if raw.strip() else raw
     except yaml.YAMLError as exc:

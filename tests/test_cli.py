@@ -48,7 +48,7 @@ def test_fit_test_predict_through_the_cli(synthetic_root: Path, tmp_path: Path):
         (["fit", "--data-root", "{root}", "--category", "synth_texture", "--out", "{tmp}/r", "--set", "fusion.mode=max"],
          ["fusion.mode", "product"]),
         (["fit", "--data-root", "{root}", "--category", "synth_texture", "--out", "{tmp}/r", "--set", "fit.epoch=1"],
-         ["fit.epoch", "valid keys"]),
+         ["unknown key 'fit.epoch'", "did you mean 'fit.epochs'?", "valid keys"]),
         (["test", "--run", "{tmp}/missing", "--data-root", "{root}"], ["missing", "dualstpm fit"]),
         (["predict", "--run", "{tmp}/missing", "{tmp}/x.png", "--out", "{tmp}/o"], ["missing"]),
         (["fit", "--data-root", "{root}", "--category", "synth_texture", "--out", "{tmp}/r", "--params", "{tmp}/none.yaml"],

@@ -83,3 +83,15 @@ def test_teacher_checks_need_no_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
     p = load_params(None, ["model.t1.name=resnet18", "model.t1.weights=hub", "model.t2.name=resnet50", "model.t2.weights=hub"])
     assert (p.model.t1.name, p.model.t2.name) == ("resnet18", "resnet50")
+
+
+def test_an_unknown_key_names_the_closest_valid_one(tmp_path):
+    from dualstpm.config import did_you_mean
+
+    assert did_you_mean("fusion.veiw") == " (did you mean 'fusion.view'?)"
+    assert did_you_mean("fit.lr_schedule") == " (did you mean 'fit.schedule'?)"
+    assert did_you_mean("nothing.like.it") == ""
+    params = tmp_path / "params.yaml"
+    params.write_text("score:\n  redcue: max\n")
+    with pytest.raises(ConfigError, match=r"unknown key 'score.redcue' \(did you mean 'score.reduce'\?\)"):
+        load_params(params)
