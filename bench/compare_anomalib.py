@@ -572,7 +572,7 @@ def after_ablate(params: Params, run_dir: Path, split: Split, compute: Compute, 
         return replace(default, model=ROW_PIPELINE, note=note + "; the model is unchanged"), decision
     view = detector.decision_view
     scored = predict_split(all_views(detector, (view,)), split.test, params.fit.batch_size)[view]
-    speed = images_per_second(view_predictor(detector, detector.decision_view), split.test, compute, repeats)
+    speed = images_per_second(view_predictor(detector, view), split.test, compute, repeats)
     return Row(ROW_PIPELINE, **quality(split, *scored), train_s_total=default.train_s_total,
                train_s_per_epoch=default.train_s_per_epoch, infer_images_per_s=speed,
                note=note + f"; applied as the view {detector.decision_view!r} ({decision['config']})"), decision

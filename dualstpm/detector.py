@@ -32,7 +32,7 @@ from dualstpm.compute import INFERENCE_PRECISION, Compute
 from dualstpm.config import FusionParams, Params, load_params, save_params
 from dualstpm.errors import RunError
 from dualstpm.files import staged_dir, write_bytes, write_json
-from dualstpm.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, image_score
+from dualstpm.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, false_alarm_bound, image_score
 from dualstpm.models.anomaly_map import MapFusion
 from dualstpm.models.discriminator import Discriminator
 from dualstpm.models.inference import DualStpmInference, InferenceOutput
@@ -76,6 +76,13 @@ class Calibration:
     #: `compute.INFERENCE_PRECISION`; None in files written before calibration was pinned to it
     #: (those ran in `fit.precision`, bfloat16 on hardware that has it).
     precision: str | None = None
+
+    @property
+    def false_alarm_bound(self) -> float | None:
+        """`fusion.false_alarm_bound` of these thresholds: the probability that a new good part
+        scores above them; None for files that do not record the calibration count."""
+        n_images = self.validation_split.get("calibration_images")
+        return None if n_images is None else false_alarm_bound(int(n_images), self.false_alarm_rate)
 
     def to_json(self) -> dict:
         data = asdict(self)

@@ -19,10 +19,10 @@ import numpy as np
 from dualstpm import metrics
 from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
-from dualstpm.detector import CHOSEN_VIEW, Calibration, Detector
+from dualstpm.detector import CHOSEN_VIEW, Detector
 from dualstpm.files import write_json
 from dualstpm.figures import PLOTS_DIR, overlay_name, write_test_figures
-from dualstpm.fusion import DISC_VIEW, VIEWS, false_alarm_bound
+from dualstpm.fusion import DISC_VIEW, VIEWS
 from dualstpm.maps import MAPS_DIR, compute_six_maps, disc_and_scores, fused_and_scores, store_test_and_val_maps
 from dualstpm.overlays import fusion_label
 
@@ -48,13 +48,6 @@ def undefined_metrics_note(result: dict, has_ground_truth: bool) -> str | None:
         reasons.append(f"no test image scores above the threshold of {', '.join(unflagged)}, so precision is "
                        "undefined (null) there: nothing was flagged")
     return "; ".join(reasons) or None
-
-
-def calibration_bound(calibration: Calibration) -> float | None:
-    """`fusion.false_alarm_bound` of a model's calibration: the probability that a new good
-    part scores above its thresholds; None for files that do not record the calibration count."""
-    n_images = calibration.validation_split.get("calibration_images")
-    return None if n_images is None else false_alarm_bound(int(n_images), calibration.false_alarm_rate)
 
 
 def false_alarms(labels: np.ndarray, scores: np.ndarray, threshold: float, target: float) -> dict:
@@ -116,7 +109,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         "chosen_fusion": fusion_label(detector) if detector.chosen else None,
         "calibration": {"false_alarm_rate": detector.calibration.false_alarm_rate,
                         # the rate a new good part is flagged at, given the calibration images (None: not recorded)
-                        "false_alarm_bound": calibration_bound(detector.calibration),
+                        "false_alarm_bound": detector.calibration.false_alarm_bound,
                         "validation_split": detector.calibration.validation_split,
                         "notes": detector.calibration.notes},
         # how maps became image scores: the model's calibrated reduction, not the params file's

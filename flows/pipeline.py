@@ -14,7 +14,6 @@ and the report in `<out>/reports` (the same layout `dvc repro` writes to `runs/`
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,7 +22,7 @@ from prefect import flow, unmapped
 from prefect.artifacts import create_table_artifact
 from prefect.futures import PrefectFuture, wait
 
-from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE, describe_outcome
+from dualstpm.ablation import describe_outcome, read_summary
 from dualstpm.cli import print_pipeline_summary
 from dualstpm.config import Params, load_params
 from dualstpm.errors import ConfigError, DualStpmError, PipelineError
@@ -131,8 +130,7 @@ def run_categories(params: Params, categories: list[str], out: Path, dvc_project
 
 def _ablation_outcomes(run_dirs: dict[str, Path]) -> dict[str, str]:
     """{category: what its ablation chose and what the model decides with} (`describe_outcome`)."""
-    return {c: describe_outcome(json.loads((run_dir / ABLATION_DIR / SUMMARY_FILE).read_text()))
-            for c, run_dir in run_dirs.items()}
+    return {c: describe_outcome(read_summary(run_dir)) for c, run_dir in run_dirs.items()}
 
 
 def check_categories(params: Params, categories: list[str]) -> list[str]:

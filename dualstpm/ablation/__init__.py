@@ -7,7 +7,7 @@ hands the choice to the detector. `ablation_report(run_dirs)` compares categorie
 """
 
 from dualstpm.ablation.grid import Config, build_grid
-from dualstpm.ablation.report import ablation_report, report_metrics
+from dualstpm.ablation.report import ablation_report, read_summary, report_metrics
 from dualstpm.ablation.run import ABLATION_DIR, SUMMARY_FILE, TABLE_FILE, AblationResult, ablate, describe_outcome
 
 __all__ = [
@@ -20,5 +20,6 @@ __all__ = [
     "ablation_report",
     "build_grid",
     "describe_outcome",
+    "read_summary",
     "report_metrics",
 ]

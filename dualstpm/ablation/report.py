@@ -21,6 +21,7 @@ MODELS = {"stpm_alone": "stpm", "fused_published": "fused_published", "fused_cho
 
 
 def read_summary(run_dir: Path) -> dict:
+    """`RUN/ablation/summary.json`; RunError naming the fix when `ablate` has not run."""
     path = Path(run_dir) / ABLATION_DIR / SUMMARY_FILE
     if not path.is_file():
         raise RunError(f"{path} not found: run `dualstpm ablate --run {run_dir}` first")
