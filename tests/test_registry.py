@@ -58,7 +58,8 @@ def texture_run(tracking_env, params, synthetic_root: Path, tmp_path_factory) ->
     return fit_and_test_tracked(params, synthetic_root, "synth_texture", tmp_path_factory.mktemp("runs") / "synth_texture")
 
 
-def test_fit_and_test_are_one_parent_run_with_a_child_per_branch(texture_run: Path, params, synthetic_root: Path):
+def test_fit_and_test_are_one_parent_run_with_a_child_per_branch(texture_run: Path, params, synthetic_root: Path,
+                                                                 tmp_path: Path):
     client = MlflowClient()
     record = RunRecord.read(texture_run)
     assert record.tracking_uri == os.environ["MLFLOW_TRACKING_URI"]
@@ -98,7 +99,8 @@ def test_fit_and_test_are_one_parent_run_with_a_child_per_branch(texture_run: Pa
     assert {"test/auc_table.csv", "test/metrics.json", "fit/history.csv", "plots/roc.png", "plots/pro.png",
             "plots/overlays.png", "plots/roc/fused.csv", "plots/pro/recon.csv"} <= artifacts
     assert any(a.startswith("plots/overlays/") for a in artifacts)
-    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=record.run_id, artifact_path="test/auc_table.csv"))
+    table = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=record.run_id, artifact_path="test/auc_table.csv",
+                                                        dst_path=str(tmp_path)))
     assert list(table["model"]) == ["stpm", "recon", "fused"]
     assert table.set_index("model").loc["fused", "image_auroc"] == pytest.approx(metrics["fused"]["image_auroc"])
 
@@ -119,7 +121,8 @@ def test_registered_champion_predicts_like_dualstpm_predict(texture_run: Path, p
     images = sorted((synthetic_root / "synth_texture" / "test").rglob("*.png"))[::3]
     expected = predict(Detector.load(texture_run), images, tmp_path / "pred")  # what `dualstpm predict` runs
 
-    model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}")
+    (tmp_path / "champion").mkdir()  # mlflow downloads the model here, not into a /tmp folder it never removes
+    model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}", dst_path=str(tmp_path / "champion"))
     got = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"return_map": True})
     np.testing.assert_allclose(got["score"], expected["score"], rtol=0, atol=1e-5)
     assert list(got["label"]) == list(expected["label"])
@@ -371,7 +374,9 @@ def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, pa
     promote("synth_texture", params.model_copy(update={"tracking": params.tracking.model_copy(update={"promotion_floor": 0.0})}),
             version=version.version)
     port = free_port()
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    (tmp_path / "serve-tmp").mkdir()  # the server downloads the model into TMPDIR and never removes it
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "TMPDIR": str(tmp_path / "serve-tmp")}
     log = (tmp_path / "serve.log").open("wb")
     server = subprocess.Popen(
         [str(Path(sys.executable).with_name("mlflow")), "models", "serve", "-m", f"models:/{name}@{CHAMPION}",
@@ -392,14 +397,16 @@ def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, pa
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
         assert answer.status_code == 200, answer.text
         served = pd.DataFrame(answer.json()["predictions"])
-        local = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+        (tmp_path / "champion").mkdir()  # mlflow downloads the model here, not into a /tmp folder it never removes
+        champion = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}", dst_path=str(tmp_path / "champion"))
+        local = champion.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
         np.testing.assert_allclose(served["score"], local["score"], rtol=0, atol=1e-5)
         assert list(served["label"]) == list(local["label"])
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={**body, "params": {"backend": "onnxruntime"}},
                                timeout=120)
         assert answer.status_code == 200, answer.text
         served_onnx = pd.DataFrame(answer.json()["predictions"])
-        local_onnx = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}").predict(
+        local_onnx = champion.predict(
             pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"backend": "onnxruntime"})
         np.testing.assert_allclose(served_onnx["score"], local_onnx["score"], rtol=0, atol=1e-6)
         assert list(served_onnx["label"]) == list(local_onnx["label"])
