@@ -47,6 +47,20 @@ def params(synthetic_root: Path):
                               "tracking.retries=0", "tracking.timeout_s=20"])
 
 
+def load_champion(name: str, folder: Path) -> mlflow.pyfunc.PyFuncModel:
+    """The registered model `name`@champion as MLflow loads it, downloaded into `folder` (created here).
+
+    Without a destination MLflow downloads into a fresh folder under /tmp that it never removes.
+    """
+    folder.mkdir()
+    return mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}", dst_path=str(folder))
+
+
+def image_frame(images: list[Path]) -> pd.DataFrame:
+    """The pyfunc model's input for `images`: one row per file, its encoded bytes in column `image`."""
+    return pd.DataFrame({"image": [p.read_bytes() for p in images]})
+
+
 def fit_and_test_tracked(params, root: Path, category: str, run_dir: Path) -> Path:
     tracked_fit(params, root, category, run_dir)
     tracked_test(params, run_dir, root, category)
@@ -121,19 +135,19 @@ def test_registered_champion_predicts_like_dualstpm_predict(texture_run: Path, p
     images = sorted((synthetic_root / "synth_texture" / "test").rglob("*.png"))[::3]
     expected = predict(Detector.load(texture_run), images, tmp_path / "pred")  # what `dualstpm predict` runs
 
-    (tmp_path / "champion").mkdir()  # mlflow downloads the model here, not into a /tmp folder it never removes
-    model = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}", dst_path=str(tmp_path / "champion"))
-    got = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"return_map": True})
+    model = load_champion(name, tmp_path / "champion")
+    frame = image_frame(images)
+    got = model.predict(frame, params={"return_map": True})
     np.testing.assert_allclose(got["score"], expected["score"], rtol=0, atol=1e-5)
     assert list(got["label"]) == list(expected["label"])
     assert got["threshold"].iloc[0] == pytest.approx(Detector.load(texture_run).threshold)
     assert np.asarray(got["anomaly_map"].iloc[0]).shape == (64, 64)  # the image's own size
-    assert "anomaly_map" not in model.predict(pd.DataFrame({"image": [images[0].read_bytes()]})).columns
+    assert "anomaly_map" not in model.predict(image_frame(images[:1])).columns
     # the answer has the signature's columns, in its order; this model has no discriminative stage
     assert [c for c in got.columns if c != "anomaly_map"] == model.metadata.get_output_schema().input_names()
     assert "disc_score" in got.columns and got["disc_score"].isna().all()
     # the version carries its ONNX export: PyTorch float32's answers from ONNX Runtime (fp32 parity bounds)
-    onnx = model.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"backend": "onnxruntime"})
+    onnx = model.predict(frame, params={"backend": "onnxruntime"})
     expected = predict(Detector.load(texture_run, Compute.resolve("cpu", "float32")), images, tmp_path / "float32")
     np.testing.assert_allclose(onnx["score"], expected["score"], rtol=1e-4)
     np.testing.assert_allclose(onnx["normalized_score"], expected["normalized_score"], rtol=0, atol=1e-4)
@@ -397,17 +411,16 @@ def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, pa
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
         assert answer.status_code == 200, answer.text
         served = pd.DataFrame(answer.json()["predictions"])
-        (tmp_path / "champion").mkdir()  # mlflow downloads the model here, not into a /tmp folder it never removes
-        champion = mlflow.pyfunc.load_model(f"models:/{name}@{CHAMPION}", dst_path=str(tmp_path / "champion"))
-        local = champion.predict(pd.DataFrame({"image": [p.read_bytes() for p in images]}))
+        champion = load_champion(name, tmp_path / "champion")
+        frame = image_frame(images)
+        local = champion.predict(frame)
         np.testing.assert_allclose(served["score"], local["score"], rtol=0, atol=1e-5)
         assert list(served["label"]) == list(local["label"])
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={**body, "params": {"backend": "onnxruntime"}},
                                timeout=120)
         assert answer.status_code == 200, answer.text
         served_onnx = pd.DataFrame(answer.json()["predictions"])
-        local_onnx = champion.predict(
-            pd.DataFrame({"image": [p.read_bytes() for p in images]}), params={"backend": "onnxruntime"})
+        local_onnx = champion.predict(frame, params={"backend": "onnxruntime"})
         np.testing.assert_allclose(served_onnx["score"], local_onnx["score"], rtol=0, atol=1e-6)
         assert list(served_onnx["label"]) == list(local_onnx["label"])
 
