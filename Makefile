@@ -1,5 +1,6 @@
 # The two commands a newcomer needs: `make demo` (the main job, offline, on a CPU) and
 # `make test` (the default test suite). Both create the virtual environment on first use.
+# `make docs` builds the documentation site (docs/, mkdocs.yml) into site/.
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # torch first, pinned: on this project's machines these come from local disk.
@@ -14,14 +15,16 @@ export DVC_NO_ANALYTICS ?= 1
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # The flow's temporary Prefect server needs about 22 s to start on 2 cores (default limit: 20 s).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# Material for MkDocs prints a banner about its successor on every build; it is not a warning.
+export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install demo test test-slow
+.PHONY: install demo test test-slow docs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet $(TORCH)
-	$(PY) -m pip install --quiet -e '.[dev,deploy]'
+	$(PY) -m pip install --quiet -e '.[dev,deploy,docs]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -42,3 +45,8 @@ SLOW_DVC := tests/test_pipeline_dvc.py
 test-slow: install
 	$(PY) -m pytest -m slow -q $(SLOW_DVC) || { rc=$$?; [ $$rc -ne 5 ] || echo "no slow DVC tests were collected" >&2; exit $$rc; }
 	$(PY) -m pytest -m slow -q --ignore=$(SLOW_DVC) || { rc=$$?; [ $$rc -ne 5 ] || echo "no slow tests were collected" >&2; exit $$rc; }
+
+# The documentation site, warnings as errors: a broken link, a missing anchor or an
+# unresolved API reference fails the build (tests/test_docs.py runs the same build).
+docs: install
+	$(VENV)/bin/mkdocs build --strict
