@@ -481,7 +481,8 @@ def show_params(
 
 @app.command()
 def review(
-    predictions: Annotated[Path, typer.Argument(help="the folder `dualstpm predict --out` wrote (predictions.csv, overlays)")],
+    predictions: Annotated[Path, typer.Argument(metavar="PREDICTIONS_DIR",
+                                                help="the folder `dualstpm predict --out` wrote (predictions.csv, overlays)")],
     run: Annotated[Optional[Path], typer.Option("--run", help="run directory of the model that scored them")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="or the registered model that scored them: "
                                                  "NAME@ALIAS or NAME/VERSION (e.g. dualstpm-mvtec-bottle@champion)")] = None,
@@ -496,7 +497,8 @@ def review(
     overrides: SetOption = None,
 ) -> None:
     """The inspector's review page: mark each scored part good or defective (note, mask), sorted
-    by what needs a look first; every verdict goes at once to PREDICTIONS/review/verdicts.jsonl."""
+    by what needs a look first; every verdict goes at once to PREDICTIONS_DIR/review/verdicts.jsonl
+    (docs/review.md)."""
     from dualstpm.review.app import default_reviewer, open_review, serve
 
     def registry():

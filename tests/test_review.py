@@ -193,6 +193,44 @@ def test_processes_appending_at_once_lose_and_interleave_nothing(tmp_path: Path,
     assert seen == [(w, k) for w in range(workers) for k in range(count)]  # nothing lost, nothing twice
 
 
+def test_threads_of_one_server_sharing_the_log_neither_lose_nor_double_a_verdict(tmp_path: Path, images):
+    import threading
+
+    log = ReviewLog(tmp_path / "review")  # the server's, shared by its request threads
+    other = ReviewLog(tmp_path / "review")  # another server's on the same folder
+    appended = threading.Event()
+
+    def give(worker: int) -> None:  # verdicts: half through this server, half through the other
+        for k in range(20):
+            (log if k % 2 else other).append(entry(tmp_path, images[0], note=f"{worker}:{k}"))
+        appended.set()
+
+    errors: list[Exception] = []
+
+    def look() -> None:  # page requests meanwhile, each reading what the other server appended
+        try:
+            while not appended.is_set():
+                log.refresh()
+        except ReviewLogError as exc:  # e.g. two threads consuming the same bytes: "the log shrank"
+            errors.append(exc)
+
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads switch as often as they can: races show at once
+    try:
+        threads = [threading.Thread(target=give, args=(w,)) for w in range(2)]
+        threads += [threading.Thread(target=look) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(switch)
+    assert errors == []
+    in_memory = sorted(e["note"] for e in log.refresh().entries)
+    assert in_memory == sorted(f"{w}:{k}" for w in range(2) for k in range(20))  # each once
+    assert in_memory == sorted(e["note"] for e in ReviewLog(tmp_path / "review").refresh().entries)
+
+
 def test_an_append_waits_for_the_lock_another_holder_has(tmp_path: Path, images):
     log = ReviewLog(tmp_path / "review")
     log.append(entry(tmp_path, images[0]))

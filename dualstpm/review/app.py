@@ -5,9 +5,8 @@ needs keyboard shortcuts, one image loaded at a time and a list fetched a page a
 which are a few lines of plain HTML/JS and awkward to bend a component framework to; each
 verdict is one JSON POST that the server makes durable (the log's fsync) before it
 answers, so what the page shows as kept is on disk; and FastAPI, Starlette, uvicorn and
-Jinja2 already come with MLflow, so the page adds no heavy dependency (Gradio would add
-about 40 packages) and no build step. JSON bodies (a mask as base64) avoid a multipart
-parser.
+Jinja2 already come with MLflow, so the page adds no heavy dependency and no build step.
+JSON bodies (a mask as base64) avoid a multipart parser.
 
 HTTP interface (what the page uses; JSON errors are ``{"detail": message}``):
 

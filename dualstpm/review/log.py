@@ -52,6 +52,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -134,7 +135,9 @@ class ReviewLog:
 
     `entries` holds every line read so far, in file order (dicts, the module's schema).
     Reading is incremental: each refresh reads only the bytes appended since the last one,
-    so a log of thousands of verdicts costs nothing per request.
+    so a log of thousands of verdicts costs nothing per request. Safe to share between the
+    threads of one server (a mutex guards the in-memory state; ``flock`` guards the file
+    between processes).
     """
 
     def __init__(self, folder: Path | str) -> None:
@@ -144,6 +147,7 @@ class ReviewLog:
         self._offset = 0  # bytes consumed
         self._lines = 0  # lines consumed (blank ones included), for line numbers
         self._unterminated = False  # the last line read has no newline (a hand edit): the next append adds one
+        self._mutex = threading.Lock()
 
     def refresh(self) -> ReviewLog:
         """Read what was appended since the last call (by anyone). Raises ReviewLogError on
@@ -153,7 +157,7 @@ class ReviewLog:
                 raise ReviewLogError(f"{self.path} was deleted while it was in use; restore it from a copy "
                                      f"(it held {len(self.entries)} verdicts) and start again")
             return self
-        with _locked(self.path, exclusive=False) as fd:
+        with self._mutex, _locked(self.path, exclusive=False) as fd:
             self._read_new(fd)
         return self
 
@@ -212,7 +216,7 @@ class ReviewLog:
         line = json.dumps(entry, allow_nan=False, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n"
         self.folder.mkdir(parents=True, exist_ok=True)
         created = not self.path.exists()
-        with _locked(self.path, exclusive=True) as fd:
+        with self._mutex, _locked(self.path, exclusive=True) as fd:
             self._read_new(fd)
             payload = (b"\n" if self._unterminated else b"") + line
             before = os.fstat(fd).st_size
@@ -225,12 +229,12 @@ class ReviewLog:
                 os.ftruncate(fd, before)  # our own partial line only: what was there stays
                 raise ReviewLogError(f"could not write the verdict to {self.path} ({exc}); it was not recorded. "
                                      "Free disk space or fix the folder's permissions, then give it again") from None
+            self.entries.append(entry)
+            self._offset += len(payload)
+            self._lines += 1  # a hand-edited last line without newline was already counted
+            self._unterminated = False
         if created:
             _fsync_dir(self.folder)
-        self.entries.append(entry)
-        self._offset += len(payload)
-        self._lines += 1  # a hand-edited last line without newline was already counted
-        self._unterminated = False
         return entry
 
     def current(self) -> dict[str, dict[str, Any]]:
