@@ -453,7 +453,7 @@ def log_lines(folder: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_the_page_in_a_real_browser_keeps_every_verdict_across_a_reload(scored: Path, trained_run: Path, tmp_path: Path):
+def test_the_page_in_a_real_browser_keeps_every_verdict_across_a_reload_and_a_crash(scored: Path, trained_run: Path, tmp_path: Path):
     if not CHROMIUM.is_file():
         pytest.skip(f"{CHROMIUM} not found: install Debian's chromium (apt-get install chromium chromium-driver)")
     sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed: pip install -e '.[dev]'")
@@ -513,13 +513,22 @@ def test_the_page_in_a_real_browser_keeps_every_verdict_across_a_reload(scored: 
 
             expected = {order[0]: ("good", "alice"), order[1]: ("defective", "alice"), order[2]: ("good", "alice"),
                         order[4]: ("defective", "alice"), order[7]: ("defective", "bob")}
+
+            def shows_every_verdict() -> None:
+                sync_api.expect(page.locator("#progress")).to_contain_text(f"{len(expected)} reviewed")
+                for part_id, (verdict, _) in expected.items():
+                    sync_api.expect(page.locator(f"#list .row[data-id='{part_id}'] .tag")).to_have_text(verdict)
+                rows = page.locator("#list .row")
+                last = [int(rows.nth(k).get_attribute("data-id")) for k in range(len(order) - len(expected), len(order))]
+                assert last == review_order_after(table, expected)  # reviewed parts now at the end
+
             page.reload()
-            sync_api.expect(page.locator("#progress")).to_contain_text(f"{len(expected)} reviewed")
-            for part_id, (verdict, _) in expected.items():
-                sync_api.expect(page.locator(f"#list .row[data-id='{part_id}'] .tag")).to_have_text(verdict)
-            rows = page.locator("#list .row")
-            assert [int(rows.nth(k).get_attribute("data-id")) for k in range(len(order) - len(expected), len(order))] \
-                == [part_id for part_id in review_order_after(order, table, expected)]
+            shows_every_verdict()
+            os.kill(alice.process.pid, signal.SIGKILL)  # a crash: no shutdown of any kind
+            alice.process.wait(timeout=30)
+            alice = ReviewServer(preds, trained_run, "alice", tmp_path / "alice-again.log").wait()
+            page.goto(alice.url)
+            shows_every_verdict()
             page.click(f"#list .row[data-id='{order[2]}']")
             sync_api.expect(page.locator("#note")).to_have_value("odd finish, acceptable")
             sync_api.expect(page.locator("#verdict")).to_contain_text("good by alice")
@@ -543,7 +552,7 @@ def test_the_page_in_a_real_browser_keeps_every_verdict_across_a_reload(scored: 
     assert alice.process.returncode is not None and bob.process.returncode is not None
 
 
-def review_order_after(order: list[int], table: pd.DataFrame, reviewed: dict[int, tuple]) -> list[int]:
+def review_order_after(table: pd.DataFrame, reviewed: dict[int, tuple]) -> list[int]:
     """The reviewed parts' order after a reload, from the rule: by |score - threshold|, alarms first on ties."""
     margin = {i: abs(float(table.loc[i, "score"]) - float(table.loc[i, "threshold"])) for i in reviewed}
     return sorted(reviewed, key=lambda i: (margin[i], table.loc[i, "label"] != "defective", table.loc[i, "path"]))
