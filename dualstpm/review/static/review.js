@@ -78,7 +78,7 @@ function renderPart() {
   $("picture").src = picture(part, state.original && part.exists);
   $("picture").alt = `${state.original ? "original" : "overlay"} of ${part.path}`;
   $("name").textContent = part.path + (part.exists ? "" : "  (file no longer exists)");
-  $("label").innerHTML = `<span class="${part.label}">${part.label}</span>`;
+  $("label").innerHTML = `<span class="${escapeHtml(part.label)}">${escapeHtml(part.label)}</span>`;
   $("normalized").textContent = fmt(part.normalized_score, 3);
   $("score").textContent = `${fmt(part.score)} / ${fmt(part.threshold)}`;
   const v = part.verdict;
