@@ -479,6 +479,37 @@ def show_params(
     sys.stdout.write(yaml.safe_dump(resolved, sort_keys=False, width=math.inf))  # plain text: no terminal wrapping
 
 
+@app.command()
+def review(
+    predictions: Annotated[Path, typer.Argument(metavar="PREDICTIONS_DIR",
+                                                help="the folder `dualstpm predict --out` wrote (predictions.csv, overlays)")],
+    run: Annotated[Optional[Path], typer.Option("--run", help="run directory of the model that scored them")] = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="or the registered model that scored them: "
+                                                 "NAME@ALIAS or NAME/VERSION (e.g. dualstpm-mvtec-bottle@champion)")] = None,
+    host: Annotated[str, typer.Option("--host", help="address to listen on (another than 127.0.0.1 opens the page "
+                                      "to the network: it has no login)")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="port to listen on (0: any free port)")] = 8765,
+    reviewer: Annotated[Optional[str], typer.Option("--reviewer", help="name recorded with each verdict "
+                                                    "(default: your login name)")] = None,
+    base: Annotated[Optional[Path], typer.Option("--base", help="folder the relative image paths of predictions.csv "
+                                                 "start from (default: the current folder, where predict ran)")] = None,
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """The inspector's review page: mark each scored part good or defective (note, mask), sorted
+    by what needs a look first; every verdict goes at once to PREDICTIONS_DIR/review/verdicts.jsonl
+    (docs/review.md)."""
+    from dualstpm.review.app import default_reviewer, open_review, serve
+
+    def registry():
+        from dualstpm.tracking import connect
+
+        return connect(resolve_params(params, overrides))
+
+    session = open_review(predictions, reviewer or default_reviewer(), run=run, model=model, registry=registry, base=base)
+    serve(session, host, port, say=lambda line: out.print(line, highlight=False, soft_wrap=True))
+
+
 def main() -> None:
     """Console entry point: user errors print one clear message, no traceback."""
     from dualstpm.tracking import quiet_artifact_progress

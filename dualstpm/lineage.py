@@ -18,9 +18,9 @@ import hashlib
 import json
 from pathlib import Path
 
-from dualstpm.detector import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE
 from dualstpm.errors import RunError
 from dualstpm.files import write_json
+from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE  # not detector: a hash needs no torch
 from dualstpm.tracking import TAG, CategoryRun, tracking_errors
 
 LINEAGE_FILE = "lineage.json"
