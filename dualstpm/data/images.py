@@ -17,13 +17,14 @@ import contextlib
 import io
 import math
 import os
+import struct
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.errors import DataError
@@ -80,12 +81,28 @@ def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
     return sorted(found)
 
 
-def _cannot_read(path: Path | str, reason: object) -> DataError:
+REPLACE_FILE = "Replace or remove the file (it may be truncated, still being copied, or not an image)."
+SEND_IMAGE_FILE = "Pass the bytes of an image file (PNG, JPEG, BMP, TIFF), as read from the file."
+# How base64 text of a PNG or a JPEG file begins: bytes encoded twice, or sent as text.
+_BASE64_IMAGE_STARTS = (b"iVBORw0KGgo", b"/9j/")
+
+
+def _cannot_read(path: Path | str, reason: object, fix: str = REPLACE_FILE) -> DataError:
+    """The error for an image that cannot be decoded: where it is (a file's absolute path,
+    or the name given to bytes in memory), why, and `fix` (what to do about it)."""
     where = Path(path).absolute() if isinstance(path, Path) else path
-    return DataError(
-        f"cannot read image {where}: {reason}. Replace or remove the file "
-        "(it may be truncated, still being copied, or not an image)."
-    )
+    return DataError(f"cannot read image {where}: {reason}. {fix}")
+
+
+def _undecodable_bytes(exc: Exception, data: bytes) -> str:
+    """Why in-memory `data` is not an image, without PIL's ``<_io.BytesIO object at 0x...>``:
+    what it starts with (and when that is base64 text of an image, that it was encoded twice)."""
+    if not isinstance(exc, UnidentifiedImageError):
+        return f"{exc} ({len(data)} bytes)"
+    reason = f"not an image file that PIL can decode ({len(data)} bytes, starting {data[:16]!r})"
+    if data.lstrip().startswith(_BASE64_IMAGE_STARTS):
+        reason += ", which is base64 text of an image: decode it once more, or encode the file's bytes only once"
+    return reason
 
 
 _PIL_GUARD = threading.Lock()
@@ -122,18 +139,19 @@ def _too_large(where: object, size: tuple[int, int], max_pixels: int) -> DataErr
     )
 
 
-def _decode(path: Path | str, source: BinaryIO | None = None,
-            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def _decode(path: Path | str, data: bytes | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+            fix: str = SEND_IMAGE_FILE) -> Image.Image:
     """Open and fully decode, so that a truncated file fails here and not later.
 
-    `source` is the encoded image in memory (serving); `path` then only names it in errors.
-    Raises DataError for an undecodable file, and for one above `max_pixels` (width x
-    height) before any pixel is decoded.
+    `data` is the encoded image in memory (serving); `path` then only names it in errors,
+    which end with `fix` (a file's errors say to replace or remove it). Raises DataError
+    for an undecodable image, and for one above `max_pixels` (width x height) before any
+    pixel is decoded.
     """
     where = Path(path).absolute() if isinstance(path, Path) else path
     try:
         with _pil_guard_lifted() as pil_limit:  # read under the lock: never another reader's None
-            image = Image.open(path if source is None else source)  # header only
+            image = Image.open(path if data is None else io.BytesIO(data))  # header only
         with image:
             pixels = image.size[0] * image.size[1]
             if pixels > max_pixels:
@@ -143,7 +161,9 @@ def _decode(path: Path | str, source: BinaryIO | None = None,
                 image.load()  # some formats (TIFF, GIF) check PIL's guard again while decoding
             return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _cannot_read(path, exc) from exc
+        if data is None:
+            raise _cannot_read(path, exc) from exc
+        raise _cannot_read(path, _undecodable_bytes(exc, data), fix) from exc
 
 
 def _pixels(image: Image.Image) -> tuple[np.ndarray, float]:
@@ -175,12 +195,16 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.nda
     return _float_rgb(_decode(Path(path), max_pixels=max_pixels), Path(path).absolute())
 
 
-def read_image_bytes(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def read_image_bytes(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     fix: str = SEND_IMAGE_FILE) -> np.ndarray:
     """Decode an encoded image held in memory (PNG, JPEG, ... bytes) exactly like `read_image`.
 
-    For serving, where images arrive as request bodies; `name` identifies it in errors.
+    For serving, where images arrive as request bodies: `name` identifies it in errors
+    (e.g. the request's column and row) and `fix` says what to send instead. Raises
+    DataError naming `name` for bytes that are not an image file (saying what they start
+    with, never PIL's in-memory buffer) or an image above `max_pixels` pixels.
     """
-    return _float_rgb(_decode(name, io.BytesIO(data), max_pixels), name)
+    return _float_rgb(_decode(name, data, max_pixels, fix), name)
 
 
 def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
