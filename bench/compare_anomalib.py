@@ -114,7 +114,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import platform
@@ -147,6 +146,7 @@ from dualstpm.detector import Detector  # noqa: E402
 from dualstpm.errors import DualStpmError, RunError  # noqa: E402
 from dualstpm.evaluation import test_run  # noqa: E402
 from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
+from dualstpm.files import write_json  # noqa: E402
 from dualstpm.fusion import fuse, image_score  # noqa: E402
 from dualstpm.models.backbone import FeaturePyramid, load_teacher  # noqa: E402
 from dualstpm.models.loss import distance_map_chunked  # noqa: E402
@@ -765,7 +765,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2, allow_nan=False))
+    write_json(args.out, result)
     args.out.with_suffix(".md").write_text(result["markdown"] + "\n")
     print(result["markdown"])
     print("targets:", ", ".join(f"{k}={v}" for k, v in result["targets"].items()))

@@ -26,6 +26,7 @@ from pathlib import Path
 from dualstpm.ablation.run import ablate
 from dualstpm.config import load_params
 from dualstpm.evaluation import test_run
+from dualstpm.files import json_text, write_json
 from dualstpm.training import fit
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro")
@@ -63,9 +64,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         results[str(seed)] = one_seed(args.data_root, args.category, seed, args.set,
                                       args.work_dir / f"{args.category}_{seed}")
-        print(args.category, seed, json.dumps(results[str(seed)]), flush=True)
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(results, indent=1))
+        print(args.category, seed, json_text(results[str(seed)], indent=None), flush=True)
+        write_json(args.out, results, indent=1)
     return 0
 
 

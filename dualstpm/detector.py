@@ -368,7 +368,7 @@ def save_detector(run_dir: Path, model: DualStpmModel, params: Params, calibrati
         if disc is not None:
             write_bytes(staging / DISC_WEIGHTS_FILE, _weights_bytes(disc))
         save_params(params, staging / PARAMS_FILE)
-        (staging / CALIBRATION_FILE).write_text(json.dumps(calibration.to_json(), indent=2))
+        write_json(staging / CALIBRATION_FILE, calibration.to_json())
     return final
 
 

@@ -115,21 +115,19 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         # how maps became image scores: the model's calibrated reduction, not the params file's
         "score": detector.score_spec.to_json(),
     }
-    if truth_report is None:
-        result["note"] = IMAGE_ONLY_NOTE
-    else:
+    if truth_report is not None:
         result["ground_truth"] = truth_report.to_dict()
-        note = truth_report.note()
-        if note:
-            result["note"] = note
     for view in detector.views:
         result[view] = {
             **metrics.evaluate(labels, defect_types, scores[view], maps[view] if maps is not None else None, truth,
                                detector.thresholds[view]),
             **false_alarms(labels, scores[view], detector.thresholds[view], detector.calibration.false_alarm_rate),
         }
-    if (note := undefined_metrics_note(result, has_ground_truth=masks is not None)) is not None:
-        result["note"] = note
+    # what the ground truth holds (lossy or empty masks, merged regions), then why metrics are null
+    notes = [note for note in (truth_report.note() if truth_report is not None else None,
+                               undefined_metrics_note(result, has_ground_truth=masks is not None)) if note]
+    if notes:
+        result["note"] = "; ".join(notes)
     if plots_dir is not None:
         names = [overlay_name(s.defect_type, s.path) for s in dataset.test]
         write_test_figures(plots_dir, detector, [s.path for s in dataset.test], labels, scores, names, maps, masks)

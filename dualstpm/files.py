@@ -12,6 +12,14 @@ Every file a run, a report or a prediction writes goes through here:
 - :func:`staged_dir` does the same for a whole folder (a model directory, a report): it
   is built in a hidden sibling and swapped in only when complete.
 
+Every machine-readable output says "no value" the same way: JSON that any strict parser
+accepts, with ``null`` where a number is undefined (never ``NaN``/``Infinity``, which
+Python writes by default and JavaScript, Go and Java parsers refuse). :func:`json_ready`
+is that conversion (non-finite floats become None), :func:`json_text` the strict text
+(every JSON file written here: :func:`write_json`), and :func:`json_ready_table` the same
+for a DataFrame that another library serialises (the MLflow model's served answer). CSV
+files (:func:`write_csv`) leave a missing value as an empty cell.
+
 Permissions follow the user's umask, as files written with ``open()`` do:
 ``tempfile.mkstemp``/``mkdtemp`` would create them owner-only (0600/0700), which makes a
 model or report a team shares unreadable to the rest of the team.
@@ -21,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -28,10 +37,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["atomic_file", "staged_dir", "umask_mode", "write_bytes", "write_csv", "write_json", "write_text"]
+__all__ = ["atomic_file", "json_ready", "json_ready_table", "json_text", "staged_dir", "umask_mode", "write_bytes",
+           "write_csv", "write_json", "write_text"]
 
 
 def umask_mode(base: int) -> int:
@@ -93,15 +105,62 @@ def write_text(path: Path | str, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
+def json_ready(data: Any) -> Any:
+    """`data` with every value that has no JSON number (NaN, +-inf) replaced by None.
+
+    Walks dicts, lists and tuples (tuples become lists); numpy scalars become Python
+    scalars and numpy arrays nested lists (an all-finite float array stays a fast
+    ``tolist``). Anything else is returned as it is, for `json.dumps` to accept or refuse.
+    """
+    if isinstance(data, float):
+        return data if math.isfinite(data) else None
+    if isinstance(data, dict):
+        return {key: json_ready(value) for key, value in data.items()}
+    if isinstance(data, list | tuple):
+        return [json_ready(value) for value in data]
+    if isinstance(data, np.ndarray):
+        if data.dtype.kind == "f" and not np.isfinite(data).all():
+            return np.where(np.isfinite(data), data.astype(object), None).tolist()
+        return data.tolist()
+    if isinstance(data, np.generic):
+        return json_ready(data.item())
+    return data
+
+
+def json_text(data: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of `data` (`json_ready` first, so an undefined number is ``null``).
+
+    Raises TypeError for a value JSON has no type for (and ValueError, from
+    ``allow_nan=False``, never after `json_ready`)."""
+    return json.dumps(json_ready(data), indent=indent, allow_nan=False)
+
+
+def json_ready_table(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` with each missing or non-finite float (NaN, +-inf) as None, for a serialiser
+    that writes a DataFrame's NaN as the invalid JSON ``NaN`` (MLflow's scoring server).
+
+    Only float columns that hold such a value change: they become object columns holding
+    Python floats and None (``isna()`` is still true there); every other column is kept
+    with its dtype. Returns a new DataFrame."""
+    table = table.copy()
+    for column in table.columns:
+        values = table[column].to_numpy()
+        if values.dtype.kind == "f" and not np.isfinite(values).all():
+            table[column] = np.asarray(json_ready(values), dtype=object)
+    return table
+
+
 def write_json(path: Path | str, data: Any, indent: int = 2) -> Path:
-    """Write `data` as JSON to `path` atomically; returns `path`. NaN is refused (not JSON)."""
-    return write_text(path, json.dumps(data, indent=indent, allow_nan=False) + "\n")
+    """Write `data` as strict JSON (`json_text`: an undefined number is ``null``) to `path`
+    atomically; returns `path`."""
+    return write_text(path, json_text(data, indent) + "\n")
 
 
 def write_csv(path: Path | str, table: pd.DataFrame) -> Path:
-    """Write a DataFrame as CSV (no index) to `path` atomically; returns `path`."""
+    """Write a DataFrame as CSV (no index) to `path` atomically; returns `path`. A missing
+    value (NaN, None) is an empty cell, which pandas reads back as NaN."""
     with atomic_file(path) as tmp:
-        table.to_csv(tmp, index=False)
+        table.to_csv(tmp, index=False, na_rep="")
     return Path(path)
 
 

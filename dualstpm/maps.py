@@ -30,7 +30,7 @@ from torch import Tensor
 from dualstpm.data import Category, decode_images, split_train_val
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError
-from dualstpm.files import atomic_file
+from dualstpm.files import atomic_file, json_text
 from dualstpm.fusion import DISC_VIEW, FusionSpec, MapStats, ScoreSpec, fuse, image_score
 
 MAPS_DIR = "maps"
@@ -124,7 +124,7 @@ class MapSet:
             "labels": self.labels.astype(np.int8),
             "defect_types": np.asarray(self.defect_types, dtype=str),
             "paths": np.asarray(self.paths, dtype=str),
-            "meta": np.asarray(json.dumps({**self.meta, "format": FORMAT_VERSION})),
+            "meta": np.asarray(json_text({**self.meta, "format": FORMAT_VERSION}, indent=None)),
         }
         if self.masks is not None:
             arrays["masks"] = np.packbits(self.masks.reshape(-1))

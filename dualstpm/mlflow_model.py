@@ -8,9 +8,13 @@ Input: a DataFrame with one column `image` holding encoded image files (PNG, JPE
 bytes; base64 strings in a JSON request to `mlflow models serve`). Output: a DataFrame
 with, per image, `score` (of the view the model decides with), `normalized_score` (in
 [0, 1], 0.5 = the stored threshold), `label` (`defective` / `good` at the threshold),
-`threshold`, `stpm_score`, `recon_score`, `disc_score` (NaN without the discriminative
-stage), and with `params={"return_map": True}` the decision view's anomaly map at the image's
-own size (`anomaly_map`, a list of rows). `params={"threshold": t}` overrides the stored
+`threshold`, `stpm_score`, `recon_score`, `disc_score` (None without the discriminative
+stage: ``null`` in the served JSON), and with `params={"return_map": True}` the decision
+view's anomaly map at the image's own size (`anomaly_map`, a list of rows). A number that
+has no value is None, never NaN (`dualstpm.files.json_ready_table`): MLflow's scoring
+server writes a NaN as ``NaN``, which strict JSON parsers refuse. Bytes that are not an
+image are answered with HTTP 400 naming the column and row (and the request's index label
+when it is not the row number) and what to send. `params={"threshold": t}` overrides the stored
 threshold; `params={"backend": "onnxruntime"}` answers with the ONNX export on ONNX
 Runtime instead of PyTorch (default `torch`). Images above the model's `data.max_image_pixels`
 (the value it was trained with) are refused. The PyTorch model runs on the device of
@@ -70,6 +74,7 @@ class DualStpmPyfunc(PythonModel):
         from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
         from dualstpm.errors import DataError
+        from dualstpm.files import json_ready, json_ready_table
         from dualstpm.predict import score_images
 
         params = params or {}
@@ -78,27 +83,38 @@ class DualStpmPyfunc(PythonModel):
         except DataError as exc:  # the caller's input: HTTP 400 with this message, not a stack trace
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
         results = score_images(self.scorer(params.get("backend") or "torch"), originals, params.get("threshold"))
-        table = pd.DataFrame([r.row() for r in results])
+        table = json_ready_table(pd.DataFrame([r.row() for r in results]))
         if params.get("return_map"):
-            table[MAP_COLUMN] = [r.anomaly_map.tolist() for r in results]
+            table[MAP_COLUMN] = [json_ready(r.anomaly_map) for r in results]
         return table
 
 
+SEND_IMAGES = (f"Send in column {INPUT_COLUMN!r} one encoded image file per row (the bytes of a PNG, JPEG, BMP "
+               "or TIFF file; in a JSON request to `mlflow models serve`, the base64 text of those bytes, e.g. "
+               "`base64 -w0 part.png`).")
+
+
+def _cell_name(row: int, label: object) -> str:
+    """`column 'image', row R` (0-based), with the request's index label when it is not R."""
+    return f"column {INPUT_COLUMN!r}, row {row}" + ("" if label == row else f" (index {label!r})")
+
+
 def _decode_images(model_input: pd.DataFrame, max_pixels: int) -> list:
-    """The images of column `image` as (H, W, 3) float arrays; DataError naming the column
-    or the row (0-based) that is not an encoded image file, or holds more than `max_pixels`."""
+    """The images of column `image` as (H, W, 3) float arrays. Raises DataError naming the
+    column, or the row (0-based; and its index label) that is not an encoded image file or
+    holds more than `max_pixels`, and saying what to send (`SEND_IMAGES`)."""
     from dualstpm.data.images import read_image_bytes
     from dualstpm.errors import DataError
 
     if INPUT_COLUMN not in model_input.columns:
-        raise DataError(f"expected a column {INPUT_COLUMN!r} of encoded images (PNG, JPEG, ...; base64 strings "
-                        f"in a JSON request), got columns {list(model_input.columns)}")
+        raise DataError(f"expected a column {INPUT_COLUMN!r} of encoded images, got columns "
+                        f"{list(model_input.columns)}. {SEND_IMAGES}")
     originals = []
-    for row, data in enumerate(model_input[INPUT_COLUMN]):
+    for row, (label, data) in enumerate(model_input[INPUT_COLUMN].items()):
         if not isinstance(data, bytes | bytearray):
-            raise DataError(f"column {INPUT_COLUMN!r}, row {row}: expected an encoded image file (bytes; base64 "
-                            f"in a JSON request), got {type(data).__name__}")
-        originals.append(read_image_bytes(bytes(data), f"in column {INPUT_COLUMN!r}, row {row}", max_pixels))
+            raise DataError(f"{_cell_name(row, label)}: expected an encoded image file's bytes, got "
+                            f"{type(data).__name__}. {SEND_IMAGES}")
+        originals.append(read_image_bytes(bytes(data), f"in {_cell_name(row, label)}", max_pixels, SEND_IMAGES))
     return originals
 
 

@@ -157,7 +157,8 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
 
     Columns: `COLUMNS`, one row per image in input order. A file that cannot be read (not
     an image, truncated, above `max_pixels` pixels: ``data.max_image_pixels``) gets its message in `error` and empty score, label and
-    overlay; every other image is scored. Raises DataError only for paths that do not
+    overlay; every other image is scored. A value that does not exist (those, and
+    `disc_score` without the discriminative stage) is an empty cell, never the text ``nan``. Raises DataError only for paths that do not
     exist or hold no image at all (before anything is scored).
 
     Reusing `out_dir`: after the new table is written, the overlays the previous

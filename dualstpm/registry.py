@@ -47,6 +47,7 @@ from dualstpm.detector import CHOSEN_VIEW, MODEL_SUBDIR, read_chosen_fusion, rea
 from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.evaluation import METRICS_FILE
 from dualstpm.figures import OVERLAY_GRID, PLOTS_DIR
+from dualstpm.files import json_text
 from dualstpm.lineage import MODEL_HASH_TAG, check_model_of_run
 from dualstpm.tracking import STORE_ANSWERED, TAG, CategoryRun, RunRecord, connect, dataset_name, tracking_errors
 
@@ -251,7 +252,7 @@ def model_description(name: str, data_root: Path | str, category: str) -> str:
         f"Finds defective **{category}** parts ({dataset_name(data_root)} data) and where the defect is: "
         "a dual student-teacher anomaly detector (dualstpm) trained on good parts only. Per image it "
         "answers `score`, `label` (`defective` above the calibrated `threshold`, else `good`), "
-        "`threshold`, `stpm_score`, `recon_score`, `disc_score` (NaN without the discriminative stage), "
+        "`threshold`, `stpm_score`, `recon_score`, `disc_score` (null without the discriminative stage), "
         "and with `params={\"return_map\": true}` the "
         "anomaly map at the image's size.\n\n"
         f"`@{CHAMPION}` is the version in use (moved only on evidence: each version's `promotion.*` tags), "
@@ -376,7 +377,7 @@ def _record(client, challenger, decision: PromotionDecision) -> None:
     every decision in `promotion.history` (JSON, newest last)."""
     name, version = decision.model_name, challenger.version
     history = json.loads(challenger.tags.get(HISTORY_TAG) or "[]")[-(HISTORY_LENGTH - 1) :]
-    client.set_model_version_tag(name, version, HISTORY_TAG, json.dumps([*history, decision.facts()]))
+    client.set_model_version_tag(name, version, HISTORY_TAG, json_text([*history, decision.facts()], indent=None))
     if decision.previous_champion_version == str(version):
         return
     for key, value in decision.facts().items():

@@ -37,7 +37,7 @@ import yaml
 from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE, ablation_report, report_metrics
 from dualstpm.errors import RunError
 from dualstpm.evaluation import METRICS_FILE
-from dualstpm.files import staged_dir, write_text
+from dualstpm.files import staged_dir, write_json, write_text
 from dualstpm.figures import OVERLAY_GRID, PLOTS_DIR, PRO_GRID
 from dualstpm.fusion import VIEWS
 from dualstpm.stages import AUC_TABLE, metrics_table
@@ -152,7 +152,7 @@ def write_report(run_dirs: Mapping[str, Path], out_dir: Path) -> pd.DataFrame:
         if ablation is not None:
             ablation.to_csv(staging / ABLATION_TABLE, index=False)
         for category, figures in report_metrics(table).items():
-            (staging / "metrics" / f"{category}.json").write_text(json.dumps(figures, indent=2))
+            write_json(staging / "metrics" / f"{category}.json", figures)
         curves = {category: _write_category_figures(category, Path(run_dir), staging)
                   for category, run_dir in run_dirs.items()}
         write_dvc_plots(staging, curves)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from prefect import Task, task
+from prefect import Task, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State, TaskRun
@@ -96,8 +96,12 @@ def fit_task(params: Params, data_root: Path, category: str, run_dir: Path) -> P
 
 @task(name="test", cache_policy=NO_CACHE, task_run_name="test-{category}")
 def test_task(params: Params, run_dir: Path, data_root: Path, category: str) -> Path:
-    """The tracked test: metrics.json, plots/ and the evaluation data's hash in the MLflow run."""
-    tracked_test(params, run_dir, data_root, category)
+    """The tracked test: metrics.json, plots/ and the evaluation data's hash in the MLflow run.
+    Its `note` (lossy or empty masks, undefined metrics), as on `dualstpm test`'s console,
+    is a warning in the task's log."""
+    result = tracked_test(params, run_dir, data_root, category)
+    if result.get("note"):
+        get_run_logger().warning("%s: note: %s", category, result["note"])
     return run_dir
 
 

@@ -85,3 +85,15 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, 
     run_dir = tmp_path_factory.mktemp("runs") / "synth_texture"
     fit(tiny_params, synthetic_root, "synth_texture", run_dir)
     return run_dir
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON: a strict parser (JavaScript's JSON.parse, Go, Java) refuses it")
+
+
+def strict_json(text: str):
+    """Parse `text` as a strict JSON parser does: NaN, Infinity and -Infinity are refused
+    (ValueError), as JavaScript's ``JSON.parse`` refuses them; Python's default accepts them."""
+    import json
+
+    return json.loads(text, parse_constant=_refuse_constant)

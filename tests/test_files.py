@@ -1,14 +1,19 @@
-"""The atomic-write helpers: all or nothing, and permissions that follow the umask."""
+"""The atomic-write helpers: all or nothing, permissions that follow the umask, and strict
+JSON (null where a number has no value) from every JSON writer."""
 
 from __future__ import annotations
 
+import csv
 import os
 import stat
 
+import numpy as np
 import pandas as pd
 import pytest
 
-from dualstpm.files import atomic_file, staged_dir, write_csv, write_json, write_text
+from conftest import strict_json
+from dualstpm.files import (atomic_file, json_ready_table, json_text, staged_dir, write_csv, write_json,
+                            write_text)
 
 
 @pytest.fixture
@@ -37,10 +42,44 @@ def test_failed_write_keeps_the_old_file(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["table.csv"]
 
 
-def test_write_json_refuses_nan(tmp_path):
-    with pytest.raises(ValueError):
-        write_json(tmp_path / "m.json", {"x": float("nan")})
-    assert not (tmp_path / "m.json").exists()
+def test_strict_json_parser_refuses_what_python_writes_by_default():
+    """The parser the other tests trust: it must refuse NaN and Infinity, as JavaScript does."""
+    import json
+
+    for value in (float("nan"), float("inf"), float("-inf")):
+        with pytest.raises(ValueError):
+            strict_json(json.dumps({"x": value}))
+
+
+def test_write_json_writes_null_for_every_number_without_a_value(tmp_path):
+    data = {"nan": float("nan"), "inf": [float("inf"), -float("inf"), 1.5], "f32": np.float32("nan"),
+            "f64": np.float64(0.25), "i64": np.int64(3), "array": np.array([[1.0, np.nan], [np.inf, 2.0]]),
+            "tuple": (float("nan"), "x"), "nested": {"deep": [{"v": float("nan")}]}, "none": None}
+    write_json(tmp_path / "m.json", data)
+    assert strict_json((tmp_path / "m.json").read_text()) == {
+        "nan": None, "inf": [None, None, 1.5], "f32": None, "f64": 0.25, "i64": 3,
+        "array": [[1.0, None], [None, 2.0]], "tuple": [None, "x"], "nested": {"deep": [{"v": None}]}, "none": None}
+    assert strict_json(json_text([float("nan")], indent=None)) == [None]
+
+
+def test_json_ready_table_nulls_missing_numbers_and_keeps_other_columns():
+    table = pd.DataFrame({"score": [0.5, 1.5], "disc_score": [np.nan, np.nan], "mixed": [np.inf, 2.0],
+                          "label": ["good", "defective"], "count": [1, 2]})
+    ready = json_ready_table(table)
+    assert ready.to_dict(orient="records") == [
+        {"score": 0.5, "disc_score": None, "mixed": None, "label": "good", "count": 1},
+        {"score": 1.5, "disc_score": None, "mixed": 2.0, "label": "defective", "count": 2}]
+    assert ready["score"].dtype == np.float64 and ready["count"].dtype == np.int64  # untouched
+    assert ready["disc_score"].isna().all()  # still missing for pandas users
+    assert table["disc_score"].dtype == np.float64  # the input is not changed
+
+
+def test_write_csv_leaves_a_missing_value_as_an_empty_cell(tmp_path):
+    write_csv(tmp_path / "t.csv", pd.DataFrame({"score": [0.5, np.nan], "disc_score": [np.nan, np.nan],
+                                                "error": ["", "cannot read"]}))
+    with open(tmp_path / "t.csv", newline="") as handle:
+        rows = list(csv.reader(handle))
+    assert rows == [["score", "disc_score", "error"], ["0.5", "", ""], ["", "", "cannot read"]]
 
 
 def test_staged_dir_swaps_whole_folders(tmp_path, umask_022):

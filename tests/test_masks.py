@@ -1,5 +1,6 @@
 """Ground truth read as the user meant it: every mask convention, thin defects kept at the
-metric resolution, empty masks and merged regions reported, honest means over categories."""
+metric resolution, empty masks, merged regions and masks lossy compression damaged
+reported, honest means over categories."""
 
 from __future__ import annotations
 
@@ -12,7 +13,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
+from conftest import strict_json
+from dualstpm.cli import print_metrics
 from dualstpm.data import Sample, decode_masks, read_mask, resize_mask
+from dualstpm.data.images import read_mask_file
 from dualstpm.evaluation import test_run
 from dualstpm.metrics import category_means
 from dualstpm.stages import metrics_table
@@ -96,6 +100,51 @@ def test_jpeg_mask_compression_noise_is_not_defect(tmp_path: Path, mode: str) ->
     assert len(np.unique(noisy)) > 2  # the file really is noisy: a plain 0/255 threshold test would be moot
     mask = read_mask(path)
     assert int(mask.sum()) == N_DEFECT and np.array_equal(mask, MASK)
+
+
+# --- lossy masks ------------------------------------------------------------------------
+# (values, PIL format, save options, the lossy format named, damaged). The rule: a lossy file
+# is damaged when its brightest and darkest values differ by less than half its range. A 0/1
+# mask differs by 1 of 255 levels (at most, after compression: 0.4 %), a 0/255 one by ~255.
+LOSSY_CASES = {
+    "0/1 JPEG": (m, "JPEG", {}, "JPEG", True),
+    "0/1 JPEG quality 95": (m, "JPEG", {"quality": 95}, "JPEG", True),
+    "0/255 JPEG": (m * 255, "JPEG", {}, "JPEG", False),
+    "0/1 lossy WebP": (m, "WEBP", {"quality": 80}, "lossy WebP", True),
+    "0/255 lossy WebP": (m * 255, "WEBP", {"quality": 80}, "lossy WebP", False),
+    "0/1 TIFF with JPEG compression": (m, "TIFF", {"compression": "jpeg"}, "TIFF with JPEG compression", True),
+    "0/1 lossless WebP": (m, "WEBP", {"lossless": True}, None, False),
+    "0/1 PNG": (m, "PNG", {}, None, False),
+    "0/1 TIFF (deflate)": (m, "TIFF", {"compression": "tiff_deflate"}, None, False),
+}
+
+
+@pytest.mark.parametrize("case", list(LOSSY_CASES))
+def test_lossy_masks_with_too_little_contrast_are_marked(tmp_path: Path, case: str) -> None:
+    """Decided by the file's content, not its suffix: every file here is named .png."""
+    values, fmt, options, lossy, damaged = LOSSY_CASES[case]
+    path = tmp_path / "mask.png"
+    Image.fromarray(values).save(path, fmt, **options)
+    read = read_mask_file(path)
+    assert (read.lossy, read.compression_damaged) == (lossy, damaged)
+    if lossy is None:  # lossless: every pixel as drawn
+        assert np.array_equal(read.mask, MASK)
+    elif damaged:  # why they are flagged: the defect pixels did not survive
+        assert int(read.mask.sum()) < N_DEFECT
+
+
+def test_decode_masks_names_lossy_masks_and_says_to_save_png(tmp_path: Path) -> None:
+    Image.fromarray(m).save(tmp_path / "a_mask.jpg")  # 0/1 JPEG: damaged
+    Image.fromarray(m * 255).save(tmp_path / "b_mask.jpg")  # 0/255 JPEG: survives
+    Image.fromarray(m).save(tmp_path / "c_mask.png")  # 0/1 PNG: lossless
+    samples = [Sample(tmp_path / f"{s}.png", 1, "dot", tmp_path / f"{s}_mask.{x}") for s, x in
+               (("a", "jpg"), ("b", "jpg"), ("c", "png"))]
+    _, report = decode_masks(samples, 16)
+    assert report.lossy_masks == (str(tmp_path / "a_mask.jpg"),) and report.lossy_formats == ("JPEG",)
+    assert report.to_dict()["lossy_masks"] == [str(tmp_path / "a_mask.jpg")]
+    note = report.note()
+    assert "1 of 3 defect masks are saved in a lossy format (JPEG)" in note
+    assert str(tmp_path / "a_mask.jpg") in note and "b_mask" not in note and "Save masks as PNG" in note
 
 
 @pytest.mark.parametrize(("make", "expected"), [
@@ -183,10 +232,33 @@ def test_only_one_pixel_defects_still_give_pixel_metrics(trained_run: Path, tmp_
     run = shutil.copytree(trained_run, tmp_path / "run")
     root = _one_pixel_category(tmp_path / "data", {"0": (101, 201), "1": (301, 41)})
     result = test_run(run, root, "dots")
-    assert result["ground_truth"] == {"size": 64, "n_masks": 2, "empty_masks": [], "regions": 2, "regions_at_size": 2}
+    assert result["ground_truth"] == {"size": 64, "n_masks": 2, "empty_masks": [], "regions": 2, "regions_at_size": 2,
+                                      "lossy_masks": []}
     assert "note" not in result
     for view in ("stpm", "recon", "fused"):
         assert result[view]["pixel_auroc"] is not None and result[view]["aupro"] is not None
+
+
+def test_jpeg_masks_holding_0_and_1_are_flagged_in_metrics_json_and_on_the_console(
+        trained_run: Path, synthetic_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The synthetic category's masks re-saved as 0/1 JPEG (their PNGs removed): each is named."""
+    run = shutil.copytree(trained_run, tmp_path / "run")
+    root = tmp_path / "data"
+    truth = shutil.copytree(synthetic_root / "synth_texture", root / "synth_texture") / "ground_truth"
+    jpegs = []
+    for png in sorted(truth.rglob("*_mask.png")):
+        jpegs.append(png.with_suffix(".jpg"))
+        Image.fromarray((np.asarray(Image.open(png).convert("L")) > 127).astype(np.uint8)).save(jpegs[-1])
+        png.unlink()
+    assert len(jpegs) == 9  # 3 defect types x 3 images (conftest)
+    test_run(run, root, "synth_texture")
+    written = strict_json((run / "metrics.json").read_text())
+    assert written["ground_truth"]["lossy_masks"] == [str(p) for p in jpegs]
+    assert "9 of 9 defect masks are saved in a lossy format (JPEG)" in written["note"]
+    assert "Save masks as PNG" in written["note"] and str(jpegs[0]) in written["note"]
+    print_metrics(written)
+    console = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert "9 of 9 defect masks are saved in a lossy format (JPEG)" in console and "Save masks as PNG" in console
 
 
 def test_all_masks_empty_explains_null_pixel_metrics(trained_run: Path, tmp_path: Path) -> None:

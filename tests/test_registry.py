@@ -25,7 +25,7 @@ import pytest
 import requests
 from mlflow import MlflowClient
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, strict_json
 from dualstpm.compute import Compute
 from dualstpm.config import load_params
 from dualstpm.detector import Detector
@@ -410,6 +410,8 @@ def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, pa
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(p.read_bytes()).decode()] for p in images]}}
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
         assert answer.status_code == 200, answer.text
+        # the body is strict JSON (JavaScript's JSON.parse reads it): no discriminative stage, disc_score null
+        assert [row["disc_score"] for row in strict_json(answer.text)["predictions"]] == [None] * len(images)
         served = pd.DataFrame(answer.json()["predictions"])
         champion = load_champion(name, tmp_path / "champion")
         frame = image_frame(images)
@@ -419,23 +421,27 @@ def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, pa
         answer = requests.post(f"http://127.0.0.1:{port}/invocations", json={**body, "params": {"backend": "onnxruntime"}},
                                timeout=120)
         assert answer.status_code == 200, answer.text
-        served_onnx = pd.DataFrame(answer.json()["predictions"])
+        served_onnx = pd.DataFrame(strict_json(answer.text)["predictions"])
         local_onnx = champion.predict(frame, params={"backend": "onnxruntime"})
         np.testing.assert_allclose(served_onnx["score"], local_onnx["score"], rtol=0, atol=1e-6)
         assert list(served_onnx["label"]) == list(local_onnx["label"])
 
-        # bad input: HTTP 400 naming the column (and row), no stack trace
+        # bad input: HTTP 400 naming the column (and row, and the request's index), what to send, no stack trace
         good = base64.b64encode(images[0].read_bytes()).decode()
         not_an_image = base64.b64encode(b"just some text").decode()
-        for columns, rows, named in (
-            (["image"], [[good], [not_an_image]], "column 'image', row 1"),  # base64, but not an image
-            (["image"], [["%%% not base64"]], "column image"),  # MLflow's own base64 decoding refuses it
-            (["picture"], [[good]], "image"),  # the column missing
+        send = "base64 text of those bytes"
+        for columns, rows, index, named in (
+            (["image"], [[good], [not_an_image]], None, ["column 'image', row 1:", send]),  # base64, not an image
+            (["image"], [[good], [not_an_image]], ["p1", "p2"], ["column 'image', row 1 (index 'p2')", send]),
+            (["image"], [["%%% not base64"]], None, ["column image"]),  # MLflow's own base64 decoding refuses it
+            (["picture"], [[good]], None, ["image"]),  # the column missing: MLflow's schema enforcement refuses it
         ):
-            body = {"dataframe_split": {"columns": columns, "data": rows}}
+            body = {"dataframe_split": {"columns": columns, "data": rows, **({"index": index} if index else {})}}
             refused = requests.post(f"http://127.0.0.1:{port}/invocations", json=body, timeout=120)
             assert refused.status_code == 400, refused.text
-            assert named in refused.json()["message"] and "stack_trace" not in refused.json(), refused.text
+            message = strict_json(refused.text)["message"]
+            assert all(n in message for n in named) and "stack_trace" not in refused.json(), refused.text
+            assert "BytesIO" not in message and "Replace or remove" not in message, message
     finally:
         os.killpg(server.pid, 15)
         server.wait(timeout=60)

@@ -1,5 +1,6 @@
 """fit / test / predict end to end on synthetic data with the offline package teachers."""
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from dualstpm.evaluation import test_run
 from dualstpm.predict import predict
 from dualstpm.training import CHECKPOINT_FILE, fit
 
-from conftest import TINY_OVERRIDES
+from conftest import TINY_OVERRIDES, strict_json
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 
@@ -38,8 +39,13 @@ def test_checkpoint_loads_with_weights_only(trained_run: Path):
 
 def test_test_writes_metrics_json(trained_run: Path, synthetic_root: Path):
     result = test_run(trained_run, synthetic_root, "synth_texture")
-    on_disk = json.loads((trained_run / "metrics.json").read_text())
+    on_disk = strict_json((trained_run / "metrics.json").read_text())
     assert on_disk == json.loads(json.dumps(result))
+    # every JSON file of the run parses strictly; this model has no discriminative stage: null, no `disc` row
+    written = {path.relative_to(trained_run).as_posix(): strict_json(path.read_text())
+               for path in trained_run.rglob("*.json")}
+    assert {"metrics.json", "model/calibration.json"} <= set(written)
+    assert written["model/calibration.json"]["discriminator"] is None and "disc" not in on_disk
     for view in ("fused", "stpm", "recon"):
         assert set(HEADLINE) <= set(on_disk[view])
         assert set(on_disk[view]["per_defect"]) == {"scratch", "hole", "stain"}
@@ -152,6 +158,27 @@ def test_predict_writes_overlays_and_csv(trained_run: Path, synthetic_root: Path
     torch.testing.assert_close(torch.tensor(table["score"].values), torch.tensor(everything["score"].values))
 
 
+def test_predictions_csv_leaves_values_that_do_not_exist_empty(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    """No discriminative stage: `disc_score` is an empty cell in every row; an unreadable file
+    has no score or label: empty cells too. Never the text `nan`, which only pandas reads back."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for image in sorted((synthetic_root / "synth_texture" / "test" / "hole").iterdir())[:2]:
+        shutil.copy(image, folder / image.name)
+    (folder / "broken.png").write_text("not a picture")
+    predict(Detector.load(trained_run), [folder], tmp_path / "pred")
+    with open(tmp_path / "pred" / "predictions.csv", newline="") as handle:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+    assert sorted(rows) == ["000.png", "001.png", "broken.png"]
+    assert [rows[name]["disc_score"] for name in sorted(rows)] == ["", "", ""]
+    assert [rows["broken.png"][key] for key in ("score", "label", "stpm_score", "overlay")] == ["", "", "", ""]
+    assert all(rows[name]["score"] not in ("", "nan") for name in ("000.png", "001.png"))
+    # read strictly (only an empty cell is missing): the numeric columns are still numbers
+    table = pd.read_csv(tmp_path / "pred" / "predictions.csv", keep_default_na=False, na_values=[""])
+    assert table["disc_score"].dtype == float and table["disc_score"].isna().all()
+    assert table["score"].dtype == float and table["score"].isna().tolist() == [False, False, True]
+
+
 def test_a_good_only_test_set_says_why_metrics_are_undefined(trained_run: Path, synthetic_root: Path, tmp_path: Path):
     root = tmp_path / "data"
     shutil.copytree(synthetic_root / "synth_texture", root / "synth_texture")
@@ -159,6 +186,7 @@ def test_a_good_only_test_set_says_why_metrics_are_undefined(trained_run: Path, 
         if folder.name != "good":
             shutil.rmtree(folder)
     result = test_run(trained_run, root, "synth_texture")
+    assert strict_json((trained_run / "metrics.json").read_text()) == json.loads(json.dumps(result))  # nulls, not NaN
     note = result["note"]
     assert "no defective images" in note and "no ground_truth folder" not in note
     unflagged = note.split("threshold of ")[1].split(", so")[0].split(", ") if "threshold of " in note else []

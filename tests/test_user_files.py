@@ -3,6 +3,7 @@ line-scan images beyond PIL's decompression-bomb limit."""
 
 from __future__ import annotations
 
+import base64
 import io
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 from PIL import Image
 
-from conftest import PROJECT_ROOT, TINY_OVERRIDES
+from conftest import PROJECT_ROOT, TINY_OVERRIDES, strict_json
 from dualstpm.config import load_params
 from dualstpm.data import image_size_of, list_images, load_category, read_image, read_mask
 from dualstpm.data.images import read_image_bytes
@@ -182,3 +183,41 @@ def test_every_reader_honours_the_configured_limit(trained_run: Path, synthetic_
     Image.open(image).save(buffer, format="PNG")
     served.detector.params.data.max_image_pixels = 4096
     assert len(served.predict(None, pd.DataFrame({"image": [buffer.getvalue()]}))) == 1
+
+
+# --- the served model's answers --------------------------------------------------------------
+
+def test_served_answer_is_strict_json_with_null_for_the_missing_disc_score(trained_run: Path, synthetic_root: Path) -> None:
+    """What `mlflow models serve` writes for an answer (MLflow's own serialiser) parses strictly:
+    this model has no discriminative stage, so `disc_score` is null in every row."""
+    from mlflow.pyfunc.scoring_server import predictions_to_json
+
+    served = DualStpmPyfunc()
+    served.detector = Detector.load(trained_run)
+    images = sorted((synthetic_root / "synth_texture" / "test" / "good").glob("*.png"))[:2]
+    answer = served.predict(None, pd.DataFrame({"image": [p.read_bytes() for p in images]}), {"return_map": True})
+    assert answer["disc_score"].isna().all() and answer["score"].notna().all()
+    body = io.StringIO()
+    predictions_to_json(answer, body)
+    rows = strict_json(body.getvalue())["predictions"]
+    assert [row["disc_score"] for row in rows] == [None, None]
+    assert all(isinstance(row["score"], float) and len(row["anomaly_map"]) == 64 for row in rows)
+
+
+def test_served_non_image_names_the_column_row_and_index_and_what_to_send(trained_run: Path, synthetic_root: Path) -> None:
+    served = DualStpmPyfunc()
+    served.detector = Detector.load(trained_run)
+    png = sorted((synthetic_root / "synth_texture" / "test" / "good").glob("*.png"))[0].read_bytes()
+    for second, names, says in (
+        (b"just some text", "column 'image', row 1 (index 'b')", "starting b'just some text'"),
+        (base64.b64encode(png), "column 'image', row 1 (index 'b')", "base64 text of an image"),  # encoded twice
+    ):
+        with pytest.raises(MlflowException) as caught:
+            served.predict(None, pd.DataFrame({"image": [png, second]}, index=["a", "b"]))
+        message = caught.value.message
+        assert caught.value.get_http_status_code() == 400
+        assert names in message and says in message
+        assert "base64 text of those bytes" in message and "PNG, JPEG" in message  # what to send
+        assert "BytesIO" not in message and "object at 0x" not in message and "Replace or remove" not in message
+    with pytest.raises(MlflowException, match=r"column 'image', row 0: expected an encoded image file's bytes, got str"):
+        served.predict(None, pd.DataFrame({"image": ["000.png"]}))  # a file name is not the file

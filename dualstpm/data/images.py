@@ -17,13 +17,14 @@ import contextlib
 import io
 import math
 import os
+import struct
 import threading
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.errors import DataError
@@ -80,12 +81,28 @@ def list_images(folder: Path, *, recursive: bool = False) -> list[Path]:
     return sorted(found)
 
 
-def _cannot_read(path: Path | str, reason: object) -> DataError:
+REPLACE_FILE = "Replace or remove the file (it may be truncated, still being copied, or not an image)."
+SEND_IMAGE_FILE = "Pass the bytes of an image file (PNG, JPEG, BMP, TIFF), as read from the file."
+# How base64 text of a PNG or a JPEG file begins: bytes encoded twice, or sent as text.
+_BASE64_IMAGE_STARTS = (b"iVBORw0KGgo", b"/9j/")
+
+
+def _cannot_read(path: Path | str, reason: object, fix: str = REPLACE_FILE) -> DataError:
+    """The error for an image that cannot be decoded: where it is (a file's absolute path,
+    or the name given to bytes in memory), why, and `fix` (what to do about it)."""
     where = Path(path).absolute() if isinstance(path, Path) else path
-    return DataError(
-        f"cannot read image {where}: {reason}. Replace or remove the file "
-        "(it may be truncated, still being copied, or not an image)."
-    )
+    return DataError(f"cannot read image {where}: {reason}. {fix}")
+
+
+def _undecodable_bytes(exc: Exception, data: bytes) -> str:
+    """Why in-memory `data` is not an image, without PIL's ``<_io.BytesIO object at 0x...>``:
+    what it starts with (and when that is base64 text of an image, that it was encoded twice)."""
+    if not isinstance(exc, UnidentifiedImageError):
+        return f"{exc} ({len(data)} bytes)"
+    reason = f"not an image file that PIL can decode ({len(data)} bytes, starting {data[:16]!r})"
+    if data.lstrip().startswith(_BASE64_IMAGE_STARTS):
+        reason += ", which is base64 text of an image: decode it once more, or encode the file's bytes only once"
+    return reason
 
 
 _PIL_GUARD = threading.Lock()
@@ -122,18 +139,19 @@ def _too_large(where: object, size: tuple[int, int], max_pixels: int) -> DataErr
     )
 
 
-def _decode(path: Path | str, source: BinaryIO | None = None,
-            max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> Image.Image:
+def _decode(path: Path | str, data: bytes | None = None, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+            fix: str = SEND_IMAGE_FILE) -> Image.Image:
     """Open and fully decode, so that a truncated file fails here and not later.
 
-    `source` is the encoded image in memory (serving); `path` then only names it in errors.
-    Raises DataError for an undecodable file, and for one above `max_pixels` (width x
-    height) before any pixel is decoded.
+    `data` is the encoded image in memory (serving); `path` then only names it in errors,
+    which end with `fix` (a file's errors say to replace or remove it). Raises DataError
+    for an undecodable image, and for one above `max_pixels` (width x height) before any
+    pixel is decoded.
     """
     where = Path(path).absolute() if isinstance(path, Path) else path
     try:
         with _pil_guard_lifted() as pil_limit:  # read under the lock: never another reader's None
-            image = Image.open(path if source is None else source)  # header only
+            image = Image.open(path if data is None else io.BytesIO(data))  # header only
         with image:
             pixels = image.size[0] * image.size[1]
             if pixels > max_pixels:
@@ -143,7 +161,9 @@ def _decode(path: Path | str, source: BinaryIO | None = None,
                 image.load()  # some formats (TIFF, GIF) check PIL's guard again while decoding
             return image
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise _cannot_read(path, exc) from exc
+        if data is None:
+            raise _cannot_read(path, exc) from exc
+        raise _cannot_read(path, _undecodable_bytes(exc, data), fix) from exc
 
 
 def _pixels(image: Image.Image) -> tuple[np.ndarray, float]:
@@ -175,12 +195,16 @@ def read_image(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.nda
     return _float_rgb(_decode(Path(path), max_pixels=max_pixels), Path(path).absolute())
 
 
-def read_image_bytes(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+def read_image_bytes(data: bytes, name: str = "image", max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                     fix: str = SEND_IMAGE_FILE) -> np.ndarray:
     """Decode an encoded image held in memory (PNG, JPEG, ... bytes) exactly like `read_image`.
 
-    For serving, where images arrive as request bodies; `name` identifies it in errors.
+    For serving, where images arrive as request bodies: `name` identifies it in errors
+    (e.g. the request's column and row) and `fix` says what to send instead. Raises
+    DataError naming `name` for bytes that are not an image file (saying what they start
+    with, never PIL's in-memory buffer) or an image above `max_pixels` pixels.
     """
-    return _float_rgb(_decode(name, io.BytesIO(data), max_pixels), name)
+    return _float_rgb(_decode(name, data, max_pixels, fix), name)
 
 
 def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
@@ -221,8 +245,75 @@ def _foreground(planes: list[np.ndarray]) -> np.ndarray:
     return mask
 
 
+# Lossy compression moves a pixel by a few levels, more at edges: a mask whose defect and
+# background differ by less than half the file's range (128 of 255 levels) cannot be told
+# apart from that noise (a 0/1 mask saved as JPEG comes back as 0 to 3 where it was 0 or 1,
+# or all 0 at PIL's default quality).
+LOSSY_MASK_MIN_CONTRAST = 0.5
+# PIL formats that are always (or, for JPEG 2000 and AVIF/HEIF, nearly always: PIL does not
+# say whether a file was saved reversibly) lossy; WebP and TIFF are decided per file.
+_LOSSY_FORMATS = {"JPEG": "JPEG", "MPO": "JPEG", "JPEG2000": "JPEG 2000", "AVIF": "AVIF", "HEIF": "HEIF"}
+_LOSSY_TIFF_COMPRESSIONS = ("jpeg", "tiff_jpeg")
+
+
+def _webp_is_lossy(path: Path) -> bool:
+    """True when the WebP file's image chunk is ``VP8 `` (lossy), False for ``VP8L``
+    (lossless), walking the RIFF chunks (an extended file has ``VP8X``, ``ALPH``, ... first)."""
+    with open(path, "rb") as handle:
+        handle.seek(12)  # "RIFF", size, "WEBP"
+        while len(header := handle.read(8)) == 8:
+            kind, size = header[:4], struct.unpack("<I", header[4:])[0]
+            if kind in (b"VP8 ", b"VP8L"):
+                return kind == b"VP8 "
+            handle.seek(size + (size & 1), os.SEEK_CUR)  # chunks are padded to an even size
+    return True  # no image chunk found: PIL decoded it anyway; do not vouch for it
+
+
+def lossy_format(image: Image.Image, path: Path) -> str | None:
+    """The lossy format `image` (opened from `path`) was decoded from: ``JPEG``, ``lossy
+    WebP``, ``TIFF with JPEG compression``, ``JPEG 2000``, ``AVIF`` or ``HEIF``; None for a
+    lossless one (PNG, BMP, GIF, lossless WebP, TIFF without JPEG compression). Decided by
+    the file's content as PIL reads it, not its suffix."""
+    if image.format in _LOSSY_FORMATS:
+        return _LOSSY_FORMATS[image.format]
+    if image.format == "WEBP":
+        return "lossy WebP" if _webp_is_lossy(path) else None
+    if image.format == "TIFF" and str(image.info.get("compression", "")).lower() in _LOSSY_TIFF_COMPRESSIONS:
+        return "TIFF with JPEG compression"
+    return None
+
+
+@dataclass(frozen=True)
+class MaskFile:
+    """A decoded mask file and what its encoding can be trusted with.
+
+    `mask`: bool HxW (see `read_mask`). `lossy`: the lossy format of the file
+    (`lossy_format`), None when lossless. `contrast`: the brightness (brightest channel)
+    between the darkest and the brightest value present, as a fraction of the file's full
+    scale (a mask holding one value: that value), in [0, 1].
+    """
+
+    path: Path
+    mask: np.ndarray
+    lossy: str | None
+    contrast: float
+
+    @property
+    def compression_damaged(self) -> bool:
+        """True when the file is lossy and its contrast is below `LOSSY_MASK_MIN_CONTRAST`:
+        what compression moved cannot be told from defect, and was lost for good (a 0/1
+        mask saved as JPEG); a 0/255 mask keeps its defect pixels through compression."""
+        return self.lossy is not None and self.contrast < LOSSY_MASK_MIN_CONTRAST
+
+
 def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
-    """Decode a ground-truth mask to bool HxW (True = defect; bright and opaque = defect).
+    """`read_mask_file`'s bool HxW mask (True = defect; bright and opaque = defect)."""
+    return read_mask_file(path, max_pixels).mask
+
+
+def read_mask_file(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> MaskFile:
+    """Decode a ground-truth mask to bool HxW (True = defect; bright and opaque = defect),
+    with its format's lossiness and its contrast (`MaskFile`).
 
     Foreground is decided from the values actually present, not from the file's bit
     depth: the threshold is halfway between the lowest and the highest value in the mask.
@@ -239,15 +330,23 @@ def read_mask(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndar
     map (three or more values spanning fewer than 16 levels, e.g. 0 background, 1 scratch,
     2 dent) counts every class above the lowest value as defect. Raises
     DataError for an unreadable file or one above `max_pixels` pixels.
+
+    A mask in a lossy format (JPEG, lossy WebP, ...) whose contrast is below
+    `LOSSY_MASK_MIN_CONTRAST` is read all the same, and marked `compression_damaged`: the
+    callers report it (`decode_masks`).
     """
     image = _decode(Path(path), max_pixels=max_pixels)
+    lossy = lossy_format(image, Path(path))
     if image.mode in ("P", "PA", "RGBa", "La"):  # palette indices are not brightness; premultiplied alpha
         image = image.convert("LA" if image.mode == "La" else "RGBA")
     alpha = np.asarray(image.getchannel("A")) if "A" in image.getbands() else None
-    pixels, _ = _pixels(image)
+    pixels, full_scale = _pixels(image)
     if pixels.ndim == 3:
         pixels = pixels.max(axis=2)
-    return _foreground([pixels] if alpha is None else [pixels, alpha])
+    low, high = (float(pixels.min()), float(pixels.max())) if pixels.size else (0.0, 0.0)
+    contrast = (high - low if high > low else high) / full_scale
+    mask = _foreground([pixels] if alpha is None else [pixels, alpha])
+    return MaskFile(Path(path), mask, lossy, contrast)
 
 
 def image_size_of(path: Path) -> tuple[int, int]:

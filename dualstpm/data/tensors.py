@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
-from dualstpm.data.images import read_image, read_mask
+from dualstpm.data.images import LOSSY_MASK_MIN_CONTRAST, read_image, read_mask_file
 from dualstpm.data.mvtec import Sample
 from dualstpm.progress import progress_bar
 
@@ -82,7 +82,9 @@ class GroundTruthReport:
     `empty_masks`: paths of defective images' masks without a single defect pixel.
     `regions`: 8-connected defect regions in the mask files; `regions_at_size`: at `size`
     px, where none is lost (see `resize_mask`) but neighbours closer than the footprint
-    of a target pixel merge, so it can be smaller.
+    of a target pixel merge, so it can be smaller. `lossy_masks`: paths of masks saved in
+    a lossy format with too little contrast to survive its compression
+    (`MaskFile.compression_damaged`), and `lossy_formats` those formats.
     """
 
     size: int
@@ -90,14 +92,24 @@ class GroundTruthReport:
     empty_masks: tuple[str, ...]
     regions: int
     regions_at_size: int
+    lossy_masks: tuple[str, ...] = ()
+    lossy_formats: tuple[str, ...] = ()
 
     def note(self) -> str | None:
         """One sentence per thing a reader of the pixel metrics must know; None when all is plain."""
         notes = []
+        if self.lossy_masks:
+            notes.append(f"{len(self.lossy_masks)} of {self.n_masks} defect masks are saved in a lossy format "
+                         f"({', '.join(self.lossy_formats)}) with too little contrast to survive its compression "
+                         f"(defect and background differ by less than {LOSSY_MASK_MIN_CONTRAST:.0%} of the file's "
+                         f"range, e.g. 0/1): {_shown(self.lossy_masks)} (all in ground_truth.lossy_masks of "
+                         "metrics.json); compression has moved defect pixels into the background and back, so the "
+                         "pixel metrics are measured against altered masks. Save masks as PNG (lossless), "
+                         "defect 255 on background 0")
         if self.empty_masks:
-            shown = ", ".join(self.empty_masks[:3]) + (", ..." if len(self.empty_masks) > 3 else "")
             notes.append(f"{len(self.empty_masks)} of {self.n_masks} defect masks are empty (no defect pixel): "
-                         f"{shown}; their images count as defective for image metrics but add no defect pixel")
+                         f"{_shown(self.empty_masks)}; their images count as defective for image metrics but add no "
+                         "defect pixel")
         if self.regions_at_size == 0 and self.n_masks:
             notes.append("no test pixel is defect, so pixel AUROC and AUPRO are null")
         if self.regions_at_size < self.regions:
@@ -109,27 +121,39 @@ class GroundTruthReport:
     def to_dict(self) -> dict:
         """JSON-ready: the counts, with the empty masks' paths."""
         return {"size": self.size, "n_masks": self.n_masks, "empty_masks": list(self.empty_masks),
-                "regions": self.regions, "regions_at_size": self.regions_at_size}
+                "regions": self.regions, "regions_at_size": self.regions_at_size,
+                "lossy_masks": list(self.lossy_masks)}
+
+
+def _shown(paths: Sequence[str], limit: int = 3) -> str:
+    """The first `limit` of `paths`, comma-separated, with ", ..." when there are more."""
+    return ", ".join(paths[:limit]) + (", ..." if len(paths) > limit else "")
 
 
 def decode_masks(samples: Sequence[Sample], size: int,
                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, GroundTruthReport]:
     """(N, S, S) bool ground truth, and what it holds; a sample without a mask (good, or a
-    category without ground_truth) is all False. Masks are resized by `resize_mask`."""
+    category without ground_truth) is all False. Masks are resized by `resize_mask`. Masks
+    that lossy compression has damaged (`MaskFile.compression_damaged`) are read as they
+    are and listed in the report (its `note` says to save them as PNG)."""
     empty: list[str] = []
+    lossy: dict[str, str] = {}  # path -> its lossy format
     counts = [0, 0]  # regions in the files, regions at `size`
 
     def decode(sample: Sample) -> torch.Tensor:
         if sample.mask_path is None:
             return torch.zeros((size, size), dtype=torch.bool)
-        mask = read_mask(sample.mask_path, max_pixels)
-        resized = resize_mask(mask, size)
-        counts[0] += _count_regions(mask)
+        read = read_mask_file(sample.mask_path, max_pixels)
+        resized = resize_mask(read.mask, size)
+        counts[0] += _count_regions(read.mask)
         counts[1] += _count_regions(resized)
-        if not mask.any():
+        if not read.mask.any():
             empty.append(str(sample.mask_path))
+        if read.compression_damaged:
+            lossy[str(sample.mask_path)] = str(read.lossy)
         return resized
 
     masks = _stack(samples, decode, (size, size), torch.bool, "decoding masks")
     n_masks = sum(sample.mask_path is not None for sample in samples)
-    return masks, GroundTruthReport(size, n_masks, tuple(empty), counts[0], counts[1])
+    return masks, GroundTruthReport(size, n_masks, tuple(empty), counts[0], counts[1], tuple(lossy),
+                                    tuple(sorted(set(lossy.values()))))
