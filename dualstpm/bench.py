@@ -231,7 +231,7 @@ def benchmark(params: Params, data_root: Path, category: str, n_images: int, rep
     untrained two-branch models: without the discriminative stage (`fit.discriminator`)."""
     params = params.model_copy(update={"fit": params.fit.model_copy(update={"discriminator": False}),
                                        "fusion": params.fusion.model_copy(update={"view": "fused"})})
-    paths = list(load_category(Path(data_root), category).train[:n_images])
+    paths = list(load_category(Path(data_root), category, require_test=False).train[:n_images])
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     device = compute.device
     return {

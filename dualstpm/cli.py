@@ -8,7 +8,7 @@ import math
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -36,9 +36,17 @@ DEFAULT_PARAMS = Path("params.yaml")
 ParamsOption = Annotated[
     Optional[Path], typer.Option("--params", help="params file (default: ./params.yaml when present, else built-in defaults)")
 ]
-SetOption = Annotated[
-    Optional[list[str]], typer.Option("--set", help="override a param, e.g. --set fit.epochs=5 (repeatable)")
-]
+
+
+def set_option(example: str) -> Any:
+    """The repeatable `--set` option of a command; its help shows `example`, a setting that
+    command applies (tests/test_cli.py checks each against the command's validator)."""
+    return Annotated[Optional[list[str]], typer.Option("--set", help=f"override a param, e.g. --set {example} (repeatable)")]
+
+
+SetOption = set_option("fit.epochs=5")
+#: The params sections `dualstpm test` / `predict` read from --set: a trained model keeps its own (`serving_params`).
+SERVING_SETTINGS = {"test": ("data.", "tracking."), "predict": ("data.",)}
 
 
 CategoryOption = Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")]
@@ -57,6 +65,16 @@ def trained_category(run: Path, category: str | None) -> str:
         return str(json.loads(path.read_text())["category"])
     except (ValueError, KeyError, TypeError):
         raise RunError(f"{path} is damaged (no category in it): fit the model again, or pass --category") from None
+
+
+def check_layout(data_root: Path, category: str, *, require_test: bool) -> None:
+    """Refuse a category whose folders or files a command would trip over (DataError naming
+    the file and the fix, `dualstpm.data.mvtec.load_category`), from file names and image
+    headers only: before torch, timm and MLflow load, so in well under a second."""
+    category_dir(data_root, category)  # the standard library alone: a wrong path fails fastest
+    from dualstpm.data.mvtec import load_category  # numpy and PIL only
+
+    load_category(data_root, category, require_test=require_test)
 
 
 def _show_version(value: bool) -> None:
@@ -128,7 +146,8 @@ def print_metrics(result: dict) -> None:
 
 @app.command()
 def fit(
-    data_root: Annotated[Path, typer.Option("--data-root", help="folder holding <category>/train, test, ground_truth")],
+    data_root: Annotated[Path, typer.Option("--data-root", help="folder holding <category>/train/good (test/ and "
+                                            "ground_truth/ are read by `dualstpm test` only)")],
     category: Annotated[str, typer.Option("--category", help="category folder name")],
     out_dir: Annotated[Path, typer.Option("--out", help="run directory to write")],
     params: ParamsOption = None,
@@ -136,19 +155,20 @@ def fit(
     resume: Annotated[bool, typer.Option("--resume", help="continue an interrupted fit from its checkpoint")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="start again in a run directory that has a checkpoint")] = False,
 ) -> None:
-    """Train both branches on the good images of one category (logged to MLflow)."""
-    category_dir(data_root, category)  # a wrong path fails before torch and MLflow load
+    """Train both branches on the good images (train/good) of one category, logged to MLflow.
+    Ctrl-C or SIGTERM stops it saying what is checkpointed and the --resume command (exit 130 / 143)."""
+    check_layout(data_root, category, require_test=False)  # training never reads test/
     p = resolve_params(params, overrides)
     from dualstpm.stages import tracked_fit
     from dualstpm.training import FitInterrupted
 
     try:
         result = tracked_fit(p, data_root, category, out_dir, resume=resume, overwrite=overwrite)
-    except FitInterrupted as stop:
-        err.print(f"interrupted: {stop}", highlight=False, soft_wrap=True)
+    except FitInterrupted as stop:  # Ctrl-C: exit 130, SIGTERM (a scheduler stopping the job): exit 143
+        err.print(f"{stop.cause}: {stop}", highlight=False, soft_wrap=True)
         if stop.epochs_done:
             err.print(f"continue with: {resume_command()}", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(stop.exit_code) from None
     out.print(f"trained: {result.model_dir}")
 
 
@@ -164,13 +184,13 @@ def test(
     data_root: DataRootOption,
     category: CategoryOption = None,
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("tracking.uri=http://localhost:5000") = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Evaluate a trained model on the test split; writes RUN/metrics.json and RUN/plots/, logs to MLflow."""
     category = trained_category(run, category)
-    category_dir(data_root, category)  # wrong paths fail before torch and MLflow load
-    p = serving_params(params, overrides, "test", ("data.", "tracking."))
+    check_layout(data_root, category, require_test=True)
+    p = serving_params(params, overrides, "test", SERVING_SETTINGS["test"])
     from dualstpm.stages import tracked_test
 
     print_metrics(tracked_test(p, run, data_root, category, device))
@@ -186,7 +206,7 @@ def predict(
     backend: Annotated[str, typer.Option("--backend", help="torch | onnxruntime | openvino")] = "torch",
     exported: Annotated[Optional[Path], typer.Option("--exported", help="an export folder (`dualstpm export`) instead of --run")] = None,
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("data.max_image_pixels=400000000") = None,
     device: DeviceOption = "auto",
 ) -> None:
     """Score images (files, folders, or quoted patterns such as 'imgs/*.png'): label, heat-map
@@ -195,18 +215,21 @@ def predict(
     if run is not None:
         trained_model_dir(run)  # wrong paths fail before torch loads
     paths = expand_paths(paths)  # before the params: their validation imports timm
-    limit = serving_params(params, overrides, "predict", ("data.",)).data.max_image_pixels
+    limit = serving_params(params, overrides, "predict", SERVING_SETTINGS["predict"]).data.max_image_pixels
     from dualstpm.backends import load_scorer
     from dualstpm.errors import DataError
-    from dualstpm.predict import PREDICTIONS_FILE
+    from dualstpm.predict import PREDICTIONS_FILE, EarlierBatch
     from dualstpm.predict import predict as predict_images
 
+    earlier = EarlierBatch.read(out_dir)  # a folder that is not ours fails before the model loads
     table = predict_images(load_scorer(backend, run, exported, device), paths, out_dir, threshold, max_pixels=limit)
     counts = table["label"].value_counts().to_dict()
     failed = int((table["error"] != "").sum())
     out.print(f"{len(table)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good"
               f"{f', {failed} unreadable' if failed else ''} "
               f"(threshold {table['threshold'].iloc[0]:.5g}); {out_dir / PREDICTIONS_FILE}")
+    if earlier is not None:
+        out.print(Text.assemble(("replaced: ", "bold yellow"), earlier.replaced_by(table)), highlight=False, soft_wrap=True)
     if failed:
         raise DataError(f"{failed} of {len(table)} images could not be read and have no prediction: see the "
                         f"`error` column of {out_dir / PREDICTIONS_FILE}; every other image was scored.")
@@ -219,7 +242,7 @@ def export(
     fmt: Annotated[str, typer.Option("--format", help="onnx | openvino | torchscript")] = "onnx",
     precision: Annotated[str, typer.Option("--precision", help="fp32 | fp16 | int8")] = "fp32",
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="int8: folder holding the category "
-                                                      "(default: where `dualstpm test` found it)")] = None,
+                                                      "(default: the one the model was trained on)")] = None,
 ) -> None:
     """Export the whole detector (pre-processing to decision) with metadata.json."""
     from dualstpm.export import export_run
@@ -244,7 +267,7 @@ def synth(
 @app.command()
 def download(
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("data.root=data/mvtec") = None,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="default: data.root")] = None,
     categories: Annotated[Optional[str], typer.Option("--categories", help="comma-separated; default: data.categories")] = None,
     source: Annotated[Optional[Path], typer.Option("--source", help="an MVTec archive or extracted folder you already have")] = None,
@@ -263,7 +286,7 @@ def download(
 @app.command()
 def prepare(
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("data.categories=[synth_texture]") = None,
     stage_out: Annotated[Optional[Path], typer.Option("--out", help="the DVC download stage's output folder, data/<data.source>")] = None,
 ) -> None:
     """Make data.categories ready: generate (synthetic), download and extract (mvtec) or check (folder)."""
@@ -290,7 +313,7 @@ def print_auc_table(table: pd.DataFrame, title: str) -> None:
 @app.command()
 def report(
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("data.categories=[synth_texture]") = None,
     runs: Annotated[Path, typer.Option("--runs", help="folder holding a run directory per category")] = Path("runs"),
     out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("reports"),
 ) -> None:
@@ -305,7 +328,7 @@ def report(
 def ablate(
     run: Annotated[Path, typer.Option("--run", help="run directory, fitted and tested (its maps/ stored)")],
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("ablation.branch_weight_step=0.05") = None,
 ) -> None:
     """Re-score RUN's stored maps under the fusion grid, choose on validation data; writes RUN/ablation/."""
     trained_model_dir(run)  # a wrong run fails before torch and MLflow load
@@ -396,7 +419,7 @@ def bench(
     data_root: DataRootOption,
     category: Annotated[str, typer.Option("--category", help="its train/good images are the benchmark images")],
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("fit.batch_size=16") = None,
     images: Annotated[int, typer.Option("--images", help="how many train images to time on")] = 64,
     repeats: Annotated[int, typer.Option("--repeats", help="timed repetitions for medians")] = 5,
     out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("bench/results.json"),
@@ -408,7 +431,7 @@ def bench(
     train: Annotated[bool, typer.Option("--train/--no-train", help="time training too")] = True,
 ) -> None:
     """Training and inference speed, the inference floor, backends, peak memory: one run, one table."""
-    category_dir(data_root, category)  # a wrong path fails before torch loads
+    check_layout(data_root, category, require_test=False)  # only train/good is timed
     from dualstpm.bench import benchmark, write_results
 
     settings = [*(overrides or []), *([f"fit.device={device}"] if device else [])]
@@ -432,7 +455,7 @@ def register(
     run: Annotated[Path, typer.Option("--run", help="run directory, fitted and tested")],
     category: CategoryOption = None,
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("tracking.uri=http://localhost:5000") = None,
 ) -> None:
     """Register the tested model of RUN as a new version (alias `challenger`) in the MLflow registry."""
     category = trained_category(run, category)  # a wrong run fails before MLflow loads
@@ -451,7 +474,7 @@ def promote(
     version: Annotated[Optional[int], typer.Option("--version", help="judge this version instead of @challenger")] = None,
     data_root: Annotated[Optional[Path], typer.Option("--data-root", help="the data the model was tested on (default: the category's only registered model)")] = None,
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("tracking.promotion_floor=0.8") = None,
 ) -> None:
     """Move `champion` to the challenger only if it beats the champion on the same data (reason tagged either way)."""
     from dualstpm.registry import CHAMPION, promote as promote_category

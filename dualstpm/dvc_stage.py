@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from dualstpm.config import Params, read_yaml, validate
-from dualstpm.data import load_category
+from dualstpm.data import load_category, missing_test_message
 from dualstpm.errors import ConfigError, DataError, NetworkError
 from dualstpm.files import write_json
 from dualstpm.progress import stderr_console
@@ -43,18 +43,22 @@ def _same_folder(a: Path, b: Path) -> bool:
 def write_manifest(params: Params, out: Path) -> Path:
     """For `folder`: record what was validated (category, image counts, defect types), and
     under `unusable` each category that cannot be used with its error. One bad category
-    costs the others nothing: its own fit then fails with that error. Raises DataError
-    when no category is usable."""
+    costs the others nothing: its own fit then fails with that error. A category without
+    test images is recorded (0 test images, a warning): its fit runs, its test says what
+    it needs. Raises DataError when no category is usable."""
     root = Path(params.data.root)
     categories, unusable = {}, {}
     for name in params.data.categories:
         try:
-            category = load_category(root, name)
+            category = load_category(root, name, require_test=False)
         except DataError as exc:
             unusable[name] = str(exc)
             stderr_console.print(f"warning: category {name} cannot be used (its stages will fail): {exc}",
                                  highlight=False, markup=False)
             continue
+        if not category.test:
+            stderr_console.print(f"warning: category {name} can be trained but not tested (its test stage will "
+                                 f"fail): {missing_test_message(category.root)}", highlight=False, markup=False)
         categories[name] = {
             "train_images": len(category.train),
             "test_images": len(category.test),

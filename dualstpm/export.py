@@ -36,6 +36,7 @@ from dualstpm.detector import Detector
 from dualstpm.errors import ExportError
 from dualstpm.files import staged_dir, write_json
 from dualstpm.models.inference import INPUT_NAME, OUTPUT_NAMES
+from dualstpm.paths import MODEL_SUBDIR, PARAMS_FILE
 
 FORMATS = ("onnx", "openvino", "torchscript")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -211,17 +212,22 @@ def quantize_onnx(source: Path, target: Path, images: np.ndarray, scope: tuple[s
 
 
 def validation_images(detector: Detector, data_root: Path | None, run_dir: Path) -> np.ndarray:
-    """The run's validation good images (the fit's seeded split) at its image size."""
+    """The run's validation good images (the fit's seeded split) at its image size, found in
+    `data_root`, default the data root the model was trained on (`data.root` of
+    RUN/model/params.yaml). Raises ExportError when that folder no longer holds the category."""
     from dualstpm.data import decode_images, load_category, split_train_val
-    from dualstpm.tracking import RunRecord
 
-    record = RunRecord.read(run_dir)
-    root = data_root or (Path(record.eval_data_root) if record and record.eval_data_root else None)
-    if root is None:
-        raise ExportError(f"int8 calibration needs the validation images of {run_dir}: pass --data-root DIR "
-                          "(the folder holding the category)")
-    params = detector.params
-    _, val_paths = split_train_val(load_category(root, detector.calibration.category), params.fit.val_fraction, params.seed)
+    params, category = detector.params, detector.calibration.category
+    if data_root is None:
+        data_root = Path(params.data.root)
+        if not (data_root / category).is_dir():
+            raise ExportError(
+                f"int8 calibration needs the validation images of {run_dir}: its model was trained on {category} in "
+                f"{data_root} (data.root in {Path(run_dir) / MODEL_SUBDIR / PARAMS_FILE}), and "
+                f"{data_root / category} no longer exists. Pass --data-root DIR, the folder that now holds {category}/"
+            )
+    dataset = load_category(data_root, category, require_test=False)
+    _, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
     return decode_images(val_paths, detector.image_size, f"decoding {len(val_paths)} calibration images").numpy()
 
 
@@ -275,7 +281,7 @@ def export_run(run_dir: Path, fmt: str, precision: str, out_dir: Path, data_root
     """Export the trained model of `run_dir` into `out_dir` (replaced atomically); returns `out_dir`.
 
     int8 calibrates on the run's validation good images (found under `data_root`, default
-    where `dualstpm test` found the category), or on `calibration_images` (N, 3, S, S)
+    the data root the model was trained on, recorded in RUN/model/params.yaml), or on `calibration_images` (N, 3, S, S)
     float32 in [0, 1] when given, quantising the convolutions of `scope` (:data:`INT8_SCOPES`).
     Raises :class:`ExportError` for an unsupported (format,
     precision) pair, a missing package or validation images that cannot be found.

@@ -122,19 +122,40 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
     return results
 
 
-def _listed_overlays(out_dir: Path) -> set[str]:
-    """The overlay files a previous `predictions.csv` in `out_dir` lists (empty without one).
+@dataclass(frozen=True)
+class EarlierBatch:
+    """What an earlier `dualstpm predict` left in an --out folder: the number of rows
+    (images) of its predictions.csv and the overlay files it lists."""
 
-    Raises DataError when `out_dir` holds a predictions.csv that is not ours."""
-    table_path = out_dir / PREDICTIONS_FILE
-    if not table_path.is_file():
-        return set()
-    try:
-        listed = pd.read_csv(table_path, usecols=[OVERLAY_COLUMN])[OVERLAY_COLUMN]
-    except (ValueError, pd.errors.ParserError) as exc:
-        raise DataError(f"{table_path} is not a predictions.csv of `dualstpm predict` ({exc}): "
-                        "choose another --out folder or remove that file") from None
-    return {name for name in listed.dropna().astype(str) if name == Path(name).name}  # files in out_dir only
+    out_dir: Path
+    rows: int
+    overlays: frozenset[str]
+
+    @classmethod
+    def read(cls, out_dir: Path) -> EarlierBatch | None:
+        """The batch `out_dir/predictions.csv` describes; None without one. Raises DataError
+        when `out_dir` holds a predictions.csv that is not ours."""
+        table_path = Path(out_dir) / PREDICTIONS_FILE
+        if not table_path.is_file():
+            return None
+        try:
+            listed = pd.read_csv(table_path, usecols=[OVERLAY_COLUMN])[OVERLAY_COLUMN]
+        except (ValueError, pd.errors.ParserError) as exc:
+            raise DataError(f"{table_path} is not a predictions.csv of `dualstpm predict` ({exc}): "
+                            "choose another --out folder or remove that file") from None
+        names = {name for name in listed.dropna().astype(str) if name == Path(name).name}  # files in out_dir only
+        return cls(Path(out_dir), len(listed), frozenset(names))
+
+    def replaced_by(self, table: pd.DataFrame, shown: int = 5) -> str:
+        """One line saying what the new batch `table` (`predict`'s result, written to the
+        same folder) replaced: the earlier rows, and which earlier overlays it overwrote
+        (same name) or `predict` deleted (named, the first `shown` of them)."""
+        new = set(table[OVERLAY_COLUMN].dropna().astype(str))
+        deleted, overwritten = sorted(self.overlays - new), len(self.overlays & new)
+        names = ", ".join(deleted[:shown]) + (f" and {len(deleted) - shown} more" if len(deleted) > shown else "")
+        return (f"{self.out_dir} held an earlier batch: its {PREDICTIONS_FILE} of {self.rows} image(s) is replaced by "
+                f"this one of {len(table)}; of its {len(self.overlays)} overlay(s), {overwritten} were overwritten by "
+                f"this batch's of the same name and {len(deleted)} deleted" + (f" ({names})" if deleted else ""))
 
 
 COLUMNS = ("path", *(f.name for f in fields(ImagePrediction) if f.name != "anomaly_map"), "overlay", "error")
@@ -163,13 +184,15 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
 
     Reusing `out_dir`: after the new table is written, the overlays the previous
     `predictions.csv` listed and the new one does not are deleted (nothing else in the
-    folder is touched), so every overlay beside the table belongs to it.
+    folder is touched), so every overlay beside the table belongs to it
+    (`EarlierBatch.replaced_by` says what was replaced).
     """
     images = collect_images(paths)
     threshold = detector.threshold if threshold is None else float(threshold)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    previous = _listed_overlays(out_dir)
+    earlier = EarlierBatch.read(out_dir)
+    previous = set(earlier.overlays) if earlier is not None else set()
     scale = overlay_scale(detector, threshold)
     rows, taken = [], set()
     batch_size = detector.batch_size

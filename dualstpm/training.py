@@ -17,11 +17,14 @@ thresholds must be measured on images that choice never saw.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
 import json
 import math
 import random
+import signal
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,6 +48,7 @@ from dualstpm.fusion import (BRANCHES, DISC_VIEW, MAX_SCORE, VIEWS, FusionSpec, 
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar, stderr_console
 from dualstpm.rng import own_rng
+from dualstpm.tracking import params_for_data
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.csv"
@@ -143,16 +147,58 @@ RESUMABLE_FIT_KEYS = ("epochs", "device", "cache", "cache_ram_gb", "discriminato
 
 
 class FitInterrupted(KeyboardInterrupt):
-    """Ctrl-C during a fit, with what is safe on disk: `epochs_done` epochs in `checkpoint`
-    (0: nothing to resume). Still a KeyboardInterrupt, so everything that stops on one stops."""
+    """Ctrl-C (SIGINT) or SIGTERM during a fit, with what is safe on disk: `epochs_done`
+    epochs in `checkpoint` (0: nothing to resume). Still a KeyboardInterrupt, so everything
+    that stops on one stops. `exit_code` is the shell's for that signal: 130 (SIGINT) or
+    143 (SIGTERM)."""
 
-    def __init__(self, epochs_done: int, epochs: int, checkpoint: Path) -> None:
+    def __init__(self, epochs_done: int, epochs: int, checkpoint: Path,
+                 signal_number: int = signal.SIGINT) -> None:
         self.epochs_done, self.epochs, self.checkpoint = epochs_done, epochs, checkpoint
+        self.signal_number = signal.Signals(signal_number)
         if epochs_done:
             what = f"epoch {epochs_done} of {epochs} is checkpointed in {checkpoint}"
         else:
             what = "no epoch finished, nothing is checkpointed: run the same command again"
         super().__init__(what)
+
+    @property
+    def exit_code(self) -> int:
+        """128 + the signal's number, as a shell reports a process that signal ended."""
+        return 128 + int(self.signal_number)
+
+    @property
+    def cause(self) -> str:
+        """`interrupted` (Ctrl-C) or `stopped by SIGTERM`."""
+        return "interrupted" if self.signal_number == signal.SIGINT else f"stopped by {self.signal_number.name}"
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM arrived during a fit (:func:`sigterm_interrupts`): it stops like Ctrl-C."""
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Inside the block, SIGTERM (a scheduler or `kill` stopping the job) raises
+    :class:`Terminated` in the main thread, so a fit stops as on Ctrl-C and says what is
+    checkpointed; the handler there before is restored on leaving the block.
+
+    Nothing changes where Python cannot or should not handle the signal: outside the main
+    thread (a fit in a thread pool, e.g. Prefect's task runner) and when the process
+    already has a SIGTERM handler of its own (or ignores SIGTERM): that choice is the caller's.
+    """
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        yield
+        return
+
+    def stop(signum: int, frame: Any) -> None:
+        raise Terminated(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def training_signature(params: Params) -> dict[str, Any]:
@@ -405,6 +451,17 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
+def data_trained_on(params: Params, data_root: Path, category: str) -> Params:
+    """`params` whose data section records what a fit of `category` in `data_root` trained
+    on, as `RUN/model/params.yaml` keeps it: `data.root` the data root as an absolute path
+    (valid from any working directory), `data.categories` [`category`], and `data.source`
+    `folder` when that root is not `data.root` (a user's `--data-root`), as
+    `tracking.params_for_data` logs it. Nothing the model computes depends on it."""
+    described = params_for_data(params, data_root)
+    data = described.data.model_copy(update={"root": str(Path(data_root).resolve()), "categories": [category]})
+    return described.model_copy(update={"data": data})
+
+
 def check_start(run_dir: Path, *, resume: bool, overwrite: bool) -> Path:
     """The checkpoint path of `run_dir` when --resume/--overwrite fit what is there; else
     TrainingError (both flags, a checkpoint and neither flag, --resume and no checkpoint)."""
@@ -424,6 +481,33 @@ def check_start(run_dir: Path, *, resume: bool, overwrite: bool) -> Path:
     return checkpoint_path
 
 
+def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selection_images: Tensor, compute: Compute,
+                 run_dir: Path, on_epoch: EpochCallback | None) -> None:
+    """Train until `trainer` holds `fit.epochs` epochs, each checkpointed, selected on
+    `selection_images` and reported to `on_epoch`; the teacher-feature cache (`fit.cache`)
+    lives for these epochs only."""
+    columns = (MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    cache = None
+    try:
+        if params.fit.cache and trainer.epochs_done < params.fit.epochs:
+            cache = TeacherFeatureCache.build(
+                trainer.model, train_images, params.fit.batch_size, compute, params.fit.cache_ram_gb * 2**30, run_dir
+            )
+        with progress_bar(*columns) as progress:
+            while trainer.epochs_done < params.fit.epochs:
+                losses = trainer.train_epoch(train_images, progress, cache)
+                trainer.epochs_done += 1
+                record = {"epoch": trainer.epochs_done, **losses, **trainer.select(selection_images)}
+                trainer.history.append(record)
+                trainer.save_checkpoint()
+                console.print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                if on_epoch is not None:
+                    on_epoch(record)
+    finally:
+        if cache is not None:
+            cache.close()
+
+
 def fit(
     params: Params,
     data_root: Path,
@@ -434,11 +518,16 @@ def fit(
     overwrite: bool = False,
     on_epoch: EpochCallback | None = None,
 ) -> FitResult:
-    """Train both branches on `category`, select, calibrate and write `run_dir/model`."""
+    """Train both branches on `category`, select, calibrate and write `run_dir/model`.
+
+    Only `train/good` (and `validation/good`) are read: a category without `test/` trains.
+    Ctrl-C, or SIGTERM in the main thread (:func:`sigterm_interrupts`), after the images
+    are decoded raises :class:`FitInterrupted`, which names the checkpoint `--resume`
+    continues from."""
     run_dir = Path(run_dir)
     checkpoint_path = check_start(run_dir, resume=resume, overwrite=overwrite)
     compute = Compute.resolve(params.fit.device, params.fit.precision)
-    dataset = load_category(Path(data_root), category)
+    dataset = load_category(Path(data_root), category, require_test=False)  # training never reads test/
     train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
     data = data_signature(dataset, train_paths, val_paths)
     checkpoint = None
@@ -468,39 +557,25 @@ def fit(
         f"({len(parts.selection)} select the epoch, {len(parts.calibration)} calibrate), "
         f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
     )
-    columns = (MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
-    cache = None
-    try:  # Ctrl-C from here on says what is checkpointed (FitInterrupted)
-        if params.fit.cache and trainer.epochs_done < params.fit.epochs:
-            cache = TeacherFeatureCache.build(
-                trainer.model, train_images, params.fit.batch_size, compute, params.fit.cache_ram_gb * 2**30, run_dir
-            )
-        with progress_bar(*columns) as progress:
-            while trainer.epochs_done < params.fit.epochs:
-                losses = trainer.train_epoch(train_images, progress, cache)
-                trainer.epochs_done += 1
-                record = {"epoch": trainer.epochs_done, **losses, **trainer.select(selection_images)}
-                trainer.history.append(record)
-                trainer.save_checkpoint()
-                console.print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
-                if on_epoch is not None:
-                    on_epoch(record)
-    except KeyboardInterrupt:
-        raise FitInterrupted(trainer.epochs_saved, params.fit.epochs, checkpoint_path) from None
-    finally:
-        if cache is not None:
-            cache.close()
-
-    selected = trainer.restore_best()
-    # the stage selects its epoch on the selection part too: the calibration part stays unseen until calibration
-    disc = (fit_discriminator(trainer.model, params, train_images, selection_images, compute)
-            if params.fit.discriminator else None)
-    calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc)
+    # From here on, Ctrl-C or SIGTERM says what is checkpointed (FitInterrupted); after the last
+    # epoch the checkpoint holds them all, and --resume goes straight to selection and calibration.
+    try:
+        with sigterm_interrupts():
+            train_epochs(trainer, params, train_images, selection_images, compute, run_dir, on_epoch)
+            selected = trainer.restore_best()
+            # the stage selects its epoch on the selection part too: the calibration part stays unseen until calibration
+            disc = (fit_discriminator(trainer.model, params, train_images, selection_images, compute)
+                    if params.fit.discriminator else None)
+            calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc)
+            model_dir = save_detector(run_dir, trainer.model, data_trained_on(params, data_root, category), calibration,
+                                      disc.module if disc is not None else None)
+            write_history(trainer.history, run_dir / HISTORY_FILE)
+            if disc is not None:
+                write_history(disc.history, run_dir / DISC_HISTORY_FILE)
+    except KeyboardInterrupt as stop:
+        how = signal.SIGTERM if isinstance(stop, Terminated) else signal.SIGINT
+        raise FitInterrupted(trainer.epochs_saved, params.fit.epochs, checkpoint_path, how) from None
     thresholds = calibration.thresholds
-    model_dir = save_detector(run_dir, trainer.model, params, calibration, disc.module if disc is not None else None)
-    write_history(trainer.history, run_dir / HISTORY_FILE)
-    if disc is not None:
-        write_history(disc.history, run_dir / DISC_HISTORY_FILE)
     view = params.fusion.view  # the view the model decides with (until an ablation applies a fusion to `fused`)
     console.print(f"model written to {model_dir} (selected epochs: {selected}; decides with `{view}`, "
                   f"threshold {thresholds[view]:.5g})")

@@ -1,6 +1,8 @@
 """The command line as a user runs it: real subprocesses, clear errors, no tracebacks."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -108,14 +110,25 @@ HEAVY = ("torch", "timm", "mlflow", "prefect")
     (["register", "--run", "{tmp}/missing"], "missing/model is not a trained model"),
     (["ablate", "--run", "{tmp}/missing"], "missing/model is not a trained model"),
     (["bench", "--data-root", "{tmp}/missing", "--category", "c"], "missing does not exist"),
+    # the data layout too: before the model is built (torch is not even imported)
+    (["fit", "--data-root", "{tmp}/data", "--category", "empty", "--out", "{tmp}/r"], "no training images in"),
+    (["fit", "--data-root", "{tmp}/data", "--category", "nomask", "--out", "{tmp}/r"], "001.png has no mask"),
+    (["test", "--run", "{fake}", "--data-root", "{tmp}/data"], "synth_texture/test does not exist"),
 ])
 def test_path_errors_come_before_heavy_imports(args, fragment, tmp_path: Path):
-    """A wrong path is refused before torch, timm, MLflow or Prefect are imported (so in well under a second)."""
+    """A wrong path or data layout is refused before torch, timm, MLflow or Prefect are
+    imported (so in well under a second, and before any model is built)."""
     fake = tmp_path / "run"  # a run directory whose model files exist (their content is never read this early)
     (fake / "model").mkdir(parents=True)
     for name in ("weights.safetensors", "params.yaml"):
         (fake / "model" / name).write_text("")
     (fake / "model" / "calibration.json").write_text(json.dumps({"category": "synth_texture"}))
+    data = tmp_path / "data"  # categories with layout faults; the image files' content is never read either
+    (data / "empty" / "train" / "good").mkdir(parents=True)
+    for image in ("nomask/train/good/000.png", "nomask/test/crack/001.png", "synth_texture/train/good/000.png"):
+        (data / image).parent.mkdir(parents=True, exist_ok=True)
+        (data / image).write_bytes(b"")
+    (data / "nomask" / "ground_truth" / "crack").mkdir(parents=True)
     args = [a.format(tmp=tmp_path, fake=fake) for a in args]
     code = (
         "import json, sys\n"
@@ -172,3 +185,117 @@ def test_a_damaged_calibration_is_named(tmp_path: Path):
     done = dualstpm("test", "--run", str(tmp_path / "run"), "--data-root", str(tmp_path), cwd=tmp_path)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert f"{tmp_path / 'run' / 'model' / 'calibration.json'} is damaged" in done.stderr
+
+
+def test_a_category_with_only_good_training_images_fits_and_test_says_what_it_needs(tmp_path: Path):
+    import yaml
+
+    from dualstpm.data.synthetic import make_synthetic_category
+
+    root = tmp_path / "mine"
+    category = make_synthetic_category(root, "part", kind="texture", seed=0, image_size=64, n_train=10, n_test_good=1,
+                                       n_per_defect=1)
+    for folder in ("test", "ground_truth"):  # a user who has only good parts yet
+        shutil.rmtree(category / folder)
+    run = tmp_path / "run"
+    done = dualstpm("fit", "--data-root", str(root), "--category", "part", "--out", str(run),
+                    *sets(TINY_OVERRIDES + ["fit.epochs=1"]), cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    # the model records the data it was trained on, not the params' default (data/synthetic)
+    data = yaml.safe_load((run / "model" / "params.yaml").read_text())["data"]
+    assert (data["source"], data["root"], data["categories"]) == ("folder", str(root), ["part"])
+    done = dualstpm("test", "--run", str(run), "--data-root", str(root), cwd=tmp_path)
+    message = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert f"no test images: {category / 'test'} does not exist" in message
+    assert f"defect-free parts in {category / 'test' / 'good'}/" in message
+    assert f"{category / 'ground_truth'}/<defect_type>/<name>_mask.png" in message
+    assert not (run / "metrics.json").exists()
+
+
+def _set_examples() -> dict[str, str]:
+    """Each command's `--set` help example, as `dualstpm COMMAND --help` shows it."""
+    import typer
+
+    from dualstpm.cli import app
+
+    examples = {}
+    for name, command in typer.main.get_command(app).commands.items():
+        for option in command.params:
+            if "--set" in getattr(option, "opts", ()):
+                examples[name] = re.fullmatch(r"override a param, e\.g\. --set (\S+) \(repeatable\)", option.help)[1]
+    return examples
+
+
+def test_each_commands_set_example_is_one_that_command_accepts():
+    from dualstpm.cli import SERVING_SETTINGS, serving_params
+    from dualstpm.config import load_params
+
+    examples = _set_examples()
+    assert {"fit", "test", "predict", "ablate", "register", "promote", "params"} <= set(examples)
+    for command, example in examples.items():
+        load_params(None, [example])  # a valid key and value
+        if command in SERVING_SETTINGS:  # the validator `dualstpm test` / `predict` runs on --set
+            serving_params(None, [example], command, SERVING_SETTINGS[command])
+    assert not examples["predict"].startswith("fit.")  # the example it once showed, and refused
+
+
+def test_predict_says_what_it_replaced_in_an_existing_out_folder(trained_run: Path, synthetic_root: Path,
+                                                                tmp_path: Path):
+    good = synthetic_root / "synth_texture" / "test" / "good"
+    out = tmp_path / "pred"
+    first = dualstpm("predict", "--run", str(trained_run), *(str(good / f"00{i}.png") for i in range(3)),
+                     "--out", str(out), cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    assert "replaced" not in first.stdout  # a new folder: nothing to replace
+    second = dualstpm("predict", "--run", str(trained_run), str(good / "002.png"), "--out", str(out), cwd=tmp_path)
+    assert second.returncode == 0, second.stderr
+    said = " ".join(second.stdout.split())
+    assert (f"replaced: {out} held an earlier batch: its predictions.csv of 3 image(s) is replaced by this one of 1; "
+            "of its 3 overlay(s), 1 were overwritten by this batch's of the same name and 2 deleted "
+            "(000_overlay.png, 001_overlay.png)") in said
+    assert sorted(p.name for p in out.iterdir()) == ["002_overlay.png", "predictions.csv"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_fit_says_what_is_checkpointed_and_the_resume_command_works(synthetic_root: Path,
+                                                                                   tmp_path: Path):
+    """A scheduler stopping the job (SIGTERM) gets what Ctrl-C gets: the checkpoint and the
+    --resume command on stderr, exit 143 (128 + SIGTERM); the printed command continues it."""
+    import shlex
+    import signal
+    import time
+
+    import torch
+
+    run = tmp_path / "run"
+    args = ["fit", "--data-root", str(synthetic_root), "--category", "synth_texture", "--out", str(run),
+            *sets(TINY_OVERRIDES + ["fit.epochs=50"])]
+    process = subprocess.Popen([sys.executable, "-m", "dualstpm", *args], cwd=tmp_path, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    lines = []
+    for line in process.stderr:  # the first epoch's line comes after its checkpoint is written
+        lines.append(line)
+        if re.search(r"\bepoch 1\s", line):
+            break
+    assert (run / "checkpoint.pt").is_file(), "".join(lines)
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=600)
+    stderr = "".join(lines) + rest
+    assert process.returncode == 143, stderr
+    assert "Traceback" not in stderr
+    epoch = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]  # what is really on disk
+    assert 1 <= epoch < 50
+    message = " ".join(stderr.split())
+    assert f"stopped by SIGTERM: epoch {epoch} of 50 is checkpointed in {run / 'checkpoint.pt'}" in message
+    printed = [line for line in stderr.splitlines() if line.startswith("continue with: ")]
+    assert printed == [f"continue with: {shlex.join(['dualstpm', *args, '--resume'])}"], stderr
+    # The printed command, run as is but for one more --set (the last wins) so that it ends soon.
+    command = shlex.split(printed[0].removeprefix("continue with: "))
+    resumed = subprocess.run([sys.executable, "-m", *command, "--set", f"fit.epochs={epoch + 1}"], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} after epoch {epoch}" in " ".join(resumed.stderr.split())
+    history = pd.read_csv(run / "history.csv")
+    assert history["epoch"].tolist() == list(range(1, epoch + 2))
+    assert (run / "model" / "weights.safetensors").is_file()

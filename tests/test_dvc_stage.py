@@ -59,6 +59,15 @@ def test_an_unusable_folder_category_is_recorded_and_costs_the_others_nothing(tm
     assert "001_mask.png" in manifest["unusable"]["synth_nomask"]
 
 
+def test_a_folder_category_without_test_images_is_recorded_for_its_fit(tmp_path: Path, synthetic_root: Path) -> None:
+    data = tmp_path / "mine"
+    shutil.copytree(synthetic_root / "synth_texture" / "train", data / "goodonly" / "train")
+    folder = params("data.source=folder", f"data.root={data}", "data.categories=[goodonly]")
+    manifest = json.loads(run_download_stage(folder, tmp_path / "data" / "folder").read_text())
+    assert manifest["categories"]["goodonly"]["train_images"] == 20
+    assert manifest["categories"]["goodonly"]["test_images"] == 0 and manifest["unusable"] == {}
+
+
 def test_the_dvc_data_step_needs_the_dvc_project(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="is not the DVC project"):
         reproduce_download(params(), tmp_path)

@@ -253,6 +253,39 @@ def test_predict_and_test_refuse_overrides_they_would_not_apply(trained_run: Pat
     assert not (tmp_path / "out").exists()
 
 
+def test_int8_calibrates_on_the_data_the_model_was_trained_on(trained_run: Path, synthetic_root: Path, tmp_path: Path):
+    import yaml
+
+    from dualstpm.export import validation_images
+
+    # trained_run was fitted on synth_texture in synthetic_root, not on the params' default data/synthetic
+    data = yaml.safe_load((trained_run / "model" / "params.yaml").read_text())["data"]
+    assert (data["source"], data["root"], data["categories"]) == ("folder", str(synthetic_root.resolve()),
+                                                                  ["synth_texture"])
+    detector = float32_detector(trained_run)
+    recorded = validation_images(detector, None, trained_run)  # no --data-root: the one it was trained on
+    # 20 train/good images, fit.val_fraction 0.2: round(0.2 * 20) = 4 held out for validation
+    assert recorded.shape == (4, 3, 64, 64)
+    assert np.array_equal(recorded, validation_images(detector, synthetic_root, trained_run))
+    # an explicit --data-root wins: a copy holding 10 of the images holds out round(0.2 * 10) = 2
+    other = tmp_path / "other" / "synth_texture" / "train" / "good"
+    shutil.copytree(synthetic_root / "synth_texture" / "train" / "good", other)
+    for path in sorted(other.iterdir())[10:]:
+        path.unlink()
+    assert validation_images(detector, tmp_path / "other", trained_run).shape[0] == 2
+    # the recorded folder gone: said, with the fix
+    moved = tmp_path / "moved"
+    shutil.copytree(trained_run / "model", moved / "model")
+    raw = yaml.safe_load((moved / "model" / "params.yaml").read_text())
+    raw["data"]["root"] = str(tmp_path / "gone")
+    (moved / "model" / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    with pytest.raises(ExportError) as refused:
+        validation_images(float32_detector(moved), None, moved)
+    assert (f"its model was trained on synth_texture in {tmp_path / 'gone'} (data.root in "
+            f"{moved / 'model' / 'params.yaml'}), and {tmp_path / 'gone' / 'synth_texture'} no longer exists. "
+            "Pass --data-root DIR") in str(refused.value)
+
+
 # --- real images: magnetic_tile ---------------------------------------------------------------
 
 TILE_TRAIN_IMAGES = 60

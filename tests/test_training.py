@@ -236,3 +236,53 @@ def test_a_fit_interrupted_while_logging_then_resumed_logs_every_epoch_to_every_
     for run_id, key in [(record.run_id, "loss_recon"), (record.run_id, "val_score_stpm"),
                         (record.branch_run_ids["stpm"], "loss"), (record.branch_run_ids["recon"], "val_score")]:
         assert sorted(m.step for m in client.get_metric_history(run_id, key)) == [1, 2], key
+
+
+def test_the_model_records_the_data_it_was_trained_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from dualstpm.training import data_trained_on
+
+    monkeypatch.chdir(tmp_path)
+    params = load_params(None, [])  # data.source synthetic, data.root data/synthetic, two categories
+    same = data_trained_on(params, Path("data/synthetic"), "synth_texture").data
+    assert (same.source, same.root, same.categories) == ("synthetic", str(tmp_path / "data" / "synthetic"),
+                                                         ["synth_texture"])
+    mine = data_trained_on(params, Path("mine"), "part").data  # a user's --data-root
+    assert (mine.source, mine.root, mine.categories) == ("folder", str(tmp_path / "mine"), ["part"])
+    assert data_trained_on(params, Path("mine"), "part").model == params.model
+
+
+def test_sigterm_interrupts_only_inside_the_block_and_never_over_a_callers_handler():
+    import os
+    import signal
+    import threading
+    import time
+
+    from dualstpm.training import Terminated, sigterm_interrupts
+
+    if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
+        pytest.skip("this test process already handles SIGTERM")
+    with pytest.raises(Terminated), sigterm_interrupts():
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(500):  # the handler runs between two bytecodes of the main thread
+            time.sleep(0.01)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored
+
+    def own(signum, frame):  # a caller's own handler stays in place
+        pass
+
+    signal.signal(signal.SIGTERM, own)
+    try:
+        with sigterm_interrupts():
+            assert signal.getsignal(signal.SIGTERM) is own
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    seen = []  # a fit in a worker thread (Prefect's task runner) cannot install one: nothing changes
+
+    def in_thread():
+        with sigterm_interrupts():
+            seen.append(signal.getsignal(signal.SIGTERM))
+
+    worker = threading.Thread(target=in_thread)
+    worker.start()
+    worker.join()
+    assert seen == [signal.SIG_DFL]

@@ -7,9 +7,11 @@ Layout (METHOD.md section 1)::
     <root>/<category>/test/<good|defect_type>/*
     <root>/<category>/ground_truth/<defect_type>/<stem>_mask.<suffix>
 
-Everything a run will trip over later (an empty folder, a missing or mis-sized mask) is
-found here, from file names and image headers only, and reported as a
-:class:`DataError` that names the file and the fix.
+Training needs only ``train/good`` (and ``validation/good`` when there is one): a
+category without ``test/`` can be fitted, and testing it says what it needs
+(:func:`missing_test_message`). Everything a run will trip over later (an empty folder, a
+missing or mis-sized mask) is found here, from file names and image headers only, and
+reported as a :class:`DataError` that names the file and the fix.
 """
 
 from __future__ import annotations
@@ -151,12 +153,29 @@ def _check_mask_sizes(samples: tuple[Sample, ...]) -> None:
             )
 
 
-def load_category(data_root: Path, category: str) -> Category:
+def missing_test_message(root: Path) -> str:
+    """Why the category folder `root` cannot be tested, and the layout testing needs."""
+    root = Path(root).absolute()
+    folder = root / "test"
+    why = "does not exist" if not folder.is_dir() else "holds no images in sub-folders"
+    return (
+        f"no test images: {folder} {why}. Testing needs defect-free parts in "
+        f"{folder / GOOD}/ and defective ones in {folder}/<defect_type>/ (images ending in "
+        f"{', '.join(IMAGE_SUFFIXES)}); for pixel metrics, a mask per defective image in "
+        f"{root / 'ground_truth'}/<defect_type>/<name>{MASK_SUFFIX}.png (white = defect). "
+        f"Training needs only {root / 'train' / GOOD}/."
+    )
+
+
+def load_category(data_root: Path, category: str, *, require_test: bool = True) -> Category:
     """List and check one category; raise DataError naming the first problem found.
 
     A category without any ``ground_truth`` folder loads with ``has_ground_truth``
     False (image-level scores only); with one, every defective test image needs a
     mask of its own size. ``test/good`` images never have masks.
+
+    `require_test` False (training, export calibration) accepts a category without test
+    images (``test`` is then empty); test images that are there are checked all the same.
     """
     root = category_dir(Path(data_root), category)
     train = _train_images(root)
@@ -164,11 +183,8 @@ def load_category(data_root: Path, category: str) -> Category:
     ground_truth = root / "ground_truth"
     has_ground_truth = ground_truth.is_dir()
     test = _test_samples(root, ground_truth if has_ground_truth else None)
-    if not test:
-        raise DataError(
-            f"no test images under {(root / 'test').absolute()}: add test/good and "
-            "test/<defect_type> folders of images."
-        )
+    if not test and require_test:
+        raise DataError(missing_test_message(root))
     _check_mask_sizes(test)
     return Category(root, category, train, validation, test, has_ground_truth)
 
