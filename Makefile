@@ -15,7 +15,7 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 # The flow's temporary Prefect server needs about 22 s to start on 2 cores (default limit: 20 s).
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: install demo test test-slow
+.PHONY: install demo test test-slow test-studies
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -42,3 +42,8 @@ SLOW_DVC := tests/test_pipeline_dvc.py
 test-slow: install
 	$(PY) -m pytest -m slow -q $(SLOW_DVC) || { rc=$$?; [ $$rc -ne 5 ] || echo "no slow DVC tests were collected" >&2; exit $$rc; }
 	$(PY) -m pytest -m slow -q --ignore=$(SLOW_DVC) || { rc=$$?; [ $$rc -ne 5 ] || echo "no slow tests were collected" >&2; exit $$rc; }
+
+# The tests of the study code in studies/ (outside the default test paths), slow ones included.
+# Exit code 5 (no test collected) fails here too.
+test-studies: install
+	$(PY) -m pytest -q studies/tests || { rc=$$?; [ $$rc -ne 5 ] || echo "no studies tests were collected" >&2; exit $$rc; }
