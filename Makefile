@@ -18,7 +18,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # Material for MkDocs prints a banner about its successor on every build; it is not a warning.
 export NO_MKDOCS_2_WARNING ?= 1
 
-.PHONY: install demo test test-slow docs
+.PHONY: install demo test test-slow test-studies docs
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -45,6 +45,11 @@ SLOW_DVC := tests/test_pipeline_dvc.py
 test-slow: install
 	$(PY) -m pytest -m slow -q $(SLOW_DVC) || { rc=$$?; [ $$rc -ne 5 ] || echo "no slow DVC tests were collected" >&2; exit $$rc; }
 	$(PY) -m pytest -m slow -q --ignore=$(SLOW_DVC) || { rc=$$?; [ $$rc -ne 5 ] || echo "no slow tests were collected" >&2; exit $$rc; }
+
+# The tests of the study code in studies/ (outside the default test paths), slow ones included.
+# Exit code 5 (no test collected) fails here too.
+test-studies: install
+	$(PY) -m pytest -q studies/tests || { rc=$$?; [ $$rc -ne 5 ] || echo "no studies tests were collected" >&2; exit $$rc; }
 
 # The documentation site, warnings as errors: a broken link, a missing anchor or an
 # unresolved API reference fails the build (tests/test_docs.py runs the same build).

@@ -28,6 +28,8 @@ from dualstpm.models.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
 BACKENDS = ("torch", "onnxruntime", "openvino")
 BACKEND_FORMATS = {"torch": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("openvino", "onnx")}
 DEFAULT_FORMAT = {"torch": "torchscript", "onnxruntime": "onnx", "openvino": "openvino"}
+#: the keys of an export's metadata.json that running it reads
+METADATA_KEYS = ("format", "image_size", "batch_size", "threshold", "decision", "fusion", "model_file")
 
 
 class ExportedModel:
@@ -41,6 +43,10 @@ class ExportedModel:
                               "make one with `dualstpm export --run RUN --format onnx --out DIR`")
         self.directory = directory
         self.metadata = json.loads(meta_path.read_text())
+        missing = [key for key in METADATA_KEYS if key not in self.metadata]
+        if missing:
+            raise ExportError(f"{meta_path} has no {', '.join(missing)}: an earlier dualstpm made this export; "
+                              "export the run again with `dualstpm export`")
         self.backend = backend
         fmt = self.metadata["format"]
         if backend not in BACKENDS or fmt not in BACKEND_FORMATS[backend]:
@@ -50,7 +56,7 @@ class ExportedModel:
         self.image_size = int(self.metadata["image_size"])
         self.batch_size = int(self.metadata["batch_size"])
         self.threshold = float(self.metadata["threshold"])
-        self.decision_view = self.metadata.get("decision", "fused")  # absent in exports made before fusion.view
+        self.decision_view = self.metadata["decision"]
         fusion = self.metadata["fusion"]  # the decision view's fusion: for the overlays' colour scale
         self.map_stats = MapStats.from_json(fusion["map_stats"])
         self.spec = FusionSpec(fusion["mode"], tuple(tuple(row) for row in fusion["weights"]),

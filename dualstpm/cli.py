@@ -422,7 +422,7 @@ def bench(
     overrides: set_option("fit.batch_size=16") = None,
     images: Annotated[int, typer.Option("--images", help="how many train images to time on")] = 64,
     repeats: Annotated[int, typer.Option("--repeats", help="timed repetitions for medians")] = 5,
-    out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("bench/results.json"),
+    out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("out/benchmark.json"),
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda (default: fit.device)")] = None,
     backends: Annotated[Optional[list[str]], typer.Option("--backend", help="also time exports on onnxruntime / "
                                                           "openvino (repeatable), beside PyTorch float32")] = None,
@@ -432,7 +432,7 @@ def bench(
 ) -> None:
     """Training and inference speed, the inference floor, backends, peak memory: one run, one table."""
     check_layout(data_root, category, require_test=False)  # only train/good is timed
-    from dualstpm.bench import benchmark, write_results
+    from dualstpm.benchmark import benchmark, write_results
 
     settings = [*(overrides or []), *([f"fit.device={device}"] if device else [])]
     results = benchmark(resolve_params(params, settings), data_root, category, images, repeats,

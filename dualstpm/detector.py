@@ -18,9 +18,8 @@ never survives.
 from __future__ import annotations
 
 import json
-import warnings
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,9 +42,6 @@ FORMAT_VERSION = 2  # 2: branch B decoder with bottleneck widths
 FUSION_FILE = "fusion.json"
 CHOSEN_VIEW = "chosen"  # the view of an applied chosen fusion (metrics.json row, thresholds key)
 
-
-#: the reduction of a calibration.json written before `score.*` existed: the max was the only one
-LEGACY_SCORE = ScoreSpec("max")
 DISC_WEIGHTS_FILE = "discriminator.safetensors"
 
 
@@ -65,17 +61,16 @@ class Calibration:
     selected_epochs: dict[str, int]
     category: str
     false_alarm_rate: float
+    score: ScoreSpec
+    #: the precision the validation maps (statistics, thresholds, minimum) were computed in:
+    #: `compute.INFERENCE_PRECISION`
+    precision: str
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
     # sizes of the validation parts that selected the epoch and calibrated (data.validation_parts)
     validation_split: dict = field(default_factory=dict)
-    score: ScoreSpec = LEGACY_SCORE
     #: the discriminative stage's selection and cost (`DiscResult.summary`); None without it
     discriminator: dict | None = None
-    #: the precision the validation maps (statistics, thresholds, minimum) were computed in:
-    #: `compute.INFERENCE_PRECISION`; None in files written before calibration was pinned to it
-    #: (those ran in `fit.precision`, bfloat16 on hardware that has it).
-    precision: str | None = None
 
     @property
     def false_alarm_bound(self) -> float | None:
@@ -92,9 +87,10 @@ class Calibration:
 
     @classmethod
     def from_json(cls, data: dict) -> Calibration:
+        """Raises KeyError or TypeError for a missing or unknown key (see `read_model_dir`)."""
         data = dict(data)
         data["map_stats"] = MapStats.from_json(data["map_stats"])
-        data["score"] = ScoreSpec.from_json(data["score"]) if "score" in data else LEGACY_SCORE
+        data["score"] = ScoreSpec.from_json(data["score"])
         return cls(**data)
 
 
@@ -105,7 +101,7 @@ class ChosenFusion:
     spec: FusionSpec
     threshold: float
     source: dict  # provenance: which configuration, on what evidence
-    val_min: float | None = None  # lowest validation image score under `spec` (the normalised score's 0)
+    val_min: float  # lowest validation image score under `spec` (the normalised score's 0)
 
     def to_json(self) -> dict:
         return {"applied": True, "fusion": asdict(self.spec), "threshold": self.threshold, "source": self.source,
@@ -114,8 +110,7 @@ class ChosenFusion:
     @classmethod
     def from_json(cls, data: dict) -> ChosenFusion:
         spec = FusionSpec.from_params(FusionParams(**data["fusion"]))  # validated like params.fusion
-        val_min = data.get("val_min")  # absent in files written before normalised scores
-        return cls(spec, float(data["threshold"]), dict(data["source"]), None if val_min is None else float(val_min))
+        return cls(spec, float(data["threshold"]), dict(data["source"]), float(data["val_min"]))
 
 
 def read_chosen_fusion(model_dir: Path) -> ChosenFusion | None:
@@ -176,9 +171,6 @@ class Detector:
                            f"view (views: {', '.join(self.views)}): refit it with fit.discriminator=true")
         val_min = (chosen.val_min if self.decision_view == CHOSEN_VIEW
                    else calibration.val_score_summary[self.decision_view]["min"])
-        if val_min is None:
-            raise RunError("the applied chosen fusion has no validation minimum (an older fusion.json): "
-                           "load it with Detector.load, or re-run `dualstpm ablate --run RUN`")
         # the one scoring module (networks, fusion, normalisation, decision): see dualstpm.models.inference
         self.inference = compute.module(DualStpmInference(
             model, self.spec, self.trained_spec, calibration.map_stats.mean, calibration.map_stats.std,
@@ -288,8 +280,7 @@ class Detector:
         """The detector of a trained run, on `compute`, else on `device` (`auto`: the GPU when
         there is one) in float32 (`compute.INFERENCE_PRECISION`, the precision it was calibrated
         in, whatever `fit.precision` trained it in). Where it was trained does not matter:
-        weights load on the CPU first. Raises RunError for an unusable run directory; warns
-        (RuntimeWarning) when its calibration predates the float32 rule and may be bfloat16's."""
+        weights load on the CPU first. Raises RunError for an unusable run directory."""
         model_dir, params, calibration = read_model_dir(run_dir)
         model = DualStpmModel.build(params.model, pretrained=False)
         try:
@@ -300,15 +291,7 @@ class Detector:
                 f"({str(exc).splitlines()[0]}): the file is damaged or from another dualstpm version; retrain it"
             ) from None
         compute = compute or Compute.resolve(device, INFERENCE_PRECISION)
-        if calibration.precision is None and params.fit.precision != "float32":
-            warnings.warn(f"{model_dir / CALIBRATION_FILE} does not say in which precision it was calibrated: "
-                          f"with fit.precision={params.fit.precision} that was bfloat16 on hardware that has it, so "
-                          f"its thresholds may not match the {compute.precision} scores computed now. Fit it again "
-                          "with this dualstpm (calibration then runs in float32).", RuntimeWarning, stacklevel=2)
-        chosen = read_chosen_fusion(model_dir)
-        if chosen is not None and chosen.val_min is None:
-            chosen = replace(chosen, val_min=_stored_val_min(Path(run_dir), chosen.spec, calibration))
-        return cls(model, params, calibration, compute, chosen, _load_disc(model_dir, params))
+        return cls(model, params, calibration, compute, read_chosen_fusion(model_dir), _load_disc(model_dir, params))
 
 
 def _load_disc(model_dir: Path, params: Params) -> Discriminator | None:
@@ -328,25 +311,24 @@ def _load_disc(model_dir: Path, params: Params) -> Discriminator | None:
     return disc.eval()
 
 
-def _stored_val_min(run_dir: Path, spec: FusionSpec, calibration: Calibration) -> float:
-    """The lowest validation image score under `spec` (in `calibration.score`'s units), from the
-    maps `dualstpm test` stored (for a fusion.json written before it recorded this)."""
-    from dualstpm.maps import MAPS_DIR, VAL_MAPS, MapSet, fused_and_scores
-
-    val = MapSet.load(run_dir / MAPS_DIR / VAL_MAPS)
-    return float(fused_and_scores(val.maps, spec, calibration.map_stats, calibration.score)[1].min())
-
-
 def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:
-    """(model dir, params, calibration) of a trained run, checked; the weights stay on disk."""
+    """(model dir, params, calibration) of a trained run, checked; the weights stay on disk.
+    Raises RunError for a model of another format, or a calibration.json this dualstpm does
+    not read (a key missing or unknown: written by an earlier dualstpm), naming the fix."""
     model_dir = trained_model_dir(run_dir)
     params = load_params(model_dir / PARAMS_FILE)
-    calibration = Calibration.from_json(json.loads((model_dir / CALIBRATION_FILE).read_text()))
-    if calibration.format_version != FORMAT_VERSION:
+    path = model_dir / CALIBRATION_FILE
+    data = json.loads(path.read_text())
+    if data.get("format_version") != FORMAT_VERSION:
         raise RunError(
-            f"{model_dir} has model format {calibration.format_version}, this dualstpm reads "
+            f"{model_dir} has model format {data.get('format_version')}, this dualstpm reads "
             f"{FORMAT_VERSION}: retrain it with this version"
         )
+    try:
+        calibration = Calibration.from_json(data)
+    except (KeyError, TypeError) as exc:
+        raise RunError(f"{path} is not a calibration this dualstpm reads ({type(exc).__name__}: {exc}): it was "
+                       "written by an earlier dualstpm; retrain the model with this version") from None
     return model_dir, params, calibration
 
 

@@ -31,11 +31,6 @@ DOWNLOAD_STAGE = "download"
 MANIFEST_FILE = "manifest.json"
 
 
-def download_output(params: Params) -> Path:
-    """The folder `dvc.yaml`'s download stage declares as its output (relative to the project)."""
-    return Path("data") / params.data.source
-
-
 def _same_folder(a: Path, b: Path) -> bool:
     return a.resolve() == b.resolve()
 

@@ -139,12 +139,12 @@ def write_torchscript(detector: Detector, path: Path) -> Path:
     return path
 
 
-#: the int8 scopes `bench/int8_scope.py` compares, widest first (node-name prefixes, :func:`int8_scope`)
+#: the int8 scopes `studies/int8_scope.py` compares, widest first (node-name prefixes, :func:`int8_scope`)
 INT8_SCOPES = ("all", "students", "t1_deep_s2", "s2")
 #: the scopes whose node-name prefixes do not depend on the teachers
 _FIXED_SCOPES = {"all": ("/",), "students": ("/s1/", "/s2/"), "s2": ("/s2/",)}
 #: the scope `dualstpm export --precision int8` quantises: chosen on validation images of every
-#: dataset in ../shared/data (bench/RESULTS.md §5, "int8 scope, chosen on validation")
+#: dataset in ../shared/data (studies/RESULTS.md §5, "int8 scope, chosen on validation")
 INT8_SCOPE = "s2"
 
 

@@ -46,10 +46,6 @@ class TeacherFeatureCache:
         self.location = location
         self._spill_dir = spill_dir
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.storage)
-
     @classmethod
     def build(
         cls,

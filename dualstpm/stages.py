@@ -257,13 +257,6 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
     return result
 
 
-def fit_and_test(params: Params, data_root: Path, category: str, run_dir: Path) -> dict:
-    """Train a fresh model for `category` into `run_dir` and test it, both logged to MLflow;
-    returns metrics.json's content."""
-    tracked_fit(params, data_root, category, run_dir, overwrite=True)
-    return tracked_test(params, run_dir, data_root, category)
-
-
 def metrics_table(results: dict[str, dict]) -> pd.DataFrame:
     """One row per (category, view) with the headline metrics, plus a mean row per view
     (null where not every category has the metric: `metrics.category_means`)."""

@@ -323,6 +323,17 @@ def test_ablation_params_are_validated():
 # --------------------------------------------------------------------------- the command line
 
 
+def test_a_summary_an_earlier_version_wrote_is_refused_naming_the_fix(tmp_path: Path):
+    from dualstpm.ablation import read_summary
+    from dualstpm.errors import RunError
+
+    (tmp_path / "ablation").mkdir()
+    earlier = {"applied": False, "fused_chosen": {"config": "published", "adopted": False}}  # no decision_view
+    (tmp_path / "ablation" / "summary.json").write_text(json.dumps(earlier))
+    with pytest.raises(RunError, match=r"summary\.json has no decision_view: .*run `dualstpm ablate --run .*` again"):
+        read_summary(tmp_path)
+
+
 @pytest.mark.slow  # three CLI processes, each importing torch and MLflow
 def test_the_decision_view_and_the_outcome_line_say_what_the_model_decides_with():
     from dualstpm.ablation import describe_outcome
@@ -344,8 +355,6 @@ def test_the_decision_view_and_the_outcome_line_say_what_the_model_decides_with(
         "levels_2_sum was adopted but not applied (ablation.apply=false): the model decides with `fused`")
     assert describe_outcome(summary(False, False, "recon")) == (
         "kept the default (levels_2_sum): the model decides with `recon`")
-    older = {"applied": False, "fused_chosen": {"config": "published", "adopted": False}}  # before decision_view
-    assert describe_outcome(older).endswith("the model decides with `fused`")
 
 
 def test_ablate_through_the_cli_logs_to_mlflow(trained_run: Path, synthetic_root: Path, tmp_path: Path):

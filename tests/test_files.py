@@ -103,11 +103,12 @@ def test_a_saved_model_directory_is_readable_per_the_umask(tmp_path, umask_022):
 
     from dualstpm.config import load_params
     from dualstpm.detector import Calibration, save_detector
-    from dualstpm.fusion import MapStats
+    from dualstpm.fusion import MapStats, ScoreSpec
 
     calibration = Calibration(image_size=64, map_stats=MapStats(torch.zeros(2, 3), torch.ones(2, 3)),
                               thresholds={"fused": 1.0, "stpm": 1.0, "recon": 1.0}, val_score_summary={},
-                              selected_epochs={"stpm": 1, "recon": 1}, category="c", false_alarm_rate=0.01)
+                              selected_epochs={"stpm": 1, "recon": 1}, category="c", false_alarm_rate=0.01,
+                              score=ScoreSpec("max"), precision="float32")
     for _ in range(2):  # a new model and one replacing it
         model_dir = save_detector(tmp_path / "run", torch.nn.Linear(2, 2), load_params(None), calibration)
         assert stat.S_IMODE(model_dir.stat().st_mode) == 0o755

@@ -459,7 +459,7 @@ def test_version_metrics_describe_the_view_the_model_decides_with(tmp_path: Path
 
     tested = {"fused": {"image_auroc": 0.9, "threshold": 1.5}, "chosen_fusion": None}
     assert _decision_evidence(tmp_path, tested, 1.5, None) == (tested["fused"], "metrics.json")
-    chosen = ChosenFusion(FusionSpec(mode="sum"), 2.5, {"config": "sweep_sum_wB0.3"})
+    chosen = ChosenFusion(FusionSpec(mode="sum"), 2.5, {"config": "sweep_sum_wB0.3"}, val_min=1.0)
     with pytest.raises(RunError, match="dualstpm test"):
         _decision_evidence(tmp_path, tested, 2.5, chosen)
     retested = {**tested, "chosen": {"image_auroc": 0.97, "threshold": 2.5}, "chosen_fusion": "sweep_sum_wB0.3"}

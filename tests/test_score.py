@@ -20,7 +20,7 @@ from dualstpm.data import (
     split_train_val,
     validation_parts,
 )
-from dualstpm.detector import LEGACY_SCORE, Calibration, Detector
+from dualstpm.detector import Detector
 from dualstpm.errors import ConfigError
 from dualstpm.fusion import ScoreSpec, calibrate_threshold, image_score, topk_count
 
@@ -99,12 +99,23 @@ def test_score_is_not_part_of_the_training_signature():
     assert training_signature(base) == training_signature(other)  # a model can be re-calibrated
 
 
-def test_a_calibration_without_a_score_is_the_max_it_was_made_with():
-    from dualstpm.fusion import MapStats
+def test_a_calibration_json_an_earlier_version_wrote_is_refused_naming_the_fix(trained_run: Path, tmp_path: Path):
+    """The thresholds are in the units of `score` and were computed in `precision`: a
+    calibration.json without either is not read with a guess, and is left as it was."""
+    from dualstpm.errors import RunError
 
-    old = Calibration(64, MapStats(torch.zeros(2, 3), torch.ones(2, 3)), {"fused": 1.0}, {}, {}, "c", 0.01).to_json()
-    del old["score"]  # as written before score.* existed
-    assert Calibration.from_json(old).score == LEGACY_SCORE == ScoreSpec("max")
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("exports"))
+    path = run / "model" / "calibration.json"
+    written = json.loads(path.read_text())
+    assert written["score"] == {"reduce": "topk_mean", "topk": 0.01} and written["precision"] == "float32"
+    for key in ("score", "precision"):
+        earlier = {k: v for k, v in written.items() if k != key}
+        path.write_text(json.dumps(earlier))
+        with pytest.raises(RunError, match=rf"calibration\.json is not a calibration this dualstpm reads .*'{key}'"
+                                           r".*retrain the model with this version"):
+            Detector.load(run)
+        assert json.loads(path.read_text()) == earlier
 
 
 # --- a model fitted with topk_mean ----------------------------------------------------------

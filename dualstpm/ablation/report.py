@@ -21,11 +21,16 @@ MODELS = {"stpm_alone": "stpm", "fused_published": "fused_published", "fused_cho
 
 
 def read_summary(run_dir: Path) -> dict:
-    """`RUN/ablation/summary.json`; RunError naming the fix when `ablate` has not run."""
+    """`RUN/ablation/summary.json`; RunError naming the fix when `ablate` has not run, or when
+    an earlier dualstpm wrote it (no `decision_view`)."""
     path = Path(run_dir) / ABLATION_DIR / SUMMARY_FILE
     if not path.is_file():
         raise RunError(f"{path} not found: run `dualstpm ablate --run {run_dir}` first")
-    return json.loads(path.read_text())
+    summary = json.loads(path.read_text())
+    if "decision_view" not in summary:
+        raise RunError(f"{path} has no decision_view: an earlier dualstpm wrote it; "
+                       f"run `dualstpm ablate --run {run_dir}` again")
+    return summary
 
 
 def ablation_report(run_dirs: Sequence[Path]) -> pd.DataFrame:

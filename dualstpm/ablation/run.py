@@ -186,10 +186,9 @@ def write_decision_overlays(run_dir: Path, test: MapSet) -> Path:
 def describe_outcome(summary: dict) -> str:
     """One line for a person: what the ablation chose and what the model now decides with.
 
-    `summary` is `summary.json`'s content (`ablate`); older summaries without
-    `decision_view` are read as a model deciding with `fused`.
+    `summary` is `summary.json`'s content (`ablate`, read with `read_summary`).
     """
-    config, view = summary["fused_chosen"]["config"], summary.get("decision_view", "fused")
+    config, view = summary["fused_chosen"]["config"], summary["decision_view"]
     if summary["applied"] and view == CHOSEN_VIEW:
         return f"adopted {config}: the model now decides with its `chosen` view"
     if summary["applied"]:

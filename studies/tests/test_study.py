@@ -1,22 +1,16 @@
-"""bench/study.py: the choice rule, the variant syntax, the score-reduction adapter, and the
+"""studies/study.py: the choice rule, the variant syntax, the score-reduction adapter, and the
 subcommands end to end on a tiny synthetic category (64 px, 1 epoch, random teachers)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import PROJECT_ROOT
 
-_spec = importlib.util.spec_from_file_location("study", PROJECT_ROOT / "bench" / "study.py")
-study = importlib.util.module_from_spec(_spec)
-sys.modules["study"] = study  # dataclasses look their module up there
-_spec.loader.exec_module(study)
+from studies import study
 
 TINY = ["--image-size", "64", "--epochs", "1", "--set", "fit.batch_size=8", "--set", "fit.device=cpu",
         "--set", "model.t1.name=tf_efficientnet_lite0", "--set", "model.t1.weights=random",

@@ -2,10 +2,10 @@
 
 Run from the project root::
 
-    python bench/int8_scope.py --data-root ../shared/data --image-size 128 --epochs 5 --out bench/int8_scope
+    python -m studies.int8_scope --data-root ../shared/data --image-size 128 --epochs 5 --out studies/results
 
-For each category of ``--data-root``: the default model is fitted (``bench/study.py``'s
-``fitted``: a finished fit with identical params in ``OUT/runs/<category>/baseline`` (shared with ``bench/study.py``) is
+For each category of ``--data-root``: the default model is fitted (``studies.study``'s
+``fitted``: a finished fit with identical params in ``OUT/runs/<category>/baseline`` (shared with ``studies.study``) is
 reused), exported once in fp32 ONNX and, per scope of :data:`dualstpm.export.INT8_SCOPES`,
 in int8 for ONNX Runtime and OpenVINO (``export_run``: calibrated on the run's validation
 good images, as ``dualstpm export`` does). Every export and PyTorch float32 (the reference)
@@ -41,15 +41,13 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing may download
 os.environ.setdefault("DO_NOT_TRACK", "true")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
 import torch
-from study import Decoded, find_categories, fitted
 
 from dualstpm import metrics
 from dualstpm.backends import ExportedModel
-from dualstpm.bench import INFER_BATCH, median_seconds
+from dualstpm.benchmark import INFER_BATCH, median_seconds
 from dualstpm.compute import Compute
 from dualstpm.config import load_params
 from dualstpm.data import decode_images, decode_masks, load_category
@@ -57,6 +55,7 @@ from dualstpm.detector import Detector
 from dualstpm.export import INT8_SCOPE, INT8_SCOPES, export_run
 from dualstpm.files import write_json, write_text
 from dualstpm.models.inference import InferenceOutput
+from studies.study import Decoded, find_categories, fitted
 
 BACKENDS = {"onnxruntime": "onnx", "openvino": "openvino"}  # backend -> export format
 LABEL_AGREEMENT = 0.99
@@ -228,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "int8_scope.json", {
         "datasets": per_dataset, "chosen": chosen, "summary": summary, "shipped": INT8_SCOPE,
-        "command": " ".join(["python", "bench/int8_scope.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "-m", "studies.int8_scope", *(argv if argv is not None else sys.argv[1:])]),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.platform(),
         "cpus": os.cpu_count(), "load_average": os.getloadavg()})
     write_text(args.out / "int8_scope.md", text + "\n")

@@ -1,22 +1,16 @@
 """The int8 scope: its names (dualstpm.export.int8_scope) and the validation-only rule of
-bench/int8_scope.py that picks the shipped one, on hand-built figures and end to end on a tiny
+studies/int8_scope.py that picks the shipped one, on hand-built figures and end to end on a tiny
 synthetic category."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
-from conftest import PROJECT_ROOT
 
-sys.path.insert(0, str(PROJECT_ROOT / "bench"))
-_spec = importlib.util.spec_from_file_location("int8_scope", PROJECT_ROOT / "bench" / "int8_scope.py")
-int8_scope_bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(int8_scope_bench)
+from studies import int8_scope as int8_scope_study
 
 
 def row(agree: int, images: int, image_delta: float, pixel_delta: float, speedup: float) -> dict:
@@ -43,7 +37,7 @@ def test_the_rule_pools_labels_over_datasets_bounds_every_delta_and_takes_the_fa
             "s2": both(100, 100, 0.0, 0.0, 1.7),          # (1.5 + 1.7) / 2 = 1.6: the fastest that qualifies
         }},
     }
-    chosen, summary = int8_scope_bench.choose_scope(per_dataset, ("all", "students", "t1_deep_s2", "s2"))
+    chosen, summary = int8_scope_study.choose_scope(per_dataset, ("all", "students", "t1_deep_s2", "s2"))
     assert chosen == "s2"
     assert summary["all"]["labels_agree"]["openvino"] == pytest.approx(108 / 110)
     assert [summary[s]["qualifies"] for s in ("all", "students", "t1_deep_s2", "s2")] == [False, False, True, True]
@@ -55,7 +49,7 @@ def test_the_rule_pools_labels_over_datasets_bounds_every_delta_and_takes_the_fa
 def test_one_backend_failing_or_an_undefined_auroc_disqualifies():
     fails_on_openvino = {"onnxruntime": row(10, 10, 0.0, 0.0, 2.0), "openvino": row(9, 10, 0.0, 0.0, 2.0)}
     undefined = both(10, 10, math.nan, 0.0, 2.0)
-    chosen, summary = int8_scope_bench.choose_scope({"a": {"scopes": {"x": fails_on_openvino, "y": undefined}}},
+    chosen, summary = int8_scope_study.choose_scope({"a": {"scopes": {"x": fails_on_openvino, "y": undefined}}},
                                                     ("x", "y"))
     assert chosen is None and not summary["x"]["qualifies"] and not summary["y"]["qualifies"]
 
@@ -84,7 +78,7 @@ def test_the_study_end_to_end_on_a_tiny_category(synthetic_root: Path, tmp_path:
             "--set", "ablation.synthetic_per_image=2"]
     args = ["--data-root", str(synthetic_root), "--category", "synth_texture", *tiny, "--scope", "s2",
             "--repeats", "1", "--test", "--out", str(tmp_path)]
-    assert int8_scope_bench.main(args) == 0
+    assert int8_scope_study.main(args) == 0
     result = json.loads((tmp_path / "int8_scope.json").read_text())
     s2 = result["datasets"]["synth_texture"]["scopes"]["s2"]
     # synth_texture: 20 training images, fit.val_fraction 0.2 -> 4 validation images, 2 defective copies each

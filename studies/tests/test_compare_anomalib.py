@@ -1,4 +1,4 @@
-"""bench/compare_anomalib.py runs end to end as a script and reports its seven complete rows."""
+"""studies/compare_anomalib.py runs end to end as a script and reports its seven complete rows."""
 
 from __future__ import annotations
 
@@ -11,15 +11,15 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 
-SCRIPT = PROJECT_ROOT / "bench" / "compare_anomalib.py"
+MODULE = "studies.compare_anomalib"
 ROWS = ["anomalib STFPM", "anomalib PatchCore", "ours branch A (STPM)", "ours branch B (recon)", "ours fused",
         "ours disc", "ours default", "ours after ablate"]
 
 
 def run_script(*args: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), *map(str, args)], cwd=PROJECT_ROOT,
+    return subprocess.run([sys.executable, "-m", MODULE, *map(str, args)], cwd=PROJECT_ROOT,
                           capture_output=True, text=True, timeout=1200)
 
 

@@ -3,8 +3,8 @@
 Run from the project root (anomalib is the optional extra ``compare``:
 ``pip install -e '.[compare]'``)::
 
-    python bench/compare_anomalib.py --data-root ../shared/data --category magnetic_tile \\
-        --image-size 256 --epochs 5 --batch-size 16 --out bench/compare_magnetic_tile.json
+    python -m studies.compare_anomalib --data-root ../shared/data --category magnetic_tile \\
+        --image-size 256 --epochs 5 --batch-size 16 --out studies/results/compare_magnetic_tile.json
 
 It trains and tests five detectors on the same images and prints one table (image
 AUROC, pixel AUROC, AUPRO, train seconds total and per epoch, inference images/s),
@@ -47,7 +47,7 @@ What is the same for every row, and why
   post-processor are off: its min-max normalisation and thresholds play no part (AUROC
   and AUPRO are rank measures; only the maps count). Our rows are cross-checked against
   ``dualstpm test``'s own ``metrics.json`` (they agree to float16 rounding of the maps).
-- **Inference images/s.** The same 16 test images (``dualstpm.bench.INFER_BATCH``) go
+- **Inference images/s.** The same 16 test images (``dualstpm.benchmark.INFER_BATCH``) go
   through each model's path from decoded image to image score and full-size map
   (anomalib: its pre-processor and model, as its exported model runs; ours:
   ``Detector.score``); one warm-up, then the median of ``--repeats`` runs. Our branch
@@ -138,7 +138,7 @@ from torch import Tensor  # noqa: E402
 
 from dualstpm import metrics  # noqa: E402
 from dualstpm.ablation.run import ablate  # noqa: E402
-from dualstpm.bench import INFER_BATCH, median_seconds, timed_epoch  # noqa: E402
+from dualstpm.benchmark import INFER_BATCH, median_seconds, timed_epoch  # noqa: E402
 from dualstpm.config import Params, load_params  # noqa: E402
 from dualstpm.data import decode_images, decode_masks, load_category, split_train_val  # noqa: E402
 from dualstpm.compute import Compute  # noqa: E402
@@ -487,7 +487,7 @@ def check_branch_predictor(detector: Detector, branch: str, predict: Predictor, 
 def epoch_seconds(params: Params, images: Tensor, compute: Compute, work: Path) -> dict[str, float]:
     """Seconds of one training epoch per branch and for both, with the teacher-feature cache,
     and the cache's build time: the real training loop (`Trainer.train_epoch` through
-    `dualstpm.bench.timed_epoch`), a fresh `Trainer` per measurement after a warm-up epoch."""
+    `dualstpm.benchmark.timed_epoch`), a fresh `Trainer` per measurement after a warm-up epoch."""
     out: dict[str, float] = {}
     for name, branches in (("stpm", ("stpm",)), ("recon", ("recon",)), ("fused", ("stpm", "recon"))):
         trainer = Trainer(params, work, compute, {}, branches)

@@ -1,4 +1,4 @@
-"""bench/seeds.py: one fit, test and ablation per seed, written seed by seed."""
+"""studies/seeds.py: one fit, test and ablation per seed, written seed by seed."""
 
 from __future__ import annotations
 
@@ -10,13 +10,13 @@ from pathlib import Path
 
 import pytest
 
-from conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT
 
 
 @pytest.mark.slow
 def test_seeds_reports_each_seed_and_the_ablation_decision(synthetic_root: Path, tmp_path: Path):
     out = tmp_path / "seeds.json"
-    command = [sys.executable, str(PROJECT_ROOT / "bench" / "seeds.py"), "--data-root", str(synthetic_root),
+    command = [sys.executable, "-m", "studies.seeds", "--data-root", str(synthetic_root),
                "--category", "synth_texture", "--seeds", "0,1", "--set", "image_size=64", "--set", "fit.epochs=1",
                "--set", "fit.device=cpu", "--set", "ablation.panel_images=0", "--work-dir", str(tmp_path / "runs"),
                "--out", str(out)]

@@ -1,11 +1,11 @@
 """The evidence tables of issue 11: recipe variants, learning curve, score reductions, gate leak.
 
-Run from the project root::
+Run from the project root (a module of the ``studies`` package: see studies/README.md)::
 
-    python bench/study.py recipe --data-root ../shared/data --image-size 256 --epochs 10 --out bench/study
-    python bench/study.py curve  --category magnetic_tile --curve-epochs 1,3,10,30 --out bench/study
-    python bench/study.py reduce --image-size 256 --epochs 10 --out bench/study
-    python bench/study.py leak   --image-size 256 --epochs 10 --out bench/study
+    python -m studies.study recipe --data-root ../shared/data --image-size 256 --epochs 10 --out studies/results
+    python -m studies.study curve  --category magnetic_tile --curve-epochs 1,3,10,30 --out studies/results
+    python -m studies.study reduce --image-size 256 --epochs 10 --out studies/results
+    python -m studies.study leak   --image-size 256 --epochs 10 --out studies/results
 
 Every subcommand runs on each category of ``--data-root`` (every folder with a ``train``
 folder; ``--category`` picks some), prints a markdown table and writes
@@ -69,15 +69,16 @@ from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
 from dualstpm.files import write_json, write_text  # noqa: E402
 from dualstpm.ablation.margin import Contributions, contributions, selection_value  # noqa: E402
 from dualstpm.ablation.reductions import REDUCTIONS  # noqa: E402
-from dualstpm.leak import leak_test  # noqa: E402
 from dualstpm.fusion import BRANCHES, image_score  # noqa: E402
 from dualstpm.maps import MAPS_DIR, TEST_MAPS, MapSet, fused_and_scores  # noqa: E402
 from dualstpm.progress import progress_bar  # noqa: E402
 from dualstpm.training import Trainer, calibrate, data_signature, fit  # noqa: E402
+from studies.leak import leak_test  # noqa: E402
 
 #: the three metrics whose mean is the validation selection score (the ablation's `mean`)
 SELECT = SELECTION_METRICS["mean"]
 STUDY_FIT_FILE = "study_fit.json"
+COMMAND = "python -m studies.study"  # how a result records the command that made it
 
 #: issue 11, item 1: each source's recipe alone, then all four together (names: the param contract)
 RECIPE = ("fit.loss_scale=2.0", "fit.select=map_mean", "model.decoder_width=full", "model.gate_form=method")
@@ -662,7 +663,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     result.update({
         "date": time.strftime("%Y-%m-%d %H:%M"),
-        "command": " ".join([Path(sys.argv[0]).as_posix(), *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join([COMMAND, *(argv if argv is not None else sys.argv[1:])]),
         "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads()},
         "markdown": table,

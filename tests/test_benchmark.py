@@ -4,7 +4,7 @@ import json
 import math
 from pathlib import Path
 
-from dualstpm.bench import benchmark, write_results
+from dualstpm.benchmark import benchmark, write_results
 from dualstpm.config import load_params
 
 from conftest import TINY_OVERRIDES

@@ -5,14 +5,20 @@ One row per seed: the fused view (params.fusion) and the branches on the test sp
 what `ablate` chose on validation data and what that choice scores on the test split
 (reported, never used to choose). Run it from the project root::
 
-    python bench/seeds.py --data-root ../shared/data --category battery_weld --seeds 0,1,2 \\
-        --out bench/study/seeds/battery_weld.json
+    python -m studies.seeds --data-root ../shared/data --category battery_weld --seeds 0,1,2 \\
+        --out studies/results/seeds/battery_weld.json
 
-With ``PYTHONPATH`` pointing at another checkout (a worktree of an older commit) it
-measures that checkout's library with the same settings: how the seed figures of
-bench/RESULTS.md §6.6 were made for the main the issue was filed on. The settings are
-`bench/compare_anomalib.py`'s (256 px, 10 epochs, batch 16, the Lite0/Lite2 package
-teachers); `--set` adds overrides. Run directories go under ``--work-dir`` (kept).
+It can measure another checkout's library (a worktree of an older commit) with the same
+settings: put that checkout first on ``PYTHONPATH`` and this one after it, and run with
+``-P`` so that Python does not put the working directory (this checkout's ``dualstpm``)
+ahead of them::
+
+    PYTHONPATH=/path/to/old-checkout:$PWD python -P -m studies.seeds --data-root ../shared/data ...
+
+That is how the seed figures of studies/RESULTS.md §6.6 were made for the main the issue
+was filed on. The settings are `studies/compare_anomalib.py`'s (256 px, 10 epochs, batch
+16, the Lite0/Lite2 package teachers); `--set` adds overrides. Run directories go under
+``--work-dir`` (kept; default studies/results/seeds/runs).
 """
 
 from __future__ import annotations
@@ -55,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--category", required=True)
     parser.add_argument("--seeds", default="0,1,2", help="comma list")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--work-dir", type=Path, default=Path("bench/study/seeds/runs"))
+    parser.add_argument("--work-dir", type=Path, default=Path("studies/results/seeds/runs"))
     parser.add_argument("--out", type=Path, required=True, help="JSON, extended seed by seed (a rerun skips done seeds)")
     args = parser.parse_args(argv)
     results = json.loads(args.out.read_text()) if args.out.is_file() else {}
