@@ -144,7 +144,7 @@ INT8_SCOPES = ("all", "students", "t1_deep_s2", "s2")
 #: the scopes whose node-name prefixes do not depend on the teachers
 _FIXED_SCOPES = {"all": ("/",), "students": ("/s1/", "/s2/"), "s2": ("/s2/",)}
 #: the scope `dualstpm export --precision int8` quantises: chosen on validation images of every
-#: dataset in ../shared/data (studies/RESULTS.md §5, "int8 scope, chosen on validation")
+#: dataset in ../shared/data (docs/results/exports-parity.md, "The int8 scope")
 INT8_SCOPE = "s2"
 
 

@@ -1,4 +1,4 @@
-"""Studies: the scripts behind the evidence in studies/RESULTS.md, kept out of the product.
+"""Studies: the scripts behind the evidence in docs/results/, kept out of the product.
 
 Each study is a module of this package, run from the project root with ``python -m``
 (``python -m studies.study recipe ...``): the project root is then first on ``sys.path``,

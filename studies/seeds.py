@@ -15,7 +15,7 @@ ahead of them::
 
     PYTHONPATH=/path/to/old-checkout:$PWD python -P -m studies.seeds --data-root ../shared/data ...
 
-That is how the seed figures of studies/RESULTS.md §6.6 were made for the main the issue
+That is how the seed figures of docs/results/part-level/seeds.md were made for the main the issue
 was filed on. The settings are `studies/compare_anomalib.py`'s (256 px, 10 epochs, batch
 16, the Lite0/Lite2 package teachers); `--set` adds overrides. Run directories go under
 ``--work-dir`` (kept; default studies/results/seeds/runs).

@@ -350,7 +350,7 @@ def test_fp32_export_matches_pytorch_on_magnetic_tile(tile: dict, fmt: str, back
 FP16_GAP = pytest.mark.xfail(reason=(
     "openvino fp16 (computed in bfloat16 by the CPU plugin on CPUs with bfloat16 units) keeps both AUROCs within "
     "0.0012 but its labels agree on 98.80 % (7 of 582 flip; bound 99 %) since the threshold is calibrated in float32: "
-    "21 test images of this weak model lie within 1 % of it; see studies/RESULTS.md"), strict=False)
+    "21 test images of this weak model lie within 1 % of it; see docs/results/exports-parity.md"), strict=False)
 
 
 @pytest.mark.real_data

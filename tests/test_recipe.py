@@ -36,7 +36,7 @@ def tiny_model(**extra: str) -> DualStpmModel:
 # --- params ----------------------------------------------------------------------------------
 
 def test_defaults_are_the_ones_validation_chose():
-    """studies/RESULTS.md §6: of the recipe variants only the full-width decoder beat the
+    """docs/results/part-level/recipe.md: of the recipe variants only the full-width decoder beat the
     baseline robustly on validation (pooled bootstrap), so it is the default; the rest stay."""
     p = load_params(None)
     assert (p.fit.loss_scale, p.fit.select, p.model.decoder_width, p.model.gate_form) == (
