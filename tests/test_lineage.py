@@ -197,6 +197,15 @@ def test_test_after_a_restored_model_logs_into_the_run_that_trained_it(tested: P
     assert register_run(run_dir, params, "synth_texture").run_id == first
 
 
+def test_model_files_changed_after_the_fit_are_refused(tested: Path, params, tmp_path: Path):
+    run_dir = copy_of(tested, tmp_path / "run")
+    calibration = run_dir / "model" / "calibration.json"
+    calibration.write_text(calibration.read_text() + "\n")  # any byte
+    with pytest.raises(RunError, match="They changed after their fit") as refused:
+        register_run(run_dir, params, "synth_texture")
+    assert f"run {RunRecord.read(run_dir).run_id} (mlflow_run.json) logged" in str(refused.value)
+
+
 def test_a_run_whose_fit_lost_the_store_before_logging_the_hash_gets_it_later(tested: Path, params, my_data: Path,
                                                                                tmp_path: Path):
     run_dir = copy_of(tested, tmp_path / "run")
