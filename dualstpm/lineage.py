@@ -184,16 +184,16 @@ def adopt_run(record: RunRecord, run_dir: Path) -> None:
              + (f" instead of run {previous.run_id}" if previous and previous.run_id != record.run_id else ""))
 
 
-def check_tested(client, record: RunRecord, run_dir: Path, *, required: bool) -> None:
+def check_tested(client, record: RunRecord, run_dir: Path) -> None:
     """Refuse (RunError, with the fix) when `RUN/metrics.json` is not the one the test
-    logged to `record`'s run (`dualstpm.metrics_sha256`): the test outputs on disk (metrics,
-    maps) would be another model's. A run whose test predates the tag passes unless
-    `required` (a run adopted from `lineage.json`, whose outputs must be shown to match)."""
+    logged to `record`'s run (`dualstpm.metrics_sha256`): for a run adopted from
+    `lineage.json` (`model_run`), whose test outputs on disk (metrics, maps) must be shown
+    to be that run's test, not a later model's left behind."""
     metrics = Path(run_dir) / "metrics.json"
     with tracking_errors(client.tracking_uri, f"reading run {record.run_id}"):
         logged = client.get_run(record.run_id).data.tags.get(METRICS_HASH_TAG)
     actual = file_digest(metrics) if metrics.is_file() else None
-    if logged == actual or (logged is None and not required):
+    if logged is not None and logged == actual:
         return
     raise RunError(
         f"{metrics} is not the test MLflow run {record.run_id} logged (sha256 "

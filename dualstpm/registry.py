@@ -165,9 +165,9 @@ def register_run(run_dir: Path, params: Params, category: str):
 
     Needs `dualstpm fit` and `dualstpm test` done: the run that trained the model files
     (`lineage.model_run`: the one `RUN/mlflow_run.json` names, or, for a model DVC restored
-    from its cache, the one `RUN/model/lineage.json` names) with its test logged, and
-    `RUN/metrics.json` the test it logged (`lineage.check_tested`). The store is the run's
-    own unless one is named (`lineage.run_store`); a store that does not exist is refused,
+    from its cache, the one `RUN/model/lineage.json` names, whose logged test must then be
+    `RUN/metrics.json`: `lineage.check_tested`) with its test logged. The store is the
+    run's own unless one is named (`lineage.run_store`); a store that does not exist is refused,
     never created. The version carries `dualstpm.registration =
     incomplete` from its creation until its alias is set: an interrupted registration
     leaves it visibly marked, and the next registration of the same run deletes it.
@@ -193,7 +193,8 @@ def register_run(run_dir: Path, params: Params, category: str):
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise RunError(f"{metrics_path} is missing: run `dualstpm test --run {run_dir} --data-root DIR` before registering")
-    check_tested(client, record, run_dir, required=adopted)  # metrics.json is the test of this run's model
+    if adopted:  # a model DVC restored: metrics.json must be its own test's
+        check_tested(client, record, run_dir)
     result = json.loads(metrics_path.read_text())
     if result.get("category") != category:
         raise RunError(f"{metrics_path} is a test on {result.get('category')!r}, not {category!r}: register it "

@@ -314,8 +314,8 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
     if record is None or record.eval_data_root is None:
         raise TrackingError(f"{run_dir} has no tested MLflow run ({run_dir / RUN_RECORD}): run `dualstpm test "
                             f"--run {run_dir} --data-root ...` first; the ablation adds to the run it logs")
-    check_tested(client, record, run_dir, required=adopted)  # the stored maps are this model's
-    if adopted:
+    if adopted:  # a model DVC restored: its stored maps must be its own test's
+        check_tested(client, record, run_dir)
         adopt_run(record, run_dir)
     run, _ = open_model_run(params, run_dir, record.eval_category or category, Path(record.eval_data_root),
                             "dualstpm ablate", record)
