@@ -49,6 +49,7 @@ SetOption = set_option("fit.epochs=5")
 SERVING_SETTINGS = {"test": ("data.", "tracking."), "predict": ("data.",)}
 
 
+NOT_PROMOTED_EXIT = 3  # `dualstpm promote` judged the challenger and kept the champion (0: promoted, 2: an error)
 CategoryOption = Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")]
 TrainedRunOption = Annotated[Path, typer.Option("--run", help="run directory written by `dualstpm fit`")]
 DataRootOption = Annotated[Path, typer.Option("--data-root", help="folder holding the category")]
@@ -186,15 +187,21 @@ def test(
     params: ParamsOption = None,
     overrides: set_option("tracking.uri=http://localhost:5000") = None,
     device: DeviceOption = "auto",
+    new_evaluation: Annotated[bool, typer.Option(
+        "--new-evaluation", help="when the data changed since RUN was tested: keep this test beside the first, in "
+        "RUN/evaluations/<data hash>/ (an MLflow child run of the model's run), instead of refusing")] = False,
 ) -> None:
-    """Evaluate a trained model on the test split; writes RUN/metrics.json and RUN/plots/, logs to MLflow."""
+    """Evaluate a trained model on the test split; writes RUN/metrics.json and RUN/plots/, logs to MLflow
+    (in the store RUN records, unless MLFLOW_TRACKING_URI or tracking.uri names one)."""
     category = trained_category(run, category)
     check_layout(data_root, category, require_test=True)
     p = serving_params(params, overrides, "test", SERVING_SETTINGS["test"])
-    from dualstpm.stages import tracked_test
+    from dualstpm.evaluation import METRICS_FILE
+    from dualstpm.stages import tracked_evaluation
 
-    print_metrics(tracked_test(p, run, data_root, category, device))
-    out.print(f"written: {run / 'metrics.json'}")
+    result, folder = tracked_evaluation(p, run, data_root, category, device, new_evaluation=new_evaluation)
+    print_metrics(result)
+    out.print(f"written: {folder / METRICS_FILE}")
 
 
 @app.command()
@@ -457,13 +464,14 @@ def register(
     params: ParamsOption = None,
     overrides: set_option("tracking.uri=http://localhost:5000") = None,
 ) -> None:
-    """Register the tested model of RUN as a new version (alias `challenger`) in the MLflow registry."""
+    """Register the tested model of RUN as a new version (alias `challenger`) in the MLflow registry
+    (the store RUN records, unless MLFLOW_TRACKING_URI or tracking.uri names one)."""
     category = trained_category(run, category)  # a wrong run fails before MLflow loads
     from dualstpm.registry import CHALLENGER, register_run
 
     version = register_run(run, resolve_params(params, overrides), category)
-    out.print(f"registered: {version.name} version {version.version} (@{CHALLENGER}); "
-              f"load it as models:/{version.name}@{CHALLENGER}")
+    out.print(f"registered: {version.name} version {version.version} (@{CHALLENGER}) from MLflow run "
+              f"{version.run_id}; load it as models:/{version.name}@{CHALLENGER}")
 
 
 @app.command()
@@ -476,7 +484,9 @@ def promote(
     params: ParamsOption = None,
     overrides: set_option("tracking.promotion_floor=0.8") = None,
 ) -> None:
-    """Move `champion` to the challenger only if it beats the champion on the same data (reason tagged either way)."""
+    """Move `champion` to the challenger only if it beats the champion on the same data (reason tagged either way).
+
+    Exit status: 0 promoted, 3 judged and not promoted (a CI job can gate on it), 2 an error (nothing judged)."""
     from dualstpm.registry import CHAMPION, promote as promote_category
 
     decision = promote_category(category, resolve_params(params, overrides), metric, min_delta, version=version,
@@ -484,6 +494,8 @@ def promote(
     verdict = "[bold green]promoted[/]" if decision.promoted else "[bold yellow]not promoted[/]"
     out.print(f"{decision.model_name} version {decision.challenger_version}: {verdict}: {decision.reason}")
     out.print(f"@{CHAMPION}: version {decision.champion_version or 'none'}")
+    if not decision.promoted:
+        raise typer.Exit(NOT_PROMOTED_EXIT)
 
 
 @app.command("params")

@@ -137,14 +137,16 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
 
 
 def test_run(run_dir: Path, data_root: Path, category: str, compute: Compute | None = None,
-             max_pixels: int | None = None, device: str = "auto") -> dict:
+             max_pixels: int | None = None, device: str = "auto", out_dir: Path | None = None) -> dict:
     """Load `run_dir/model` (on `compute`, else `device`: see `Detector.load`), evaluate it and
-    write `run_dir/metrics.json`, `run_dir/plots/` and the six maps of the test and validation
-    images into `run_dir/maps/` (`max_pixels`: see `evaluate_detector`)."""
+    write `metrics.json`, `plots/` and the six maps of the test and validation images into
+    `maps/`, all in `out_dir` (default `run_dir`; an evaluation kept beside the run's first,
+    `RUN/evaluations/<data hash>/`, is another). `max_pixels`: see `evaluate_detector`."""
     detector = Detector.load(run_dir, compute, device)
-    result = evaluate_detector(detector, data_root, category, plots_dir=Path(run_dir) / PLOTS_DIR,
-                               maps_dir=Path(run_dir) / MAPS_DIR, max_pixels=max_pixels)
-    write_json(Path(run_dir) / METRICS_FILE, result)
+    out_dir = Path(run_dir if out_dir is None else out_dir)
+    result = evaluate_detector(detector, data_root, category, plots_dir=out_dir / PLOTS_DIR,
+                               maps_dir=out_dir / MAPS_DIR, max_pixels=max_pixels)
+    write_json(out_dir / METRICS_FILE, result)
     return result
 
 

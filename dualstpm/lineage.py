@@ -1,4 +1,4 @@
-"""Which MLflow run describes the model in a run directory, checked by content.
+"""Which MLflow store and run describe the model in a run directory, checked by content.
 
 DVC restores a cached stage when its params return to an earlier value, so the model in
 `RUN/model/` can be one trained by an earlier fit than the one `RUN/mlflow_run.json`
@@ -6,10 +6,14 @@ names. Two records keep the link verifiable:
 
 - the fit writes `RUN/model/lineage.json` (store and run id) beside the model files, a
   DVC output of the fit stage, so it travels with the model wherever DVC restores it;
-- the fit logs the sha256 of the model files to its run (tag `dualstpm.model_sha256`).
+- the fit logs the sha256 of the model files to its run (tag `dualstpm.model_sha256`),
+  and each test the sha256 of the `metrics.json` it wrote (`dualstpm.metrics_sha256`).
 
 Whoever reopens the run to add to it or to register from it (test, ablate, register)
-calls :func:`check_model_of_run` first: the files' hash must be the one that run logged.
+asks :func:`model_run` first: the run `mlflow_run.json` names when it logged the files'
+hash, else the run `lineage.json` names when that one did (the model DVC restored: the
+record is rewritten to name it, :func:`adopt_run`), else a refusal naming both. Which store to ask is
+:func:`run_store`'s answer: the one the run records, unless the user named one.
 """
 
 from __future__ import annotations
@@ -18,10 +22,25 @@ import hashlib
 import json
 from pathlib import Path
 
-from dualstpm.errors import RunError
+from dualstpm.config import Params
+from dualstpm.errors import RunError, TrackingError
 from dualstpm.files import write_json
 from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE  # not detector: a hash needs no torch
-from dualstpm.tracking import TAG, CategoryRun, tracking_errors
+from dualstpm.tracking import (
+    METRICS_HASH_TAG,
+    RUN_RECORD,
+    TAG,
+    CategoryRun,
+    RunRecord,
+    announce,
+    existing_record,
+    file_digest,
+    sqlite_path,
+    store_is_named,
+    tracking_errors,
+    tracking_uri,
+    with_store,
+)
 
 LINEAGE_FILE = "lineage.json"
 MODEL_HASH_TAG = f"{TAG}model_sha256"
@@ -32,11 +51,7 @@ def model_sha256(model_dir: Path) -> str:
     """sha256 (hex) over the fit's model files: each file's name and its own sha256, in order."""
     total = hashlib.sha256()
     for name in HASHED_FILES:
-        digest = hashlib.sha256()
-        with (Path(model_dir) / name).open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        total.update(f"{name}\0{digest.hexdigest()}\n".encode())
+        total.update(f"{name}\0{file_digest(Path(model_dir) / name)}\n".encode())
     return total.hexdigest()
 
 
@@ -61,30 +76,128 @@ def record_model(run: CategoryRun, log_hash: bool = True) -> None:
         run.log(run.run_id, "logging the model's hash", tags={MODEL_HASH_TAG: model_sha256(run.run_dir / MODEL_SUBDIR)})
 
 
-def check_model_of_run(run: CategoryRun, category: str) -> None:
-    """Refuse (RunError, with the fix) when the model files of `run.run_dir` are not the
-    ones `run` logged.
+def run_store(params: Params, run_dir: Path) -> Params:
+    """`params` pointing at the store a command acting on `run_dir` must use: the store the
+    user named (`MLFLOW_TRACKING_URI`, `tracking.uri`), else the one the run records
+    (`RUN/mlflow_run.json`, else `RUN/model/lineage.json`), else this project's default.
 
-    A run without the hash tag (its fit lost the store before logging it, or the model
-    predates lineage records) gets it now, unless `lineage.json` names another run.
+    Working in another folder then neither splits a run's history over two stores nor
+    creates an empty `mlflow.db` there. Announces a recorded store other than this
+    folder's default. Raises TrackingError when the recorded store is an SQLite file that
+    is gone (and not this folder's default, which `connect` would create afresh): which
+    store to use then is the user's to say.
     """
-    model_dir = run.run_dir / MODEL_SUBDIR
+    if store_is_named(params):
+        return params
+    record = RunRecord.read(run_dir)
+    lineage = read_lineage(run_dir) if record is None else None
+    recorded = record.tracking_uri if record else (lineage or {}).get("tracking_uri")
+    default = tracking_uri(params)
+    if not recorded or recorded == default:
+        return params
+    source = Path(run_dir) / (RUN_RECORD if record else f"{MODEL_SUBDIR}/{LINEAGE_FILE}")
+    database = sqlite_path(recorded)
+    if database is not None and not database.is_file():
+        raise TrackingError(
+            f"{source} records the MLflow store {recorded}, which does not exist (moved, deleted, or another "
+            f"machine's): name the store that holds this run with MLFLOW_TRACKING_URI or --set tracking.uri=..., "
+            f"or use this folder's store with MLFLOW_TRACKING_URI={default}"
+        )
+    announce(f"using the MLflow store {recorded} that {source} records (not {default}; "
+             "MLFLOW_TRACKING_URI or tracking.uri names another)")
+    return with_store(params, recorded)
+
+
+def _logged_model_hash(client, run_id: str) -> str | None:
+    with tracking_errors(client.tracking_uri, f"reading run {run_id}"):
+        return client.get_run(run_id).data.tags.get(MODEL_HASH_TAG)
+
+
+def _active_run(client, run_id: str):
+    """The run `run_id` of `client`'s store, or None when it is not there or deleted."""
+    from mlflow.exceptions import MlflowException
+
+    with tracking_errors(client.tracking_uri, f"looking up run {run_id}"):
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            if exc.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+    return run if run.info.lifecycle_stage == "active" else None
+
+
+def model_run(client, run_dir: Path, category: str) -> tuple[RunRecord | None, bool]:
+    """(record, adopted): the MLflow run of `client`'s store whose model the files in
+    `RUN/model` are, checked by their sha256 against the `dualstpm.model_sha256` it logged.
+
+    - (None, False) when `RUN/mlflow_run.json` names no run of this store (a model fitted
+      without tracking or into another store, or copied into a new run directory): the
+      caller starts a run of its own;
+    - the run `RUN/mlflow_run.json` names, when it logged these files' hash (or logged none,
+      its fit having lost the store, and `lineage.json` names no other run: it gets it now);
+    - else the run `lineage.json` names, when it logged their hash: the model of an earlier
+      fit of this run directory, which DVC restored from its cache after a later fit
+      (`adopted` True: the caller, once its own checks pass, makes `RUN/mlflow_run.json`
+      name it with :func:`adopt_run`).
+
+    Raises RunError naming the runs and the fix when neither run trained these files.
+    """
+    run_dir = Path(run_dir)
+    record = existing_record(client, run_dir)
+    if record is None:
+        return None, False
+    model_dir = run_dir / MODEL_SUBDIR
     actual = model_sha256(model_dir)
-    with tracking_errors(run.client.tracking_uri, f"reading run {run.run_id}"):
-        logged = run.client.get_run(run.run_id).data.tags.get(MODEL_HASH_TAG)
-    lineage = read_lineage(run.run_dir)
-    trained_in = lineage["run_id"] if lineage else None
+    lineage = read_lineage(run_dir)
+    trained_in = lineage["run_id"] if lineage and lineage["tracking_uri"] == client.tracking_uri else None
+    logged = _logged_model_hash(client, record.run_id)
     if logged == actual:
-        return
-    if logged is None and trained_in in (None, run.run_id):
-        record_model(run)
-        return
-    origin = (f"they were trained in run {trained_in} ({model_dir / LINEAGE_FILE}), e.g. restored from DVC's "
-              "cache after a later fit" if trained_in not in (None, run.run_id) else "they changed after that fit")
+        return record, False
+    if logged is None and trained_in in (None, record.run_id):
+        record_model(CategoryRun(client, record, run_dir, created=False))
+        return record, False
+    tried = [f"run {record.run_id} ({RUN_RECORD}) logged {(logged or 'none')[:12]}"]
+    if trained_in is not None and trained_in != record.run_id:
+        run = _active_run(client, trained_in)
+        logged = run.data.tags.get(MODEL_HASH_TAG) if run is not None else None
+        if logged == actual:
+            return RunRecord.of_run(client, run), True
+        tried.append(f"run {trained_in} ({LINEAGE_FILE}) " + ("is not in this store" if run is None
+                                                                else f"logged {(logged or 'none')[:12]}"))
     raise RunError(
-        f"the model files in {model_dir} are not the model MLflow run {run.run_id} trained "
-        f"(sha256 {actual[:12]}, the run logged {(logged or 'none')[:12]}): {origin}. Its params and metrics "
+        f"no MLflow run in {client.tracking_uri} describes the model files in {model_dir} (sha256 {actual[:12]}): "
+        f"{'; '.join(tried)}. They changed after their fit, or come from elsewhere; their params and metrics "
         f"would describe another model. Train it again so that run and files agree: under DVC "
         f"`dvc repro --force --single-item fit@{category}` then `dvc repro`; otherwise "
-        f"`dualstpm fit --overwrite --out {run.run_dir} ...` then `dualstpm test --run {run.run_dir} ...`"
+        f"`dualstpm fit --overwrite --out {run_dir} ...` then `dualstpm test --run {run_dir} ...`"
+    )
+
+
+def adopt_run(record: RunRecord, run_dir: Path) -> None:
+    """Make `RUN/mlflow_run.json` name `record`, the run `lineage.json` showed trained the
+    model files (`model_run`'s adopted answer), so every later command agrees; says so."""
+    previous = RunRecord.read(run_dir)
+    record.write(run_dir)
+    announce(f"the model files in {Path(run_dir) / MODEL_SUBDIR} were trained in MLflow run {record.run_id} "
+             f"({LINEAGE_FILE}; e.g. restored from DVC's cache): {Path(run_dir) / RUN_RECORD} now names it"
+             + (f" instead of run {previous.run_id}" if previous and previous.run_id != record.run_id else ""))
+
+
+def check_tested(client, record: RunRecord, run_dir: Path) -> None:
+    """Refuse (RunError, with the fix) when `RUN/metrics.json` is not the one the test
+    logged to `record`'s run (`dualstpm.metrics_sha256`): for a run adopted from
+    `lineage.json` (`model_run`), whose test outputs on disk (metrics, maps) must be shown
+    to be that run's test, not a later model's left behind."""
+    metrics = Path(run_dir) / "metrics.json"
+    with tracking_errors(client.tracking_uri, f"reading run {record.run_id}"):
+        logged = client.get_run(record.run_id).data.tags.get(METRICS_HASH_TAG)
+    actual = file_digest(metrics) if metrics.is_file() else None
+    if logged is not None and logged == actual:
+        return
+    raise RunError(
+        f"{metrics} is not the test MLflow run {record.run_id} logged (sha256 "
+        f"{(actual or 'no file')[:12]}, the run logged {(logged or 'none')[:12]}): it belongs to another model or "
+        f"test. Test the model again: `dualstpm test --run {run_dir} --data-root {record.eval_data_root or 'DIR'}`"
+        " (under DVC, `dvc repro`)"
     )

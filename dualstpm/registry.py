@@ -48,8 +48,8 @@ from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.evaluation import METRICS_FILE
 from dualstpm.figures import OVERLAY_GRID, PLOTS_DIR
 from dualstpm.files import json_text
-from dualstpm.lineage import MODEL_HASH_TAG, check_model_of_run
-from dualstpm.tracking import STORE_ANSWERED, TAG, CategoryRun, RunRecord, connect, dataset_name, tracking_errors
+from dualstpm.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, run_store
+from dualstpm.tracking import RUN_RECORD, STORE_ANSWERED, TAG, RunRecord, connect, dataset_name, tracking_errors
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -164,9 +164,12 @@ def register_run(run_dir: Path, params: Params, category: str):
     """Log the tested model of `run_dir` as a pyfunc (from code) in its MLflow run, register
     it as a new version of `dualstpm-<dataset>-<category>` and point `challenger` at it.
 
-    Needs `dualstpm fit` and `dualstpm test` done (tracked: `RUN/mlflow_run.json` names the
-    run and the evaluation data's hash) and the run to be the one that trained the model
-    files (`lineage.check_model_of_run`). The version carries `dualstpm.registration =
+    Needs `dualstpm fit` and `dualstpm test` done: the run that trained the model files
+    (`lineage.model_run`: the one `RUN/mlflow_run.json` names, or, for a model DVC restored
+    from its cache, the one `RUN/model/lineage.json` names, whose logged test must then be
+    `RUN/metrics.json`: `lineage.check_tested`) with its test logged. The store is the
+    run's own unless one is named (`lineage.run_store`); a store that does not exist is refused,
+    never created. The version carries `dualstpm.registration =
     incomplete` from its creation until its alias is set: an interrupted registration
     leaves it visibly marked, and the next registration of the same run deletes it.
     Returns the MLflow `ModelVersion`.
@@ -175,18 +178,24 @@ def register_run(run_dir: Path, params: Params, category: str):
 
     run_dir = Path(run_dir)
     model_dir, model_params, calibration = read_model_dir(run_dir)  # checks the model directory is complete
-    client = connect(params)
-    record = RunRecord.read(run_dir)
-    if record is None or record.tracking_uri != client.tracking_uri or not record.eval_data_hash:
+    params = run_store(params, run_dir)
+    client = connect(params, create=False)
+    record, adopted = model_run(client, run_dir, category)
+    if record is None or not record.eval_data_hash:
+        on_disk = RunRecord.read(run_dir)
+        elsewhere = (f" (its runs are in {on_disk.tracking_uri}, {run_dir / RUN_RECORD}: leave MLFLOW_TRACKING_URI "
+                     "and tracking.uri unset to register there)"
+                     if on_disk is not None and on_disk.tracking_uri != client.tracking_uri else "")
         raise RunError(
-            f"{run_dir} has no tested MLflow run in {client.tracking_uri}: run "
-            f"`dualstpm test --run {run_dir} --data-root DIR` with this tracking URI first "
+            f"{run_dir} has no tested MLflow run in {client.tracking_uri}{elsewhere}: run "
+            f"`dualstpm test --run {run_dir} --data-root DIR` with this store first "
             "(it logs the metrics and the evaluation data's hash that promotion compares)"
         )
-    check_model_of_run(CategoryRun(client, record, run_dir, created=False), category)
     metrics_path = run_dir / METRICS_FILE
     if not metrics_path.is_file():
         raise RunError(f"{metrics_path} is missing: run `dualstpm test --run {run_dir} --data-root DIR` before registering")
+    if adopted:  # a model DVC restored: metrics.json must be its own test's
+        check_tested(client, record, run_dir)
     result = json.loads(metrics_path.read_text())
     if result.get("category") != category:
         raise RunError(f"{metrics_path} is a test on {result.get('category')!r}, not {category!r}: register it "
@@ -198,6 +207,8 @@ def register_run(run_dir: Path, params: Params, category: str):
         evidence, evidence_source = _decision_evidence(run_dir, result, threshold, chosen)
     else:
         evidence, evidence_source = _view_evidence(run_dir, result, view, calibration.thresholds[view])
+    if adopted:  # every check passed: the record names the run that trained these files from now on
+        adopt_run(record, run_dir)
     uri = client.tracking_uri
     with tracking_errors(uri, f"reading run {record.run_id}"):
         trained_by = client.get_run(record.run_id).data.tags
@@ -551,7 +562,7 @@ def promote(category: str, params: Params, metric: str = "image_auroc", min_delt
         raise ConfigError(f"--metric {metric!r} is not a promotion metric; choose one of {', '.join(PROMOTION_METRICS)}")
     if min_delta < 0:
         raise ConfigError(f"--min-delta {min_delta} must be >= 0")
-    client = connect(params)
+    client = connect(params, create=False)
     name = registered_name(client, category, data_root)
     who = f"{decided_by} ({getpass.getuser()}@{socket.gethostname()})"
     with tracking_errors(client.tracking_uri, f"promoting {name}"), promotion_lock(client, name, who):

@@ -6,6 +6,7 @@ Each takes validated `Params` and paths, does one thing, and returns plain data.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,8 +19,9 @@ from dualstpm.detector import FUSION_FILE, MODEL_SUBDIR, Calibration, read_model
 from dualstpm.errors import DataError, RunError, TrackingError
 from dualstpm.evaluation import METRICS_FILE, test_run
 from dualstpm.figures import PLOTS_DIR
-from dualstpm.files import write_csv
-from dualstpm.lineage import check_model_of_run, record_model
+from dualstpm.data import IMAGE_SUFFIXES
+from dualstpm.files import write_csv, write_json
+from dualstpm.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, model_sha256, record_model, run_store
 from dualstpm.maps import MAPS_DIR
 from dualstpm.metrics import category_means
 from dualstpm.tracking import (
@@ -27,9 +29,12 @@ from dualstpm.tracking import (
     TAG,
     CategoryRun,
     RunRecord,
+    announce,
     connect,
     data_hash,
+    folder_files,
     open_category_run,
+    open_evaluation_run,
     params_for_data,
     tracking_errors,
 )
@@ -37,6 +42,9 @@ from dualstpm.training import HISTORY_FILE, FitResult, check_start, fit
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 AUC_TABLE = "auc_table.csv"
+EVALUATIONS_DIR = "evaluations"  # RUN/evaluations/<data hash>/: evaluations kept beside the run's first
+DATA_FILES = "data_files.json"  # beside each metrics.json: the tested category folder's files and their md5
+NAMED_CHANGES = 3  # files named per kind of change in a refusal, then "and N more"
 
 
 def synthetic_kind(category: str) -> str:
@@ -92,6 +100,8 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     it: the model is saved first, then the TrackingError says so and how to log it later.
     """
     check_start(run_dir, resume=resume, overwrite=overwrite)  # contradictory flags fail before the store opens
+    if resume:  # continues the runs RUN records: in their store
+        params = run_store(params, run_dir)
     connect(params)  # fail fast: nothing trained yet, nothing lost
     tracked = params_for_data(params, data_root)
     opened: list[CategoryRun] = []
@@ -135,58 +145,131 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     return result
 
 
-def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str, device: str = "auto") -> dict:
-    """`evaluation.test_run` logged to MLflow into the run `tracked_fit` started (or a new
+def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str, device: str = "auto",
+                 *, new_evaluation: bool = False) -> dict:
+    """:func:`tracked_evaluation`'s metrics (metrics.json's content)."""
+    return tracked_evaluation(params, run_dir, data_root, category, device, new_evaluation=new_evaluation)[0]
+
+
+def tracked_evaluation(params: Params, run_dir: Path, data_root: Path, category: str, device: str = "auto",
+                       *, new_evaluation: bool = False) -> tuple[dict, Path]:
+    """`evaluation.test_run` logged to MLflow into the run that trained the model (or a new
     one, filled from the run directory's files, when there is none in this store): the
-    metrics of the fused model and each branch, the AUC table, curves and overlays, and
-    the evaluation data's hash that promotion compares. Returns metrics.json's content.
+    metrics of the fused model and each branch, the AUC table, curves and overlays, the
+    evaluation data's hash that promotion compares, and beside metrics.json the tested
+    files' list (`data_files.json`). Returns (metrics.json's content, the folder written).
 
     Runs are described by the model's own params (what was trained); only the `tracking`
-    section comes from `params` (where to log now). A run's results describe one
-    evaluation: a run directory tested on another category or other data is refused
-    (RunError) before anything is written. The model runs on `device` (`auto`: the
-    GPU when there is one), whatever device it was trained on.
+    section comes from `params` (where to log now), and the store is the run's own unless
+    one is named (`lineage.run_store`). The model runs on `device` (`auto`: the GPU when
+    there is one), whatever device it was trained on.
+
+    A run directory's first evaluation fills the run directory (`metrics.json`, `plots/`,
+    `maps/`) and its MLflow run. Tested again on the same data it is redone in place; on
+    changed data (another DVC hash of the category folder) it is refused (RunError naming
+    the files added, removed or changed) unless `new_evaluation`: then the test goes to
+    `RUN/evaluations/<data hash>/`, logged as a child run of the model's run, and the
+    first evaluation stays as it is. Another category is refused before anything is written.
     """
-    connect(params)  # an unreachable store fails before any work
+    params = run_store(params, run_dir)
     run_dir = Path(run_dir)
+    client = connect(params)  # an unreachable store fails before any work
     evaluation_hash = data_hash(data_root, category)
-    check_one_evaluation(run_dir, category, evaluation_hash, data_root)
-    run, calibration = reopen_trained_run(params, run_dir, category, data_root, "dualstpm test")
+    record, adopted = model_run(client, run_dir, category)
+    folder = evaluation_folder(run_dir, record, category, evaluation_hash, data_root, new_evaluation)
+    if adopted:
+        adopt_run(record, run_dir)
+    run, calibration = open_model_run(params, run_dir, category, data_root, "dualstpm test", record)
     try:
-        result = test_run(run_dir, data_root, category, max_pixels=params.data.max_image_pixels, device=device)
+        result = test_run(run_dir, data_root, category, max_pixels=params.data.max_image_pixels, device=device,
+                          out_dir=folder)
     except BaseException:
         if run.created:
             with contextlib.suppress(TrackingError):
                 run.finish("FAILED")
         raise
-    write_csv(run_dir / AUC_TABLE, metrics_table({category: result}))
-    with logged_after_saving(f"the test results are saved in {run_dir} ({METRICS_FILE}, {AUC_TABLE}, {PLOTS_DIR}/, "
-                             f"{MAPS_DIR}/)", f"dualstpm test --run {run_dir} --data-root {data_root} --category {category}"):
+    write_csv(folder / AUC_TABLE, metrics_table({category: result}))
+    write_json(folder / DATA_FILES, {"data_hash": evaluation_hash, "files": folder_files(Path(data_root) / category)})
+    again = f"dualstpm test --run {run_dir} --data-root {data_root} --category {category}"
+    with logged_after_saving(f"the test results are saved in {folder} ({METRICS_FILE}, {AUC_TABLE}, {PLOTS_DIR}/, "
+                             f"{MAPS_DIR}/)", again + (" --new-evaluation" if folder != run_dir else "")):
         if run.created:  # fitted without tracking, or into another store: log what the files tell
             run.log_history(run_dir / HISTORY_FILE)
             run.log_fit(calibration.selected_epochs, calibration.thresholds)
-        run.log_test(result, evaluation_hash, data_root)
+        if folder == run_dir:
+            run.log_test(result, evaluation_hash, data_root)
+        else:
+            evaluation = open_evaluation_run(run, folder, category, data_root, evaluation_hash, "dualstpm test", {
+                MODEL_HASH_TAG: model_sha256(run_dir / MODEL_SUBDIR)})
+            evaluation.log_test(result, evaluation_hash, data_root)
+            evaluation.finish()
+            announce(f"a new evaluation of the model in {run_dir} on data {evaluation_hash}: {folder} (MLflow run "
+                     f"{evaluation.run_id}, a child of run {run.run_id}); its first evaluation, on data "
+                     f"{run.record.eval_data_hash}, stays in {run_dir}")
         run.finish()
-    return result
+    return result, folder
 
 
-def check_one_evaluation(run_dir: Path, category: str, evaluation_hash: str, data_root: Path) -> None:
-    """Refuse (RunError, with the fix) to test `run_dir` on `category` in `data_root` when it
-    was tested on another category or other data (another DVC data hash): its metrics.json,
-    plots, maps and MLflow run describe one evaluation, and would mix two."""
-    record = RunRecord.read(run_dir)
+def evaluation_folder(run_dir: Path, record: RunRecord | None, category: str, evaluation_hash: str,
+                      data_root: Path, new_evaluation: bool) -> Path:
+    """Where the test of `run_dir`'s model on `category` (data `evaluation_hash`) goes: the
+    run directory for its first evaluation or the same data again; for other data,
+    `RUN/evaluations/<hash>/` with `new_evaluation` (or when that folder exists: that data
+    again). Raises RunError, with the fix, for another category (a run's results describe one
+    category) and for changed data without `new_evaluation` (naming what changed)."""
     if record is None or not record.eval_data_hash:
-        return
-    if record.eval_data_hash == evaluation_hash and record.eval_category in (None, category):
-        return
+        return run_dir
+    if record.eval_category not in (None, category):
+        raise RunError(
+            f"{run_dir} was tested on {record.eval_category} in {record.eval_data_root}; testing it on {category} "
+            f"would mix two categories in its metrics.json, plots and MLflow run {record.run_id}. A run's results "
+            f"describe one category: test a copy of the model in a run directory of its own (`mkdir -p NEW && cp -r "
+            f"{run_dir / MODEL_SUBDIR} NEW/` then `dualstpm test --run NEW --data-root {data_root} --category "
+            f"{category}`)"
+        )
+    if record.eval_data_hash == evaluation_hash:
+        return run_dir
+    extra = run_dir / EVALUATIONS_DIR / evaluation_hash.removesuffix(".dir")
+    if new_evaluation or extra.is_dir():
+        return extra
+    folder = (Path(data_root) / category).resolve()
     raise RunError(
-        f"{run_dir} was tested on {record.eval_category or 'another category'} in {record.eval_data_root} "
-        f"(data {record.eval_data_hash}); testing it on {category} in {Path(data_root).resolve()} (data "
-        f"{evaluation_hash}) would overwrite its metrics.json and plots and mix two evaluations in MLflow run "
-        f"{record.run_id}. A run's results describe one evaluation: test a copy of the model in a run directory "
-        f"of its own (`mkdir -p NEW && cp -r {run_dir / MODEL_SUBDIR} NEW/` then `dualstpm test --run NEW "
-        f"--data-root {data_root} --category {category}`), or train again with `dualstpm fit --overwrite`"
+        f"the data of {category} changed since {run_dir} was tested (data {record.eval_data_hash} in "
+        f"{record.eval_data_root}, now {evaluation_hash} in {folder.parent}): "
+        f"{describe_changes(run_dir, record.eval_data_hash, folder)}. The first evaluation ({METRICS_FILE}, "
+        f"{PLOTS_DIR}/, {MAPS_DIR}/ and MLflow run {record.run_id}, which `register` uses) stays as it is. To "
+        f"evaluate the same model on the data as it is now, beside it: `dualstpm test --run {run_dir} --data-root "
+        f"{data_root} --category {category} --new-evaluation` (written to {extra}/, logged as a child run)"
     )
+
+
+def describe_changes(run_dir: Path, before_hash: str, folder: Path) -> str:
+    """What differs between the files the run's first evaluation tested (`RUN/data_files.json`,
+    when it is that evaluation's: same `before_hash`) and `folder` now: "1 image added
+    (test/crack/012.png); 2 images changed (...)", a few named per kind."""
+    path = run_dir / DATA_FILES
+    before = None
+    if path.is_file():
+        with contextlib.suppress(ValueError, TypeError, AttributeError):
+            saved = json.loads(path.read_text())
+            before = saved["files"] if saved.get("data_hash") == before_hash else None
+    if not isinstance(before, dict):
+        return (f"which files differ is not known ({path} does not list the files of that evaluation: it was tested "
+                "before dualstpm kept the list)")
+    now = folder_files(folder)
+    changes = {
+        "added": sorted(set(now) - set(before)),
+        "removed": sorted(set(before) - set(now)),
+        "changed": sorted(k for k in set(now) & set(before) if now[k] != before[k]),
+    }
+    parts = []
+    for kind, names in changes.items():
+        if names:
+            noun = "image" if all(Path(n).suffix.lower() in IMAGE_SUFFIXES for n in names) else "file"
+            shown = ", ".join(names[:NAMED_CHANGES]) + (f" and {len(names) - NAMED_CHANGES} more"
+                                                         if len(names) > NAMED_CHANGES else "")
+            parts.append(f"{len(names)} {noun}{'s' if len(names) > 1 else ''} {kind} ({shown})")
+    return "; ".join(parts) or "the same files (only DVC's record of them differs)"
 
 
 @contextlib.contextmanager
@@ -200,21 +283,20 @@ def logged_after_saving(saved: str, again: str) -> Iterator[None]:
                             f"`{again}` runs again and logs the results.") from exc
 
 
-def reopen_trained_run(params: Params, run_dir: Path, category: str, data_root: Path,
-                       source: str) -> tuple[CategoryRun, Calibration]:
-    """The MLflow run of a trained model (made now if it has none) and its calibration.
+def open_model_run(params: Params, run_dir: Path, category: str, data_root: Path, source: str,
+                   record: RunRecord | None) -> tuple[CategoryRun, Calibration]:
+    """The MLflow run of a trained model and its calibration: `record` (`lineage.model_run`'s
+    answer), or when there is none a run made now, which becomes the model's run.
 
     Logged with the model's own params, except the `tracking` section, which comes from
-    `params` (where to log now). A run reopened must be the one that trained the model
-    files (`lineage.check_model_of_run`, RunError otherwise); a run made now becomes it."""
+    `params` (where to log now)."""
     _, trained, calibration = read_model_dir(run_dir)
+    if record is not None:
+        return CategoryRun(connect(params), record, Path(run_dir), created=False), calibration
     trained = trained.model_copy(update={"tracking": params.tracking})
     run = open_category_run(params_for_data(trained, data_root), run_dir, category, data_root,
-                            reuse=True, source=source)
-    if run.created:
-        record_model(run)
-    else:
-        check_model_of_run(run, category)
+                            reuse=False, source=source)
+    record_model(run)
     return run, calibration
 
 
@@ -224,14 +306,19 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
     metrics, the adoption margin as `ablation.margin.*`, the choice as tags, the table as one MLflow table, and `RUN/ablation/` and
     `model/fusion.json` as artifacts.
     """
+    params = run_store(params, run_dir)
     client = connect(params)
     run_dir = Path(run_dir)
-    record = RunRecord.read(run_dir)
+    category = read_model_dir(run_dir)[2].category
+    record, adopted = model_run(client, run_dir, category)
     if record is None or record.eval_data_root is None:
         raise TrackingError(f"{run_dir} has no tested MLflow run ({run_dir / RUN_RECORD}): run `dualstpm test "
                             f"--run {run_dir} --data-root ...` first; the ablation adds to the run it logs")
-    run, _ = reopen_trained_run(params, run_dir, record.eval_category or read_model_dir(run_dir)[2].category,
-                                Path(record.eval_data_root), "dualstpm ablate")
+    if adopted:  # a model DVC restored: its stored maps must be its own test's
+        check_tested(client, record, run_dir)
+        adopt_run(record, run_dir)
+    run, _ = open_model_run(params, run_dir, record.eval_category or category, Path(record.eval_data_root),
+                            "dualstpm ablate", record)
     result = ablate(run_dir, params.ablation)
     summary = result.summary
     saved = f"the ablation is saved in {run_dir / ABLATION_DIR}" + (

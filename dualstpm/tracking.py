@@ -11,7 +11,9 @@ The store is `MLFLOW_TRACKING_URI`, else `tracking.uri`, else an SQLite file in 
 project (`sqlite:////<project>/mlflow.db`, artifacts beside it in `mlartifacts/`), always
 by absolute path and never MLflow's file store. The project is the working directory, or,
 inside a DVC experiment's temporary copy (`<project>/.dvc/tmp/exps/...`), the project that
-copy belongs to: the copy is thrown away, its runs must not be.
+copy belongs to: the copy is thrown away, its runs must not be. A command that acts on a
+run directory uses the store the run records unless one is named (`lineage.run_store`);
+opening an SQLite store that does not exist yet creates it and says so (`connect`).
 
 Library code (`training.fit`, `evaluation.test_run`) knows nothing of MLflow: the stage
 functions in `dualstpm.stages` wrap them with what is here.
@@ -24,6 +26,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -48,6 +51,7 @@ STORE_ANSWERED = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PAR
                             "RESOURCE_ALREADY_EXISTS", "PERMISSION_DENIED", "INVALID_STATE"})
 PROGRESS_BAR_ENV = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"  # read by MLflow at each transfer
 TAG = "dualstpm."  # prefix of our own tags, apart from MLflow's `mlflow.*` ones
+METRICS_HASH_TAG = f"{TAG}metrics_sha256"  # sha256 of the metrics.json a test logged to its run
 _METRIC_UNSAFE = re.compile(r"[^\w\-. /]")  # MLflow metric names allow only these characters
 
 
@@ -77,6 +81,28 @@ def project_dir() -> Path:
         if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return cwd
+
+
+def store_is_named(params: Params) -> bool:
+    """Whether the user named a store (`MLFLOW_TRACKING_URI` or `tracking.uri`), rather
+    than leaving it to the default `<project>/mlflow.db`."""
+    return bool(os.environ.get("MLFLOW_TRACKING_URI", "").strip() or params.tracking.uri.strip())
+
+
+def with_store(params: Params, uri: str) -> Params:
+    """`params` whose `tracking.uri` is `uri`: how a store resolved at an entry point is passed down."""
+    return params.model_copy(update={"tracking": params.tracking.model_copy(update={"uri": uri})})
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of an SQLite store URI; None for a server."""
+    return Path(uri[len("sqlite:///") :]) if uri.startswith("sqlite:///") else None
+
+
+def announce(message: str) -> None:
+    """One line on stderr that the user should see (which store is used or created): not
+    an error, and not a result on stdout."""
+    print(f"note: {message}", file=sys.stderr, flush=True)
 
 
 def tracking_uri(params: Params) -> str:
@@ -142,16 +168,25 @@ def experiment_name(data_root: Path | str) -> str:
 # --------------------------------------------------------------------------- what data, what code
 
 
-def _dvc_dir_hash(folder: Path) -> str:
-    """The md5 DVC 3 gives a folder (`<md5 of its file list>.dir`), computed from the files."""
-    entries = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        digest = hashlib.md5()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(block)
-        entries.append({"md5": digest.hexdigest(), "relpath": path.relative_to(folder).as_posix()})
-    entries.sort(key=lambda e: e["relpath"])
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """The hex digest of a file's bytes (read in 1 MiB blocks)."""
+    digest = hashlib.new(algorithm)
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_files(folder: Path) -> dict[str, str]:
+    """{path relative to `folder` (POSIX): md5} of every file under `folder`, sorted by path:
+    the file list DVC hashes (`data_hash`), and what tells two versions of the data apart."""
+    return {path.relative_to(folder).as_posix(): file_digest(path, "md5")
+            for path in sorted(p for p in Path(folder).rglob("*") if p.is_file())}
+
+
+def _dvc_dir_hash(files: Mapping[str, str]) -> str:
+    """The md5 DVC 3 gives a folder (`<md5 of its file list>.dir`), from `folder_files`."""
+    entries = sorted(({"md5": md5, "relpath": relpath} for relpath, md5 in files.items()), key=lambda e: e["relpath"])
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
@@ -183,7 +218,7 @@ def data_hash(data_root: Path, category: str) -> str:
         raise ConfigError(f"cannot hash {folder}: no such category folder")
     recorded = _recorded_md5s(project_dir() / "dvc.lock", ("outs", "deps"))
     md5 = recorded.get(folder) or _recorded_md5s(folder.with_name(folder.name + ".dvc"), ("outs",)).get(folder)
-    return md5 or _dvc_dir_hash(folder)
+    return md5 or _dvc_dir_hash(folder_files(folder))
 
 
 def git_state() -> tuple[str, bool]:
@@ -248,17 +283,32 @@ def wait_until_reachable(uri: str, retries: int, timeout_s: float) -> None:
     raise TrackingError(f"the MLflow tracking server at {uri} is unreachable ({retries + 1} attempts)\n{_server_hint(uri)}")
 
 
-def connect(params: Params):
+def connect(params: Params, *, create: bool = True):
     """Point MLflow at the configured store and return a client for it.
 
     Sets MLflow's HTTP retry/timeout from `tracking.retries`/`tracking.timeout_s` (MLflow's
     own default retries for minutes), turns telemetry off and skips the pip check that
     needs the network when logging a model.
+
+    An SQLite store that does not exist yet is created, and `announce`d (a store in the
+    wrong folder must not go unnoticed); with `create=False` (commands that only read or
+    add to what a store holds: register, promote) it is refused instead (TrackingError
+    naming the file and how to name the right store).
     """
     import mlflow
     from mlflow import MlflowClient
 
     uri = tracking_uri(params)
+    database = sqlite_path(uri)
+    if database is not None and not database.exists():
+        if not create:
+            raise TrackingError(
+                f"there is no MLflow store at {database} (nothing was registered or tracked there): run this "
+                "in the project that holds the runs' mlflow.db, or name the store with MLFLOW_TRACKING_URI "
+                "or --set tracking.uri=sqlite:////abs/path/mlflow.db (or http://host:port)"
+            )
+        announce(f"creating a new MLflow store at {database} (runs and models of other stores are not in it; "
+                 "name another with MLFLOW_TRACKING_URI or tracking.uri)")
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = str(params.tracking.retries)
     os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] = "1"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = str(params.tracking.timeout_s)
@@ -345,6 +395,18 @@ class RunRecord:
     def write(self, run_dir: Path) -> None:
         write_json(Path(run_dir) / RUN_RECORD, self.__dict__)
 
+    @classmethod
+    def of_run(cls, client, run) -> RunRecord:
+        """The record of an MLflow parent `run` (an `mlflow.entities.Run` of `client`'s store),
+        rebuilt from the store: its branch children and its last test's evaluation tags."""
+        tags = run.data.tags
+        with tracking_errors(client.tracking_uri, f"looking up the branch runs of {run.info.run_id}"):
+            children = client.search_runs([run.info.experiment_id],
+                                          filter_string=f"tags.mlflow.parentRunId = '{run.info.run_id}'")
+        return cls(client.tracking_uri, run.info.experiment_id, run.info.run_id,
+                   {c.data.tags[f"{TAG}branch"]: c.info.run_id for c in children if f"{TAG}branch" in c.data.tags},
+                   tags.get(f"{TAG}eval_data_hash"), tags.get(f"{TAG}eval_data_root"), tags.get(f"{TAG}eval_category"))
+
 
 @dataclass
 class CategoryRun:
@@ -425,7 +487,9 @@ class CategoryRun:
 
     def log_test(self, result: Mapping[str, Any], data_hash_value: str, data_root: Path) -> None:
         """Final metrics of the fused model (parent) and of each branch (children), the
-        evaluation data's hash, and the test artifacts."""
+        evaluation data's hash, the sha256 of `metrics.json` (`METRICS_HASH_TAG`: which test
+        files the run describes) and the test artifacts, all from this run's folder
+        (`run_dir`: the run directory, or an evaluation folder of it)."""
         self.log(self.run_id, "logging test metrics", {
             **result_metrics(result["fused"]),
             **{f"{b}.{k}": v for b in BRANCH_RUNS for k, v in result_metrics(result[b]).items() if "per_defect" not in k},
@@ -433,7 +497,8 @@ class CategoryRun:
             **{f"disc.{k}": v for k, v in result_metrics(result.get("disc") or {}).items() if "per_defect" not in k},
             "n_test_images": result["n_test_images"],
         }, tags={f"{TAG}eval_data_hash": data_hash_value, f"{TAG}eval_category": result["category"],
-                 f"{TAG}eval_data_root": str(Path(data_root).resolve())})
+                 f"{TAG}eval_data_root": str(Path(data_root).resolve()),
+                 METRICS_HASH_TAG: file_digest(self.run_dir / "metrics.json")})
         for branch, run_id in self.record.branch_run_ids.items():
             self.log(run_id, f"logging test metrics of {branch}", result_metrics(result[branch]))
         self.log_artifacts(["metrics.json", "auc_table.csv"], "test")
@@ -460,7 +525,7 @@ class CategoryRun:
                 self.client.set_terminated(run_id, status)
 
 
-def _existing_record(client, run_dir: Path) -> RunRecord | None:
+def existing_record(client, run_dir: Path) -> RunRecord | None:
     """The recorded runs when they are in this store and not deleted; else None."""
     from mlflow.exceptions import MlflowException
 
@@ -487,7 +552,7 @@ def open_category_run(params: Params, run_dir: Path, category: str, data_root: P
     """
     client = connect(params)
     run_dir = Path(run_dir)
-    if reuse and (record := _existing_record(client, run_dir)) is not None:
+    if reuse and (record := existing_record(client, run_dir)) is not None:
         return CategoryRun(client, record, run_dir, created=False)
     experiment_id = ensure_experiment(client, experiment_name(data_root))
     commit, dirty = git_state()
@@ -518,3 +583,33 @@ def open_category_run(params: Params, run_dir: Path, category: str, data_root: P
     run = CategoryRun(client, record, run_dir, created=True)
     run.log(run.run_id, "logging params", params=run_params(params, category, data_root))
     return run
+
+
+def open_evaluation_run(model_run: CategoryRun, folder: Path, category: str, data_root: Path, data_hash_value: str,
+                        source: str, tags: Mapping[str, str] | None = None) -> CategoryRun:
+    """The MLflow run of an evaluation kept beside the model's first (`folder`, e.g.
+    `RUN/evaluations/<data hash>/`): a child of the model's run `model_run`, named
+    `<category>/evaluation <hash>`, tagged `dualstpm.evaluation_of` (the model's run) and
+    with `tags`; its id is recorded in `folder/mlflow_run.json`, so the same evaluation
+    again adds to it."""
+    client = model_run.client
+    if (record := existing_record(client, folder)) is not None:
+        return CategoryRun(client, record, folder, created=False)
+    parent = model_run.record
+    with tracking_errors(client.tracking_uri, f"starting an evaluation run of {parent.run_id}"):
+        run = client.create_run(parent.experiment_id, run_name=f"{category}/evaluation {data_hash_value[:8]}", tags={
+            "mlflow.parentRunId": parent.run_id,
+            "mlflow.source.name": source,
+            "mlflow.source.type": "LOCAL",
+            f"{TAG}evaluation_of": parent.run_id,
+            f"{TAG}category": category,
+            f"{TAG}dataset": dataset_name(data_root),
+            f"{TAG}data_root": str(Path(data_root).resolve()),
+            f"{TAG}data_hash": data_hash_value,
+            f"{TAG}run_dir": str(Path(folder).resolve()),
+            **(tags or {}),
+        })
+    record = RunRecord(client.tracking_uri, parent.experiment_id, run.info.run_id, {})
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    record.write(folder)
+    return CategoryRun(client, record, Path(folder), created=True)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -41,7 +42,7 @@ from dualstpm.registry import (
     registered_name,
 )
 from dualstpm.stages import tracked_ablate, tracked_fit, tracked_test
-from dualstpm.tracking import RunRecord
+from dualstpm.tracking import RunRecord, data_hash
 
 
 class Crash(BaseException):
@@ -106,43 +107,103 @@ def test_the_fit_records_its_run_and_the_model_hash(tested: Path, store: str):
     assert MlflowClient().get_run(record.run_id).data.tags[MODEL_HASH_TAG] == expected
 
 
-def test_a_restored_earlier_model_is_refused_by_test_ablate_and_register(tested: Path, params, my_data: Path,
-                                                                          tmp_path: Path):
-    """What DVC's run cache does when fit.epochs goes 2 -> 1 -> 2: the model files of the
-    earlier fit come back while RUN/mlflow_run.json names the later fit's run."""
+TEST_OUTPUTS = ("metrics.json", "auc_table.csv", "plots", "maps/test.npz", "maps/val.npz")  # dvc.yaml's test outs
+
+
+def put_back(saved: Path, run_dir: Path, names: tuple[str, ...]) -> None:
+    """What DVC's checkout does for a stage restored from its run cache: each output replaced by the cached one."""
+    for name in names:
+        target = run_dir / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        (shutil.copytree if (saved / name).is_dir() else shutil.copyfile)(saved / name, target)
+
+
+def test_a_model_dvc_restored_registers_against_the_run_that_trained_it(tested: Path, params, my_data: Path,
+                                                                        tmp_path: Path):
+    """What DVC's run cache does when fit.epochs goes 2 -> 1 -> 2: the earlier fit's model
+    files (with their lineage.json) and its test's outputs come back, while RUN/mlflow_run.json
+    still names the later fit's run. `register` registers against the earlier run, which
+    trained those files; it refuses while no run describes the files on disk."""
     run_dir = copy_of(tested, tmp_path / "run")
     first = RunRecord.read(run_dir).run_id
-    earlier = copy_of(run_dir / "model", tmp_path / "earlier-model")
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    put_back(run_dir, saved, ("model", *TEST_OUTPUTS[:3], "maps"))
     one_epoch = params.model_copy(update={"fit": params.fit.model_copy(update={"epochs": 1})})
     tracked_fit(one_epoch, my_data, "synth_texture", run_dir, overwrite=True)
     tracked_test(one_epoch, run_dir, my_data, "synth_texture")
     second = RunRecord.read(run_dir).run_id
     assert second != first
-    shutil.rmtree(run_dir / "model")
-    shutil.copytree(earlier, run_dir / "model")  # restored with its lineage.json
-    results = digest(run_dir)
+    client = MlflowClient()
     name = model_name(my_data, "synth_texture")
-    versions = {str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")}
+    versions = {str(v.version) for v in client.search_model_versions(f"name = '{name}'")}
 
+    # the earlier files, changed by a byte: neither run trained them
+    put_back(saved, run_dir, ("model",))
+    calibration = run_dir / "model" / "calibration.json"
+    calibration.write_text(calibration.read_text() + "\n")
+    results = digest(run_dir)
     for attempt in (lambda: register_run(run_dir, params, "synth_texture"),
                     lambda: tracked_test(params, run_dir, my_data, "synth_texture"),
                     lambda: tracked_ablate(params, run_dir)):
         with pytest.raises(RunError) as refused:
             attempt()
         message = str(refused.value)
-        assert f"not the model MLflow run {second} trained" in message
-        assert f"trained in run {first}" in message
+        assert "no MLflow run in" in message and "describes the model files" in message
+        assert f"run {second} (mlflow_run.json)" in message and f"run {first} (lineage.json)" in message
         assert "dvc repro --force --single-item fit@synth_texture" in message
     assert digest(run_dir) == results  # nothing written
-    assert {str(v.version) for v in MlflowClient().search_model_versions(f"name = '{name}'")} == versions
+
+    # the earlier model back, but the later model's test outputs: register and ablate would use another model's
+    put_back(saved, run_dir, ("model",))
+    results = digest(run_dir)
+    for attempt in (lambda: register_run(run_dir, params, "synth_texture"), lambda: tracked_ablate(params, run_dir)):
+        with pytest.raises(RunError, match=f"is not the test MLflow run {first} logged"):
+            attempt()
+    assert digest(run_dir) == results and RunRecord.read(run_dir).run_id == second
+    assert {str(v.version) for v in client.search_model_versions(f"name = '{name}'")} == versions
+
+    # as DVC restores it: the earlier model and the earlier test's outputs
+    put_back(saved, run_dir, TEST_OUTPUTS)
+    version = register_run(run_dir, params, "synth_texture")
+    assert version.run_id == first
+    assert version.tags[MODEL_HASH_TAG] == model_sha256(run_dir / "model") == client.get_run(first).data.tags[MODEL_HASH_TAG]
+    assert version.tags["metric.image_auroc"] == repr(json.loads((saved / "metrics.json").read_text())["fused"]["image_auroc"])
+    record = RunRecord.read(run_dir)  # from now on the record names the run that trained the files
+    assert record.run_id == first and record.eval_data_hash == client.get_run(first).data.tags["dualstpm.eval_data_hash"]
+    assert sorted(record.branch_run_ids) == ["recon", "stpm"]
+    assert {client.get_run(r).data.tags["mlflow.parentRunId"] for r in record.branch_run_ids.values()} == {first}
+
+
+def test_test_after_a_restored_model_logs_into_the_run_that_trained_it(tested: Path, params, my_data: Path,
+                                                                       tmp_path: Path):
+    """Only the fit restored (its test outputs gone): `dualstpm test` tests the restored model
+    into its own run, after which it registers against that run."""
+    run_dir = copy_of(tested, tmp_path / "run")
+    record = RunRecord.read(run_dir)
+    first = record.run_id
+    client = MlflowClient()
+    later = client.create_run(record.experiment_id, run_name="later fit").info.run_id
+    client.set_tag(later, MODEL_HASH_TAG, "f" * 64)  # a later fit's run: another model's files
+    RunRecord(**{**record.__dict__, "run_id": later}).write(run_dir)
+    (run_dir / "metrics.json").unlink()
+    tracked_test(params, run_dir, my_data, "synth_texture")
+    assert RunRecord.read(run_dir).run_id == first
+    assert client.get_run(first).data.tags["dualstpm.metrics_sha256"] == \
+        hashlib.sha256((run_dir / "metrics.json").read_bytes()).hexdigest()
+    assert register_run(run_dir, params, "synth_texture").run_id == first
 
 
 def test_model_files_changed_after_the_fit_are_refused(tested: Path, params, tmp_path: Path):
     run_dir = copy_of(tested, tmp_path / "run")
     calibration = run_dir / "model" / "calibration.json"
     calibration.write_text(calibration.read_text() + "\n")  # any byte
-    with pytest.raises(RunError, match="they changed after that fit"):
+    with pytest.raises(RunError, match="They changed after their fit") as refused:
         register_run(run_dir, params, "synth_texture")
+    assert f"run {RunRecord.read(run_dir).run_id} (mlflow_run.json) logged" in str(refused.value)
 
 
 def test_a_run_whose_fit_lost_the_store_before_logging_the_hash_gets_it_later(tested: Path, params, my_data: Path,
@@ -158,20 +219,15 @@ def test_a_run_whose_fit_lost_the_store_before_logging_the_hash_gets_it_later(te
 # --------------------------------------------------------------------------- one evaluation per run
 
 
-def test_retesting_on_another_category_or_test_set_is_refused(tested: Path, params, my_data: Path, tmp_path: Path):
+def test_retesting_on_another_category_is_refused(tested: Path, params, my_data: Path, tmp_path: Path):
     run_dir = copy_of(tested, tmp_path / "run")
     record = RunRecord.read(run_dir)
     client = MlflowClient()
     logged = client.get_run(record.run_id).data
     files = digest(run_dir)
-
-    other_set = tmp_path / "Other" / "synth_texture"
-    shutil.copytree(my_data / "synth_texture", other_set)
-    next(iter(sorted((other_set / "test" / "good").iterdir()))).unlink()  # one test image fewer
-    for root, category in ((my_data, "synth_object"), (other_set.parent, "synth_texture")):
-        with pytest.raises(RunError, match="describe one evaluation") as refused:
-            tracked_test(params, run_dir, root, category)
-        assert f"cp -r {run_dir / 'model'} NEW/" in str(refused.value)
+    with pytest.raises(RunError, match="describe one category") as refused:
+        tracked_test(params, run_dir, my_data, "synth_object")
+    assert f"cp -r {run_dir / 'model'} NEW/" in str(refused.value)
     assert digest(run_dir) == files  # metrics.json, plots, maps untouched
     after = client.get_run(record.run_id).data
     assert after.metrics == logged.metrics and after.tags["dualstpm.eval_category"] == "synth_texture"
@@ -188,6 +244,54 @@ def test_retesting_on_another_category_or_test_set_is_refused(tested: Path, para
     assert new_run != record.run_id
     assert json.loads((new / "model" / LINEAGE_FILE).read_text())["run_id"] == new_run
     assert client.get_run(new_run).data.tags["dualstpm.eval_category"] == "synth_object"
+
+
+def test_retesting_after_adding_an_image_names_it_and_keeps_a_new_evaluation_beside_the_first(
+        tested: Path, params, my_data: Path, tmp_path: Path):
+    run_dir = copy_of(tested, tmp_path / "run")
+    record = RunRecord.read(run_dir)
+    client = MlflowClient()
+    logged = client.get_run(record.run_id).data
+    earlier = json.loads((run_dir / "metrics.json").read_text())
+    data = tmp_path / "MyData"  # the user's folder, one test image added since the test
+    shutil.copytree(my_data / "synth_texture", data / "synth_texture")
+    good = sorted((data / "synth_texture" / "test" / "good").iterdir())
+    shutil.copyfile(good[0], good[0].with_name("zz_new.png"))
+    files = digest(run_dir)
+
+    with pytest.raises(RunError) as refused:
+        tracked_test(params, run_dir, data, "synth_texture")
+    message = str(refused.value)
+    assert "1 image added (test/good/zz_new.png)" in message
+    assert "removed" not in message and "changed (" not in message and "cp -r" not in message
+    assert f"--run {run_dir} --data-root {data} --category synth_texture --new-evaluation" in message
+    assert digest(run_dir) == files
+
+    new_hash = data_hash(data, "synth_texture")
+    assert new_hash != record.eval_data_hash
+    result = tracked_test(params, run_dir, data, "synth_texture", new_evaluation=True)
+    folder = run_dir / "evaluations" / new_hash.removesuffix(".dir")
+    assert result["n_test_images"] == earlier["n_test_images"] + 1
+    written = json.loads((folder / "metrics.json").read_text())
+    assert written["n_test_images"] == result["n_test_images"] and written["category"] == "synth_texture"
+    assert (folder / "auc_table.csv").is_file() and (folder / "plots" / "roc.png").is_file()
+    assert (folder / "maps" / "test.npz").is_file()
+    saved_list = json.loads((folder / "data_files.json").read_text())
+    assert saved_list["data_hash"] == new_hash and "test/good/zz_new.png" in saved_list["files"]
+    assert {k: v for k, v in digest(run_dir).items() if not k.startswith("evaluations/")} == files  # the first: as it was
+    assert RunRecord.read(run_dir) == record
+    assert client.get_run(record.run_id).data.metrics == logged.metrics
+
+    evaluation = RunRecord.read(folder)  # a run of its own, a child of the model's run
+    child = client.get_run(evaluation.run_id).data
+    assert child.tags["mlflow.parentRunId"] == child.tags["dualstpm.evaluation_of"] == record.run_id
+    assert child.tags["dualstpm.eval_data_hash"] == new_hash and child.metrics["n_test_images"] == result["n_test_images"]
+    assert child.tags[MODEL_HASH_TAG] == model_sha256(run_dir / "model")
+
+    tracked_test(params, run_dir, data, "synth_texture")  # that data again: the same new evaluation, redone
+    assert RunRecord.read(folder).run_id == evaluation.run_id and RunRecord.read(run_dir) == record
+    tracked_test(params, run_dir, my_data, "synth_texture")  # the first data again: the first evaluation
+    assert json.loads((run_dir / "metrics.json").read_text())["n_test_images"] == earlier["n_test_images"]
 
 
 # --------------------------------------------------------------------------- registration
@@ -232,7 +336,7 @@ def test_promote_finds_the_model_register_made_from_anywhere(tested: Path, param
     outside.mkdir()
     done = subprocess.run([sys.executable, "-m", "dualstpm", "promote", "--category", "synth_texture",
                            "--version", str(version.version)], cwd=outside, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == (3 if "not promoted" in done.stdout else 0), done.stderr  # 3: judged, not promoted
     assert f"dualstpm-mydata-synth_texture version {version.version}" in done.stdout
 
     client.create_registered_model("dualstpm-otherdata-synth_texture", tags={"dualstpm.category": "synth_texture"})
@@ -242,6 +346,35 @@ def test_promote_finds_the_model_register_made_from_anywhere(tested: Path, param
     assert registered_name(client, "synth_texture", my_data) == "dualstpm-mydata-synth_texture"
     with pytest.raises(RunError, match="no registered model of category 'weld'"):
         registered_name(client, "weld")
+
+
+def test_register_from_another_folder_uses_the_store_the_run_records(tested: Path, store: str, tmp_path: Path):
+    """No store named: `register --run RUN` elsewhere registers in the store RUN/mlflow_run.json
+    records, and creates no mlflow.db where it runs; commands that only read a store never
+    create one."""
+    run_dir = copy_of(tested, tmp_path / "run")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}  # the default: ./mlflow.db
+    done = subprocess.run([sys.executable, "-m", "dualstpm", "register", "--run", str(run_dir)], cwd=elsewhere,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert not (elsewhere / "mlflow.db").exists() and not (elsewhere / "mlartifacts").exists()
+    assert f"using the MLflow store {store}" in " ".join(done.stderr.split())
+    name = model_name(RunRecord.read(run_dir).eval_data_root, "synth_texture")
+    version = MlflowClient(store).get_model_version_by_alias(name, CHALLENGER)  # in the run's store
+    assert f"{name} version {version.version}" in done.stdout
+    assert version.run_id == RunRecord.read(run_dir).run_id
+    assert version.tags["dualstpm.run_dir"] == str(run_dir.resolve())
+
+    for command in (["register", "--run", str(run_dir)], ["promote", "--category", "synth_texture"]):
+        named = {**env, "MLFLOW_TRACKING_URI": f"sqlite:///{elsewhere / 'other.db'}"}  # named, but not there
+        refused = subprocess.run([sys.executable, "-m", "dualstpm", *command], cwd=elsewhere,
+                                 env=named if command[0] == "register" else env, capture_output=True, text=True,
+                                 timeout=600)
+        assert refused.returncode == 2, refused.stdout + refused.stderr
+        assert "there is no MLflow store at" in " ".join(refused.stderr.split())
+        assert not list(elsewhere.iterdir())  # no store created
 
 
 # --------------------------------------------------------------------------- promotion

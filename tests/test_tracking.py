@@ -81,6 +81,49 @@ def test_dataset_names_come_from_the_data_root_folder_itself(tmp_path: Path, mon
         dataset_name("/")
 
 
+def test_a_new_store_is_announced_and_commands_that_only_read_one_never_create_it(
+        in_project: Path, capsys: pytest.CaptureFixture):
+    from dualstpm.errors import TrackingError
+    from dualstpm.tracking import connect
+
+    params = load_params(None, ["tracking.retries=0"])
+    with pytest.raises(TrackingError, match=f"there is no MLflow store at {in_project.resolve()}/mlflow.db"):
+        connect(params, create=False)
+    assert not (in_project / "mlflow.db").exists()
+    connect(params)
+    assert f"creating a new MLflow store at {in_project.resolve()}/mlflow.db" in " ".join(capsys.readouterr().err.split())
+    assert (in_project / "mlflow.db").is_file()
+    connect(params, create=False)  # it exists now: nothing to say
+    assert "creating" not in capsys.readouterr().err
+
+
+def test_a_command_on_a_run_uses_the_store_the_run_records(in_project: Path, monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture):
+    from dualstpm.errors import TrackingError
+    from dualstpm.lineage import run_store
+    from dualstpm.tracking import RunRecord
+
+    run_dir = in_project / "run"
+    run_dir.mkdir()
+    theirs = in_project / "project" / "mlflow.db"
+    theirs.parent.mkdir()
+    theirs.touch()
+    RunRecord(f"sqlite:///{theirs}", "1", "a" * 32, {}).write(run_dir)
+    params = load_params(None)
+    assert run_store(params, run_dir).tracking.uri == f"sqlite:///{theirs}"  # not ./mlflow.db
+    assert f"using the MLflow store sqlite:///{theirs}" in " ".join(capsys.readouterr().err.split())
+    named = load_params(None, ["tracking.uri=http://127.0.0.1:5999"])
+    assert run_store(named, run_dir) == named  # a store the user names wins
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
+    assert run_store(params, run_dir) == params
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    theirs.unlink()  # moved away: which store to use is the user's to say
+    with pytest.raises(TrackingError, match="records the MLflow store .* which does not exist"):
+        run_store(params, run_dir)
+    RunRecord(f"sqlite:///{in_project.resolve()}/mlflow.db", "1", "a" * 32, {}).write(run_dir)
+    assert run_store(params, run_dir) == params  # this folder's own store: `connect` creates it, and says so
+
+
 def test_params_for_data_describes_the_data_actually_used(in_project: Path):
     synthetic = load_params(None, ["data.source=synthetic", f"data.root={in_project}"])
     assert params_for_data(synthetic, in_project) is synthetic
