@@ -436,9 +436,11 @@ def register(
 ) -> None:
     """Register the tested model of RUN as a new version (alias `challenger`) in the MLflow registry."""
     category = trained_category(run, category)  # a wrong run fails before MLflow loads
+    from dualstpm.progress import stage
     from dualstpm.registry import CHALLENGER, register_run
 
-    version = register_run(run, resolve_params(params, overrides), category)
+    with stage(f"registering the model of {run} (logging it to MLflow with its ONNX export)"):
+        version = register_run(run, resolve_params(params, overrides), category)
     out.print(f"registered: {version.name} version {version.version} (@{CHALLENGER}); "
               f"load it as models:/{version.name}@{CHALLENGER}")
 
