@@ -2,8 +2,9 @@
 
 - On a terminal (stderr a TTY, in the main thread): a transient rich bar per stage.
 - Elsewhere (a pipe, CI logs, a Prefect task's thread): a line per stage when it starts,
-  naming it and its count (``decoding test images: 0/93 images``), a line every
-  :data:`LOG_EVERY_S` seconds while it runs, and one when it ends, with its time.
+  naming it and its count (``decoding test images: 93 images``), a line every
+  :data:`LOG_EVERY_S` seconds while it runs (``... 40/93 images, 30 s``), and one when it
+  ends, with its time (``decoding test images: done, 93/93 images in 1.2 s``).
 
 Messages for the user (:func:`say`) and the stage lines share one path: inside
 :func:`labelled` (a Prefect task of one category, several running side by side) every line
@@ -51,15 +52,18 @@ def bars_shown() -> bool:
 
 
 class _Bar(Progress):
-    """A Progress that, while shown, is the one later stages add their bars to."""
+    """A Progress that, while shown (not disabled: main thread, terminal), is the one later
+    stages add their bars to."""
 
     def __enter__(self) -> _Bar:
         super().__enter__()
-        _live.append(self)
+        if not self.disable:
+            _live.append(self)
         return self
 
     def __exit__(self, *exc_info) -> None:
-        _live.remove(self)
+        if self in _live:
+            _live.remove(self)
         super().__exit__(*exc_info)
 
 
