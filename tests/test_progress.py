@@ -150,3 +150,13 @@ def test_test_and_predict_say_each_stage_with_its_count_on_stderr(trained_run: P
     said = lines(captured.err)
     assert said[0] == "scoring images: 4 images"
     assert said[1].startswith("scoring images: done, 4/4 images in ")
+
+
+def test_a_bar_not_shown_takes_no_stage(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """fit's epoch bar in a Prefect worker thread is disabled: stages inside it log lines."""
+    monkeypatch.setattr(progress, "bars_shown", lambda: False)
+    with progress_bar():
+        assert progress._live == []
+        with stage("scoring", 1) as step:
+            step.advance()
+    assert lines(capsys.readouterr().err)[0] == "scoring: 1 images"
