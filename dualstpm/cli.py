@@ -467,9 +467,11 @@ def register(
     """Register the tested model of RUN as a new version (alias `challenger`) in the MLflow registry
     (the store RUN records, unless MLFLOW_TRACKING_URI or tracking.uri names one)."""
     category = trained_category(run, category)  # a wrong run fails before MLflow loads
+    from dualstpm.progress import stage
     from dualstpm.registry import CHALLENGER, register_run
 
-    version = register_run(run, resolve_params(params, overrides), category)
+    with stage(f"registering the model of {run} (logging it to MLflow with its ONNX export)"):
+        version = register_run(run, resolve_params(params, overrides), category)
     out.print(f"registered: {version.name} version {version.version} (@{CHALLENGER}) from MLflow run "
               f"{version.run_id}; load it as models:/{version.name}@{CHALLENGER}")
 

@@ -25,6 +25,7 @@ from dualstpm.figures import PLOTS_DIR, overlay_name, write_test_figures
 from dualstpm.fusion import DISC_VIEW, VIEWS
 from dualstpm.maps import MAPS_DIR, compute_six_maps, disc_and_scores, fused_and_scores, store_test_and_val_maps
 from dualstpm.overlays import fusion_label
+from dualstpm.progress import stage
 
 METRICS_FILE = "metrics.json"
 IMAGE_ONLY_NOTE = "image-level only: the category has no ground_truth folder, so pixel metrics are null"
@@ -75,7 +76,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     dataset = load_category(Path(data_root), category)
     size = detector.params.image_size
     max_pixels = detector.params.data.max_image_pixels if max_pixels is None else max_pixels
-    images = decode_images([s.path for s in dataset.test], size, f"decoding {len(dataset.test)} test images",
+    images = decode_images([s.path for s in dataset.test], size, "decoding test images",
                            max_pixels)
     masks, truth_report = None, None
     if dataset.has_ground_truth:
@@ -85,7 +86,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     defect_types = [s.defect_type for s in dataset.test]
 
     batch_size = batch_size or detector.params.fit.batch_size
-    six = compute_six_maps(detector, images, batch_size)
+    six = compute_six_maps(detector, images, batch_size, "computing anomaly maps of test images")
     scores: dict[str, np.ndarray] = {}
     maps: dict[str, np.ndarray] | None = {} if masks is not None else None
     for view in (v for v in detector.views if v != DISC_VIEW):  # the views fused from the six maps
@@ -117,12 +118,14 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     }
     if truth_report is not None:
         result["ground_truth"] = truth_report.to_dict()
-    for view in detector.views:
-        result[view] = {
-            **metrics.evaluate(labels, defect_types, scores[view], maps[view] if maps is not None else None, truth,
-                               detector.thresholds[view]),
-            **false_alarms(labels, scores[view], detector.thresholds[view], detector.calibration.false_alarm_rate),
-        }
+    with stage("computing metrics", len(detector.views), "views") as progress:
+        for view in detector.views:
+            result[view] = {
+                **metrics.evaluate(labels, defect_types, scores[view], maps[view] if maps is not None else None, truth,
+                                   detector.thresholds[view]),
+                **false_alarms(labels, scores[view], detector.thresholds[view], detector.calibration.false_alarm_rate),
+            }
+            progress.advance()
     # what the ground truth holds (lossy or empty masks, merged regions), then why metrics are null
     notes = [note for note in (truth_report.note() if truth_report is not None else None,
                                undefined_metrics_note(result, has_ground_truth=masks is not None)) if note]
@@ -130,7 +133,9 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
         result["note"] = "; ".join(notes)
     if plots_dir is not None:
         names = [overlay_name(s.defect_type, s.path) for s in dataset.test]
-        write_test_figures(plots_dir, detector, [s.path for s in dataset.test], labels, scores, names, maps, masks)
+        with stage("drawing curves and overlays"):
+            write_test_figures(plots_dir, detector, category, [s.path for s in dataset.test], labels, scores, names,
+                               maps, masks)
     if maps_dir is not None:
         store_test_and_val_maps(maps_dir, detector, dataset, six, masks, batch_size, max_pixels)
     return result

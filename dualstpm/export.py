@@ -37,6 +37,7 @@ from dualstpm.errors import ExportError
 from dualstpm.files import staged_dir, write_json
 from dualstpm.models.inference import INPUT_NAME, OUTPUT_NAMES
 from dualstpm.paths import MODEL_SUBDIR, PARAMS_FILE
+from dualstpm.progress import stage
 
 FORMATS = ("onnx", "openvino", "torchscript")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -113,7 +114,7 @@ def write_onnx(detector: Detector, path: Path) -> Path:
     inference.chunked = False  # one graph for every batch size
     example = _example_images(detector, 1)
     try:
-        with _EXPORTING, warnings.catch_warnings():
+        with stage("exporting the detector to ONNX"), _EXPORTING, warnings.catch_warnings():
             torch.onnx.register_custom_op_symbolic("aten::linalg_vecdot", _vecdot_symbolic, ONNX_OPSET)
             warnings.simplefilter("ignore")  # tracer warnings about Python constants (the fusion's weights)
             torch.onnx.export(
@@ -130,7 +131,7 @@ def write_torchscript(detector: Detector, path: Path) -> Path:
     inference = detector.inference
     inference.chunked = False
     try:
-        with _EXPORTING, torch.inference_mode(False), torch.no_grad():
+        with stage("tracing the detector to TorchScript"), _EXPORTING, torch.inference_mode(False), torch.no_grad():
             example = _example_images(detector, 2)
             traced = torch.jit.trace(inference, (example,), check_trace=False)
         traced.save(str(path))
@@ -201,9 +202,10 @@ def quantize_onnx(source: Path, target: Path, images: np.ndarray, scope: tuple[s
     chosen = [name for name in convs if name.startswith(scope)]
     if not chosen:
         raise ExportError(f"int8 export: no convolution of the graph lies in the quantised scope {list(scope)}")
-    quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    op_types_to_quantize=["Conv"], nodes_to_quantize=chosen)
+    with stage(f"quantising {len(chosen)} of {len(convs)} convolutions to int8 on {len(images)} calibration images"):
+        quantize_static(str(source), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        op_types_to_quantize=["Conv"], nodes_to_quantize=chosen)
     return {"method": "onnxruntime.quantization.quantize_static", "format": "QDQ", "per_channel": True,
             "activations": "uint8", "weights": "int8", "ops": ["Conv"], "scope": list(scope),
             "quantized_convolutions": len(chosen), "convolutions": len(convs),
@@ -307,8 +309,9 @@ def export_run(run_dir: Path, fmt: str, precision: str, out_dir: Path, data_root
                 float_path.unlink()
             if fmt == "openvino":
                 ov = _require("openvino", "openvino")
-                ov.save_model(ov.convert_model(str(onnx_path)), str(staging / MODEL_FILES[fmt]),
-                              compress_to_fp16=precision == "fp16")
+                with stage("converting the ONNX graph to OpenVINO"):
+                    ov.save_model(ov.convert_model(str(onnx_path)), str(staging / MODEL_FILES[fmt]),
+                                  compress_to_fp16=precision == "fp16")
                 onnx_path.unlink()
         write_json(staging / METADATA_FILE, metadata(detector, run_dir, fmt, precision, quantization))
     return out_dir

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from dualstpm.compute import Compute
 from dualstpm.models.torch_model import DualStpmModel, TeacherFeatures
-from dualstpm.progress import progress_bar
+from dualstpm.progress import stage
 
 
 def cache_dtype(compute: Compute) -> torch.dtype:
@@ -68,13 +68,12 @@ class TeacherFeatureCache:
             spill_dir = Path(tempfile.mkdtemp(prefix=".feature-cache-", dir=spill_parent))
             storage = [_memmap(spill_dir / f"{i}.npy", s, dtype) for i, s in enumerate(shapes)]
             location = "disk"
-        with progress_bar() as progress:
-            task = progress.add_task(f"caching teacher features ({total / 2**20:.0f} MiB, {location})", total=len(images))
+        with stage(f"caching teacher features ({total / 2**20:.0f} MiB, {location})", len(images)) as progress:
             for start in range(0, len(images), batch_size):
                 features = cls._teachers(model, images[start : start + batch_size], compute)
                 for store, feature in zip(storage, features, strict=True):
                     store[start : start + len(feature)] = feature.permute(0, 2, 3, 1).to("cpu", dtype)
-                progress.advance(task, len(features[0]))
+                progress.advance(len(features[0]))
         return cls(storage, location, spill_dir)
 
     @staticmethod

@@ -6,9 +6,11 @@ and MLflow (logged as artifacts of the category's run):
 
     plots/roc/{fused,stpm,recon}.csv   image-level ROC: fpr, tpr
     plots/pro/{fused,stpm,recon}.csv   per-region overlap: fpr, pro (pixel-level categories only)
-    plots/roc.png, plots/pro.png       the three views in one chart each
-    plots/overlays/*.png               heat maps of the most telling test images (`dualstpm.overlays`)
-    plots/overlays.png                 those overlays as one grid, ground truth outlined
+    plots/roc.png, plots/pro.png       the three views in one chart each, titled with the category
+    plots/overlays/*.png               heat maps of the most telling test images (`dualstpm.overlays`),
+                                       each captioned with why it is shown (`telling_images`)
+    plots/overlays.png                 those overlays as one grid under a heading naming the category,
+                                       the decision view and its threshold; ground truth outlined
 
 Matplotlib's object API is used (no pyplot), so nothing depends on a display or backend.
 """
@@ -28,7 +30,7 @@ from dualstpm.data import read_image
 from dualstpm.detector import Detector
 from dualstpm.files import atomic_file, staged_dir
 from dualstpm.fusion import VIEWS
-from dualstpm.overlays import GRID_CELL_WIDTH, draw_overlay, fusion_label, overlay_grid, overlay_scale
+from dualstpm.overlays import GRID_CELL_WIDTH, detector_heading, draw_overlay, overlay_grid, overlay_scale
 from dualstpm.predict import score_images
 
 PLOTS_DIR = "plots"
@@ -37,8 +39,10 @@ GRID_COLUMNS = 4
 OVERLAY_GRID = "overlays.png"
 
 
-def _curve_chart(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]],
-                 title: str, ylabel: str, fpr_limit: float | None = None) -> None:
+def curve_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], title: str, ylabel: str,
+                 fpr_limit: float | None = None) -> Figure:
+    """One chart of `curves` ({view: (false-positive rates, y values, area or None)}): x is the
+    false-positive rate, y `ylabel`, the legend names each view with its area."""
     fig = Figure(figsize=(5, 4.5))
     ax = fig.subplots()
     for view, (x, y, area) in curves.items():
@@ -51,28 +55,40 @@ def _curve_chart(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray, flo
     ax.set(xlabel="false-positive rate", ylabel=ylabel, title=title, xlim=(0, 1), ylim=(0, 1.02))
     ax.legend(loc="lower right")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
 
 
-def write_roc(plots_dir: Path, labels: np.ndarray, scores: dict[str, np.ndarray]) -> bool:
-    """Image-level ROC per view; False (nothing written) when the test split has one class only."""
+def roc_title(category: str) -> str:
+    return f"{category}: image ROC (AUROC)"
+
+
+def pro_title(category: str) -> str:
+    return f"{category}: per-region overlap (AUPRO at {metrics.FPR_LIMIT:.0%} FPR)"
+
+
+def write_roc(plots_dir: Path, labels: np.ndarray, scores: dict[str, np.ndarray], category: str) -> Figure | None:
+    """Image-level ROC per view of the test images of `category` (the chart's title): the
+    CSVs and `roc.png`; returns the chart, or None (nothing written) when the test split has
+    one class only."""
     labels = np.asarray(labels, dtype=bool)
     if labels.all() or not labels.any():
-        return False
+        return None
     (plots_dir / "roc").mkdir(parents=True, exist_ok=True)
     curves = {}
     for view in VIEWS:
         fpr, tpr = metrics.roc_curve_points(labels, scores[view])
         pd.DataFrame({"fpr": fpr, "tpr": tpr}).to_csv(plots_dir / "roc" / f"{view}.csv", index=False)
         curves[view] = (fpr, tpr, metrics.image_auroc(labels, scores[view]))
-    _curve_chart(plots_dir / "roc.png", curves, "image ROC (AUROC)", "true-positive rate")
-    return True
+    figure = curve_figure(curves, roc_title(category), "true-positive rate")
+    figure.savefig(plots_dir / "roc.png", dpi=100)
+    return figure
 
 
-def write_pro(plots_dir: Path, masks: np.ndarray, maps: dict[str, np.ndarray]) -> bool:
-    """Per-region-overlap curve per view, resampled on a 0.001 FPR grid; False without regions."""
+def write_pro(plots_dir: Path, masks: np.ndarray, maps: dict[str, np.ndarray], category: str) -> Figure | None:
+    """Per-region-overlap curve per view (titled with `category`), resampled on a 0.001 FPR
+    grid: the CSVs and `pro.png`; returns the chart, or None (nothing written) without regions."""
     if not masks.any() or masks.all():
-        return False
+        return None
     (plots_dir / "pro").mkdir(parents=True, exist_ok=True)
     curves = {}
     for view in VIEWS:
@@ -81,23 +97,39 @@ def write_pro(plots_dir: Path, masks: np.ndarray, maps: dict[str, np.ndarray]) -
         grid_pro = np.interp(PRO_GRID, fpr, pro)
         pd.DataFrame({"fpr": PRO_GRID, "pro": grid_pro}).to_csv(plots_dir / "pro" / f"{view}.csv", index=False)
         curves[view] = (PRO_GRID, grid_pro, metrics.aupro(masks, maps[view]))
-    _curve_chart(plots_dir / "pro.png", curves, "per-region overlap (AUPRO at 30 % FPR)", "PRO",
-                 fpr_limit=metrics.FPR_LIMIT)
-    return True
+    figure = curve_figure(curves, pro_title(category), "PRO", fpr_limit=metrics.FPR_LIMIT)
+    figure.savefig(plots_dir / "pro.png", dpi=100)
+    return figure
 
 
-def telling_images(labels: np.ndarray, scores: np.ndarray, count: int = 8) -> list[int]:
-    """Indices worth a look, in this order: the clearest detections, the worst-missed
-    defect, the worst false alarm, then the quietest good part (duplicates dropped)."""
+def telling_images(labels: np.ndarray, scores: np.ndarray, threshold: float, count: int = 8) -> list[tuple[int, str]]:
+    """The test images worth a look and why each is shown, as (index, reason), in this order:
+
+    - the highest-scoring defects, ``top defect #k`` (``..., missed`` when not above the threshold);
+    - the lowest-scoring defect: ``worst miss`` (not above `threshold`), else ``weakest defect, caught``;
+    - the highest-scoring good part: ``worst false alarm`` (above `threshold`), else
+      ``highest-scoring good part, not flagged``;
+    - the lowest-scoring good part, ``quietest good part``.
+
+    An image chosen twice is shown once, with the more telling reason (a lone defect is the
+    worst miss or weakest defect, not the top one; a lone good part the worst false alarm or
+    highest-scoring one, not the quietest). labels (N,) bool, scores (N,) image scores of the
+    decision view, threshold in their units (defective: score > threshold); at most `count`.
+    """
     order = np.argsort(-scores, kind="stable")
     defective = [int(i) for i in order if labels[i]]
     good = [int(i) for i in order if not labels[i]]
-    wanted = defective[: max(count - 3, 1)] + defective[-1:] + good[:1] + good[-1:]
-    chosen: list[int] = []
-    for index in wanted:
-        if index not in chosen:
-            chosen.append(index)
-    return chosen[:count]
+    reasons: dict[int, str] = {}
+    for rank, index in enumerate(defective[: max(count - 3, 1)], start=1):
+        reasons[index] = f"top defect #{rank}" + ("" if scores[index] > threshold else ", missed")
+    if defective:
+        last = defective[-1]
+        reasons[last] = "worst miss" if scores[last] <= threshold else "weakest defect, caught"
+    if good:
+        first = good[0]
+        reasons[first] = "worst false alarm" if scores[first] > threshold else "highest-scoring good part, not flagged"
+        reasons.setdefault(good[-1], "quietest good part")
+    return list(reasons.items())[:count]
 
 
 def overlay_name(defect_type: str, path: Path) -> str:
@@ -105,47 +137,50 @@ def overlay_name(defect_type: str, path: Path) -> str:
     return f"{defect_type}_{path.stem}"
 
 
-def write_overlays(out_dir: Path, detector: Detector, paths: Sequence[Path], labels: np.ndarray,
+def write_overlays(out_dir: Path, detector: Detector, category: str, paths: Sequence[Path], labels: np.ndarray,
                    scores: np.ndarray, names: Sequence[str], masks: np.ndarray | None) -> Path:
     """Overlays of the telling images in the detector's decision view: one PNG each in
     `out_dir/overlays/` and a grid of them, `out_dir/overlays.png` (returned).
 
-    paths: the test images (N,), read at their own size; labels (N,) bool; scores (N,):
-    the decision view's image scores, which choose the telling images; names (N,);
-    masks: (N, h, w) bool ground truth at any size, outlined in white, or None.
+    category: the test images' category (the grid's heading, with the decision view and its
+    threshold); paths: the test images (N,), read at their own size; labels (N,) bool;
+    scores (N,): the decision view's image scores, which choose the telling images (each
+    captioned ``<reason>: <name>``, :func:`telling_images`); names (N,); masks: (N, h, w)
+    bool ground truth at any size, outlined in white, or None.
     """
-    chosen = telling_images(labels, scores)
+    telling = telling_images(labels, scores, detector.threshold)
+    chosen = [index for index, _ in telling]
     originals = [read_image(Path(paths[i])) for i in chosen]
     scale = overlay_scale(detector)
     folder = out_dir / "overlays"
     shutil.rmtree(folder, ignore_errors=True)  # another choice of images must not leave old ones
     folder.mkdir(parents=True)
     cells = []
-    for index, original, result in zip(chosen, originals, score_images(detector, originals), strict=True):
+    for (index, reason), original, result in zip(telling, originals, score_images(detector, originals), strict=True):
         mask = masks[index] if masks is not None else None
         args = (original, result.anomaly_map, scale, result.score, result.label)
+        title = f"{reason}: {names[index]}"
         with atomic_file(folder / f"{index:03d}_{names[index]}.png") as tmp:
-            draw_overlay(*args, title=names[index], mask=mask).save(tmp)
-        cells.append(draw_overlay(*args, title=names[index], mask=mask, width=GRID_CELL_WIDTH))
-    heading = (f"{detector.calibration.category}: {detector.decision_view} anomaly maps, fusion {fusion_label(detector)} "
-               "(white outline: ground truth)")
+            draw_overlay(*args, title=title, mask=mask).save(tmp)
+        cells.append(draw_overlay(*args, title=title, mask=mask, width=GRID_CELL_WIDTH))
+    heading = detector_heading(detector, category)
     grid_path = out_dir / OVERLAY_GRID
     with atomic_file(grid_path) as tmp:
         overlay_grid(cells, heading, GRID_COLUMNS).save(tmp)
     return grid_path
 
 
-def write_test_figures(plots_dir: Path, detector: Detector, paths: Sequence[Path], labels: np.ndarray,
-                       scores: dict[str, np.ndarray], names: Sequence[str],
+def write_test_figures(plots_dir: Path, detector: Detector, category: str, paths: Sequence[Path],
+                       labels: np.ndarray, scores: dict[str, np.ndarray], names: Sequence[str],
                        maps: dict[str, np.ndarray] | None = None, masks: np.ndarray | None = None) -> Path:
-    """All figures of one test run into a fresh `plots_dir` (old files would mislead), built
-    in a staging folder and swapped in whole (`files.staged_dir`)."""
+    """All figures of one test run on `category` into a fresh `plots_dir` (old files would
+    mislead), built in a staging folder and swapped in whole (`files.staged_dir`)."""
     plots_dir = Path(plots_dir)
     with staged_dir(plots_dir) as staging:
-        write_roc(staging, labels, scores)
+        write_roc(staging, labels, scores, category)
         if maps is not None and masks is not None:
-            write_pro(staging, masks, maps)
-        write_overlays(staging, detector, paths, np.asarray(labels, dtype=bool), scores[detector.decision_view], names,
-                       masks)
+            write_pro(staging, masks, maps, category)
+        write_overlays(staging, detector, category, paths, np.asarray(labels, dtype=bool),
+                       scores[detector.decision_view], names, masks)
     return plots_dir
 

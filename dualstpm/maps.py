@@ -32,6 +32,7 @@ from dualstpm.detector import Detector
 from dualstpm.errors import RunError
 from dualstpm.files import atomic_file, json_text
 from dualstpm.fusion import DISC_VIEW, FusionSpec, MapStats, ScoreSpec, fuse, image_score
+from dualstpm.progress import stage
 
 MAPS_DIR = "maps"
 TEST_MAPS = "test.npz"
@@ -50,12 +51,16 @@ def weights_fingerprint(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def compute_six_maps(detector: Detector, images: Tensor, batch_size: int) -> np.ndarray:
-    """(N, 3, S, S) images -> (N, 2, 3, S, S) float16 raw maps, one forward pass per batch."""
+def compute_six_maps(detector: Detector, images: Tensor, batch_size: int,
+                     description: str = "computing anomaly maps") -> np.ndarray:
+    """(N, 3, S, S) images -> (N, 2, 3, S, S) float16 raw maps, one forward pass per batch
+    (a progress stage named `description`, e.g. ``computing anomaly maps of test images``)."""
     size = images.shape[-1]
     out = np.empty((len(images), 2, 3, size, size), dtype=np.float16)
-    for start in range(0, len(images), batch_size):
-        out[start : start + batch_size] = detector.six_maps(images[start : start + batch_size]).cpu().numpy()
+    with stage(description, len(images)) as progress:
+        for start in range(0, len(images), batch_size):
+            out[start : start + batch_size] = detector.six_maps(images[start : start + batch_size]).cpu().numpy()
+            progress.advance(len(out[start : start + batch_size]))
     if not np.isfinite(out).all():
         raise RunError("the model produced non-finite anomaly maps; the weights are broken: retrain the model")
     return out
@@ -173,10 +178,10 @@ def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Categor
         {**meta, "split": "test"},
     )
     _, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
-    val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images",
+    val_images = decode_images(val_paths, params.image_size, "decoding validation images",
                                max_pixels)
     val = MapSet(
-        compute_six_maps(detector, val_images, batch_size),
+        compute_six_maps(detector, val_images, batch_size, "computing anomaly maps of validation images"),
         np.zeros(len(val_paths), dtype=np.int8),
         np.full(len(val_paths), "good"),
         np.array([str(p.resolve()) for p in val_paths], dtype=str),

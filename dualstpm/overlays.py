@@ -239,3 +239,35 @@ def overlay_scale(detector: Scorer, threshold: float | None = None) -> OverlaySc
 def fusion_label(detector: Detector) -> str:
     """Which fusion the decision view uses: the applied chosen configuration, or `params.fusion`."""
     return detector.chosen.source.get("config", "chosen") if detector.chosen else "params.fusion"
+
+
+def _weights(spec: FusionSpec) -> str:
+    return ", ".join(f"{name} {'/'.join(f'{w:g}' for w in row)}" for name, row in zip(("A", "B"), spec.weights, strict=True))
+
+
+def view_description(view: str, spec: FusionSpec, chosen_config: str | None = None) -> str:
+    """What a decision view is, in words: `fused` (`spec`: the params' fusion), `chosen`
+    (the ablation's `chosen_config`, fused by `spec`), one branch alone, or the
+    discriminative stage."""
+    if view == "fused":
+        return (f"fused view: {spec.mode} fusion, the trained model's fusion.* (level weights {_weights(spec)}, "
+                f"normalize {spec.normalize}{f', sigma {spec.sigma:g} px' if spec.sigma else ''})")
+    if view == "chosen":
+        return f"chosen view: fusion {chosen_config or 'chosen'} chosen by `dualstpm ablate` ({spec.mode})"
+    return {"stpm": "stpm view: branch A (STPM) alone", "recon": "recon view: branch B (reconstruction) alone",
+            "disc": "disc view: the discriminative stage"}.get(view, f"{view} view")
+
+
+def grid_heading(category: str, view: str, spec: FusionSpec, threshold: float, score_label: str,
+                 chosen_config: str | None = None) -> str:
+    """The heading of an overlay grid: the category, the decision view (:func:`view_description`),
+    the threshold in image-score units (`score_label`, e.g. ``topk_mean(topk=0.01)``) and the legend."""
+    return (f"{category}: {view_description(view, spec, chosen_config)}; threshold {threshold:.4g} "
+            f"on the image score {score_label}; white outline: ground truth")
+
+
+def detector_heading(detector: Detector, category: str) -> str:
+    """:func:`grid_heading` of `detector`'s decision view, on test images of `category`."""
+    chosen = detector.chosen.source.get("config") if detector.chosen else None
+    return grid_heading(category, detector.decision_view, detector.spec, detector.threshold,
+                        detector.score_spec.label, chosen)

@@ -23,6 +23,7 @@ from dualstpm.files import atomic_file, write_csv
 from dualstpm.fusion import FusionSpec, MapStats
 from dualstpm.models.inference import InferenceOutput
 from dualstpm.overlays import draw_overlay, overlay_scale
+from dualstpm.progress import stage
 
 PREDICTIONS_FILE = "predictions.csv"
 OVERLAY_COLUMN = "overlay"
@@ -196,20 +197,22 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
     scale = overlay_scale(detector, threshold)
     rows, taken = [], set()
     batch_size = detector.batch_size
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        decoded = _read_each(chunk, max_pixels)
-        readable = [image for image in decoded if not isinstance(image, DataError)]
-        results = iter(score_images(detector, readable, threshold))
-        for path, image in zip(chunk, decoded, strict=True):
-            if isinstance(image, DataError):
-                rows.append({"path": str(path), "threshold": threshold, "error": str(image)})
-                continue
-            result, name = next(results), _unique_name(path.stem, taken)
-            picture = draw_overlay(image, result.anomaly_map, scale, result.score, result.label, title=path.name)
-            with atomic_file(out_dir / name) as tmp:
-                picture.save(tmp)
-            rows.append({"path": str(path), **result.row(), OVERLAY_COLUMN: name, "error": ""})
+    with stage("scoring images", len(images)) as progress:
+        for start in range(0, len(images), batch_size):
+            chunk = images[start : start + batch_size]
+            decoded = _read_each(chunk, max_pixels)
+            readable = [image for image in decoded if not isinstance(image, DataError)]
+            results = iter(score_images(detector, readable, threshold))
+            for path, image in zip(chunk, decoded, strict=True):
+                if isinstance(image, DataError):
+                    rows.append({"path": str(path), "threshold": threshold, "error": str(image)})
+                    continue
+                result, name = next(results), _unique_name(path.stem, taken)
+                picture = draw_overlay(image, result.anomaly_map, scale, result.score, result.label, title=path.name)
+                with atomic_file(out_dir / name) as tmp:
+                    picture.save(tmp)
+                rows.append({"path": str(path), **result.row(), OVERLAY_COLUMN: name, "error": ""})
+            progress.advance(len(chunk))
     table = pd.DataFrame(rows, columns=list(COLUMNS))
     write_csv(out_dir / PREDICTIONS_FILE, table)
     for stale in previous - taken:

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from rich.progress import MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 from torch import Tensor
 
 from dualstpm.compute import Compute
@@ -46,7 +46,7 @@ from dualstpm.files import atomic_file
 from dualstpm.fusion import (BRANCHES, DISC_VIEW, MAX_SCORE, VIEWS, FusionSpec, MapStatsAccumulator, ScoreSpec,
                              calibrate_threshold, calibration_note, fuse, image_score)
 from dualstpm.models.torch_model import DualStpmModel
-from dualstpm.progress import progress_bar, stderr_console
+from dualstpm.progress import StatusColumn, progress_bar, say
 from dualstpm.rng import own_rng
 from dualstpm.tracking import params_for_data
 
@@ -54,7 +54,6 @@ CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.csv"
 EpochCallback = Callable[[dict[str, float]], None]
 
-console = stderr_console
 
 
 @dataclass
@@ -437,10 +436,10 @@ def fit_discriminator(model: DualStpmModel, params: Params, train_images: Tensor
                       compute: Compute) -> DiscResult:
     """Train the discriminative stage on the selected, frozen branches (`dualstpm.disc_training`):
     synthetic defects on the training images only, the validation images select its epoch."""
-    console.print(f"training the discriminative stage: {params.disc.epochs} epochs, defects {params.disc.kinds}")
+    say(f"training the discriminative stage: {params.disc.epochs} epochs, defects {params.disc.kinds}")
     result = train_discriminator(lambda images: six_maps(model, images, compute), train_images, val_images,
-                                 params.disc, params.seed, params.fit.batch_size, compute.device, log=console.print)
-    console.print(f"discriminative stage: epoch {result.selected_epoch} kept, trained in {result.seconds:.1f} s")
+                                 params.disc, params.seed, params.fit.batch_size, compute.device, log=say)
+    say(f"discriminative stage: epoch {result.selected_epoch} kept, trained in {result.seconds:.1f} s")
     return result
 
 
@@ -486,7 +485,7 @@ def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selecti
     """Train until `trainer` holds `fit.epochs` epochs, each checkpointed, selected on
     `selection_images` and reported to `on_epoch`; the teacher-feature cache (`fit.cache`)
     lives for these epochs only."""
-    columns = (MofNCompleteColumn(), TimeRemainingColumn(), TextColumn("{task.fields[status]}"))
+    columns = (MofNCompleteColumn(), TimeRemainingColumn(), StatusColumn())
     cache = None
     try:
         if params.fit.cache and trainer.epochs_done < params.fit.epochs:
@@ -500,7 +499,7 @@ def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selecti
                 record = {"epoch": trainer.epochs_done, **losses, **trainer.select(selection_images)}
                 trainer.history.append(record)
                 trainer.save_checkpoint()
-                console.print("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                say("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 if on_epoch is not None:
                     on_epoch(record)
     finally:
@@ -537,22 +536,22 @@ def fit(
     elif overwrite:
         checkpoint_path.unlink(missing_ok=True)  # an interrupted new fit must never look like the old one
     limit = params.data.max_image_pixels
-    train_images = decode_images(train_paths, params.image_size, f"decoding {len(train_paths)} train images", limit)
-    val_images = decode_images(val_paths, params.image_size, f"decoding {len(val_paths)} validation images", limit)
+    train_images = decode_images(train_paths, params.image_size, "decoding train images", limit)
+    val_images = decode_images(val_paths, params.image_size, "decoding validation images", limit)
 
     parts = validation_parts(len(val_images), params.calibration.split, params.seed)
     if parts.note and params.calibration.split > 0:
-        console.print(f"[bold yellow]warning:[/] {parts.note}")
+        say(f"[bold yellow]warning:[/] {parts.note}")
     if (note := calibration_note(len(parts.calibration), params.calibration.false_alarm_rate)) is not None:
-        console.print(f"[bold yellow]warning:[/] {note}")  # before training: the fix costs nothing yet
+        say(f"[bold yellow]warning:[/] {note}")  # before training: the fix costs nothing yet
     selection_images, calibration_images = val_images[parts.selection], val_images[parts.calibration]
 
     trainer = Trainer(params, run_dir, compute, data)
     run_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
-        console.print(f"resuming {run_dir} after epoch {trainer.epochs_done}")
-    console.print(
+        say(f"resuming {run_dir} after epoch {trainer.epochs_done}")
+    say(
         f"fitting [bold]{category}[/]: {len(train_paths)} train / {len(val_paths)} validation images "
         f"({len(parts.selection)} select the epoch, {len(parts.calibration)} calibrate), "
         f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
@@ -577,6 +576,6 @@ def fit(
         raise FitInterrupted(trainer.epochs_saved, params.fit.epochs, checkpoint_path, how) from None
     thresholds = calibration.thresholds
     view = params.fusion.view  # the view the model decides with (until an ablation applies a fusion to `fused`)
-    console.print(f"model written to {model_dir} (selected epochs: {selected}; decides with `{view}`, "
+    say(f"model written to {model_dir} (selected epochs: {selected}; decides with `{view}`, "
                   f"threshold {thresholds[view]:.5g})")
     return FitResult(run_dir, model_dir, trainer.history, selected, thresholds, disc.seconds if disc is not None else None)

@@ -6,16 +6,23 @@ step retries with exponential backoff when a download failed for a while, and on
 each category's files are checked in a task of its own, so a bad one fails that category
 alone. Fit tasks carry the tag `dualstpm-training`, whose concurrency limit (`prefect.training_slots`, one per
 GPU) the API enforces before a fit starts running, whichever worker or machine runs it.
+
+Categories run side by side, so what a category's task says (its progress lines, fit's
+epochs and warnings) goes to the task's Prefect log (the UI, and the console) with the
+category in front: :func:`category_log`.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
-from prefect import Task, get_run_logger, task
+from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.objects import State, TaskRun
+from prefect.logging import get_run_logger
 from prefect.runtime import flow_run
 from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
@@ -24,6 +31,7 @@ from dualstpm.config import Params, PrefectParams
 from dualstpm.dvc_stage import reproduce_download
 from dualstpm.data.download import failed_for_a_while
 from dualstpm.errors import DualStpmError, NetworkError
+from dualstpm.progress import labelled
 from dualstpm.registry import PromotionDecision, promote, register_run
 from dualstpm.report import write_report
 from dualstpm.stages import check_category, prepare_root, tracked_ablate, tracked_fit, tracked_test
@@ -48,6 +56,14 @@ def ensure_training_limit(slots: int) -> None:
     as global limits named `tag:<tag>`); a fit waits for a slot before it starts running."""
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(f"tag:{TRAINING_TAG}", slots)
+
+
+@contextlib.contextmanager
+def category_log(category: str) -> Iterator[None]:
+    """Inside a task: every line the library says starts with `category` and goes to the
+    task run's logger (Prefect's UI and console), not straight to stderr."""
+    with labelled(category, get_run_logger().info):
+        yield
 
 
 def _worth_retrying(task: Task, task_run: TaskRun, state: State) -> bool:
@@ -84,13 +100,15 @@ def data_task(params: Params, dvc_project: Path | None) -> Path:
 def check_task(data_root: Path, category: str) -> Path:
     """One category's files (masks, splits, sizes) checked before its fit; never retried:
     a bad file is the user's to fix, and fails this category alone. Returns the data root."""
-    return check_category(data_root, category)
+    with category_log(category):
+        return check_category(data_root, category)
 
 
 @task(name="fit", cache_policy=NO_CACHE, task_run_name="fit-{category}", tags=[TRAINING_TAG])
 def fit_task(params: Params, data_root: Path, category: str, run_dir: Path) -> Path:
     """A fresh, MLflow-tracked fit of `category` into `run_dir` (while holding a training slot)."""
-    tracked_fit(params, data_root, category, run_dir, overwrite=True)
+    with category_log(category):
+        tracked_fit(params, data_root, category, run_dir, overwrite=True)
     return run_dir
 
 
@@ -99,7 +117,8 @@ def test_task(params: Params, run_dir: Path, data_root: Path, category: str) -> 
     """The tracked test: metrics.json, plots/ and the evaluation data's hash in the MLflow run.
     Its `note` (lossy or empty masks, undefined metrics), as on `dualstpm test`'s console,
     is a warning in the task's log."""
-    result = tracked_test(params, run_dir, data_root, category)
+    with category_log(category):
+        result = tracked_test(params, run_dir, data_root, category)
     if result.get("note"):
         get_run_logger().warning("%s: note: %s", category, result["note"])
     return run_dir
@@ -108,7 +127,8 @@ def test_task(params: Params, run_dir: Path, data_root: Path, category: str) -> 
 @task(name="ablate", cache_policy=NO_CACHE, task_run_name="ablate-{run_dir.name}")
 def ablate_task(params: Params, run_dir: Path) -> Path:
     """The fusion-weight ablation on the stored maps; with `ablation.apply` the model takes its choice."""
-    tracked_ablate(params, run_dir)
+    with category_log(run_dir.name):  # the category: runs/<category>
+        tracked_ablate(params, run_dir)
     return run_dir
 
 
@@ -120,11 +140,13 @@ def report_task(run_dirs: dict[str, Path], out_dir: Path) -> list[dict]:
 @task(name="register", cache_policy=NO_CACHE, task_run_name="register-{category}")
 def register_task(run_dir: Path, params: Params, category: str) -> str:
     """A new registry version of the tested run, alias `challenger`; returns its version."""
-    return register_run(run_dir, params, category).version
+    with category_log(category):
+        return register_run(run_dir, params, category).version
 
 
 @task(name="promote", cache_policy=NO_CACHE, task_run_name="promote-{category}")
 def promote_task(category: str, params: Params) -> PromotionDecision:
     """`champion` moves only when the challenger beats it; the flow run is recorded as the decider."""
-    return promote(category, params, decided_by=f"prefect flow run {flow_run.flow_name}/{flow_run.name}",
-                   data_root=params.data.root)  # the data the flow tested on: the model `register` made
+    with category_log(category):
+        return promote(category, params, decided_by=f"prefect flow run {flow_run.flow_name}/{flow_run.name}",
+                       data_root=params.data.root)  # the data the flow tested on: the model `register` made

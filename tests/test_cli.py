@@ -36,11 +36,18 @@ def test_fit_test_predict_through_the_cli(synthetic_root: Path, tmp_path: Path):
     assert f"false alarms on the good test parts: {rates} (calibrated for 1.0%" in said
     # TINY_OVERRIDES leave 2 calibration images: they promise 1/3, and the console says so
     assert "the threshold promises 33.3% (see calibration notes)" in said
+    # progress goes to stderr (a pipe here: a line per stage), never into stdout's results
+    n_test = len(list((synthetic_root / "synth_object" / "test").glob("*/*.png")))
+    assert f"computing anomaly maps of test images: {n_test} images\n" in done.stderr
+    assert f"computing anomaly maps of test images: done, {n_test}/{n_test} images in " in done.stderr
+    assert "anomaly maps" not in done.stdout
     # a quoted pattern, as a user types it when the shell does not expand it: 000.png and 001.png
     pattern = str(synthetic_root / "synth_object" / "test" / "stain" / "00[01].png")
     done = dualstpm("predict", "--run", str(run), pattern, "--out", str(tmp_path / "pred"))
     assert done.returncode == 0, done.stderr
     assert sorted(Path(p).name for p in pd.read_csv(tmp_path / "pred" / "predictions.csv")["path"]) == ["000.png", "001.png"]
+    assert "scoring images: 2 images\n" in done.stderr and "scoring images: done, 2/2 images in " in done.stderr
+    assert "scoring images" not in done.stdout
 
 
 @pytest.mark.parametrize(

@@ -87,6 +87,19 @@ def test_a_failing_category_is_reported_and_the_other_keeps_its_results(
     with pytest.raises(MlflowException, match="RESOURCE_DOES_NOT_EXIST|not found"):
         MlflowClient().get_registered_model(model_name(load_params(params).data.root, "synth_broken"))
 
+    # both categories ran side by side: each task's log says its lines with its category in front
+    logs = _task_logs(state.state_details.flow_run_id)
+    fit_lines = logs["fit-synth_texture"]
+    assert "synth_texture: epoch 1" in "\n".join(fit_lines) and "synth_texture: epoch 2" in "\n".join(fit_lines)
+    assert [line for line in fit_lines if not line.startswith("synth_texture: ")] == [
+        "Finished in state Completed()"], fit_lines  # the only line that is Prefect's own
+    n_test = len(list((data / "synth_texture" / "test").glob("*/*.png")))
+    assert f"synth_texture: computing anomaly maps of test images: {n_test} images" in logs["test-synth_texture"]
+    n_train = len(list((data / "synth_broken" / "train" / "good").iterdir()))
+    n_fit = n_train - round(n_train * load_params(params).fit.val_fraction)  # the rest is held out for validation
+    assert logs["fit-synth_broken"][0] == f"synth_broken: decoding train images: {n_fit} images"
+    assert not any(line.startswith("synth_texture") for line in logs["fit-synth_broken"])
+
 
 def _task_runs(flow_run_id) -> list:
     """The task runs of a flow run and of its subflow runs (the category fan-out)."""
@@ -98,6 +111,20 @@ def _task_runs(flow_run_id) -> list:
             parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
         ids = [flow_run_id, *(run.id for run in children)]
         return api.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=ids)))
+
+
+def _task_logs(flow_run_id) -> dict[str, list[str]]:
+    """{task run name: the messages of its log, oldest first} of a flow run and its subflows."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()  # the logs go to the API in batches
+    with get_client(sync_client=True) as api:
+        return {run.name: [log.message for log in api.read_logs(
+                    log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[run.id])), sort=LogSort.TIMESTAMP_ASC)]
+                for run in _task_runs(flow_run_id)}
 
 
 def test_bad_data_fails_its_category_alone_at_the_data_stage_without_retries(

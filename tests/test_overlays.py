@@ -147,7 +147,7 @@ def test_a_foreign_predictions_csv_in_the_output_folder_is_refused(trained_run: 
 
 def test_the_scale_and_heading_follow_an_applied_chosen_fusion(trained_run: Path):
     from dualstpm.detector import ChosenFusion, Detector
-    from dualstpm.overlays import fusion_label, overlay_scale
+    from dualstpm.overlays import detector_heading, fusion_label, overlay_scale
 
     trained = Detector.load(trained_run)
     mean = trained.calibration.map_stats.mean
@@ -159,5 +159,53 @@ def test_the_scale_and_heading_follow_an_applied_chosen_fusion(trained_run: Path
     scale = overlay_scale(decided)  # the sum of the six means, up to the chosen threshold
     assert (scale.low, scale.threshold) == (pytest.approx(float(mean.sum()), rel=1e-5), 100.0)
     assert fusion_label(decided) == "sum_all"
+    assert detector_heading(decided, "synth_texture").startswith(
+        "synth_texture: chosen view: fusion sum_all chosen by `dualstpm ablate` (sum); threshold 100 ")
     chosen_by_user = overlay_scale(decided, threshold=150.0)  # predict --threshold: labels, not colours
     assert (chosen_by_user.threshold, chosen_by_user.decision) == (100.0, 150.0)
+
+
+def test_each_telling_image_says_why_it_is_shown():
+    from dualstpm.figures import telling_images
+
+    labels = np.array([1, 1, 1, 0, 0, 0], dtype=bool)
+    scores = np.array([5.0, 0.5, 3.0, 2.0, 0.1, 0.9])
+    # defects by score: 0 (5.0), 2 (3.0), 1 (0.5, not above 1: missed); good parts: 3 (2.0, flagged), 5, 4 (0.1)
+    assert telling_images(labels, scores, threshold=1.0) == [
+        (0, "top defect #1"), (2, "top defect #2"), (1, "worst miss"), (3, "worst false alarm"),
+        (4, "quietest good part")]
+    # at threshold 0.4 every defect is caught, so the lowest-scoring one is the weakest caught
+    assert dict(telling_images(labels, scores, threshold=0.4))[1] == "weakest defect, caught"
+    # at 2.5 no good part is flagged; count 4: one top defect, the lowest defect, the loudest and quietest good part
+    assert telling_images(labels, scores, threshold=2.5, count=4) == [
+        (0, "top defect #1"), (1, "worst miss"), (3, "highest-scoring good part, not flagged"),
+        (4, "quietest good part")]
+    assert telling_images(labels, scores, threshold=6.0, count=4)[0] == (0, "top defect #1, missed")
+
+
+def test_the_roc_chart_is_titled_with_the_category(tmp_path: Path):
+    from dualstpm.figures import write_roc
+
+    labels = np.array([0, 0, 1, 1])
+    scores = {"fused": np.array([0.1, 0.2, 0.3, 0.4]),  # every defect above every good part: AUROC 1
+              "stpm": np.array([0.4, 0.3, 0.2, 0.1]),  # every one below: 0
+              "recon": np.array([0.1, 0.3, 0.2, 0.4])}  # 3 of the 4 (defect, good) pairs ordered: 0.75
+    axes = write_roc(tmp_path, labels, scores, "bottle").axes[0]
+    assert axes.get_title() == "bottle: image ROC (AUROC)"
+    assert [t.get_text() for t in axes.get_legend().get_texts()] == ["fused (1.000)", "stpm (0.000)", "recon (0.750)"]
+    assert (tmp_path / "roc.png").is_file()
+    assert write_roc(tmp_path / "one-class", np.zeros(4), scores, "bottle") is None
+
+
+def test_the_grid_heading_names_the_view_its_fusion_and_threshold():
+    from dualstpm.overlays import grid_heading
+
+    assert grid_heading("bottle", "fused", FusionSpec(), 4.48281, "topk_mean(topk=0.01)") == (
+        "bottle: fused view: product fusion, the trained model's fusion.* (level weights A 1/1/1, B 1/1/1, "
+        "normalize none); threshold 4.483 on the image score topk_mean(topk=0.01); white outline: ground truth")
+    chosen = grid_heading("wood", "chosen", FusionSpec(mode="sum", normalize="val_stats"), 0.5, "max",
+                          "levels_23_sum+val_stats")
+    assert chosen == ("wood: chosen view: fusion levels_23_sum+val_stats chosen by `dualstpm ablate` (sum); "
+                      "threshold 0.5 on the image score max; white outline: ground truth")
+    assert grid_heading("wood", "recon", FusionSpec(), 2.0, "max").startswith(
+        "wood: recon view: branch B (reconstruction) alone; threshold 2 ")

@@ -103,6 +103,39 @@ def test_metrics_show_prints_the_auc_table(repro, dvc_env) -> None:
         f"{CATEGORY}: image ROC, views fused, stpm, recon"
 
 
+def untracked(project: Path, env: dict[str, str]) -> set[str]:
+    """What `git status` lists besides committed files, one path per file; asserts nothing tracked changed."""
+    status = run(["git", "status", "--porcelain", "--untracked-files=all"], project, env).splitlines()
+    changed = [line for line in status if not line.startswith("?? ")]
+    assert changed == [], changed
+    return {line[3:] for line in status}
+
+
+def test_after_repro_and_plots_show_git_lists_only_what_to_commit(repro, dvc_env) -> None:
+    """dvc.lock (DVC's record of the pipeline) and the report's small files, which DVC keeps out
+    of its cache for git (README); the plots page, the run directories, the data and the
+    cached overlays are ignored."""
+    project, _ = repro
+    run(["dvc", "plots", "show"], project, dvc_env)
+    assert (project / "dvc_plots" / "index.html").is_file()
+    assert untracked(project, dvc_env) == {
+        "dvc.lock", "reports/.gitignore", "reports/auc_table.csv", "reports/ablation.csv", "reports/dvc.yaml",
+        f"reports/metrics/{CATEGORY}.json", f"reports/plots/roc/{CATEGORY}.csv", f"reports/plots/pro/{CATEGORY}.csv"}
+
+
+def test_gitignore_ignores_what_the_demo_and_plots_show_leave_but_not_the_pipeline_record(tmp_path: Path,
+                                                                                           dvc_env) -> None:
+    project = make_project(tmp_path / "project", [])
+    left = ["dvc.lock", "reports/auc_table.csv", "reports/metrics/a.json",  # to commit
+            "dvc_plots/index.html", "dvc_plots/static/workspace_reports_overlays_a.png",  # `dvc plots show`
+            "out/runs/a/metrics.json", "out/reports/auc_table.csv", "mlflow.db", "mlartifacts/1/x/model.onnx",
+            "runs/a/model/weights.safetensors", "data/synthetic/a/train/good/000.png"]  # `make demo`, `dvc repro`
+    for name in left:
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text("x")
+    assert untracked(project, dvc_env) == {"dvc.lock", "reports/auc_table.csv", "reports/metrics/a.json"}
+
+
 def test_plots_show_works_offline_and_titles_name_the_category(tmp_path: Path, dvc_env) -> None:
     from dualstpm.report import write_dvc_plots
 

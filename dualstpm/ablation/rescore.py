@@ -27,6 +27,7 @@ from dualstpm import metrics
 from dualstpm.ablation.grid import Config
 from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec
 from dualstpm.maps import MapSet, fuse_stack, fused_and_scores, stack_scores
+from dualstpm.progress import stage
 
 Metrics = dict[str, float | None]
 
@@ -83,5 +84,10 @@ def score_grid(configs: Sequence[Config], splits: dict[str, SplitScorer], worker
             described.update({f"{prefix}{k}": v for k, v in scorer.score(config.spec).items()})
         return described
 
-    with ThreadPoolExecutor(workers or default_workers()) as pool:
-        return pd.DataFrame(list(pool.map(row, configs)))
+    rows = []
+    with (ThreadPoolExecutor(workers or default_workers()) as pool,
+          stage("scoring fusion configurations", len(configs), "configurations") as progress):
+        for described in pool.map(row, configs):  # in order, as each is done
+            rows.append(described)
+            progress.advance()
+    return pd.DataFrame(rows)

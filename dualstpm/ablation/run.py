@@ -67,6 +67,7 @@ from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
 from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, calibrate_threshold
 from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet, fused_and_scores
+from dualstpm.progress import stage
 
 ABLATION_DIR = "ablation"
 TABLE_FILE = "table.csv"
@@ -179,8 +180,8 @@ def write_decision_overlays(run_dir: Path, test: MapSet) -> Path:
     detector = Detector.load(run_dir)
     _, scores = fused_and_scores(test.maps, detector.spec, detector.calibration.map_stats, detector.score_spec)
     names = [overlay_name(kind, Path(path)) for kind, path in zip(test.defect_types, test.paths, strict=True)]
-    return write_overlays(run_dir / ABLATION_DIR, detector, [Path(p) for p in test.paths],
-                          test.labels.astype(bool), scores, names, test.masks)
+    return write_overlays(run_dir / ABLATION_DIR, detector, str(test.meta["category"]),
+                          [Path(p) for p in test.paths], test.labels.astype(bool), scores, names, test.masks)
 
 
 def describe_outcome(summary: dict) -> str:
@@ -219,12 +220,14 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     table = score_grid(configs, splits, params.workers)
     candidate, oracle = rank(table, params.select_metric)
     lap("grid_s")
-    margin = adoption_margin(selection, stats, default_spec, configs[candidate].spec, params, calibration.score)
+    with stage(f"bootstrapping the adoption margin ({params.bootstrap} resamples)"):
+        margin = adoption_margin(selection, stats, default_spec, configs[candidate].spec, params, calibration.score)
     final = candidate if margin.adopted else default
     table["chosen"] = np.arange(len(table)) == final
     lap("margin_s")
-    reductions = reduction_table(FusionSpec.from_params(model_params.fusion), splits,
-                                 table_reductions(model_params.image_size, calibration.score), calibration.score)
+    with stage("scoring image-score reductions"):
+        reductions = reduction_table(FusionSpec.from_params(model_params.fusion), splits,
+                                     table_reductions(model_params.image_size, calibration.score), calibration.score)
     lap("score_reductions_s")
 
     out_dir = run_dir / ABLATION_DIR
@@ -245,7 +248,8 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     choice = chosen_fusion(configs[final], subset(val, parts.calibration), stats, calibration.false_alarm_rate,
                            source, calibration.score) if applied else None
     fusion_file = write_chosen_fusion(run_dir, choice, source)
-    write_decision_overlays(run_dir, test)
+    with stage("redrawing the overlays in the fusion the model decides with"):
+        write_decision_overlays(run_dir, test)
     lap("overlays_s")
 
     summary = {

@@ -63,12 +63,13 @@ def synthetic_maps(run_dir: Path, val: MapSet, params: AblationParams) -> MapSet
             return cached
     detector = Detector.load(run_dir)
     size = int(val.meta["image_size"])
-    images = decode_images([Path(p) for p in val.paths], size, f"decoding {len(val)} validation images",
+    images = decode_images([Path(p) for p in val.paths], size, "decoding validation images",
                            detector.params.data.max_image_pixels)
     defective, masks, kinds = paste_defects(images, list(params.synthetic_kinds), params.synthetic_per_image,
                                             params.synthetic_seed)
     sources = np.repeat(np.asarray(val.paths), params.synthetic_per_image)
-    maps = compute_six_maps(detector, defective, detector.params.fit.batch_size)
+    maps = compute_six_maps(detector, defective, detector.params.fit.batch_size,
+                            "computing anomaly maps of synthetic defects")
     synthetic = MapSet(maps, np.ones(len(maps), np.int8), np.asarray(kinds), sources, masks, meta)
     synthetic.save(path)
     return synthetic

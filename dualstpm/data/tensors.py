@@ -20,7 +20,7 @@ from scipy import ndimage
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.data.images import LOSSY_MASK_MIN_CONTRAST, read_image, read_mask_file
 from dualstpm.data.mvtec import Sample
-from dualstpm.progress import progress_bar
+from dualstpm.progress import stage
 
 T = TypeVar("T")
 
@@ -52,11 +52,10 @@ def _stack(items: Sequence[T], decode: Callable[[T], torch.Tensor], shape: tuple
            dtype: torch.dtype, description: str) -> torch.Tensor:
     """Decode every item once into one preallocated tensor (no list of copies)."""
     out = torch.empty((len(items), *shape), dtype=dtype)
-    with progress_bar() as progress:
-        task = progress.add_task(description, total=len(items))
+    with stage(description, len(items)) as progress:
         for index, item in enumerate(items):
             out[index] = decode(item)
-            progress.advance(task)
+            progress.advance()
     return out
 
 
