@@ -14,6 +14,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -278,12 +279,10 @@ def test_the_flow_emits_a_visible_event_when_a_bound_is_crossed(tested_run: Path
         found = []
         with get_client(sync_client=True) as client:
             for _ in range(30):  # the server stores events a moment after it receives them
-                page = client.read_events(EventFilter(event=EventNameFilter(name=[EVENT])))
+                page = client.read_events(EventFilter(event=EventNameFilter(name=[EVENT])), limit=50)  # the server allows 50
                 found = [e for e in page.events if str(e.id) == summary["event_id"]]
                 if found:
                     break
-                import time
-
                 time.sleep(1)
     [event] = found
     assert event.resource.id == resource_id("synth_texture")
