@@ -43,7 +43,8 @@ Rules:
   hash differs), or whose mask file is missing, is reported and skipped.
 - All or nothing: the copies are written into a hidden staging folder in the data root
   (readers skip hidden folders) and then moved into place; if anything fails, what was
-  moved is removed again and the provenance file is left as it was.
+  moved is removed again and the provenance file is left as it was. Two applies to one
+  category at once run one after the other (an OS lock on the category folder).
 
 Provenance: ``<C>/feedback.jsonl``, one JSON line per copied image, append-only:
 
@@ -68,13 +69,15 @@ the new content; when the folder is only a stage dependency (``data.source: fold
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -272,9 +275,9 @@ def _provenance_line(copy: Copy, applied_at: str) -> dict[str, Any]:
     }
 
 
-def _move_into_place(staging: Path, category: Path, relatives: list[str]) -> None:
-    """Move staged files to the same relative paths under `category`; on any failure remove
-    what was moved (and the folders created for it), then re-raise."""
+def _move_into_place(staging: Path, category: Path, relatives: list[str]) -> tuple[list[Path], list[Path]]:
+    """Move staged files to the same relative paths under `category`; returns (the files
+    moved, the folders created for them). On any failure undoes both, then re-raises."""
     moved: list[Path] = []
     created: list[Path] = []
     try:
@@ -292,14 +295,20 @@ def _move_into_place(staging: Path, category: Path, relatives: list[str]) -> Non
         for folder in {p.parent for p in moved}:
             _fsync_dir(folder)
     except BaseException:
-        for target in moved:
-            target.unlink(missing_ok=True)
-        for folder in reversed(created):
-            try:
-                folder.rmdir()
-            except OSError:
-                pass
+        _remove(moved, created)
         raise
+    return moved, created
+
+
+def _remove(moved: list[Path], created: list[Path]) -> None:
+    """Undo `_move_into_place`: the files moved, then the folders created for them (deepest first)."""
+    for target in moved:
+        target.unlink(missing_ok=True)
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            pass
 
 
 def apply_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str, category: str,
@@ -308,13 +317,34 @@ def apply_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str
     category, all or nothing, append their provenance, then (with `dvc`) record the new
     data version in DVC (:func:`record_in_dvc`). Raises DataError (the folder unchanged)
     when a copy or a move fails."""
-    result = plan_feedback(predictions_dirs, data_root, category)
-    result.dry_run = dry_run
-    if dry_run or not result.copies:
-        return result
+    with _category_lock(category_dir(Path(data_root), category)):
+        result = plan_feedback(predictions_dirs, data_root, category)
+        result.dry_run = dry_run
+        if dry_run or not result.copies:
+            return result
+        _apply(result)
+    if dvc:
+        result.dvc = record_in_dvc(result.category_dir)
+    return result
+
+
+@contextmanager
+def _category_lock(folder: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the category folder itself (no lock file in the data): two
+    applies to one category run one after the other, each planning on what the other wrote."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _apply(result: FeedbackResult) -> None:
+    """Copy `result.copies` into place and append their provenance, all or nothing."""
     category_path = result.category_dir
     applied_at = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-    staging = Path(tempfile.mkdtemp(prefix=f".dualstpm-feedback-{category}-", dir=category_path.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".dualstpm-feedback-{category_path.name}-", dir=category_path.parent))
     provenance = category_path / PROVENANCE_FILE
     try:
         relatives: list[str] = []
@@ -335,11 +365,11 @@ def apply_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str
         os.chmod(staged_provenance, umask_mode(0o666))
         with open(staged_provenance, "rb") as handle:
             os.fsync(handle.fileno())
-        _move_into_place(staging, category_path, relatives)
+        moved, created = _move_into_place(staging, category_path, relatives)
         try:
             os.replace(staged_provenance, provenance)
         except BaseException:
-            _undo(category_path, relatives)
+            _remove(moved, created)
             raise
         _fsync_dir(category_path)
     except OSError as exc:
@@ -347,21 +377,6 @@ def apply_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str
                         "(every copy made was removed). Fix the cause (disk space, permissions) and apply again") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    if dvc:
-        result.dvc = record_in_dvc(category_path)
-    return result
-
-
-def _undo(category: Path, relatives: list[str]) -> None:
-    """Remove moved copies again (and the folders left empty by that)."""
-    for relative in relatives:
-        (category / relative).unlink(missing_ok=True)
-    for relative in relatives:
-        for parent in Path(relative).parents[:-1]:
-            try:
-                (category / parent).rmdir()
-            except OSError:
-                pass
 
 
 # --------------------------------------------------------------------------- DVC

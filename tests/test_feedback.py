@@ -251,7 +251,6 @@ def dvc_md5(dvc_file: Path) -> str:
     return yaml.safe_load(dvc_file.read_text())["outs"][0]["md5"]
 
 
-@pytest.mark.slow  # real git + dvc processes: about 10 s on two cores
 def test_apply_in_a_dvc_tracked_folder_makes_a_new_data_version(tmp_path: Path) -> None:
     repo = tmp_path / "project"
     png(repo / "data" / "cat" / "train" / "good" / "000.png", 1)
@@ -277,3 +276,21 @@ def test_apply_in_a_dvc_tracked_folder_makes_a_new_data_version(tmp_path: Path) 
     assert "data/cat.dvc" in changed.stdout  # git sees the new version to commit
     subprocess.run(["git", "stash", "-q"], cwd=repo, check=True)  # back to the old .dvc file:
     assert "modified" in dvc(repo, "status")  # the workspace now holds data that version does not describe
+
+
+def test_the_command_applies_the_rest_and_exits_3_on_a_conflict(tmp_path: Path, data_root: Path) -> None:
+    part, other = png(tmp_path / "p" / "c1.png", 100), png(tmp_path / "p" / "c2.png", 101)
+    review(tmp_path / "a", part, "good", "good", reviewer="ana")
+    review(tmp_path / "b", part, "defective", "good", reviewer="ben")
+    review(tmp_path / "b", other, "good", "good")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    done = subprocess.run([sys.executable, "-m", "dualstpm", "feedback", "apply", str(tmp_path / "a"), str(tmp_path / "b"),
+                           "--data-root", str(data_root), "--category", "cat"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "good by ana" in done.stderr and "defective by ben" in done.stderr
+    assert "1 part(s) copied, 0 already in the data, 1 not applied" in done.stdout
+    assert "is not inside a DVC project" in done.stdout  # and how to version it
+    assert (data_root / "cat" / "train" / "good" / f"c2-{sha(other)[:12]}.png").is_file()
