@@ -366,7 +366,8 @@ def _rate_figure(result: MonitorResult, path: Path) -> None:
     expected = result.batches[0].alarms["alarm_expected"] if result.batches else result.reference.promised_false_alarm_rate
     ax.axhline(expected, color="red", linestyle="--", label=f"expected alarm rate ({expected:.1%})")
     ax.set_xticks(x, names, rotation=20, ha="right")
-    ax.set(ylabel="share of the batch", title="alarms and inspectors' overrides per batch", ylim=(0, 1))
+    top = min(1.0, 1.25 * max([expected, *alarm, *override, 0.04]))  # small rates stay readable
+    ax.set(ylabel="share of the batch", title="alarms and inspectors' overrides per batch", ylim=(0, top))
     ax.legend(fontsize="small")
     fig.tight_layout()
     with atomic_file(path) as tmp:
