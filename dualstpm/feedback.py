@@ -40,7 +40,8 @@ Rules:
   review logs, one log under two paths, or a verdict already applied the other way) is
   reported with both verdicts and not applied; the other parts are.
 - A verdict whose image no longer exists, or whose bytes changed since the review (the
-  hash differs), or whose mask file is missing, is reported and skipped.
+  hash differs), or whose mask file is missing or no longer of the image's size, is
+  reported and skipped.
 - All or nothing: the copies are written into a hidden staging folder in the data root
   (readers skip hidden folders) and then moved into place; if anything fails, what was
   moved is removed again and the provenance file is left as it was. Two applies to one
@@ -183,6 +184,20 @@ def _defect_type(note: str, known: set[str]) -> str:
     return first if first in known else REVIEWED_DEFECT
 
 
+def _mask_problem(mask: Path, image: Path) -> str | None:
+    """Why a stored mask cannot go with its image (not readable, another size), or None.
+    The review page checks masks when they are uploaded; this catches one replaced since."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(mask) as m, Image.open(image) as i:
+            if m.size != i.size:
+                return f"is {m.size[0]}x{m.size[1]} px but the image is {i.size[0]}x{i.size[1]} px"
+    except (OSError, UnidentifiedImageError) as exc:
+        return f"cannot be read ({exc})"
+    return None
+
+
 def _copy_name(image: Path, digest: str) -> str:
     return f"{image.stem}-{digest[:HASH_CHARS]}{image.suffix.lower()}"
 
@@ -257,6 +272,11 @@ def plan_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str,
             if not mask.is_file():
                 result.problems.append(f"{_describe(entry)}: its mask {mask} is missing; not applied (restore the "
                                        "mask, or give the verdict again)")
+                continue
+            problem = _mask_problem(mask, image)
+            if problem:
+                result.problems.append(f"{_describe(entry)}: its mask {mask} {problem}; not applied (give the "
+                                       "verdict again with a mask of the image's size)")
                 continue
             mask_dest = f"{VALIDATION_GT}/{defect}/{Path(name).stem}{MASK_SUFFIX}.png"
         result.copies.append(Copy(entry, folder, image, f"validation/{defect}/{name}", mask, mask_dest, defect))

@@ -294,3 +294,17 @@ def test_the_command_applies_the_rest_and_exits_3_on_a_conflict(tmp_path: Path, 
     assert "1 part(s) copied, 0 already in the data, 1 not applied" in done.stdout
     assert "is not inside a DVC project" in done.stdout  # and how to version it
     assert (data_root / "cat" / "train" / "good" / f"c2-{sha(other)[:12]}.png").is_file()
+
+
+def test_a_mask_replaced_by_one_of_another_size_is_reported(tmp_path: Path, data_root: Path) -> None:
+    batch = tmp_path / "batch"
+    part = png(tmp_path / "p" / "s.png", 110)
+    entry = review(batch, part, "defective", "defective", "scratch", mask=mask_png())
+    Image.fromarray(np.full((SIZE, 2 * SIZE), 255, np.uint8)).save(review_dir(batch) / entry["mask"])  # by hand
+    before = tree(data_root)
+
+    result = apply_feedback([batch], data_root, "cat", dvc=False)
+
+    [problem] = result.problems
+    assert f"is {2 * SIZE}x{SIZE} px but the image is {SIZE}x{SIZE} px" in problem
+    assert result.copies == [] and tree(data_root) == before
