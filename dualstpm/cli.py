@@ -547,6 +547,81 @@ def review(
     serve(session, host, port, say=lambda line: out.print(line, highlight=False, soft_wrap=True))
 
 
+# --------------------------------------------------------------------------- the loop: feedback and monitoring (docs/loop.md)
+
+feedback_app = typer.Typer(help="Turn reviewed parts into versioned data (docs/loop.md).", no_args_is_help=True)
+app.add_typer(feedback_app, name="feedback")
+
+
+@feedback_app.command("apply")
+def feedback_apply(
+    predictions: Annotated[list[Path], typer.Argument(metavar="PREDICTIONS_DIR...",
+                                                      help="reviewed predictions folders (their review/verdicts.jsonl)")],
+    data_root: Annotated[Path, typer.Option("--data-root", help="folder holding the category")],
+    category: Annotated[str, typer.Option("--category", help="the category the parts belong to")],
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="say what would be copied; change nothing")] = False,
+    dvc: Annotated[bool, typer.Option("--dvc/--no-dvc", help="record the new data version in DVC when the "
+                                      "folder is tracked")] = True,
+) -> None:
+    """Copy the reviewed parts into the category's data (good: train/good or validation/good; defective:
+    validation/<defect> with its mask), once each, all or nothing, with provenance; then `dvc add`/`commit`.
+    Exits with 3 when some verdicts were not applied (conflicts, missing files: listed), after applying the rest."""
+    from dualstpm.feedback import apply_feedback
+
+    result = apply_feedback(predictions, data_root, category, dry_run=dry_run, dvc=dvc)
+    verb = "would copy" if dry_run else "copied"
+    for copy in result.copies:
+        out.print(f"{verb}: {copy.image} -> {result.category_dir / copy.dest}"
+                  f"{f' (mask {copy.mask_dest})' if copy.mask_dest else ''}", highlight=False, soft_wrap=True)
+    for line in result.skipped:
+        out.print(f"skipped: {line}", highlight=False, soft_wrap=True)
+    for line in [*result.conflicts, *result.problems]:
+        err.print(Text.assemble(("not applied: ", "bold yellow"), line), highlight=False, soft_wrap=True)
+    out.print(f"{len(result.copies)} part(s) {verb}, {len(result.skipped)} already in the data, "
+              f"{len(result.conflicts) + len(result.problems)} not applied", highlight=False)
+    if result.dvc:
+        out.print(f"DVC: {result.dvc}", highlight=False, soft_wrap=True)
+    if result.conflicts or result.problems:
+        raise typer.Exit(3)
+
+
+@app.command()
+def monitor(
+    predictions: Annotated[list[Path], typer.Argument(metavar="PREDICTIONS_DIR...",
+                                                      help="predictions folders (predictions.csv) to check")],
+    run: TrainedRunOption,
+    out_dir: Annotated[Path, typer.Option("--out", help="report folder (replaced)")] = Path("monitor"),
+    ks_p: Annotated[float, typer.Option("--ks-p", help="drift: KS p-value below this ...")] = 0.01,
+    ks_statistic: Annotated[float, typer.Option("--ks-statistic", help="... and KS statistic above this")] = 0.2,
+    alarm_p: Annotated[float, typer.Option("--alarm-p", help="too many alarms: one-sided binomial p below this")] = 0.01,
+    expected_defect_rate: Annotated[float, typer.Option("--expected-defect-rate",
+                                                        help="share of defective parts the line expects")] = 0.0,
+    mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="log the figures to MLflow")] = True,
+    params: ParamsOption = None,
+    overrides: SetOption = None,
+) -> None:
+    """Compare batches' scores with the model's validation scores (KS drift, alarm rate against the
+    calibrated target, inspectors' override rate); writes OUT/report.html and monitor.json, logs to MLflow.
+    Exits with 3 when a batch drifts or raises too many alarms (docs/loop.md)."""
+    trained_model_dir(run)  # a wrong run fails before torch loads
+    from dualstpm.monitor import EXIT_BOUND_CROSSED, Bounds, run_monitor
+
+    bounds = Bounds(ks_p, ks_statistic, alarm_p, expected_defect_rate)
+    p = resolve_params(params, overrides) if mlflow else None
+    result, report, run_id = run_monitor(run, predictions, out_dir, bounds, p)
+    for batch in result.batches:
+        state = "[bold red]ALARM[/]" if batch.crossed else "[green]ok[/]"
+        rate, override = batch.alarms["alarm_rate"], batch.review["override_rate"]
+        alarms = "n/a" if rate is None else f"{rate:.1%}"
+        overrides = "n/a" if override is None else f"{override:.1%} of {batch.review['n_reviewed']} reviewed"
+        out.print(f"{batch.name}: {state} n={batch.n_scored}, KS {_fmt(batch.drift['ks_statistic'])} "
+                  f"(p {_fmt(batch.drift['ks_pvalue'])}), alarms {alarms} (p {_fmt(batch.alarms['alarm_pvalue'])}), "
+                  f"overrides {overrides}", soft_wrap=True)
+    out.print(f"written: {report / 'report.html'}" + (f"; MLflow run {run_id}" if run_id else ""), highlight=False)
+    if result.crossed:
+        raise typer.Exit(EXIT_BOUND_CROSSED)
+
+
 def main() -> None:
     """Console entry point: user errors print one clear message, no traceback."""
     from dualstpm.tracking import quiet_artifact_progress

@@ -21,6 +21,7 @@ from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file, write_csv
 from dualstpm.fusion import FusionSpec, MapStats
+from dualstpm.monitor import write_batch_summary
 from dualstpm.models.inference import InferenceOutput
 from dualstpm.overlays import draw_overlay, overlay_scale
 from dualstpm.progress import stage
@@ -186,7 +187,8 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
     Reusing `out_dir`: after the new table is written, the overlays the previous
     `predictions.csv` listed and the new one does not are deleted (nothing else in the
     folder is touched), so every overlay beside the table belongs to it
-    (`EarlierBatch.replaced_by` says what was replaced).
+    (`EarlierBatch.replaced_by` says what was replaced). Last, the batch's score
+    distribution goes to `out_dir/monitor/batch.json` (`dualstpm.monitor`).
     """
     images = collect_images(paths)
     threshold = detector.threshold if threshold is None else float(threshold)
@@ -217,4 +219,5 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
     write_csv(out_dir / PREDICTIONS_FILE, table)
     for stale in previous - taken:
         (out_dir / stale).unlink(missing_ok=True)
+    write_batch_summary(out_dir, table, {"decision_view": detector.decision_view, "threshold": detector.threshold})
     return table

@@ -131,7 +131,7 @@ def test_predict_overlays_show_the_decision_and_a_reused_folder_keeps_no_stale_o
 
     second = predict(detector, [images / "001.png"], out)
     assert list(second["overlay"]) == ["001_overlay.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["001_overlay.png", "notes.txt", PREDICTIONS_FILE]
+    assert sorted(p.name for p in out.iterdir()) == ["001_overlay.png", "monitor", "notes.txt", PREDICTIONS_FILE]
     assert list(pd.read_csv(out / PREDICTIONS_FILE)["overlay"]) == ["001_overlay.png"]
 
 

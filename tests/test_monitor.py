@@ -1,0 +1,290 @@
+"""`dualstpm monitor`: drift (KS), alarm rate (binomial) and override rate, on hand-made and real scores.
+
+The statistics on hand-made score sets are checked against values worked out by hand
+(the KS statistic of two shifted grids, binomial tails summed with math.comb). The real
+model's test only asserts a direction: a brightness/contrast-shifted batch of the same
+images drifts further from the validation scores than the batch as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image, ImageEnhance
+
+from dualstpm.monitor import (
+    BATCH_FILE,
+    EXIT_BOUND_CROSSED,
+    MONITOR_DIR,
+    Bounds,
+    alarm_test,
+    batch_summary,
+    drift_test,
+    override_rate,
+    run_monitor,
+    validation_scores,
+    write_batch_summary,
+)
+from dualstpm.review.log import ReviewLog, new_entry, review_dir
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(n, p), summed by hand."""
+    return sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1))
+
+
+# --- the statistics on hand-made scores ---------------------------------------------------------
+
+def test_identical_score_sets_do_not_drift() -> None:
+    scores = np.linspace(0.1, 0.9, 50)
+    result = drift_test(scores, scores.copy())
+    assert result == {"ks_statistic": 0.0, "ks_pvalue": 1.0, "drift": False}
+
+
+def test_a_shifted_score_set_drifts_by_the_gap_between_its_cdfs() -> None:
+    reference = np.arange(100.0)  # 0 .. 99 (integers: exact ties, no rounding)
+    shifted = reference + 50  # 50 .. 149: at x = 49 the reference CDF is 0.5, the batch's 0
+    result = drift_test(shifted, reference)
+    assert result["ks_statistic"] == pytest.approx(0.5)
+    assert result["ks_pvalue"] < 0.01 and result["drift"] is True
+
+
+def test_drift_needs_both_a_small_p_value_and_a_large_statistic() -> None:
+    reference = np.arange(2000.0)
+    nudged = reference + 200  # gap 200/2000 = 0.1: p is tiny on 2000 scores, but the shift is below the 0.2 bound
+    result = drift_test(nudged, reference)
+    assert result["ks_statistic"] == pytest.approx(0.1) and result["ks_pvalue"] < 1e-6
+    assert result["drift"] is False
+    assert drift_test(nudged, reference, Bounds(ks_statistic=0.05))["drift"] is True
+
+
+def test_five_alarms_in_a_hundred_are_too_many_for_a_one_percent_target() -> None:
+    result = alarm_test(5, 100, 0.01)
+    assert result["alarm_rate"] == 0.05
+    assert result["alarm_pvalue"] == pytest.approx(binomial_tail(5, 100, 0.01), rel=1e-9)  # about 0.0034
+    assert result["too_many_alarms"] is True
+
+
+def test_one_alarm_in_a_hundred_is_what_a_one_percent_target_expects() -> None:
+    result = alarm_test(1, 100, 0.01)
+    assert result["alarm_pvalue"] == pytest.approx(1 - 0.99**100, rel=1e-9)  # about 0.63
+    assert result["too_many_alarms"] is False
+
+
+def test_an_expected_defect_rate_raises_the_expected_alarm_rate() -> None:
+    result = alarm_test(5, 100, 0.01, Bounds(expected_defect_rate=0.04))
+    assert result["alarm_expected"] == pytest.approx(0.01 + 0.04 * 0.99)
+    assert result["alarm_pvalue"] == pytest.approx(binomial_tail(5, 100, 0.01 + 0.04 * 0.99), rel=1e-9)
+    assert result["too_many_alarms"] is False
+
+
+def test_bad_bounds_are_refused_by_name() -> None:
+    from dualstpm.errors import DataError
+
+    with pytest.raises(DataError, match="ks_p=0"):
+        Bounds(ks_p=0)
+
+
+# --- a batch's summary and the inspectors' overrides -------------------------------------------
+
+def test_batch_summary_counts_the_scored_rows(tmp_path: Path) -> None:
+    (tmp_path / "predictions.csv").write_text(
+        "path,score,label,threshold,error\n"
+        "a.png,0.1,good,0.5,\n"
+        "b.png,0.2,good,0.5,\n"
+        "c.png,,,0.5,cannot read image\n"
+        "d.png,0.7,defective,0.5,\n"
+        "e.png,0.4,good,0.5,\n")
+
+    path = write_batch_summary(tmp_path, model={"run": "r"})
+
+    assert path == tmp_path / MONITOR_DIR / BATCH_FILE
+    summary = json.loads(path.read_text())
+    assert (summary["n_rows"], summary["n_scored"], summary["alarm_rate"], summary["threshold"]) == (5, 4, 0.25, 0.5)
+    assert summary["quantiles"]["0.5"] == pytest.approx(0.3)  # the median of 0.1, 0.2, 0.4, 0.7
+    assert (summary["min"], summary["max"], summary["mean"]) == (0.1, 0.7, pytest.approx(0.35))
+    assert summary["model"] == {"run": "r"}
+
+
+def test_an_empty_batch_has_null_figures_not_nan() -> None:
+    summary = batch_summary(pd.DataFrame({"score": [float("nan")], "label": [""]}))
+    assert summary["n_scored"] == 0 and summary["quantiles"]["0.5"] is None and summary["alarm_rate"] is None
+
+
+def verdict(predictions: Path, image: Path, said: str, model_label: str) -> None:
+    ReviewLog(review_dir(predictions)).append(new_entry(
+        reviewer="ana", image=image, listed_path=image.name, verdict=said, note="", mask=None, score=0.5,
+        normalized_score=0.5, threshold=0.4, model_label=model_label, overlay="x_overlay.png",
+        predictions=predictions / "predictions.csv", model={"run": "r"}))
+
+
+def test_override_rate_counts_current_verdicts_that_differ_from_the_model(tmp_path: Path) -> None:
+    batch = tmp_path / "batch"
+    images = []
+    for k in range(4):
+        images.append(tmp_path / f"{k}.png")
+        Image.fromarray(np.full((8, 8), k, np.uint8)).save(images[-1])
+    verdict(batch, images[0], "defective", "defective")  # superseded below
+    verdict(batch, images[0], "good", "defective")  # a false alarm overruled
+    verdict(batch, images[1], "defective", "good")  # a miss
+    verdict(batch, images[2], "good", "good")
+    verdict(batch, images[3], "defective", "defective")
+
+    assert override_rate(batch) == {"n_reviewed": 4, "override_rate": 0.5, "false_alarms_overruled": 1, "misses": 1}
+    assert override_rate(tmp_path / "unreviewed")["override_rate"] is None
+
+
+# --- a real tiny model --------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tested_run(trained_run: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny synth_texture model, tested (its validation maps stored in maps/val.npz)."""
+    from dualstpm.evaluation import test_run
+
+    run = tmp_path_factory.mktemp("monitored") / "synth_texture"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("exports"))
+    test_run(run, synthetic_root, "synth_texture", device="cpu")
+    return run
+
+
+def shifted_copy(images: list[Path], folder: Path) -> list[Path]:
+    """The images darker and flatter: contrast x0.5, then brightness x0.6 (a lighting change)."""
+    folder.mkdir(parents=True)
+    out = []
+    for path in images:
+        picture = ImageEnhance.Brightness(ImageEnhance.Contrast(Image.open(path).convert("RGB")).enhance(0.5)).enhance(0.6)
+        picture.save(folder / path.name)
+        out.append(folder / path.name)
+    return out
+
+
+def test_a_shifted_batch_drifts_further_than_the_same_images_as_they_were(tested_run: Path, synthetic_root: Path,
+                                                                          tmp_path: Path) -> None:
+    from dualstpm.detector import Detector
+    from dualstpm.monitor import monitor_batches
+    from dualstpm.predict import predict
+
+    good = sorted((synthetic_root / "synth_texture" / "test" / "good").iterdir())
+    detector = Detector.load(tested_run, device="cpu")
+    predict(detector, good, tmp_path / "normal")
+    predict(detector, shifted_copy(good, tmp_path / "shifted_images"), tmp_path / "shifted")
+    assert (tmp_path / "normal" / MONITOR_DIR / BATCH_FILE).is_file()  # predict logs every batch
+
+    result = monitor_batches(validation_scores(tested_run), [tmp_path / "normal", tmp_path / "shifted"])
+
+    normal, shifted = result.batches
+    assert shifted.drift["ks_statistic"] > normal.drift["ks_statistic"]
+    assert (normal.n_scored, shifted.n_scored) == (len(good), len(good))
+
+
+def test_validation_scores_are_the_stored_maps_scored_as_predict_scores(tested_run: Path) -> None:
+    """The reference is in the units of predict's scores: the validation images scored by
+    predict land where their stored maps say (float16 maps: a relative 1e-2 at most)."""
+    from dualstpm.detector import Detector
+    from dualstpm.maps import MapSet
+    from dualstpm.predict import predict
+
+    reference = validation_scores(tested_run)
+    paths = [Path(p) for p in MapSet.load(tested_run / "maps" / "val.npz").paths]
+    table = predict(Detector.load(tested_run, device="cpu"), paths, tested_run.parent / "val_batch")
+    np.testing.assert_allclose(np.sort(table["score"].to_numpy(float)), np.sort(reference.scores), rtol=1e-2)
+
+
+def write_scores(folder: Path, scores: np.ndarray) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame({"path": [f"{i}.png" for i in range(len(scores))], "score": scores}).to_csv(
+        folder / "predictions.csv", index=False)
+    return folder
+
+
+def monitor_command(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+    return subprocess.run([sys.executable, "-m", "dualstpm", "monitor", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow  # two `dualstpm monitor` processes, each loading torch and the model
+def test_the_command_exits_3_only_when_a_bound_is_crossed(tested_run: Path, tmp_path: Path) -> None:
+    reference = validation_scores(tested_run)
+    # the fixture's calibration: 2 of its 4 validation images, so the threshold promises 1/3
+    assert len(reference.scores) == 4 and reference.promised_false_alarm_rate == pytest.approx(1 / 3)
+    same = write_scores(tmp_path / "same", reference.scores)  # KS 0; at most 4 alarms of 4: p >= (1/3)^4 > 0.01
+    hot = write_scores(tmp_path / "hot", np.full(20, 10 * reference.threshold))  # 20 alarms of 20: p = (1/3)^20
+
+    calm = monitor_command("--run", str(tested_run), str(same), "--out", str(tmp_path / "r1"), "--no-mlflow", cwd=tmp_path)
+    alarm = monitor_command("--run", str(tested_run), str(same), str(hot), "--out", str(tmp_path / "r2"), "--no-mlflow",
+                            cwd=tmp_path)
+
+    assert calm.returncode == 0, calm.stdout + calm.stderr
+    assert alarm.returncode == EXIT_BOUND_CROSSED, alarm.stdout + alarm.stderr
+    report = json.loads((tmp_path / "r2" / "monitor.json").read_text())
+    same_batch, hot_batch = report["batches"]
+    assert same_batch["drift"]["ks_statistic"] == 0.0 and same_batch["crossed"] is False
+    assert hot_batch["alarms"]["alarm_pvalue"] == pytest.approx((1 / 3) ** 20, rel=1e-6)
+    assert hot_batch["crossed"] is True and report["exit_code"] == EXIT_BOUND_CROSSED
+    for name in ("report.html", "scores.png", "rates.png"):
+        assert (tmp_path / "r2" / name).stat().st_size > 0
+    assert "ALARM" in (tmp_path / "r2" / "report.html").read_text()
+
+
+@pytest.mark.slow  # MLflow's SQLite store is created and migrated: about 15 s
+def test_the_figures_go_to_mlflow(tested_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mlflow import MlflowClient
+
+    from dualstpm.config import load_params
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    reference = validation_scores(tested_run)
+    batch = write_scores(tmp_path / "batch", reference.scores)
+
+    result, report, run_id = run_monitor(tested_run, [batch], tmp_path / "report", params=load_params(None, []))
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.data.metrics["ks_statistic"] == 0.0 and run.data.metrics["n_scored"] == 4
+    assert run.data.tags["dualstpm.category"] == "synth_texture"
+    logged = {a.path for a in client.list_artifacts(run_id, "monitor")}
+    assert {"monitor/report.html", "monitor/scores.png", "monitor/rates.png", "monitor/monitor.json"} <= logged
+
+
+@pytest.mark.slow  # a temporary Prefect server: about 20 s to start
+def test_the_flow_emits_a_visible_event_when_a_bound_is_crossed(tested_run: Path, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.events.filters import EventFilter, EventNameFilter
+    from prefect.events.worker import EventsWorker
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.monitor import EVENT, monitor, resource_id
+
+    reference = validation_scores(tested_run)
+    hot = write_scores(tmp_path / "hot", np.full(20, 10 * reference.threshold))
+    with prefect_test_harness(server_startup_timeout=None):  # None: the env's 120 s, as tests/test_flows.py
+        summary = monitor(str(tested_run), [str(hot)], str(tmp_path / "report"), str(tmp_path / "none.yaml"),
+                          use_mlflow=False)
+        EventsWorker.drain_all()
+        assert summary["crossed"] is True and summary["event_id"] is not None and summary["retrain"] is None
+        found = []
+        with get_client(sync_client=True) as client:
+            for _ in range(30):  # the server stores events a moment after it receives them
+                page = client.read_events(EventFilter(event=EventNameFilter(name=[EVENT])), limit=50)  # the server allows 50
+                found = [e for e in page.events if str(e.id) == summary["event_id"]]
+                if found:
+                    break
+                time.sleep(1)
+    [event] = found
+    assert event.resource.id == resource_id("synth_texture")
+    assert event.payload["crossed"][0]["too_many_alarms"] is True
+    assert event.payload["crossed"][0]["batch"] == str(hot.resolve())
