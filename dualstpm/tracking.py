@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from dualstpm.config import Params
 from dualstpm.errors import ConfigError, TrackingError
@@ -190,35 +189,27 @@ def _dvc_dir_hash(files: Mapping[str, str]) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
-def _recorded_md5s(dvc_file: Path, keys: tuple[str, ...]) -> dict[Path, str]:
-    """{absolute path: md5} of the entries DVC recorded in a `dvc.lock` or `.dvc` file."""
-    if not dvc_file.is_file():
-        return {}
-    data = yaml.safe_load(dvc_file.read_text()) or {}
-    groups = [data] if "outs" in data else list((data.get("stages") or {}).values())
-    return {
-        (dvc_file.parent / entry["path"]).resolve(): entry["md5"]
-        for group in groups
-        for key in keys
-        for entry in group.get(key) or []
-        if entry.get("md5") and entry.get("path")
-    }
+def data_version(data_root: Path, category: str) -> tuple[str, dict[str, str]]:
+    """(hash, files) of the category's data as it is on disk now: `folder_files` of the
+    category folder and the md5 DVC 3 gives that folder (`<md5>.dir`). Equal hashes mean
+    the same evaluation data.
 
-
-def data_hash(data_root: Path, category: str) -> str:
-    """The DVC hash of the category's data: from `dvc.lock` (or a `<category>.dvc` file) when
-    DVC records the category folder itself, else the same md5 computed from the category
-    folder's files. Equal hashes mean the same evaluation data.
-
-    A hash DVC records for a folder *holding* the category is not used: it changes with the
-    other categories, so the same data would look different before and after `dvc repro`.
+    Always computed from the files, never read from `dvc.lock` or a `.dvc` file: inside
+    `dvc repro`, or after `dualstpm feedback apply` added parts to a folder that is only a
+    stage's dependency, those still hold the previous version's md5 while the stage runs,
+    so a test would be tagged with the data it did not see. Raises ConfigError when the
+    category folder does not exist.
     """
     folder = (Path(data_root) / category).resolve()
     if not folder.is_dir():
         raise ConfigError(f"cannot hash {folder}: no such category folder")
-    recorded = _recorded_md5s(project_dir() / "dvc.lock", ("outs", "deps"))
-    md5 = recorded.get(folder) or _recorded_md5s(folder.with_name(folder.name + ".dvc"), ("outs",)).get(folder)
-    return md5 or _dvc_dir_hash(folder_files(folder))
+    files = folder_files(folder)
+    return _dvc_dir_hash(files), files
+
+
+def data_hash(data_root: Path, category: str) -> str:
+    """The hash of `data_version`: the md5 DVC 3 gives the category folder's current files."""
+    return data_version(data_root, category)[0]
 
 
 def git_state() -> tuple[str, bool]:
