@@ -159,6 +159,25 @@ def params_for_data(params: Params, data_root: Path | str | None) -> Params:
     return params.model_copy(update={"data": data})
 
 
+def recorded_data_root(data_root: Path | str, run_dir: Path | str) -> str:
+    """How `RUN/model/params.yaml` records the data root a model was trained on: relative to
+    the run directory (POSIX, e.g. `../../../data/synthetic`) when both lie in the project
+    (`project_dir`), so that the file is the same in every clone and stays valid when the
+    project moves; else the absolute path. `resolve_data_root` reads it back."""
+    root, run = Path(data_root).resolve(), Path(run_dir).resolve()
+    project = project_dir()
+    if root.is_relative_to(project) and run.is_relative_to(project):
+        return Path(os.path.relpath(root, run)).as_posix()
+    return str(root)
+
+
+def resolve_data_root(recorded: str, run_dir: Path | str) -> Path:
+    """The folder a `recorded_data_root` names: an absolute path as it is, a relative one
+    from the run directory (whatever the working directory)."""
+    root = Path(recorded)
+    return root if root.is_absolute() else (Path(run_dir) / root).resolve()
+
+
 def experiment_name(data_root: Path | str) -> str:
     """`dualstpm-<dataset>`: the MLflow experiment of the runs on `data_root` (see `dataset_name`)."""
     return f"dualstpm-{dataset_name(data_root)}"
