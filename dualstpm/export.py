@@ -218,10 +218,11 @@ def validation_images(detector: Detector, data_root: Path | None, run_dir: Path)
     `data_root`, default the data root the model was trained on (`data.root` of
     RUN/model/params.yaml). Raises ExportError when that folder no longer holds the category."""
     from dualstpm.data import decode_images, load_category, split_train_val
+    from dualstpm.tracking import resolve_data_root
 
     params, category = detector.params, detector.calibration.category
     if data_root is None:
-        data_root = Path(params.data.root)
+        data_root = resolve_data_root(params.data.root, run_dir)
         if not (data_root / category).is_dir():
             raise ExportError(
                 f"int8 calibration needs the validation images of {run_dir}: its model was trained on {category} in "

@@ -31,7 +31,7 @@ from dualstpm.tracking import (
     RunRecord,
     announce,
     connect,
-    data_hash,
+    data_version,
     folder_files,
     open_category_run,
     open_evaluation_run,
@@ -174,7 +174,7 @@ def tracked_evaluation(params: Params, run_dir: Path, data_root: Path, category:
     params = run_store(params, run_dir)
     run_dir = Path(run_dir)
     client = connect(params)  # an unreachable store fails before any work
-    evaluation_hash = data_hash(data_root, category)
+    evaluation_hash, evaluation_files = data_version(data_root, category)
     record, adopted = model_run(client, run_dir, category)
     folder = evaluation_folder(run_dir, record, category, evaluation_hash, data_root, new_evaluation)
     if adopted:
@@ -189,7 +189,7 @@ def tracked_evaluation(params: Params, run_dir: Path, data_root: Path, category:
                 run.finish("FAILED")
         raise
     write_csv(folder / AUC_TABLE, metrics_table({category: result}))
-    write_json(folder / DATA_FILES, {"data_hash": evaluation_hash, "files": folder_files(Path(data_root) / category)})
+    write_json(folder / DATA_FILES, {"data_hash": evaluation_hash, "files": evaluation_files})
     again = f"dualstpm test --run {run_dir} --data-root {data_root} --category {category}"
     with logged_after_saving(f"the test results are saved in {folder} ({METRICS_FILE}, {AUC_TABLE}, {PLOTS_DIR}/, "
                              f"{MAPS_DIR}/)", again + (" --new-evaluation" if folder != run_dir else "")):

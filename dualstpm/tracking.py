@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from dualstpm.config import Params
 from dualstpm.errors import ConfigError, TrackingError
@@ -160,6 +159,25 @@ def params_for_data(params: Params, data_root: Path | str | None) -> Params:
     return params.model_copy(update={"data": data})
 
 
+def recorded_data_root(data_root: Path | str, run_dir: Path | str) -> str:
+    """How `RUN/model/params.yaml` records the data root a model was trained on: relative to
+    the run directory (POSIX, e.g. `../../../data/synthetic`) when both lie in the project
+    (`project_dir`), so that the file is the same in every clone and stays valid when the
+    project moves; else the absolute path. `resolve_data_root` reads it back."""
+    root, run = Path(data_root).resolve(), Path(run_dir).resolve()
+    project = project_dir()
+    if root.is_relative_to(project) and run.is_relative_to(project):
+        return Path(os.path.relpath(root, run)).as_posix()
+    return str(root)
+
+
+def resolve_data_root(recorded: str, run_dir: Path | str) -> Path:
+    """The folder a `recorded_data_root` names: an absolute path as it is, a relative one
+    from the run directory (whatever the working directory)."""
+    root = Path(recorded)
+    return root if root.is_absolute() else (Path(run_dir) / root).resolve()
+
+
 def experiment_name(data_root: Path | str) -> str:
     """`dualstpm-<dataset>`: the MLflow experiment of the runs on `data_root` (see `dataset_name`)."""
     return f"dualstpm-{dataset_name(data_root)}"
@@ -190,35 +208,27 @@ def _dvc_dir_hash(files: Mapping[str, str]) -> str:
     return hashlib.md5(json.dumps(entries, sort_keys=True).encode()).hexdigest() + ".dir"
 
 
-def _recorded_md5s(dvc_file: Path, keys: tuple[str, ...]) -> dict[Path, str]:
-    """{absolute path: md5} of the entries DVC recorded in a `dvc.lock` or `.dvc` file."""
-    if not dvc_file.is_file():
-        return {}
-    data = yaml.safe_load(dvc_file.read_text()) or {}
-    groups = [data] if "outs" in data else list((data.get("stages") or {}).values())
-    return {
-        (dvc_file.parent / entry["path"]).resolve(): entry["md5"]
-        for group in groups
-        for key in keys
-        for entry in group.get(key) or []
-        if entry.get("md5") and entry.get("path")
-    }
+def data_version(data_root: Path, category: str) -> tuple[str, dict[str, str]]:
+    """(hash, files) of the category's data as it is on disk now: `folder_files` of the
+    category folder and the md5 DVC 3 gives that folder (`<md5>.dir`). Equal hashes mean
+    the same evaluation data.
 
-
-def data_hash(data_root: Path, category: str) -> str:
-    """The DVC hash of the category's data: from `dvc.lock` (or a `<category>.dvc` file) when
-    DVC records the category folder itself, else the same md5 computed from the category
-    folder's files. Equal hashes mean the same evaluation data.
-
-    A hash DVC records for a folder *holding* the category is not used: it changes with the
-    other categories, so the same data would look different before and after `dvc repro`.
+    Always computed from the files, never read from `dvc.lock` or a `.dvc` file: inside
+    `dvc repro`, or after `dualstpm feedback apply` added parts to a folder that is only a
+    stage's dependency, those still hold the previous version's md5 while the stage runs,
+    so a test would be tagged with the data it did not see. Raises ConfigError when the
+    category folder does not exist.
     """
     folder = (Path(data_root) / category).resolve()
     if not folder.is_dir():
         raise ConfigError(f"cannot hash {folder}: no such category folder")
-    recorded = _recorded_md5s(project_dir() / "dvc.lock", ("outs", "deps"))
-    md5 = recorded.get(folder) or _recorded_md5s(folder.with_name(folder.name + ".dvc"), ("outs",)).get(folder)
-    return md5 or _dvc_dir_hash(folder_files(folder))
+    files = folder_files(folder)
+    return _dvc_dir_hash(files), files
+
+
+def data_hash(data_root: Path, category: str) -> str:
+    """The hash of `data_version`: the md5 DVC 3 gives the category folder's current files."""
+    return data_version(data_root, category)[0]
 
 
 def git_state() -> tuple[str, bool]:

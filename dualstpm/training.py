@@ -48,7 +48,7 @@ from dualstpm.fusion import (BRANCHES, DISC_VIEW, MAX_SCORE, VIEWS, FusionSpec, 
 from dualstpm.models.torch_model import DualStpmModel
 from dualstpm.progress import StatusColumn, progress_bar, say
 from dualstpm.rng import own_rng
-from dualstpm.tracking import params_for_data
+from dualstpm.tracking import params_for_data, recorded_data_root
 
 CHECKPOINT_FILE = "checkpoint.pt"
 HISTORY_FILE = "history.csv"
@@ -450,14 +450,15 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
         writer.writerows(history)
 
 
-def data_trained_on(params: Params, data_root: Path, category: str) -> Params:
+def data_trained_on(params: Params, data_root: Path, category: str, run_dir: Path) -> Params:
     """`params` whose data section records what a fit of `category` in `data_root` trained
-    on, as `RUN/model/params.yaml` keeps it: `data.root` the data root as an absolute path
-    (valid from any working directory), `data.categories` [`category`], and `data.source`
-    `folder` when that root is not `data.root` (a user's `--data-root`), as
+    on, as `RUN/model/params.yaml` keeps it: `data.root` the data root as
+    `tracking.recorded_data_root` writes it (from the run directory, inside the project;
+    else absolute: valid from any working directory), `data.categories` [`category`], and
+    `data.source` `folder` when that root is not `data.root` (a user's `--data-root`), as
     `tracking.params_for_data` logs it. Nothing the model computes depends on it."""
     described = params_for_data(params, data_root)
-    data = described.data.model_copy(update={"root": str(Path(data_root).resolve()), "categories": [category]})
+    data = described.data.model_copy(update={"root": recorded_data_root(data_root, run_dir), "categories": [category]})
     return described.model_copy(update={"data": data})
 
 
@@ -566,7 +567,7 @@ def fit(
             disc = (fit_discriminator(trainer.model, params, train_images, selection_images, compute)
                     if params.fit.discriminator else None)
             calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc)
-            model_dir = save_detector(run_dir, trainer.model, data_trained_on(params, data_root, category), calibration,
+            model_dir = save_detector(run_dir, trainer.model, data_trained_on(params, data_root, category, run_dir), calibration,
                                       disc.module if disc is not None else None)
             write_history(trainer.history, run_dir / HISTORY_FILE)
             if disc is not None:

@@ -132,9 +132,9 @@ def test_params_for_data_describes_the_data_actually_used(in_project: Path):
 
 
 def test_data_hash_is_the_hash_dvc_gives_the_folder(synthetic_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Without dvc.lock the hash is computed from the files and equals `dvc add`'s; with a
-    `.dvc` file or a dvc.lock entry for the category folder itself DVC's record wins; a
-    record of a folder holding it is ignored (it changes with the other categories)."""
+    """The hash is computed from the files and equals the md5 a real `dvc add` records for the
+    folder; a record that no longer describes the files (dvc.lock or a `.dvc` file during
+    `dvc repro`, or after parts were added) is never used; one byte changed changes it."""
     project = tmp_path / "project"
     shutil.copytree(synthetic_root / "synth_texture", project / "data" / "synth_texture")
     monkeypatch.chdir(project)
@@ -147,22 +147,19 @@ def test_data_hash_is_the_hash_dvc_gives_the_folder(synthetic_root: Path, tmp_pa
     recorded = yaml.safe_load((project / "data" / "synth_texture.dvc").read_text())["outs"][0]["md5"]
     assert computed == recorded
 
-    def lock(path: str) -> None:
-        (project / "dvc.lock").write_text(yaml.safe_dump({
-            "schema": "2.0",
-            "stages": {"prepare": {"cmd": "x", "outs": [{"path": path, "hash": "md5", "md5": "feedc0de.dir"}]}},
-        }))
-
-    (project / "data" / "synth_texture.dvc").unlink()
-    lock("data/synth_texture")
-    assert data_hash(project / "data", "synth_texture") == "feedc0de.dir"  # the category's own record
-    lock("data")
-    assert data_hash(project / "data", "synth_texture") == computed  # the folder holding it: not used
-    (project / "dvc.lock").unlink()
+    # stale records of the category folder (the files are unchanged): the files' hash, not theirs
+    dvc_file = project / "data" / "synth_texture.dvc"
+    dvc_file.write_text(dvc_file.read_text().replace(recorded, "feedc0de.dir"))
+    (project / "dvc.lock").write_text(yaml.safe_dump({
+        "schema": "2.0",
+        "stages": {"prepare": {"cmd": "x", "outs": [{"path": "data/synth_texture", "hash": "md5", "md5": "feedc0de.dir"}]}},
+    }))
+    assert data_hash(project / "data", "synth_texture") == computed
 
     image = next((project / "data" / "synth_texture" / "test" / "good").iterdir())
     image.write_bytes(image.read_bytes() + b"\0")
     assert data_hash(project / "data", "synth_texture") != computed  # other data, other hash
+    assert data_hash(project / "data", "synth_texture") != recorded  # though dvc still records the old version
 
 
 def test_a_store_that_answers_is_not_called_down(tmp_path: Path):

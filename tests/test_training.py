@@ -239,16 +239,28 @@ def test_a_fit_interrupted_while_logging_then_resumed_logs_every_epoch_to_every_
 
 
 def test_the_model_records_the_data_it_was_trained_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from dualstpm.tracking import resolve_data_root
     from dualstpm.training import data_trained_on
 
-    monkeypatch.chdir(tmp_path)
+    project = tmp_path / "project"
+    run = project / "out" / "runs" / "synth_texture"
+    run.mkdir(parents=True)
+    monkeypatch.chdir(project)
     params = load_params(None, [])  # data.source synthetic, data.root data/synthetic, two categories
-    same = data_trained_on(params, Path("data/synthetic"), "synth_texture").data
-    assert (same.source, same.root, same.categories) == ("synthetic", str(tmp_path / "data" / "synthetic"),
-                                                         ["synth_texture"])
-    mine = data_trained_on(params, Path("mine"), "part").data  # a user's --data-root
-    assert (mine.source, mine.root, mine.categories) == ("folder", str(tmp_path / "mine"), ["part"])
-    assert data_trained_on(params, Path("mine"), "part").model == params.model
+    # inside the project: from the run directory, so every clone writes the same file
+    same = data_trained_on(params, Path("data/synthetic"), "synth_texture", run).data
+    assert (same.source, same.root, same.categories) == ("synthetic", "../../../data/synthetic", ["synth_texture"])
+    assert resolve_data_root(same.root, run) == project / "data" / "synthetic"
+    monkeypatch.chdir(tmp_path)  # read back from anywhere
+    assert resolve_data_root(same.root, run) == project / "data" / "synthetic"
+    monkeypatch.chdir(project)
+    mine = data_trained_on(params, Path("mine"), "part", run).data  # a user's --data-root in the project
+    assert (mine.source, mine.root, mine.categories) == ("folder", "../../../mine", ["part"])
+    # outside the project: absolute
+    outside = data_trained_on(params, tmp_path / "elsewhere", "part", run).data
+    assert (outside.source, outside.root) == ("folder", str(tmp_path / "elsewhere"))
+    assert resolve_data_root(outside.root, run) == tmp_path / "elsewhere"
+    assert data_trained_on(params, Path("mine"), "part", run).model == params.model
 
 
 def test_sigterm_interrupts_only_inside_the_block_and_never_over_a_callers_handler():
