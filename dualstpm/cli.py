@@ -17,7 +17,7 @@ from rich.text import Text
 
 from dualstpm import __version__
 from dualstpm.config import Params, load_params, valid_keys
-from dualstpm.errors import ConfigError, DualStpmError, RunError
+from dualstpm.errors import NOT_DONE_EXIT, ConfigError, DualStpmError, RunError
 from dualstpm.paths import CALIBRATION_FILE, category_dir, expand_paths, trained_model_dir
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ SetOption = set_option("fit.epochs=5")
 SERVING_SETTINGS = {"test": ("data.", "tracking."), "predict": ("data.",)}
 
 
-NOT_PROMOTED_EXIT = 3  # `dualstpm promote` judged the challenger and kept the champion (0: promoted, 2: an error)
 CategoryOption = Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")]
 TrainedRunOption = Annotated[Path, typer.Option("--run", help="run directory written by `dualstpm fit`")]
 DataRootOption = Annotated[Path, typer.Option("--data-root", help="folder holding the category")]
@@ -497,7 +496,7 @@ def promote(
     out.print(f"{decision.model_name} version {decision.challenger_version}: {verdict}: {decision.reason}")
     out.print(f"@{CHAMPION}: version {decision.champion_version or 'none'}")
     if not decision.promoted:
-        raise typer.Exit(NOT_PROMOTED_EXIT)
+        raise typer.Exit(NOT_DONE_EXIT)
 
 
 @app.command("params")
@@ -582,7 +581,7 @@ def feedback_apply(
     if result.dvc:
         out.print(f"DVC: {result.dvc}", highlight=False, soft_wrap=True)
     if result.conflicts or result.problems:
-        raise typer.Exit(3)
+        raise typer.Exit(NOT_DONE_EXIT)
 
 
 @app.command()
@@ -604,7 +603,7 @@ def monitor(
     calibrated target, inspectors' override rate); writes OUT/report.html and monitor.json, logs to MLflow.
     Exits with 3 when a batch drifts or raises too many alarms (docs/loop.md)."""
     trained_model_dir(run)  # a wrong run fails before torch loads
-    from dualstpm.monitor import EXIT_BOUND_CROSSED, Bounds, run_monitor
+    from dualstpm.monitor import Bounds, run_monitor
 
     bounds = Bounds(ks_p, ks_statistic, alarm_p, expected_defect_rate)
     p = resolve_params(params, overrides) if mlflow else None
@@ -613,13 +612,13 @@ def monitor(
         state = "[bold red]ALARM[/]" if batch.crossed else "[green]ok[/]"
         rate, override = batch.alarms["alarm_rate"], batch.review["override_rate"]
         alarms = "n/a" if rate is None else f"{rate:.1%}"
-        overrides = "n/a" if override is None else f"{override:.1%} of {batch.review['n_reviewed']} reviewed"
+        overridden = "n/a" if override is None else f"{override:.1%} of {batch.review['n_reviewed']} reviewed"
         out.print(f"{batch.name}: {state} n={batch.n_scored}, KS {_fmt(batch.drift['ks_statistic'])} "
                   f"(p {_fmt(batch.drift['ks_pvalue'])}), alarms {alarms} (p {_fmt(batch.alarms['alarm_pvalue'])}), "
-                  f"overrides {overrides}", soft_wrap=True)
+                  f"overrides {overridden}", soft_wrap=True)
     out.print(f"written: {report / 'report.html'}" + (f"; MLflow run {run_id}" if run_id else ""), highlight=False)
     if result.crossed:
-        raise typer.Exit(EXIT_BOUND_CROSSED)
+        raise typer.Exit(NOT_DONE_EXIT)
 
 
 def main() -> None:

@@ -86,10 +86,11 @@ from typing import Any
 
 import yaml
 
+from dualstpm.data.images import IMAGE_SUFFIXES
 from dualstpm.errors import DataError
-from dualstpm.files import _fsync_dir, umask_mode
+from dualstpm.files import fsync_dir, umask_mode
 from dualstpm.paths import category_dir
-from dualstpm.review.log import ReviewLog, review_dir, sha256_file
+from dualstpm.review.log import LOG_FILE, ReviewLog, review_dir, sha256_file
 
 PROVENANCE_FILE = "feedback.jsonl"
 PROVENANCE_SCHEMA = 1
@@ -98,7 +99,6 @@ REVIEWED_DEFECT = "reviewed"
 VALIDATION_GT = "validation_ground_truth"
 MASK_SUFFIX = "_mask"
 HASH_CHARS = 12
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # dualstpm.data.IMAGE_SUFFIXES, without torch
 
 
 @dataclass(frozen=True)
@@ -138,7 +138,7 @@ def _describe(entry: dict[str, Any]) -> str:
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in _IMAGE_SUFFIXES and not path.name.startswith(".")
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 def _category_hashes(category: Path) -> tuple[dict[str, str], set[str]]:
@@ -215,7 +215,7 @@ def plan_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str,
     by_hash: dict[str, list[tuple[dict[str, Any], Path]]] = {}
     for folder in map(Path, predictions_dirs):
         log_dir = review_dir(folder)
-        if not (log_dir / "verdicts.jsonl").is_file():
+        if not (log_dir / LOG_FILE).is_file():
             raise DataError(f"no review log in {log_dir}: review the predictions first (`dualstpm review {folder} ...`), "
                             "or pass the folder `dualstpm predict --out` wrote")
         for entry in ReviewLog(log_dir).refresh().current().values():
@@ -313,7 +313,7 @@ def _move_into_place(staging: Path, category: Path, relatives: list[str]) -> tup
             os.replace(staging / relative, target)
             moved.append(target)
         for folder in {p.parent for p in moved}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except BaseException:
         _remove(moved, created)
         raise
@@ -391,7 +391,7 @@ def _apply(result: FeedbackResult) -> None:
         except BaseException:
             _remove(moved, created)
             raise
-        _fsync_dir(category_path)
+        fsync_dir(category_path)
     except OSError as exc:
         raise DataError(f"applying the feedback to {category_path} failed ({exc}); nothing was changed there "
                         "(every copy made was removed). Fix the cause (disk space, permissions) and apply again") from None

@@ -37,7 +37,7 @@ The validation images include those that selected the training epoch (the calibr
 part alone is too small to compare against on a small dataset); their scores are
 slightly lower than a new good part's, which makes the test a little quicker to flag.
 
-``dualstpm monitor`` exits with :data:`EXIT_BOUND_CROSSED` (3) when any batch drifts or
+``dualstpm monitor`` exits with :data:`dualstpm.errors.NOT_DONE_EXIT` (3) when any batch drifts or
 raises too many alarms, 0 otherwise; errors exit with 2, as every command does.
 """
 
@@ -54,21 +54,20 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dualstpm.errors import DataError
+from dualstpm.errors import NOT_DONE_EXIT, DataError
 from dualstpm.files import atomic_file, json_ready, staged_dir, write_json, write_text
-from dualstpm.review.log import ReviewLog, review_dir
+from dualstpm.paths import PREDICTIONS_FILE
+from dualstpm.review.log import LOG_FILE, ReviewLog, review_dir
 
 if TYPE_CHECKING:
     from dualstpm.config import Params
 
-PREDICTIONS_FILE = "predictions.csv"  # as dualstpm.predict writes it (not imported: that pulls in torch)
 MONITOR_DIR = "monitor"
 BATCH_FILE = "batch.json"
 BATCH_SCHEMA = 1
 MONITOR_FILE = "monitor.json"
 REPORT_FILE = "report.html"
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-EXIT_BOUND_CROSSED = 3
 MLFLOW_EXPERIMENT = "dualstpm-monitor"
 FEW_REFERENCE_SCORES = 20
 
@@ -176,7 +175,7 @@ def override_rate(predictions_dir: Path | str) -> dict[str, Any]:
     """The inspectors' verdicts on a batch against the model's labels (current verdicts of its
     review log; all None without one)."""
     log_dir = review_dir(predictions_dir)
-    verdicts = list(ReviewLog(log_dir).refresh().current().values()) if (log_dir / "verdicts.jsonl").is_file() else []
+    verdicts = list(ReviewLog(log_dir).refresh().current().values()) if (log_dir / LOG_FILE).is_file() else []
     if not verdicts:
         return {"n_reviewed": 0, "override_rate": None, "false_alarms_overruled": None, "misses": None}
     overruled = sum(v["verdict"] == "good" and v.get("model_label") == "defective" for v in verdicts)
@@ -281,7 +280,7 @@ class MonitorResult:
             "validation": {"n": len(ref.scores), **{f"q{q:g}": float(np.quantile(ref.scores, q)) for q in QUANTILES}},
             "bounds": asdict(self.bounds),
             "crossed": self.crossed,
-            "exit_code": EXIT_BOUND_CROSSED if self.crossed else 0,
+            "exit_code": NOT_DONE_EXIT if self.crossed else 0,
             "batches": [{**asdict(b), "crossed": b.crossed} for b in self.batches],
         })
 

@@ -24,10 +24,9 @@ from dualstpm.fusion import FusionSpec, MapStats
 from dualstpm.monitor import write_batch_summary
 from dualstpm.models.inference import InferenceOutput
 from dualstpm.overlays import draw_overlay, overlay_scale
+from dualstpm.paths import OVERLAY_COLUMN, PREDICTIONS_FILE
 from dualstpm.progress import stage
 
-PREDICTIONS_FILE = "predictions.csv"
-OVERLAY_COLUMN = "overlay"
 
 
 class Scorer(Protocol):

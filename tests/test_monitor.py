@@ -24,7 +24,6 @@ from PIL import Image, ImageEnhance
 
 from dualstpm.monitor import (
     BATCH_FILE,
-    EXIT_BOUND_CROSSED,
     MONITOR_DIR,
     Bounds,
     alarm_test,
@@ -228,12 +227,12 @@ def test_the_command_exits_3_only_when_a_bound_is_crossed(tested_run: Path, tmp_
                             cwd=tmp_path)
 
     assert calm.returncode == 0, calm.stdout + calm.stderr
-    assert alarm.returncode == EXIT_BOUND_CROSSED, alarm.stdout + alarm.stderr
+    assert alarm.returncode == 3, alarm.stdout + alarm.stderr
     report = json.loads((tmp_path / "r2" / "monitor.json").read_text())
     same_batch, hot_batch = report["batches"]
     assert same_batch["drift"]["ks_statistic"] == 0.0 and same_batch["crossed"] is False
     assert hot_batch["alarms"]["alarm_pvalue"] == pytest.approx((1 / 3) ** 20, rel=1e-6)
-    assert hot_batch["crossed"] is True and report["exit_code"] == EXIT_BOUND_CROSSED
+    assert hot_batch["crossed"] is True and report["exit_code"] == 3
     for name in ("report.html", "scores.png", "rates.png"):
         assert (tmp_path / "r2" / name).stat().st_size > 0
     assert "ALARM" in (tmp_path / "r2" / "report.html").read_text()
@@ -272,7 +271,7 @@ def test_the_flow_emits_a_visible_event_when_a_bound_is_crossed(tested_run: Path
     reference = validation_scores(tested_run)
     hot = write_scores(tmp_path / "hot", np.full(20, 10 * reference.threshold))
     with prefect_test_harness(server_startup_timeout=None):  # None: the env's 120 s, as tests/test_flows.py
-        summary = monitor(str(tested_run), [str(hot)], str(tmp_path / "report"), str(tmp_path / "none.yaml"),
+        summary = monitor(str(tested_run), [str(hot)], str(tmp_path / "report"), None,
                           use_mlflow=False)
         EventsWorker.drain_all()
         assert summary["crossed"] is True and summary["event_id"] is not None and summary["retrain"] is None

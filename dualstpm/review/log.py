@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image
 
 from dualstpm.errors import DataError
-from dualstpm.files import _fsync_dir, atomic_file
+from dualstpm.files import fsync_dir, atomic_file
 
 SCHEMA_VERSION = 1
 REVIEW_DIR = "review"
@@ -234,7 +234,7 @@ class ReviewLog:
             self._lines += 1  # a hand-edited last line without newline was already counted
             self._unterminated = False
         if created:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         return entry
 
     def current(self) -> dict[str, dict[str, Any]]:

@@ -28,10 +28,10 @@ from typing import Any
 import pandas as pd
 
 from dualstpm.errors import DataError
+from dualstpm.paths import OVERLAY_COLUMN, PREDICTIONS_FILE
 from dualstpm.review.log import image_key
 
-PREDICTIONS_FILE = "predictions.csv"  # as dualstpm.predict writes it (not imported: that pulls in torch)
-NEEDED_COLUMNS = ("path", "score", "normalized_score", "label", "threshold", "overlay", "error")
+NEEDED_COLUMNS = ("path", "score", "normalized_score", "label", "threshold", OVERLAY_COLUMN, "error")
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def load_predictions(folder: Path | str, base: Path | str | None = None) -> Pred
         raise DataError(f"no {PREDICTIONS_FILE} in {folder.absolute()}: review the folder that "
                         f"`dualstpm predict IMAGES --out {folder}` wrote")
     try:
-        table = pd.read_csv(table_path, dtype={"path": str, "label": str, "overlay": str, "error": str},
+        table = pd.read_csv(table_path, dtype={"path": str, "label": str, OVERLAY_COLUMN: str, "error": str},
                             keep_default_na=False, na_values={c: [""] for c in ("score", "normalized_score", "threshold")})
     except (ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"{table_path} cannot be read as a predictions table ({exc}): run `dualstpm predict` again") from None
@@ -95,7 +95,7 @@ def load_predictions(folder: Path | str, base: Path | str | None = None) -> Pred
         if row["error"] or math.isnan(row["score"]):
             unreadable.append((listed, row["error"] or "no score"))
             continue
-        overlay = str(row["overlay"])
+        overlay = str(row[OVERLAY_COLUMN])
         if not overlay or overlay != Path(overlay).name or not (folder / overlay).is_file():
             raise DataError(f"{table_path}, data row {row_id + 1} ({listed}): overlay {overlay!r} is not a file in "
                             f"{folder.absolute()}; the folder is incomplete: run `dualstpm predict` into it again")
