@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image
 
 from dualstpm.errors import DataError
-from dualstpm.files import fsync_dir, atomic_file
+from dualstpm.files import atomic_file, fsync_dir
 
 SCHEMA_VERSION = 1
 REVIEW_DIR = "review"
