@@ -17,7 +17,7 @@ from rich.text import Text
 
 from dualstpm import __version__
 from dualstpm.config import Params, load_params, valid_keys
-from dualstpm.errors import NOT_DONE_EXIT, ConfigError, DualStpmError, RunError
+from dualstpm.errors import NOT_DONE_EXIT, ConfigError, DataError, DualStpmError, RunError
 from dualstpm.paths import CALIBRATION_FILE, category_dir, expand_paths, trained_model_dir
 
 if TYPE_CHECKING:
@@ -223,7 +223,6 @@ def predict(
     paths = expand_paths(paths)  # before the params: their validation imports timm
     limit = serving_params(params, overrides, "predict", SERVING_SETTINGS["predict"]).data.max_image_pixels
     from dualstpm.backends import load_scorer
-    from dualstpm.errors import DataError
     from dualstpm.predict import PREDICTIONS_FILE, EarlierBatch
     from dualstpm.predict import predict as predict_images
 
@@ -564,7 +563,8 @@ def feedback_apply(
 ) -> None:
     """Copy the reviewed parts into the category's data (good: train/good or validation/good; defective:
     validation/<defect> with its mask), once each, all or nothing, with provenance; then `dvc add`/`commit`.
-    Exits with 3 when some verdicts were not applied (conflicts, missing files: listed), after applying the rest."""
+    Exits with 3 when some verdicts were not applied (conflicts, missing files: listed), after applying the rest;
+    with 2 when dvc failed after the copies were made (they stay; the dvc command to run by hand is named)."""
     from dualstpm.feedback import apply_feedback
 
     result = apply_feedback(predictions, data_root, category, dry_run=dry_run, dvc=dvc)
@@ -580,6 +580,8 @@ def feedback_apply(
               f"{len(result.conflicts) + len(result.problems)} not applied", highlight=False)
     if result.dvc:
         out.print(f"DVC: {result.dvc}", highlight=False, soft_wrap=True)
+    if result.dvc_error:  # after everything else is printed: the copies stay, the data version is not recorded
+        raise DataError(result.dvc_error)
     if result.conflicts or result.problems:
         raise typer.Exit(NOT_DONE_EXIT)
 

@@ -124,12 +124,14 @@ class FeedbackResult:
     conflicts: list[str] = field(default_factory=list)  # not applied: both verdicts named
     problems: list[str] = field(default_factory=list)  # missing/changed image, missing mask: not applied
     dvc: str | None = None  # what was done in DVC, or why nothing
+    dvc_error: str | None = None  # a dvc command that failed after the copies were made (they stay), and its output
     dry_run: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {"category_dir": str(self.category_dir), "dry_run": self.dry_run,
                 "copied": [c.dest for c in self.copies], "masks": [c.mask_dest for c in self.copies if c.mask_dest],
-                "skipped": self.skipped, "conflicts": self.conflicts, "problems": self.problems, "dvc": self.dvc}
+                "skipped": self.skipped, "conflicts": self.conflicts, "problems": self.problems, "dvc": self.dvc,
+                "dvc_error": self.dvc_error}
 
 
 def _describe(entry: dict[str, Any]) -> str:
@@ -336,7 +338,9 @@ def apply_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str
     """Plan (:func:`plan_feedback`) and, unless `dry_run`, copy every planned part into the
     category, all or nothing, append their provenance, then (with `dvc`) record the new
     data version in DVC (:func:`record_in_dvc`). Raises DataError (the folder unchanged)
-    when a copy or a move fails."""
+    when a copy or a move fails. A dvc command that fails does not raise: the copies are in
+    place and recorded in feedback.jsonl by then, so the result keeps them with the failure
+    in `dvc_error` (the command to run by hand, dvc's output) for the caller to report."""
     with _category_lock(category_dir(Path(data_root), category)):
         result = plan_feedback(predictions_dirs, data_root, category)
         result.dry_run = dry_run
@@ -344,7 +348,10 @@ def apply_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str
             return result
         _apply(result)
     if dvc:
-        result.dvc = record_in_dvc(result.category_dir)
+        try:
+            result.dvc = record_in_dvc(result.category_dir)
+        except DvcCommandError as exc:
+            result.dvc_error = str(exc)
     return result
 
 
@@ -409,12 +416,17 @@ def _dvc_repo(path: Path) -> Path | None:
     return None
 
 
+class DvcCommandError(DataError):
+    """A dvc command that failed; the message names it, the repo, and dvc's last output lines."""
+
+
 def _run_dvc(repo: Path, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-10:])
-        raise DataError(f"`dvc {' '.join(args)}` failed in {repo} (exit {done.returncode}); the copies and "
-                        f"feedback.jsonl are in place, run the command again by hand:\n{tail}")
+        raise DvcCommandError(f"`dvc {' '.join(args)}` failed in {repo} (exit {done.returncode}); the copies are in "
+                              f"place and recorded in feedback.jsonl: fix the cause and run `cd {repo} && dvc "
+                              f"{' '.join(args)}` by hand:\n{tail}")
     return done.stdout
 
 
@@ -431,8 +443,8 @@ def _lock_stages(repo: Path) -> dict[str, dict[str, list[Path]]]:
 
 def record_in_dvc(category: Path) -> str:
     """Record the changed category folder in DVC, as the module docstring says; returns what
-    was done (or why nothing was, and how to put the folder under DVC). Raises DataError
-    when a dvc command fails."""
+    was done (or why nothing was, and how to put the folder under DVC). Raises
+    DvcCommandError when a dvc command fails."""
     category = Path(category).resolve()
     repo = _dvc_repo(category)
     if repo is None:
