@@ -58,6 +58,7 @@ from dualstpm.errors import NOT_DONE_EXIT, DataError
 from dualstpm.files import atomic_file, json_ready, staged_dir, write_json, write_text
 from dualstpm.paths import PREDICTIONS_FILE
 from dualstpm.review.log import LOG_FILE, ReviewLog, review_dir
+from dualstpm.review.parts import numeric_columns
 
 if TYPE_CHECKING:
     from dualstpm.config import Params
@@ -95,7 +96,8 @@ class Bounds:
 def read_batch(predictions_dir: Path | str) -> pd.DataFrame:
     """``predictions_dir/predictions.csv`` with ``score`` as float (NaN where an image could
     not be scored) and, when the table has them, ``label`` and ``threshold``. Raises
-    DataError for a missing table or one without a ``score`` column."""
+    DataError for a missing table, one without a ``score`` column, or a score that is
+    neither a number nor empty (naming the row: `numeric_columns`)."""
     path = Path(predictions_dir) / PREDICTIONS_FILE
     if not path.is_file():
         raise DataError(f"no {PREDICTIONS_FILE} in {Path(predictions_dir).absolute()}: monitor the folders "
@@ -106,8 +108,7 @@ def read_batch(predictions_dir: Path | str) -> pd.DataFrame:
         raise DataError(f"{path} cannot be read as a predictions table ({exc})") from None
     if "score" not in table.columns:
         raise DataError(f"{path} has no `score` column: it is not a predictions table of dualstpm")
-    table["score"] = pd.to_numeric(table["score"], errors="coerce")
-    return table
+    return numeric_columns(table, ("score",), path)
 
 
 def scored_rows(table: pd.DataFrame) -> pd.DataFrame:

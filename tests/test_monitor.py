@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
+from dualstpm.errors import DataError
 from dualstpm.monitor import (
     BATCH_FILE,
     MONITOR_DIR,
@@ -30,6 +31,7 @@ from dualstpm.monitor import (
     batch_summary,
     drift_test,
     override_rate,
+    read_batch,
     run_monitor,
     validation_scores,
     write_batch_summary,
@@ -90,7 +92,6 @@ def test_an_expected_defect_rate_raises_the_expected_alarm_rate() -> None:
 
 
 def test_bad_bounds_are_refused_by_name() -> None:
-    from dualstpm.errors import DataError
 
     with pytest.raises(DataError, match="ks_p=0"):
         Bounds(ks_p=0)
@@ -115,6 +116,15 @@ def test_batch_summary_counts_the_scored_rows(tmp_path: Path) -> None:
     assert summary["quantiles"]["0.5"] == pytest.approx(0.3)  # the median of 0.1, 0.2, 0.4, 0.7
     assert (summary["min"], summary["max"], summary["mean"]) == (0.1, 0.7, pytest.approx(0.35))
     assert summary["model"] == {"run": "r"}
+
+
+def test_an_empty_score_is_unscored_and_a_text_score_is_refused_by_row(tmp_path: Path) -> None:
+    (tmp_path / "predictions.csv").write_text("path,score\na.png,0.5\nb.png,\nc.png,high\n")
+    with pytest.raises(DataError, match=r"predictions.csv, data row 3, column score: 'high' is not a number"):
+        read_batch(tmp_path)
+    (tmp_path / "predictions.csv").write_text("path,score\na.png,0.5\nb.png,\n")
+    scores = read_batch(tmp_path)["score"].tolist()
+    assert scores[0] == 0.5 and math.isnan(scores[1])  # b: an image predict could not score
 
 
 def test_an_empty_batch_has_null_figures_not_nan() -> None:

@@ -325,6 +325,15 @@ def test_a_predictions_folder_that_cannot_be_reviewed_is_named(tmp_path: Path):
         load_predictions(folder, base=tmp_path)
 
 
+def test_a_score_that_is_not_a_number_is_refused_with_its_row(tmp_path: Path):
+    folder = predictions_folder(tmp_path, ROWS)
+    table = pd.read_csv(folder / "predictions.csv", dtype=str, keep_default_na=False)
+    table.loc[1, "score"] = "0,75"  # a decimal comma, as a spreadsheet in another locale writes it
+    table.to_csv(folder / "predictions.csv", index=False)
+    with pytest.raises(DataError, match=r"predictions.csv, data row 2, column score: '0,75' is not a number"):
+        load_predictions(folder, base=tmp_path)
+
+
 # --- the HTTP interface, in process ------------------------------------------------------------------
 
 

@@ -66,12 +66,33 @@ class Predictions:
     unreadable: list[tuple[str, str]]
 
 
+def numeric_columns(table: pd.DataFrame, columns: tuple[str, ...], path: Path) -> pd.DataFrame:
+    """`table` with each of `columns` it has as floats: an empty cell (an image predict could
+    not score) is NaN; any other text that is not a number raises DataError naming `path`,
+    the data row (1-based, the header not counted) and the column. Shared by the review and
+    `dualstpm.monitor`, the two readers of a predictions.csv."""
+    table = table.copy()
+    for column in (c for c in columns if c in table.columns):
+        raw = table[column]
+        numbers = pd.to_numeric(raw, errors="coerce")
+        empty = raw.isna() | (raw.astype(str).str.strip() == "")
+        bad = numbers.isna() & ~empty
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise DataError(f"{path}, data row {row + 1}, column {column}: {raw.iloc[row]!r} is not a number; "
+                            "the table was edited or is not a predictions.csv of `dualstpm predict`: fix that cell "
+                            "(leave it empty for an image that was not scored) or run predict again")
+        table[column] = numbers.astype(float)
+    return table
+
+
 def load_predictions(folder: Path | str, base: Path | str | None = None) -> Predictions:
     """Read ``folder/predictions.csv`` as `dualstpm predict --out folder` wrote it.
 
     Relative image paths are taken relative to `base` (default: the current folder, as
     predict wrote them relative to where it ran). Raises DataError naming the file when
-    there is no table, it lacks a column, or a scored row has no overlay file, and when
+    there is no table, it lacks a column, a score is not a number (`numeric_columns`), or a
+    scored row has no overlay file, and when
     none of the listed images exists (the wrong folder: the fix is named).
     """
     folder = Path(folder)
@@ -88,6 +109,7 @@ def load_predictions(folder: Path | str, base: Path | str | None = None) -> Pred
     if missing:
         raise DataError(f"{table_path} lacks the columns {', '.join(missing)}: it is not a predictions.csv of "
                         "`dualstpm predict` (or of an older version); run predict again into this folder")
+    table = numeric_columns(table, ("score", "normalized_score", "threshold"), table_path)
     base = Path.cwd() if base is None else Path(base)
     parts, unreadable = [], []
     for row_id, row in enumerate(table.to_dict(orient="records")):
