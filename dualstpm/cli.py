@@ -539,7 +539,7 @@ def review(
     def registry():
         from dualstpm.tracking import connect
 
-        return connect(resolve_params(params, overrides))
+        return connect(resolve_params(params, overrides), create=False)  # a wrong folder: no empty store
 
     session = open_review(predictions, reviewer or default_reviewer(), run=run, model=model, registry=registry, base=base)
     serve(session, host, port, say=lambda line: out.print(line, highlight=False, soft_wrap=True))

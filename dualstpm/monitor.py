@@ -428,18 +428,21 @@ def write_report(result: MonitorResult, out_dir: Path | str) -> Path:
 
 def log_to_mlflow(result: MonitorResult, report_dir: Path, params: Params) -> tuple[str, str]:
     """Log the figures and the report to a new run of the ``dualstpm-monitor`` experiment in
-    the configured store (`tracking.connect`: ``MLFLOW_TRACKING_URI``, else ``tracking.uri``,
-    else the project's SQLite file): per batch (step = its position) ``ks_statistic``,
+    the model's store (`dualstpm.lineage.run_store`: ``MLFLOW_TRACKING_URI``, else
+    ``tracking.uri``, else the store the run records, else the project's SQLite file), which
+    must exist (`tracking.connect` with ``create=False``: no empty store appears in the
+    folder monitor runs in): per batch (step = its position) ``ks_statistic``,
     ``ks_pvalue``, ``alarm_rate``, ``alarm_pvalue``, ``override_rate``, ``n_scored``; the
     report folder as artifacts. Returns (tracking URI, run id). Raises TrackingError."""
     import time
 
     from mlflow.entities import Metric, RunTag
 
+    from dualstpm.lineage import run_store
     from dualstpm.tracking import TAG, connect, ensure_experiment, tracking_errors
 
-    client = connect(params)
     ref = result.reference
+    client = connect(run_store(params, Path(ref.run)), create=False)
     experiment = ensure_experiment(client, MLFLOW_EXPERIMENT)
     tags = {f"{TAG}category": ref.category, f"{TAG}run_dir": ref.run, f"{TAG}weights_sha256": ref.weights_sha256,
             f"{TAG}monitor_crossed": str(result.crossed).lower(),

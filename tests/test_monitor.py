@@ -254,13 +254,22 @@ def test_the_figures_go_to_mlflow(tested_run: Path, tmp_path: Path, monkeypatch:
 
     from dualstpm.config import load_params
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    reference = validation_scores(tested_run)
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    MlflowClient(uri).search_experiments()  # the model's store (created here)
+    run = tmp_path / "run"  # a model whose lineage records that store
+    shutil.copytree(tested_run, run)
+    (run / "model" / "lineage.json").write_text(json.dumps({"tracking_uri": uri, "run_id": "0" * 32}))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere = tmp_path / "elsewhere"  # monitor runs in another folder, naming no store
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    reference = validation_scores(run)
     batch = write_scores(tmp_path / "batch", reference.scores)
 
-    result, report, run_id = run_monitor(tested_run, [batch], tmp_path / "report", params=load_params(None, []))
+    result, report, run_id = run_monitor(run, [batch], tmp_path / "report", params=load_params(None, []))
 
+    assert not (elsewhere / "mlflow.db").exists()  # no empty store where it ran
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.data.metrics["ks_statistic"] == 0.0 and run.data.metrics["n_scored"] == 4

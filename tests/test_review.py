@@ -588,6 +588,8 @@ def test_the_server_refuses_to_start_on_a_hand_broken_log_and_leaves_it_alone(sc
     (["--run", "r", "--model", "m@champion"], "--run RUN or --model NAME@ALIAS (one of them)"),
     (["--model", "no-alias"], "--model 'no-alias' is neither NAME@ALIAS nor NAME/VERSION"),
     (["--run", "{tmp}/no-run"], "no-run/model is not a trained model"),
+    (["--model", "m@champion", "--base", "{tmp}", "--set", "tracking.uri=sqlite:///{tmp}/mlflow.db"],
+     "there is no MLflow store at"),  # the store in use (the tests' MLFLOW_TRACKING_URI) is named, not created empty
 ])
 def test_the_command_names_what_is_missing_before_it_serves(tmp_path: Path, args: list[str], said: str):
     folder = predictions_folder(tmp_path, ROWS)
