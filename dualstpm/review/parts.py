@@ -27,6 +27,7 @@ from typing import Any
 
 import pandas as pd
 
+from dualstpm.data.images import IMAGE_SUFFIXES
 from dualstpm.errors import DataError
 from dualstpm.paths import OVERLAY_COLUMN, PREDICTIONS_FILE
 from dualstpm.review.log import image_key
@@ -91,8 +92,9 @@ def load_predictions(folder: Path | str, base: Path | str | None = None) -> Pred
 
     Relative image paths are taken relative to `base` (default: the current folder, as
     predict wrote them relative to where it ran). Raises DataError naming the file when
-    there is no table, it lacks a column, a score is not a number (`numeric_columns`), or a
-    scored row has no overlay file, and when
+    there is no table, it lacks a column, a score is not a number (`numeric_columns`), a
+    scored row's image or overlay is not an image file by its suffix (the server would send
+    it) or has no overlay file, and when
     none of the listed images exists (the wrong folder: the fix is named).
     """
     folder = Path(folder)
@@ -118,6 +120,11 @@ def load_predictions(folder: Path | str, base: Path | str | None = None) -> Pred
             unreadable.append((listed, row["error"] or "no score"))
             continue
         overlay = str(row[OVERLAY_COLUMN])
+        for what, name in (("image", listed), ("overlay", overlay)):  # the server sends these files: images only
+            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{table_path}, data row {row_id + 1}: the {what} {name!r} is not an image file (its "
+                                f"name does not end in {', '.join(IMAGE_SUFFIXES)}); the review serves images only: "
+                                "run `dualstpm predict` into a new folder instead of editing its table")
         if not overlay or overlay != Path(overlay).name or not (folder / overlay).is_file():
             raise DataError(f"{table_path}, data row {row_id + 1} ({listed}): overlay {overlay!r} is not a file in "
                             f"{folder.absolute()}; the folder is incomplete: run `dualstpm predict` into it again")
