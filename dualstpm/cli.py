@@ -529,7 +529,7 @@ def review(
     base: Annotated[Optional[Path], typer.Option("--base", help="folder the relative image paths of predictions.csv "
                                                  "start from (default: the current folder, where predict ran)")] = None,
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("tracking.uri=http://127.0.0.1:5000") = None,
 ) -> None:
     """The inspector's review page: mark each scored part good or defective (note, mask), sorted
     by what needs a look first; every verdict goes at once to PREDICTIONS_DIR/review/verdicts.jsonl
@@ -599,7 +599,7 @@ def monitor(
                                                         help="share of defective parts the line expects")] = 0.0,
     mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="log the figures to MLflow")] = True,
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("tracking.timeout_s=60") = None,
 ) -> None:
     """Compare batches' scores with the model's validation scores (KS drift, alarm rate against the
     calibrated target, inspectors' override rate); writes OUT/report.html and monitor.json, logs to MLflow.

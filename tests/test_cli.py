@@ -239,12 +239,14 @@ def test_each_commands_set_example_is_one_that_command_accepts():
     from dualstpm.config import load_params
 
     examples = _set_examples()
-    assert {"fit", "test", "predict", "ablate", "register", "promote", "params"} <= set(examples)
+    assert {"fit", "test", "predict", "ablate", "register", "promote", "params", "review", "monitor"} <= set(examples)
     for command, example in examples.items():
         load_params(None, [example])  # a valid key and value
         if command in SERVING_SETTINGS:  # the validator `dualstpm test` / `predict` runs on --set
             serving_params(None, [example], command, SERVING_SETTINGS[command])
     assert not examples["predict"].startswith("fit.")  # the example it once showed, and refused
+    for command in ("review", "monitor"):  # they read only the store's settings of --set
+        assert examples[command].startswith("tracking."), (command, examples[command])
 
 
 def test_predict_says_what_it_replaced_in_an_existing_out_folder(trained_run: Path, synthetic_root: Path,

@@ -39,7 +39,7 @@ threshold       the threshold the model's label used (predictions.csv ``threshol
 model_label     the model's label: ``good`` or ``defective``
 overlay         the overlay file name in PREDICTIONS_DIR
 predictions     absolute path of the predictions.csv the part was listed in
-model           what scored it: ``{"run": abs path, "weights_sha256": ..., "mlflow_run_id": ...|null}``
+model           what scored it: ``{"run": abs path, "model_sha256": ..., "mlflow_run_id": ...|null}``
                 for ``--run``, or ``{"registered_model": name, "alias": ...|null, "version": ...,
                 "mlflow_run_id": ..., "tracking_uri": ...}`` for ``--model``
 ============== ======================================================================
