@@ -273,7 +273,6 @@ def test_sigterm_during_fit_says_what_is_checkpointed_and_the_resume_command_wor
     --resume command on stderr, exit 143 (128 + SIGTERM); the printed command continues it."""
     import shlex
     import signal
-    import time
 
     import torch
 
