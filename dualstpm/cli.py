@@ -17,7 +17,7 @@ from rich.text import Text
 
 from dualstpm import __version__
 from dualstpm.config import Params, load_params, valid_keys
-from dualstpm.errors import ConfigError, DualStpmError, RunError
+from dualstpm.errors import NOT_DONE_EXIT, ConfigError, DataError, DualStpmError, RunError
 from dualstpm.paths import CALIBRATION_FILE, category_dir, expand_paths, trained_model_dir
 
 if TYPE_CHECKING:
@@ -49,7 +49,6 @@ SetOption = set_option("fit.epochs=5")
 SERVING_SETTINGS = {"test": ("data.", "tracking."), "predict": ("data.",)}
 
 
-NOT_PROMOTED_EXIT = 3  # `dualstpm promote` judged the challenger and kept the champion (0: promoted, 2: an error)
 CategoryOption = Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")]
 TrainedRunOption = Annotated[Path, typer.Option("--run", help="run directory written by `dualstpm fit`")]
 DataRootOption = Annotated[Path, typer.Option("--data-root", help="folder holding the category")]
@@ -224,7 +223,6 @@ def predict(
     paths = expand_paths(paths)  # before the params: their validation imports timm
     limit = serving_params(params, overrides, "predict", SERVING_SETTINGS["predict"]).data.max_image_pixels
     from dualstpm.backends import load_scorer
-    from dualstpm.errors import DataError
     from dualstpm.predict import PREDICTIONS_FILE, EarlierBatch
     from dualstpm.predict import predict as predict_images
 
@@ -497,7 +495,7 @@ def promote(
     out.print(f"{decision.model_name} version {decision.challenger_version}: {verdict}: {decision.reason}")
     out.print(f"@{CHAMPION}: version {decision.champion_version or 'none'}")
     if not decision.promoted:
-        raise typer.Exit(NOT_PROMOTED_EXIT)
+        raise typer.Exit(NOT_DONE_EXIT)
 
 
 @app.command("params")
@@ -531,7 +529,7 @@ def review(
     base: Annotated[Optional[Path], typer.Option("--base", help="folder the relative image paths of predictions.csv "
                                                  "start from (default: the current folder, where predict ran)")] = None,
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("tracking.uri=http://127.0.0.1:5000") = None,
 ) -> None:
     """The inspector's review page: mark each scored part good or defective (note, mask), sorted
     by what needs a look first; every verdict goes at once to PREDICTIONS_DIR/review/verdicts.jsonl
@@ -541,7 +539,7 @@ def review(
     def registry():
         from dualstpm.tracking import connect
 
-        return connect(resolve_params(params, overrides))
+        return connect(resolve_params(params, overrides), create=False)  # a wrong folder: no empty store
 
     session = open_review(predictions, reviewer or default_reviewer(), run=run, model=model, registry=registry, base=base)
     serve(session, host, port, say=lambda line: out.print(line, highlight=False, soft_wrap=True))
@@ -565,7 +563,8 @@ def feedback_apply(
 ) -> None:
     """Copy the reviewed parts into the category's data (good: train/good or validation/good; defective:
     validation/<defect> with its mask), once each, all or nothing, with provenance; then `dvc add`/`commit`.
-    Exits with 3 when some verdicts were not applied (conflicts, missing files: listed), after applying the rest."""
+    Exits with 3 when some verdicts were not applied (conflicts, missing files: listed), after applying the rest;
+    with 2 when dvc failed after the copies were made (they stay; the dvc command to run by hand is named)."""
     from dualstpm.feedback import apply_feedback
 
     result = apply_feedback(predictions, data_root, category, dry_run=dry_run, dvc=dvc)
@@ -581,8 +580,10 @@ def feedback_apply(
               f"{len(result.conflicts) + len(result.problems)} not applied", highlight=False)
     if result.dvc:
         out.print(f"DVC: {result.dvc}", highlight=False, soft_wrap=True)
+    if result.dvc_error:  # after everything else is printed: the copies stay, the data version is not recorded
+        raise DataError(result.dvc_error)
     if result.conflicts or result.problems:
-        raise typer.Exit(3)
+        raise typer.Exit(NOT_DONE_EXIT)
 
 
 @app.command()
@@ -598,13 +599,13 @@ def monitor(
                                                         help="share of defective parts the line expects")] = 0.0,
     mlflow: Annotated[bool, typer.Option("--mlflow/--no-mlflow", help="log the figures to MLflow")] = True,
     params: ParamsOption = None,
-    overrides: SetOption = None,
+    overrides: set_option("tracking.timeout_s=60") = None,
 ) -> None:
     """Compare batches' scores with the model's validation scores (KS drift, alarm rate against the
     calibrated target, inspectors' override rate); writes OUT/report.html and monitor.json, logs to MLflow.
     Exits with 3 when a batch drifts or raises too many alarms (docs/loop.md)."""
     trained_model_dir(run)  # a wrong run fails before torch loads
-    from dualstpm.monitor import EXIT_BOUND_CROSSED, Bounds, run_monitor
+    from dualstpm.monitor import Bounds, run_monitor
 
     bounds = Bounds(ks_p, ks_statistic, alarm_p, expected_defect_rate)
     p = resolve_params(params, overrides) if mlflow else None
@@ -613,13 +614,13 @@ def monitor(
         state = "[bold red]ALARM[/]" if batch.crossed else "[green]ok[/]"
         rate, override = batch.alarms["alarm_rate"], batch.review["override_rate"]
         alarms = "n/a" if rate is None else f"{rate:.1%}"
-        overrides = "n/a" if override is None else f"{override:.1%} of {batch.review['n_reviewed']} reviewed"
+        overridden = "n/a" if override is None else f"{override:.1%} of {batch.review['n_reviewed']} reviewed"
         out.print(f"{batch.name}: {state} n={batch.n_scored}, KS {_fmt(batch.drift['ks_statistic'])} "
                   f"(p {_fmt(batch.drift['ks_pvalue'])}), alarms {alarms} (p {_fmt(batch.alarms['alarm_pvalue'])}), "
-                  f"overrides {overrides}", soft_wrap=True)
+                  f"overrides {overridden}", soft_wrap=True)
     out.print(f"written: {report / 'report.html'}" + (f"; MLflow run {run_id}" if run_id else ""), highlight=False)
     if result.crossed:
-        raise typer.Exit(EXIT_BOUND_CROSSED)
+        raise typer.Exit(NOT_DONE_EXIT)
 
 
 def main() -> None:

@@ -6,6 +6,11 @@ traceback; any other exception is a bug and keeps its traceback.
 """
 
 
+NOT_DONE_EXIT = 3
+"""The CLI's exit status for "judged, and the answer is no": not promoted (`promote`), a bound
+crossed (`monitor`), verdicts not applied (`feedback apply`). 0 is yes, 2 an error (nothing judged)."""
+
+
 class DualStpmError(Exception):
     """Base class of user-facing errors (printed by the CLI without a traceback)."""
 

@@ -231,7 +231,7 @@ def validation_images(detector: Detector, data_root: Path | None, run_dir: Path)
             )
     dataset = load_category(data_root, category, require_test=False)
     _, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
-    return decode_images(val_paths, detector.image_size, f"decoding {len(val_paths)} calibration images").numpy()
+    return decode_images(val_paths, detector.image_size, "decoding calibration images").numpy()
 
 
 def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quantization: dict | None) -> dict:

@@ -86,10 +86,11 @@ from typing import Any
 
 import yaml
 
+from dualstpm.data.images import IMAGE_SUFFIXES
 from dualstpm.errors import DataError
-from dualstpm.files import _fsync_dir, umask_mode
+from dualstpm.files import fsync_dir, umask_mode
 from dualstpm.paths import category_dir
-from dualstpm.review.log import ReviewLog, review_dir, sha256_file
+from dualstpm.review.log import LOG_FILE, ReviewLog, review_dir, sha256_file
 
 PROVENANCE_FILE = "feedback.jsonl"
 PROVENANCE_SCHEMA = 1
@@ -98,7 +99,6 @@ REVIEWED_DEFECT = "reviewed"
 VALIDATION_GT = "validation_ground_truth"
 MASK_SUFFIX = "_mask"
 HASH_CHARS = 12
-_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")  # dualstpm.data.IMAGE_SUFFIXES, without torch
 
 
 @dataclass(frozen=True)
@@ -124,12 +124,14 @@ class FeedbackResult:
     conflicts: list[str] = field(default_factory=list)  # not applied: both verdicts named
     problems: list[str] = field(default_factory=list)  # missing/changed image, missing mask: not applied
     dvc: str | None = None  # what was done in DVC, or why nothing
+    dvc_error: str | None = None  # a dvc command that failed after the copies were made (they stay), and its output
     dry_run: bool = False
 
     def summary(self) -> dict[str, Any]:
         return {"category_dir": str(self.category_dir), "dry_run": self.dry_run,
                 "copied": [c.dest for c in self.copies], "masks": [c.mask_dest for c in self.copies if c.mask_dest],
-                "skipped": self.skipped, "conflicts": self.conflicts, "problems": self.problems, "dvc": self.dvc}
+                "skipped": self.skipped, "conflicts": self.conflicts, "problems": self.problems, "dvc": self.dvc,
+                "dvc_error": self.dvc_error}
 
 
 def _describe(entry: dict[str, Any]) -> str:
@@ -138,7 +140,7 @@ def _describe(entry: dict[str, Any]) -> str:
 
 
 def _is_image(path: Path) -> bool:
-    return path.suffix.lower() in _IMAGE_SUFFIXES and not path.name.startswith(".")
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")
 
 
 def _category_hashes(category: Path) -> tuple[dict[str, str], set[str]]:
@@ -215,7 +217,7 @@ def plan_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str,
     by_hash: dict[str, list[tuple[dict[str, Any], Path]]] = {}
     for folder in map(Path, predictions_dirs):
         log_dir = review_dir(folder)
-        if not (log_dir / "verdicts.jsonl").is_file():
+        if not (log_dir / LOG_FILE).is_file():
             raise DataError(f"no review log in {log_dir}: review the predictions first (`dualstpm review {folder} ...`), "
                             "or pass the folder `dualstpm predict --out` wrote")
         for entry in ReviewLog(log_dir).refresh().current().values():
@@ -313,7 +315,7 @@ def _move_into_place(staging: Path, category: Path, relatives: list[str]) -> tup
             os.replace(staging / relative, target)
             moved.append(target)
         for folder in {p.parent for p in moved}:
-            _fsync_dir(folder)
+            fsync_dir(folder)
     except BaseException:
         _remove(moved, created)
         raise
@@ -336,7 +338,9 @@ def apply_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str
     """Plan (:func:`plan_feedback`) and, unless `dry_run`, copy every planned part into the
     category, all or nothing, append their provenance, then (with `dvc`) record the new
     data version in DVC (:func:`record_in_dvc`). Raises DataError (the folder unchanged)
-    when a copy or a move fails."""
+    when a copy or a move fails. A dvc command that fails does not raise: the copies are in
+    place and recorded in feedback.jsonl by then, so the result keeps them with the failure
+    in `dvc_error` (the command to run by hand, dvc's output) for the caller to report."""
     with _category_lock(category_dir(Path(data_root), category)):
         result = plan_feedback(predictions_dirs, data_root, category)
         result.dry_run = dry_run
@@ -344,7 +348,10 @@ def apply_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str
             return result
         _apply(result)
     if dvc:
-        result.dvc = record_in_dvc(result.category_dir)
+        try:
+            result.dvc = record_in_dvc(result.category_dir)
+        except DvcCommandError as exc:
+            result.dvc_error = str(exc)
     return result
 
 
@@ -391,7 +398,7 @@ def _apply(result: FeedbackResult) -> None:
         except BaseException:
             _remove(moved, created)
             raise
-        _fsync_dir(category_path)
+        fsync_dir(category_path)
     except OSError as exc:
         raise DataError(f"applying the feedback to {category_path} failed ({exc}); nothing was changed there "
                         "(every copy made was removed). Fix the cause (disk space, permissions) and apply again") from None
@@ -409,12 +416,17 @@ def _dvc_repo(path: Path) -> Path | None:
     return None
 
 
+class DvcCommandError(DataError):
+    """A dvc command that failed; the message names it, the repo, and dvc's last output lines."""
+
+
 def _run_dvc(repo: Path, *args: str) -> str:
     done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-10:])
-        raise DataError(f"`dvc {' '.join(args)}` failed in {repo} (exit {done.returncode}); the copies and "
-                        f"feedback.jsonl are in place, run the command again by hand:\n{tail}")
+        raise DvcCommandError(f"`dvc {' '.join(args)}` failed in {repo} (exit {done.returncode}); the copies are in "
+                              f"place and recorded in feedback.jsonl: fix the cause and run `cd {repo} && dvc "
+                              f"{' '.join(args)}` by hand:\n{tail}")
     return done.stdout
 
 
@@ -431,8 +443,8 @@ def _lock_stages(repo: Path) -> dict[str, dict[str, list[Path]]]:
 
 def record_in_dvc(category: Path) -> str:
     """Record the changed category folder in DVC, as the module docstring says; returns what
-    was done (or why nothing was, and how to put the folder under DVC). Raises DataError
-    when a dvc command fails."""
+    was done (or why nothing was, and how to put the folder under DVC). Raises
+    DvcCommandError when a dvc command fails."""
     category = Path(category).resolve()
     repo = _dvc_repo(category)
     if repo is None:

@@ -11,6 +11,8 @@ Every file a run, a report or a prediction writes goes through here:
   that for the common cases.
 - :func:`staged_dir` does the same for a whole folder (a model directory, a report): it
   is built in a hidden sibling and swapped in only when complete.
+- :func:`fsync_dir` makes renames in a folder durable, for writers that move files
+  themselves (the review log, feedback's copies).
 
 Every machine-readable output says "no value" the same way: JSON that any strict parser
 accepts, with ``null`` where a number is undefined (never ``NaN``/``Infinity``, which
@@ -58,7 +60,7 @@ def umask_mode(base: int) -> int:
     return base & ~mask
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     """Make a rename in `folder` durable (best effort: some file systems refuse O_RDONLY dirs)."""
     with contextlib.suppress(OSError):
         fd = os.open(folder, os.O_RDONLY)
@@ -88,7 +90,7 @@ def atomic_file(path: Path | str) -> Iterator[Path]:
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -187,7 +189,7 @@ def staged_dir(final: Path | str) -> Iterator[Path]:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(staging, final)
-        _fsync_dir(final.parent)
+        fsync_dir(final.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)

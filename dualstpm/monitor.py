@@ -37,7 +37,7 @@ The validation images include those that selected the training epoch (the calibr
 part alone is too small to compare against on a small dataset); their scores are
 slightly lower than a new good part's, which makes the test a little quicker to flag.
 
-``dualstpm monitor`` exits with :data:`EXIT_BOUND_CROSSED` (3) when any batch drifts or
+``dualstpm monitor`` exits with :data:`dualstpm.errors.NOT_DONE_EXIT` (3) when any batch drifts or
 raises too many alarms, 0 otherwise; errors exit with 2, as every command does.
 """
 
@@ -54,21 +54,21 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from dualstpm.errors import DataError
+from dualstpm.errors import NOT_DONE_EXIT, DataError
 from dualstpm.files import atomic_file, json_ready, staged_dir, write_json, write_text
-from dualstpm.review.log import ReviewLog, review_dir
+from dualstpm.paths import PREDICTIONS_FILE
+from dualstpm.review.log import LOG_FILE, ReviewLog, review_dir
+from dualstpm.review.parts import numeric_columns
 
 if TYPE_CHECKING:
     from dualstpm.config import Params
 
-PREDICTIONS_FILE = "predictions.csv"  # as dualstpm.predict writes it (not imported: that pulls in torch)
 MONITOR_DIR = "monitor"
 BATCH_FILE = "batch.json"
 BATCH_SCHEMA = 1
 MONITOR_FILE = "monitor.json"
 REPORT_FILE = "report.html"
 QUANTILES = (0.01, 0.05, 0.25, 0.5, 0.75, 0.95, 0.99)
-EXIT_BOUND_CROSSED = 3
 MLFLOW_EXPERIMENT = "dualstpm-monitor"
 FEW_REFERENCE_SCORES = 20
 
@@ -96,7 +96,8 @@ class Bounds:
 def read_batch(predictions_dir: Path | str) -> pd.DataFrame:
     """``predictions_dir/predictions.csv`` with ``score`` as float (NaN where an image could
     not be scored) and, when the table has them, ``label`` and ``threshold``. Raises
-    DataError for a missing table or one without a ``score`` column."""
+    DataError for a missing table, one without a ``score`` column, or a score that is
+    neither a number nor empty (naming the row: `numeric_columns`)."""
     path = Path(predictions_dir) / PREDICTIONS_FILE
     if not path.is_file():
         raise DataError(f"no {PREDICTIONS_FILE} in {Path(predictions_dir).absolute()}: monitor the folders "
@@ -107,8 +108,7 @@ def read_batch(predictions_dir: Path | str) -> pd.DataFrame:
         raise DataError(f"{path} cannot be read as a predictions table ({exc})") from None
     if "score" not in table.columns:
         raise DataError(f"{path} has no `score` column: it is not a predictions table of dualstpm")
-    table["score"] = pd.to_numeric(table["score"], errors="coerce")
-    return table
+    return numeric_columns(table, ("score",), path)
 
 
 def scored_rows(table: pd.DataFrame) -> pd.DataFrame:
@@ -176,7 +176,7 @@ def override_rate(predictions_dir: Path | str) -> dict[str, Any]:
     """The inspectors' verdicts on a batch against the model's labels (current verdicts of its
     review log; all None without one)."""
     log_dir = review_dir(predictions_dir)
-    verdicts = list(ReviewLog(log_dir).refresh().current().values()) if (log_dir / "verdicts.jsonl").is_file() else []
+    verdicts = list(ReviewLog(log_dir).refresh().current().values()) if (log_dir / LOG_FILE).is_file() else []
     if not verdicts:
         return {"n_reviewed": 0, "override_rate": None, "false_alarms_overruled": None, "misses": None}
     overruled = sum(v["verdict"] == "good" and v.get("model_label") == "defective" for v in verdicts)
@@ -281,7 +281,7 @@ class MonitorResult:
             "validation": {"n": len(ref.scores), **{f"q{q:g}": float(np.quantile(ref.scores, q)) for q in QUANTILES}},
             "bounds": asdict(self.bounds),
             "crossed": self.crossed,
-            "exit_code": EXIT_BOUND_CROSSED if self.crossed else 0,
+            "exit_code": NOT_DONE_EXIT if self.crossed else 0,
             "batches": [{**asdict(b), "crossed": b.crossed} for b in self.batches],
         })
 
@@ -428,18 +428,21 @@ def write_report(result: MonitorResult, out_dir: Path | str) -> Path:
 
 def log_to_mlflow(result: MonitorResult, report_dir: Path, params: Params) -> tuple[str, str]:
     """Log the figures and the report to a new run of the ``dualstpm-monitor`` experiment in
-    the configured store (`tracking.connect`: ``MLFLOW_TRACKING_URI``, else ``tracking.uri``,
-    else the project's SQLite file): per batch (step = its position) ``ks_statistic``,
+    the model's store (`dualstpm.lineage.run_store`: ``MLFLOW_TRACKING_URI``, else
+    ``tracking.uri``, else the store the run records, else the project's SQLite file), which
+    must exist (`tracking.connect` with ``create=False``: no empty store appears in the
+    folder monitor runs in): per batch (step = its position) ``ks_statistic``,
     ``ks_pvalue``, ``alarm_rate``, ``alarm_pvalue``, ``override_rate``, ``n_scored``; the
     report folder as artifacts. Returns (tracking URI, run id). Raises TrackingError."""
     import time
 
     from mlflow.entities import Metric, RunTag
 
+    from dualstpm.lineage import run_store
     from dualstpm.tracking import TAG, connect, ensure_experiment, tracking_errors
 
-    client = connect(params)
     ref = result.reference
+    client = connect(run_store(params, Path(ref.run)), create=False)
     experiment = ensure_experiment(client, MLFLOW_EXPERIMENT)
     tags = {f"{TAG}category": ref.category, f"{TAG}run_dir": ref.run, f"{TAG}weights_sha256": ref.weights_sha256,
             f"{TAG}monitor_crossed": str(result.crossed).lower(),

@@ -17,6 +17,8 @@ MODEL_SUBDIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
 PARAMS_FILE = "params.yaml"
 CALIBRATION_FILE = "calibration.json"
+PREDICTIONS_FILE = "predictions.csv"  # the table `dualstpm predict --out` writes (read by review, monitor)
+OVERLAY_COLUMN = "overlay"  # its column naming each row's overlay file in the same folder
 _GLOB_CHARS = frozenset("*?[")
 
 

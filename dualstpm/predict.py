@@ -24,10 +24,10 @@ from dualstpm.fusion import FusionSpec, MapStats
 from dualstpm.monitor import write_batch_summary
 from dualstpm.models.inference import InferenceOutput
 from dualstpm.overlays import draw_overlay, overlay_scale
+from dualstpm.paths import OVERLAY_COLUMN, PREDICTIONS_FILE
 from dualstpm.progress import stage
+from dualstpm.review.log import LOG_FILE, review_dir
 
-PREDICTIONS_FILE = "predictions.csv"
-OVERLAY_COLUMN = "overlay"
 
 
 class Scorer(Protocol):
@@ -127,7 +127,8 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
 @dataclass(frozen=True)
 class EarlierBatch:
     """What an earlier `dualstpm predict` left in an --out folder: the number of rows
-    (images) of its predictions.csv and the overlay files it lists."""
+    (images) of its predictions.csv and the overlay files it lists. A folder whose batch
+    was reviewed (``review/verdicts.jsonl``) is never reused: the verdicts belong to that batch."""
 
     out_dir: Path
     rows: int
@@ -136,7 +137,14 @@ class EarlierBatch:
     @classmethod
     def read(cls, out_dir: Path) -> EarlierBatch | None:
         """The batch `out_dir/predictions.csv` describes; None without one. Raises DataError
-        when `out_dir` holds a predictions.csv that is not ours."""
+        when `out_dir` holds a predictions.csv that is not ours, or a review log (a new
+        batch there would make the review page, `monitor` and `feedback apply` take that
+        batch's verdicts for this one's)."""
+        log = review_dir(out_dir) / LOG_FILE
+        if log.exists():
+            raise DataError(f"{Path(out_dir)} holds the review log {log} of the batch predicted there: a new batch "
+                            "in this folder would inherit its verdicts. Choose a new --out folder (the verdicts are "
+                            "kept where they are)")
         table_path = Path(out_dir) / PREDICTIONS_FILE
         if not table_path.is_file():
             return None
@@ -178,7 +186,8 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> pd.DataFrame:
     """Score images, write an overlay per image and `predictions.csv` (atomically); return the table.
 
-    Columns: `COLUMNS`, one row per image in input order. A file that cannot be read (not
+    Columns: `COLUMNS`, one row per image in input order. Raises DataError, before
+    anything is scored, when `out_dir` holds a review log (`EarlierBatch.read`). A file that cannot be read (not
     an image, truncated, above `max_pixels` pixels: ``data.max_image_pixels``) gets its message in `error` and empty score, label and
     overlay; every other image is scored. A value that does not exist (those, and
     `disc_score` without the discriminative stage) is an empty cell, never the text ``nan``. Raises DataError only for paths that do not

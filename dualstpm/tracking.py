@@ -26,7 +26,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -34,10 +33,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
 
 from dualstpm.config import Params
 from dualstpm.errors import ConfigError, TrackingError
 from dualstpm.files import write_json
+from dualstpm.progress import say
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
@@ -99,9 +100,11 @@ def sqlite_path(uri: str) -> Path | None:
 
 
 def announce(message: str) -> None:
-    """One line on stderr that the user should see (which store is used or created): not
-    an error, and not a result on stdout."""
-    print(f"note: {message}", file=sys.stderr, flush=True)
+    """One line the user should see (which store is used or created): not an error, and not
+    a result on stdout. Goes through `dualstpm.progress.say`, so inside a category's work
+    it carries the category prefix and reaches its sink (a Prefect task's log), else stderr.
+    `message` is plain text (no rich markup)."""
+    say(escape(f"note: {message}"))
 
 
 def tracking_uri(params: Params) -> str:

@@ -55,7 +55,6 @@ HISTORY_FILE = "history.csv"
 EpochCallback = Callable[[dict[str, float]], None]
 
 
-
 @dataclass
 class FitResult:
     run_dir: Path

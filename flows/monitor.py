@@ -20,7 +20,8 @@ from prefect import flow, get_run_logger
 from prefect.events import emit_event
 
 from dualstpm.config import load_params
-from dualstpm.monitor import EXIT_BOUND_CROSSED, Bounds, run_monitor
+from dualstpm.errors import NOT_DONE_EXIT
+from dualstpm.monitor import Bounds, run_monitor
 from flows.pipeline import entry_point, run_options
 
 EVENT = "dualstpm.monitor.bound-crossed"
@@ -32,17 +33,17 @@ def resource_id(category: str) -> str:
 
 
 @flow(name="dualstpm-monitor")
-def monitor(run: str, predictions: list[str], report: str = "monitor", params_file: str = "params.yaml",
+def monitor(run: str, predictions: list[str], report: str = "monitor", params_file: str | None = "params.yaml",
             overrides: list[str] | None = None, use_mlflow: bool = True, retrain_on_alarm: bool = False,
             out: str = "out", use_dvc: bool = True, ks_p: float = 0.01, ks_statistic: float = 0.2,
             alarm_p: float = 0.01, expected_defect_rate: float = 0.0) -> dict:
     """Monitor `predictions` against RUN's validation scores (report into `report`); emit `EVENT`
     when a bound is crossed and, with `retrain_on_alarm`, retrain the category (runs/reports
     into `out`, data through DVC unless `use_dvc` is false). Returns monitor.json's content
-    plus ``event_id`` (None when nothing was emitted) and ``retrain`` (its summary, or None)."""
+    plus ``event_id`` (None when nothing was emitted) and ``retrain`` (its summary, or None).
+    `params_file` None: the built-in defaults; a file that does not exist is refused (ConfigError)."""
     logger = get_run_logger()
-    path = Path(params_file)
-    params = load_params(path if path.is_file() else None, overrides or [])
+    params = load_params(Path(params_file) if params_file is not None else None, overrides or [])
     bounds = Bounds(ks_p, ks_statistic, alarm_p, expected_defect_rate)
     result, folder, mlflow_run = run_monitor(run, predictions, report, bounds, params if use_mlflow else None)
     summary = {**result.to_json(), "report": str(folder.resolve()), "mlflow_run_id": mlflow_run,
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> dict:
                       args.retrain_on_alarm, args.out, args.use_dvc)
     print(f"{'bound crossed' if summary['crossed'] else 'within the bounds'}: {summary['report']}/report.html")
     if summary["crossed"]:
-        raise SystemExit(EXIT_BOUND_CROSSED)
+        raise SystemExit(NOT_DONE_EXIT)
     return summary
 
 

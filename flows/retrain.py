@@ -20,10 +20,11 @@ from flows.pipeline import check_categories, entry_point, run_categories, run_op
 
 
 @flow(name="dualstpm-retrain")
-def retrain(categories: list[str] | None = None, params_file: str = "params.yaml",
+def retrain(categories: list[str] | None = None, params_file: str | None = "params.yaml",
             overrides: list[str] | None = None, out: str = "out", use_dvc: bool = True) -> dict:
-    """Fit, test, report, register and promote `categories` (default: all of data.categories)."""
-    params = load_params(Path(params_file), overrides or [])
+    """Fit, test, report, register and promote `categories` (default: all of data.categories).
+    `params_file` None: the built-in defaults; a file that does not exist is refused (ConfigError)."""
+    params = load_params(Path(params_file) if params_file is not None else None, overrides or [])
     chosen = check_categories(params, categories or params.data.categories)
     return run_categories(params, chosen, Path(out).resolve(), Path.cwd() if use_dvc else None)
 

@@ -239,12 +239,14 @@ def test_each_commands_set_example_is_one_that_command_accepts():
     from dualstpm.config import load_params
 
     examples = _set_examples()
-    assert {"fit", "test", "predict", "ablate", "register", "promote", "params"} <= set(examples)
+    assert {"fit", "test", "predict", "ablate", "register", "promote", "params", "review", "monitor"} <= set(examples)
     for command, example in examples.items():
         load_params(None, [example])  # a valid key and value
         if command in SERVING_SETTINGS:  # the validator `dualstpm test` / `predict` runs on --set
             serving_params(None, [example], command, SERVING_SETTINGS[command])
     assert not examples["predict"].startswith("fit.")  # the example it once showed, and refused
+    for command in ("review", "monitor"):  # they read only the store's settings of --set
+        assert examples[command].startswith("tracking."), (command, examples[command])
 
 
 def test_predict_says_what_it_replaced_in_an_existing_out_folder(trained_run: Path, synthetic_root: Path,
@@ -261,7 +263,7 @@ def test_predict_says_what_it_replaced_in_an_existing_out_folder(trained_run: Pa
     assert (f"replaced: {out} held an earlier batch: its predictions.csv of 3 image(s) is replaced by this one of 1; "
             "of its 3 overlay(s), 1 were overwritten by this batch's of the same name and 2 deleted "
             "(000_overlay.png, 001_overlay.png)") in said
-    assert sorted(p.name for p in out.iterdir()) == ["002_overlay.png", "predictions.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["002_overlay.png", "monitor", "predictions.csv"]  # monitor: batch.json
 
 
 @pytest.mark.slow
@@ -271,7 +273,6 @@ def test_sigterm_during_fit_says_what_is_checkpointed_and_the_resume_command_wor
     --resume command on stderr, exit 143 (128 + SIGTERM); the printed command continues it."""
     import shlex
     import signal
-    import time
 
     import torch
 

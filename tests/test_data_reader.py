@@ -289,3 +289,10 @@ def test_shared_datasets_read_unchanged(shared_data: Path, name: str, n_train: i
     defective = next(s for s in category.test if s.label == 1)
     assert read_mask(defective.mask_path).any()
     assert read_image(defective.path).shape[:2] == read_mask(defective.mask_path).shape
+
+
+def test_the_data_package_exports_every_lazily_imported_name_once():
+    import dualstpm.data as data
+
+    lazy = [name for names in data._MODULES.values() for name in names]
+    assert sorted(data.__all__) == sorted(lazy) and len(set(data.__all__)) == len(data.__all__)

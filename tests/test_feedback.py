@@ -252,16 +252,7 @@ def dvc_md5(dvc_file: Path) -> str:
 
 
 def test_apply_in_a_dvc_tracked_folder_makes_a_new_data_version(tmp_path: Path) -> None:
-    repo = tmp_path / "project"
-    png(repo / "data" / "cat" / "train" / "good" / "000.png", 1)
-    png(repo / "data" / "cat" / "test" / "good" / "000.png", 2)
-    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
-                    ["git", "config", "user.name", "t"]):
-        subprocess.run(command, cwd=repo, check=True)
-    dvc(repo, "init", "-q")
-    dvc(repo, "add", "data/cat")
-    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
-    subprocess.run(["git", "commit", "-qm", "data v1"], cwd=repo, check=True)
+    repo = dvc_project(tmp_path / "project")
     before = dvc_md5(repo / "data" / "cat.dvc")
     assert "up to date" in dvc(repo, "status").lower()
     batch = tmp_path / "batch"
@@ -276,6 +267,75 @@ def test_apply_in_a_dvc_tracked_folder_makes_a_new_data_version(tmp_path: Path) 
     assert "data/cat.dvc" in changed.stdout  # git sees the new version to commit
     subprocess.run(["git", "stash", "-q"], cwd=repo, check=True)  # back to the old .dvc file:
     assert "modified" in dvc(repo, "status")  # the workspace now holds data that version does not describe
+
+
+def dvc_project(repo: Path) -> Path:
+    """A git + DVC project whose data/cat (one train and one test image) is tracked by data/cat.dvc, committed."""
+    png(repo / "data" / "cat" / "train" / "good" / "000.png", 1)
+    png(repo / "data" / "cat" / "test" / "good" / "000.png", 2)
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                    ["git", "config", "user.name", "t"]):
+        subprocess.run(command, cwd=repo, check=True)
+    dvc(repo, "init", "-q")
+    dvc(repo, "add", "data/cat")
+    subprocess.run(["git", "add", "-A"], cwd=repo, check=True)
+    subprocess.run(["git", "commit", "-qm", "data v1"], cwd=repo, check=True)
+    return repo
+
+
+@pytest.mark.slow  # 6 s: four dvc runs
+def test_apply_into_a_stage_output_commits_the_stage(tmp_path: Path) -> None:
+    repo = tmp_path / "project"
+    png(repo / "seed" / "train" / "good" / "000.png", 1)
+    png(repo / "seed" / "test" / "good" / "000.png", 2)
+    for command in (["git", "init", "-q"], ["git", "config", "user.email", "t@example.com"],
+                    ["git", "config", "user.name", "t"]):
+        subprocess.run(command, cwd=repo, check=True)
+    dvc(repo, "init", "-q")
+    dvc(repo, "stage", "add", "-q", "-n", "download", "-d", "seed", "-o", "data/cat", "mkdir -p data && cp -r seed data/cat")
+    dvc(repo, "repro", "-q")
+    lock = repo / "dvc.lock"
+
+    def output_md5() -> str:
+        import yaml
+
+        return yaml.safe_load(lock.read_text())["stages"]["download"]["outs"][0]["md5"]
+
+    before = output_md5()
+    batch = tmp_path / "batch"
+    review(batch, png(tmp_path / "p" / "new.png", 90), "good", "good")
+
+    result = apply_feedback([batch], repo / "data", "cat")
+
+    assert result.dvc_error is None and result.dvc.startswith("`dvc commit --force download`")
+    assert output_md5() != before  # dvc.lock records the output with the copy in it
+    assert "up to date" in dvc(repo, "status").lower()  # the workspace matches the new dvc.lock
+
+
+def test_a_failing_dvc_keeps_the_copies_and_the_command_reports_everything_then_exits_2(tmp_path: Path) -> None:
+    repo = dvc_project(tmp_path / "project")
+    (repo / ".dvc" / "config").write_text("[core\n")  # a broken DVC config: every dvc command fails
+    new, disputed = png(tmp_path / "p" / "new.png", 90), png(tmp_path / "p" / "disputed.png", 91)
+    review(tmp_path / "a", new, "good", "good")
+    review(tmp_path / "a", disputed, "good", "good", reviewer="ana")
+    review(tmp_path / "b", disputed, "defective", "good", reviewer="ben")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+
+    done = subprocess.run([sys.executable, "-m", "dualstpm", "feedback", "apply", str(tmp_path / "a"), str(tmp_path / "b"),
+                           "--data-root", str(repo / "data"), "--category", "cat"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+    assert done.returncode == 2, done.stdout + done.stderr
+    copy = f"train/good/new-{sha(new)[:12]}.png"
+    assert f"copied: {new} -> {repo / 'data' / 'cat' / copy}" in done.stdout  # the copies made are listed
+    assert "1 part(s) copied, 0 already in the data, 1 not applied" in done.stdout
+    assert "good by ana" in done.stderr and "defective by ben" in done.stderr  # the conflict is not lost
+    error = done.stderr[done.stderr.index("error: "):]
+    assert f"`dvc add data/cat` failed in {repo}" in " ".join(error.split())
+    assert f"cd {repo} && dvc add data/cat" in " ".join(error.split())  # the command to run by hand
+    assert (repo / "data" / "cat" / copy).is_file()  # the copy stays ...
+    provenance = [json.loads(line) for line in (repo / "data" / "cat" / PROVENANCE_FILE).read_text().splitlines()]
+    assert [entry["path"] for entry in provenance] == [copy]  # ... and is recorded
 
 
 def test_the_command_applies_the_rest_and_exits_3_on_a_conflict(tmp_path: Path, data_root: Path) -> None:

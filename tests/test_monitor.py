@@ -22,15 +22,16 @@ import pandas as pd
 import pytest
 from PIL import Image, ImageEnhance
 
+from dualstpm.errors import DataError
 from dualstpm.monitor import (
     BATCH_FILE,
-    EXIT_BOUND_CROSSED,
     MONITOR_DIR,
     Bounds,
     alarm_test,
     batch_summary,
     drift_test,
     override_rate,
+    read_batch,
     run_monitor,
     validation_scores,
     write_batch_summary,
@@ -91,7 +92,6 @@ def test_an_expected_defect_rate_raises_the_expected_alarm_rate() -> None:
 
 
 def test_bad_bounds_are_refused_by_name() -> None:
-    from dualstpm.errors import DataError
 
     with pytest.raises(DataError, match="ks_p=0"):
         Bounds(ks_p=0)
@@ -116,6 +116,15 @@ def test_batch_summary_counts_the_scored_rows(tmp_path: Path) -> None:
     assert summary["quantiles"]["0.5"] == pytest.approx(0.3)  # the median of 0.1, 0.2, 0.4, 0.7
     assert (summary["min"], summary["max"], summary["mean"]) == (0.1, 0.7, pytest.approx(0.35))
     assert summary["model"] == {"run": "r"}
+
+
+def test_an_empty_score_is_unscored_and_a_text_score_is_refused_by_row(tmp_path: Path) -> None:
+    (tmp_path / "predictions.csv").write_text("path,score\na.png,0.5\nb.png,\nc.png,high\n")
+    with pytest.raises(DataError, match=r"predictions.csv, data row 3, column score: 'high' is not a number"):
+        read_batch(tmp_path)
+    (tmp_path / "predictions.csv").write_text("path,score\na.png,0.5\nb.png,\n")
+    scores = read_batch(tmp_path)["score"].tolist()
+    assert scores[0] == 0.5 and math.isnan(scores[1])  # b: an image predict could not score
 
 
 def test_an_empty_batch_has_null_figures_not_nan() -> None:
@@ -228,12 +237,12 @@ def test_the_command_exits_3_only_when_a_bound_is_crossed(tested_run: Path, tmp_
                             cwd=tmp_path)
 
     assert calm.returncode == 0, calm.stdout + calm.stderr
-    assert alarm.returncode == EXIT_BOUND_CROSSED, alarm.stdout + alarm.stderr
+    assert alarm.returncode == 3, alarm.stdout + alarm.stderr
     report = json.loads((tmp_path / "r2" / "monitor.json").read_text())
     same_batch, hot_batch = report["batches"]
     assert same_batch["drift"]["ks_statistic"] == 0.0 and same_batch["crossed"] is False
     assert hot_batch["alarms"]["alarm_pvalue"] == pytest.approx((1 / 3) ** 20, rel=1e-6)
-    assert hot_batch["crossed"] is True and report["exit_code"] == EXIT_BOUND_CROSSED
+    assert hot_batch["crossed"] is True and report["exit_code"] == 3
     for name in ("report.html", "scores.png", "rates.png"):
         assert (tmp_path / "r2" / name).stat().st_size > 0
     assert "ALARM" in (tmp_path / "r2" / "report.html").read_text()
@@ -245,13 +254,22 @@ def test_the_figures_go_to_mlflow(tested_run: Path, tmp_path: Path, monkeypatch:
 
     from dualstpm.config import load_params
 
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    reference = validation_scores(tested_run)
+    uri = f"sqlite:///{tmp_path}/store/mlflow.db"
+    (tmp_path / "store").mkdir()
+    MlflowClient(uri).search_experiments()  # the model's store (created here)
+    run = tmp_path / "run"  # a model whose lineage records that store
+    shutil.copytree(tested_run, run)
+    (run / "model" / "lineage.json").write_text(json.dumps({"tracking_uri": uri, "run_id": "0" * 32}))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    elsewhere = tmp_path / "elsewhere"  # monitor runs in another folder, naming no store
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    reference = validation_scores(run)
     batch = write_scores(tmp_path / "batch", reference.scores)
 
-    result, report, run_id = run_monitor(tested_run, [batch], tmp_path / "report", params=load_params(None, []))
+    result, report, run_id = run_monitor(run, [batch], tmp_path / "report", params=load_params(None, []))
 
+    assert not (elsewhere / "mlflow.db").exists()  # no empty store where it ran
     client = MlflowClient(uri)
     run = client.get_run(run_id)
     assert run.data.metrics["ks_statistic"] == 0.0 and run.data.metrics["n_scored"] == 4
@@ -272,7 +290,7 @@ def test_the_flow_emits_a_visible_event_when_a_bound_is_crossed(tested_run: Path
     reference = validation_scores(tested_run)
     hot = write_scores(tmp_path / "hot", np.full(20, 10 * reference.threshold))
     with prefect_test_harness(server_startup_timeout=None):  # None: the env's 120 s, as tests/test_flows.py
-        summary = monitor(str(tested_run), [str(hot)], str(tmp_path / "report"), str(tmp_path / "none.yaml"),
+        summary = monitor(str(tested_run), [str(hot)], str(tmp_path / "report"), None,
                           use_mlflow=False)
         EventsWorker.drain_all()
         assert summary["crossed"] is True and summary["event_id"] is not None and summary["retrain"] is None

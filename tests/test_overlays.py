@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 
@@ -143,6 +144,25 @@ def test_a_foreign_predictions_csv_in_the_output_folder_is_refused(trained_run: 
     (tmp_path / "predictions.csv").write_text("a,b\n1,2\n")
     with pytest.raises(DataError, match=r"predictions.csv is not a predictions.csv of `dualstpm predict`"):
         predict(Detector.load(trained_run), [synthetic_root / "synth_texture" / "test" / "hole"], tmp_path)
+
+
+def test_a_reviewed_output_folder_is_refused_before_anything_is_scored(trained_run: Path, synthetic_root: Path,
+                                                                        tmp_path: Path):
+    from dualstpm.detector import Detector
+    from dualstpm.predict import predict
+
+    holes = synthetic_root / "synth_texture" / "test" / "hole"
+    out = tmp_path / "pred"
+    detector = Detector.load(trained_run)
+    predict(detector, [holes / "000.png"], out)
+    (out / "review").mkdir()
+    log = out / "review" / "verdicts.jsonl"
+    log.write_text('{"verdict": "good"}\n')  # what a review of the first batch left (its content is not read)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(DataError, match=rf"holds the review log {re.escape(str(log))} .*Choose a new --out folder"):
+        predict(detector, [holes / "001.png"], out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before  # no overlay, same table
+    assert log.read_text() == '{"verdict": "good"}\n'
 
 
 def test_the_scale_and_heading_follow_an_applied_chosen_fusion(trained_run: Path):

@@ -13,6 +13,7 @@ import io
 import json
 import multiprocessing
 import os
+import re
 import shutil
 import signal
 import socket
@@ -325,6 +326,15 @@ def test_a_predictions_folder_that_cannot_be_reviewed_is_named(tmp_path: Path):
         load_predictions(folder, base=tmp_path)
 
 
+def test_a_score_that_is_not_a_number_is_refused_with_its_row(tmp_path: Path):
+    folder = predictions_folder(tmp_path, ROWS)
+    table = pd.read_csv(folder / "predictions.csv", dtype=str, keep_default_na=False)
+    table.loc[1, "score"] = "0,75"  # a decimal comma, as a spreadsheet in another locale writes it
+    table.to_csv(folder / "predictions.csv", index=False)
+    with pytest.raises(DataError, match=r"predictions.csv, data row 2, column score: '0,75' is not a number"):
+        load_predictions(folder, base=tmp_path)
+
+
 # --- the HTTP interface, in process ------------------------------------------------------------------
 
 
@@ -333,7 +343,7 @@ def test_the_api_refuses_a_missing_image_a_wrong_mask_and_a_bad_log_with_the_rea
 
     folder = predictions_folder(tmp_path, ROWS)
     session = ReviewSession.open(folder, "alice", MODEL, base=tmp_path)
-    client = TestClient(create_app(session))
+    client = TestClient(create_app(session), base_url="http://127.0.0.1:8765")
     order = client.get("/api/order").json()
     assert order["order"] == [6, 2, 1, 0, 3, 4] and order["reviewed"] == 0
     assert client.get("/api/parts/6/overlay").content == (folder / "g_overlay.png").read_bytes()
@@ -361,6 +371,41 @@ def test_the_api_refuses_a_missing_image_a_wrong_mask_and_a_bad_log_with_the_rea
     assert refused.status_code == 423 and "line 2: it is not valid JSON" in refused.json()["detail"]
     assert log.read_bytes() == before + b"not json\n"
     assert client.get("/api/parts/99/overlay").status_code == 404
+
+
+def test_a_request_for_another_host_name_is_refused(tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    session = ReviewSession.open(predictions_folder(tmp_path, ROWS), "alice", MODEL, base=tmp_path)
+    app = create_app(session, host="192.0.2.7")  # served on that address (--host)
+    for allowed in ("http://127.0.0.1:8765", "http://localhost:8765", "http://[::1]:8765", "http://192.0.2.7:8765"):
+        assert TestClient(app, base_url=allowed).get("/api/order").status_code == 200, allowed
+    rebound = TestClient(app, base_url="http://127.0.0.1:8765").get("/api/order", headers={"Host": "evil.example"})
+    assert rebound.status_code == 400  # a DNS name rebound to this machine: refused
+
+
+def test_the_page_escapes_names_and_a_row_pointing_outside_the_images_is_refused(tmp_path: Path):
+    from fastapi.testclient import TestClient
+
+    tag = "<img src=x onerror=alert(1)>"
+    folder = predictions_folder(tmp_path, ROWS)
+    table = pd.read_csv(folder / "predictions.csv", dtype=str, keep_default_na=False)
+    table.loc[0, "label"] = tag
+    table.to_csv(folder / "predictions.csv", index=False)
+    session = ReviewSession.open(folder, tag, MODEL, base=tmp_path)  # a reviewer name with the tag, too
+    client = TestClient(create_app(session), base_url="http://127.0.0.1:8765")
+    page = client.get("/").text
+    assert tag not in page and "&lt;img src=x onerror=alert(1)&gt;" in page
+    assert client.get("/api/parts", params={"ids": "0"}).json()[0]["label"] == tag  # data, for the page to escape
+
+    for column, value, said in (("path", "/etc/passwd", "the image '/etc/passwd' is not an image file"),
+                                ("overlay", "../a_overlay.png", "overlay '../a_overlay.png' is not a file in"),
+                                ("overlay", "notes.txt", "the overlay 'notes.txt' is not an image file")):
+        edited = table.copy()
+        edited.loc[0, column] = value
+        edited.to_csv(folder / "predictions.csv", index=False)
+        with pytest.raises(DataError, match=rf"predictions.csv, data row 1.*{re.escape(said)}"):
+            ReviewSession.open(folder, "alice", MODEL, base=tmp_path)
 
 
 def test_a_taken_port_and_a_malformed_model_name_are_refused_clearly():
@@ -579,6 +624,8 @@ def test_the_server_refuses_to_start_on_a_hand_broken_log_and_leaves_it_alone(sc
     (["--run", "r", "--model", "m@champion"], "--run RUN or --model NAME@ALIAS (one of them)"),
     (["--model", "no-alias"], "--model 'no-alias' is neither NAME@ALIAS nor NAME/VERSION"),
     (["--run", "{tmp}/no-run"], "no-run/model is not a trained model"),
+    (["--model", "m@champion", "--base", "{tmp}"],
+     "there is no MLflow store at"),  # the store in use (the tests' MLFLOW_TRACKING_URI) is named, not created empty
 ])
 def test_the_command_names_what_is_missing_before_it_serves(tmp_path: Path, args: list[str], said: str):
     folder = predictions_folder(tmp_path, ROWS)

@@ -184,3 +184,13 @@ def test_a_run_logs_the_params_it_used(tmp_path: Path):
     assert not [key for key in logged if key.startswith("data.mvtec.") or key == "data.categories"]
     mvtec = load_params(None, ["data.source=mvtec"])
     assert run_params(mvtec, "bottle", tmp_path)["data.mvtec.url"] == mvtec.data.mvtec.url  # what it downloads
+
+
+def test_a_store_note_inside_a_category_carries_its_prefix_and_reaches_its_sink():
+    from dualstpm.progress import labelled
+    from dualstpm.tracking import announce
+
+    lines: list[str] = []
+    with labelled("bottle", sink=lines.append):
+        announce("using the MLflow store sqlite:////p/[x]/mlflow.db")
+    assert lines == ["bottle: note: using the MLflow store sqlite:////p/[x]/mlflow.db"]  # brackets kept: no markup

@@ -5,7 +5,7 @@
 - :mod:`dualstpm.review.parts`: the parts of a ``predictions.csv`` and the review order.
 - :mod:`dualstpm.review.app`: the web page (FastAPI, Jinja template, vanilla JS) and its server.
 
-`log` and `parts` import neither the web stack nor torch (storing an uploaded mask loads
-the package's image reader, and with it torch), so the feedback and monitoring code can
-read the log cheaply.
+`log` and `parts` import neither the web stack nor torch (storing an uploaded mask uses
+`dualstpm.data.images`, numpy and PIL only), so the feedback and monitoring code can read
+the log cheaply.
 """

@@ -200,9 +200,20 @@ def open_review(folder: Path, reviewer: str, *, run: Path | None = None, model: 
     return ReviewSession(predictions, reviewer, scored_by)
 
 
-def create_app(session: ReviewSession):
-    """The FastAPI app serving `session` (routes: the module docstring)."""
+def allowed_hosts(host: str) -> list[str]:
+    """The names a request's ``Host`` header may carry: the loopback names and `host` (the
+    address served on; IPv6 literals also in brackets, as a Host header writes them). Any
+    other name is refused, so a page on another site cannot reach the server through a
+    DNS name rebound to this machine (DNS rebinding)."""
+    names = [*LOOPBACK, host]
+    return list(dict.fromkeys([*names, *(f"[{name}]" for name in names if ":" in name)]))
+
+
+def create_app(session: ReviewSession, host: str = "127.0.0.1"):
+    """The FastAPI app serving `session` (routes: the module docstring) on `host`: a request
+    whose Host header is not one of `allowed_hosts(host)` gets 400."""
     from fastapi import FastAPI, HTTPException, Query, Request
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
     from fastapi.templating import Jinja2Templates
@@ -214,6 +225,7 @@ def create_app(session: ReviewSession):
         mask_png: str | None = None  # base64 of the PNG file
 
     app = FastAPI(title="dualstpm review", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=allowed_hosts(host))
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     templates = Jinja2Templates(directory=HERE / "templates")
 
@@ -308,5 +320,5 @@ def serve(session: ReviewSession, host: str, port: int, say: Callable[[str], Non
         f"{f', {skipped} unreadable rows skipped' if skipped else ''}) "
         f"of {session.predictions.table} as {session.reviewer}; verdicts go to {session.log.path}")
     say(f"open http://{shown}:{sock.getsockname()[1]}/  (Ctrl+C stops; every verdict is already on disk)")
-    server = uvicorn.Server(uvicorn.Config(create_app(session), log_level="warning", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(create_app(session, host), log_level="warning", access_log=False))
     server.run(sockets=[sock])

@@ -39,7 +39,7 @@ threshold       the threshold the model's label used (predictions.csv ``threshol
 model_label     the model's label: ``good`` or ``defective``
 overlay         the overlay file name in PREDICTIONS_DIR
 predictions     absolute path of the predictions.csv the part was listed in
-model           what scored it: ``{"run": abs path, "weights_sha256": ..., "mlflow_run_id": ...|null}``
+model           what scored it: ``{"run": abs path, "model_sha256": ..., "mlflow_run_id": ...|null}``
                 for ``--run``, or ``{"registered_model": name, "alias": ...|null, "version": ...,
                 "mlflow_run_id": ..., "tracking_uri": ...}`` for ``--model``
 ============== ======================================================================
@@ -64,7 +64,7 @@ import numpy as np
 from PIL import Image
 
 from dualstpm.errors import DataError
-from dualstpm.files import _fsync_dir, atomic_file
+from dualstpm.files import atomic_file, fsync_dir
 
 SCHEMA_VERSION = 1
 REVIEW_DIR = "review"
@@ -234,7 +234,7 @@ class ReviewLog:
             self._lines += 1  # a hand-edited last line without newline was already counted
             self._unterminated = False
         if created:
-            _fsync_dir(self.folder)
+            fsync_dir(self.folder)
         return entry
 
     def current(self) -> dict[str, dict[str, Any]]:

@@ -27,11 +27,12 @@ from typing import Any
 
 import pandas as pd
 
+from dualstpm.data.images import IMAGE_SUFFIXES
 from dualstpm.errors import DataError
+from dualstpm.paths import OVERLAY_COLUMN, PREDICTIONS_FILE
 from dualstpm.review.log import image_key
 
-PREDICTIONS_FILE = "predictions.csv"  # as dualstpm.predict writes it (not imported: that pulls in torch)
-NEEDED_COLUMNS = ("path", "score", "normalized_score", "label", "threshold", "overlay", "error")
+NEEDED_COLUMNS = ("path", "score", "normalized_score", "label", "threshold", OVERLAY_COLUMN, "error")
 
 
 @dataclass(frozen=True)
@@ -66,12 +67,34 @@ class Predictions:
     unreadable: list[tuple[str, str]]
 
 
+def numeric_columns(table: pd.DataFrame, columns: tuple[str, ...], path: Path) -> pd.DataFrame:
+    """`table` with each of `columns` it has as floats: an empty cell (an image predict could
+    not score) is NaN; any other text that is not a number raises DataError naming `path`,
+    the data row (1-based, the header not counted) and the column. Shared by the review and
+    `dualstpm.monitor`, the two readers of a predictions.csv."""
+    table = table.copy()
+    for column in (c for c in columns if c in table.columns):
+        raw = table[column]
+        numbers = pd.to_numeric(raw, errors="coerce")
+        empty = raw.isna() | (raw.astype(str).str.strip() == "")
+        bad = numbers.isna() & ~empty
+        if bad.any():
+            row = int(bad.to_numpy().nonzero()[0][0])
+            raise DataError(f"{path}, data row {row + 1}, column {column}: {raw.iloc[row]!r} is not a number; "
+                            "the table was edited or is not a predictions.csv of `dualstpm predict`: fix that cell "
+                            "(leave it empty for an image that was not scored) or run predict again")
+        table[column] = numbers.astype(float)
+    return table
+
+
 def load_predictions(folder: Path | str, base: Path | str | None = None) -> Predictions:
     """Read ``folder/predictions.csv`` as `dualstpm predict --out folder` wrote it.
 
     Relative image paths are taken relative to `base` (default: the current folder, as
     predict wrote them relative to where it ran). Raises DataError naming the file when
-    there is no table, it lacks a column, or a scored row has no overlay file, and when
+    there is no table, it lacks a column, a score is not a number (`numeric_columns`), a
+    scored row's image or overlay is not an image file by its suffix (the server would send
+    it) or has no overlay file, and when
     none of the listed images exists (the wrong folder: the fix is named).
     """
     folder = Path(folder)
@@ -80,7 +103,7 @@ def load_predictions(folder: Path | str, base: Path | str | None = None) -> Pred
         raise DataError(f"no {PREDICTIONS_FILE} in {folder.absolute()}: review the folder that "
                         f"`dualstpm predict IMAGES --out {folder}` wrote")
     try:
-        table = pd.read_csv(table_path, dtype={"path": str, "label": str, "overlay": str, "error": str},
+        table = pd.read_csv(table_path, dtype={"path": str, "label": str, OVERLAY_COLUMN: str, "error": str},
                             keep_default_na=False, na_values={c: [""] for c in ("score", "normalized_score", "threshold")})
     except (ValueError, pd.errors.ParserError) as exc:
         raise DataError(f"{table_path} cannot be read as a predictions table ({exc}): run `dualstpm predict` again") from None
@@ -88,6 +111,7 @@ def load_predictions(folder: Path | str, base: Path | str | None = None) -> Pred
     if missing:
         raise DataError(f"{table_path} lacks the columns {', '.join(missing)}: it is not a predictions.csv of "
                         "`dualstpm predict` (or of an older version); run predict again into this folder")
+    table = numeric_columns(table, ("score", "normalized_score", "threshold"), table_path)
     base = Path.cwd() if base is None else Path(base)
     parts, unreadable = [], []
     for row_id, row in enumerate(table.to_dict(orient="records")):
@@ -95,7 +119,12 @@ def load_predictions(folder: Path | str, base: Path | str | None = None) -> Pred
         if row["error"] or math.isnan(row["score"]):
             unreadable.append((listed, row["error"] or "no score"))
             continue
-        overlay = str(row["overlay"])
+        overlay = str(row[OVERLAY_COLUMN])
+        for what, name in (("image", listed), ("overlay", overlay)):  # the server sends these files: images only
+            if Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"{table_path}, data row {row_id + 1}: the {what} {name!r} is not an image file (its "
+                                f"name does not end in {', '.join(IMAGE_SUFFIXES)}); the review serves images only: "
+                                "run `dualstpm predict` into a new folder instead of editing its table")
         if not overlay or overlay != Path(overlay).name or not (folder / overlay).is_file():
             raise DataError(f"{table_path}, data row {row_id + 1} ({listed}): overlay {overlay!r} is not a file in "
                             f"{folder.absolute()}; the folder is incomplete: run `dualstpm predict` into it again")
