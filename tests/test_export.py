@@ -199,7 +199,9 @@ def test_onnx_fp32_export_of_a_method_gated_full_width_model(synthetic_root: Pat
     run = tmp_path / "run"
     fit(params, synthetic_root, "synth_texture", run)
     detector = float32_detector(run)
-    assert detector.params == params
+    # every param as fitted; the data section records the data trained on (synthetic_root, one category)
+    assert detector.params.model_copy(update={"data": params.data}) == params
+    assert (detector.params.data.source, detector.params.data.categories) == ("folder", ["synth_texture"])
     decoder = detector.model.s2
     assert not decoder.gate16.residual and decoder.gate8.residual
     assert decoder.up4.up[0].out_channels == 24  # Lite2's stride-4 channels: full width (quarter would be 64)
