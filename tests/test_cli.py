@@ -208,9 +208,11 @@ def test_a_category_with_only_good_training_images_fits_and_test_says_what_it_ne
     done = dualstpm("fit", "--data-root", str(root), "--category", "part", "--out", str(run),
                     *sets(TINY_OVERRIDES + ["fit.epochs=1"]), cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    # the model records the data it was trained on, not the params' default (data/synthetic)
+    # the model records the data it was trained on, not the params' default (data/synthetic): the
+    # project (the working directory) holds both, so the root is written from the run directory
     data = yaml.safe_load((run / "model" / "params.yaml").read_text())["data"]
-    assert (data["source"], data["root"], data["categories"]) == ("folder", str(root), ["part"])
+    assert (data["source"], data["root"], data["categories"]) == ("folder", "../mine", ["part"])
+    assert (run / data["root"]).resolve() == root.resolve()
     done = dualstpm("test", "--run", str(run), "--data-root", str(root), cwd=tmp_path)
     message = " ".join(done.stderr.split())
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
