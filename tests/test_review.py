@@ -625,10 +625,14 @@ def test_the_server_refuses_to_start_on_a_hand_broken_log_and_leaves_it_alone(sc
     (["--model", "no-alias"], "--model 'no-alias' is neither NAME@ALIAS nor NAME/VERSION"),
     (["--run", "{tmp}/no-run"], "no-run/model is not a trained model"),
     (["--model", "m@champion", "--base", "{tmp}"],
-     "there is no MLflow store at"),  # the store in use (the tests' MLFLOW_TRACKING_URI) is named, not created empty
+     "there is no MLflow store at {tmp}/absent.db"),  # the store named is not created empty
 ])
 def test_the_command_names_what_is_missing_before_it_serves(tmp_path: Path, args: list[str], said: str):
     folder = predictions_folder(tmp_path, ROWS)
+    # a store that does not exist, whatever other tests of the session created in theirs
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'absent.db'}"}
     done = subprocess.run([sys.executable, "-m", "dualstpm", "review", str(folder), *(a.format(tmp=tmp_path) for a in args)],
-                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300, env=env)
+    said = said.format(tmp=tmp_path)
     assert done.returncode == 2 and said in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "absent.db").exists()
