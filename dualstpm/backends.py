@@ -1,6 +1,6 @@
 """Running the detector on a backend: PyTorch (the run's weights) or an export.
 
-Every backend gives a :class:`dualstpm.predict.Scorer`: `image_size`, `batch_size`,
+Every backend gives a :class:`dualstpm.models.inference.Scorer`: `image_size`, `batch_size`,
 `threshold` and `infer(images) -> InferenceOutput`, so `dualstpm predict`, the MLflow
 pyfunc and the benchmark score the same way whatever runs the graph.
 

@@ -88,9 +88,9 @@ import yaml
 
 from dualstpm.data.images import IMAGE_SUFFIXES
 from dualstpm.errors import DataError
-from dualstpm.files import fsync_dir, umask_mode
+from dualstpm.files import file_digest, fsync_dir, umask_mode
 from dualstpm.paths import category_dir
-from dualstpm.review.log import LOG_FILE, ReviewLog, review_dir, sha256_file
+from dualstpm.review.log import LOG_FILE, ReviewLog, review_dir
 
 PROVENANCE_FILE = "feedback.jsonl"
 PROVENANCE_SCHEMA = 1
@@ -153,7 +153,7 @@ def _category_hashes(category: Path) -> tuple[dict[str, str], set[str]]:
             path = Path(parent) / name
             if _is_image(path):
                 relative = path.relative_to(category).as_posix()
-                digest = sha256_file(path)
+                digest = file_digest(path)
                 found.setdefault(digest, relative)
                 if relative.startswith("test/"):
                     test.add(digest)
@@ -257,7 +257,7 @@ def plan_feedback(predictions_dirs: Sequence[Path | str], data_root: Path | str,
             result.problems.append(f"{_describe(entry)}: the image no longer exists; not applied (nothing else is "
                                    "affected: put it back and apply again)")
             continue
-        if sha256_file(image) != digest:
+        if file_digest(image) != digest:
             result.problems.append(f"{_describe(entry)}: the image changed since it was reviewed (its SHA-256 "
                                    "differs); not applied: review it again")
             continue

@@ -11,6 +11,7 @@ Every file a run, a report or a prediction writes goes through here:
   that for the common cases.
 - :func:`staged_dir` does the same for a whole folder (a model directory, a report): it
   is built in a hidden sibling and swapped in only when complete.
+- :func:`file_digest` is the one checksum of a file (sha256 by default; md5 for DVC's hashes).
 - :func:`fsync_dir` makes renames in a folder durable, for writers that move files
   themselves (the review log, feedback's copies).
 
@@ -30,6 +31,7 @@ model or report a team shares unreadable to the rest of the team.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -193,3 +195,13 @@ def staged_dir(final: Path | str) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def file_digest(path: Path | str, algorithm: str = "sha256") -> str:
+    """The hex digest (`hashlib` algorithm name) of a file's bytes, read in 1 MiB blocks:
+    the one checksum of files (downloads, model files, lineage, reviewed images)."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

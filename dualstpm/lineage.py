@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dualstpm.config import Params
 from dualstpm.errors import RunError, TrackingError
-from dualstpm.files import write_json
+from dualstpm.files import file_digest, write_json
 from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE  # not detector: a hash needs no torch
 from dualstpm.tracking import (
     METRICS_HASH_TAG,
@@ -34,7 +34,6 @@ from dualstpm.tracking import (
     RunRecord,
     announce,
     existing_record,
-    file_digest,
     sqlite_path,
     store_is_named,
     tracking_errors,

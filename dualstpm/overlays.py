@@ -38,7 +38,7 @@ from dualstpm.fusion import FusionSpec, MapStats, fuse
 
 if TYPE_CHECKING:
     from dualstpm.detector import Detector
-    from dualstpm.predict import Scorer
+    from dualstpm.models.inference import Scorer
 
 OVERLAY_ALPHA = 0.6
 COLORMAP = "jet"

@@ -9,7 +9,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -20,31 +19,12 @@ from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file, write_csv
-from dualstpm.fusion import FusionSpec, MapStats
 from dualstpm.monitor import write_batch_summary
-from dualstpm.models.inference import InferenceOutput
+from dualstpm.models.inference import Scorer
 from dualstpm.overlays import draw_overlay, overlay_scale
 from dualstpm.paths import OVERLAY_COLUMN, PREDICTIONS_FILE
 from dualstpm.progress import stage
 from dualstpm.review.log import LOG_FILE, review_dir
-
-
-
-class Scorer(Protocol):
-    """What scores images: a `Detector` (PyTorch) or a loaded export (`dualstpm.backends`)."""
-
-    image_size: int  # side of the square input, px
-    batch_size: int
-    threshold: float  # stored decision threshold, raw score units
-    spec: FusionSpec  # the fusion of the decision view (for the overlays' colour scale)
-    map_stats: MapStats  # validation statistics of the six maps
-    decision_view: str  # the view it decides with: fused, chosen, disc, stpm or recon
-
-    def typical_level(self) -> float:
-        """The decision view's map value at a typical good pixel (the overlays' transparent end)."""
-
-    def infer(self, images: torch.Tensor) -> InferenceOutput:
-        """(N, 3, S, S) float images in [0, 1] -> the inference module's outputs."""
 
 
 

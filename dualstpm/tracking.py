@@ -37,7 +37,7 @@ from rich.markup import escape
 
 from dualstpm.config import Params
 from dualstpm.errors import ConfigError, TrackingError
-from dualstpm.files import write_json
+from dualstpm.files import file_digest, write_json
 from dualstpm.progress import say
 
 DEFAULT_DB = "mlflow.db"
@@ -187,15 +187,6 @@ def experiment_name(data_root: Path | str) -> str:
 
 
 # --------------------------------------------------------------------------- what data, what code
-
-
-def file_digest(path: Path, algorithm: str = "sha256") -> str:
-    """The hex digest of a file's bytes (read in 1 MiB blocks)."""
-    digest = hashlib.new(algorithm)
-    with Path(path).open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_files(folder: Path) -> dict[str, str]:

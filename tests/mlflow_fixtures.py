@@ -14,7 +14,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,6 +28,24 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def wait_for_http(process: subprocess.Popen, url: str, timeout_s: float, what: str, log: Callable[[], str],
+                  poll_s: float = 0.5) -> None:
+    """Wait until `url` answers 2xx while `process` (the server) runs. Raises RuntimeError
+    when the server exits first, TimeoutError when it is not up after `timeout_s`; both
+    carry `log()` (the server's output)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{log()}")
+        try:
+            if requests.get(url, timeout=2).ok:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(poll_s)
+    raise TimeoutError(f"{what} not up after {timeout_s} s:\n{log()}")
 
 
 @dataclass
@@ -54,18 +72,12 @@ class MlflowServer:
         # Its own session: the uvicorn worker it spawns can be stopped with it.
         self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"})
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"mlflow server exited with {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                if requests.get(f"{self.uri}/health", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.5)
-        self.stop()
-        raise RuntimeError(f"mlflow server not healthy after {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
+        try:
+            wait_for_http(self.process, f"{self.uri}/health", STARTUP_TIMEOUT_S, "mlflow server", self.log_tail)
+        except TimeoutError:
+            self.stop()
+            raise
+        return self
 
     def kill(self) -> None:
         """A crash: SIGKILL to the server and its worker at once, no graceful shutdown."""

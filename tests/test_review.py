@@ -42,7 +42,7 @@ from dualstpm.review.log import (
     save_mask,
 )
 from dualstpm.review.parts import load_predictions, review_order
-from mlflow_fixtures import free_port
+from mlflow_fixtures import free_port, wait_for_http
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -470,17 +470,8 @@ class ReviewServer:
                  "--reviewer", reviewer], cwd=PROJECT_ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
     def wait(self, timeout_s: float = 180) -> ReviewServer:
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"review server exited with {self.process.returncode}:\n{self.log.read_text()}")
-            try:
-                if requests.get(f"{self.url}/api/order", timeout=2).ok:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"review server not up after {timeout_s} s:\n{self.log.read_text()}")
+        wait_for_http(self.process, f"{self.url}/api/order", timeout_s, "review server", self.log.read_text, 0.3)
+        return self
 
     def stop(self) -> None:
         if self.process.poll() is None:

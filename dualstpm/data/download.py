@@ -11,7 +11,6 @@ category into place only once it is complete.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.client
 import lzma
 import os
@@ -30,6 +29,7 @@ from rich.progress import DownloadColumn, TimeRemainingColumn, TransferSpeedColu
 
 from dualstpm.data.mvtec import load_category
 from dualstpm.errors import DataError, NetworkError
+from dualstpm.files import file_digest
 from dualstpm.progress import progress_bar
 
 MVTEC_CATEGORIES: tuple[str, ...] = (
@@ -49,11 +49,7 @@ _BROKEN_ARCHIVE = (tarfile.ReadError, tarfile.CompressionError, EOFError, lzma.L
 
 def sha256_of(path: Path) -> str:
     """Hex sha256 of a file, read in chunks (the archive does not fit in memory)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digest(path)
 
 
 def _expected(sha256: str) -> str:

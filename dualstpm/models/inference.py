@@ -23,12 +23,12 @@ score with the same reduction.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
 
-from dualstpm.fusion import DISC_VIEW, VIEWS, FusionSpec, ScoreSpec, image_score
+from dualstpm.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, image_score
 from dualstpm.models.anomaly_map import MapFusion, ScoreNormalization
 from dualstpm.models.discriminator import Discriminator
 from dualstpm.models.torch_model import DualStpmModel
@@ -129,3 +129,20 @@ class DualStpmInference(nn.Module):
             recon_score=scores["recon"],
             disc_score=scores[DISC_VIEW] if DISC_VIEW in scores else torch.full_like(decision, float("nan")),
         )
+
+
+class Scorer(Protocol):
+    """What scores images: a `Detector` (PyTorch) or a loaded export (`dualstpm.backends`)."""
+
+    image_size: int  # side of the square input, px
+    batch_size: int
+    threshold: float  # stored decision threshold, raw score units
+    spec: FusionSpec  # the fusion of the decision view (for the overlays' colour scale)
+    map_stats: MapStats  # validation statistics of the six maps
+    decision_view: str  # the view it decides with: fused, chosen, disc, stpm or recon
+
+    def typical_level(self) -> float:
+        """The decision view's map value at a typical good pixel (the overlays' transparent end)."""
+
+    def infer(self, images: Tensor) -> InferenceOutput:
+        """(N, 3, S, S) float images in [0, 1] -> the inference module's outputs."""

@@ -48,7 +48,6 @@ model           what scored it: ``{"run": abs path, "model_sha256": ..., "mlflow
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import json
 import os
 import tempfile
@@ -64,7 +63,7 @@ import numpy as np
 from PIL import Image
 
 from dualstpm.errors import DataError
-from dualstpm.files import atomic_file, fsync_dir
+from dualstpm.files import atomic_file, file_digest, fsync_dir
 
 SCHEMA_VERSION = 1
 REVIEW_DIR = "review"
@@ -91,15 +90,6 @@ def review_dir(predictions_dir: Path | str) -> Path:
 def image_key(path: Path | str) -> str:
     """The key a verdict is filed under: the absolute, normalised path (symlinks not resolved)."""
     return os.path.normpath(os.path.abspath(path))
-
-
-def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _problem(entry: Any) -> str | None:
@@ -267,7 +257,7 @@ def new_entry(*, reviewer: str, image: Path | str, listed_path: str, verdict: st
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "reviewer": reviewer,
         "image": key,
-        "image_sha256": sha256_file(key),
+        "image_sha256": file_digest(key),
         "listed_path": listed_path,
         "verdict": verdict,
         "note": note,
