@@ -28,7 +28,7 @@ from dualstpm.config import Params, load_params
 from dualstpm.errors import ConfigError, DualStpmError, PipelineError
 from dualstpm.evaluation import METRICS_FILE
 from dualstpm.registry import PromotionDecision
-from dualstpm.tracking import quiet_artifact_progress
+from dualstpm.tracking import connect, quiet_artifact_progress
 from flows.tasks import (
     ablate_task,
     check_task,
@@ -107,6 +107,9 @@ def run_categories(params: Params, categories: list[str], out: Path, dvc_project
     everything the others could do is done.
     """
     ensure_training_limit(params.prefect.training_slots)
+    # the store is opened once, here, before the categories run side by side: a new one is
+    # created (and said so) once, not raced for by each category's first connection
+    connect(params)
     data_root = data_task(params, dvc_project)
     runs_dir = out / RUNS
     fan_out = categories_flow.with_options(task_runner=make_task_runner(params.prefect))
