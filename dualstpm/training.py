@@ -566,7 +566,8 @@ def fit(
             disc = (fit_discriminator(trainer.model, params, train_images, selection_images, compute)
                     if params.fit.discriminator else None)
             calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc)
-            model_dir = save_detector(run_dir, trainer.model, data_trained_on(params, data_root, category, run_dir), calibration,
+            trained_on = data_trained_on(params, data_root, category, run_dir)
+            model_dir = save_detector(run_dir, trainer.model, trained_on, calibration,
                                       disc.module if disc is not None else None)
             write_history(trainer.history, run_dir / HISTORY_FILE)
             if disc is not None:
