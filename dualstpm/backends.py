@@ -1,6 +1,6 @@
 """Running the detector on a backend: PyTorch (the run's weights) or an export.
 
-Every backend gives a :class:`dualstpm.models.inference.Scorer`: `image_size`, `batch_size`,
+Every backend gives a :class:`dualstpm.model.inference.Scorer`: `image_size`, `batch_size`,
 `threshold` and `infer(images) -> InferenceOutput`, so `dualstpm predict`, the MLflow
 pyfunc and the benchmark score the same way whatever runs the graph.
 
@@ -22,8 +22,7 @@ import torch
 
 from dualstpm.errors import ExportError
 from dualstpm.export import EXPORTS_DIR, METADATA_FILE, MODEL_FILES, export_run
-from dualstpm.fusion import FusionSpec, MapStats
-from dualstpm.models.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
+from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 BACKEND_FORMATS = {"torch": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("openvino", "onnx")}
@@ -57,10 +56,6 @@ class ExportedModel:
         self.batch_size = int(self.metadata["batch_size"])
         self.threshold = float(self.metadata["threshold"])
         self.decision_view = self.metadata["decision"]
-        fusion = self.metadata["fusion"]  # the decision view's fusion: for the overlays' colour scale
-        self.map_stats = MapStats.from_json(fusion["map_stats"])
-        self.spec = FusionSpec(fusion["mode"], tuple(tuple(row) for row in fusion["weights"]),
-                               fusion["normalize"], fusion["sigma"])
         self._run = self._load(directory / self.metadata["model_file"], threads)
 
     def _load(self, path: Path, threads: int | None):
@@ -96,7 +91,11 @@ class ExportedModel:
         return run_torch
 
     def typical_level(self) -> float:
-        """The decision view's typical good level, recorded by the export (`Detector.typical_level`)."""
+        """The decision view's typical good level, recorded by the export (`Detector.typical_level`).
+        Raises ExportError for an export whose metadata lacks it."""
+        if "typical_level" not in self.metadata:
+            raise ExportError(f"{self.directory / METADATA_FILE} does not record the typical good level its overlays "
+                              "need (an older export): export the run again with `dualstpm export`")
         return float(self.metadata["typical_level"])
 
     def infer(self, images: torch.Tensor | np.ndarray) -> InferenceOutput:

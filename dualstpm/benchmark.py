@@ -8,8 +8,9 @@ times on shared machines drift.
   run's `fit.*` params) after a warm-up epoch, per branch and for both, with and without
   the teacher-feature cache, plus the first-epoch losses of both ways;
 - inference: the floor (T1, S1, T2, S2 forward only, nothing else, `inference_mode`),
-  fused-model throughput at batch 16 and latency at batch 1 (decoded image to score and
-  map), and their ratio to the floor;
+  the inference module's throughput at batch 16 and latency at batch 1 (decoded image to
+  every output: the path predict, the MLflow model and the exports run), and their ratio
+  to the floor;
 - backends (`--backend`, `--precision`): the whole inference module (all outputs) on
   PyTorch float32 and on each exported backend and precision, batch-16 throughput,
   batch-1 latency and peak memory, each in its own process; the exports are made first,
@@ -40,7 +41,7 @@ from dualstpm.data import decode_images, load_category
 from dualstpm.detector import Detector
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import write_json
-from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar
 from dualstpm.training import Trainer, build_model, calibrate
 
@@ -137,8 +138,9 @@ def inference_phase(params: Params, images: Tensor, compute: Compute, repeats: i
     single = images[:1].to(compute.device)
     with torch.inference_mode(), compute.autocast():
         floor_s = median_seconds(lambda: floor_forward(detector.model, detector.prepare(batch)), compute, repeats)
-    fused_s = median_seconds(lambda: detector.score(batch, views=("fused",)), compute, repeats)
-    latency_s = median_seconds(lambda: detector.score(single, views=("fused",)), compute, repeats)
+    # the inference module, as predict, the MLflow model and the exports run it (`Detector.infer`)
+    fused_s = median_seconds(lambda: detector.infer(batch), compute, repeats)
+    latency_s = median_seconds(lambda: detector.infer(single), compute, repeats)
     return {
         "floor_images_per_s": len(batch) / floor_s,
         "fused_images_per_s": len(batch) / fused_s,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 import math
 import shlex
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -19,9 +20,8 @@ from dualstpm import __version__
 from dualstpm.config import Params, load_params, valid_keys
 from dualstpm.errors import NOT_DONE_EXIT, ConfigError, DataError, DualStpmError, RunError
 from dualstpm.paths import CALIBRATION_FILE, category_dir, expand_paths, trained_model_dir
-
-if TYPE_CHECKING:
-    import pandas as pd
+from dualstpm.tables import format_metric as _fmt
+from dualstpm.tables import out, print_auc_table, print_pipeline_summary
 
 app = typer.Typer(
     help="Dual student-teacher feature pyramid matching: learn good parts, flag and locate defects.",
@@ -29,7 +29,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-out = Console()
 err = Console(stderr=True)
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -116,10 +115,6 @@ def serving_params(path: Path | None, overrides: list[str] | None, command: str,
                 f"from --set.{why}"
             )
     return resolve_params(path, overrides)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None or math.isnan(value) else f"{value:.4f}"
 
 
 def print_metrics(result: dict) -> None:
@@ -302,19 +297,6 @@ def prepare(
     out.print(f"ready: {prepare_data(p) if stage_out is None else run_download_stage(p, stage_out)}")
 
 
-def print_auc_table(table: pd.DataFrame, title: str) -> None:
-    from dualstpm.stages import TABLE_METRICS
-
-    view = Table(title=title)
-    for name in ("category", "model"):
-        view.add_column(name, no_wrap=True)  # names whole; on a narrow terminal the headers wrap instead
-    for name in ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max"):
-        view.add_column(name, justify="right")
-    for row in table.to_dict(orient="records"):
-        view.add_row(row["category"], row["model"], *(_fmt(row[m]) for m in TABLE_METRICS))
-    out.print(view)
-
-
 @app.command()
 def report(
     params: ParamsOption = None,
@@ -388,8 +370,14 @@ def _project_module(name: str):
             f"no flows/pipeline.py in {root}: run this from the project root (the folder holding params.yaml, "
             "dvc.yaml and flows/)"
         )
-    if str(root) not in sys.path:
-        sys.path.insert(0, str(root))
+    package = sys.modules.get("flows")
+    if package is None or Path(package.__path__[0]).resolve() != (root / "flows").resolve():
+        # the package from this folder, by its location: sys.path (the whole process's) is left alone
+        spec = importlib.util.spec_from_file_location("flows", root / "flows" / "__init__.py",
+                                                      submodule_search_locations=[str(root / "flows")])
+        package = importlib.util.module_from_spec(spec)
+        sys.modules["flows"] = package
+        spec.loader.exec_module(package)
     return importlib.import_module(name)
 
 
@@ -403,20 +391,6 @@ def demo(
     """The main job: the Prefect pipeline flow (data, fit, test, report, register, promote), then the AUC table."""
     flows = _project_module("flows.pipeline")
     print_pipeline_summary(flows.pipeline(str(params), overrides or [], str(out_dir), use_dvc))
-
-
-def print_pipeline_summary(summary: dict) -> None:
-    """What a pipeline or retrain flow returned: the AUC table, each category's ablation
-    outcome (what the model now decides with), then each promotion decision."""
-    import pandas as pd
-
-    print_auc_table(pd.DataFrame(summary["auc_table"]), f"AUC table ({summary['reports']})")
-    for category, outcome in summary["ablations"].items():
-        out.print(f"{category}: ablation {outcome}")
-    for decision in summary["promotions"].values():
-        verdict = "promoted" if decision.promoted else "not promoted"
-        out.print(f"{decision.model_name}: version {decision.challenger_version} {verdict}; "
-                  f"champion: version {decision.champion_version} ({decision.reason})")
 
 
 @app.command()

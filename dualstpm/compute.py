@@ -10,7 +10,7 @@ comparison all run the networks the same way.
   GPU and on a CPU with native bfloat16 units (AVX512-BF16 or AMX, as oneDNN reports),
   where it is about twice as fast; elsewhere float32, because emulated bfloat16 is slower
   than float32. The anomaly distances are computed in float32 either way
-  (`dualstpm.models.loss.distance_map`). Only *training* runs in it: calibration (map
+  (`dualstpm.model.loss.distance_map`). Only *training* runs in it: calibration (map
   statistics, thresholds, the normalised score's validation minimum) and PyTorch inference
   run in float32 (:data:`INFERENCE_PRECISION`), the precision of the float32 ONNX/OpenVINO
   exports, so one stored threshold decides the same way on every backend.

@@ -81,7 +81,7 @@ class TeacherParams(_Strict):
 
     @model_validator(mode="after")
     def _packaged(self) -> TeacherParams:
-        from dualstpm.models.weights import PACKAGE_MODELS, architecture
+        from dualstpm.model.weights import PACKAGE_MODELS, architecture
 
         if self.weights == "package" and architecture(self.name) not in PACKAGE_MODELS:
             raise ValueError(
@@ -126,7 +126,7 @@ class ModelParams(_Strict):
 
     @model_validator(mode="after")
     def _different_teachers(self) -> ModelParams:
-        from dualstpm.models.weights import architecture
+        from dualstpm.model.weights import architecture
 
         same = architecture(self.t1.name)
         if same == architecture(self.t2.name):
@@ -208,7 +208,7 @@ ScoreReduce = Literal["max", "topk_mean", "smoothed_max"]
 
 
 class ScoreParams(_Strict):
-    """How a fused anomaly map becomes one image score (`dualstpm.fusion.image_score`).
+    """How a fused anomaly map becomes one image score (`dualstpm.model.fusion.image_score`).
 
     It changes what calibration computes (thresholds and the normalised score are in the
     reduced units), not what training computes: model selection always scores with the max.

@@ -22,25 +22,23 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save
 from torch import Tensor
 
 from dualstpm.compute import INFERENCE_PRECISION, Compute
-from dualstpm.config import FusionParams, Params, load_params, save_params
+from dualstpm.config import FusionParams, ModelParams, Params, ScoreParams, load_params, save_params
 from dualstpm.errors import RunError
 from dualstpm.files import staged_dir, write_bytes, write_json
-from dualstpm.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, false_alarm_bound, image_score
-from dualstpm.models.anomaly_map import MapFusion
-from dualstpm.models.discriminator import Discriminator
-from dualstpm.models.inference import DualStpmInference, InferenceOutput
-from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.model.calibration import false_alarm_bound
+from dualstpm.model.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec
+from dualstpm.model.discriminator import Discriminator
+from dualstpm.model.inference import CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, ScoredBatch
+from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE, trained_model_dir
 
 FORMAT_VERSION = 2  # 2: branch B decoder with bottleneck widths
 FUSION_FILE = "fusion.json"
-CHOSEN_VIEW = "chosen"  # the view of an applied chosen fusion (metrics.json row, thresholds key)
 
 DISC_WEIGHTS_FILE = "discriminator.safetensors"
 
@@ -74,7 +72,7 @@ class Calibration:
 
     @property
     def false_alarm_bound(self) -> float | None:
-        """`fusion.false_alarm_bound` of these thresholds: the probability that a new good part
+        """`calibration.false_alarm_bound` of these thresholds: the probability that a new good part
         scores above them; None for files that do not record the calibration count."""
         n_images = self.validation_split.get("calibration_images")
         return None if n_images is None else false_alarm_bound(int(n_images), self.false_alarm_rate)
@@ -90,8 +88,22 @@ class Calibration:
         """Raises KeyError or TypeError for a missing or unknown key (see `read_model_dir`)."""
         data = dict(data)
         data["map_stats"] = MapStats.from_json(data["map_stats"])
-        data["score"] = ScoreSpec.from_json(data["score"])
+        data["score"] = read_score_spec(data["score"])
         return cls(**data)
+
+
+def read_score_spec(data: dict) -> ScoreSpec:
+    """A stored `ScoreSpec.to_json` record, validated like `params.score` (pydantic's
+    ValidationError, a ValueError, on bad values)."""
+    return ScoreSpec.from_params(ScoreParams(**data))
+
+
+def build_network(model: ModelParams, pretrained: bool = True) -> DualStpmModel:
+    """The four networks `params.model` describes (`DualStpmModel.build`): teachers with their
+    configured weights when `pretrained`, else bare for saved weights to fill in."""
+    return DualStpmModel.build((model.t1.name, model.t1.weights), (model.t2.name, model.t2.weights),
+                               attention=model.attention == "spatial", decoder_width=model.decoder_width,
+                               gate_form=model.gate_form, pretrained=pretrained)
 
 
 @dataclass(frozen=True)
@@ -132,14 +144,9 @@ def write_chosen_fusion(run_dir: Path, chosen: ChosenFusion | None, source: dict
     return write_json(Path(run_dir) / MODEL_SUBDIR / FUSION_FILE, data)
 
 
-@dataclass
-class ScoredBatch:
-    """Per view (`fused`, `stpm`, `recon`, and `disc` if asked for): image scores (B,) and maps
-    (B, H, W). Computed by the inference module, whose `fused` is the applied chosen fusion
-    when there is one (`Detector.decision_view` is then `chosen`)."""
-
-    scores: dict[str, Tensor]
-    maps: dict[str, Tensor]
+def fusion_label(detector: Detector) -> str:
+    """Which fusion the decision view uses: the applied chosen configuration, or `params.fusion`."""
+    return detector.chosen.source.get("config", "chosen") if detector.chosen else "params.fusion"
 
 
 def decision_view(view: str, chosen_applied: bool) -> str:
@@ -150,7 +157,10 @@ def decision_view(view: str, chosen_applied: bool) -> str:
 
 
 class Detector:
-    """A trained dual STPM with its fusion and calibration: images in, scores and maps out."""
+    """A trained dual STPM with its fusion and calibration: images in, scores and maps out.
+
+    All scoring is the inference module's (`self.inference`, :mod:`dualstpm.model.inference`):
+    this class loads it, puts it on `compute` and names the thresholds of its views."""
 
     def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, compute: Compute,
                  chosen: ChosenFusion | None = None, disc: Discriminator | None = None) -> None:
@@ -159,11 +169,12 @@ class Detector:
         self.calibration = calibration
         self.chosen = chosen
         self.trained_spec = FusionSpec.from_params(params.fusion)
-        self.spec = chosen.spec if chosen else self.trained_spec  # the fusion of the inference module's `fused`
+        self.spec = chosen.spec if chosen else self.trained_spec  # the decision fusion (an export's metadata)
         self.thresholds = {**calibration.thresholds, **({CHOSEN_VIEW: chosen.threshold} if chosen else {})}  # per view
         self.score_spec = calibration.score  # the units of the thresholds (not params.score: see Calibration)
-        available = VIEWS + ((DISC_VIEW,) if disc is not None else ()) + ((CHOSEN_VIEW,) if chosen else ())
-        self.views: tuple[str, ...] = available  # the views a test evaluates
+        views = MapViews(self.trained_spec, calibration.map_stats, score=self.score_spec,
+                         chosen=chosen.spec if chosen else None, disc=disc)
+        self.views: tuple[str, ...] = views.views  # the views a test evaluates
         # the view the model decides with: `fusion.view`, where an applied chosen fusion replaces `fused`
         self.decision_view = decision_view(params.fusion.view, chosen is not None)
         if self.decision_view not in self.views or self.decision_view not in self.thresholds:
@@ -171,32 +182,24 @@ class Detector:
                            f"view (views: {', '.join(self.views)}): refit it with fit.discriminator=true")
         val_min = (chosen.val_min if self.decision_view == CHOSEN_VIEW
                    else calibration.val_score_summary[self.decision_view]["min"])
-        # the one scoring module (networks, fusion, normalisation, decision): see dualstpm.models.inference
-        self.inference = compute.module(DualStpmInference(
-            model, self.spec, self.trained_spec, calibration.map_stats.mean, calibration.map_stats.std,
-            self.threshold, val_min, score=self.score_spec, disc=disc,
-            decision="fused" if self.decision_view == CHOSEN_VIEW else self.decision_view)).eval()
+        # the one scoring module (networks, view maps, scores, normalisation, decision)
+        self.inference = compute.module(DualStpmInference(model, views, self.threshold, val_min,
+                                                          decision=self.decision_view)).eval()
         self.model = self.inference.network
         self.disc = self.inference.disc
-        # the module's `fused` is the decision fusion (the chosen one when applied); the params'
-        # fusion is then a view of its own for `score_maps`, on the same maps
-        stats = calibration.map_stats
-        self._trained_fusion = (MapFusion(self.trained_spec, stats.mean, stats.std).to(compute.device).eval()
-                                if chosen else None)
+        self._typical_level: float | None = None
 
     @property
     def threshold(self) -> float:
         """The decision view's threshold (raw image-score units)."""
         return self.thresholds[self.decision_view]
 
-    @torch.inference_mode()
     def typical_level(self) -> float:
-        """The decision view's map value at a typical good pixel: the centre of its map of six
-        constant maps, each at its validation mean (64 px: beyond the discriminator's
-        receptive field from the border)."""
-        typical = self.map_stats.mean.to(torch.float32)[None, :, :, None, None].expand(1, 2, 3, 64, 64)
-        level = self.inference.view_maps(typical.to(self.compute.device), (self.inference.decision,))[self.inference.decision]
-        return float(level[0, 32, 32])
+        """The decision view's map value at a typical good pixel (`MapViews.typical_level`),
+        computed once."""
+        if self._typical_level is None:
+            self._typical_level = self.inference.views.typical_level(self.decision_view)
+        return self._typical_level
 
     @property
     def image_size(self) -> int:
@@ -215,12 +218,10 @@ class Detector:
     def view_spec(self, view: str) -> FusionSpec:
         """`fused`: `params.fusion`; `chosen`: the applied chosen fusion; a branch: that branch
         alone, as trained. Raises RunError for `chosen` when none is applied."""
-        if view == CHOSEN_VIEW:
-            if self.chosen is None:
-                raise RunError("this model has no applied chosen fusion (no `dualstpm ablate` adopted one): "
-                               f"its views are {', '.join(VIEWS)}")
-            return self.chosen.spec
-        return self.trained_spec if view == "fused" else self.trained_spec.view(view)
+        if view == CHOSEN_VIEW and self.chosen is None:
+            raise RunError("this model has no applied chosen fusion (no `dualstpm ablate` adopted one): "
+                           f"its views are {', '.join(self.views)}")
+        return self.inference.views.spec(view)
 
     def prepare(self, images: Tensor) -> Tensor:
         """Images on the model's device in its memory format."""
@@ -234,27 +235,19 @@ class Detector:
 
     @torch.inference_mode()
     def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
-        """Fuse six maps (B, 2, 3, H, W) into each requested view of `self.views` and score them
-        (`score_spec`): `fused` is always `params.fusion` and `chosen` the applied chosen fusion,
-        as `dualstpm test` reports them (`view_spec`); `stpm`, `recon` the branches, `disc` the
-        stage. Maps (B, H, W). Raises RunError for a view this model does not have."""
-        missing = [v for v in views if v not in self.views]
-        if missing:
-            raise RunError(f"this model has no view {', '.join(map(repr, missing))}: its views are "
-                           f"{', '.join(self.views)} (`chosen` only after `dualstpm ablate` applied a fusion, "
-                           "`disc` only with fit.discriminator=true)")
-        maps = maps.to(self.compute.device)
-        # the inference module computes the decision fusion as its `fused`: the chosen one, when applied
-        module = {CHOSEN_VIEW: "fused"} if self.chosen else {}
-        own = [v for v in views if not (self.chosen and v == "fused")]
-        computed = self.inference.view_maps(maps, tuple(dict.fromkeys(module.get(v, v) for v in own)))
-        fused = {v: self._trained_fusion(maps) if v not in own else computed[module.get(v, v)] for v in views}
-        return ScoredBatch({v: image_score(m, self.score_spec) for v, m in fused.items()}, fused)
+        """Six maps (B, 2, 3, H, W) -> each requested view's map (B, H, W) and image score
+        (`MapViews.score_maps`): `fused` is always `params.fusion` and `chosen` the applied
+        chosen fusion. Raises RunError for a view this model does not have."""
+        try:
+            return self.inference.views.score_maps(maps.to(self.compute.device), views)
+        except ValueError as exc:
+            raise RunError(str(exc)) from None
 
     @torch.inference_mode()
     def infer(self, images: Tensor) -> InferenceOutput:
         """(N, 3, S, S) images at `image_size` (uint8, or float in [0, 1]) -> the inference
-        module's outputs (scores, normalised score, label at the stored threshold, fused map)."""
+        module's outputs (scores, normalised score, label at the stored threshold, decision map):
+        what predict, the MLflow model and the exports compute."""
         with self.compute.autocast():
             return self.inference(self.prepare(images))
 
@@ -282,7 +275,7 @@ class Detector:
         in, whatever `fit.precision` trained it in). Where it was trained does not matter:
         weights load on the CPU first. Raises RunError for an unusable run directory."""
         model_dir, params, calibration = read_model_dir(run_dir)
-        model = DualStpmModel.build(params.model, pretrained=False)
+        model = build_network(params.model, pretrained=False)
         try:
             model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)), strict=True)
         except RuntimeError as exc:
@@ -352,12 +345,3 @@ def save_detector(run_dir: Path, model: DualStpmModel, params: Params, calibrati
         save_params(params, staging / PARAMS_FILE)
         write_json(staging / CALIBRATION_FILE, calibration.to_json())
     return final
-
-
-def summarize(scores: np.ndarray) -> dict[str, float]:
-    return {
-        "mean": float(np.mean(scores)),
-        "std": float(np.std(scores)),
-        "min": float(np.min(scores)),
-        "max": float(np.max(scores)),
-    }

@@ -35,8 +35,8 @@ from torch import Tensor
 from dualstpm import metrics
 from dualstpm.ablation.defects import paste_defects
 from dualstpm.config import DiscParams
-from dualstpm.fusion import MAX_SCORE, image_score
-from dualstpm.models.discriminator import STRIDE, Discriminator, pooled_log
+from dualstpm.model.fusion import MAX_SCORE, image_score
+from dualstpm.model.discriminator import STRIDE, Discriminator, pooled_log
 from dualstpm.rng import own_rng
 
 DISC_HISTORY_FILE = "disc_history.csv"

@@ -19,12 +19,11 @@ import numpy as np
 from dualstpm import metrics
 from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
-from dualstpm.detector import CHOSEN_VIEW, Detector
+from dualstpm.detector import CHOSEN_VIEW, Detector, fusion_label
 from dualstpm.files import write_json
 from dualstpm.figures import PLOTS_DIR, overlay_name, write_test_figures
-from dualstpm.fusion import DISC_VIEW, VIEWS
-from dualstpm.maps import MAPS_DIR, compute_six_maps, disc_and_scores, fused_and_scores, store_test_and_val_maps
-from dualstpm.overlays import fusion_label
+from dualstpm.maps import MAPS_DIR, compute_six_maps, store_test_and_val_maps
+from dualstpm.model.fusion import DISC_VIEW, VIEWS
 from dualstpm.progress import stage
 
 METRICS_FILE = "metrics.json"
@@ -89,15 +88,10 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     six = compute_six_maps(detector, images, batch_size, "computing anomaly maps of test images")
     scores: dict[str, np.ndarray] = {}
     maps: dict[str, np.ndarray] | None = {} if masks is not None else None
-    for view in (v for v in detector.views if v != DISC_VIEW):  # the views fused from the six maps
-        fused, scores[view] = fused_and_scores(six, detector.view_spec(view), detector.calibration.map_stats,
-                                               detector.score_spec)
+    for view in detector.views:
+        view_maps, scores[view] = detector.inference.views.stack(six, view)
         if maps is not None:
-            maps[view] = fused
-    if DISC_VIEW in detector.views:
-        disc_maps, scores[DISC_VIEW] = disc_and_scores(six, detector)
-        if maps is not None:
-            maps[DISC_VIEW] = disc_maps
+            maps[view] = view_maps
     truth = metrics.PixelTruth(masks) if masks is not None else None  # regions labelled once for all views
 
     result: dict = {
@@ -134,8 +128,8 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     if plots_dir is not None:
         names = [overlay_name(s.defect_type, s.path) for s in dataset.test]
         with stage("drawing curves and overlays"):
-            write_test_figures(plots_dir, detector, category, [s.path for s in dataset.test], labels, scores, names,
-                               maps, masks)
+            write_test_figures(plots_dir, detector, category, six, [s.path for s in dataset.test], labels, scores,
+                               names, maps, masks)
     if maps_dir is not None:
         store_test_and_val_maps(maps_dir, detector, dataset, six, masks, batch_size, max_pixels)
     return result

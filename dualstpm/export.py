@@ -2,7 +2,7 @@
 
 An export folder holds the model file(s) and `metadata.json`; it is built in a staging
 folder and swapped in complete (`dualstpm.files.staged_dir`). What is exported is a trace
-of :class:`dualstpm.models.inference.DualStpmInference` in float32: teachers' and students'
+of :class:`dualstpm.model.inference.DualStpmInference` in float32: teachers' and students'
 normalisation, the six maps, the fusion with its validation statistics, smoothing, the
 image score (the calibrated `score.*` reduction), the normalised score and the decision at the stored threshold are all
 inside the graph. The resize is not (see `metadata.json` → `input.resize`).
@@ -35,7 +35,7 @@ from dualstpm.compute import Compute
 from dualstpm.detector import Detector
 from dualstpm.errors import ExportError
 from dualstpm.files import staged_dir, write_json
-from dualstpm.models.inference import INPUT_NAME, OUTPUT_NAMES
+from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES
 from dualstpm.paths import MODEL_SUBDIR, PARAMS_FILE
 from dualstpm.progress import stage
 
@@ -259,7 +259,7 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         "decision": detector.decision_view,
         "threshold": detector.threshold,
         # the reduction of a map to the image score; threshold and normalization are in its units
-        "score": {**detector.score_spec.to_json(), "function": "dualstpm.fusion.image_score"},
+        "score": {**detector.score_spec.to_json(), "function": "dualstpm.model.fusion.image_score"},
         "typical_level": detector.typical_level(),
         "threshold_precision": detector.calibration.precision,  # float32: the scores it was calibrated on
         "normalization": detector.inference.normalization.to_json(),

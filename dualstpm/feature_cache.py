@@ -22,7 +22,7 @@ import torch
 from torch import Tensor
 
 from dualstpm.compute import Compute
-from dualstpm.models.torch_model import DualStpmModel, TeacherFeatures
+from dualstpm.model.torch_model import DualStpmModel, TeacherFeatures
 from dualstpm.progress import stage
 
 

@@ -26,12 +26,11 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from dualstpm import metrics
-from dualstpm.data import read_image
+from dualstpm.data import read_image, resize_map
 from dualstpm.detector import Detector
 from dualstpm.files import atomic_file, staged_dir
-from dualstpm.fusion import VIEWS
-from dualstpm.overlays import GRID_CELL_WIDTH, detector_heading, draw_overlay, overlay_grid, overlay_scale
-from dualstpm.predict import score_images
+from dualstpm.model.fusion import VIEWS
+from dualstpm.overlays import GRID_CELL_WIDTH, decision_label, detector_heading, draw_overlay, overlay_grid, overlay_scale
 
 PLOTS_DIR = "plots"
 PRO_GRID = np.linspace(0.0, 1.0, 1001)  # the exact PRO curve has a point per pixel threshold
@@ -137,28 +136,34 @@ def overlay_name(defect_type: str, path: Path) -> str:
     return f"{defect_type}_{path.stem}"
 
 
-def write_overlays(out_dir: Path, detector: Detector, category: str, paths: Sequence[Path], labels: np.ndarray,
+def write_overlays(out_dir: Path, detector: Detector, category: str, six: np.ndarray, paths: Sequence[Path],
+                   labels: np.ndarray,
                    scores: np.ndarray, names: Sequence[str], masks: np.ndarray | None) -> Path:
-    """Overlays of the telling images in the detector's decision view: one PNG each in
-    `out_dir/overlays/` and a grid of them, `out_dir/overlays.png` (returned).
+    """Overlays of the telling images in the detector's decision view, drawn from the six
+    maps already computed (no network runs): one PNG each in `out_dir/overlays/` and a grid
+    of them, `out_dir/overlays.png` (returned).
 
     category: the test images' category (the grid's heading, with the decision view and its
-    threshold); paths: the test images (N,), read at their own size; labels (N,) bool;
+    threshold); six: the test images' six maps (N, 2, 3, S, S), as the test computed and
+    stored them; paths: the test images (N,), read at their own size; labels (N,) bool;
     scores (N,): the decision view's image scores, which choose the telling images (each
-    captioned ``<reason>: <name>``, :func:`telling_images`); names (N,); masks: (N, h, w)
-    bool ground truth at any size, outlined in white, or None.
+    captioned ``<reason>: <name>``, :func:`telling_images`) and are shown; names (N,);
+    masks: (N, h, w) bool ground truth at any size, outlined in white, or None.
     """
     telling = telling_images(labels, scores, detector.threshold)
     chosen = [index for index, _ in telling]
-    originals = [read_image(Path(paths[i])) for i in chosen]
+    view_maps, _ = detector.inference.views.stack(six[chosen], detector.decision_view)
     scale = overlay_scale(detector)
     folder = out_dir / "overlays"
     shutil.rmtree(folder, ignore_errors=True)  # another choice of images must not leave old ones
     folder.mkdir(parents=True)
     cells = []
-    for (index, reason), original, result in zip(telling, originals, score_images(detector, originals), strict=True):
+    for (index, reason), view_map in zip(telling, view_maps, strict=True):
+        original = read_image(Path(paths[index]))
         mask = masks[index] if masks is not None else None
-        args = (original, result.anomaly_map, scale, result.score, result.label)
+        score = float(scores[index])
+        args = (original, resize_map(view_map, original.shape[:2]), scale, score,
+                decision_label(score, detector.threshold))
         title = f"{reason}: {names[index]}"
         with atomic_file(folder / f"{index:03d}_{names[index]}.png") as tmp:
             draw_overlay(*args, title=title, mask=mask).save(tmp)
@@ -170,17 +175,19 @@ def write_overlays(out_dir: Path, detector: Detector, category: str, paths: Sequ
     return grid_path
 
 
-def write_test_figures(plots_dir: Path, detector: Detector, category: str, paths: Sequence[Path],
+def write_test_figures(plots_dir: Path, detector: Detector, category: str, six: np.ndarray, paths: Sequence[Path],
                        labels: np.ndarray, scores: dict[str, np.ndarray], names: Sequence[str],
                        maps: dict[str, np.ndarray] | None = None, masks: np.ndarray | None = None) -> Path:
     """All figures of one test run on `category` into a fresh `plots_dir` (old files would
-    mislead), built in a staging folder and swapped in whole (`files.staged_dir`)."""
+    mislead), built in a staging folder and swapped in whole (`files.staged_dir`). `six`:
+    the test images' six maps (N, 2, 3, S, S), which the overlays are drawn from
+    (`write_overlays`)."""
     plots_dir = Path(plots_dir)
     with staged_dir(plots_dir) as staging:
         write_roc(staging, labels, scores, category)
         if maps is not None and masks is not None:
             write_pro(staging, masks, maps, category)
-        write_overlays(staging, detector, category, paths, np.asarray(labels, dtype=bool),
+        write_overlays(staging, detector, category, six, paths, np.asarray(labels, dtype=bool),
                        scores[detector.decision_view], names, masks)
     return plots_dir
 

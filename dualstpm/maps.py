@@ -3,8 +3,8 @@
 `dualstpm test` scores every test image (and every validation image) once and stores
 the six maps (2 branches x 3 levels) as float16 in `RUN/maps/{test,val}.npz`. The
 metrics of the test are computed from exactly these stored maps, so anything that
-re-scores them later (the fusion-weight ablation) reproduces the test's figures
-bit for bit without running a network.
+re-scores them later (the fusion-weight ablation, through `MapViews.stack` of
+`dualstpm.model.inference`) reproduces the test's figures bit for bit without running a network.
 
 float16 halves the disk and memory of float32. Maps are 0.5 * ||t - s||^2 of
 L2-normalised features, so they lie in [0, 2], far from float16's range limit; the
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,14 +31,12 @@ from dualstpm.data import Category, decode_images, split_train_val
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError
 from dualstpm.files import atomic_file, json_text
-from dualstpm.fusion import DISC_VIEW, FusionSpec, MapStats, ScoreSpec, fuse, image_score
 from dualstpm.progress import stage
 
 MAPS_DIR = "maps"
 TEST_MAPS = "test.npz"
 VAL_MAPS = "val.npz"
 FORMAT_VERSION = 1
-FUSE_CHUNK_ELEMENTS = 2**22  # six-map values fused at a time: 16 MB as float32, reused by malloc (no page faults)
 
 
 def weights_fingerprint(state: Mapping[str, Tensor]) -> str:
@@ -64,46 +62,6 @@ def compute_six_maps(detector: Detector, images: Tensor, batch_size: int,
     if not np.isfinite(out).all():
         raise RunError("the model produced non-finite anomaly maps; the weights are broken: retrain the model")
     return out
-
-
-def map_stack(maps: np.ndarray, to_map: Callable[[Tensor], Tensor]) -> np.ndarray:
-    """Apply a per-image `to_map` ((n, 2, 3, S, S) float32 -> (n, S, S)) to a stored
-    (N, 2, 3, S, S) float16 stack, giving (N, S, S) float32.
-
-    A chunk of about FUSE_CHUNK_ELEMENTS values is upcast at a time; `to_map` works per
-    image, so the result does not depend on the chunking.
-    """
-    out = np.empty((len(maps), *maps.shape[-2:]), dtype=np.float32)
-    step = max(1, FUSE_CHUNK_ELEMENTS // max(1, int(np.prod(maps.shape[1:]))))
-    for start in range(0, len(maps), step):
-        out[start : start + step] = to_map(torch.from_numpy(maps[start : start + step]).float()).float().cpu().numpy()
-    return out
-
-
-def fuse_stack(maps: np.ndarray, spec: FusionSpec, stats: MapStats | None) -> np.ndarray:
-    """Fuse a stored (N, 2, 3, S, S) float16 stack into (N, S, S) float32 with `fusion.fuse`
-    (chunked by :func:`map_stack`)."""
-    return map_stack(maps, lambda chunk: fuse(chunk, spec, stats))
-
-
-def fused_and_scores(maps: np.ndarray, spec: FusionSpec, stats: MapStats | None,
-                     score: ScoreSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(fused maps (N, S, S) float32, image scores (N,) float64 reduced by `score`) of a stored stack."""
-    fused = fuse_stack(maps, spec, stats)
-    return fused, stack_scores(fused, score)
-
-
-def stack_scores(fused: np.ndarray, score: ScoreSpec) -> np.ndarray:
-    """(N, S, S) float32 fused maps -> (N,) float64 image scores (`fusion.image_score`)."""
-    return image_score(torch.from_numpy(fused), score).numpy().astype(np.float64)
-
-
-def disc_and_scores(maps: np.ndarray, detector: Detector) -> tuple[np.ndarray, np.ndarray]:
-    """The discriminative stage's (maps (N, S, S) float32, image scores (N,) float64) of a
-    stored (N, 2, 3, S, S) float16 stack (chunked by :func:`map_stack`). Raises ValueError
-    when `detector` has no discriminative stage."""
-    out = map_stack(maps, lambda chunk: detector.score_maps(chunk, (DISC_VIEW,)).maps[DISC_VIEW])
-    return out, stack_scores(out, detector.score_spec)
 
 
 @dataclass(frozen=True)

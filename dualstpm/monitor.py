@@ -210,25 +210,21 @@ class Reference:
 
 def validation_scores(run_dir: Path | str) -> Reference:
     """Load RUN's detector (CPU) and score its stored validation maps (``RUN/maps/val.npz``)
-    in its decision view with its own fusion and image score (`maps.fused_and_scores`, or
-    `maps.disc_and_scores` for the discriminative view). Raises RunError when the maps are
-    missing or were computed by another model (the fix: ``dualstpm test --run RUN``)."""
+    in its decision view with its own fusion and image score (the detector's
+    `model.inference.MapViews`, as the test and the ablation score stored maps). Raises
+    RunError when the maps are missing or were computed by another model (the fix:
+    ``dualstpm test --run RUN``)."""
     from dualstpm.ablation.selection import check_same_model
     from dualstpm.detector import Detector
-    from dualstpm.fusion import DISC_VIEW
     from dualstpm.lineage import read_lineage
-    from dualstpm.maps import MAPS_DIR, VAL_MAPS, MapSet, disc_and_scores, fused_and_scores
+    from dualstpm.maps import MAPS_DIR, VAL_MAPS, MapSet
 
     run_dir = Path(run_dir)
     detector = Detector.load(run_dir, device="cpu")
     val = MapSet.load(run_dir / MAPS_DIR / VAL_MAPS)
     fingerprint = check_same_model(run_dir, val)
     view = detector.decision_view
-    if view == DISC_VIEW:
-        scores = disc_and_scores(val.maps, detector)[1]
-    else:
-        scores = fused_and_scores(val.maps, detector.view_spec(view), detector.calibration.map_stats,
-                                  detector.score_spec)[1]
+    scores = detector.inference.views.stack(val.maps, view)[1]
     lineage = read_lineage(run_dir)
     return Reference(str(run_dir.resolve()), detector.calibration.category, view, float(detector.threshold),
                      float(detector.calibration.false_alarm_rate), detector.calibration.false_alarm_bound,

@@ -7,9 +7,10 @@ applied chosen fusion) at the image's own size and aspect ratio.
 
 The colour scale is fixed by the model, not by the picture (:class:`OverlayScale`):
 
-- ``low``: the fused-map level of a typical good pixel, i.e. the fused value of six maps
-  each at its validation mean (``calibration.json``'s ``map_stats``, fused with the
-  decision view's fusion). At or below it the image is left untouched.
+- ``low``: the decision view's level at a typical good pixel, i.e. its value for six maps
+  each at its validation mean (``calibration.json``'s ``map_stats``; the scorer's
+  ``typical_level``, :meth:`dualstpm.model.inference.MapViews.typical_level`). At or below
+  it the image is left untouched.
 - ``threshold``: the model's decision threshold (a part is defective when its image score,
   the map's max, top-k mean or smoothed max: map units, is above it). Opacity grows
   linearly from 0 at ``low`` to :data:`OVERLAY_ALPHA` at the threshold and stays there above it.
@@ -25,20 +26,19 @@ carries the caption (name, score, label, decision threshold) and the colour bar.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dualstpm.errors import RunError
-from dualstpm.fusion import FusionSpec, MapStats, fuse
+from dualstpm.model.fusion import FusionSpec
+from dualstpm.model.inference import Scorer
 
 if TYPE_CHECKING:
     from dualstpm.detector import Detector
-    from dualstpm.models.inference import Scorer
 
 OVERLAY_ALPHA = 0.6
 COLORMAP = "jet"
@@ -72,22 +72,11 @@ class OverlayScale:
         return self.low <= self.decided_at <= self.high
 
     @classmethod
-    def of_model(cls, spec: FusionSpec, stats: MapStats, threshold: float,
-                 decision: float | None = None) -> OverlayScale:
-        """The scale of a decision view: `spec` (its fusion), `stats` (validation map
-        statistics), the model's `threshold` and the `decision` threshold (default: it).
-
-        Raises RunError when the model's threshold is not above the typical good level
-        (its calibration is broken: every part would be flagged), naming both values.
-        """
-        typical = stats.mean.to(torch.float32)[None, :, :, None, None]  # (1, 2, 3, 1, 1)
-        low = float(fuse(typical, replace(spec, sigma=0.0), stats)[0, 0, 0])  # smoothing keeps a constant map
-        return cls.of_level(low, threshold, decision)
-
-    @classmethod
     def of_level(cls, low: float, threshold: float, decision: float | None = None) -> OverlayScale:
         """The scale from the decision view's typical good level `low` (its map where every
-        map is at its validation mean); raises RunError as :meth:`of_model` does."""
+        map is at its validation mean), the model's `threshold` and the `decision` threshold
+        (default: it). Raises RunError when the model's threshold is not above `low` (its
+        calibration is broken: every part would be flagged), naming both values."""
         if not threshold > low:
             raise RunError(f"the model's threshold {threshold:.6g} is not above the fused level of a typical good "
                            f"pixel ({low:.6g}) in its calibration.json: every part would be flagged; retrain it")
@@ -226,19 +215,16 @@ def overlay_grid(pictures: Sequence[Image.Image], heading: str, columns: int = 4
     return grid
 
 
-def overlay_scale(detector: Scorer, threshold: float | None = None) -> OverlayScale:
-    """The overlay scale of `detector`'s decision view (its fused view, with an applied
-    chosen fusion and its threshold; a `Detector` or an export); `threshold` overrides the
-    decision threshold only. Raises RunError as :meth:`OverlayScale.of_model` does.
-    A model deciding with another view than `fused` (`fusion.view`) gives that view's level."""
-    if detector.decision_view not in ("fused", "chosen"):  # not a fusion of the six maps: its own level
-        return OverlayScale.of_level(detector.typical_level(), detector.threshold, threshold)
-    return OverlayScale.of_model(detector.spec, detector.map_stats, detector.threshold, threshold)
+def overlay_scale(scorer: Scorer, threshold: float | None = None) -> OverlayScale:
+    """The overlay scale of `scorer`'s decision view (a `Detector` or an export: its typical
+    good level and threshold); `threshold` overrides the decision threshold only. Raises
+    RunError as :meth:`OverlayScale.of_level` does."""
+    return OverlayScale.of_level(scorer.typical_level(), scorer.threshold, threshold)
 
 
-def fusion_label(detector: Detector) -> str:
-    """Which fusion the decision view uses: the applied chosen configuration, or `params.fusion`."""
-    return detector.chosen.source.get("config", "chosen") if detector.chosen else "params.fusion"
+def decision_label(score: float, threshold: float) -> str:
+    """`defective` when `score` is above `threshold` (the decision rule), else `good`."""
+    return "defective" if score > threshold else "good"
 
 
 def _weights(spec: FusionSpec) -> str:

@@ -13,15 +13,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
-from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image
+from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image, resize_map
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file, write_csv
+from dualstpm.model.inference import Scorer
 from dualstpm.monitor import write_batch_summary
-from dualstpm.models.inference import Scorer
-from dualstpm.overlays import draw_overlay, overlay_scale
+from dualstpm.overlays import decision_label, draw_overlay, overlay_scale
 from dualstpm.paths import OVERLAY_COLUMN, PREDICTIONS_FILE
 from dualstpm.progress import stage
 from dualstpm.review.log import LOG_FILE, review_dir
@@ -57,7 +56,7 @@ def _unique_name(stem: str, taken: set[str]) -> str:
 class ImagePrediction:
     """One image's answer: the score of the view the model decides with (`fused`, or what
     `fusion.view` / an applied ablation names), its normalised value (0.5 = the stored
-    threshold, see `dualstpm.models.anomaly_map`), label at the threshold, each branch's
+    threshold, see `dualstpm.model.calibration`), label at the threshold, each branch's
     score, the discriminative stage's (NaN when the model has none) and the decision
     view's anomaly map at the image's size."""
 
@@ -86,19 +85,17 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
         chunk = originals[start : start + detector.batch_size]
         out = detector.infer(torch.stack([resize_image(o, detector.image_size) for o in chunk]))
         for i, original in enumerate(chunk):
-            fused = out.anomaly_map[i : i + 1, None].float()
-            full = F.interpolate(fused, size=original.shape[:2], mode="bilinear", align_corners=False)[0, 0]
             score = float(out.score[i])
             results.append(
                 ImagePrediction(
                     score=score,
                     normalized_score=float(out.normalized_score[i]),
-                    label="defective" if score > threshold else "good",
+                    label=decision_label(score, threshold),
                     threshold=threshold,
                     stpm_score=float(out.stpm_score[i]),
                     recon_score=float(out.recon_score[i]),
                     disc_score=float(out.disc_score[i]),
-                    anomaly_map=full.cpu().numpy(),
+                    anomaly_map=resize_map(out.anomaly_map[i], original.shape[:2]),
                 )
             )
     return results

@@ -39,7 +39,7 @@ from dualstpm.errors import RunError
 from dualstpm.evaluation import METRICS_FILE
 from dualstpm.files import staged_dir, write_json, write_text
 from dualstpm.figures import OVERLAY_GRID, PLOTS_DIR, PRO_GRID
-from dualstpm.fusion import VIEWS
+from dualstpm.model.fusion import VIEWS
 from dualstpm.stages import AUC_TABLE, metrics_table
 
 REPORT_FOLDERS = ("metrics", "plots", "overlays")

@@ -38,14 +38,16 @@ from torch import Tensor
 from dualstpm.compute import Compute
 from dualstpm.config import FitParams, Params
 from dualstpm.data import Category, ValidationParts, decode_images, load_category, split_train_val, validation_parts
-from dualstpm.detector import Calibration, save_detector, summarize
+from dualstpm.detector import Calibration, build_network, save_detector
 from dualstpm.disc_training import DISC_HISTORY_FILE, DiscResult, train_discriminator
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import atomic_file
-from dualstpm.fusion import (BRANCHES, DISC_VIEW, MAX_SCORE, VIEWS, FusionSpec, MapStatsAccumulator, ScoreSpec,
-                             calibrate_threshold, calibration_note, fuse, image_score)
-from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.model import inference
+from dualstpm.model.calibration import MapStatsAccumulator, calibrate_threshold, calibration_note, summarize
+from dualstpm.model.fusion import BRANCHES, MAX_SCORE, FusionSpec, ScoreSpec
+from dualstpm.model.inference import MapViews
+from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.progress import StatusColumn, progress_bar, say
 from dualstpm.rng import own_rng
 from dualstpm.tracking import params_for_data, recorded_data_root
@@ -79,7 +81,7 @@ def build_model(params: Params, compute: Compute) -> DualStpmModel:
     (:func:`dualstpm.rng.own_rng`), so threads building or training beside it change
     nothing, and the process's global RNG is left as it was."""
     with own_rng(params.seed):
-        return compute.module(DualStpmModel.build(params.model))
+        return compute.module(build_network(params.model))
 
 
 def epoch_order(n: int, seed: int, epoch: int) -> Tensor:
@@ -103,10 +105,10 @@ def learning_rate(fit: FitParams, epoch: int, batch: int, n_batches: int) -> flo
 
 @torch.no_grad()
 def six_maps(model: DualStpmModel, images: Tensor, compute: Compute) -> Tensor:
-    """Eval-mode maps (B, 2, 3, H, W) of one batch, float32 on the CPU."""
+    """Eval-mode maps (B, 2, 3, H, W) of one batch (`inference.six_maps`), float32 on the CPU."""
     model.eval()
     with compute.autocast():
-        return model(compute.images(images)).float().cpu()
+        return inference.six_maps(model, compute.images(images)).cpu()
 
 
 #: `fit.select` -> the per-image statistic whose mean over validation images selects the epoch.
@@ -121,12 +123,12 @@ def branch_statistics(model: DualStpmModel, images: Tensor, spec: FusionSpec, ba
     (`fit.select`); all images have the same size, so the mean of `map_mean` is the mean
     over every validation pixel."""
     stats: dict[str, dict[str, list[Tensor]]] = {b: {"score": [], "map_mean": []} for b in BRANCHES}
+    views = MapViews(spec, None, score=MAX_SCORE)
     for start in range(0, len(images), batch_size):
-        maps = six_maps(model, images[start : start + batch_size], compute)
+        scored = views.score_maps(six_maps(model, images[start : start + batch_size], compute), BRANCHES)
         for branch in BRANCHES:
-            view = fuse(maps, spec.view(branch))
-            stats[branch]["score"].append(image_score(view, MAX_SCORE).cpu())
-            stats[branch]["map_mean"].append(view.flatten(1).mean(dim=1).cpu())
+            stats[branch]["score"].append(scored.scores[branch].cpu())
+            stats[branch]["map_mean"].append(scored.maps[branch].flatten(1).mean(dim=1).cpu())
     return {b: {k: torch.cat(v).numpy() for k, v in s.items()} for b, s in stats.items()}
 
 
@@ -408,11 +410,11 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
     for batch in maps:
         accumulator.update(batch)
     stats = accumulator.result()
-    spec, score = FusionSpec.from_params(params.fusion), ScoreSpec.from_params(params.score)
-    scores = {v: torch.cat([image_score(fuse(m, spec.view(v), stats), score) for m in maps]).numpy() for v in VIEWS}
-    if disc is not None:
-        with torch.no_grad():
-            scores[DISC_VIEW] = torch.cat([image_score(disc.module(m), score) for m in maps]).numpy()
+    views = MapViews(FusionSpec.from_params(params.fusion), stats, score=ScoreSpec.from_params(params.score),
+                     disc=disc.module if disc is not None else None)
+    with torch.no_grad():
+        scored = [views.score_maps(m, views.views) for m in maps]
+    scores = {v: torch.cat([s.scores[v] for s in scored]).numpy() for v in views.views}
     rate = params.calibration.false_alarm_rate
     return Calibration(
         image_size=params.image_size,
@@ -425,7 +427,7 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         notes=[note for note in (parts.note if parts is not None else None, calibration_note(len(val_images), rate))
                if note],
         validation_split=parts.to_json() if parts is not None else {},
-        score=score,
+        score=views.score_spec,
         discriminator=disc.summary() if disc is not None else None,
         precision=compute.precision,
     )

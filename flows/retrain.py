@@ -14,8 +14,8 @@ from pathlib import Path
 
 from prefect import flow
 
-from dualstpm.cli import print_pipeline_summary
 from dualstpm.config import load_params
+from dualstpm.tables import print_pipeline_summary
 from flows.pipeline import check_categories, entry_point, run_categories, run_options
 
 

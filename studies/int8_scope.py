@@ -54,7 +54,7 @@ from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
 from dualstpm.export import INT8_SCOPE, INT8_SCOPES, export_run
 from dualstpm.files import write_json, write_text
-from dualstpm.models.inference import InferenceOutput
+from dualstpm.model.inference import InferenceOutput
 from studies.study import Decoded, find_categories, fitted
 
 BACKENDS = {"onnxruntime": "onnx", "openvino": "openvino"}  # backend -> export format

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from dualstpm import metrics
-from dualstpm.models.torch_model import PYRAMID_STRIDES, DualStpmModel, level_maps
+from dualstpm.model.torch_model import PYRAMID_STRIDES, DualStpmModel, level_maps
 
 GUIDES = ("own", "normal")
 

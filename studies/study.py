@@ -69,8 +69,8 @@ from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
 from dualstpm.files import write_json, write_text  # noqa: E402
 from dualstpm.ablation.margin import Contributions, contributions, selection_value  # noqa: E402
 from dualstpm.ablation.reductions import REDUCTIONS  # noqa: E402
-from dualstpm.fusion import BRANCHES, image_score  # noqa: E402
-from dualstpm.maps import MAPS_DIR, TEST_MAPS, MapSet, fused_and_scores  # noqa: E402
+from dualstpm.maps import MAPS_DIR, TEST_MAPS, MapSet  # noqa: E402
+from dualstpm.model.fusion import BRANCHES, image_score  # noqa: E402
 from dualstpm.progress import progress_bar  # noqa: E402
 from dualstpm.training import Trainer, calibrate, data_signature, fit  # noqa: E402
 from studies.leak import leak_test  # noqa: E402
@@ -250,7 +250,8 @@ def score_views(detector: Detector, images: Tensor) -> dict[str, tuple[np.ndarra
     """Every view the inference module computes (`fused`, `stpm`, `recon`, and `disc` when the
     model has it): view -> (image scores (N,) float64, maps (N, S, S) float32)."""
     parts: dict[str, tuple[list, list]] = {}
-    for _, scored in detector.batches(images, detector.batch_size, detector.inference.views):
+    views = tuple(v for v in detector.views if v != "chosen")
+    for _, scored in detector.batches(images, detector.batch_size, views):
         for view, scores in scored.scores.items():
             s, m = parts.setdefault(view, ([], []))
             s.append(scores.float().cpu().numpy().astype(np.float64))
@@ -491,7 +492,7 @@ def run_reduce(args: argparse.Namespace, categories: Sequence[str]) -> tuple[dic
         for view in val_maps:
             if view not in ("fused", *BRANCHES):
                 continue  # a view that is not a fusion of the six stored maps cannot be re-scored from them
-            test_fused, _ = fused_and_scores(test.maps, detector.view_spec(view), detector.map_stats, detector.score_spec)
+            test_fused = detector.inference.views.stack_maps(test.maps, view)
             per_view[view] = {"validation": reduction_aurocs(vset.labels, val_maps[view][1]),
                               "test": reduction_aurocs(test.labels, test_fused)}
         out["datasets"][category] = per_view

@@ -21,7 +21,8 @@ from dualstpm.data import decode_images
 from dualstpm.detector import Detector, read_model_dir, write_chosen_fusion
 from dualstpm.errors import RunError
 from dualstpm.evaluation import test_run
-from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, fuse
+from dualstpm.model.fusion import FusionSpec, MapStats, ScoreSpec, fuse
+from dualstpm.model.inference import MapViews
 from dualstpm.maps import MapSet
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
@@ -106,8 +107,9 @@ def test_weight_zero_ignores_that_branch_in_the_stored_maps(ablated):
     garbage[:, 1] = np.random.default_rng(0).uniform(0, 2, garbage[:, 1].shape).astype(np.float16)
     calibration = read_model_dir(run)[2]
     stats = calibration.map_stats
-    original = SplitScorer(test, stats, calibration.score)
-    changed = SplitScorer(dataclasses.replace(test, maps=garbage), stats, calibration.score)
+    views = MapViews(FusionSpec(), stats, score=calibration.score)
+    original = SplitScorer(test, views)
+    changed = SplitScorer(dataclasses.replace(test, maps=garbage), views)
     for config in build_grid(PARAMS):
         if config.branch_weight == 0.0:
             assert changed.score(config.spec) == original.score(config.spec), config.name
@@ -184,8 +186,8 @@ def test_the_applied_choice_decides_and_test_keeps_params_fusion_as_fused(ablate
     config = next(c for c in build_grid(PARAMS) if c.name == "levels_2_sum+val_stats")
     calibration = read_model_dir(other)[2]
     val = MapSet.load(other / "maps" / "val.npz")
-    write_chosen_fusion(other, chosen_fusion(config, val, calibration.map_stats, calibration.false_alarm_rate,
-                                             {"config": config.name}, calibration.score))
+    views = MapViews(FusionSpec(), calibration.map_stats, score=calibration.score)
+    write_chosen_fusion(other, chosen_fusion(config, val, views, calibration.false_alarm_rate, {"config": config.name}))
     detector = Detector.load(other)
     assert detector.spec == config.spec and detector.threshold != calibration.thresholds["fused"]
     assert detector.decision_view == "chosen" and detector.view_spec("fused") == FusionSpec()

@@ -12,8 +12,8 @@ import torch
 import torch.nn.functional as F
 
 from dualstpm.errors import ConfigError, WeightsError
-from dualstpm.models.backbone import FeaturePyramid, build_student, feature_channels, load_teacher
-from dualstpm.models.weights import (
+from dualstpm.model.backbone import FeaturePyramid, build_student, feature_channels, load_teacher
+from dualstpm.model.weights import (
     PACKAGE_MODELS,
     WEIGHT_SOURCES,
     efficientnet_pytorch_to_timm,

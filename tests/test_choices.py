@@ -175,12 +175,11 @@ def test_metrics_json_reports_the_observed_false_alarm_rate(trained_run: Path, s
 
     test = MapSet.load(run / "maps" / "test.npz")
     from dualstpm.detector import Detector
-    from dualstpm.maps import fused_and_scores
 
     detector = Detector.load(run)
     good = test.labels == 0
     for view in ("fused", "stpm", "recon"):
-        scores = fused_and_scores(test.maps, detector.view_spec(view), detector.map_stats, detector.score_spec)[1]
+        scores = detector.inference.views.stack(test.maps, view)[1]
         flagged = int(np.count_nonzero(scores[good] > detector.thresholds[view]))
         assert result[view]["false_alarms"] == flagged
         assert result[view]["false_alarm_rate"] == flagged / int(good.sum())

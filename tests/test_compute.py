@@ -6,7 +6,7 @@ import torch
 from dualstpm.compute import Compute, native_bfloat16, resolve_precision
 from dualstpm.config import load_params
 from dualstpm.errors import RunError
-from dualstpm.models.loss import distance_map
+from dualstpm.model.loss import distance_map
 
 
 def test_explicit_precision_is_kept_and_auto_follows_the_hardware():

@@ -27,7 +27,7 @@ from dualstpm.data import (
 from dualstpm.detector import DISC_WEIGHTS_FILE, Detector
 from dualstpm.errors import ConfigError, RunError
 from dualstpm.evaluation import evaluate_detector
-from dualstpm.models.discriminator import LOG_EPS, Discriminator, pooled_log
+from dualstpm.model.discriminator import LOG_EPS, Discriminator, pooled_log
 from dualstpm.training import training_signature
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -26,10 +26,10 @@ from dualstpm.backends import ExportedModel, load_scorer
 from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
-from dualstpm.errors import ExportError
+from dualstpm.errors import ExportError, RunError
 from dualstpm.export import METADATA_FILE, export_run
-from dualstpm.models.anomaly_map import ScoreNormalization
-from dualstpm.models.inference import InferenceOutput
+from dualstpm.model.calibration import ScoreNormalization
+from dualstpm.model.inference import InferenceOutput
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SCORE_RTOL, MAP_ATOL = 1e-4, 1e-3
@@ -103,8 +103,7 @@ def test_a_fusion_json_without_its_validation_minimum_is_refused_naming_the_fix(
     `dualstpm ablate`; a fusion.json without it (missing, or null as earlier versions wrote)
     is refused, and left as it was."""
     from dualstpm.detector import ChosenFusion, write_chosen_fusion
-    from dualstpm.errors import RunError
-    from dualstpm.fusion import FusionSpec
+    from dualstpm.model.fusion import FusionSpec
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("exports"))
@@ -220,7 +219,7 @@ def test_a_model_trained_in_bfloat16_decides_alike_in_pytorch_and_its_float32_ex
     threshold is the float32 validation scores' and torch and ONNX decide alike."""
     from dualstpm.config import load_params
     from dualstpm.data import split_train_val, validation_parts
-    from dualstpm.fusion import calibrate_threshold
+    from dualstpm.model.calibration import calibrate_threshold
     from dualstpm.training import fit
 
     params = load_params(None, [*TINY_OVERRIDES, "fit.epochs=1", "fit.precision=bfloat16"])

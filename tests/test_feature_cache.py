@@ -8,7 +8,7 @@ import torch
 from dualstpm.compute import Compute
 from dualstpm.config import load_params
 from dualstpm.feature_cache import TeacherFeatureCache
-from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.detector import build_network
 from dualstpm.training import fit
 
 from conftest import TINY_OVERRIDES
@@ -17,7 +17,7 @@ from conftest import TINY_OVERRIDES
 @pytest.mark.parametrize("budget_gb, location", [(4.0, "ram"), (0.0, "disk")])
 def test_cached_features_equal_fresh_ones_to_float16(budget_gb, location, tmp_path: Path):
     torch.manual_seed(0)
-    model = DualStpmModel.build(load_params(None, TINY_OVERRIDES).model)
+    model = build_network(load_params(None, TINY_OVERRIDES).model)
     images = torch.rand(5, 3, 64, 64)
     cpu = Compute(torch.device("cpu"), torch.float32)
     cache = TeacherFeatureCache.build(model, images, 2, cpu, budget_gb * 2**30, tmp_path)
@@ -35,7 +35,7 @@ def test_cached_features_equal_fresh_ones_to_float16(budget_gb, location, tmp_pa
 @pytest.mark.parametrize("budget_gb", [4.0, 0.0])
 def test_bfloat16_teacher_outputs_are_cached_exactly(budget_gb, tmp_path: Path):
     torch.manual_seed(0)
-    model = DualStpmModel.build(load_params(None, TINY_OVERRIDES).model)
+    model = build_network(load_params(None, TINY_OVERRIDES).model)
     images = torch.rand(4, 3, 64, 64)
     low = Compute(torch.device("cpu"), torch.bfloat16)
     cache = TeacherFeatureCache.build(model, images, 3, low, budget_gb * 2**30, tmp_path)

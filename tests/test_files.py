@@ -103,7 +103,7 @@ def test_a_saved_model_directory_is_readable_per_the_umask(tmp_path, umask_022):
 
     from dualstpm.config import load_params
     from dualstpm.detector import Calibration, save_detector
-    from dualstpm.fusion import MapStats, ScoreSpec
+    from dualstpm.model.fusion import MapStats, ScoreSpec
 
     calibration = Calibration(image_size=64, map_stats=MapStats(torch.zeros(2, 3), torch.ones(2, 3)),
                               thresholds={"fused": 1.0, "stpm": 1.0, "recon": 1.0}, val_score_summary={},

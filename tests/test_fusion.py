@@ -4,17 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from dualstpm.fusion import (
-    FusionSpec,
+from dualstpm.model.calibration import (
     MapStatsAccumulator,
     allowed_false_alarms,
     calibrate_threshold,
     calibration_images_needed,
     calibration_note,
     false_alarm_bound,
-    fuse,
-    gaussian_blur,
 )
+from dualstpm.model.fusion import FusionSpec, fuse, gaussian_blur
 
 
 def six_maps(seed: int = 0, batch: int = 2, size: int = 5) -> torch.Tensor:
@@ -114,3 +112,28 @@ def test_new_good_parts_are_flagged_at_the_promised_rate():
     ordered = np.sort(calibration, axis=1)
     old_rule = np.mean(new > ordered[:, n - 1 - int(np.floor(rate * n))])
     assert abs(old_rule - 3 / 50) < 0.004 and old_rule > rate
+
+
+def test_named_views_fused_is_the_params_fusion_and_chosen_the_applied_one():
+    """Six constant maps at 1..6 (branch A: 1, 2, 3; branch B: 4, 5, 6), by hand: `fused`
+    (the params' product) = (1+4)(2+5)(3+6) = 315 whatever fusion was chosen; `chosen` (sum)
+    = 21; `stpm` = 1*2*3 = 6; `recon` = 4*5*6 = 120; a stored float16 stack scores alike."""
+    from dualstpm.model.fusion import MapStats, ScoreSpec
+    from dualstpm.model.inference import CHOSEN_VIEW, MapViews
+
+    levels = torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]])
+    views = MapViews(FusionSpec(), MapStats(levels, torch.ones(2, 3)), score=ScoreSpec(),
+                     chosen=FusionSpec(mode="sum"))
+    assert views.views == ("fused", "stpm", "recon", CHOSEN_VIEW)
+    maps = levels[None, :, :, None, None].expand(2, 2, 3, 4, 4).contiguous()
+    scored = views.score_maps(maps, views.views)
+    expected = {"fused": 315.0, "stpm": 6.0, "recon": 120.0, CHOSEN_VIEW: 21.0}
+    for view, value in expected.items():
+        assert torch.equal(scored.maps[view], torch.full((2, 4, 4), value)), view
+        assert scored.scores[view].tolist() == [value, value]
+        stack_maps, stack_scores = views.stack(maps.numpy().astype(np.float16), view)
+        assert stack_maps.shape == (2, 4, 4) and stack_scores.tolist() == [value, value]
+    assert views.stack(maps.numpy(), FusionSpec(mode="sum", weights=((1.0, 1.0, 1.0), (0.0, 0.0, 0.0))))[1].tolist() == [6.0, 6.0]
+    assert views.typical_level("fused") == 315.0 and views.typical_level(CHOSEN_VIEW) == 21.0
+    with pytest.raises(ValueError, match="no view 'disc'"):
+        views.view_maps(maps, ("disc",))

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from dualstpm.config import ModelParams
-from dualstpm.models.loss import distance_map, distance_map_chunked, pyramid_loss
-from dualstpm.models.recon import ReconstructionStudent
-from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.model.loss import distance_map, distance_map_chunked, pyramid_loss
+from dualstpm.model.recon import ReconstructionStudent
+from dualstpm.detector import build_network
 
 
 def params(t1: str, t2: str, weights: str = "random", attention: str = "spatial") -> ModelParams:
@@ -39,7 +39,7 @@ def test_chunked_distance_equals_the_whole_batch(elements):
 ])
 def test_six_maps_at_input_size_and_decoder_matches_t2(t1, t2, channels):
     torch.manual_seed(0)
-    model = DualStpmModel.build(params(t1, t2))
+    model = build_network(params(t1, t2))
     images = torch.rand(2, 3, 64, 64)
     model.train()
     pairs = model(images)
@@ -55,7 +55,7 @@ def test_six_maps_at_input_size_and_decoder_matches_t2(t1, t2, channels):
 
 def test_only_students_learn():
     torch.manual_seed(0)
-    model = DualStpmModel.build(params("tf_efficientnet_lite0", "tf_efficientnet_lite2"))
+    model = build_network(params("tf_efficientnet_lite0", "tf_efficientnet_lite2"))
     model.train()
     loss_a, loss_b = model(torch.rand(2, 3, 64, 64)).losses()
     (loss_a + loss_b).backward()
@@ -68,7 +68,7 @@ def test_only_students_learn():
 
 def test_branch_losses_reach_only_their_own_student():
     torch.manual_seed(0)
-    model = DualStpmModel.build(params("tf_efficientnet_lite0", "tf_efficientnet_lite2"))
+    model = build_network(params("tf_efficientnet_lite0", "tf_efficientnet_lite2"))
     model.train()
     loss_a, _ = model(torch.rand(2, 3, 64, 64)).losses()
     loss_a.backward()
@@ -79,7 +79,7 @@ def test_training_losses_of_some_branches_run_only_the_networks_they_need():
     """`losses` is what `Trainer.train_epoch` (and so `dualstpm bench`) trains on: the same
     values as the pyramids' losses; branch A alone runs neither T2 nor S2."""
     torch.manual_seed(0)
-    model = DualStpmModel.build(params("tf_efficientnet_lite0", "tf_efficientnet_lite2"))
+    model = build_network(params("tf_efficientnet_lite0", "tf_efficientnet_lite2"))
     model.train()
     images = torch.rand(2, 3, 64, 64)
     both = model.losses(images)

@@ -13,10 +13,16 @@ import torch
 from PIL import Image
 
 from dualstpm.errors import DataError, RunError
-from dualstpm.fusion import FusionSpec, MapStats
+from dualstpm.model.fusion import FusionSpec, MapStats, ScoreSpec
+from dualstpm.model.inference import MapViews
 from dualstpm.overlays import LABEL_COLOURS, OverlayScale, draw_overlay, overlay_grid
 
 STATS = MapStats(torch.tensor([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]), torch.ones(2, 3))
+
+
+def scale_of(spec: FusionSpec, threshold: float) -> OverlayScale:
+    """The overlay scale of a model fusing with `spec` (its `fused` view) on STATS."""
+    return OverlayScale.of_level(MapViews(spec, STATS, score=ScoreSpec()).typical_level("fused"), threshold)
 
 
 def _band_height(width: int, scale: OverlayScale, title: str | None = None) -> int:
@@ -27,20 +33,20 @@ def _band_height(width: int, scale: OverlayScale, title: str | None = None) -> i
 
 def test_scale_starts_at_the_fused_level_of_a_typical_good_pixel():
     # six maps at their validation means 1..6; product: (1+4)(2+5)(3+6) = 315; sum: 21
-    product = OverlayScale.of_model(FusionSpec(sigma=2.0), STATS, threshold=400.0)
+    product = scale_of(FusionSpec(sigma=2.0), threshold=400.0)
     assert product.low == pytest.approx(315.0)
     assert product.high == pytest.approx(400.0 + 85.0 / 2)
-    assert OverlayScale.of_model(FusionSpec(mode="sum"), STATS, 30.0).low == pytest.approx(21.0)
+    assert scale_of(FusionSpec(mode="sum"), 30.0).low == pytest.approx(21.0)
     # normalised by the means, a typical pixel is 1 per map: product of (1 + 1) over 3 levels = 8
-    assert OverlayScale.of_model(FusionSpec(normalize="val_stats"), STATS, 30.0).low == pytest.approx(8.0)
+    assert scale_of(FusionSpec(normalize="val_stats"), 30.0).low == pytest.approx(8.0)
     # branch A alone at level weights 1, 0, 2: levels 1 and 3 used, 1 * (2 * 3) = 6
     spec = FusionSpec(weights=((1.0, 0.0, 2.0), (0.0, 0.0, 0.0)))
-    assert OverlayScale.of_model(spec, STATS, 30.0).low == pytest.approx(6.0)
+    assert scale_of(spec, 30.0).low == pytest.approx(6.0)
 
 
 def test_a_model_threshold_at_or_below_the_typical_level_is_refused():
     with pytest.raises(RunError, match=r"the model's threshold 315 is not above .* \(315\)"):
-        OverlayScale.of_model(FusionSpec(), STATS, threshold=315.0)
+        scale_of(FusionSpec(), threshold=315.0)
 
 
 def test_a_chosen_decision_threshold_moves_the_mark_not_the_colours():
@@ -165,9 +171,28 @@ def test_a_reviewed_output_folder_is_refused_before_anything_is_scored(trained_r
     assert log.read_text() == '{"verdict": "good"}\n'
 
 
+def test_the_test_draws_its_overlays_from_the_maps_it_computed(trained_run: Path, synthetic_root: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch):
+    """The networks run once per test image: the overlays are drawn from those six maps."""
+    from dualstpm.detector import Detector
+    from dualstpm.evaluation import test_run
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("exports", "plots", "maps"))
+    calls = []
+    six_maps = Detector.six_maps
+    monkeypatch.setattr(Detector, "six_maps", lambda self, images: calls.append(len(images)) or six_maps(self, images))
+    monkeypatch.setattr(Detector, "infer", lambda self, images: pytest.fail("the networks ran again for the overlays"))
+    test_run(run, synthetic_root, "synth_texture")
+    n_test = len(list((synthetic_root / "synth_texture" / "test").rglob("*.png")))
+    n_val = len(np.load(run / "maps" / "val.npz")["labels"])
+    assert sum(calls) == n_test + n_val  # each test and validation image once
+    assert (run / "plots" / "overlays.png").is_file() and len(list((run / "plots" / "overlays").glob("*.png"))) > 0
+
+
 def test_the_scale_and_heading_follow_an_applied_chosen_fusion(trained_run: Path):
-    from dualstpm.detector import ChosenFusion, Detector
-    from dualstpm.overlays import detector_heading, fusion_label, overlay_scale
+    from dualstpm.detector import ChosenFusion, Detector, fusion_label
+    from dualstpm.overlays import detector_heading, overlay_scale
 
     trained = Detector.load(trained_run)
     mean = trained.calibration.map_stats.mean

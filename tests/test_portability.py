@@ -25,7 +25,8 @@ from dualstpm.data import decode_images
 from dualstpm.detector import Detector
 from dualstpm.errors import ConfigError, TrainingError
 from dualstpm.evaluation import test_run
-from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, fuse, gaussian_blur
+from dualstpm.model.fusion import FusionSpec, MapStats, ScoreSpec, fuse, gaussian_blur
+from dualstpm.model.inference import MapViews
 from dualstpm.maps import MapSet
 from dualstpm.registry import MODEL_CODE
 from dualstpm.training import Trainer
@@ -91,7 +92,8 @@ def test_the_ablation_leaves_torch_threads_to_the_threads_that_come_after() -> N
     stored = MapSet(rng.random((4, 2, 3, 8, 8)).astype(np.float16), np.array([0, 0, 1, 1], np.int8),
                     np.array(["good", "good", "a", "a"]), np.array(["w", "x", "y", "z"]), rng.random((4, 8, 8)) < 0.3,
                     {"split": "test"})
-    splits = {"test": SplitScorer(stored, MapStats(torch.ones(2, 3), torch.ones(2, 3)), ScoreSpec())}
+    splits = {"test": SplitScorer(stored, MapViews(FusionSpec(), MapStats(torch.ones(2, 3), torch.ones(2, 3)),
+                                                   score=ScoreSpec()))}
     original = torch.get_num_threads()
     torch.set_num_threads(2)  # a count that 1 differs from, whatever this machine has
     try:

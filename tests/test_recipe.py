@@ -13,8 +13,9 @@ import torch
 from dualstpm.compute import Compute
 from dualstpm.config import ModelParams, load_params
 from dualstpm.errors import ConfigError
-from dualstpm.models.recon import ReconstructionStudent, SpatialAttentionGate, decoder_width
-from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.detector import build_network
+from dualstpm.model.recon import ReconstructionStudent, SpatialAttentionGate, decoder_width
+from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.training import Trainer
 
 LITE = ("tf_efficientnet_lite0", "tf_efficientnet_lite2")
@@ -30,7 +31,7 @@ def model_params(**extra: str) -> ModelParams:
 
 def tiny_model(**extra: str) -> DualStpmModel:
     torch.manual_seed(0)
-    return DualStpmModel.build(model_params(**extra))
+    return build_network(model_params(**extra))
 
 
 # --- params ----------------------------------------------------------------------------------

@@ -454,7 +454,7 @@ def test_version_metrics_describe_the_view_the_model_decides_with(tmp_path: Path
     (a test before it). Evidence of another view or threshold is refused."""
     from dualstpm.detector import ChosenFusion
     from dualstpm.errors import RunError
-    from dualstpm.fusion import FusionSpec
+    from dualstpm.model.fusion import FusionSpec
     from dualstpm.registry import _decision_evidence
 
     tested = {"fused": {"image_auroc": 0.9, "threshold": 1.5}, "chosen_fusion": None}

@@ -20,9 +20,10 @@ from dualstpm.data import (
     split_train_val,
     validation_parts,
 )
-from dualstpm.detector import Detector
+from dualstpm.detector import Detector, read_score_spec
 from dualstpm.errors import ConfigError
-from dualstpm.fusion import ScoreSpec, calibrate_threshold, image_score, topk_count
+from dualstpm.model.calibration import calibrate_threshold
+from dualstpm.model.fusion import ScoreSpec, image_score, topk_count
 
 TOPK = ScoreSpec("topk_mean", topk=0.01)
 
@@ -70,9 +71,9 @@ def test_score_spec_records_only_what_its_reduction_uses():
     assert ScoreSpec("max").to_json() == {"reduce": "max"}
     assert TOPK.to_json() == {"reduce": "topk_mean", "topk": 0.01} and TOPK.label == "topk_mean(topk=0.01)"
     assert ScoreSpec("smoothed_max", sigma=2).label == "smoothed_max(sigma=2)"
-    assert ScoreSpec.from_json(TOPK.to_json()) == TOPK
+    assert read_score_spec(TOPK.to_json()) == TOPK
     with pytest.raises(ValueError, match="topk"):
-        ScoreSpec.from_json({"reduce": "topk_mean", "topk": 0})
+        read_score_spec({"reduce": "topk_mean", "topk": 0})
 
 
 # --- params ---------------------------------------------------------------------------------

@@ -14,8 +14,9 @@ from matplotlib.figure import Figure
 from dualstpm.data import decode_images
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file
-from dualstpm.fusion import FusionSpec, MapStats
-from dualstpm.maps import MapSet, fuse_stack
+from dualstpm.maps import MapSet
+from dualstpm.model.fusion import FusionSpec
+from dualstpm.model.inference import MapViews
 
 HEATMAP_FILE = "branch_weight_heatmap.png"
 PANEL_FILE = "six_map_panel.png"
@@ -72,7 +73,7 @@ def panel_indices(test: MapSet, count: int) -> list[int]:
     return chosen[:count]
 
 
-def write_panel(test: MapSet, stats: MapStats, fused_specs: dict[str, FusionSpec], count: int, path: Path,
+def write_panel(test: MapSet, views: MapViews, fused_specs: dict[str, FusionSpec], count: int, path: Path,
                 max_pixels: int) -> Path | None:
     """Rows: test images. Columns: image, ground truth, the six maps, then each fused map.
 
@@ -90,7 +91,7 @@ def write_panel(test: MapSet, stats: MapStats, fused_specs: dict[str, FusionSpec
                         "--set ablation.panel_images=0") from None
     subset = test.maps[indices]
     columns = [subset[:, b, level].astype(np.float32) for b in range(2) for level in range(3)]
-    columns += [fuse_stack(subset, spec, stats) for spec in fused_specs.values()]
+    columns += [views.stack_maps(subset, spec) for spec in fused_specs.values()]
     titles = [*MAP_TITLES, *fused_specs]
     scales = [(float(c.min()), max(float(np.percentile(c, 99.5)), float(c.min()) + 1e-12)) for c in columns]
     n_cols = 2 + len(columns)

@@ -1,7 +1,7 @@
 """The configurations of the fusion-weight ablation, built from `params.ablation`.
 
 Every configuration is a `FusionSpec`, so re-scoring uses the one fusion of
-`dualstpm.fusion` and the configuration chosen can be handed to the detector as is.
+`dualstpm.model.fusion` and the configuration chosen can be handed to the detector as is.
 The grid, for each normalisation in `ablation.normalizations`:
 
 - named: `published` (per level add, across levels multiply, all weights 1),
@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dualstpm.config import AblationParams, FusionMode
-from dualstpm.fusion import FusionSpec
+from dualstpm.model.fusion import FusionSpec
 
 ONES = (1.0, 1.0, 1.0)
 ZEROS = (0.0, 0.0, 0.0)

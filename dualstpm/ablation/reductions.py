@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import pandas as pd
 
 from dualstpm.ablation.rescore import SplitScorer
-from dualstpm.fusion import FusionSpec, ScoreSpec
+from dualstpm.model.fusion import FusionSpec, ScoreSpec
 
 REDUCTIONS_FILE = "score_reductions.csv"
 REDUCTIONS: tuple[ScoreSpec, ...] = (

@@ -1,8 +1,8 @@
 """Re-scoring stored maps under every configuration: array arithmetic, no network.
 
 Per configuration and split: one vectorised fusion of the whole (N, 2, 3, S, S) stack
-(`maps.fuse_stack`, i.e. `fusion.fuse`), image scores by the model's calibrated reduction
-(`fusion.image_score`; the score-reduction table varies it instead), and the metrics of
+(`MapViews.stack` of the inference module, i.e. `fusion.fuse`), image scores by the model's
+calibrated reduction (`fusion.image_score`; the score-reduction table varies it instead), and the metrics of
 `dualstpm.metrics`. The ground truth is prepared once per split (`metrics.PixelTruth`:
 connected regions labelled once, not per configuration or threshold), and a
 configuration whose `FusionSpec` equals an earlier one is not scored twice.
@@ -25,21 +25,22 @@ import pandas as pd
 
 from dualstpm import metrics
 from dualstpm.ablation.grid import Config
-from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec
-from dualstpm.maps import MapSet, fuse_stack, fused_and_scores, stack_scores
+from dualstpm.maps import MapSet
+from dualstpm.model.fusion import FusionSpec, ScoreSpec
+from dualstpm.model.inference import MapViews, stack_scores
 from dualstpm.progress import stage
 
 Metrics = dict[str, float | None]
 
 
 class SplitScorer:
-    """Scores one split's stored maps under any fusion, with the masks prepared once;
-    image scores by `score` (the model's reduction: `Calibration.score`)."""
+    """Scores one split's stored maps under any fusion, with the masks prepared once, through
+    the model's `views` (its validation statistics; image scores by its reduction,
+    `Calibration.score`)."""
 
-    def __init__(self, stored: MapSet, stats: MapStats, score: ScoreSpec) -> None:
+    def __init__(self, stored: MapSet, views: MapViews) -> None:
         self.stored = stored
-        self.stats = stats
-        self.score_spec = score
+        self.views = views
         self.labels = stored.labels.astype(bool)
         self.truth = metrics.PixelTruth(stored.masks) if stored.masks is not None else None
         if self.truth is not None:
@@ -48,7 +49,7 @@ class SplitScorer:
 
     def score(self, spec: FusionSpec) -> Metrics:
         if spec not in self._memo:
-            fused, scores = fused_and_scores(self.stored.maps, spec, self.stats, self.score_spec)
+            fused, scores = self.views.stack(self.stored.maps, spec)
             pixel, pro = metrics.pixel_metrics(self.truth, fused) if self.truth is not None else (None, None)
             image = self.image_metrics(scores)
             self._memo[spec] = {"image_auroc": image["image_auroc"], "pixel_auroc": pixel, "aupro": pro,
@@ -63,7 +64,7 @@ class SplitScorer:
     def reductions(self, spec: FusionSpec, scores: Sequence[ScoreSpec]) -> list[Metrics]:
         """Image metrics of `spec`'s fused maps under each reduction in `scores` (fused once;
         pixel metrics do not depend on the reduction, so they are not computed)."""
-        fused = fuse_stack(self.stored.maps, spec, self.stats)
+        fused = self.views.stack_maps(self.stored.maps, spec)
         return [self.image_metrics(stack_scores(fused, score)) for score in scores]
 
 

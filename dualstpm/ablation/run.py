@@ -65,8 +65,10 @@ from dualstpm.data import validation_parts
 from dualstpm.detector import CHOSEN_VIEW, ChosenFusion, Detector, decision_view, read_model_dir, write_chosen_fusion
 from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
-from dualstpm.fusion import FusionSpec, MapStats, ScoreSpec, calibrate_threshold
-from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet, fused_and_scores
+from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet
+from dualstpm.model.calibration import calibrate_threshold
+from dualstpm.model.fusion import FusionSpec
+from dualstpm.model.inference import MapViews
 from dualstpm.progress import stage
 
 ABLATION_DIR = "ablation"
@@ -112,11 +114,11 @@ def _summary(table: pd.DataFrame, configs: list[Config], picks: dict[str, int], 
     }
 
 
-def chosen_fusion(config: Config, val: MapSet, stats: MapStats, false_alarm_rate: float, source: dict,
-                  score: ScoreSpec) -> ChosenFusion:
+def chosen_fusion(config: Config, val: MapSet, views: MapViews, false_alarm_rate: float,
+                  source: dict) -> ChosenFusion:
     """The chosen fusion with its threshold recalibrated on the validation maps, in the units
-    of the model's image-score reduction `score` (`Calibration.score`)."""
-    scores = fused_and_scores(val.maps, config.spec, stats, score)[1]
+    of the model's image-score reduction (`views.score_spec`, `Calibration.score`)."""
+    scores = views.stack(val.maps, config.spec)[1]
     return ChosenFusion(config.spec, calibrate_threshold(scores, false_alarm_rate), source, float(scores.min()))
 
 
@@ -158,14 +160,14 @@ def with_default(configs: list[Config], default: FusionSpec) -> tuple[list[Confi
     return [Config(DEFAULT_NAME, "default", default), *configs], 0
 
 
-def adoption_margin(selection: MapSet, stats: MapStats, default: FusionSpec, candidate: FusionSpec,
-                    params: AblationParams, score: ScoreSpec) -> Margin:
+def adoption_margin(selection: MapSet, views: MapViews, default: FusionSpec, candidate: FusionSpec,
+                    params: AblationParams) -> Margin:
     """`margin.bootstrap_margin` of `candidate` over `default` on the selection set, resampled
-    by source image, image scores reduced with `score` (the model's). The same fusion on both sides gives a difference of exactly 0 (kept)."""
+    by source image, scored by the model's `views` (its statistics and reduction). The same fusion on both sides gives a difference of exactly 0 (kept)."""
     units, n_units = source_units(selection)
 
     def contributed(spec: FusionSpec):
-        fused, scores = fused_and_scores(selection.maps, spec, stats, score)
+        fused, scores = views.stack(selection.maps, spec)
         return contributions(scores, selection.labels, units, n_units, fused, selection.masks)
 
     base = contributed(default)
@@ -175,12 +177,13 @@ def adoption_margin(selection: MapSet, stats: MapStats, default: FusionSpec, can
 
 
 def write_decision_overlays(run_dir: Path, test: MapSet) -> Path:
-    """Redraw the test overlays with the fusion the model now decides with (`RUN/ablation/overlays*`);
-    the telling images are chosen by that fusion's scores of the stored maps. Returns the grid."""
+    """Redraw the test overlays in the view the model now decides with (`RUN/ablation/overlays*`),
+    from the stored maps: the telling images are chosen by that view's scores of them, as at
+    test time. Returns the grid."""
     detector = Detector.load(run_dir)
-    _, scores = fused_and_scores(test.maps, detector.spec, detector.calibration.map_stats, detector.score_spec)
+    _, scores = detector.inference.views.stack(test.maps, detector.decision_view)
     names = [overlay_name(kind, Path(path)) for kind, path in zip(test.defect_types, test.paths, strict=True)]
-    return write_overlays(run_dir / ABLATION_DIR, detector, str(test.meta["category"]),
+    return write_overlays(run_dir / ABLATION_DIR, detector, str(test.meta["category"]), test.maps,
                           [Path(p) for p in test.paths], test.labels.astype(bool), scores, names, test.masks)
 
 
@@ -211,22 +214,23 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     synthetic = synthetic_maps(run_dir, val, params)
     lap("synthetic_maps_s")
 
-    stats, sigma = calibration.map_stats, model_params.fusion.sigma
+    sigma = model_params.fusion.sigma
     parts = validation_parts(len(val), model_params.calibration.split, model_params.seed)
     selection = selection_set(*selection_part(val, synthetic, parts.selection))
     default_spec = FusionSpec.from_params(model_params.fusion)
+    views = MapViews(default_spec, calibration.map_stats, score=calibration.score)  # no network: stored maps only
     configs, default = with_default(build_grid(params, sigma), default_spec)
-    splits = {"test": SplitScorer(test, stats, calibration.score), "val": SplitScorer(selection, stats, calibration.score)}
+    splits = {"test": SplitScorer(test, views), "val": SplitScorer(selection, views)}
     table = score_grid(configs, splits, params.workers)
     candidate, oracle = rank(table, params.select_metric)
     lap("grid_s")
     with stage(f"bootstrapping the adoption margin ({params.bootstrap} resamples)"):
-        margin = adoption_margin(selection, stats, default_spec, configs[candidate].spec, params, calibration.score)
+        margin = adoption_margin(selection, views, default_spec, configs[candidate].spec, params)
     final = candidate if margin.adopted else default
     table["chosen"] = np.arange(len(table)) == final
     lap("margin_s")
     with stage("scoring image-score reductions"):
-        reductions = reduction_table(FusionSpec.from_params(model_params.fusion), splits,
+        reductions = reduction_table(default_spec, splits,
                                      table_reductions(model_params.image_size, calibration.score), calibration.score)
     lap("score_reductions_s")
 
@@ -238,15 +242,15 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     write_heatmap(table, out_dir / HEATMAP_FILE, category)
     if params.panel_images:
         fused = {"published": FusionSpec(sigma=sigma), f"chosen:\n{configs[final].name}": configs[final].spec}
-        write_panel(test, stats, fused, params.panel_images, out_dir / PANEL_FILE, model_params.data.max_image_pixels)
+        write_panel(test, views, fused, params.panel_images, out_dir / PANEL_FILE, model_params.data.max_image_pixels)
     lap("figures_s")
 
     source = {"config": configs[final].name, "select_metric": params.select_metric,
               "selection_score": float(table["selection_score"].iloc[final]), "chosen_by": SELECTION_NOTE,
               "candidate": configs[candidate].name, "margin": margin.describe(), "weights_sha256": fingerprint}
     applied = params.apply and margin.adopted and final != default
-    choice = chosen_fusion(configs[final], subset(val, parts.calibration), stats, calibration.false_alarm_rate,
-                           source, calibration.score) if applied else None
+    choice = chosen_fusion(configs[final], subset(val, parts.calibration), views, calibration.false_alarm_rate,
+                           source) if applied else None
     fusion_file = write_chosen_fusion(run_dir, choice, source)
     with stage("redrawing the overlays in the fusion the model decides with"):
         write_decision_overlays(run_dir, test)

@@ -34,6 +34,13 @@ def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
     return resized[0].contiguous()
 
 
+def resize_map(anomaly_map: torch.Tensor | np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (h, w) anomaly map at the model's input size -> (H, W) float32 at an image's own
+    `size` = (H, W), bilinear: how predict and the overlays show a map on its image."""
+    tensor = torch.as_tensor(anomaly_map)[None, None].float()
+    return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
+
+
 def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     """HxW bool -> SxS bool: a pixel is defect when any source pixel of its footprint is.
 

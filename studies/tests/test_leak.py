@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from dualstpm.config import ModelParams
-from dualstpm.models.torch_model import DualStpmModel
+from dualstpm.detector import build_network
+from dualstpm.model.torch_model import DualStpmModel
 from studies.leak import leak_test, recon_maps_with_guides
 
 pytestmark = pytest.mark.filterwarnings("ignore:teacher .* has RANDOM weights")
@@ -19,7 +20,7 @@ def tiny_model(**extra: str) -> DualStpmModel:
     torch.manual_seed(0)
     teachers = {"t1": {"name": "tf_efficientnet_lite0", "weights": "random"},
                 "t2": {"name": "tf_efficientnet_lite2", "weights": "random"}}
-    return DualStpmModel.build(ModelParams.model_validate({**teachers, **extra}))
+    return build_network(ModelParams.model_validate({**teachers, **extra}))
 
 
 @pytest.fixture(scope="module")

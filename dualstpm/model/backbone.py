@@ -22,7 +22,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch import Tensor, nn
 
 from dualstpm.errors import ConfigError, WeightsError
-from dualstpm.models.weights import check_state_dict, create_timm_model, pretrained_state_dict, warn_random
+from dualstpm.model.weights import check_state_dict, create_timm_model, pretrained_state_dict, warn_random
 
 __all__ = ["FeaturePyramid", "PyramidSpec", "build_student", "feature_channels", "load_teacher", "pyramid_spec"]
 

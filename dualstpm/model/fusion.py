@@ -1,4 +1,4 @@
-"""Six maps, one answer (METHOD.md §4): normalisation, fusion, smoothing, image score, calibration.
+"""Six maps, one answer (METHOD.md §4): normalisation, fusion, smoothing, image score.
 
 Pure tensor functions so that the model, the evaluation and the fusion-weight ablation
 re-score maps the same way. Maps arrive as a tensor of shape (B, 2, 3, H, W): branch
@@ -11,12 +11,9 @@ import math
 from dataclasses import dataclass, replace
 from typing import Literal
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-from dualstpm.config import FusionMode, FusionParams, ScoreParams, ScoreReduce
 
 BRANCHES = ("stpm", "recon")
 VIEWS = ("fused", "stpm", "recon")
@@ -28,13 +25,15 @@ DISC_VIEW = "disc"
 class FusionSpec:
     """How six maps become one: the `fusion.*` params plus the validation statistics."""
 
-    mode: FusionMode = "product"
+    mode: str = "product"  # product | sum | product_all (`config.FusionMode`, validated there): see `fuse`
     weights: tuple[tuple[float, ...], ...] = ((1.0, 1.0, 1.0), (1.0, 1.0, 1.0))
     normalize: Literal["none", "val_stats"] = "none"
     sigma: float = 0.0
 
     @classmethod
-    def from_params(cls, params: FusionParams) -> FusionSpec:
+    def from_params(cls, params) -> FusionSpec:
+        """From `params.fusion` (a `dualstpm.config.FusionParams`, validated there), or anything
+        with its `mode`, `weights` (2x3), `normalize` and `sigma`."""
         return cls(params.mode, tuple(tuple(row) for row in params.weights), params.normalize, params.sigma)
 
     def view(self, name: str) -> FusionSpec:
@@ -61,26 +60,6 @@ class MapStats:
     @classmethod
     def from_json(cls, data: dict[str, list[list[float]]]) -> MapStats:
         return cls(torch.tensor(data["mean"], dtype=torch.float32), torch.tensor(data["std"], dtype=torch.float32))
-
-
-class MapStatsAccumulator:
-    """Streams batches of six maps and yields their per-map mean/std in float64."""
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.total = torch.zeros(2, 3, dtype=torch.float64)
-        self.total_sq = torch.zeros(2, 3, dtype=torch.float64)
-
-    def update(self, maps: Tensor) -> None:
-        flat = maps.detach().to(torch.float64).permute(1, 2, 0, 3, 4).reshape(2, 3, -1)
-        self.count += flat.shape[-1]
-        self.total += flat.sum(-1)
-        self.total_sq += (flat**2).sum(-1)
-
-    def result(self) -> MapStats:
-        mean = self.total / max(self.count, 1)
-        var = (self.total_sq / max(self.count, 1) - mean**2).clamp_min(0)
-        return MapStats(mean.float(), var.sqrt().float().clamp_min(1e-12))
 
 
 def normalize_maps(maps: Tensor, spec: FusionSpec, stats: MapStats | None) -> Tensor:
@@ -146,23 +125,20 @@ def fuse(maps: Tensor, spec: FusionSpec, stats: MapStats | None = None) -> Tenso
 class ScoreSpec:
     """How a fused map becomes an image score: the `score.*` params (see :func:`image_score`)."""
 
-    reduce: ScoreReduce = "max"
+    reduce: str = "max"  # max | topk_mean | smoothed_max (`config.ScoreReduce`): see `image_score`
     topk: float = 0.01
     sigma: float = 4.0
 
     @classmethod
-    def from_params(cls, params: ScoreParams) -> ScoreSpec:
+    def from_params(cls, params) -> ScoreSpec:
+        """From `params.score` (a `dualstpm.config.ScoreParams`, validated there; a stored record
+        is validated by reading it into one first), or anything with `reduce`, `topk`, `sigma`."""
         return cls(params.reduce, params.topk, params.sigma)
 
     def to_json(self) -> dict[str, str | float]:
         """Only what the reduction uses, e.g. {"reduce": "topk_mean", "topk": 0.01}."""
         used = {"max": {}, "topk_mean": {"topk": self.topk}, "smoothed_max": {"sigma": self.sigma}}[self.reduce]
         return {"reduce": self.reduce, **used}
-
-    @classmethod
-    def from_json(cls, data: dict) -> ScoreSpec:
-        """Read `to_json`'s record, validated like `params.score` (pydantic's ValidationError, a ValueError, on bad values)."""
-        return cls.from_params(ScoreParams(**data))
 
     @property
     def label(self) -> str:
@@ -198,56 +174,3 @@ def image_score(fused: Tensor, spec: ScoreSpec) -> Tensor:
         k = topk_count(int(fused.shape[-2]) * int(fused.shape[-1]), spec.topk)
         return flat.topk(k, dim=1, sorted=False).values.mean(dim=1)
     return flat.amax(dim=1)
-
-
-def allowed_false_alarms(n_images: int, false_alarm_rate: float) -> int:
-    """k: how many of n good calibration scores may lie above the threshold so that a new
-    good part is flagged with probability at most `false_alarm_rate`; -1 when no k can.
-
-    Split conformal calibration (Vovk, Gammerman, Shafer, "Algorithmic Learning in a Random
-    World", 2005; Angelopoulos & Bates, "A Gentle Introduction to Conformal Prediction",
-    arXiv 2107.07511, §1): for n + 1 exchangeable good scores without ties, the new one
-    exceeds the (k+1)-th largest of the other n with probability exactly (k+1)/(n+1). The
-    largest k with (k+1)/(n+1) <= rate is floor(rate * (n+1)) - 1.
-    """
-    return math.floor(false_alarm_rate * (n_images + 1) + 1e-9) - 1  # 1e-9: 0.05 * 20 is 1, not 0.999...
-
-
-def false_alarm_bound(n_images: int, false_alarm_rate: float) -> float:
-    """The probability that a new good part scores above the threshold `calibrate_threshold`
-    sets on n good scores: (k+1)/(n+1), at most `false_alarm_rate` when n is at least
-    `calibration_images_needed(rate)`, else 1/(n+1) (the threshold is the highest score)."""
-    return (max(allowed_false_alarms(n_images, false_alarm_rate), 0) + 1) / (n_images + 1)
-
-
-def calibration_images_needed(false_alarm_rate: float) -> int:
-    """The fewest good calibration images whose threshold keeps `false_alarm_rate`:
-    the smallest n with rate * (n+1) >= 1 (99 for 1 %, 19 for 5 %)."""
-    return math.ceil(1 / false_alarm_rate - 1e-9) - 1
-
-
-def calibration_note(n_images: int, false_alarm_rate: float) -> str | None:
-    """Why n calibration images cannot keep the target false-alarm rate, and the fix; None when they can."""
-    if allowed_false_alarms(n_images, false_alarm_rate) >= 0:
-        return None
-    return (f"{n_images} calibration images cannot keep calibration.false_alarm_rate={false_alarm_rate:g}: the "
-            f"threshold is their highest score, which a new good part exceeds with probability 1/{n_images + 1} = "
-            f"{1 / (n_images + 1):.3g}; {calibration_images_needed(false_alarm_rate)} are needed. Add good images "
-            "(validation/good, or more train/good with a larger fit.val_fraction), or accept a higher target")
-
-
-def calibrate_threshold(val_scores: np.ndarray, false_alarm_rate: float) -> float:
-    """The threshold that flags a new good part with probability at most `false_alarm_rate`.
-
-    A part is defective when its score is strictly above the threshold. With n good
-    calibration scores the threshold is the (k+1)-th largest, k = `allowed_false_alarms`
-    (split conformal calibration: the promise holds for new parts, not only on these n);
-    with too few images for the rate (k < 0) it is the maximum, and a new good part is
-    flagged with probability 1/(n+1) (`false_alarm_bound`, `calibration_note`).
-    Raises ValueError without scores.
-    """
-    ordered = np.sort(np.asarray(val_scores, dtype=np.float64))
-    if len(ordered) == 0:
-        raise ValueError("no validation scores to calibrate on")
-    allowed = max(allowed_false_alarms(len(ordered), false_alarm_rate), 0)
-    return float(ordered[len(ordered) - 1 - allowed])

@@ -1,7 +1,7 @@
 """The dual student-teacher network: pure torch, no training or I/O logic.
 
 Train mode returns the four feature pyramids the losses need; eval mode returns the six
-anomaly maps at input size. Fusion and scoring live in `dualstpm.fusion`.
+anomaly maps at input size. Fusion and scoring live in `dualstpm.model.fusion`.
 """
 
 from __future__ import annotations
@@ -12,10 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dualstpm.config import ModelParams, TeacherParams
-from dualstpm.models.backbone import FeaturePyramid, build_student, load_teacher
-from dualstpm.models.loss import distance_map, distance_map_chunked, pyramid_loss
-from dualstpm.models.recon import ReconstructionStudent
+from dualstpm.model.backbone import FeaturePyramid, build_student, load_teacher
+from dualstpm.model.loss import distance_map, distance_map_chunked, pyramid_loss
+from dualstpm.model.recon import ReconstructionStudent
 
 PYRAMID_STRIDES = (4, 8, 16)
 DEEP_STRIDE = 32
@@ -70,11 +69,11 @@ def level_maps(teachers: list[Tensor], students: list[Tensor], size: tuple[int, 
     return torch.cat([F.interpolate(m, size=size, mode="bilinear", align_corners=False) for m in levels], dim=1)
 
 
-def _teacher(params: TeacherParams, strides: tuple[int, ...], pretrained: bool) -> FeaturePyramid:
-    """A frozen teacher: with its configured weights, or bare for a saved model to fill."""
+def _teacher(name: str, weights: str, strides: tuple[int, ...], pretrained: bool) -> FeaturePyramid:
+    """A frozen teacher: with its `weights` (`load_teacher`), or bare for a saved model to fill."""
     if pretrained:
-        return load_teacher(params.name, params.weights, strides)
-    return FeaturePyramid(params.name, strides).freeze()
+        return load_teacher(name, weights, strides)
+    return FeaturePyramid(name, strides).freeze()
 
 
 class DualStpmModel(nn.Module):
@@ -87,15 +86,20 @@ class DualStpmModel(nn.Module):
         self.t1, self.s1, self.t2, self.s2 = t1, s1, t2, s2
 
     @classmethod
-    def build(cls, params: ModelParams, pretrained: bool = True) -> DualStpmModel:
-        """Teachers with their configured weights (`pretrained`) or bare architectures whose
-        weights a saved model will fill in; students always start random."""
-        t1 = _teacher(params.t1, (*PYRAMID_STRIDES, DEEP_STRIDE), pretrained)
-        t2 = _teacher(params.t2, PYRAMID_STRIDES, pretrained)
-        s1 = build_student(params.t1.name, PYRAMID_STRIDES)
-        s2 = ReconstructionStudent(t1.channels[-1], t2.channels, attention=params.attention == "spatial",
-                                   width=params.decoder_width, gate_form=params.gate_form)
-        return cls(t1, s1, t2, s2)
+    def build(cls, t1: tuple[str, str], t2: tuple[str, str], *, attention: bool, decoder_width: str,
+              gate_form: str, pretrained: bool = True) -> DualStpmModel:
+        """The four networks from plain arguments (`dualstpm.detector.build_network` reads them
+        from `params.model`). `t1`, `t2`: (timm name, weights source: hub | file:<path> |
+        package | random, see `load_teacher`). Teachers get their weights when `pretrained`,
+        else they are bare architectures whose weights a saved model fills in; students always
+        start random. `decoder_width` (quarter | full) and `gate_form` (residual | method): see
+        `ReconstructionStudent`."""
+        t1_net = _teacher(*t1, (*PYRAMID_STRIDES, DEEP_STRIDE), pretrained)
+        t2_net = _teacher(*t2, PYRAMID_STRIDES, pretrained)
+        s1 = build_student(t1[0], PYRAMID_STRIDES)
+        s2 = ReconstructionStudent(t1_net.channels[-1], t2_net.channels, attention=attention,
+                                   width=decoder_width, gate_form=gate_form)
+        return cls(t1_net, s1, t2_net, s2)
 
     def students(self) -> dict[str, nn.Module]:
         return {"stpm": self.s1, "recon": self.s2}

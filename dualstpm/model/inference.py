@@ -1,0 +1,257 @@
+"""The one scoring path: images, or stored six maps, in; view maps, image scores and the decision out.
+
+:class:`DualStpmInference` is what `Detector`, `dualstpm predict`, the MLflow pyfunc and
+every export run (the exports are traces of it); its :class:`MapViews` (everything after
+the networks) is what epoch selection, calibration, the test, the ablation's re-scoring of
+stored maps and the overlays use. So there is one copy of the scoring math. Both are built
+from plain arguments (networks, fusion specs, statistics, threshold): no params object, no files.
+
+Views (:data:`VIEWS` and the two optional ones): `fused` is always the params' fusion
+(`params.fusion`, as trained), `chosen` the fusion `dualstpm ablate` applied (present only
+then), `stpm` and `recon` each branch alone as trained, `disc` the discriminative stage
+(present only on a model fitted with it). The module decides with one of them (`decision`).
+
+Input: images at the model's `image_size`, shape (N, 3, H, W), either uint8 in [0, 255]
+or float in [0, 1] (an export takes float32). Resizing stays outside: use
+:func:`dualstpm.data.resize_image` (bilinear with antialiasing, no crop) on each decoded
+image, as training did. Each teacher and student applies its own mean/std inside.
+
+Outputs (:class:`InferenceOutput`, in this order, also the output names of an export):
+`score` (N,) raw image score of the decision view (`fusion.view`, default `fused`; `chosen` in its
+place once `dualstpm ablate` applied a fusion), its map
+reduced by the `score` spec (max, top-k mean or smoothed max: :func:`dualstpm.model.fusion.image_score`),
+`normalized_score` (N,) in [0, 1] with 0.5 at the threshold
+(:class:`~dualstpm.model.calibration.ScoreNormalization`), `label` (N,) bool, True =
+defective (score > threshold), `anomaly_map` (N, H, W) the decision view's map (raw units;
+logits for `disc`), `stpm_score` and `recon_score` (N,) each branch alone, as trained, and
+`disc_score` (N,) the discriminative stage's score (NaN when the model has none); every
+score with the same reduction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import NamedTuple, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from dualstpm.model.anomaly_map import MapFusion
+from dualstpm.model.calibration import ScoreNormalization
+from dualstpm.model.discriminator import Discriminator
+from dualstpm.model.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, fuse, image_score
+from dualstpm.model.torch_model import DualStpmModel
+
+INPUT_NAME = "images"
+#: the view of a fusion `dualstpm ablate` applied (a metrics.json row, a thresholds key)
+CHOSEN_VIEW = "chosen"
+#: six-map values a stored stack is upcast and scored at a time: 16 MB as float32, reused by malloc
+STACK_CHUNK_ELEMENTS = 2**22
+#: side of the constant maps the `disc` view's typical level is read from (beyond its receptive field)
+TYPICAL_SIDE = 64
+
+
+class InferenceOutput(NamedTuple):
+    """What the detector says about a batch of N images (shapes in the module docstring)."""
+
+    score: Tensor
+    normalized_score: Tensor
+    label: Tensor
+    anomaly_map: Tensor
+    stpm_score: Tensor
+    recon_score: Tensor
+    disc_score: Tensor
+
+
+OUTPUT_NAMES: tuple[str, ...] = InferenceOutput._fields
+
+
+@dataclass
+class ScoredBatch:
+    """Per view: image scores (B,) and maps (B, H, W)."""
+
+    scores: dict[str, Tensor]
+    maps: dict[str, Tensor]
+
+
+class Scorer(Protocol):
+    """What scores images: a `Detector` (PyTorch) or a loaded export (`dualstpm.backends`)."""
+
+    image_size: int  # side of the square input, px
+    batch_size: int
+    threshold: float  # stored decision threshold, raw score units
+    decision_view: str  # the view it decides with: fused, chosen, disc, stpm or recon
+
+    def typical_level(self) -> float:
+        """The decision view's map value at a typical good pixel (the overlays' transparent end)."""
+
+    def infer(self, images: torch.Tensor) -> InferenceOutput:
+        """(N, 3, S, S) float images in [0, 1] -> the inference module's outputs."""
+
+
+def scale_images(images: Tensor) -> Tensor:
+    """uint8 [0, 255] -> float32 [0, 1]; float images are taken as already in [0, 1]."""
+    if images.dtype == torch.uint8:
+        return images.float() / 255.0
+    return images.float()
+
+
+def six_maps(network: DualStpmModel, images: Tensor, chunked: bool = True) -> Tensor:
+    """(N, 3, H, W) uint8 or float images -> (N, 2, 3, H, W) float32 raw maps (`network` as it
+    is: in eval mode for inference). `chunked`: see `PyramidPairs.maps`."""
+    images = scale_images(images)
+    return network.pyramids(images).maps(images.shape[-2:], chunked).float()
+
+
+def map_stack(maps: np.ndarray, to_map: Callable[[Tensor], Tensor]) -> np.ndarray:
+    """Apply a per-image `to_map` ((n, 2, 3, S, S) float32 -> (n, S, S)) to a stored
+    (N, 2, 3, S, S) stack (float16 on disk), giving (N, S, S) float32.
+
+    A chunk of about STACK_CHUNK_ELEMENTS values is upcast at a time; `to_map` works per
+    image, so the result does not depend on the chunking.
+    """
+    out = np.empty((len(maps), *maps.shape[-2:]), dtype=np.float32)
+    step = max(1, STACK_CHUNK_ELEMENTS // max(1, int(np.prod(maps.shape[1:]))))
+    for start in range(0, len(maps), step):
+        out[start : start + step] = to_map(torch.from_numpy(maps[start : start + step]).float()).float().cpu().numpy()
+    return out
+
+
+def stack_scores(maps: np.ndarray, score: ScoreSpec) -> np.ndarray:
+    """(N, S, S) float32 view maps -> (N,) float64 image scores (`fusion.image_score`)."""
+    return image_score(torch.from_numpy(maps), score).numpy().astype(np.float64)
+
+
+class MapViews(nn.Module):
+    """Six raw maps -> named view maps -> image scores: everything after the networks.
+
+    Args:
+        trained: the params' fusion (`params.fusion`): the view `fused`, and through its
+            branch views `stpm` and `recon`.
+        stats: per-map validation statistics, (2, 3) mean and std; None before calibration
+            (only fusions with ``normalize: none`` can then be computed).
+        score: how every view's map becomes an image score (the calibration's reduction).
+        chosen: the fusion `dualstpm ablate` applied (the view `chosen`), or None.
+        disc: the discriminative stage (the view `disc`), or None.
+    """
+
+    def __init__(self, trained: FusionSpec, stats: MapStats | None, *, score: ScoreSpec,
+                 chosen: FusionSpec | None = None, disc: Discriminator | None = None) -> None:
+        super().__init__()
+        specs = {view: trained.view(view) for view in VIEWS} | ({CHOSEN_VIEW: chosen} if chosen is not None else {})
+        self.fusions = nn.ModuleDict({view: MapFusion(spec, stats) for view, spec in specs.items()})
+        self.disc = disc.eval() if disc is not None else None
+        self.views: tuple[str, ...] = (VIEWS + ((DISC_VIEW,) if disc is not None else ())
+                                       + ((CHOSEN_VIEW,) if chosen is not None else ()))
+        self.stats = stats
+        self.score_spec = score
+
+    def spec(self, view: str) -> FusionSpec:
+        """The fusion of a view (`fused`, `chosen`, `stpm`, `recon`); KeyError for `disc` or a view it lacks."""
+        return self.fusions[view].spec
+
+    def view_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> dict[str, Tensor]:
+        """Six raw maps (N, 2, 3, H, W) -> {view: (N, H, W) map}. Fusions run where `maps` are;
+        the discriminative stage on its own device. Raises ValueError for a view it lacks."""
+        missing = [v for v in views if v not in self.views]
+        if missing:
+            raise ValueError(f"this model has no view {', '.join(map(repr, missing))}: its views are "
+                             f"{', '.join(self.views)} (`chosen` only after `dualstpm ablate` applied a fusion, "
+                             "`disc` only with fit.discriminator=true)")
+        out = {}
+        for view in views:
+            if view == DISC_VIEW:
+                device = next(self.disc.parameters()).device
+                out[view] = self.disc(maps if maps.device == device else maps.to(device))
+            else:
+                out[view] = self.fusions[view](maps)
+        return out
+
+    def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
+        """Six raw maps (N, 2, 3, H, W) -> each view's map (N, H, W) and image score (N,)."""
+        fused = self.view_maps(maps, views)
+        return ScoredBatch({v: image_score(m, self.score_spec) for v, m in fused.items()}, fused)
+
+    @torch.inference_mode()
+    def stack_maps(self, maps: np.ndarray, view: str | FusionSpec) -> np.ndarray:
+        """A stored (N, 2, 3, S, S) stack (float16 on disk) -> view maps (N, S, S) float32.
+        `view` names one of `views`, or is any fusion (the ablation's grid), fused with these
+        statistics; chunked by :func:`map_stack`."""
+        if isinstance(view, FusionSpec):
+            return map_stack(maps, lambda chunk: fuse(chunk, view, self.stats))
+        return map_stack(maps, lambda chunk: self.view_maps(chunk, (view,))[view])
+
+    def stack(self, maps: np.ndarray, view: str | FusionSpec) -> tuple[np.ndarray, np.ndarray]:
+        """A stored stack -> (view maps (N, S, S) float32 as :meth:`stack_maps`, image scores
+        (N,) float64 by this model's reduction)."""
+        out = self.stack_maps(maps, view)
+        return out, stack_scores(out, self.score_spec)
+
+    @torch.inference_mode()
+    def typical_level(self, view: str) -> float:
+        """A view's map value at a typical good pixel (the overlays' transparent end): its map
+        of six constant maps, each at its validation mean. A fusion keeps a constant map
+        constant (its smoothing too, so it is left out); the discriminative stage is read at
+        the centre of TYPICAL_SIDE px maps (beyond its receptive field from the border)."""
+        if self.stats is None:
+            raise ValueError("no validation statistics: the typical level needs a calibrated model")
+        typical = self.stats.mean.to(torch.float32)[None, :, :, None, None]  # (1, 2, 3, 1, 1)
+        if view != DISC_VIEW:
+            return float(fuse(typical, replace(self.spec(view), sigma=0.0), self.stats)[0, 0, 0])
+        side = TYPICAL_SIDE
+        level = self.view_maps(typical.expand(1, 2, 3, side, side), (DISC_VIEW,))[DISC_VIEW]
+        return float(level[0, side // 2, side // 2])
+
+
+class DualStpmInference(nn.Module):
+    """T1, S1, T2, S2 -> six maps -> view maps -> scores -> normalised score and decision.
+
+    Args:
+        network: the trained four networks (put in eval mode here).
+        views: what comes after the networks (:class:`MapViews`).
+        threshold: the decision view's threshold (raw score units).
+        val_min: the decision view's lowest validation image score (for the normalised score).
+        decision: the view whose score, label and map are the outputs.
+        chunked: compute distances a few images at a time (eager speed); set False before
+            tracing or exporting, so that one graph serves any batch size.
+    Raises ValueError for a decision view the module cannot compute.
+    """
+
+    def __init__(self, network: DualStpmModel, views: MapViews, threshold: float, val_min: float, *,
+                 decision: str = "fused", chunked: bool = True) -> None:
+        super().__init__()
+        self.network = network.eval()
+        self.views = views
+        if decision not in views.views:
+            raise ValueError(f"decision view {decision!r} is not one of this model's views {views.views}")
+        self.decision = decision
+        self.normalization = ScoreNormalization(threshold, val_min)
+        self.chunked = chunked
+
+    @property
+    def threshold(self) -> float:
+        return self.normalization.threshold
+
+    @property
+    def disc(self) -> Discriminator | None:
+        return self.views.disc
+
+    def six_maps(self, images: Tensor) -> Tensor:
+        """(N, 3, H, W) uint8 or float images -> (N, 2, 3, H, W) float32 raw maps."""
+        return six_maps(self.network, images, self.chunked)
+
+    def forward(self, images: Tensor) -> InferenceOutput:
+        outputs = (self.decision, "stpm", "recon", *((DISC_VIEW,) if DISC_VIEW in self.views.views else ()))
+        scored = self.views.score_maps(self.six_maps(images), tuple(dict.fromkeys(outputs)))
+        decision = scored.scores[self.decision]
+        return InferenceOutput(
+            score=decision,
+            normalized_score=self.normalization(decision),
+            label=decision > self.threshold,
+            anomaly_map=scored.maps[self.decision],
+            stpm_score=scored.scores["stpm"],
+            recon_score=scored.scores["recon"],
+            disc_score=scored.scores[DISC_VIEW] if DISC_VIEW in scored.scores else torch.full_like(decision, float("nan")),
+        )
