@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from dualstpm.errors import ExportError
-from dualstpm.export import EXPORTS_DIR, METADATA_FILE, MODEL_FILES, export_run
+from dualstpm.export import METADATA_FILE, MODEL_FILES, export_run
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
+from dualstpm.rundir import EXPORTS_DIR
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 BACKEND_FORMATS = {"torch": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("openvino", "onnx")}
@@ -110,7 +111,7 @@ class ExportedModel:
 def run_export_dir(run_dir: Path, fmt: str, precision: str = "fp32") -> Path:
     """`RUN/exports/<format>-<precision>/`, exported now unless it is already there and newer
     than the model directory (a new fit or ablation makes it stale)."""
-    from dualstpm.detector import MODEL_SUBDIR
+    from dualstpm.rundir import MODEL_SUBDIR
 
     target = Path(run_dir) / EXPORTS_DIR / f"{fmt}-{precision}"
     model_dir = Path(run_dir) / MODEL_SUBDIR

@@ -19,7 +19,8 @@ from rich.text import Text
 from dualstpm import __version__
 from dualstpm.config import Params, load_params, valid_keys
 from dualstpm.errors import NOT_DONE_EXIT, ConfigError, DataError, DualStpmError, RunError
-from dualstpm.paths import CALIBRATION_FILE, category_dir, expand_paths, trained_model_dir
+from dualstpm.paths import category_dir, expand_paths
+from dualstpm.rundir import CALIBRATION_FILE, trained_model_dir
 from dualstpm.tables import format_metric as _fmt
 from dualstpm.tables import out, print_auc_table, print_pipeline_summary
 
@@ -190,7 +191,7 @@ def test(
     category = trained_category(run, category)
     check_layout(data_root, category, require_test=True)
     p = serving_params(params, overrides, "test", SERVING_SETTINGS["test"])
-    from dualstpm.evaluation import METRICS_FILE
+    from dualstpm.rundir import METRICS_FILE
     from dualstpm.stages import tracked_evaluation
 
     result, folder = tracked_evaluation(p, run, data_root, category, device, new_evaluation=new_evaluation)
@@ -218,8 +219,9 @@ def predict(
     paths = expand_paths(paths)  # before the params: their validation imports timm
     limit = serving_params(params, overrides, "predict", SERVING_SETTINGS["predict"]).data.max_image_pixels
     from dualstpm.backends import load_scorer
-    from dualstpm.predict import PREDICTIONS_FILE, EarlierBatch
+    from dualstpm.predict import EarlierBatch
     from dualstpm.predict import predict as predict_images
+    from dualstpm.rundir import PREDICTIONS_FILE
 
     earlier = EarlierBatch.read(out_dir)  # a folder that is not ours fails before the model loads
     table = predict_images(load_scorer(backend, run, exported, device), paths, out_dir, threshold, max_pixels=limit)
@@ -321,7 +323,7 @@ def ablate(
     trained_model_dir(run)  # a wrong run fails before torch and MLflow load
     from dualstpm.ablation import describe_outcome
     from dualstpm.detector import CHOSEN_VIEW
-    from dualstpm.evaluation import METRICS_FILE
+    from dualstpm.rundir import METRICS_FILE
     from dualstpm.stages import tracked_ablate
 
     result = tracked_ablate(resolve_params(params, overrides), run)
@@ -461,7 +463,8 @@ def promote(
     """Move `champion` to the challenger only if it beats the champion on the same data (reason tagged either way).
 
     Exit status: 0 promoted, 3 judged and not promoted (a CI job can gate on it), 2 an error (nothing judged)."""
-    from dualstpm.registry import CHAMPION, promote as promote_category
+    from dualstpm.registry import CHAMPION
+    from dualstpm.registry import promote as promote_category
 
     decision = promote_category(category, resolve_params(params, overrides), metric, min_delta, version=version,
                                 decided_by="dualstpm promote", data_root=data_root)

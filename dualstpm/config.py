@@ -523,5 +523,7 @@ def load_params(path: Path | None = None, overrides: list[str] | None = None) ->
     return validate(apply_overrides(raw, overrides or []), source)
 
 
-def save_params(params: Params, path: Path) -> None:
-    path.write_text(yaml.safe_dump(params.to_dict(), sort_keys=False))
+def params_yaml(params: Params) -> str:
+    """`params` as the YAML text `params.yaml` holds (keys in the params' order)."""
+    return yaml.safe_dump(params.to_dict(), sort_keys=False)
+

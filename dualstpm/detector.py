@@ -17,30 +17,38 @@ never survives.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save
 from torch import Tensor
 
 from dualstpm.compute import INFERENCE_PRECISION, Compute
-from dualstpm.config import FusionParams, ModelParams, Params, ScoreParams, load_params, save_params
+from dualstpm.config import FusionParams, ModelParams, Params, ScoreParams, load_params, params_yaml
 from dualstpm.errors import RunError
-from dualstpm.files import staged_dir, write_bytes, write_json
 from dualstpm.model.calibration import false_alarm_bound
-from dualstpm.model.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec
 from dualstpm.model.discriminator import Discriminator
+from dualstpm.model.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec
 from dualstpm.model.inference import CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, ScoredBatch
 from dualstpm.model.torch_model import DualStpmModel
-from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE, trained_model_dir
+from dualstpm.rundir import (
+    CALIBRATION_FILE,
+    DISC_WEIGHTS_FILE,
+    FUSION_FILE,
+    PARAMS_FILE,
+    WEIGHTS_FILE,
+    RunDir,
+    read_json,
+    read_optional_json,
+    read_weights,
+    trained_model_dir,
+    weights_bytes,
+    write_json,
+    write_model_dir,
+)
 
 FORMAT_VERSION = 2  # 2: branch B decoder with bottleneck widths
-FUSION_FILE = "fusion.json"
-
-DISC_WEIGHTS_FILE = "discriminator.safetensors"
 
 
 @dataclass
@@ -128,10 +136,10 @@ class ChosenFusion:
 def read_chosen_fusion(model_dir: Path) -> ChosenFusion | None:
     """The applied choice in `fusion.json`; None without the file or when it was not applied."""
     path = Path(model_dir) / FUSION_FILE
-    if not path.is_file():
+    data = read_optional_json(path, "delete it or re-run `dualstpm ablate`")
+    if data is None:
         return None
     try:
-        data = json.loads(path.read_text())
         return ChosenFusion.from_json(data) if data["applied"] else None
     except (ValueError, KeyError, TypeError) as exc:
         raise RunError(f"{path} is not a valid chosen fusion ({exc}): delete it or re-run `dualstpm ablate`") from None
@@ -141,7 +149,7 @@ def write_chosen_fusion(run_dir: Path, chosen: ChosenFusion | None, source: dict
     """Write `RUN/model/fusion.json` atomically (temp file, then rename). `chosen` None
     records a choice that was not applied: the model keeps fusing with `params.fusion`."""
     data = chosen.to_json() if chosen is not None else {"applied": False, "source": source or {}}
-    return write_json(Path(run_dir) / MODEL_SUBDIR / FUSION_FILE, data)
+    return write_json(RunDir(run_dir).fusion, data)
 
 
 def fusion_label(detector: Detector) -> str:
@@ -277,7 +285,7 @@ class Detector:
         model_dir, params, calibration = read_model_dir(run_dir)
         model = build_network(params.model, pretrained=False)
         try:
-            model.load_state_dict(load_file(str(model_dir / WEIGHTS_FILE)), strict=True)
+            model.load_state_dict(read_weights(model_dir / WEIGHTS_FILE), strict=True)
         except RuntimeError as exc:
             raise RunError(
                 f"{model_dir / WEIGHTS_FILE} does not fit the network its params.yaml describes "
@@ -297,7 +305,7 @@ def _load_disc(model_dir: Path, params: Params) -> Discriminator | None:
                        "the model directory is incomplete; retrain it")
     disc = Discriminator(params.disc.width)
     try:
-        disc.load_state_dict(load_file(str(path)), strict=True)
+        disc.load_state_dict(read_weights(path), strict=True)
     except RuntimeError as exc:
         raise RunError(f"{path} does not fit disc.width={params.disc.width} ({str(exc).splitlines()[0]}): "
                        "the file is damaged or from another dualstpm version; retrain it") from None
@@ -311,7 +319,7 @@ def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:
     model_dir = trained_model_dir(run_dir)
     params = load_params(model_dir / PARAMS_FILE)
     path = model_dir / CALIBRATION_FILE
-    data = json.loads(path.read_text())
+    data = read_json(path, "retrain the model with this version")
     if data.get("format_version") != FORMAT_VERSION:
         raise RunError(
             f"{model_dir} has model format {data.get('format_version')}, this dualstpm reads "
@@ -325,23 +333,13 @@ def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:
     return model_dir, params, calibration
 
 
-def _weights_bytes(module: torch.nn.Module) -> bytes:
-    return save({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
-
-
 def save_detector(run_dir: Path, model: DualStpmModel, params: Params, calibration: Calibration,
                   disc: Discriminator | None = None) -> Path:
-    """Write the model directory atomically (`files.staged_dir`: built in a hidden sibling,
-    swapped in whole), readable per the umask like any file the user writes. `disc` is
-    required exactly when `params.fit.discriminator` is true (else ValueError)."""
+    """Write the model directory atomically (`rundir.write_model_dir`), readable per the umask
+    like any file the user writes. `disc` is required exactly when `params.fit.discriminator`
+    is true (else ValueError)."""
     if (disc is not None) != params.fit.discriminator:
         raise ValueError(f"fit.discriminator={params.fit.discriminator} but a discriminator was "
                          f"{'given' if disc is not None else 'not given'}")
-    final = Path(run_dir) / MODEL_SUBDIR
-    with staged_dir(final) as staging:
-        write_bytes(staging / WEIGHTS_FILE, _weights_bytes(model))  # safetensors' save_file would make it 0600
-        if disc is not None:
-            write_bytes(staging / DISC_WEIGHTS_FILE, _weights_bytes(disc))
-        save_params(params, staging / PARAMS_FILE)
-        write_json(staging / CALIBRATION_FILE, calibration.to_json())
-    return final
+    return write_model_dir(run_dir, weights_bytes(model.state_dict()), params_yaml(params), calibration.to_json(),
+                           weights_bytes(disc.state_dict()) if disc is not None else None)

@@ -35,11 +35,10 @@ from torch import Tensor
 from dualstpm import metrics
 from dualstpm.ablation.defects import paste_defects
 from dualstpm.config import DiscParams
-from dualstpm.model.fusion import MAX_SCORE, image_score
 from dualstpm.model.discriminator import STRIDE, Discriminator, pooled_log
+from dualstpm.model.fusion import MAX_SCORE, image_score
 from dualstpm.rng import own_rng
 
-DISC_HISTORY_FILE = "disc_history.csv"
 DEFECT_CHUNK = 64  # images made defective at a time (cut-paste draws its patches within a chunk)
 FOCAL_GAMMA = 2.0
 

@@ -20,13 +20,13 @@ from dualstpm import metrics
 from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import CHOSEN_VIEW, Detector, fusion_label
+from dualstpm.figures import overlay_name, write_test_figures
 from dualstpm.files import write_json
-from dualstpm.figures import PLOTS_DIR, overlay_name, write_test_figures
-from dualstpm.maps import MAPS_DIR, compute_six_maps, store_test_and_val_maps
+from dualstpm.maps import compute_six_maps, store_test_and_val_maps
 from dualstpm.model.fusion import DISC_VIEW, VIEWS
 from dualstpm.progress import stage
+from dualstpm.rundir import MAPS_DIR, METRICS_FILE, PLOTS_DIR
 
-METRICS_FILE = "metrics.json"
 IMAGE_ONLY_NOTE = "image-level only: the category has no ground_truth folder, so pixel metrics are null"
 
 

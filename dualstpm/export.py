@@ -36,8 +36,8 @@ from dualstpm.detector import Detector
 from dualstpm.errors import ExportError
 from dualstpm.files import staged_dir, write_json
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES
-from dualstpm.paths import MODEL_SUBDIR, PARAMS_FILE
 from dualstpm.progress import stage
+from dualstpm.rundir import MODEL_SUBDIR, PARAMS_FILE
 
 FORMATS = ("onnx", "openvino", "torchscript")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -48,7 +48,6 @@ SUPPORTED = {
 }
 METADATA_FILE = "metadata.json"
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
-EXPORTS_DIR = "exports"  # RUN/exports/<format>-<precision>/: exports made on demand by `predict --backend`
 RESIZE_NOTE = ("dualstpm.data.resize_image: decoded RGB float32 in [0, 1] (gray repeated to 3 channels, "
                "8-bit / 255, 16-bit / 65535), resized to image_size x image_size by bilinear interpolation "
                "with antialiasing (torch.nn.functional.interpolate, align_corners=False), no crop, NCHW")

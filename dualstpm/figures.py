@@ -30,12 +30,18 @@ from dualstpm.data import read_image, resize_map
 from dualstpm.detector import Detector
 from dualstpm.files import atomic_file, staged_dir
 from dualstpm.model.fusion import VIEWS
-from dualstpm.overlays import GRID_CELL_WIDTH, decision_label, detector_heading, draw_overlay, overlay_grid, overlay_scale
+from dualstpm.overlays import (
+    GRID_CELL_WIDTH,
+    decision_label,
+    detector_heading,
+    draw_overlay,
+    overlay_grid,
+    overlay_scale,
+)
+from dualstpm.rundir import OVERLAY_GRID
 
-PLOTS_DIR = "plots"
 PRO_GRID = np.linspace(0.0, 1.0, 1001)  # the exact PRO curve has a point per pixel threshold
 GRID_COLUMNS = 4
-OVERLAY_GRID = "overlays.png"
 
 
 def curve_figure(curves: dict[str, tuple[np.ndarray, np.ndarray, float | None]], title: str, ylabel: str,

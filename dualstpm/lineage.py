@@ -19,16 +19,23 @@ record is rewritten to name it, :func:`adopt_run`), else a refusal naming both. 
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 from dualstpm.config import Params
 from dualstpm.errors import RunError, TrackingError
 from dualstpm.files import file_digest, write_json
-from dualstpm.paths import CALIBRATION_FILE, MODEL_SUBDIR, PARAMS_FILE, WEIGHTS_FILE  # not detector: a hash needs no torch
+from dualstpm.rundir import (
+    CALIBRATION_FILE,
+    LINEAGE_FILE,
+    MODEL_SUBDIR,
+    PARAMS_FILE,
+    RUN_RECORD,
+    WEIGHTS_FILE,
+    RunDir,
+    read_optional_json,
+)
 from dualstpm.tracking import (
     METRICS_HASH_TAG,
-    RUN_RECORD,
     TAG,
     CategoryRun,
     RunRecord,
@@ -41,7 +48,6 @@ from dualstpm.tracking import (
     with_store,
 )
 
-LINEAGE_FILE = "lineage.json"
 MODEL_HASH_TAG = f"{TAG}model_sha256"
 HASHED_FILES = (WEIGHTS_FILE, PARAMS_FILE, CALIBRATION_FILE)  # what the fit writes; not ablate's fusion.json
 
@@ -56,11 +62,11 @@ def model_sha256(model_dir: Path) -> str:
 
 def read_lineage(run_dir: Path) -> dict | None:
     """`RUN/model/lineage.json` ({"tracking_uri", "run_id"}); None when the model has none."""
-    path = Path(run_dir) / MODEL_SUBDIR / LINEAGE_FILE
-    if not path.is_file():
+    path = RunDir(run_dir).lineage
+    data = read_optional_json(path, "train the model again (`dualstpm fit ... --overwrite`)")
+    if data is None:
         return None
     try:
-        data = json.loads(path.read_text())
         return {"tracking_uri": str(data["tracking_uri"]), "run_id": str(data["run_id"])}
     except (ValueError, KeyError, TypeError) as exc:
         raise RunError(f"{path} is damaged ({exc}): train the model again (`dualstpm fit ... --overwrite`)") from None
@@ -69,7 +75,7 @@ def read_lineage(run_dir: Path) -> dict | None:
 def record_model(run: CategoryRun, log_hash: bool = True) -> None:
     """Make `run` the model's run: write `RUN/model/lineage.json` and (with `log_hash`) log
     the model files' hash to it. Raises TrackingError when the store fails."""
-    write_json(run.run_dir / MODEL_SUBDIR / LINEAGE_FILE,
+    write_json(RunDir(run.run_dir).lineage,
                {"tracking_uri": run.client.tracking_uri, "run_id": run.run_id})
     if log_hash:
         run.log(run.run_id, "logging the model's hash", tags={MODEL_HASH_TAG: model_sha256(run.run_dir / MODEL_SUBDIR)})

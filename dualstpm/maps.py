@@ -32,10 +32,8 @@ from dualstpm.detector import Detector
 from dualstpm.errors import RunError
 from dualstpm.files import atomic_file, json_text
 from dualstpm.progress import stage
+from dualstpm.rundir import TEST_MAPS, VAL_MAPS
 
-MAPS_DIR = "maps"
-TEST_MAPS = "test.npz"
-VAL_MAPS = "val.npz"
 FORMAT_VERSION = 1
 
 

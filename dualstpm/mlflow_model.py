@@ -46,7 +46,8 @@ class DualStpmPyfunc(PythonModel):
     exported = None  # its ONNX Runtime session, once opened (a dualstpm.backends.ExportedModel)
 
     def load_context(self, context) -> None:
-        from dualstpm.detector import MODEL_SUBDIR, Detector
+        from dualstpm.detector import Detector
+        from dualstpm.rundir import MODEL_SUBDIR
 
         model_dir = Path(context.artifacts[MODEL_SUBDIR])
         if model_dir.name != MODEL_SUBDIR:  # Detector.load reads <run>/model/

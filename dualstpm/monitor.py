@@ -56,9 +56,9 @@ import pandas as pd
 
 from dualstpm.errors import NOT_DONE_EXIT, DataError
 from dualstpm.files import atomic_file, json_ready, staged_dir, write_json, write_text
-from dualstpm.paths import PREDICTIONS_FILE
 from dualstpm.review.log import LOG_FILE, ReviewLog, review_dir
 from dualstpm.review.parts import numeric_columns
+from dualstpm.rundir import PREDICTIONS_FILE
 
 if TYPE_CHECKING:
     from dualstpm.config import Params
@@ -217,7 +217,8 @@ def validation_scores(run_dir: Path | str) -> Reference:
     from dualstpm.ablation.selection import check_same_model
     from dualstpm.detector import Detector
     from dualstpm.lineage import read_lineage
-    from dualstpm.maps import MAPS_DIR, VAL_MAPS, MapSet
+    from dualstpm.maps import MapSet
+    from dualstpm.rundir import MAPS_DIR, VAL_MAPS
 
     run_dir = Path(run_dir)
     detector = Detector.load(run_dir, device="cpu")

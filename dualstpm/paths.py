@@ -11,14 +11,8 @@ import glob
 from collections.abc import Sequence
 from pathlib import Path
 
-from dualstpm.errors import DataError, RunError
+from dualstpm.errors import DataError
 
-MODEL_SUBDIR = "model"
-WEIGHTS_FILE = "weights.safetensors"
-PARAMS_FILE = "params.yaml"
-CALIBRATION_FILE = "calibration.json"
-PREDICTIONS_FILE = "predictions.csv"  # the table `dualstpm predict --out` writes (read by review, monitor)
-OVERLAY_COLUMN = "overlay"  # its column naming each row's overlay file in the same folder
 _GLOB_CHARS = frozenset("*?[")
 
 
@@ -38,18 +32,6 @@ def category_dir(data_root: Path, category: str) -> Path:
             f"{data_root.absolute()}: {', '.join(found) or 'none'}. Fix the category name or the data root."
         )
     return root
-
-
-def trained_model_dir(run_dir: Path) -> Path:
-    """`run_dir/model` when it holds weights, params and calibration; else RunError with the fix."""
-    model_dir = Path(run_dir) / MODEL_SUBDIR
-    missing = [n for n in (WEIGHTS_FILE, PARAMS_FILE, CALIBRATION_FILE) if not (model_dir / n).is_file()]
-    if missing:
-        raise RunError(
-            f"{model_dir} is not a trained model (missing {', '.join(missing)}); "
-            f"run `dualstpm fit --out {run_dir} ...` first"
-        )
-    return model_dir
 
 
 def expand_paths(paths: Sequence[Path | str]) -> list[Path]:

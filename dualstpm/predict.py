@@ -21,10 +21,9 @@ from dualstpm.files import atomic_file, write_csv
 from dualstpm.model.inference import Scorer
 from dualstpm.monitor import write_batch_summary
 from dualstpm.overlays import decision_label, draw_overlay, overlay_scale
-from dualstpm.paths import OVERLAY_COLUMN, PREDICTIONS_FILE
 from dualstpm.progress import stage
 from dualstpm.review.log import LOG_FILE, review_dir
-
+from dualstpm.rundir import OVERLAY_COLUMN, PREDICTIONS_FILE
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:

@@ -39,17 +39,15 @@ from pathlib import Path
 import numpy as np
 
 import dualstpm
-from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE
 from dualstpm.backends import run_export_dir
 from dualstpm.config import Params
 from dualstpm.data import list_images, read_image, resize_image
-from dualstpm.detector import CHOSEN_VIEW, MODEL_SUBDIR, read_chosen_fusion, read_model_dir
+from dualstpm.detector import CHOSEN_VIEW, read_chosen_fusion, read_model_dir
 from dualstpm.errors import ConfigError, RunError, TrackingError
-from dualstpm.evaluation import METRICS_FILE
-from dualstpm.figures import OVERLAY_GRID, PLOTS_DIR
 from dualstpm.files import json_text
 from dualstpm.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, run_store
-from dualstpm.tracking import RUN_RECORD, STORE_ANSWERED, TAG, RunRecord, connect, dataset_name, tracking_errors
+from dualstpm.rundir import ABLATION_DIR, METRICS_FILE, MODEL_SUBDIR, OVERLAY_GRID, PLOTS_DIR, RUN_RECORD, SUMMARY_FILE
+from dualstpm.tracking import STORE_ANSWERED, TAG, RunRecord, connect, dataset_name, tracking_errors
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"

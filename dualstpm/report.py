@@ -34,13 +34,13 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from dualstpm.ablation import ABLATION_DIR, SUMMARY_FILE, ablation_report, report_metrics
+from dualstpm.ablation import ablation_report, report_metrics
 from dualstpm.errors import RunError
-from dualstpm.evaluation import METRICS_FILE
+from dualstpm.figures import PRO_GRID
 from dualstpm.files import staged_dir, write_json, write_text
-from dualstpm.figures import OVERLAY_GRID, PLOTS_DIR, PRO_GRID
 from dualstpm.model.fusion import VIEWS
-from dualstpm.stages import AUC_TABLE, metrics_table
+from dualstpm.rundir import ABLATION_DIR, AUC_TABLE, METRICS_FILE, OVERLAY_GRID, PLOTS_DIR, SUMMARY_FILE
+from dualstpm.stages import metrics_table
 
 REPORT_FOLDERS = ("metrics", "plots", "overlays")
 ABLATION_TABLE = "ablation.csv"

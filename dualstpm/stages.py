@@ -12,20 +12,29 @@ from pathlib import Path
 
 import pandas as pd
 
-from dualstpm.ablation import ABLATION_DIR, AblationResult, ablate
+from dualstpm.ablation import AblationResult, ablate
 from dualstpm.config import Params
-from dualstpm.data import load_category, make_synthetic_category, prepare_mvtec
-from dualstpm.detector import FUSION_FILE, MODEL_SUBDIR, Calibration, read_model_dir
+from dualstpm.data import IMAGE_SUFFIXES, load_category, make_synthetic_category, prepare_mvtec
+from dualstpm.detector import Calibration, read_model_dir
 from dualstpm.errors import DataError, RunError, TrackingError
-from dualstpm.evaluation import METRICS_FILE, test_run
-from dualstpm.figures import PLOTS_DIR
-from dualstpm.data import IMAGE_SUFFIXES
+from dualstpm.evaluation import test_run
 from dualstpm.files import write_csv, write_json
 from dualstpm.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, model_sha256, record_model, run_store
-from dualstpm.maps import MAPS_DIR
 from dualstpm.metrics import category_means
-from dualstpm.tracking import (
+from dualstpm.rundir import (
+    ABLATION_DIR,
+    AUC_TABLE,
+    DATA_FILES,
+    EVALUATIONS_DIR,
+    FUSION_FILE,
+    HISTORY_FILE,
+    MAPS_DIR,
+    METRICS_FILE,
+    MODEL_SUBDIR,
+    PLOTS_DIR,
     RUN_RECORD,
+)
+from dualstpm.tracking import (
     TAG,
     CategoryRun,
     RunRecord,
@@ -38,12 +47,9 @@ from dualstpm.tracking import (
     params_for_data,
     tracking_errors,
 )
-from dualstpm.training import HISTORY_FILE, FitResult, check_start, fit
+from dualstpm.training import FitResult, check_start, fit
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
-AUC_TABLE = "auc_table.csv"
-EVALUATIONS_DIR = "evaluations"  # RUN/evaluations/<data hash>/: evaluations kept beside the run's first
-DATA_FILES = "data_files.json"  # beside each metrics.json: the tested category folder's files and their md5
 NAMED_CHANGES = 3  # files named per kind of change in a refusal, then "and N more"
 
 

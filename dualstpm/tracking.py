@@ -39,10 +39,10 @@ from dualstpm.config import Params
 from dualstpm.errors import ConfigError, TrackingError
 from dualstpm.files import file_digest, write_json
 from dualstpm.progress import say
+from dualstpm.rundir import RunDir, read_optional_json
 
 DEFAULT_DB = "mlflow.db"
 ARTIFACTS_DIR = "mlartifacts"
-RUN_RECORD = "mlflow_run.json"
 BRANCH_RUNS = ("stpm", "recon")
 RESULT_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall", "threshold",
                   "false_alarm_rate")
@@ -388,16 +388,17 @@ class RunRecord:
 
     @classmethod
     def read(cls, run_dir: Path) -> RunRecord | None:
-        path = Path(run_dir) / RUN_RECORD
-        if not path.is_file():
+        path = RunDir(run_dir).run_record
+        data = read_optional_json(path, "delete it and run `dualstpm test` again", TrackingError)
+        if data is None:
             return None
         try:
-            return cls(**json.loads(path.read_text()))
-        except (ValueError, TypeError) as exc:
+            return cls(**data)
+        except TypeError as exc:
             raise TrackingError(f"{path} is damaged ({exc}); delete it and run `dualstpm test` again") from None
 
     def write(self, run_dir: Path) -> None:
-        write_json(Path(run_dir) / RUN_RECORD, self.__dict__)
+        write_json(RunDir(run_dir).run_record, self.__dict__)
 
     @classmethod
     def of_run(cls, client, run) -> RunRecord:

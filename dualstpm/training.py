@@ -39,7 +39,7 @@ from dualstpm.compute import Compute
 from dualstpm.config import FitParams, Params
 from dualstpm.data import Category, ValidationParts, decode_images, load_category, split_train_val, validation_parts
 from dualstpm.detector import Calibration, build_network, save_detector
-from dualstpm.disc_training import DISC_HISTORY_FILE, DiscResult, train_discriminator
+from dualstpm.disc_training import DiscResult, train_discriminator
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import atomic_file
@@ -50,10 +50,9 @@ from dualstpm.model.inference import MapViews
 from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.progress import StatusColumn, progress_bar, say
 from dualstpm.rng import own_rng
+from dualstpm.rundir import CHECKPOINT_FILE, DISC_HISTORY_FILE, HISTORY_FILE
 from dualstpm.tracking import params_for_data, recorded_data_root
 
-CHECKPOINT_FILE = "checkpoint.pt"
-HISTORY_FILE = "history.csv"
 EpochCallback = Callable[[dict[str, float]], None]
 
 
@@ -209,8 +208,6 @@ def training_signature(params: Params) -> dict[str, Any]:
     fit = {k: v for k, v in params.fit.model_dump(mode="json").items() if k not in RESUMABLE_FIT_KEYS}
     return {"image_size": params.image_size, "seed": params.seed, "model": params.model.model_dump(mode="json"),
             "fit": fit, "fusion": {"mode": params.fusion.mode}, "calibration": {"split": params.calibration.split}}
-
-
 
 
 def _files_digest(paths: Sequence[Path], root: Path) -> str:

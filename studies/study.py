@@ -58,6 +58,8 @@ from torch import Tensor  # noqa: E402
 
 from dualstpm import metrics  # noqa: E402
 from dualstpm.ablation.defects import paste_defects  # noqa: E402
+from dualstpm.ablation.margin import Contributions, contributions, selection_value  # noqa: E402
+from dualstpm.ablation.reductions import REDUCTIONS  # noqa: E402
 from dualstpm.ablation.selection import SELECTION_METRICS  # noqa: E402
 from dualstpm.compute import Compute  # noqa: E402
 from dualstpm.config import AblationParams, Params, load_params  # noqa: E402
@@ -67,11 +69,10 @@ from dualstpm.errors import DualStpmError  # noqa: E402
 from dualstpm.evaluation import evaluate_detector  # noqa: E402
 from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
 from dualstpm.files import write_json, write_text  # noqa: E402
-from dualstpm.ablation.margin import Contributions, contributions, selection_value  # noqa: E402
-from dualstpm.ablation.reductions import REDUCTIONS  # noqa: E402
-from dualstpm.maps import MAPS_DIR, TEST_MAPS, MapSet  # noqa: E402
+from dualstpm.maps import MapSet
 from dualstpm.model.fusion import BRANCHES, image_score  # noqa: E402
 from dualstpm.progress import progress_bar  # noqa: E402
+from dualstpm.rundir import MAPS_DIR, TEST_MAPS
 from dualstpm.training import Trainer, calibrate, data_signature, fit  # noqa: E402
 from studies.leak import leak_test  # noqa: E402
 

@@ -21,9 +21,9 @@ from dualstpm.data import decode_images
 from dualstpm.detector import Detector, read_model_dir, write_chosen_fusion
 from dualstpm.errors import RunError
 from dualstpm.evaluation import test_run
+from dualstpm.maps import MapSet
 from dualstpm.model.fusion import FusionSpec, MapStats, ScoreSpec, fuse
 from dualstpm.model.inference import MapViews
-from dualstpm.maps import MapSet
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 PARAMS = AblationParams(panel_images=2)

@@ -24,10 +24,11 @@ from dualstpm.data import (
     split_train_val,
     validation_parts,
 )
-from dualstpm.detector import DISC_WEIGHTS_FILE, Detector
+from dualstpm.detector import Detector
 from dualstpm.errors import ConfigError, RunError
 from dualstpm.evaluation import evaluate_detector
 from dualstpm.model.discriminator import LOG_EPS, Discriminator, pooled_log
+from dualstpm.rundir import DISC_WEIGHTS_FILE
 from dualstpm.training import training_signature
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -187,7 +188,8 @@ def test_the_decision_view_is_what_the_model_outputs(disc_fit, synthetic_root: P
 
 
 def test_predictions_csv_has_the_stage_score(disc_fit, synthetic_root: Path, tmp_path: Path):
-    from dualstpm.predict import PREDICTIONS_FILE, predict
+    from dualstpm.predict import predict
+    from dualstpm.rundir import PREDICTIONS_FILE
 
     detector = Detector.load(disc_fit["run_dir"], Compute.resolve("cpu", "float32"))
     paths = [s.path for s in load_category(synthetic_root, "synth_texture").test][:3]

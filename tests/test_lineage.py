@@ -22,14 +22,14 @@ import uuid
 from pathlib import Path
 
 import pytest
+from conftest import TINY_OVERRIDES
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 import dualstpm.registry as registry
-from conftest import TINY_OVERRIDES
 from dualstpm.config import load_params
 from dualstpm.errors import RunError
-from dualstpm.lineage import LINEAGE_FILE, MODEL_HASH_TAG, model_sha256
+from dualstpm.lineage import MODEL_HASH_TAG, model_sha256
 from dualstpm.registry import (
     CHALLENGER,
     CHAMPION,
@@ -41,6 +41,7 @@ from dualstpm.registry import (
     register_run,
     registered_name,
 )
+from dualstpm.rundir import LINEAGE_FILE
 from dualstpm.stages import tracked_ablate, tracked_fit, tracked_test
 from dualstpm.tracking import RunRecord, data_hash
 

@@ -119,7 +119,8 @@ def test_the_grid_tiles_pictures_without_stretching_them():
 def test_predict_overlays_show_the_decision_and_a_reused_folder_keeps_no_stale_ones(
         trained_run: Path, synthetic_root: Path, tmp_path: Path):
     from dualstpm.detector import Detector
-    from dualstpm.predict import PREDICTIONS_FILE, predict
+    from dualstpm.predict import predict
+    from dualstpm.rundir import PREDICTIONS_FILE
 
     detector = Detector.load(trained_run)
     images = tmp_path / "images"

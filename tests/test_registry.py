@@ -23,18 +23,19 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from mlflow import MlflowClient
-
 from conftest import TINY_OVERRIDES, strict_json
+from mlflow import MlflowClient
+from mlflow_fixtures import MlflowServer, free_port
+
 from dualstpm.compute import Compute
 from dualstpm.config import load_params
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError, TrackingError
 from dualstpm.predict import predict
 from dualstpm.registry import CHALLENGER, CHAMPION, model_name, promote, register_run
+from dualstpm.rundir import RUN_RECORD
 from dualstpm.stages import tracked_ablate, tracked_fit, tracked_test
-from dualstpm.tracking import RUN_RECORD, RunRecord, data_hash, dataset_name, git_state
-from mlflow_fixtures import MlflowServer, free_port
+from dualstpm.tracking import RunRecord, data_hash, dataset_name, git_state
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from conftest import TINY_OVERRIDES, strict_json
 from safetensors.torch import load_file
 
 from dualstpm.config import load_params
@@ -15,9 +16,8 @@ from dualstpm.detector import Detector
 from dualstpm.errors import TrainingError
 from dualstpm.evaluation import test_run
 from dualstpm.predict import predict
-from dualstpm.training import CHECKPOINT_FILE, fit
-
-from conftest import TINY_OVERRIDES, strict_json
+from dualstpm.rundir import CHECKPOINT_FILE
+from dualstpm.training import fit
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 

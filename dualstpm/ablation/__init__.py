@@ -8,12 +8,9 @@ hands the choice to the detector. `ablation_report(run_dirs)` compares categorie
 
 from dualstpm.ablation.grid import Config, build_grid
 from dualstpm.ablation.report import ablation_report, read_summary, report_metrics
-from dualstpm.ablation.run import ABLATION_DIR, SUMMARY_FILE, TABLE_FILE, AblationResult, ablate, describe_outcome
+from dualstpm.ablation.run import AblationResult, ablate, describe_outcome
 
 __all__ = [
-    "ABLATION_DIR",
-    "SUMMARY_FILE",
-    "TABLE_FILE",
     "AblationResult",
     "Config",
     "ablate",

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from dualstpm.ablation.run import ABLATION_DIR, SUMMARY_FILE
 from dualstpm.ablation.selection import METRICS
 from dualstpm.errors import RunError
 from dualstpm.metrics import category_means
+from dualstpm.rundir import ABLATION_DIR, SUMMARY_FILE
 
 MODELS = {"stpm_alone": "stpm", "fused_published": "fused_published", "fused_chosen": "fused_chosen", "oracle": "oracle"}
 

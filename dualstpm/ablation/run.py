@@ -46,9 +46,9 @@ import pandas as pd
 
 from dualstpm.ablation.figures import HEATMAP_FILE, PANEL_FILE, write_heatmap, write_panel
 from dualstpm.ablation.grid import Config, build_grid
+from dualstpm.ablation.margin import Margin, bootstrap_margin, contributions
 from dualstpm.ablation.reductions import REDUCTIONS_FILE, reduction_summary, reduction_table, table_reductions
 from dualstpm.ablation.rescore import SplitScorer, score_grid
-from dualstpm.ablation.margin import Margin, bootstrap_margin, contributions
 from dualstpm.ablation.selection import (
     METRICS,
     check_same_model,
@@ -65,15 +65,13 @@ from dualstpm.data import validation_parts
 from dualstpm.detector import CHOSEN_VIEW, ChosenFusion, Detector, decision_view, read_model_dir, write_chosen_fusion
 from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
-from dualstpm.maps import MAPS_DIR, TEST_MAPS, VAL_MAPS, MapSet
+from dualstpm.maps import MapSet
 from dualstpm.model.calibration import calibrate_threshold
 from dualstpm.model.fusion import FusionSpec
 from dualstpm.model.inference import MapViews
 from dualstpm.progress import stage
+from dualstpm.rundir import ABLATION_DIR, ABLATION_TABLE_FILE, MAPS_DIR, SUMMARY_FILE, TEST_MAPS, VAL_MAPS
 
-ABLATION_DIR = "ablation"
-TABLE_FILE = "table.csv"
-SUMMARY_FILE = "summary.json"
 ORACLE_LABEL = "oracle: the best configuration on the test split itself; for reference only, not a valid estimate"
 SELECTION_NOTE = "chosen on normal validation images plus synthetic defects pasted on them; the test split is not used"
 DEFAULT_NAME = "params.fusion"  # the default configuration's name when the grid lacks params.fusion
@@ -236,7 +234,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
 
     out_dir = run_dir / ABLATION_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_csv(out_dir / TABLE_FILE, table)
+    write_csv(out_dir / ABLATION_TABLE_FILE, table)
     write_csv(out_dir / REDUCTIONS_FILE, reductions)
     category = str(test.meta["category"])
     write_heatmap(table, out_dir / HEATMAP_FILE, category)

@@ -14,23 +14,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from safetensors.torch import load_file
 
 from dualstpm.ablation.defects import paste_defects
 from dualstpm.config import AblationParams
 from dualstpm.data import decode_images
-from dualstpm.detector import MODEL_SUBDIR, WEIGHTS_FILE, Detector
+from dualstpm.detector import Detector
 from dualstpm.errors import RunError
-from dualstpm.maps import MAPS_DIR, MapSet, compute_six_maps, weights_fingerprint
+from dualstpm.maps import MapSet, compute_six_maps, weights_fingerprint
+from dualstpm.rundir import MAPS_DIR, MODEL_SUBDIR, SYNTHETIC_MAPS, RunDir, read_weights
 
-SYNTHETIC_MAPS = "val_synthetic.npz"
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 SELECTION_METRICS = {"mean": ("image_auroc", "pixel_auroc", "aupro"), **{m: (m,) for m in METRICS}}
 
 
 def check_same_model(run_dir: Path, *sets: MapSet) -> str:
     """The fingerprint of RUN/model's weights; RunError when stored maps came from another model."""
-    fingerprint = weights_fingerprint(load_file(str(Path(run_dir) / MODEL_SUBDIR / WEIGHTS_FILE)))
+    fingerprint = weights_fingerprint(read_weights(RunDir(run_dir).weights))
     for stored in sets:
         if stored.meta.get("weights_sha256") != fingerprint:
             raise RunError(

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dualstpm.errors import ConfigError, RunError
-from dualstpm.paths import trained_model_dir
 from dualstpm.review.log import ReviewLog, ReviewLogError, VerdictError, new_entry, review_dir, save_mask
 from dualstpm.review.parts import Part, Predictions, load_predictions, review_order
+from dualstpm.rundir import trained_model_dir
 
 HERE = Path(__file__).parent
 MAX_PAGE = 200  # parts per /api/parts request
@@ -213,11 +213,11 @@ def create_app(session: ReviewSession, host: str = "127.0.0.1"):
     """The FastAPI app serving `session` (routes: the module docstring) on `host`: a request
     whose Host header is not one of `allowed_hosts(host)` gets 400."""
     from fastapi import FastAPI, HTTPException, Query, Request
-    from starlette.middleware.trustedhost import TrustedHostMiddleware
     from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
     from fastapi.staticfiles import StaticFiles
     from fastapi.templating import Jinja2Templates
     from pydantic import BaseModel, Field
+    from starlette.middleware.trustedhost import TrustedHostMiddleware
 
     class VerdictIn(BaseModel):
         verdict: Literal["good", "defective"]

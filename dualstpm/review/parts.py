@@ -29,8 +29,8 @@ import pandas as pd
 
 from dualstpm.data.images import IMAGE_SUFFIXES
 from dualstpm.errors import DataError
-from dualstpm.paths import OVERLAY_COLUMN, PREDICTIONS_FILE
 from dualstpm.review.log import image_key
+from dualstpm.rundir import OVERLAY_COLUMN, PREDICTIONS_FILE
 
 NEEDED_COLUMNS = ("path", "score", "normalized_score", "label", "threshold", OVERLAY_COLUMN, "error")
 
