@@ -155,7 +155,7 @@ def fit(
     Ctrl-C or SIGTERM stops it saying what is checkpointed and the --resume command (exit 130 / 143)."""
     check_layout(data_root, category, require_test=False)  # training never reads test/
     p = resolve_params(params, overrides)
-    from dualstpm.stages import tracked_fit
+    from dualstpm.mlops.stages import tracked_fit
     from dualstpm.training import FitInterrupted
 
     try:
@@ -192,7 +192,7 @@ def test(
     check_layout(data_root, category, require_test=True)
     p = serving_params(params, overrides, "test", SERVING_SETTINGS["test"])
     from dualstpm.rundir import METRICS_FILE
-    from dualstpm.stages import tracked_evaluation
+    from dualstpm.mlops.stages import tracked_evaluation
 
     result, folder = tracked_evaluation(p, run, data_root, category, device, new_evaluation=new_evaluation)
     print_metrics(result)
@@ -292,8 +292,8 @@ def prepare(
     stage_out: Annotated[Optional[Path], typer.Option("--out", help="the DVC download stage's output folder, data/<data.source>")] = None,
 ) -> None:
     """Make data.categories ready: generate (synthetic), download and extract (mvtec) or check (folder)."""
-    from dualstpm.dvc_stage import run_download_stage
-    from dualstpm.stages import prepare_data
+    from dualstpm.mlops.dvc_stage import run_download_stage
+    from dualstpm.mlops.stages import prepare_data
 
     p = resolve_params(params, overrides)
     out.print(f"ready: {prepare_data(p) if stage_out is None else run_download_stage(p, stage_out)}")
@@ -307,7 +307,7 @@ def report(
     out_dir: Annotated[Path, typer.Option("--out", help="report folder")] = Path("reports"),
 ) -> None:
     """One AUC table over data.categories (each RUNS/<category> tested), with curves and overlays."""
-    from dualstpm.report import write_report
+    from dualstpm.mlops.report import write_report
 
     p = resolve_params(params, overrides)
     print_auc_table(write_report({c: runs / c for c in p.data.categories}, out_dir), f"AUC table ({out_dir})")
@@ -324,7 +324,7 @@ def ablate(
     from dualstpm.ablation import describe_outcome
     from dualstpm.detector import CHOSEN_VIEW
     from dualstpm.rundir import METRICS_FILE
-    from dualstpm.stages import tracked_ablate
+    from dualstpm.mlops.stages import tracked_ablate
 
     result = tracked_ablate(resolve_params(params, overrides), run)
     summary = result.summary
@@ -442,7 +442,7 @@ def register(
     (the store RUN records, unless MLFLOW_TRACKING_URI or tracking.uri names one)."""
     category = trained_category(run, category)  # a wrong run fails before MLflow loads
     from dualstpm.progress import stage
-    from dualstpm.registry import CHALLENGER, register_run
+    from dualstpm.mlops.register import CHALLENGER, register_run
 
     with stage(f"registering the model of {run} (logging it to MLflow with its ONNX export)"):
         version = register_run(run, resolve_params(params, overrides), category)
@@ -463,8 +463,8 @@ def promote(
     """Move `champion` to the challenger only if it beats the champion on the same data (reason tagged either way).
 
     Exit status: 0 promoted, 3 judged and not promoted (a CI job can gate on it), 2 an error (nothing judged)."""
-    from dualstpm.registry import CHAMPION
-    from dualstpm.registry import promote as promote_category
+    from dualstpm.mlops.register import CHAMPION
+    from dualstpm.mlops.register import promote as promote_category
 
     decision = promote_category(category, resolve_params(params, overrides), metric, min_delta, version=version,
                                 decided_by="dualstpm promote", data_root=data_root)
@@ -514,7 +514,7 @@ def review(
     from dualstpm.review.app import default_reviewer, open_review, serve
 
     def registry():
-        from dualstpm.tracking import connect
+        from dualstpm.mlops.tracking import connect
 
         return connect(resolve_params(params, overrides), create=False)  # a wrong folder: no empty store
 
@@ -602,7 +602,7 @@ def monitor(
 
 def main() -> None:
     """Console entry point: user errors print one clear message, no traceback."""
-    from dualstpm.tracking import quiet_artifact_progress
+    from dualstpm.mlops.tracking import quiet_artifact_progress
 
     quiet_artifact_progress()
     try:

@@ -216,7 +216,7 @@ def validation_scores(run_dir: Path | str) -> Reference:
     ``dualstpm test --run RUN``)."""
     from dualstpm.ablation.selection import check_same_model
     from dualstpm.detector import Detector
-    from dualstpm.lineage import read_lineage
+    from dualstpm.mlops.lineage import read_lineage
     from dualstpm.maps import MapSet
     from dualstpm.rundir import MAPS_DIR, VAL_MAPS
 
@@ -425,7 +425,7 @@ def write_report(result: MonitorResult, out_dir: Path | str) -> Path:
 
 def log_to_mlflow(result: MonitorResult, report_dir: Path, params: Params) -> tuple[str, str]:
     """Log the figures and the report to a new run of the ``dualstpm-monitor`` experiment in
-    the model's store (`dualstpm.lineage.run_store`: ``MLFLOW_TRACKING_URI``, else
+    the model's store (`dualstpm.mlops.lineage.run_store`: ``MLFLOW_TRACKING_URI``, else
     ``tracking.uri``, else the store the run records, else the project's SQLite file), which
     must exist (`tracking.connect` with ``create=False``: no empty store appears in the
     folder monitor runs in): per batch (step = its position) ``ks_statistic``,
@@ -435,8 +435,8 @@ def log_to_mlflow(result: MonitorResult, report_dir: Path, params: Params) -> tu
 
     from mlflow.entities import Metric, RunTag
 
-    from dualstpm.lineage import run_store
-    from dualstpm.tracking import TAG, connect, ensure_experiment, tracking_errors
+    from dualstpm.mlops.lineage import run_store
+    from dualstpm.mlops.tracking import TAG, connect, ensure_experiment, tracking_errors
 
     ref = result.reference
     client = connect(run_store(params, Path(ref.run)), create=False)

@@ -26,7 +26,7 @@ def format_metric(value: float | None) -> str:
 
 def print_auc_table(table: pd.DataFrame, title: str) -> None:
     """The AUC table (`stages.metrics_table`: a row per category and model) on stdout."""
-    from dualstpm.stages import TABLE_METRICS
+    from dualstpm.mlops.stages import TABLE_METRICS
 
     view = Table(title=title)
     for name in ("category", "model"):

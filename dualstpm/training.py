@@ -51,7 +51,7 @@ from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.progress import StatusColumn, progress_bar, say
 from dualstpm.rng import own_rng
 from dualstpm.rundir import CHECKPOINT_FILE, DISC_HISTORY_FILE, HISTORY_FILE
-from dualstpm.tracking import params_for_data, recorded_data_root
+from dualstpm.mlops.tracking import params_for_data, recorded_data_root
 
 EpochCallback = Callable[[dict[str, float]], None]
 

@@ -1,1 +1,1 @@
-"""Prefect flows: thin wrappers that call `dualstpm.stages` as tasks."""
+"""Prefect flows: thin wrappers that call `dualstpm.mlops.stages` as tasks."""

@@ -25,10 +25,10 @@ from prefect.futures import PrefectFuture, wait
 from dualstpm.ablation import describe_outcome, read_summary
 from dualstpm.config import Params, load_params
 from dualstpm.errors import ConfigError, DualStpmError, PipelineError
-from dualstpm.registry import PromotionDecision
+from dualstpm.mlops.register import PromotionDecision
 from dualstpm.rundir import METRICS_FILE
 from dualstpm.tables import print_pipeline_summary
-from dualstpm.tracking import connect, quiet_artifact_progress
+from dualstpm.mlops.tracking import connect, quiet_artifact_progress
 from flows.tasks import (
     ablate_task,
     check_task,

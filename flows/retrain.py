@@ -4,7 +4,7 @@
 
 Each retrained category gets a new registry version (alias `challenger`), and `champion`
 moves to it only when it beats the champion on the same evaluation data (see
-`dualstpm.registry.promote`). `python -m flows.serve` runs this flow on a schedule.
+`dualstpm.mlops.register.promote`). `python -m flows.serve` runs this flow on a schedule.
 """
 
 from __future__ import annotations

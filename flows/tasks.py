@@ -28,13 +28,13 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from dualstpm.config import Params, PrefectParams
-from dualstpm.dvc_stage import reproduce_download
+from dualstpm.mlops.dvc_stage import reproduce_download
 from dualstpm.data.download import failed_for_a_while
 from dualstpm.errors import DualStpmError, NetworkError
 from dualstpm.progress import labelled
-from dualstpm.registry import PromotionDecision, promote, register_run
-from dualstpm.report import write_report
-from dualstpm.stages import check_category, prepare_root, tracked_ablate, tracked_fit, tracked_test
+from dualstpm.mlops.register import PromotionDecision, promote, register_run
+from dualstpm.mlops.report import write_report
+from dualstpm.mlops.stages import check_category, prepare_root, tracked_ablate, tracked_fit, tracked_test
 
 TRAINING_TAG = "dualstpm-training"
 

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 from dualstpm.config import apply_overrides, load_params
-from dualstpm.dvc_stage import reproduce_download, run_download_stage
+from dualstpm.mlops.dvc_stage import reproduce_download, run_download_stage
 from dualstpm.errors import ConfigError, DataError
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

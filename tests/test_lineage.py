@@ -26,11 +26,11 @@ from conftest import TINY_OVERRIDES
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-import dualstpm.registry as registry
+import dualstpm.mlops.register as registry
 from dualstpm.config import load_params
 from dualstpm.errors import RunError
-from dualstpm.lineage import MODEL_HASH_TAG, model_sha256
-from dualstpm.registry import (
+from dualstpm.mlops.lineage import MODEL_HASH_TAG, model_sha256
+from dualstpm.mlops.register import (
     CHALLENGER,
     CHAMPION,
     INCOMPLETE,
@@ -42,8 +42,8 @@ from dualstpm.registry import (
     registered_name,
 )
 from dualstpm.rundir import LINEAGE_FILE
-from dualstpm.stages import tracked_ablate, tracked_fit, tracked_test
-from dualstpm.tracking import RunRecord, data_hash
+from dualstpm.mlops.stages import tracked_ablate, tracked_fit, tracked_test
+from dualstpm.mlops.tracking import RunRecord, data_hash
 
 
 class Crash(BaseException):

@@ -19,7 +19,7 @@ from dualstpm.data import Sample, decode_masks, read_mask, resize_mask
 from dualstpm.data.images import read_mask_file
 from dualstpm.evaluation import test_run
 from dualstpm.metrics import category_means
-from dualstpm.stages import metrics_table
+from dualstpm.mlops.stages import metrics_table
 
 H, W = 24, 32
 

@@ -137,7 +137,7 @@ def test_gitignore_ignores_what_the_demo_and_plots_show_leave_but_not_the_pipeli
 
 
 def test_plots_show_works_offline_and_titles_name_the_category(tmp_path: Path, dvc_env) -> None:
-    from dualstpm.report import write_dvc_plots
+    from dualstpm.mlops.report import write_dvc_plots
 
     project = make_project(tmp_path / "project", [])
     for category in ("bottle", "wood"):
@@ -161,7 +161,7 @@ def digest(folder: Path) -> dict[str, str]:
 
 def test_the_flows_data_step_brings_back_the_versioned_data(repro, dvc_env, monkeypatch) -> None:
     from dualstpm.config import load_params
-    from dualstpm.dvc_stage import reproduce_download
+    from dualstpm.mlops.dvc_stage import reproduce_download
 
     project, _ = repro
     data = project / "data" / "synthetic"

@@ -28,7 +28,7 @@ from dualstpm.evaluation import test_run
 from dualstpm.model.fusion import FusionSpec, MapStats, ScoreSpec, fuse, gaussian_blur
 from dualstpm.model.inference import MapViews
 from dualstpm.maps import MapSet
-from dualstpm.registry import MODEL_CODE
+from dualstpm.mlops.register import MODEL_CODE
 from dualstpm.training import Trainer
 
 # This machine's inference device under `auto`: the GPU when there is one.

@@ -32,10 +32,10 @@ from dualstpm.config import load_params
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError, TrackingError
 from dualstpm.predict import predict
-from dualstpm.registry import CHALLENGER, CHAMPION, model_name, promote, register_run
+from dualstpm.mlops.register import CHALLENGER, CHAMPION, model_name, promote, register_run
 from dualstpm.rundir import RUN_RECORD
-from dualstpm.stages import tracked_ablate, tracked_fit, tracked_test
-from dualstpm.tracking import RunRecord, data_hash, dataset_name, git_state
+from dualstpm.mlops.stages import tracked_ablate, tracked_fit, tracked_test
+from dualstpm.mlops.tracking import RunRecord, data_hash, dataset_name, git_state
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -456,7 +456,7 @@ def test_version_metrics_describe_the_view_the_model_decides_with(tmp_path: Path
     from dualstpm.detector import ChosenFusion
     from dualstpm.errors import RunError
     from dualstpm.model.fusion import FusionSpec
-    from dualstpm.registry import _decision_evidence
+    from dualstpm.mlops.register import _decision_evidence
 
     tested = {"fused": {"image_auroc": 0.9, "threshold": 1.5}, "chosen_fusion": None}
     assert _decision_evidence(tmp_path, tested, 1.5, None) == (tested["fused"], "metrics.json")

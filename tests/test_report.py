@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from dualstpm.errors import RunError
-from dualstpm.report import _step_at, write_report
+from dualstpm.mlops.report import _step_at, write_report
 
 
 @pytest.fixture(scope="module")
@@ -66,19 +66,19 @@ def test_report_of_tested_runs(tested_runs: dict[str, Path], tmp_path: Path) -> 
 
 def test_a_report_that_crashes_half_way_leaves_the_previous_one(tested_runs: dict[str, Path], tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    import dualstpm.report
+    import dualstpm.mlops.report
 
     out = tmp_path / "reports"
     write_report({"a": tested_runs["plain"], "b": tested_runs["plain"]}, out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    figures = dualstpm.report._write_category_figures
+    figures = dualstpm.mlops.report._write_category_figures
 
     def crash_at_b(category: str, run_dir: Path, into: Path) -> None:
         if category == "b":
             raise OSError("disk full")  # after a's figures, the metrics and ablation files are written
         figures(category, run_dir, into)
 
-    monkeypatch.setattr(dualstpm.report, "_write_category_figures", crash_at_b)
+    monkeypatch.setattr(dualstpm.mlops.report, "_write_category_figures", crash_at_b)
     with pytest.raises(OSError, match="disk full"):
         write_report({"a": tested_runs["ablated"], "b": tested_runs["ablated"]}, out)
     assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before

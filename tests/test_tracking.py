@@ -12,7 +12,7 @@ import yaml
 
 from dualstpm.config import load_params
 from dualstpm.errors import ConfigError
-from dualstpm.tracking import (
+from dualstpm.mlops.tracking import (
     artifact_location,
     data_hash,
     dataset_name,
@@ -63,7 +63,7 @@ def test_a_dvc_temporary_experiment_logs_into_its_project(tmp_path: Path, monkey
 def test_dataset_names_come_from_the_data_root_folder_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The dataset is the data root folder's own name: the same from any working directory,
     by relative or absolute path, through a symlink, whatever `data.source` says."""
-    from dualstpm.registry import model_name
+    from dualstpm.mlops.register import model_name
 
     data = tmp_path / "shared" / "MyData_v2"
     data.mkdir(parents=True)
@@ -84,7 +84,7 @@ def test_dataset_names_come_from_the_data_root_folder_itself(tmp_path: Path, mon
 def test_a_new_store_is_announced_and_commands_that_only_read_one_never_create_it(
         in_project: Path, capsys: pytest.CaptureFixture):
     from dualstpm.errors import TrackingError
-    from dualstpm.tracking import connect
+    from dualstpm.mlops.tracking import connect
 
     params = load_params(None, ["tracking.retries=0"])
     with pytest.raises(TrackingError, match=f"there is no MLflow store at {in_project.resolve()}/mlflow.db"):
@@ -100,8 +100,8 @@ def test_a_new_store_is_announced_and_commands_that_only_read_one_never_create_i
 def test_a_command_on_a_run_uses_the_store_the_run_records(in_project: Path, monkeypatch: pytest.MonkeyPatch,
                                                            capsys: pytest.CaptureFixture):
     from dualstpm.errors import TrackingError
-    from dualstpm.lineage import run_store
-    from dualstpm.tracking import RunRecord
+    from dualstpm.mlops.lineage import run_store
+    from dualstpm.mlops.tracking import RunRecord
 
     run_dir = in_project / "run"
     run_dir.mkdir()
@@ -167,7 +167,7 @@ def test_a_store_that_answers_is_not_called_down(tmp_path: Path):
     from mlflow import MlflowClient
 
     from dualstpm.errors import TrackingError
-    from dualstpm.tracking import tracking_errors
+    from dualstpm.mlops.tracking import tracking_errors
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     with pytest.raises(TrackingError) as info:
@@ -188,7 +188,7 @@ def test_a_run_logs_the_params_it_used(tmp_path: Path):
 
 def test_a_store_note_inside_a_category_carries_its_prefix_and_reaches_its_sink():
     from dualstpm.progress import labelled
-    from dualstpm.tracking import announce
+    from dualstpm.mlops.tracking import announce
 
     lines: list[str] = []
     with labelled("bottle", sink=lines.append):

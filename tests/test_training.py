@@ -213,8 +213,8 @@ def test_a_fit_interrupted_while_logging_then_resumed_logs_every_epoch_to_every_
     logged, recon not): after --resume, the parent and both branch runs hold epochs 1 and 2, once."""
     from mlflow import MlflowClient
 
-    from dualstpm.stages import tracked_fit
-    from dualstpm.tracking import CategoryRun, RunRecord
+    from dualstpm.mlops.stages import tracked_fit
+    from dualstpm.mlops.tracking import CategoryRun, RunRecord
     from dualstpm.training import FitInterrupted
 
     log = CategoryRun.log
@@ -239,7 +239,7 @@ def test_a_fit_interrupted_while_logging_then_resumed_logs_every_epoch_to_every_
 
 
 def test_the_model_records_the_data_it_was_trained_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from dualstpm.tracking import resolve_data_root
+    from dualstpm.mlops.tracking import resolve_data_root
     from dualstpm.training import data_trained_on
 
     project = tmp_path / "project"

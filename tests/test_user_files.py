@@ -23,7 +23,7 @@ from dualstpm.data.images import read_image_bytes
 from dualstpm.detector import Detector
 from dualstpm.errors import DataError
 from dualstpm.evaluation import test_run
-from dualstpm.mlflow_model import DualStpmPyfunc
+from dualstpm.mlops.mlflow_model import DualStpmPyfunc
 from dualstpm.predict import collect_images, predict
 from dualstpm.training import fit
 

@@ -60,7 +60,7 @@ def describe_run(run: Path) -> dict[str, Any]:
     """What `--run RUN` says about the model: its folder, the model files' sha256 (the
     hash the fit logs as ``dualstpm.model_sha256``) and its MLflow run when it has one.
     Raises RunError when RUN is not a trained model."""
-    from dualstpm.lineage import model_sha256, read_lineage
+    from dualstpm.mlops.lineage import model_sha256, read_lineage
 
     model_dir = trained_model_dir(run)
     lineage = read_lineage(run)
@@ -90,7 +90,7 @@ def describe_registered(spec: str, client) -> dict[str, Any]:
     not exist, TrackingError when the registry cannot be reached."""
     from mlflow.exceptions import MlflowException
 
-    from dualstpm.tracking import STORE_ANSWERED, tracking_errors
+    from dualstpm.mlops.tracking import STORE_ANSWERED, tracking_errors
 
     name, alias, version = parse_model_spec(spec)
     with tracking_errors(client.tracking_uri, f"resolving {spec}"):

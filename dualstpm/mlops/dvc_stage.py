@@ -25,7 +25,7 @@ from dualstpm.data import load_category, missing_test_message
 from dualstpm.errors import ConfigError, DataError, NetworkError
 from dualstpm.files import write_json
 from dualstpm.progress import stderr_console
-from dualstpm.stages import prepare_data, prepare_root
+from dualstpm.mlops.stages import prepare_data, prepare_root
 
 DOWNLOAD_STAGE = "download"
 MANIFEST_FILE = "manifest.json"

@@ -34,7 +34,7 @@ from dualstpm.rundir import (
     RunDir,
     read_optional_json,
 )
-from dualstpm.tracking import (
+from dualstpm.mlops.tracking import (
     METRICS_HASH_TAG,
     TAG,
     CategoryRun,

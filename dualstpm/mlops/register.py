@@ -45,9 +45,9 @@ from dualstpm.data import list_images, read_image, resize_image
 from dualstpm.detector import CHOSEN_VIEW, read_chosen_fusion, read_model_dir
 from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.files import json_text
-from dualstpm.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, run_store
+from dualstpm.mlops.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, run_store
 from dualstpm.rundir import ABLATION_DIR, METRICS_FILE, MODEL_SUBDIR, OVERLAY_GRID, PLOTS_DIR, RUN_RECORD, SUMMARY_FILE
-from dualstpm.tracking import STORE_ANSWERED, TAG, RunRecord, connect, dataset_name, tracking_errors
+from dualstpm.mlops.tracking import STORE_ANSWERED, TAG, RunRecord, connect, dataset_name, tracking_errors
 
 CHALLENGER = "challenger"
 CHAMPION = "champion"
@@ -101,7 +101,7 @@ def _signature(threshold: float):
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, DataType, ParamSchema, ParamSpec, Schema
 
-    from dualstpm.mlflow_model import INPUT_COLUMN
+    from dualstpm.mlops.mlflow_model import INPUT_COLUMN
 
     return ModelSignature(
         inputs=Schema([ColSpec(DataType.binary, INPUT_COLUMN)]),
@@ -220,7 +220,7 @@ def register_run(run_dir: Path, params: Params, category: str):
         MODEL_HASH_TAG: trained_by[MODEL_HASH_TAG],
         REGISTRATION_TAG: INCOMPLETE,
     }
-    from dualstpm.mlflow_model import ONNX_ARTIFACT
+    from dualstpm.mlops.mlflow_model import ONNX_ARTIFACT
 
     with tempfile.TemporaryDirectory(prefix="dualstpm-code-") as code_dir:
         with tracking_errors(uri, f"logging the model of {run_dir}"), mlflow.start_run(run_id=record.run_id):
@@ -545,7 +545,7 @@ def _decide(challenger, champion, metric: str, min_delta: float, floor: float) -
 
 
 def promote(category: str, params: Params, metric: str = "image_auroc", min_delta: float = 0.0,
-            *, version: str | int | None = None, decided_by: str = "dualstpm.registry.promote",
+            *, version: str | int | None = None, decided_by: str = "dualstpm.mlops.register.promote",
             data_root: Path | str | None = None) -> PromotionDecision:
     """Move `champion` to the challenger (or `version`) only if it beats the champion on the
     same evaluation data by more than `min_delta` on `metric` of the view each version decides

@@ -19,7 +19,7 @@ from dualstpm.detector import Calibration, read_model_dir
 from dualstpm.errors import DataError, RunError, TrackingError
 from dualstpm.evaluation import test_run
 from dualstpm.files import write_csv, write_json
-from dualstpm.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, model_sha256, record_model, run_store
+from dualstpm.mlops.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, model_sha256, record_model, run_store
 from dualstpm.metrics import category_means
 from dualstpm.rundir import (
     ABLATION_DIR,
@@ -34,7 +34,7 @@ from dualstpm.rundir import (
     PLOTS_DIR,
     RUN_RECORD,
 )
-from dualstpm.tracking import (
+from dualstpm.mlops.tracking import (
     TAG,
     CategoryRun,
     RunRecord,

@@ -16,7 +16,7 @@ run directory uses the store the run records unless one is named (`lineage.run_s
 opening an SQLite store that does not exist yet creates it and says so (`connect`).
 
 Library code (`training.fit`, `evaluation.test_run`) knows nothing of MLflow: the stage
-functions in `dualstpm.stages` wrap them with what is here.
+functions in `dualstpm.mlops.stages` wrap them with what is here.
 """
 
 from __future__ import annotations
