@@ -156,10 +156,11 @@ def fit(
     check_layout(data_root, category, require_test=False)  # training never reads test/
     p = resolve_params(params, overrides)
     from dualstpm.mlops.stages import tracked_fit
+    from dualstpm.mlops.tracking import entry_store
     from dualstpm.training import FitInterrupted
 
     try:
-        result = tracked_fit(p, data_root, category, out_dir, resume=resume, overwrite=overwrite)
+        result = tracked_fit(p, data_root, category, out_dir, store=entry_store(p), resume=resume, overwrite=overwrite)
     except FitInterrupted as stop:  # Ctrl-C: exit 130, SIGTERM (a scheduler stopping the job): exit 143
         err.print(f"{stop.cause}: {stop}", highlight=False, soft_wrap=True)
         if stop.epochs_done:
@@ -193,8 +194,10 @@ def test(
     p = serving_params(params, overrides, "test", SERVING_SETTINGS["test"])
     from dualstpm.rundir import METRICS_FILE
     from dualstpm.mlops.stages import tracked_evaluation
+    from dualstpm.mlops.tracking import entry_store
 
-    result, folder = tracked_evaluation(p, run, data_root, category, device, new_evaluation=new_evaluation)
+    result, folder = tracked_evaluation(p, run, data_root, category, device, store=entry_store(p),
+                                        new_evaluation=new_evaluation)
     print_metrics(result)
     out.print(f"written: {folder / METRICS_FILE}")
 
@@ -325,8 +328,10 @@ def ablate(
     from dualstpm.detector import CHOSEN_VIEW
     from dualstpm.rundir import METRICS_FILE
     from dualstpm.mlops.stages import tracked_ablate
+    from dualstpm.mlops.tracking import entry_store
 
-    result = tracked_ablate(resolve_params(params, overrides), run)
+    p = resolve_params(params, overrides)
+    result = tracked_ablate(p, run, store=entry_store(p))
     summary = result.summary
     table = Table(title=f"{summary['category']}: fusion-weight ablation ({summary['n_configurations']} configurations, "
                         f"{summary['timing']['grid_s']:.1f} s)")
@@ -441,11 +446,14 @@ def register(
     """Register the tested model of RUN as a new version (alias `challenger`) in the MLflow registry
     (the store RUN records, unless MLFLOW_TRACKING_URI or tracking.uri names one)."""
     category = trained_category(run, category)  # a wrong run fails before MLflow loads
+    from dualstpm.mlops.names import CHALLENGER
+    from dualstpm.mlops.register import register_run
+    from dualstpm.mlops.tracking import entry_store
     from dualstpm.progress import stage
-    from dualstpm.mlops.register import CHALLENGER, register_run
 
     with stage(f"registering the model of {run} (logging it to MLflow with its ONNX export)"):
-        version = register_run(run, resolve_params(params, overrides), category)
+        p = resolve_params(params, overrides)
+        version = register_run(run, p, category, store=entry_store(p))
     out.print(f"registered: {version.name} version {version.version} (@{CHALLENGER}) from MLflow run "
               f"{version.run_id}; load it as models:/{version.name}@{CHALLENGER}")
 
@@ -463,10 +471,12 @@ def promote(
     """Move `champion` to the challenger only if it beats the champion on the same data (reason tagged either way).
 
     Exit status: 0 promoted, 3 judged and not promoted (a CI job can gate on it), 2 an error (nothing judged)."""
-    from dualstpm.mlops.register import CHAMPION
-    from dualstpm.mlops.register import promote as promote_category
+    from dualstpm.mlops.names import CHAMPION
+    from dualstpm.mlops.promote import promote as promote_category
+    from dualstpm.mlops.tracking import entry_store
 
-    decision = promote_category(category, resolve_params(params, overrides), metric, min_delta, version=version,
+    p = resolve_params(params, overrides)
+    decision = promote_category(category, p, metric, min_delta, store=entry_store(p), version=version,
                                 decided_by="dualstpm promote", data_root=data_root)
     verdict = "[bold green]promoted[/]" if decision.promoted else "[bold yellow]not promoted[/]"
     out.print(f"{decision.model_name} version {decision.challenger_version}: {verdict}: {decision.reason}")
@@ -514,9 +524,9 @@ def review(
     from dualstpm.review.app import default_reviewer, open_review, serve
 
     def registry():
-        from dualstpm.mlops.tracking import connect
+        from dualstpm.mlops.tracking import connect, entry_store
 
-        return connect(resolve_params(params, overrides), create=False)  # a wrong folder: no empty store
+        return connect(entry_store(resolve_params(params, overrides)), create=False)  # a wrong folder: no empty store
 
     session = open_review(predictions, reviewer or default_reviewer(), run=run, model=model, registry=registry, base=base)
     serve(session, host, port, say=lambda line: out.print(line, highlight=False, soft_wrap=True))
@@ -582,11 +592,12 @@ def monitor(
     calibrated target, inspectors' override rate); writes OUT/report.html and monitor.json, logs to MLflow.
     Exits with 3 when a batch drifts or raises too many alarms (docs/loop.md)."""
     trained_model_dir(run)  # a wrong run fails before torch loads
+    from dualstpm.mlops.tracking import entry_store
     from dualstpm.monitor import Bounds, run_monitor
 
     bounds = Bounds(ks_p, ks_statistic, alarm_p, expected_defect_rate)
-    p = resolve_params(params, overrides) if mlflow else None
-    result, report, run_id = run_monitor(run, predictions, out_dir, bounds, p)
+    store = entry_store(resolve_params(params, overrides)) if mlflow else None
+    result, report, run_id = run_monitor(run, predictions, out_dir, bounds, store)
     for batch in result.batches:
         state = "[bold red]ALARM[/]" if batch.crossed else "[green]ok[/]"
         rate, override = batch.alarms["alarm_rate"], batch.review["override_rate"]

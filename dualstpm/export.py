@@ -217,7 +217,7 @@ def validation_images(detector: Detector, data_root: Path | None, run_dir: Path)
     `data_root`, default the data root the model was trained on (`data.root` of
     RUN/model/params.yaml). Raises ExportError when that folder no longer holds the category."""
     from dualstpm.data import decode_images, load_category, split_train_val
-    from dualstpm.mlops.tracking import resolve_data_root
+    from dualstpm.project import resolve_data_root
 
     params, category = detector.params, detector.calibration.category
     if data_root is None:
@@ -235,7 +235,7 @@ def validation_images(detector: Detector, data_root: Path | None, run_dir: Path)
 
 def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quantization: dict | None) -> dict:
     """What a user of the export needs besides the graph, and where it came from."""
-    from dualstpm.mlops.tracking import RunRecord
+    from dualstpm.mlops.runs import RunRecord
 
     record = RunRecord.read(run_dir)
     size = detector.image_size

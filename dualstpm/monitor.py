@@ -61,7 +61,7 @@ from dualstpm.review.parts import numeric_columns
 from dualstpm.rundir import PREDICTIONS_FILE
 
 if TYPE_CHECKING:
-    from dualstpm.config import Params
+    from dualstpm.mlops.tracking import Store
 
 MONITOR_DIR = "monitor"
 BATCH_FILE = "batch.json"
@@ -423,10 +423,11 @@ def write_report(result: MonitorResult, out_dir: Path | str) -> Path:
     return out_dir
 
 
-def log_to_mlflow(result: MonitorResult, report_dir: Path, params: Params) -> tuple[str, str]:
+def log_to_mlflow(result: MonitorResult, report_dir: Path, store: Store) -> tuple[str, str]:
     """Log the figures and the report to a new run of the ``dualstpm-monitor`` experiment in
-    the model's store (`dualstpm.mlops.lineage.run_store`: ``MLFLOW_TRACKING_URI``, else
-    ``tracking.uri``, else the store the run records, else the project's SQLite file), which
+    the model's store (`dualstpm.mlops.lineage.run_store`: `store` when the user named it
+    (``MLFLOW_TRACKING_URI``, ``tracking.uri``), else the store the run records, else
+    `store`, the project's SQLite file), which
     must exist (`tracking.connect` with ``create=False``: no empty store appears in the
     folder monitor runs in): per batch (step = its position) ``ks_statistic``,
     ``ks_pvalue``, ``alarm_rate``, ``alarm_pvalue``, ``override_rate``, ``n_scored``; the
@@ -439,7 +440,7 @@ def log_to_mlflow(result: MonitorResult, report_dir: Path, params: Params) -> tu
     from dualstpm.mlops.tracking import TAG, connect, ensure_experiment, tracking_errors
 
     ref = result.reference
-    client = connect(run_store(params, Path(ref.run)), create=False)
+    client = connect(run_store(store, Path(ref.run)), create=False)
     experiment = ensure_experiment(client, MLFLOW_EXPERIMENT)
     tags = {f"{TAG}category": ref.category, f"{TAG}run_dir": ref.run, f"{TAG}weights_sha256": ref.weights_sha256,
             f"{TAG}monitor_crossed": str(result.crossed).lower(),
@@ -463,12 +464,13 @@ def log_to_mlflow(result: MonitorResult, report_dir: Path, params: Params) -> tu
 
 
 def run_monitor(run_dir: Path | str, predictions_dirs: Sequence[Path | str], out_dir: Path | str,
-                bounds: Bounds = Bounds(), params: Params | None = None) -> tuple[MonitorResult, Path, str | None]:
-    """What ``dualstpm monitor`` does: compare, write the report, and log it to MLflow unless
-    `params` is None. Returns (the result, the report folder, the MLflow run id or None)."""
+                bounds: Bounds = Bounds(), store: Store | None = None) -> tuple[MonitorResult, Path, str | None]:
+    """What ``dualstpm monitor`` does: compare, write the report, and log it to MLflow
+    (`log_to_mlflow`, with the `store` the entry point resolved) unless `store` is None.
+    Returns (the result, the report folder, the MLflow run id or None)."""
     if not predictions_dirs:
         raise DataError("no predictions folder given: pass the folders `dualstpm predict --out` wrote")
     result = monitor_batches(validation_scores(run_dir), predictions_dirs, bounds)
     report = write_report(result, out_dir)
-    run_id = log_to_mlflow(result, report, params)[1] if params is not None else None
+    run_id = log_to_mlflow(result, report, store)[1] if store is not None else None
     return result, report, run_id

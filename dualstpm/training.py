@@ -49,9 +49,9 @@ from dualstpm.model.fusion import BRANCHES, MAX_SCORE, FusionSpec, ScoreSpec
 from dualstpm.model.inference import MapViews
 from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.progress import StatusColumn, progress_bar, say
+from dualstpm.project import params_for_data, recorded_data_root
 from dualstpm.rng import own_rng
 from dualstpm.rundir import CHECKPOINT_FILE, DISC_HISTORY_FILE, HISTORY_FILE
-from dualstpm.mlops.tracking import params_for_data, recorded_data_root
 
 EpochCallback = Callable[[dict[str, float]], None]
 
@@ -451,10 +451,10 @@ def write_history(history: list[dict[str, float]], path: Path) -> None:
 def data_trained_on(params: Params, data_root: Path, category: str, run_dir: Path) -> Params:
     """`params` whose data section records what a fit of `category` in `data_root` trained
     on, as `RUN/model/params.yaml` keeps it: `data.root` the data root as
-    `tracking.recorded_data_root` writes it (from the run directory, inside the project;
+    `project.recorded_data_root` writes it (from the run directory, inside the project;
     else absolute: valid from any working directory), `data.categories` [`category`], and
     `data.source` `folder` when that root is not `data.root` (a user's `--data-root`), as
-    `tracking.params_for_data` logs it. Nothing the model computes depends on it."""
+    `project.params_for_data` logs it. Nothing the model computes depends on it."""
     described = params_for_data(params, data_root)
     data = described.data.model_copy(update={"root": recorded_data_root(data_root, run_dir), "categories": [category]})
     return described.model_copy(update={"data": data})

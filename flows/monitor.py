@@ -21,6 +21,7 @@ from prefect.events import emit_event
 
 from dualstpm.config import load_params
 from dualstpm.errors import NOT_DONE_EXIT
+from dualstpm.mlops.tracking import entry_store
 from dualstpm.monitor import Bounds, run_monitor
 from flows.pipeline import entry_point, run_options
 
@@ -45,7 +46,7 @@ def monitor(run: str, predictions: list[str], report: str = "monitor", params_fi
     logger = get_run_logger()
     params = load_params(Path(params_file) if params_file is not None else None, overrides or [])
     bounds = Bounds(ks_p, ks_statistic, alarm_p, expected_defect_rate)
-    result, folder, mlflow_run = run_monitor(run, predictions, report, bounds, params if use_mlflow else None)
+    result, folder, mlflow_run = run_monitor(run, predictions, report, bounds, entry_store(params) if use_mlflow else None)
     summary = {**result.to_json(), "report": str(folder.resolve()), "mlflow_run_id": mlflow_run,
                "event_id": None, "retrain": None}
     if not result.crossed:

@@ -25,10 +25,10 @@ from prefect.futures import PrefectFuture, wait
 from dualstpm.ablation import describe_outcome, read_summary
 from dualstpm.config import Params, load_params
 from dualstpm.errors import ConfigError, DualStpmError, PipelineError
-from dualstpm.mlops.register import PromotionDecision
+from dualstpm.mlops.promote import PromotionDecision
+from dualstpm.mlops.tracking import Store, connect, entry_store, quiet_artifact_progress
 from dualstpm.rundir import METRICS_FILE
 from dualstpm.tables import print_pipeline_summary
-from dualstpm.mlops.tracking import connect, quiet_artifact_progress
 from flows.tasks import (
     ablate_task,
     check_task,
@@ -55,23 +55,25 @@ def _failure(*steps: tuple[str, PrefectFuture]) -> str | None:
 
 
 @flow(name="dualstpm-categories")
-def categories_flow(params: Params, data_root: Path, categories: list[str], runs_dir: Path) -> dict[str, str | None]:
-    """Check, fit, test and ablate each category on this flow's task runner; {category: None,
-    or the stage that failed and why}."""
+def categories_flow(params: Params, store: Store, data_root: Path, categories: list[str],
+                    runs_dir: Path) -> dict[str, str | None]:
+    """Check, fit, test and ablate each category on this flow's task runner, logging to
+    `store`; {category: None, or the stage that failed and why}."""
     run_dirs = [runs_dir / category for category in categories]
     checks = check_task.map(unmapped(data_root), categories)
-    fits = fit_task.map(unmapped(params), checks, categories, run_dirs)
-    tests = test_task.map(unmapped(params), fits, unmapped(data_root), categories)
-    ablations = ablate_task.map(unmapped(params), tests)
+    fits = fit_task.map(unmapped(params), unmapped(store), checks, categories, run_dirs)
+    tests = test_task.map(unmapped(params), unmapped(store), fits, unmapped(data_root), categories)
+    ablations = ablate_task.map(unmapped(params), unmapped(store), tests)
     wait([*checks, *fits, *tests, *ablations])
     return {c: _failure(("data", d), ("fit", f), ("test", t), ("ablate", a))
             for c, d, f, t, a in zip(categories, checks, fits, tests, ablations)}
 
 
-def _release(params: Params, run_dirs: dict[str, Path]) -> tuple[dict[str, PromotionDecision], dict[str, str]]:
+def _release(params: Params, store: Store,
+             run_dirs: dict[str, Path]) -> tuple[dict[str, PromotionDecision], dict[str, str]]:
     """Register each tested run as a new version, then promote it by evidence; (decisions, failures)."""
-    registered = {c: register_task.submit(run_dir, params, c) for c, run_dir in run_dirs.items()}
-    decisions = {c: promote_task.submit(c, params, wait_for=[registered[c]]) for c in run_dirs}
+    registered = {c: register_task.submit(run_dir, params, store, c) for c, run_dir in run_dirs.items()}
+    decisions = {c: promote_task.submit(c, params, store, wait_for=[registered[c]]) for c in run_dirs}
     wait(list(decisions.values()))
     done, failed = {}, {}
     for category, future in decisions.items():
@@ -98,8 +100,9 @@ def _report(run_dirs: dict[str, Path], out_dir: Path) -> tuple[list[dict], str |
     return table, None
 
 
-def run_categories(params: Params, categories: list[str], out: Path, dvc_project: Path | None) -> dict:
+def run_categories(params: Params, store: Store, categories: list[str], out: Path, dvc_project: Path | None) -> dict:
     """The body of `pipeline` and `retrain`: their only difference is which categories run.
+    Every stage logs to `store`, which the flow resolved once (`entry_store`).
 
     The report covers every configured category whose run directory holds a test
     (retraining one category refreshes its row, the others keep theirs), except those
@@ -109,16 +112,16 @@ def run_categories(params: Params, categories: list[str], out: Path, dvc_project
     ensure_training_limit(params.prefect.training_slots)
     # the store is opened once, here, before the categories run side by side: a new one is
     # created (and said so) once, not raced for by each category's first connection
-    connect(params)
+    connect(store)
     data_root = data_task(params, dvc_project)
     runs_dir = out / RUNS
     fan_out = categories_flow.with_options(task_runner=make_task_runner(params.prefect))
-    failed = {c: why for c, why in fan_out(params, data_root, categories, runs_dir).items() if why}
+    failed = {c: why for c, why in fan_out(params, store, data_root, categories, runs_dir).items() if why}
     tested = {c: runs_dir / c for c in categories if c not in failed}
     reportable = {c: runs_dir / c for c in params.data.categories
                   if c not in failed and (runs_dir / c / METRICS_FILE).is_file()}
     table, report_failed = _report(reportable, out / REPORTS)
-    promotions, release_failed = _release(params, tested)
+    promotions, release_failed = _release(params, store, tested)
     failed.update(release_failed)
     if failed or report_failed:
         lines = "\n".join(f"  {c}: {why}" for c, why in failed.items())
@@ -151,10 +154,12 @@ def check_categories(params: Params, categories: list[str]) -> list[str]:
 def pipeline(params_file: str = "params.yaml", overrides: list[str] | None = None, out: str = "out",
              use_dvc: bool = True) -> dict:
     """Every configured category: data (through DVC unless `use_dvc` is false), fit, test,
-    report, register and promote. Returns the AUC table and the promotion decisions."""
+    report, register and promote, in the MLflow store resolved here once (`entry_store`).
+    Returns the AUC table and the promotion decisions."""
     params = load_params(Path(params_file), overrides or [])
     dvc_project = Path.cwd() if use_dvc else None
-    return run_categories(params, check_categories(params, params.data.categories), Path(out).resolve(), dvc_project)
+    return run_categories(params, entry_store(params), check_categories(params, params.data.categories),
+                          Path(out).resolve(), dvc_project)
 
 
 def run_options(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

@@ -4,7 +4,7 @@
 
 Each retrained category gets a new registry version (alias `challenger`), and `champion`
 moves to it only when it beats the champion on the same evaluation data (see
-`dualstpm.mlops.register.promote`). `python -m flows.serve` runs this flow on a schedule.
+`dualstpm.mlops.promote.promote`). `python -m flows.serve` runs this flow on a schedule.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from pathlib import Path
 from prefect import flow
 
 from dualstpm.config import load_params
+from dualstpm.mlops.tracking import entry_store
 from dualstpm.tables import print_pipeline_summary
 from flows.pipeline import check_categories, entry_point, run_categories, run_options
 
@@ -22,11 +23,12 @@ from flows.pipeline import check_categories, entry_point, run_categories, run_op
 @flow(name="dualstpm-retrain")
 def retrain(categories: list[str] | None = None, params_file: str | None = "params.yaml",
             overrides: list[str] | None = None, out: str = "out", use_dvc: bool = True) -> dict:
-    """Fit, test, report, register and promote `categories` (default: all of data.categories).
-    `params_file` None: the built-in defaults; a file that does not exist is refused (ConfigError)."""
+    """Fit, test, report, register and promote `categories` (default: all of data.categories),
+    in the MLflow store resolved here once (`entry_store`). `params_file` None: the
+    built-in defaults; a file that does not exist is refused (ConfigError)."""
     params = load_params(Path(params_file) if params_file is not None else None, overrides or [])
     chosen = check_categories(params, categories or params.data.categories)
-    return run_categories(params, chosen, Path(out).resolve(), Path.cwd() if use_dvc else None)
+    return run_categories(params, entry_store(params), chosen, Path(out).resolve(), Path.cwd() if use_dvc else None)
 
 
 def main(argv: list[str] | None = None) -> dict:

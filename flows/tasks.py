@@ -28,13 +28,15 @@ from prefect.task_runners import TaskRunner, ThreadPoolTaskRunner
 from prefect.tasks import exponential_backoff
 
 from dualstpm.config import Params, PrefectParams
-from dualstpm.mlops.dvc_stage import reproduce_download
 from dualstpm.data.download import failed_for_a_while
 from dualstpm.errors import DualStpmError, NetworkError
-from dualstpm.progress import labelled
-from dualstpm.mlops.register import PromotionDecision, promote, register_run
+from dualstpm.mlops.dvc_stage import reproduce_download
+from dualstpm.mlops.promote import PromotionDecision, promote
+from dualstpm.mlops.register import register_run
 from dualstpm.mlops.report import write_report
 from dualstpm.mlops.stages import check_category, prepare_root, tracked_ablate, tracked_fit, tracked_test
+from dualstpm.mlops.tracking import Store
+from dualstpm.progress import labelled
 
 TRAINING_TAG = "dualstpm-training"
 
@@ -105,30 +107,30 @@ def check_task(data_root: Path, category: str) -> Path:
 
 
 @task(name="fit", cache_policy=NO_CACHE, task_run_name="fit-{category}", tags=[TRAINING_TAG])
-def fit_task(params: Params, data_root: Path, category: str, run_dir: Path) -> Path:
+def fit_task(params: Params, store: Store, data_root: Path, category: str, run_dir: Path) -> Path:
     """A fresh, MLflow-tracked fit of `category` into `run_dir` (while holding a training slot)."""
     with category_log(category):
-        tracked_fit(params, data_root, category, run_dir, overwrite=True)
+        tracked_fit(params, data_root, category, run_dir, store=store, overwrite=True)
     return run_dir
 
 
 @task(name="test", cache_policy=NO_CACHE, task_run_name="test-{category}")
-def test_task(params: Params, run_dir: Path, data_root: Path, category: str) -> Path:
+def test_task(params: Params, store: Store, run_dir: Path, data_root: Path, category: str) -> Path:
     """The tracked test: metrics.json, plots/ and the evaluation data's hash in the MLflow run.
     Its `note` (lossy or empty masks, undefined metrics), as on `dualstpm test`'s console,
     is a warning in the task's log."""
     with category_log(category):
-        result = tracked_test(params, run_dir, data_root, category)
+        result = tracked_test(params, run_dir, data_root, category, store=store)
     if result.get("note"):
         get_run_logger().warning("%s: note: %s", category, result["note"])
     return run_dir
 
 
 @task(name="ablate", cache_policy=NO_CACHE, task_run_name="ablate-{run_dir.name}")
-def ablate_task(params: Params, run_dir: Path) -> Path:
+def ablate_task(params: Params, store: Store, run_dir: Path) -> Path:
     """The fusion-weight ablation on the stored maps; with `ablation.apply` the model takes its choice."""
     with category_log(run_dir.name):  # the category: runs/<category>
-        tracked_ablate(params, run_dir)
+        tracked_ablate(params, run_dir, store=store)
     return run_dir
 
 
@@ -138,15 +140,16 @@ def report_task(run_dirs: dict[str, Path], out_dir: Path) -> list[dict]:
 
 
 @task(name="register", cache_policy=NO_CACHE, task_run_name="register-{category}")
-def register_task(run_dir: Path, params: Params, category: str) -> str:
+def register_task(run_dir: Path, params: Params, store: Store, category: str) -> str:
     """A new registry version of the tested run, alias `challenger`; returns its version."""
     with category_log(category):
-        return register_run(run_dir, params, category).version
+        return register_run(run_dir, params, category, store=store).version
 
 
 @task(name="promote", cache_policy=NO_CACHE, task_run_name="promote-{category}")
-def promote_task(category: str, params: Params) -> PromotionDecision:
+def promote_task(category: str, params: Params, store: Store) -> PromotionDecision:
     """`champion` moves only when the challenger beats it; the flow run is recorded as the decider."""
     with category_log(category):
-        return promote(category, params, decided_by=f"prefect flow run {flow_run.flow_name}/{flow_run.name}",
+        return promote(category, params, store=store,
+                       decided_by=f"prefect flow run {flow_run.flow_name}/{flow_run.name}",
                        data_root=params.data.root)  # the data the flow tested on: the model `register` made

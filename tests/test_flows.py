@@ -49,7 +49,7 @@ def params_file(folder: Path, data_root: Path, categories: list[str], extra: Seq
 def champion_version(params_path: Path, category: str) -> str:
     from mlflow import MlflowClient
 
-    from dualstpm.mlops.register import CHAMPION, model_name
+    from dualstpm.mlops.names import CHAMPION, model_name
 
     name = model_name(load_params(params_path).data.root, category)
     return str(MlflowClient().get_model_version_by_alias(name, CHAMPION).version)
@@ -60,7 +60,7 @@ def test_a_failing_category_is_reported_and_the_other_keeps_its_results(
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from dualstpm.mlops.register import model_name
+    from dualstpm.mlops.names import model_name
     from flows.pipeline import pipeline
 
     data = tmp_path / "data"
@@ -271,7 +271,7 @@ def test_a_cron_prefect_refuses_is_a_config_error_naming_the_key() -> None:
 
 def test_the_pipeline_summary_is_the_auc_table_then_each_promotion(capsys: pytest.CaptureFixture) -> None:
     from dualstpm.cli import print_pipeline_summary
-    from dualstpm.mlops.register import PromotionDecision
+    from dualstpm.mlops.promote import PromotionDecision
 
     decision = PromotionDecision(True, "first champion: 0.9100 reaches the floor 0.7000", "dualstpm-synthetic-a",
                                  "image_auroc", "3", 0.91, "3", None, None, "feed.dir", "me", "now")

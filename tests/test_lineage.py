@@ -26,24 +26,19 @@ from conftest import TINY_OVERRIDES
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-import dualstpm.mlops.register as registry
+import dualstpm.mlops.lock as lock_module
 from dualstpm.config import load_params
 from dualstpm.errors import RunError
-from dualstpm.mlops.lineage import MODEL_HASH_TAG, model_sha256
-from dualstpm.mlops.register import (
-    CHALLENGER,
-    CHAMPION,
-    INCOMPLETE,
-    LOCK_SUFFIX,
-    REGISTRATION_TAG,
-    model_name,
-    promote,
-    register_run,
-    registered_name,
-)
-from dualstpm.rundir import LINEAGE_FILE
+from dualstpm.mlops.hashing import data_hash, model_sha256
+from dualstpm.mlops.lineage import MODEL_HASH_TAG
+from dualstpm.mlops.lock import LOCK_SUFFIX, promotion_lock
+from dualstpm.mlops.names import CHALLENGER, CHAMPION, INCOMPLETE, REGISTRATION_TAG, model_name, registered_name
+from dualstpm.mlops.promote import promote
+from dualstpm.mlops.register import register_run
+from dualstpm.mlops.runs import RunRecord
 from dualstpm.mlops.stages import tracked_ablate, tracked_fit, tracked_test
-from dualstpm.mlops.tracking import RunRecord, data_hash
+from dualstpm.mlops.tracking import entry_store
+from dualstpm.rundir import LINEAGE_FILE
 
 
 class Crash(BaseException):
@@ -78,8 +73,8 @@ def params():
 @pytest.fixture(scope="module")
 def tested(store: str, params, my_data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run_dir = tmp_path_factory.mktemp("runs") / "synth_texture"
-    tracked_fit(params, my_data, "synth_texture", run_dir)
-    tracked_test(params, run_dir, my_data, "synth_texture")
+    tracked_fit(params, my_data, "synth_texture", run_dir, store=entry_store(params))
+    tracked_test(params, run_dir, my_data, "synth_texture", store=entry_store(params))
     return run_dir
 
 
@@ -134,8 +129,8 @@ def test_a_model_dvc_restored_registers_against_the_run_that_trained_it(tested: 
     saved.mkdir()
     put_back(run_dir, saved, ("model", *TEST_OUTPUTS[:3], "maps"))
     one_epoch = params.model_copy(update={"fit": params.fit.model_copy(update={"epochs": 1})})
-    tracked_fit(one_epoch, my_data, "synth_texture", run_dir, overwrite=True)
-    tracked_test(one_epoch, run_dir, my_data, "synth_texture")
+    tracked_fit(one_epoch, my_data, "synth_texture", run_dir, overwrite=True, store=entry_store(one_epoch))
+    tracked_test(one_epoch, run_dir, my_data, "synth_texture", store=entry_store(one_epoch))
     second = RunRecord.read(run_dir).run_id
     assert second != first
     client = MlflowClient()
@@ -147,9 +142,9 @@ def test_a_model_dvc_restored_registers_against_the_run_that_trained_it(tested: 
     calibration = run_dir / "model" / "calibration.json"
     calibration.write_text(calibration.read_text() + "\n")
     results = digest(run_dir)
-    for attempt in (lambda: register_run(run_dir, params, "synth_texture"),
-                    lambda: tracked_test(params, run_dir, my_data, "synth_texture"),
-                    lambda: tracked_ablate(params, run_dir)):
+    for attempt in (lambda: register_run(run_dir, params, "synth_texture", store=entry_store(params)),
+                    lambda: tracked_test(params, run_dir, my_data, "synth_texture", store=entry_store(params)),
+                    lambda: tracked_ablate(params, run_dir, store=entry_store(params))):
         with pytest.raises(RunError) as refused:
             attempt()
         message = str(refused.value)
@@ -161,7 +156,8 @@ def test_a_model_dvc_restored_registers_against_the_run_that_trained_it(tested: 
     # the earlier model back, but the later model's test outputs: register and ablate would use another model's
     put_back(saved, run_dir, ("model",))
     results = digest(run_dir)
-    for attempt in (lambda: register_run(run_dir, params, "synth_texture"), lambda: tracked_ablate(params, run_dir)):
+    for attempt in (lambda: register_run(run_dir, params, "synth_texture", store=entry_store(params)),
+                    lambda: tracked_ablate(params, run_dir, store=entry_store(params))):
         with pytest.raises(RunError, match=f"is not the test MLflow run {first} logged"):
             attempt()
     assert digest(run_dir) == results and RunRecord.read(run_dir).run_id == second
@@ -169,7 +165,7 @@ def test_a_model_dvc_restored_registers_against_the_run_that_trained_it(tested: 
 
     # as DVC restores it: the earlier model and the earlier test's outputs
     put_back(saved, run_dir, TEST_OUTPUTS)
-    version = register_run(run_dir, params, "synth_texture")
+    version = register_run(run_dir, params, "synth_texture", store=entry_store(params))
     assert version.run_id == first
     assert version.tags[MODEL_HASH_TAG] == model_sha256(run_dir / "model") == client.get_run(first).data.tags[MODEL_HASH_TAG]
     assert version.tags["metric.image_auroc"] == repr(json.loads((saved / "metrics.json").read_text())["fused"]["image_auroc"])
@@ -191,11 +187,11 @@ def test_test_after_a_restored_model_logs_into_the_run_that_trained_it(tested: P
     client.set_tag(later, MODEL_HASH_TAG, "f" * 64)  # a later fit's run: another model's files
     RunRecord(**{**record.__dict__, "run_id": later}).write(run_dir)
     (run_dir / "metrics.json").unlink()
-    tracked_test(params, run_dir, my_data, "synth_texture")
+    tracked_test(params, run_dir, my_data, "synth_texture", store=entry_store(params))
     assert RunRecord.read(run_dir).run_id == first
     assert client.get_run(first).data.tags["dualstpm.metrics_sha256"] == \
         hashlib.sha256((run_dir / "metrics.json").read_bytes()).hexdigest()
-    assert register_run(run_dir, params, "synth_texture").run_id == first
+    assert register_run(run_dir, params, "synth_texture", store=entry_store(params)).run_id == first
 
 
 def test_model_files_changed_after_the_fit_are_refused(tested: Path, params, tmp_path: Path):
@@ -203,7 +199,7 @@ def test_model_files_changed_after_the_fit_are_refused(tested: Path, params, tmp
     calibration = run_dir / "model" / "calibration.json"
     calibration.write_text(calibration.read_text() + "\n")  # any byte
     with pytest.raises(RunError, match="They changed after their fit") as refused:
-        register_run(run_dir, params, "synth_texture")
+        register_run(run_dir, params, "synth_texture", store=entry_store(params))
     assert f"run {RunRecord.read(run_dir).run_id} (mlflow_run.json) logged" in str(refused.value)
 
 
@@ -213,7 +209,7 @@ def test_a_run_whose_fit_lost_the_store_before_logging_the_hash_gets_it_later(te
     run_id = RunRecord.read(run_dir).run_id
     client = MlflowClient()
     client.delete_tag(run_id, MODEL_HASH_TAG)  # lineage.json names the run, the tag never arrived
-    tracked_test(params, run_dir, my_data, "synth_texture")
+    tracked_test(params, run_dir, my_data, "synth_texture", store=entry_store(params))
     assert client.get_run(run_id).data.tags[MODEL_HASH_TAG] == model_sha256(run_dir / "model")
 
 
@@ -227,19 +223,19 @@ def test_retesting_on_another_category_is_refused(tested: Path, params, my_data:
     logged = client.get_run(record.run_id).data
     files = digest(run_dir)
     with pytest.raises(RunError, match="describe one category") as refused:
-        tracked_test(params, run_dir, my_data, "synth_object")
+        tracked_test(params, run_dir, my_data, "synth_object", store=entry_store(params))
     assert f"cp -r {run_dir / 'model'} NEW/" in str(refused.value)
     assert digest(run_dir) == files  # metrics.json, plots, maps untouched
     after = client.get_run(record.run_id).data
     assert after.metrics == logged.metrics and after.tags["dualstpm.eval_category"] == "synth_texture"
 
-    tracked_test(params, run_dir, my_data, "synth_texture")  # the same evaluation again is fine
+    tracked_test(params, run_dir, my_data, "synth_texture", store=entry_store(params))  # the same evaluation again is fine
 
     # the fix the message gives: the model in a run directory of its own
     new = tmp_path / "new"
     new.mkdir()
     shutil.copytree(run_dir / "model", new / "model")
-    result = tracked_test(params, new, my_data, "synth_object")
+    result = tracked_test(params, new, my_data, "synth_object", store=entry_store(params))
     assert result["category"] == "synth_object"
     new_run = RunRecord.read(new).run_id
     assert new_run != record.run_id
@@ -261,7 +257,7 @@ def test_retesting_after_adding_an_image_names_it_and_keeps_a_new_evaluation_bes
     files = digest(run_dir)
 
     with pytest.raises(RunError) as refused:
-        tracked_test(params, run_dir, data, "synth_texture")
+        tracked_test(params, run_dir, data, "synth_texture", store=entry_store(params))
     message = str(refused.value)
     assert "1 image added (test/good/zz_new.png)" in message
     assert "removed" not in message and "changed (" not in message and "cp -r" not in message
@@ -270,7 +266,7 @@ def test_retesting_after_adding_an_image_names_it_and_keeps_a_new_evaluation_bes
 
     new_hash = data_hash(data, "synth_texture")
     assert new_hash != record.eval_data_hash
-    result = tracked_test(params, run_dir, data, "synth_texture", new_evaluation=True)
+    result = tracked_test(params, run_dir, data, "synth_texture", new_evaluation=True, store=entry_store(params))
     folder = run_dir / "evaluations" / new_hash.removesuffix(".dir")
     assert result["n_test_images"] == earlier["n_test_images"] + 1
     written = json.loads((folder / "metrics.json").read_text())
@@ -289,9 +285,9 @@ def test_retesting_after_adding_an_image_names_it_and_keeps_a_new_evaluation_bes
     assert child.tags["dualstpm.eval_data_hash"] == new_hash and child.metrics["n_test_images"] == result["n_test_images"]
     assert child.tags[MODEL_HASH_TAG] == model_sha256(run_dir / "model")
 
-    tracked_test(params, run_dir, data, "synth_texture")  # that data again: the same new evaluation, redone
+    tracked_test(params, run_dir, data, "synth_texture", store=entry_store(params))  # that data again: the same new evaluation, redone
     assert RunRecord.read(folder).run_id == evaluation.run_id and RunRecord.read(run_dir) == record
-    tracked_test(params, run_dir, my_data, "synth_texture")  # the first data again: the first evaluation
+    tracked_test(params, run_dir, my_data, "synth_texture", store=entry_store(params))  # the first data again: the first evaluation
     assert json.loads((run_dir / "metrics.json").read_text())["n_test_images"] == earlier["n_test_images"]
 
 
@@ -312,15 +308,15 @@ def test_an_interrupted_registration_is_marked_and_cleaned_up_by_the_next(
     with monkeypatch.context() as patch:
         patch.setattr(MlflowClient, crash_at, crash)
         with pytest.raises(Crash):
-            register_run(run_dir, params, "synth_texture")
+            register_run(run_dir, params, "synth_texture", store=entry_store(params))
     run_id = RunRecord.read(run_dir).run_id
     mine = [v for v in client.search_model_versions(f"name = '{name}'") if v.run_id == run_id]
     interrupted = max(mine, key=lambda v: int(v.version))
     assert interrupted.tags[REGISTRATION_TAG] == INCOMPLETE  # visibly not complete
     with pytest.raises(RunError, match="registration was interrupted"):
-        promote("synth_texture", params, version=interrupted.version, data_root=my_data)
+        promote("synth_texture", params, version=interrupted.version, data_root=my_data, store=entry_store(params))
 
-    version = register_run(run_dir, params, "synth_texture")
+    version = register_run(run_dir, params, "synth_texture", store=entry_store(params))
     assert version.tags[REGISTRATION_TAG] == "complete" and version.aliases == [CHALLENGER]
     with pytest.raises(MlflowException):
         client.get_model_version(name, interrupted.version)  # deleted
@@ -330,7 +326,7 @@ def test_an_interrupted_registration_is_marked_and_cleaned_up_by_the_next(
 def test_promote_finds_the_model_register_made_from_anywhere(tested: Path, params, my_data: Path, tmp_path: Path,
                                                              store: str):
     run_dir = copy_of(tested, tmp_path / "run")
-    version = register_run(run_dir, params, "synth_texture")
+    version = register_run(run_dir, params, "synth_texture", store=entry_store(params))
     client = MlflowClient()
     assert registered_name(client, "synth_texture") == version.name == "dualstpm-mydata-synth_texture"
     outside = tmp_path / "elsewhere"  # no params.yaml: built-in defaults say data.source=mvtec
@@ -419,7 +415,7 @@ def test_a_promotion_crashed_at_any_step_never_tags_a_version_promoted_that_is_n
     calls: list[str] = []
     with monkeypatch.context() as patch:
         watch_writes(patch, calls)
-        assert promote(name, params).promoted  # one whole promotion: how many writes it makes
+        assert promote(name, params, store=entry_store(params)).promoted  # one whole promotion: how many writes it makes
     assert calls[0] == "set_registered_model_alias" and len(calls) > 5
     for crash_at in range(1, len(calls) + 1):
         name = f"promotion-order-{uuid.uuid4().hex[:8]}"
@@ -427,7 +423,7 @@ def test_a_promotion_crashed_at_any_step_never_tags_a_version_promoted_that_is_n
         with monkeypatch.context() as patch:
             watch_writes(patch, [], crash_at)
             with pytest.raises(Crash):
-                promote(name, params)
+                promote(name, params, store=entry_store(params))
         champion = str(client.get_model_version_by_alias(name, CHAMPION).version)
         tags = client.get_model_version(name, challenger).tags
         if tags.get("promotion.promoted") == "True":  # what this promotion decided is true of the store
@@ -441,7 +437,7 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_contender(mlflow_server, monk
     name = f"lock-race-{uuid.uuid4().hex[:8]}"
     lock = name + LOCK_SUFFIX
     MlflowClient(mlflow_server.uri).create_registered_model(lock, tags={"holder": "crashed", "token": "dead"})
-    monkeypatch.setattr(registry, "LOCK_STALE_S", 1.0)
+    monkeypatch.setattr(lock_module, "LOCK_STALE_S", 1.0)
     time.sleep(1.5)
     contenders = 3
     all_saw_it_stale = threading.Barrier(contenders)
@@ -462,7 +458,7 @@ def test_a_stale_lock_is_taken_over_by_exactly_one_contender(mlflow_server, monk
 
     def contend(index: int) -> None:
         try:
-            with registry.promotion_lock(Contender(mlflow_server.uri), name, f"racer {index}"):
+            with promotion_lock(Contender(mlflow_server.uri), name, f"racer {index}"):
                 with guard:
                     inside[0] += 1
                     entries.append(inside[0])
@@ -489,8 +485,8 @@ def test_a_slow_holder_whose_lock_was_taken_over_leaves_it_to_the_taker(store: s
     client = MlflowClient()
     name = f"lock-slow-{uuid.uuid4().hex[:8]}"
     lock = name + LOCK_SUFFIX
-    monkeypatch.setattr(registry, "LOCK_STALE_S", 0.5)
-    slow, taker = registry.promotion_lock(client, name, "slow"), registry.promotion_lock(client, name, "taker")
+    monkeypatch.setattr(lock_module, "LOCK_STALE_S", 0.5)
+    slow, taker = promotion_lock(client, name, "slow"), promotion_lock(client, name, "taker")
     slow.__enter__()
     time.sleep(1.0)  # the slow holder's lock is stale now
     taker.__enter__()  # takes it over

@@ -253,6 +253,7 @@ def test_the_figures_go_to_mlflow(tested_run: Path, tmp_path: Path, monkeypatch:
     from mlflow import MlflowClient
 
     from dualstpm.config import load_params
+    from dualstpm.mlops.tracking import entry_store
 
     uri = f"sqlite:///{tmp_path}/store/mlflow.db"
     (tmp_path / "store").mkdir()
@@ -267,7 +268,7 @@ def test_the_figures_go_to_mlflow(tested_run: Path, tmp_path: Path, monkeypatch:
     reference = validation_scores(run)
     batch = write_scores(tmp_path / "batch", reference.scores)
 
-    result, report, run_id = run_monitor(run, [batch], tmp_path / "report", params=load_params(None, []))
+    result, report, run_id = run_monitor(run, [batch], tmp_path / "report", store=entry_store(load_params(None, [])))
 
     assert not (elsewhere / "mlflow.db").exists()  # no empty store where it ran
     client = MlflowClient(uri)

@@ -27,7 +27,7 @@ from prefect.exceptions import ObjectNotFound
 from prefect.settings import PREFECT_API_URL, temporary_settings
 
 from dualstpm.config import apply_overrides, load_params
-from dualstpm.mlops.register import CHAMPION, model_name
+from dualstpm.mlops.names import CHAMPION, model_name
 from flows.serve import DEPLOYMENT
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]

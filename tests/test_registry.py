@@ -31,11 +31,15 @@ from dualstpm.compute import Compute
 from dualstpm.config import load_params
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError, TrackingError
-from dualstpm.predict import predict
-from dualstpm.mlops.register import CHALLENGER, CHAMPION, model_name, promote, register_run
-from dualstpm.rundir import RUN_RECORD
+from dualstpm.mlops.hashing import data_hash, git_state
+from dualstpm.mlops.names import CHALLENGER, CHAMPION, model_name
+from dualstpm.mlops.promote import promote
+from dualstpm.mlops.register import register_run
+from dualstpm.mlops.runs import RunRecord
 from dualstpm.mlops.stages import tracked_ablate, tracked_fit, tracked_test
-from dualstpm.mlops.tracking import RunRecord, data_hash, dataset_name, git_state
+from dualstpm.mlops.tracking import dataset_name, entry_store
+from dualstpm.predict import predict
+from dualstpm.rundir import RUN_RECORD
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -63,8 +67,8 @@ def image_frame(images: list[Path]) -> pd.DataFrame:
 
 
 def fit_and_test_tracked(params, root: Path, category: str, run_dir: Path) -> Path:
-    tracked_fit(params, root, category, run_dir)
-    tracked_test(params, run_dir, root, category)
+    tracked_fit(params, root, category, run_dir, store=entry_store(params))
+    tracked_test(params, run_dir, root, category, store=entry_store(params))
     return run_dir
 
 
@@ -129,7 +133,7 @@ def test_registered_champion_predicts_like_dualstpm_predict(texture_run: Path, p
     assert version.tags["dualstpm.data_hash"] == data_hash(synthetic_root, "synth_texture")
 
     decision = promote("synth_texture", params.model_copy(update={"tracking": params.tracking.model_copy(
-        update={"promotion_floor": 0.0})}), version=version.version)
+        update={"promotion_floor": 0.0})}), version=version.version, store=entry_store(params))
     assert decision.promoted, decision.reason
     assert MlflowClient().get_model_version_by_alias(name, CHAMPION).version == version.version
 
@@ -183,7 +187,7 @@ def pool(texture_run: Path, params, tmp_path_factory) -> dict[str, str]:
     versions = {}
     for label, value in [*POOL.items(), ("other-data", 0.99)]:
         other = "0" * 32 + ".dir" if label == "other-data" else None
-        versions[label] = register_run(evidence_copy(texture_run, root / label, value, other), params, "synth_texture").version
+        versions[label] = register_run(evidence_copy(texture_run, root / label, value, other), params, "synth_texture", store=entry_store(params)).version
     return versions
 
 
@@ -200,15 +204,15 @@ def test_promotion_moves_champion_only_on_evidence(pool: dict[str, str], params,
     assert client.get_model_version_by_alias(name, CHALLENGER).version == pool["other-data"]  # the last registered
 
     strict = params.model_copy(update={"tracking": params.tracking.model_copy(update={"promotion_floor": 0.9})})
-    below = promote("synth_texture", strict, version=pool["0.80"])  # the first champion must reach the floor
+    below = promote("synth_texture", strict, version=pool["0.80"], store=entry_store(strict))  # the first champion must reach the floor
     assert not below.promoted and "below the floor 0.9000" in below.reason
     assert CHAMPION not in client.get_registered_model(name).aliases
     assert "floor" in client.get_model_version(name, pool["0.80"]).tags["promotion.reason"]
 
-    first = promote("synth_texture", params, version=pool["0.80"])
+    first = promote("synth_texture", params, version=pool["0.80"], store=entry_store(params))
     assert first.promoted and first.champion_version == pool["0.80"]
 
-    better = promote("synth_texture", params, version=pool["0.90"])
+    better = promote("synth_texture", params, version=pool["0.90"], store=entry_store(params))
     assert better.promoted and better.previous_champion_version == pool["0.80"]
     assert client.get_model_version_by_alias(name, CHAMPION).version == pool["0.90"]
     assert client.get_model_version(name, pool["0.80"]).tags["promotion.replaced_by"] == pool["0.90"]
@@ -226,9 +230,9 @@ def test_promotion_moves_champion_only_on_evidence(pool: dict[str, str], params,
     assert "dualstpm promote" in tags["promotion.decided_by"]
     assert client.get_model_version_by_alias(name, CHAMPION).version == pool["0.90"]
 
-    margin = promote("synth_texture", params, min_delta=0.1, version=pool["0.95"])  # 0.95 < 0.90 + 0.1
+    margin = promote("synth_texture", params, min_delta=0.1, version=pool["0.95"], store=entry_store(params))  # 0.95 < 0.90 + 0.1
     assert not margin.promoted and "by more than 0.1" in margin.reason
-    elsewhere = promote("synth_texture", params, version=pool["other-data"])  # 0.99, on other data
+    elsewhere = promote("synth_texture", params, version=pool["other-data"], store=entry_store(params))  # 0.99, on other data
     assert not elsewhere.promoted and "same data" in elsewhere.reason
     assert client.get_model_version_by_alias(name, CHAMPION).version == pool["0.90"]
     history = json.loads(client.get_model_version(name, pool["0.95"]).tags["promotion.history"])
@@ -241,7 +245,7 @@ def test_racing_promotions_leave_the_better_model_champion(pool: dict[str, str],
     client = MlflowClient()
     name = model_name(synthetic_root, "synth_texture")
     no_champion(name)
-    assert promote("synth_texture", params, version=pool["0.80"]).promoted
+    assert promote("synth_texture", params, version=pool["0.80"], store=entry_store(params)).promoted
     contenders = [pool["0.85"], pool["0.95"], pool["0.90"]]
     start = threading.Barrier(len(contenders))
     decisions, errors = [], []
@@ -249,7 +253,7 @@ def test_racing_promotions_leave_the_better_model_champion(pool: dict[str, str],
     def contend(version: str) -> None:
         start.wait()
         try:
-            decisions.append(promote("synth_texture", params, version=version, decided_by=f"racer {version}"))
+            decisions.append(promote("synth_texture", params, version=version, decided_by=f"racer {version}", store=entry_store(params)))
         except Exception as exc:  # surfaced below
             errors.append(exc)
 
@@ -279,7 +283,7 @@ def test_promoting_a_missing_version_names_what_exists(pool: dict[str, str], par
     listed = message.split("its versions are ")[1].split(".")[0].split(", ")
     assert set(pool.values()) <= set(listed) and "99" not in listed
     with pytest.raises(RunError, match="no registered model of category 'synth_nothing'"):
-        promote("synth_nothing", params, version=1)
+        promote("synth_nothing", params, version=1, store=entry_store(params))
 
 
 # --------------------------------------------------------------------------- a server that goes away
@@ -311,13 +315,13 @@ def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_se
     try:
         crash = crash_when(mlflow_server, lambda: (run_dir / "checkpoint.pt").exists())  # after epoch 1
         with pytest.raises(TrackingError) as lost:
-            tracked_fit(p, synthetic_root, "synth_texture", run_dir)
+            tracked_fit(p, synthetic_root, "synth_texture", run_dir, store=entry_store(p))
         crash.join()
         message = str(lost.value)
         assert "trained and saved" in message and mlflow_server.uri in message and "dualstpm test" in message
         assert Detector.load(run_dir).threshold > 0  # the model is on disk, complete
         with pytest.raises(TrackingError, match="unreachable"):
-            tracked_test(p, run_dir, synthetic_root, "synth_texture")  # refused before testing
+            tracked_test(p, run_dir, synthetic_root, "synth_texture", store=entry_store(p))  # refused before testing
         assert not (run_dir / "metrics.json").exists()
     finally:
         if mlflow_server.process is None:
@@ -325,7 +329,7 @@ def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_se
     try:  # the server goes away after the test wrote its results: they are kept, and the message says so
         crash = crash_when(mlflow_server, lambda: (run_dir / "metrics.json").exists())
         with pytest.raises(TrackingError) as lost:
-            tracked_test(p, run_dir, synthetic_root, "synth_texture")
+            tracked_test(p, run_dir, synthetic_root, "synth_texture", store=entry_store(p))
         crash.join()
         message = " ".join(str(lost.value).split())
         assert f"the test results are saved in {run_dir} (metrics.json, auc_table.csv, plots/, maps/)" in message
@@ -334,8 +338,8 @@ def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_se
     finally:
         if mlflow_server.process is None:
             mlflow_server.start()
-    tracked_test(p, run_dir, synthetic_root, "synth_texture")
-    version = register_run(run_dir, p, "synth_texture")
+    tracked_test(p, run_dir, synthetic_root, "synth_texture", store=entry_store(p))
+    version = register_run(run_dir, p, "synth_texture", store=entry_store(p))
     run_id = RunRecord.read(run_dir).run_id
     assert version.aliases == [CHALLENGER] and version.run_id == run_id
     assert "image_auroc" in MlflowClient().get_run(run_id).data.metrics
@@ -344,7 +348,7 @@ def test_a_server_lost_mid_fit_keeps_the_model_and_says_how_to_recover(mlflow_se
     try:
         crash = crash_when(mlflow_server, lambda: (run_dir / "ablation" / "summary.json").exists())
         with pytest.raises(TrackingError) as lost:
-            tracked_ablate(p.model_copy(update={"ablation": small}), run_dir)
+            tracked_ablate(p.model_copy(update={"ablation": small}), run_dir, store=entry_store(p))
         crash.join()
         message = " ".join(str(lost.value).split())
         applied = json.loads((run_dir / "ablation" / "summary.json").read_text())["applied"]  # adopted on a margin
@@ -370,7 +374,7 @@ def test_a_server_lost_mid_registration_leaves_no_alias(mlflow_server: MlflowSer
     try:
         crash = crash_when(mlflow_server, lambda: logged_models(mlflow_server) - uploaded)  # mid-upload
         with pytest.raises(TrackingError, match="failed while"):
-            register_run(texture_run, params, "synth_texture")
+            register_run(texture_run, params, "synth_texture", store=entry_store(params))
         crash.join()
         store = MlflowClient(f"sqlite:///{mlflow_server.root / 'mlflow.db'}")  # the dead server's database
         assert all(not store.get_model_version(name, v).aliases for v in versions(store) - known)
@@ -385,9 +389,9 @@ def test_a_server_lost_mid_registration_leaves_no_alias(mlflow_server: MlflowSer
 @pytest.mark.slow
 def test_mlflow_models_serve_answers_like_the_loaded_model(texture_run: Path, params, synthetic_root: Path, tmp_path: Path):
     name = model_name(synthetic_root, "synth_texture")
-    version = register_run(texture_run, params, "synth_texture")
+    version = register_run(texture_run, params, "synth_texture", store=entry_store(params))
     promote("synth_texture", params.model_copy(update={"tracking": params.tracking.model_copy(update={"promotion_floor": 0.0})}),
-            version=version.version)
+            version=version.version, store=entry_store(params))
     port = free_port()
     (tmp_path / "serve-tmp").mkdir()  # the server downloads the model into TMPDIR and never removes it
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
@@ -479,7 +483,7 @@ def test_registered_models_say_what_they_detect_on_which_data_and_how_to_load_th
                                                                                      synthetic_root: Path):
     client = MlflowClient()
     name = model_name(synthetic_root, "synth_texture")
-    version = register_run(texture_run, params, "synth_texture").version
+    version = register_run(texture_run, params, "synth_texture", store=entry_store(params)).version
     model = client.get_registered_model(name).description
     assert model.startswith(f"Finds defective **synth_texture** parts ({dataset_name(synthetic_root)} data)")
     assert f'mlflow.pyfunc.load_model("models:/{name}@champion")' in model

@@ -12,15 +12,10 @@ import yaml
 
 from dualstpm.config import load_params
 from dualstpm.errors import ConfigError
-from dualstpm.mlops.tracking import (
-    artifact_location,
-    data_hash,
-    dataset_name,
-    params_for_data,
-    project_dir,
-    run_params,
-    tracking_uri,
-)
+from dualstpm.mlops.hashing import data_hash
+from dualstpm.mlops.runs import run_params
+from dualstpm.mlops.tracking import artifact_location, dataset_name, resolve_store, tracking_uri
+from dualstpm.project import params_for_data, project_dir
 
 
 @pytest.fixture
@@ -63,7 +58,7 @@ def test_a_dvc_temporary_experiment_logs_into_its_project(tmp_path: Path, monkey
 def test_dataset_names_come_from_the_data_root_folder_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """The dataset is the data root folder's own name: the same from any working directory,
     by relative or absolute path, through a symlink, whatever `data.source` says."""
-    from dualstpm.mlops.register import model_name
+    from dualstpm.mlops.names import model_name
 
     data = tmp_path / "shared" / "MyData_v2"
     data.mkdir(parents=True)
@@ -86,14 +81,14 @@ def test_a_new_store_is_announced_and_commands_that_only_read_one_never_create_i
     from dualstpm.errors import TrackingError
     from dualstpm.mlops.tracking import connect
 
-    params = load_params(None, ["tracking.retries=0"])
+    store = resolve_store(load_params(None, ["tracking.retries=0"]))
     with pytest.raises(TrackingError, match=f"there is no MLflow store at {in_project.resolve()}/mlflow.db"):
-        connect(params, create=False)
+        connect(store, create=False)
     assert not (in_project / "mlflow.db").exists()
-    connect(params)
+    connect(store)
     assert f"creating a new MLflow store at {in_project.resolve()}/mlflow.db" in " ".join(capsys.readouterr().err.split())
     assert (in_project / "mlflow.db").is_file()
-    connect(params, create=False)  # it exists now: nothing to say
+    connect(store, create=False)  # it exists now: nothing to say
     assert "creating" not in capsys.readouterr().err
 
 
@@ -101,7 +96,7 @@ def test_a_command_on_a_run_uses_the_store_the_run_records(in_project: Path, mon
                                                            capsys: pytest.CaptureFixture):
     from dualstpm.errors import TrackingError
     from dualstpm.mlops.lineage import run_store
-    from dualstpm.mlops.tracking import RunRecord
+    from dualstpm.mlops.runs import RunRecord
 
     run_dir = in_project / "run"
     run_dir.mkdir()
@@ -109,19 +104,21 @@ def test_a_command_on_a_run_uses_the_store_the_run_records(in_project: Path, mon
     theirs.parent.mkdir()
     theirs.touch()
     RunRecord(f"sqlite:///{theirs}", "1", "a" * 32, {}).write(run_dir)
-    params = load_params(None)
-    assert run_store(params, run_dir).tracking.uri == f"sqlite:///{theirs}"  # not ./mlflow.db
+    default = resolve_store(load_params(None))
+    assert not default.named
+    assert run_store(default, run_dir).uri == f"sqlite:///{theirs}"  # not ./mlflow.db
     assert f"using the MLflow store sqlite:///{theirs}" in " ".join(capsys.readouterr().err.split())
-    named = load_params(None, ["tracking.uri=http://127.0.0.1:5999"])
+    named = resolve_store(load_params(None, ["tracking.uri=http://127.0.0.1:5999"]))
     assert run_store(named, run_dir) == named  # a store the user names wins
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")
-    assert run_store(params, run_dir) == params
+    from_env = resolve_store(load_params(None))
+    assert from_env.named and run_store(from_env, run_dir) == from_env
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     theirs.unlink()  # moved away: which store to use is the user's to say
     with pytest.raises(TrackingError, match="records the MLflow store .* which does not exist"):
-        run_store(params, run_dir)
+        run_store(default, run_dir)
     RunRecord(f"sqlite:///{in_project.resolve()}/mlflow.db", "1", "a" * 32, {}).write(run_dir)
-    assert run_store(params, run_dir) == params  # this folder's own store: `connect` creates it, and says so
+    assert run_store(default, run_dir) == default  # this folder's own store: `connect` creates it, and says so
 
 
 def test_params_for_data_describes_the_data_actually_used(in_project: Path):
@@ -194,3 +191,37 @@ def test_a_store_note_inside_a_category_carries_its_prefix_and_reaches_its_sink(
     with labelled("bottle", sink=lines.append):
         announce("using the MLflow store sqlite:////p/[x]/mlflow.db")
     assert lines == ["bottle: note: using the MLflow store sqlite:////p/[x]/mlflow.db"]  # brackets kept: no markup
+
+
+HTTP_SETTINGS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def test_connecting_changes_no_process_wide_state(in_project: Path):
+    """The threads of one process (a flow's tasks) may each open a store: opening one sets
+    neither MLflow's global tracking URI nor any environment variable."""
+    import os
+
+    import mlflow
+
+    from dualstpm.mlops.tracking import connect
+
+    environment, global_uri = dict(os.environ), mlflow.get_tracking_uri()
+    store = resolve_store(load_params(None, [f"tracking.uri=sqlite:///{in_project / 'a.db'}", "tracking.retries=0"]))
+    assert connect(store).tracking_uri == f"sqlite:///{in_project.resolve()}/a.db"
+    assert dict(os.environ) == environment
+    assert mlflow.get_tracking_uri() == global_uri
+
+
+def test_an_entry_point_resolves_the_store_once_and_sets_mlflows_http_settings(
+        in_project: Path, monkeypatch: pytest.MonkeyPatch):
+    import os
+
+    from dualstpm.mlops.tracking import Store, entry_store
+
+    for key in HTTP_SETTINGS:
+        monkeypatch.setenv(key, "unset")  # restored after the test
+    store = entry_store(load_params(None, ["tracking.retries=2", "tracking.timeout_s=7"]))
+    assert store == Store(f"sqlite:///{in_project.resolve()}/mlflow.db", named=False, retries=2, timeout_s=7)
+    assert [os.environ[key] for key in HTTP_SETTINGS] == ["2", "1", "7"]
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5999")  # changed afterwards: the value passed down stays
+    assert store.uri == f"sqlite:///{in_project.resolve()}/mlflow.db"

@@ -213,8 +213,9 @@ def test_a_fit_interrupted_while_logging_then_resumed_logs_every_epoch_to_every_
     logged, recon not): after --resume, the parent and both branch runs hold epochs 1 and 2, once."""
     from mlflow import MlflowClient
 
+    from dualstpm.mlops.runs import CategoryRun, RunRecord
     from dualstpm.mlops.stages import tracked_fit
-    from dualstpm.mlops.tracking import CategoryRun, RunRecord
+    from dualstpm.mlops.tracking import entry_store
     from dualstpm.training import FitInterrupted
 
     log = CategoryRun.log
@@ -227,10 +228,10 @@ def test_a_fit_interrupted_while_logging_then_resumed_logs_every_epoch_to_every_
     params, run = load_params(None, TINY_OVERRIDES), tmp_path / "run"  # 2 epochs
     monkeypatch.setattr(CategoryRun, "log", ctrl_c_before_recon_epoch_1)
     with pytest.raises(FitInterrupted) as stop:
-        tracked_fit(params, synthetic_root, "synth_texture", run)
+        tracked_fit(params, synthetic_root, "synth_texture", run, store=entry_store(params))
     assert (stop.value.epochs_done, stop.value.epochs) == (1, 2)
     monkeypatch.undo()
-    tracked_fit(params, synthetic_root, "synth_texture", run, resume=True)
+    tracked_fit(params, synthetic_root, "synth_texture", run, resume=True, store=entry_store(params))
     record = RunRecord.read(run)
     client = MlflowClient(record.tracking_uri)
     for run_id, key in [(record.run_id, "loss_recon"), (record.run_id, "val_score_stpm"),
@@ -239,7 +240,7 @@ def test_a_fit_interrupted_while_logging_then_resumed_logs_every_epoch_to_every_
 
 
 def test_the_model_records_the_data_it_was_trained_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from dualstpm.mlops.tracking import resolve_data_root
+    from dualstpm.project import resolve_data_root
     from dualstpm.training import data_trained_on
 
     project = tmp_path / "project"

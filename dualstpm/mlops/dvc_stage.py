@@ -24,8 +24,8 @@ from dualstpm.config import Params, read_yaml, validate
 from dualstpm.data import load_category, missing_test_message
 from dualstpm.errors import ConfigError, DataError, NetworkError
 from dualstpm.files import write_json
-from dualstpm.progress import stderr_console
 from dualstpm.mlops.stages import prepare_data, prepare_root
+from dualstpm.progress import stderr_console
 
 DOWNLOAD_STAGE = "download"
 MANIFEST_FILE = "manifest.json"

@@ -13,51 +13,23 @@ Whoever reopens the run to add to it or to register from it (test, ablate, regis
 asks :func:`model_run` first: the run `mlflow_run.json` names when it logged the files'
 hash, else the run `lineage.json` names when that one did (the model DVC restored: the
 record is rewritten to name it, :func:`adopt_run`), else a refusal naming both. Which store to ask is
-:func:`run_store`'s answer: the one the run records, unless the user named one.
+:func:`run_store`'s answer: the one the run records, unless the user named one. The hashes
+themselves (model files, data, code) are computed in `dualstpm.mlops.hashing`.
 """
 
 from __future__ import annotations
 
-import hashlib
+from dataclasses import replace
 from pathlib import Path
 
-from dualstpm.config import Params
 from dualstpm.errors import RunError, TrackingError
 from dualstpm.files import file_digest, write_json
-from dualstpm.rundir import (
-    CALIBRATION_FILE,
-    LINEAGE_FILE,
-    MODEL_SUBDIR,
-    PARAMS_FILE,
-    RUN_RECORD,
-    WEIGHTS_FILE,
-    RunDir,
-    read_optional_json,
-)
-from dualstpm.mlops.tracking import (
-    METRICS_HASH_TAG,
-    TAG,
-    CategoryRun,
-    RunRecord,
-    announce,
-    existing_record,
-    sqlite_path,
-    store_is_named,
-    tracking_errors,
-    tracking_uri,
-    with_store,
-)
+from dualstpm.mlops.hashing import model_sha256
+from dualstpm.mlops.runs import METRICS_HASH_TAG, CategoryRun, RunRecord, existing_record
+from dualstpm.mlops.tracking import TAG, Store, announce, sqlite_path, tracking_errors
+from dualstpm.rundir import LINEAGE_FILE, MODEL_SUBDIR, RUN_RECORD, RunDir, read_optional_json
 
 MODEL_HASH_TAG = f"{TAG}model_sha256"
-HASHED_FILES = (WEIGHTS_FILE, PARAMS_FILE, CALIBRATION_FILE)  # what the fit writes; not ablate's fusion.json
-
-
-def model_sha256(model_dir: Path) -> str:
-    """sha256 (hex) over the fit's model files: each file's name and its own sha256, in order."""
-    total = hashlib.sha256()
-    for name in HASHED_FILES:
-        total.update(f"{name}\0{file_digest(Path(model_dir) / name)}\n".encode())
-    return total.hexdigest()
 
 
 def read_lineage(run_dir: Path) -> dict | None:
@@ -81,10 +53,10 @@ def record_model(run: CategoryRun, log_hash: bool = True) -> None:
         run.log(run.run_id, "logging the model's hash", tags={MODEL_HASH_TAG: model_sha256(run.run_dir / MODEL_SUBDIR)})
 
 
-def run_store(params: Params, run_dir: Path) -> Params:
-    """`params` pointing at the store a command acting on `run_dir` must use: the store the
-    user named (`MLFLOW_TRACKING_URI`, `tracking.uri`), else the one the run records
-    (`RUN/mlflow_run.json`, else `RUN/model/lineage.json`), else this project's default.
+def run_store(store: Store, run_dir: Path) -> Store:
+    """The store a command acting on `run_dir` must use: `store` when the user named it
+    (`MLFLOW_TRACKING_URI`, `tracking.uri`), else the one the run records
+    (`RUN/mlflow_run.json`, else `RUN/model/lineage.json`), else `store` (this project's default).
 
     Working in another folder then neither splits a run's history over two stores nor
     creates an empty `mlflow.db` there. Announces a recorded store other than this
@@ -92,14 +64,14 @@ def run_store(params: Params, run_dir: Path) -> Params:
     is gone (and not this folder's default, which `connect` would create afresh): which
     store to use then is the user's to say.
     """
-    if store_is_named(params):
-        return params
+    if store.named:
+        return store
     record = RunRecord.read(run_dir)
     lineage = read_lineage(run_dir) if record is None else None
     recorded = record.tracking_uri if record else (lineage or {}).get("tracking_uri")
-    default = tracking_uri(params)
+    default = store.uri
     if not recorded or recorded == default:
-        return params
+        return store
     source = Path(run_dir) / (RUN_RECORD if record else f"{MODEL_SUBDIR}/{LINEAGE_FILE}")
     database = sqlite_path(recorded)
     if database is not None and not database.is_file():
@@ -110,7 +82,7 @@ def run_store(params: Params, run_dir: Path) -> Params:
         )
     announce(f"using the MLflow store {recorded} that {source} records (not {default}; "
              "MLFLOW_TRACKING_URI or tracking.uri names another)")
-    return with_store(params, recorded)
+    return replace(store, uri=recorded)
 
 
 def _logged_model_hash(client, run_id: str) -> str | None:

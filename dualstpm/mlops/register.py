@@ -1,39 +1,29 @@
-"""The model registry: a version per training, promotion to `champion` by evidence.
+"""Registration: a version per tested training, with the evidence promotion needs.
 
-One registered model per dataset and category, `dualstpm-<dataset>-<category>`. Every
-registered training becomes a new version with the alias `challenger`; its version tags
-carry what promotion needs (the test metrics of the view the model decides with, the
-hash of the evaluation data, the git commit, the run). `promote` moves `champion` only when the challenger beats the
-champion on the same evaluation data by a margin, or, for the first champion, when it
-reaches `tracking.promotion_floor`; every decision, either way, is written to the
-challenger's tags (who, when, values, data hash, reason).
+One registered model per dataset and category, `dualstpm-<dataset>-<category>`
+(`dualstpm.mlops.names`). Every registered training becomes a new version with the
+alias `challenger`; its version tags carry what promotion needs (the test metrics of the
+view the model decides with, the hash of the evaluation data, the git commit, the run).
+Promotion to `champion` is `dualstpm.mlops.promote`'s.
+
+The model is logged as an MLflow pyfunc *from code* (`mlflow_model.py`) through the
+client of the store alone (`_log_model`): no MLflow global tracking URI or active run is
+set, so registrations in parallel threads (a Prefect flow's tasks) cannot mix stores.
 
 Failure rules: a version is created marked `dualstpm.registration=incomplete` and marked
 `complete` only after its alias is set, so an interrupted registration leaves a version
 that says so; `promote` refuses it and the next registration of the run deletes it (a
-registration that fails with the store still answering deletes it at once). A promotion
-moves the alias before it tags the decision. Promotions of one model are serialised by a
-lock in the registry itself (creating a registered model is atomic in every MLflow store,
-and so is taking over a stale lock), so two racing promotions end as if they had run one
-after the other: the better model is champion. The dataset of a name is the data root
-folder the model was tested on (`tracking.dataset_name`).
+registration that fails with the store still answering deletes it at once).
 """
 
 from __future__ import annotations
 
-import getpass
 import importlib.metadata
 import io
 import json
 import shutil
-import socket
 import tempfile
 import time
-import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -43,50 +33,26 @@ from dualstpm.backends import run_export_dir
 from dualstpm.config import Params
 from dualstpm.data import list_images, read_image, resize_image
 from dualstpm.detector import CHOSEN_VIEW, read_chosen_fusion, read_model_dir
-from dualstpm.errors import ConfigError, RunError, TrackingError
-from dualstpm.files import json_text
+from dualstpm.errors import RunError, TrackingError
 from dualstpm.mlops.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, run_store
+from dualstpm.mlops.lock import LOCK_STALE_S
+from dualstpm.mlops.names import (
+    CHALLENGER,
+    CHAMPION,
+    COMPLETE,
+    INCOMPLETE,
+    PROMOTION_METRICS,
+    REGISTRATION_TAG,
+    model_name,
+)
+from dualstpm.mlops.runs import RunRecord
+from dualstpm.mlops.tracking import TAG, Store, connect, dataset_name, sqlite_path, tracking_errors
 from dualstpm.rundir import ABLATION_DIR, METRICS_FILE, MODEL_SUBDIR, OVERLAY_GRID, PLOTS_DIR, RUN_RECORD, SUMMARY_FILE
-from dualstpm.mlops.tracking import STORE_ANSWERED, TAG, RunRecord, connect, dataset_name, tracking_errors
 
-CHALLENGER = "challenger"
-CHAMPION = "champion"
-PROMOTION_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
-LOCK_SUFFIX = ".promotion-lock"
-LOCK_WAIT_S = 120.0
-LOCK_STALE_S = 600.0  # a lock older than this was left by a crashed promotion
-REGISTRATION_TAG = "dualstpm.registration"  # `incomplete` from a version's creation until its alias is set
-INCOMPLETE, COMPLETE = "incomplete", "complete"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 # What the logged model needs at inference, pinned to this environment (no 23 s inference).
 RUNTIME_PACKAGES = ("mlflow", "torch", "torchvision", "timm", "safetensors", "numpy", "pillow", "pandas",
                     "pyyaml", "pydantic", "scipy", "scikit-learn", "matplotlib", "rich", "onnxruntime")
-
-
-def model_name(data_root: Path | str, category: str) -> str:
-    """`dualstpm-<dataset>-<category>`: the registered model of `category` in `data_root`
-    (the dataset is the data root folder's own name, `tracking.dataset_name`)."""
-    return f"dualstpm-{dataset_name(data_root)}-{category}"
-
-
-def registered_name(client, category: str, data_root: Path | str | None = None) -> str:
-    """The registered model of `category`: of the data in `data_root` when given, else the
-    one `register` made for `category` (registered models carry `dualstpm.category`).
-
-    Raises RunError when there is none, or when several datasets have one (naming them:
-    `--data-root` chooses)."""
-    if data_root is not None:
-        return model_name(data_root, category)
-    with tracking_errors(client.tracking_uri, f"looking up the registered models of {category}"):
-        found = client.search_registered_models(filter_string=f"tags.`{TAG}category` = '{category}'")
-    if len(found) == 1:
-        return found[0].name
-    if not found:
-        raise RunError(f"no registered model of category {category!r} in {client.tracking_uri}: register one with "
-                       f"`dualstpm register --run RUN`, or name its data with --data-root DIR")
-    roots = ", ".join(f"{m.name} ({m.tags.get(f'{TAG}data_root', '?')})" for m in found)
-    raise RunError(f"category {category!r} has registered models for several datasets: {roots}; "
-                   "choose one with --data-root DIR (the data it was tested on)")
 
 
 def _pinned_requirements() -> list[str]:
@@ -158,7 +124,87 @@ def _version_tags(record: RunRecord, fused: dict, n_images: int, category: str, 
     return tags
 
 
-def register_run(run_dir: Path, params: Params, category: str):
+def _link_step_metrics(client, model_id: str, run_id: str, step: int = 0) -> None:
+    """Record the run's metrics of `step` for the logged model `model_id` too, as
+    `mlflow.pyfunc.log_model` does for the model of an active run (its page shows them)."""
+    from mlflow.entities import Metric
+
+    linked = [Metric(key=m.key, value=m.value, timestamp=m.timestamp, step=m.step, dataset_name=m.dataset_name,
+                     dataset_digest=m.dataset_digest, run_id=m.run_id, model_id=model_id)
+              for key in client.get_run(run_id).data.metrics
+              for m in client.get_metric_history(run_id, key) if m.step == step and m.model_id is None]
+    client.log_batch(run_id=run_id, metrics=linked)
+
+
+def _log_model(client, run, run_dir: Path, threshold: float, example: bytes):
+    """Log the model of `run_dir` as the pyfunc `model` of the MLflow `run`, through `client`
+    alone, as `mlflow.pyfunc.log_model` would into that run made active (a LoggedModel
+    with the run's params and MLflow's context tags, an output of the run, the run's
+    step-0 metrics) but without MLflow's global tracking URI or active run. The model is
+    saved from code (`mlflow_model.py`; the model directory and its ONNX export as
+    artifacts, a copy of the package, the signature, the input example `example`, pinned
+    requirements) in a temporary folder, then uploaded. Returns the LoggedModel, READY;
+    FAILED in the store when anything fails (raised)."""
+    import mlflow
+    import pandas as pd
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+    from mlflow.tracking.context.registry import resolve_tags
+
+    from dualstpm.mlops.mlflow_model import INPUT_COLUMN, ONNX_ARTIFACT
+
+    run_id = run.info.run_id
+    logged = client.create_logged_model(run.info.experiment_id, name="model", source_run_id=run_id,
+                                        tags=resolve_tags(), params=dict(run.data.params))
+    try:
+        client.log_outputs(run_id, models=[LoggedModelOutput(logged.model_id, step=0)])
+        _link_step_metrics(client, logged.model_id, run_id)
+        with tempfile.TemporaryDirectory(prefix="dualstpm-model-") as folder:
+            saved = Path(folder) / "model"
+            mlflow.pyfunc.save_model(
+                path=str(saved),
+                python_model=str(MODEL_CODE),
+                artifacts={MODEL_SUBDIR: str(run_dir / MODEL_SUBDIR), ONNX_ARTIFACT: str(run_export_dir(run_dir, "onnx"))},
+                code_paths=[_package_copy(Path(folder) / "code")],
+                signature=_signature(threshold),
+                input_example=pd.DataFrame({INPUT_COLUMN: [example]}),
+                pip_requirements=_pinned_requirements(),
+                mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id,
+                                   model_id=logged.model_id),
+            )
+            for cache in list(saved.rglob("__pycache__")):  # left by loading the model's code while saving it
+                shutil.rmtree(cache, ignore_errors=True)
+            client.log_model_artifacts(logged.model_id, str(saved))
+    except Exception:
+        client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+        raise
+    return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+
+def _new_version(client, name: str, logged, run_id: str, tags: dict[str, str]):
+    """A new version of the registered model `name` (created if need be) holding the
+    LoggedModel `logged`, with `tags`, and named in the LoggedModel's `mlflow.modelVersions`
+    tag, as `mlflow.register_model` does. Its source is `models:/<model id>` on a server, as
+    `mlflow.register_model` makes it; in an SQLite store the model's artifact location
+    (where a `models:/` source leads anyway), since MLflow's SQL registry looks a
+    `models:/` source up through the process's global tracking URI."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException as exc:
+        if exc.error_code not in ("RESOURCE_ALREADY_EXISTS", "ALREADY_EXISTS"):
+            raise
+    source = logged.artifact_location if sqlite_path(client.tracking_uri) else f"models:/{logged.model_id}"
+    version = client.create_model_version(name, source, run_id=run_id, tags=tags, model_id=logged.model_id)
+    linked = json.loads(logged.tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    client.set_logged_model_tags(logged.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps(
+        [*linked, {"name": version.name, "version": version.version}])})
+    return version
+
+
+def register_run(run_dir: Path, params: Params, category: str, *, store: Store):
     """Log the tested model of `run_dir` as a pyfunc (from code) in its MLflow run, register
     it as a new version of `dualstpm-<dataset>-<category>` and point `challenger` at it.
 
@@ -166,18 +212,15 @@ def register_run(run_dir: Path, params: Params, category: str):
     (`lineage.model_run`: the one `RUN/mlflow_run.json` names, or, for a model DVC restored
     from its cache, the one `RUN/model/lineage.json` names, whose logged test must then be
     `RUN/metrics.json`: `lineage.check_tested`) with its test logged. The store is the
-    run's own unless one is named (`lineage.run_store`); a store that does not exist is refused,
-    never created. The version carries `dualstpm.registration =
+    run's own unless `store` was named by the user (`lineage.run_store`); a store that
+    does not exist is refused, never created. The version carries `dualstpm.registration =
     incomplete` from its creation until its alias is set: an interrupted registration
     leaves it visibly marked, and the next registration of the same run deletes it.
     Returns the MLflow `ModelVersion`.
     """
-    import mlflow
-
     run_dir = Path(run_dir)
     model_dir, model_params, calibration = read_model_dir(run_dir)  # checks the model directory is complete
-    params = run_store(params, run_dir)
-    client = connect(params, create=False)
+    client = connect(run_store(store, run_dir), create=False)
     record, adopted = model_run(client, run_dir, category)
     if record is None or not record.eval_data_hash:
         on_disk = RunRecord.read(run_dir)
@@ -204,12 +247,14 @@ def register_run(run_dir: Path, params: Params, category: str):
         threshold = chosen.threshold if chosen else calibration.thresholds["fused"]  # the decision view, as Detector uses it
         evidence, evidence_source = _decision_evidence(run_dir, result, threshold, chosen)
     else:
-        evidence, evidence_source = _view_evidence(run_dir, result, view, calibration.thresholds[view])
+        threshold = calibration.thresholds[view]
+        evidence, evidence_source = _view_evidence(run_dir, result, view, threshold)
     if adopted:  # every check passed: the record names the run that trained these files from now on
         adopt_run(record, run_dir)
     uri = client.tracking_uri
     with tracking_errors(uri, f"reading run {record.run_id}"):
-        trained_by = client.get_run(record.run_id).data.tags
+        run = client.get_run(record.run_id)
+    trained_by = run.data.tags
     name = model_name(record.eval_data_root, category)  # named after the data it was tested on
     example, example_origin = _example_image(record, category, model_params.image_size, params.data.max_image_pixels)
     tags = {
@@ -220,24 +265,11 @@ def register_run(run_dir: Path, params: Params, category: str):
         MODEL_HASH_TAG: trained_by[MODEL_HASH_TAG],
         REGISTRATION_TAG: INCOMPLETE,
     }
-    from dualstpm.mlops.mlflow_model import ONNX_ARTIFACT
-
-    with tempfile.TemporaryDirectory(prefix="dualstpm-code-") as code_dir:
-        with tracking_errors(uri, f"logging the model of {run_dir}"), mlflow.start_run(run_id=record.run_id):
-            import pandas as pd
-
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=str(MODEL_CODE),
-                artifacts={MODEL_SUBDIR: str(run_dir / MODEL_SUBDIR), ONNX_ARTIFACT: str(run_export_dir(run_dir, "onnx"))},
-                code_paths=[_package_copy(Path(code_dir))],
-                signature=_signature(threshold),
-                input_example=pd.DataFrame({"image": [example]}),
-                pip_requirements=_pinned_requirements(),
-            )
+    with tracking_errors(uri, f"logging the model of {run_dir}"):
+        logged = _log_model(client, run, run_dir, threshold, example)
     with tracking_errors(uri, f"registering {name}"):
         _drop_incomplete(client, name, record.run_id)
-        version = mlflow.register_model(info.model_uri, name, tags=tags)  # created with its tags, marked incomplete
+        version = _new_version(client, name, logged, record.run_id, tags)  # created with its tags, marked incomplete
     try:
         with tracking_errors(uri, f"describing {name} version {version.version}"):
             for key, value in {f"{TAG}category": category, f"{TAG}dataset": tags[f"{TAG}dataset"],
@@ -350,252 +382,3 @@ def _drop_version(client, name: str, version: str) -> None:
         client.delete_model_version(name, version)
     except Exception:  # the store is what failed; the missing alias keeps the version out of use
         pass
-
-
-# --------------------------------------------------------------------------- promotion
-
-
-@dataclass
-class PromotionDecision:
-    """What `promote` decided, and why (the same facts are on the challenger's tags)."""
-
-    promoted: bool
-    reason: str
-    model_name: str
-    metric: str
-    challenger_version: str
-    challenger_value: float | None
-    champion_version: str | None  # the champion after the decision
-    previous_champion_version: str | None
-    champion_value: float | None  # the previous champion's value on the metric
-    data_hash: str
-    decided_by: str
-    decided_at: str
-
-    def facts(self) -> dict[str, object]:
-        return {k: v for k, v in asdict(self).items() if k != "model_name"}
-
-
-HISTORY_TAG = "promotion.history"
-HISTORY_LENGTH = 20
-
-
-def _record(client, challenger, decision: PromotionDecision) -> None:
-    """Tag the decision on the challenger: `promotion.<fact>` for the latest one (unless it
-    is a no-op on the current champion, which must keep the facts of its promotion) and
-    every decision in `promotion.history` (JSON, newest last)."""
-    name, version = decision.model_name, challenger.version
-    history = json.loads(challenger.tags.get(HISTORY_TAG) or "[]")[-(HISTORY_LENGTH - 1) :]
-    client.set_model_version_tag(name, version, HISTORY_TAG, json_text([*history, decision.facts()], indent=None))
-    if decision.previous_champion_version == str(version):
-        return
-    for key, value in decision.facts().items():
-        client.set_model_version_tag(name, version, f"promotion.{key}", "" if value is None else str(value))
-
-
-def _metric_value(version, metric: str) -> float | None:
-    raw = version.tags.get(f"metric.{metric}")
-    return None if raw in (None, "", "null") else float(raw)
-
-
-_MISSING = frozenset({"RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"})  # MLflow's "no such thing" error codes
-
-
-def _unless_missing(call, *args, missing: frozenset[str] = _MISSING):
-    """`call(*args)` against the registry, or None when the store answers with an error code
-    in `missing` (it does not exist); any other error is raised."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return call(*args)
-    except MlflowException as exc:
-        if exc.error_code in missing:
-            return None
-        raise
-
-
-def _alias(client, name: str, alias: str):
-    """The version `alias` points at, or None (no such model or alias)."""
-    return _unless_missing(client.get_model_version_by_alias, name, alias,
-                           missing=_MISSING | {"INVALID_PARAMETER_VALUE"})
-
-
-def _try_create(client, model: str, holder: str, token: str, description: str) -> bool:
-    """Create the registered model `model` (atomic in every MLflow store): True if we did,
-    False if it exists already."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        client.create_registered_model(model, tags={"holder": holder, "token": token}, description=description)
-        return True
-    except MlflowException as exc:
-        if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-            raise
-        return False
-
-
-def _get(client, model: str):
-    """The registered model `model`, or None when it does not exist."""
-    return _unless_missing(client.get_registered_model, model)
-
-
-def _takeover(lock: str, token: str) -> str:
-    """The registered model whose creation takes over the hold of `token` on `lock`."""
-    return f"{lock}.takeover-{token}"
-
-
-def _token(held) -> str:
-    """The token of a lock or takeover model (a lock made before tokens: its creation time)."""
-    return held.tags.get("token") or f"created-{held.creation_timestamp}"
-
-
-def _current_holder(client, lock: str):
-    """The registered model that holds `lock` now: the lock itself, or the last takeover of
-    it (each takeover is named after the token of the holder it replaced); None when free."""
-    held = _get(client, lock)
-    while held is not None:
-        taken = _get(client, _takeover(lock, _token(held)))
-        if taken is None:
-            return held
-        held = taken
-    return None
-
-
-def _version(client, name: str, version: str | int, category: str):
-    """Version `version` of `name`; RunError naming the versions there are when it does not exist."""
-    found = _unless_missing(client.get_model_version, name, str(version), missing=STORE_ANSWERED)
-    if found is not None:
-        return found
-    existing = sorted(int(v.version) for v in client.search_model_versions(f"name='{name}'"))
-    if not existing:
-        raise RunError(f"there is no registered model {name}, so no version {version}: register one with "
-                       f"`dualstpm register --run RUN --category {category}`")
-    raise RunError(f"{name} has no version {version}; its versions are {', '.join(map(str, existing))}. "
-                   f"Pass one of them to --version, or leave --version out to judge @{CHALLENGER}.")
-
-
-@contextmanager
-def promotion_lock(client, name: str, holder: str) -> Iterator[None]:
-    """Mutual exclusion across processes and machines: a registered model `<name>.promotion-lock`
-    exists while a promotion of `name` runs (creation fails for everyone else).
-
-    A holder older than LOCK_STALE_S crashed. Taking its lock over is a compare-and-set in
-    the store: creating `<lock>.takeover-<its token>`, which only one contender can do; the
-    winner holds the lock (the lock model stays) until it deletes the lock. Takeover models
-    are never deleted (their names are unique), so a late contender cannot win one twice.
-    """
-    lock = name + LOCK_SUFFIX
-    token = uuid.uuid4().hex
-    note = f"held while {holder} promotes {name}; delete {lock} only if no promotion is running"
-    deadline = time.monotonic() + LOCK_WAIT_S
-    while not _try_create(client, lock, holder, token, note):
-        held = _current_holder(client, lock)
-        if held is None:
-            continue  # released meanwhile: try again at once
-        if time.time() - held.creation_timestamp / 1000 > LOCK_STALE_S:
-            if _try_create(client, _takeover(lock, _token(held)), holder, token, note):
-                break
-            continue  # another contender won this takeover: look again
-        if time.monotonic() > deadline:
-            raise TrackingError(
-                f"another promotion of {name} holds the lock {lock} ({held.tags.get('holder', '?')}); "
-                f"if none is running, delete the registered model {lock} and try again"
-            )
-        time.sleep(0.1 + 0.2 * np.random.random())
-    try:
-        yield
-    finally:
-        _release(client, lock, token)
-
-
-def _release(client, lock: str, token: str) -> None:
-    """Delete `lock` unless our hold was taken over meanwhile (then the taker deletes it)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        if _get(client, _takeover(lock, token)) is None:
-            client.delete_registered_model(lock)
-    except MlflowException:
-        pass  # becomes stale and is taken over after LOCK_STALE_S
-
-
-def _decide(challenger, champion, metric: str, min_delta: float, floor: float) -> tuple[bool, str]:
-    """The promotion rule, on the two versions' tags."""
-    value = _metric_value(challenger, metric)
-    if value is None:
-        return False, f"the challenger has no {metric} (null for this data); choose another --metric"
-    if champion is None:
-        if value >= floor:
-            return True, f"first champion: {metric} {value:.4f} >= floor {floor:.4f}"
-        return False, f"{metric} {value:.4f} is below the floor {floor:.4f} (tracking.promotion_floor) for a first champion"
-    if str(champion.version) == str(challenger.version):  # int from SQLite, str from a server
-        return False, f"version {challenger.version} is already the champion"
-    ours, theirs = challenger.tags.get(f"{TAG}data_hash"), champion.tags.get(f"{TAG}data_hash")
-    if not ours or ours != theirs:
-        return False, (
-            f"not comparable: the challenger was evaluated on data {ours or '?'}, the champion "
-            f"(version {champion.version}) on {theirs or '?'}; test both on the same data"
-        )
-    best = _metric_value(champion, metric)
-    if best is None:
-        return False, f"the champion (version {champion.version}) has no {metric}; choose another --metric"
-    if value > best + min_delta:
-        return True, f"{metric} {value:.4f} beats the champion's {best:.4f} (version {champion.version}) by more than {min_delta:g}"
-    return False, f"{metric} {value:.4f} does not beat the champion's {best:.4f} (version {champion.version}) by more than {min_delta:g}"
-
-
-def promote(category: str, params: Params, metric: str = "image_auroc", min_delta: float = 0.0,
-            *, version: str | int | None = None, decided_by: str = "dualstpm.mlops.register.promote",
-            data_root: Path | str | None = None) -> PromotionDecision:
-    """Move `champion` to the challenger (or `version`) only if it beats the champion on the
-    same evaluation data by more than `min_delta` on `metric` of the view each version decides
-    with (`fused`, or an applied `chosen` fusion: its version tags); the first champion
-    must reach `tracking.promotion_floor`. The decision is tagged on the challenger either way.
-
-    The registered model is that of `category` in `data_root`, or without it the one
-    `register` made for `category` (`registered_name`). A version whose registration did
-    not complete is refused (RunError). The alias moves before the decision is tagged, so
-    a crash in between never leaves a version tagged promoted that is not champion."""
-    if metric not in PROMOTION_METRICS:
-        raise ConfigError(f"--metric {metric!r} is not a promotion metric; choose one of {', '.join(PROMOTION_METRICS)}")
-    if min_delta < 0:
-        raise ConfigError(f"--min-delta {min_delta} must be >= 0")
-    client = connect(params, create=False)
-    name = registered_name(client, category, data_root)
-    who = f"{decided_by} ({getpass.getuser()}@{socket.gethostname()})"
-    with tracking_errors(client.tracking_uri, f"promoting {name}"), promotion_lock(client, name, who):
-        if version is None:
-            challenger = _alias(client, name, CHALLENGER)
-            if challenger is None:
-                raise RunError(f"{name} has no '{CHALLENGER}' version: register one with `dualstpm register --run RUN --category {category}`")
-        else:
-            challenger = _version(client, name, version, category)
-        if challenger.tags.get(REGISTRATION_TAG) == INCOMPLETE:
-            raise RunError(
-                f"{name} version {challenger.version} is marked {REGISTRATION_TAG}={INCOMPLETE}: its registration "
-                f"was interrupted. Register the run again (`dualstpm register --run "
-                f"{challenger.tags.get(f'{TAG}run_dir', 'RUN')}`), which deletes it, then promote"
-            )
-        champion = _alias(client, name, CHAMPION)
-        promoted, reason = _decide(challenger, champion, metric, min_delta, params.tracking.promotion_floor)
-        previous = None if champion is None else str(champion.version)
-        decision = PromotionDecision(
-            promoted=promoted,
-            reason=reason,
-            model_name=name,
-            metric=metric,
-            challenger_version=str(challenger.version),
-            challenger_value=_metric_value(challenger, metric),
-            champion_version=str(challenger.version) if promoted else previous,
-            previous_champion_version=previous,
-            champion_value=None if champion is None else _metric_value(champion, metric),
-            data_hash=challenger.tags.get(f"{TAG}data_hash", ""),
-            decided_by=who,
-            decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        )
-        if promoted:  # the alias first: it is what serving reads, and a crash after it loses only tags
-            client.set_registered_model_alias(name, CHAMPION, challenger.version)
-        _record(client, challenger, decision)
-        if promoted and previous is not None:
-            client.set_model_version_tag(name, previous, "promotion.replaced_by", str(challenger.version))
-    return decision

@@ -38,9 +38,9 @@ from dualstpm.ablation import ablation_report, report_metrics
 from dualstpm.errors import RunError
 from dualstpm.figures import PRO_GRID
 from dualstpm.files import staged_dir, write_json, write_text
+from dualstpm.mlops.stages import metrics_table
 from dualstpm.model.fusion import VIEWS
 from dualstpm.rundir import ABLATION_DIR, AUC_TABLE, METRICS_FILE, OVERLAY_GRID, PLOTS_DIR, SUMMARY_FILE
-from dualstpm.mlops.stages import metrics_table
 
 REPORT_FOLDERS = ("metrics", "plots", "overlays")
 ABLATION_TABLE = "ablation.csv"

@@ -19,8 +19,12 @@ from dualstpm.detector import Calibration, read_model_dir
 from dualstpm.errors import DataError, RunError, TrackingError
 from dualstpm.evaluation import test_run
 from dualstpm.files import write_csv, write_json
-from dualstpm.mlops.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, model_sha256, record_model, run_store
 from dualstpm.metrics import category_means
+from dualstpm.mlops.hashing import data_version, folder_files, model_sha256
+from dualstpm.mlops.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, record_model, run_store
+from dualstpm.mlops.runs import CategoryRun, RunRecord, open_category_run, open_evaluation_run
+from dualstpm.mlops.tracking import TAG, Store, announce, connect, tracking_errors, with_store
+from dualstpm.project import params_for_data
 from dualstpm.rundir import (
     ABLATION_DIR,
     AUC_TABLE,
@@ -33,19 +37,6 @@ from dualstpm.rundir import (
     MODEL_SUBDIR,
     PLOTS_DIR,
     RUN_RECORD,
-)
-from dualstpm.mlops.tracking import (
-    TAG,
-    CategoryRun,
-    RunRecord,
-    announce,
-    connect,
-    data_version,
-    folder_files,
-    open_category_run,
-    open_evaluation_run,
-    params_for_data,
-    tracking_errors,
 )
 from dualstpm.training import FitResult, check_start, fit
 
@@ -97,25 +88,35 @@ def prepare_data(params: Params) -> Path:
     return root
 
 
-def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *,
+def in_run_store(params: Params, store: Store, run_dir: Path) -> tuple[Params, Store]:
+    """(params, store) of a command acting on `run_dir`: the store the run records unless the
+    user named `store` (`lineage.run_store`); when the run's store is used, the params the
+    run logs name it in `tracking.uri`."""
+    used = run_store(store, run_dir)
+    return (params if used == store else with_store(params, used.uri)), used
+
+
+def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *, store: Store,
                 resume: bool = False, overwrite: bool = False) -> FitResult:
-    """`training.fit` logged to MLflow: the category's parent run and a child per branch,
-    per-epoch losses, the selected epochs and thresholds.
+    """`training.fit` logged to MLflow in `store` (resolved at the entry point): the
+    category's parent run and a child per branch, per-epoch losses, the selected epochs and
+    thresholds.
 
     An unreachable store fails before training; a store lost during training does not stop
     it: the model is saved first, then the TrackingError says so and how to log it later.
     """
     check_start(run_dir, resume=resume, overwrite=overwrite)  # contradictory flags fail before the store opens
     if resume:  # continues the runs RUN records: in their store
-        params = run_store(params, run_dir)
-    connect(params)  # fail fast: nothing trained yet, nothing lost
+        params, store = in_run_store(params, store, run_dir)
+    client = connect(store)  # fail fast: nothing trained yet, nothing lost
     tracked = params_for_data(params, data_root)
     opened: list[CategoryRun] = []
     failures: list[TrackingError] = []
 
     def run() -> CategoryRun:  # opened at the first epoch, so a fit refused up front leaves no run behind
         if not opened:
-            opened.append(open_category_run(tracked, run_dir, category, data_root, reuse=resume, source="dualstpm fit"))
+            opened.append(open_category_run(client, tracked, run_dir, category, data_root, reuse=resume,
+                                            source="dualstpm fit"))
         return opened[0]
 
     def on_epoch(record: dict[str, float]) -> None:
@@ -152,13 +153,14 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
 
 
 def tracked_test(params: Params, run_dir: Path, data_root: Path, category: str, device: str = "auto",
-                 *, new_evaluation: bool = False) -> dict:
+                 *, store: Store, new_evaluation: bool = False) -> dict:
     """:func:`tracked_evaluation`'s metrics (metrics.json's content)."""
-    return tracked_evaluation(params, run_dir, data_root, category, device, new_evaluation=new_evaluation)[0]
+    return tracked_evaluation(params, run_dir, data_root, category, device, store=store,
+                              new_evaluation=new_evaluation)[0]
 
 
 def tracked_evaluation(params: Params, run_dir: Path, data_root: Path, category: str, device: str = "auto",
-                       *, new_evaluation: bool = False) -> tuple[dict, Path]:
+                       *, store: Store, new_evaluation: bool = False) -> tuple[dict, Path]:
     """`evaluation.test_run` logged to MLflow into the run that trained the model (or a new
     one, filled from the run directory's files, when there is none in this store): the
     metrics of the fused model and each branch, the AUC table, curves and overlays, the
@@ -167,7 +169,7 @@ def tracked_evaluation(params: Params, run_dir: Path, data_root: Path, category:
 
     Runs are described by the model's own params (what was trained); only the `tracking`
     section comes from `params` (where to log now), and the store is the run's own unless
-    one is named (`lineage.run_store`). The model runs on `device` (`auto`: the GPU when
+    the user named `store` (`lineage.run_store`). The model runs on `device` (`auto`: the GPU when
     there is one), whatever device it was trained on.
 
     A run directory's first evaluation fills the run directory (`metrics.json`, `plots/`,
@@ -177,15 +179,15 @@ def tracked_evaluation(params: Params, run_dir: Path, data_root: Path, category:
     `RUN/evaluations/<data hash>/`, logged as a child run of the model's run, and the
     first evaluation stays as it is. Another category is refused before anything is written.
     """
-    params = run_store(params, run_dir)
+    params, store = in_run_store(params, store, run_dir)
     run_dir = Path(run_dir)
-    client = connect(params)  # an unreachable store fails before any work
+    client = connect(store)  # an unreachable store fails before any work
     evaluation_hash, evaluation_files = data_version(data_root, category)
     record, adopted = model_run(client, run_dir, category)
     folder = evaluation_folder(run_dir, record, category, evaluation_hash, data_root, new_evaluation)
     if adopted:
         adopt_run(record, run_dir)
-    run, calibration = open_model_run(params, run_dir, category, data_root, "dualstpm test", record)
+    run, calibration = open_model_run(client, params, run_dir, category, data_root, "dualstpm test", record)
     try:
         result = test_run(run_dir, data_root, category, max_pixels=params.data.max_image_pixels, device=device,
                           out_dir=folder)
@@ -289,31 +291,32 @@ def logged_after_saving(saved: str, again: str) -> Iterator[None]:
                             f"`{again}` runs again and logs the results.") from exc
 
 
-def open_model_run(params: Params, run_dir: Path, category: str, data_root: Path, source: str,
+def open_model_run(client, params: Params, run_dir: Path, category: str, data_root: Path, source: str,
                    record: RunRecord | None) -> tuple[CategoryRun, Calibration]:
-    """The MLflow run of a trained model and its calibration: `record` (`lineage.model_run`'s
-    answer), or when there is none a run made now, which becomes the model's run.
+    """The MLflow run of a trained model in the store of `client`, and its calibration:
+    `record` (`lineage.model_run`'s answer), or when there is none a run made now, which
+    becomes the model's run.
 
     Logged with the model's own params, except the `tracking` section, which comes from
     `params` (where to log now)."""
     _, trained, calibration = read_model_dir(run_dir)
     if record is not None:
-        return CategoryRun(connect(params), record, Path(run_dir), created=False), calibration
+        return CategoryRun(client, record, Path(run_dir), created=False), calibration
     trained = trained.model_copy(update={"tracking": params.tracking})
-    run = open_category_run(params_for_data(trained, data_root), run_dir, category, data_root,
+    run = open_category_run(client, params_for_data(trained, data_root), run_dir, category, data_root,
                             reuse=False, source=source)
     record_model(run)
     return run, calibration
 
 
-def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
+def tracked_ablate(params: Params, run_dir: Path, *, store: Store) -> AblationResult:
     """`ablation.ablate` (with `params.ablation`) logged to MLflow into the run `dualstpm test`
     logged: STPM alone, the published and the chosen fusion and the oracle as `ablation.*`
     metrics, the adoption margin as `ablation.margin.*`, the choice as tags, the table as one MLflow table, and `RUN/ablation/` and
     `model/fusion.json` as artifacts.
     """
-    params = run_store(params, run_dir)
-    client = connect(params)
+    params, store = in_run_store(params, store, run_dir)
+    client = connect(store)
     run_dir = Path(run_dir)
     category = read_model_dir(run_dir)[2].category
     record, adopted = model_run(client, run_dir, category)
@@ -323,7 +326,7 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
     if adopted:  # a model DVC restored: its stored maps must be its own test's
         check_tested(client, record, run_dir)
         adopt_run(record, run_dir)
-    run, _ = open_model_run(params, run_dir, record.eval_category or category, Path(record.eval_data_root),
+    run, _ = open_model_run(client, params, run_dir, record.eval_category or category, Path(record.eval_data_root),
                             "dualstpm ablate", record)
     result = ablate(run_dir, params.ablation)
     summary = result.summary

@@ -60,7 +60,8 @@ def describe_run(run: Path) -> dict[str, Any]:
     """What `--run RUN` says about the model: its folder, the model files' sha256 (the
     hash the fit logs as ``dualstpm.model_sha256``) and its MLflow run when it has one.
     Raises RunError when RUN is not a trained model."""
-    from dualstpm.mlops.lineage import model_sha256, read_lineage
+    from dualstpm.mlops.hashing import model_sha256
+    from dualstpm.mlops.lineage import read_lineage
 
     model_dir = trained_model_dir(run)
     lineage = read_lineage(run)
