@@ -593,7 +593,8 @@ def monitor(
     Exits with 3 when a batch drifts or raises too many alarms (docs/loop.md)."""
     trained_model_dir(run)  # a wrong run fails before torch loads
     from dualstpm.mlops.tracking import entry_store
-    from dualstpm.monitor import Bounds, run_monitor
+    from dualstpm.mlops.monitoring import run_monitor
+    from dualstpm.monitor import Bounds
 
     bounds = Bounds(ks_p, ks_statistic, alarm_p, expected_defect_rate)
     store = entry_store(resolve_params(params, overrides)) if mlflow else None

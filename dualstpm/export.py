@@ -37,7 +37,7 @@ from dualstpm.errors import ExportError
 from dualstpm.files import staged_dir, write_json
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES
 from dualstpm.progress import stage
-from dualstpm.rundir import MODEL_SUBDIR, PARAMS_FILE
+from dualstpm.rundir import MODEL_SUBDIR, PARAMS_FILE, RunDir, read_optional_json
 
 FORMATS = ("onnx", "openvino", "torchscript")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -235,9 +235,7 @@ def validation_images(detector: Detector, data_root: Path | None, run_dir: Path)
 
 def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quantization: dict | None) -> dict:
     """What a user of the export needs besides the graph, and where it came from."""
-    from dualstpm.mlops.runs import RunRecord
-
-    record = RunRecord.read(run_dir)
+    record = read_optional_json(RunDir(run_dir).run_record, "delete it and run `dualstpm test` again") or {}
     size = detector.image_size
     return {
         "format": fmt,
@@ -269,8 +267,8 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         "source": {
             "run_dir": str(Path(run_dir).resolve()),
             "category": detector.calibration.category,
-            "mlflow_run_id": record.run_id if record else None,
-            "data_hash": record.eval_data_hash if record else None,
+            "mlflow_run_id": record.get("run_id"),
+            "data_hash": record.get("eval_data_hash"),
             "teachers": [detector.params.model.t1.name, detector.params.model.t2.name],
         },
         "packages": _versions(),

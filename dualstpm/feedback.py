@@ -90,7 +90,8 @@ from dualstpm.data.images import IMAGE_SUFFIXES
 from dualstpm.errors import DataError
 from dualstpm.files import file_digest, fsync_dir, umask_mode
 from dualstpm.paths import category_dir
-from dualstpm.review.log import LOG_FILE, ReviewLog, review_dir
+from dualstpm.review.log import ReviewLog
+from dualstpm.rundir import LOG_FILE, review_dir
 
 PROVENANCE_FILE = "feedback.jsonl"
 PROVENANCE_SCHEMA = 1

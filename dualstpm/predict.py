@@ -22,8 +22,7 @@ from dualstpm.model.inference import Scorer
 from dualstpm.monitor import write_batch_summary
 from dualstpm.overlays import decision_label, draw_overlay, overlay_scale
 from dualstpm.progress import stage
-from dualstpm.review.log import LOG_FILE, review_dir
-from dualstpm.rundir import OVERLAY_COLUMN, PREDICTIONS_FILE
+from dualstpm.rundir import LOG_FILE, OVERLAY_COLUMN, PREDICTIONS_FILE, review_dir
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:

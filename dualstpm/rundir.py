@@ -70,6 +70,8 @@ EXPORTS_DIR = "exports"
 # --------------------------------------------------------------------------- a predictions folder
 PREDICTIONS_FILE = "predictions.csv"  # the table `dualstpm predict --out` writes (read by review, monitor)
 OVERLAY_COLUMN = "overlay"  # its column naming each row's overlay file in the same folder
+REVIEW_DIR = "review"  # PREDICTIONS_DIR/review/: the inspectors' verdicts (`dualstpm review`)
+LOG_FILE = "verdicts.jsonl"  # in it: the review log
 
 #: each DVC stage's outputs inside `runs/<category>/`, as `dvc.yaml` declares them
 STAGE_OUTPUTS: Mapping[str, tuple[str, ...]] = {
@@ -171,6 +173,11 @@ class RunDir:
     def export(self, fmt: str, precision: str) -> Path:
         """`RUN/exports/<format>-<precision>/`."""
         return self.path / EXPORTS_DIR / f"{fmt}-{precision}"
+
+
+def review_dir(predictions_dir: Path | str) -> Path:
+    """The review folder of a predictions folder: ``PREDICTIONS_DIR/review``."""
+    return Path(predictions_dir) / REVIEW_DIR
 
 
 def trained_model_dir(run_dir: Path | str) -> Path:

@@ -2,7 +2,7 @@
 
     python -m flows.monitor --run runs/bottle preds/monday preds/tuesday [--retrain-on-alarm]
 
-The flow runs :func:`dualstpm.monitor.run_monitor` (report folder, MLflow run) and, when a
+The flow runs :func:`dualstpm.mlops.monitoring.run_monitor` (report folder, MLflow run) and, when a
 batch drifts or raises too many alarms, emits the Prefect event `EVENT` (resource
 ``dualstpm.model.<category>``, payload: the batches that crossed with their figures), seen
 in the UI's event feed; a Prefect automation can match it to notify someone or to run the
@@ -22,7 +22,8 @@ from prefect.events import emit_event
 from dualstpm.config import load_params
 from dualstpm.errors import NOT_DONE_EXIT
 from dualstpm.mlops.tracking import entry_store
-from dualstpm.monitor import Bounds, run_monitor
+from dualstpm.mlops.monitoring import run_monitor
+from dualstpm.monitor import Bounds
 from flows.pipeline import entry_point, run_options
 
 EVENT = "dualstpm.monitor.bound-crossed"

@@ -22,7 +22,8 @@ from PIL import Image
 
 from dualstpm.errors import DataError
 from dualstpm.feedback import PROVENANCE_FILE, apply_feedback
-from dualstpm.review.log import ReviewLog, new_entry, review_dir, save_mask
+from dualstpm.review.log import ReviewLog, new_entry, save_mask
+from dualstpm.rundir import review_dir
 
 SIZE = 16
 MODEL = {"run": "/runs/cat", "weights_sha256": "ab" * 32, "mlflow_run_id": None}

@@ -23,6 +23,7 @@ import pytest
 from PIL import Image, ImageEnhance
 
 from dualstpm.errors import DataError
+from dualstpm.mlops.monitoring import run_monitor
 from dualstpm.monitor import (
     BATCH_FILE,
     MONITOR_DIR,
@@ -32,11 +33,11 @@ from dualstpm.monitor import (
     drift_test,
     override_rate,
     read_batch,
-    run_monitor,
     validation_scores,
     write_batch_summary,
 )
-from dualstpm.review.log import ReviewLog, new_entry, review_dir
+from dualstpm.review.log import ReviewLog, new_entry
+from dualstpm.rundir import review_dir
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dualstpm.errors import ConfigError, RunError
-from dualstpm.review.log import ReviewLog, ReviewLogError, VerdictError, new_entry, review_dir, save_mask
+from dualstpm.review.log import ReviewLog, ReviewLogError, VerdictError, new_entry, save_mask
 from dualstpm.review.parts import Part, Predictions, load_predictions, review_order
-from dualstpm.rundir import trained_model_dir
+from dualstpm.rundir import review_dir, trained_model_dir
 
 HERE = Path(__file__).parent
 MAX_PAGE = 200  # parts per /api/parts request

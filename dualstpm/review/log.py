@@ -64,10 +64,9 @@ from PIL import Image
 
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file, file_digest, fsync_dir
+from dualstpm.rundir import LOG_FILE
 
 SCHEMA_VERSION = 1
-REVIEW_DIR = "review"
-LOG_FILE = "verdicts.jsonl"
 MASK_DIR = "masks"
 VERDICTS = ("good", "defective")
 REQUIRED_KEYS = ("schema", "id", "time", "reviewer", "image", "verdict")
@@ -80,11 +79,6 @@ class ReviewLogError(DataError):
 
 class VerdictError(DataError):
     """A verdict that cannot be recorded (missing image, bad mask); nothing was written."""
-
-
-def review_dir(predictions_dir: Path | str) -> Path:
-    """The review folder of a predictions folder: ``PREDICTIONS_DIR/review``."""
-    return Path(predictions_dir) / REVIEW_DIR
 
 
 def image_key(path: Path | str) -> str:
