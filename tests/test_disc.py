@@ -28,7 +28,7 @@ from dualstpm.detector import Detector
 from dualstpm.errors import ConfigError, RunError
 from dualstpm.evaluation import evaluate_detector
 from dualstpm.model.discriminator import LOG_EPS, Discriminator, pooled_log
-from dualstpm.rundir import DISC_WEIGHTS_FILE
+from dualstpm.rundir import DISC_HISTORY_FILE, DISC_WEIGHTS_FILE
 from dualstpm.training import training_signature
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -160,7 +160,7 @@ def test_the_stage_never_sees_test_or_validation_defects(disc_fit, synthetic_roo
 
 def test_fit_records_the_stage_and_evaluation_reports_it(disc_fit, synthetic_root: Path):
     run_dir, result = disc_fit["run_dir"], disc_fit["result"]
-    assert (run_dir / "model" / DISC_WEIGHTS_FILE).is_file() and (run_dir / disc_training.DISC_HISTORY_FILE).is_file()
+    assert (run_dir / "model" / DISC_WEIGHTS_FILE).is_file() and (run_dir / DISC_HISTORY_FILE).is_file()
     assert result.disc_seconds is not None and result.disc_seconds > 0
     assert "disc" in result.thresholds
     # the fit's last line names the view the model decides with and that view's threshold, not fused's
