@@ -27,6 +27,7 @@ from torch import Tensor
 from dualstpm.compute import INFERENCE_PRECISION, Compute
 from dualstpm.config import FusionParams, ModelParams, Params, ScoreParams, load_params, params_yaml
 from dualstpm.errors import RunError
+from dualstpm.files import write_json
 from dualstpm.model.calibration import false_alarm_bound
 from dualstpm.model.discriminator import Discriminator
 from dualstpm.model.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec
@@ -44,7 +45,6 @@ from dualstpm.rundir import (
     read_weights,
     trained_model_dir,
     weights_bytes,
-    write_json,
     write_model_dir,
 )
 

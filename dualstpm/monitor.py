@@ -58,7 +58,7 @@ from dualstpm.errors import NOT_DONE_EXIT, DataError
 from dualstpm.files import atomic_file, json_ready, staged_dir, write_json, write_text
 from dualstpm.review.log import ReviewLog
 from dualstpm.review.parts import numeric_columns
-from dualstpm.rundir import LOG_FILE, PREDICTIONS_FILE, RunDir, read_optional_json, review_dir
+from dualstpm.rundir import LOG_FILE, PREDICTIONS_FILE, read_lineage, review_dir
 
 MONITOR_DIR = "monitor"
 BATCH_FILE = "batch.json"
@@ -222,7 +222,7 @@ def validation_scores(run_dir: Path | str) -> Reference:
     fingerprint = check_same_model(run_dir, val)
     view = detector.decision_view
     scores = detector.inference.views.stack(val.maps, view)[1]
-    lineage = read_optional_json(RunDir(run_dir).lineage, "train the model again (`dualstpm fit ... --overwrite`)") or {}
+    lineage = read_lineage(run_dir) or {}
     return Reference(str(run_dir.resolve()), detector.calibration.category, view, float(detector.threshold),
                      float(detector.calibration.false_alarm_rate), detector.calibration.false_alarm_bound,
                      scores, fingerprint, lineage.get("run_id"))

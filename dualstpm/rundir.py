@@ -206,11 +206,18 @@ def read_optional_json(path: Path, fix: str, error: type[Exception] = RunError) 
     return read_json(path, fix, error) if Path(path).is_file() else None
 
 
-def write_json(path: Path, data: Any) -> Path:
-    """Write strict JSON atomically (`files.write_json`)."""
-    from dualstpm.files import write_json as write
-
-    return write(path, data)
+def read_lineage(run_dir: Path | str) -> dict[str, str] | None:
+    """`RUN/model/lineage.json` ({"tracking_uri", "run_id"}: the MLflow run that trained the
+    model files); None when the model has none. Raises RunError for a damaged file."""
+    path = RunDir(run_dir).lineage
+    fix = "train the model again (`dualstpm fit ... --overwrite`)"
+    data = read_optional_json(path, fix)
+    if data is None:
+        return None
+    try:
+        return {"tracking_uri": str(data["tracking_uri"]), "run_id": str(data["run_id"])}
+    except (KeyError, TypeError) as exc:
+        raise RunError(f"{path} is damaged ({exc}): {fix}") from None
 
 
 def read_weights(path: Path) -> dict[str, Tensor]:
@@ -233,7 +240,7 @@ def write_model_dir(run_dir: Path | str, weights: bytes, params_yaml: str, calib
     """Write `RUN/model/` atomically (`files.staged_dir`: built in a hidden sibling and swapped
     in whole): weights, optional discriminator weights, params and calibration. Returns the
     model directory."""
-    from dualstpm.files import staged_dir, write_bytes, write_text
+    from dualstpm.files import staged_dir, write_bytes, write_json, write_text
 
     final = RunDir(run_dir).model
     with staged_dir(final) as staging:

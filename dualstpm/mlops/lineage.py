@@ -27,21 +27,9 @@ from dualstpm.files import file_digest, write_json
 from dualstpm.mlops.hashing import model_sha256
 from dualstpm.mlops.runs import METRICS_HASH_TAG, CategoryRun, RunRecord, existing_record
 from dualstpm.mlops.tracking import TAG, Store, announce, sqlite_path, tracking_errors
-from dualstpm.rundir import LINEAGE_FILE, MODEL_SUBDIR, RUN_RECORD, RunDir, read_optional_json
+from dualstpm.rundir import LINEAGE_FILE, MODEL_SUBDIR, RUN_RECORD, RunDir, read_lineage
 
 MODEL_HASH_TAG = f"{TAG}model_sha256"
-
-
-def read_lineage(run_dir: Path) -> dict | None:
-    """`RUN/model/lineage.json` ({"tracking_uri", "run_id"}); None when the model has none."""
-    path = RunDir(run_dir).lineage
-    data = read_optional_json(path, "train the model again (`dualstpm fit ... --overwrite`)")
-    if data is None:
-        return None
-    try:
-        return {"tracking_uri": str(data["tracking_uri"]), "run_id": str(data["run_id"])}
-    except (ValueError, KeyError, TypeError) as exc:
-        raise RunError(f"{path} is damaged ({exc}): train the model again (`dualstpm fit ... --overwrite`)") from None
 
 
 def record_model(run: CategoryRun, log_hash: bool = True) -> None:

@@ -61,7 +61,7 @@ def describe_run(run: Path) -> dict[str, Any]:
     hash the fit logs as ``dualstpm.model_sha256``) and its MLflow run when it has one.
     Raises RunError when RUN is not a trained model."""
     from dualstpm.mlops.hashing import model_sha256
-    from dualstpm.mlops.lineage import read_lineage
+    from dualstpm.rundir import read_lineage
 
     model_dir = trained_model_dir(run)
     lineage = read_lineage(run)
