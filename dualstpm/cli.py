@@ -521,6 +521,7 @@ def review(
     """The inspector's review page: mark each scored part good or defective (note, mask), sorted
     by what needs a look first; every verdict goes at once to PREDICTIONS_DIR/review/verdicts.jsonl
     (docs/review.md)."""
+    from dualstpm.mlops.scored_by import scored_by
     from dualstpm.review.app import default_reviewer, open_review, serve
 
     def registry():
@@ -528,7 +529,8 @@ def review(
 
         return connect(entry_store(resolve_params(params, overrides)), create=False)  # a wrong folder: no empty store
 
-    session = open_review(predictions, reviewer or default_reviewer(), run=run, model=model, registry=registry, base=base)
+    describe = scored_by(run, model, registry)  # the cheap checks first: a typo is named at once
+    session = open_review(predictions, reviewer or default_reviewer(), describe, base=base)
     serve(session, host, port, say=lambda line: out.print(line, highlight=False, soft_wrap=True))
 
 

@@ -30,7 +30,8 @@ from PIL import Image
 
 from conftest import PROJECT_ROOT
 from dualstpm.errors import ConfigError, DataError, RunError
-from dualstpm.review.app import ReviewSession, create_app, listening_socket, parse_model_spec
+from dualstpm.mlops.scored_by import parse_model_spec
+from dualstpm.review.app import ReviewSession, create_app, listening_socket
 from dualstpm.review.log import (
     LOG_FILE,
     MASK_DIR,
@@ -425,7 +426,7 @@ def test_a_taken_port_and_a_malformed_model_name_are_refused_clearly():
 def test_a_registered_model_version_is_resolved_from_the_registry(mlflow_server):
     from mlflow import MlflowClient
 
-    from dualstpm.review.app import describe_registered
+    from dualstpm.mlops.scored_by import describe_registered
 
     client = MlflowClient(mlflow_server.uri)
     run = client.create_run(client.create_experiment("review-test"))

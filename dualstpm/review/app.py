@@ -35,7 +35,7 @@ from typing import Any, Literal
 from dualstpm.errors import ConfigError, RunError
 from dualstpm.review.log import ReviewLog, ReviewLogError, VerdictError, new_entry, save_mask
 from dualstpm.review.parts import Part, Predictions, load_predictions, review_order
-from dualstpm.rundir import review_dir, trained_model_dir
+from dualstpm.rundir import review_dir
 
 HERE = Path(__file__).parent
 MAX_PAGE = 200  # parts per /api/parts request
@@ -54,59 +54,6 @@ def default_reviewer() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         raise ConfigError("cannot tell who you are (no login name): pass --reviewer NAME") from None
-
-
-def describe_run(run: Path) -> dict[str, Any]:
-    """What `--run RUN` says about the model: its folder, the model files' sha256 (the
-    hash the fit logs as ``dualstpm.model_sha256``) and its MLflow run when it has one.
-    Raises RunError when RUN is not a trained model."""
-    from dualstpm.mlops.hashing import model_sha256
-    from dualstpm.rundir import read_lineage
-
-    model_dir = trained_model_dir(run)
-    lineage = read_lineage(run)
-    return {"run": str(Path(run).absolute()), "model_sha256": model_sha256(model_dir),
-            "mlflow_run_id": lineage["run_id"] if lineage else None}
-
-
-def parse_model_spec(spec: str) -> tuple[str, str | None, str | None]:
-    """``NAME@ALIAS`` or ``NAME/VERSION`` (``models:/`` prefix allowed) -> (name, alias, version).
-    Raises ConfigError for anything else."""
-    text = spec.removeprefix("models:/")
-    if "@" in text:
-        name, alias = text.rsplit("@", 1)
-        if name and alias:
-            return name, alias, None
-    elif "/" in text:
-        name, version = text.rsplit("/", 1)
-        if name and version.isdigit():
-            return name, None, version
-    raise ConfigError(f"--model {spec!r} is neither NAME@ALIAS nor NAME/VERSION: e.g. "
-                      "--model dualstpm-mvtec-bottle@champion")
-
-
-def describe_registered(spec: str, client) -> dict[str, Any]:
-    """The registered model version `spec` names (:func:`parse_model_spec`), resolved in
-    the registry `client` talks to. Raises RunError when the model, alias or version does
-    not exist, TrackingError when the registry cannot be reached."""
-    from mlflow.exceptions import MlflowException
-
-    from dualstpm.mlops.tracking import STORE_ANSWERED, tracking_errors
-
-    name, alias, version = parse_model_spec(spec)
-    with tracking_errors(client.tracking_uri, f"resolving {spec}"):
-        try:
-            found = client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, version)
-        except MlflowException as exc:
-            if exc.error_code not in STORE_ANSWERED:
-                raise
-            found = None  # the registry answered: no such model, alias or version
-    if found is None:
-        raise RunError(f"the registry at {client.tracking_uri} has no {spec} (no such model, "
-                       f"{'alias' if alias else 'version'}): list them with "
-                       "`mlflow models search` or the MLflow UI, or review with --run RUN instead")
-    return {"registered_model": name, "alias": alias, "version": str(found.version),
-            "mlflow_run_id": found.run_id, "tracking_uri": client.tracking_uri}
 
 
 @dataclass
@@ -176,29 +123,16 @@ class ReviewSession:
         return self._view(part, self.log.current(), self.log.history())
 
 
-def open_review(folder: Path, reviewer: str, *, run: Path | None = None, model: str | None = None,
-                registry: Callable[[], Any] | None = None, base: Path | None = None) -> ReviewSession:
-    """The review of `folder` by `reviewer`, of predictions made by `run` (a run directory)
-    or `model` (NAME@ALIAS or NAME/VERSION, resolved in the registry the zero-argument
-    `registry` connects to). The cheap checks come first, so a typo, a missing table or a
-    hand-broken log is named before the registry is contacted. Raises ConfigError (neither
-    or both of run/model, a malformed model name), DataError (the predictions or the log),
-    RunError (no such run, model version) or TrackingError (the registry is unreachable)."""
-    if (run is None) == (model is None):
-        raise ConfigError("name the model that scored the predictions: --run RUN or --model NAME@ALIAS (one of them)")
-    if model is not None:
-        parse_model_spec(model)
-    else:
-        trained_model_dir(run)
+def open_review(folder: Path, reviewer: str, scored_by: Callable[[], dict[str, Any]],
+                base: Path | None = None) -> ReviewSession:
+    """The review of `folder` by `reviewer`; `scored_by()` describes the model that scored
+    the predictions (:func:`dualstpm.mlops.scored_by.scored_by`, whose cheap checks the
+    caller has already run). The predictions and the log are read first, so a missing
+    table or a hand-broken log is named before the registry is contacted. Raises
+    DataError (the predictions or the log), and whatever `scored_by` raises."""
     predictions = load_predictions(folder, base)
     ReviewLog(review_dir(folder)).refresh()
-    if run is not None:
-        scored_by = describe_run(run)
-    else:
-        if registry is None:
-            raise ValueError("a registry connection is needed to resolve --model")
-        scored_by = describe_registered(model, registry())
-    return ReviewSession(predictions, reviewer, scored_by)
+    return ReviewSession(predictions, reviewer, scored_by())
 
 
 def allowed_hosts(host: str) -> list[str]:
