@@ -336,6 +336,7 @@ def tracked_ablate(params: Params, run_dir: Path) -> AblationResult:
             f"{TAG}ablation.adopted": str(summary["fused_chosen"]["adopted"]).lower(),
             f"{TAG}ablation.applied": str(summary["applied"]).lower(),
             f"{TAG}ablation.oracle": (summary["oracle"] or {}).get("config", "none"),
+            f"{TAG}ablation.evidence": summary["selection_set"]["validation_evidence"],
         })
         with tracking_errors(client.tracking_uri, "logging the ablation table"):
             client.log_table(run.run_id, data=result.table, artifact_file=f"{ABLATION_DIR}/table.json")
