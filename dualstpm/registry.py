@@ -6,7 +6,10 @@ carry what promotion needs (the test metrics of the view the model decides with,
 hash of the evaluation data, the git commit, the run). `promote` moves `champion` only when the challenger beats the
 champion on the same evaluation data by a margin, or, for the first champion, when it
 reaches `tracking.promotion_floor`; every decision, either way, is written to the
-challenger's tags (who, when, values, data hash, reason).
+challenger's tags (who, when, values, data hash, reason, and the evidence its caller
+measured, e.g. the retrain flow's false alarms on reviewed parts). A champion evaluated on
+other data than the challenger is compared through its re-score on the challenger's data
+when one is tagged on it (`RESCORED_TAG`: `dualstpm.retraining.rescore_champion`).
 
 Failure rules: a version is created marked `dualstpm.registration=incomplete` and marked
 `complete` only after its alias is set, so an interrupted registration leaves a version
@@ -58,6 +61,8 @@ LOCK_SUFFIX = ".promotion-lock"
 LOCK_WAIT_S = 120.0
 LOCK_STALE_S = 600.0  # a lock older than this was left by a crashed promotion
 REGISTRATION_TAG = "dualstpm.registration"  # `incomplete` from a version's creation until its alias is set
+#: `<RESCORED_TAG><data hash>`: JSON test metrics of a version re-tested on that data (its decision view)
+RESCORED_TAG = f"{TAG}rescored."
 INCOMPLETE, COMPLETE = "incomplete", "complete"
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 # What the logged model needs at inference, pinned to this environment (no 23 s inference).
@@ -373,9 +378,12 @@ class PromotionDecision:
     data_hash: str
     decided_by: str
     decided_at: str
+    #: what the caller measured beside the metric (JSON-ready), tagged as `promotion.evidence`; None: nothing
+    evidence: dict | None = None
 
     def facts(self) -> dict[str, object]:
-        return {k: v for k, v in asdict(self).items() if k != "model_name"}
+        """What is tagged: every field but the model's name (and `evidence` when there is none)."""
+        return {k: v for k, v in asdict(self).items() if k != "model_name" and not (k == "evidence" and v is None)}
 
 
 HISTORY_TAG = "promotion.history"
@@ -392,7 +400,8 @@ def _record(client, challenger, decision: PromotionDecision) -> None:
     if decision.previous_champion_version == str(version):
         return
     for key, value in decision.facts().items():
-        client.set_model_version_tag(name, version, f"promotion.{key}", "" if value is None else str(value))
+        text = "" if value is None else json_text(value, indent=None) if isinstance(value, dict) else str(value)
+        client.set_model_version_tag(name, version, f"promotion.{key}", text)
 
 
 def _metric_value(version, metric: str) -> float | None:
@@ -420,6 +429,9 @@ def _alias(client, name: str, alias: str):
     """The version `alias` points at, or None (no such model or alias)."""
     return _unless_missing(client.get_model_version_by_alias, name, alias,
                            missing=_MISSING | {"INVALID_PARAMETER_VALUE"})
+
+
+aliased_version = _alias  # public: the retrain flow reads the champion and challenger too
 
 
 def _try_create(client, model: str, holder: str, token: str, description: str) -> bool:
@@ -533,26 +545,51 @@ def _decide(challenger, champion, metric: str, min_delta: float, floor: float) -
     if str(champion.version) == str(challenger.version):  # int from SQLite, str from a server
         return False, f"version {challenger.version} is already the champion"
     ours, theirs = challenger.tags.get(f"{TAG}data_hash"), champion.tags.get(f"{TAG}data_hash")
-    if not ours or ours != theirs:
+    rescored = _rescore_of(champion, challenger)
+    if not ours or (ours != theirs and rescored is None):
         return False, (
             f"not comparable: the challenger was evaluated on data {ours or '?'}, the champion "
-            f"(version {champion.version}) on {theirs or '?'}; test both on the same data"
+            f"(version {champion.version}) on {theirs or '?'}; test both on the same data (the retrain flow "
+            "re-tests the champion on the challenger's data)"
         )
-    best = _metric_value(champion, metric)
+    best = _champion_value(champion, challenger, metric)
+    where = f"version {champion.version}" + ("" if rescored is None else f", re-tested on data {ours}")
     if best is None:
-        return False, f"the champion (version {champion.version}) has no {metric}; choose another --metric"
+        return False, f"the champion ({where}) has no {metric}; choose another --metric"
     if value > best + min_delta:
-        return True, f"{metric} {value:.4f} beats the champion's {best:.4f} (version {champion.version}) by more than {min_delta:g}"
-    return False, f"{metric} {value:.4f} does not beat the champion's {best:.4f} (version {champion.version}) by more than {min_delta:g}"
+        return True, f"{metric} {value:.4f} beats the champion's {best:.4f} ({where}) by more than {min_delta:g}"
+    return False, f"{metric} {value:.4f} does not beat the champion's {best:.4f} ({where}) by more than {min_delta:g}"
+
+
+def _rescore_of(champion, challenger) -> dict | None:
+    """The champion's re-score on the challenger's evaluation data (`RESCORED_TAG`), when the
+    two were evaluated on different data and it has one; else None."""
+    ours = challenger.tags.get(f"{TAG}data_hash")
+    if not ours or ours == champion.tags.get(f"{TAG}data_hash"):
+        return None
+    raw = champion.tags.get(f"{RESCORED_TAG}{ours}")
+    return None if raw is None else json.loads(raw)
+
+
+def _champion_value(champion, challenger, metric: str) -> float | None:
+    """The champion's `metric` that the challenger's is compared with: its re-score on the
+    challenger's data when there is one, else its own tag; None without a champion."""
+    if champion is None:
+        return None
+    rescored = _rescore_of(champion, challenger)
+    return _metric_value(champion, metric) if rescored is None else rescored.get(metric)
 
 
 def promote(category: str, params: Params, metric: str = "image_auroc", min_delta: float = 0.0,
             *, version: str | int | None = None, decided_by: str = "dualstpm.registry.promote",
-            data_root: Path | str | None = None) -> PromotionDecision:
+            data_root: Path | str | None = None, evidence: dict | None = None) -> PromotionDecision:
     """Move `champion` to the challenger (or `version`) only if it beats the champion on the
     same evaluation data by more than `min_delta` on `metric` of the view each version decides
     with (`fused`, or an applied `chosen` fusion: its version tags); the first champion
-    must reach `tracking.promotion_floor`. The decision is tagged on the challenger either way.
+    must reach `tracking.promotion_floor`. The decision is tagged on the challenger either way,
+    with `evidence` (JSON-ready, e.g. `dualstpm.retraining.promotion_evidence`) when given.
+    A champion tested on other data is compared by its re-score on the challenger's data
+    (`RESCORED_TAG`), and is not comparable without one.
 
     The registered model is that of `category` in `data_root`, or without it the one
     `register` made for `category` (`registered_name`). A version whose registration did
@@ -590,10 +627,11 @@ def promote(category: str, params: Params, metric: str = "image_auroc", min_delt
             challenger_value=_metric_value(challenger, metric),
             champion_version=str(challenger.version) if promoted else previous,
             previous_champion_version=previous,
-            champion_value=None if champion is None else _metric_value(champion, metric),
+            champion_value=_champion_value(champion, challenger, metric),
             data_hash=challenger.tags.get(f"{TAG}data_hash", ""),
             decided_by=who,
             decided_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            evidence=evidence,
         )
         if promoted:  # the alias first: it is what serving reads, and a crash after it loses only tags
             client.set_registered_model_alias(name, CHAMPION, challenger.version)
