@@ -131,6 +131,11 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
             record_model(run())
             run().log_missing_epochs(result.history)  # epochs an interruption kept from a run (resume)
             run().log_fit(result.selected_epochs, result.thresholds)
+            evidence = result.validation_evidence or {}  # what selected the epochs; real defects' AUROC per view
+            run().log(run().run_id, "logging the validation evidence",
+                      {f"val_real.{view}.{metric}": value for view, figures in evidence.get("views", {}).items()
+                       for metric, value in figures.items() if value is not None},
+                      tags={f"{TAG}validation_evidence": evidence.get("evidence", "")})
             run().finish()
         except TrackingError as exc:
             failures.append(exc)

@@ -72,6 +72,7 @@ class FitResult:
     selected_epochs: dict[str, int]
     thresholds: dict[str, float]
     disc_seconds: float | None = None  # wall time of the discriminative stage (None: not trained)
+    validation_evidence: dict | None = None  # calibration.json's `validation_evidence` (`fit_evidence`)
 
 
 def seed_everything(seed: int) -> None:
@@ -650,4 +651,5 @@ def fit(
     view = params.fusion.view  # the view the model decides with (until an ablation applies a fusion to `fused`)
     say(f"model written to {model_dir} (selected epochs: {selected}; decides with `{view}`, "
                   f"threshold {thresholds[view]:.5g})")
-    return FitResult(run_dir, model_dir, trainer.history, selected, thresholds, disc.seconds if disc is not None else None)
+    return FitResult(run_dir, model_dir, trainer.history, selected, thresholds, disc.seconds if disc is not None else None,
+                     calibration.validation_evidence)

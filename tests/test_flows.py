@@ -357,7 +357,7 @@ def test_retrain_skips_unchanged_data_and_promotes_on_the_champion_re_tested_wit
     from mlflow import MlflowClient
 
     from dualstpm.registry import RESCORED_TAG, model_name
-    from dualstpm.tracking import data_hash
+    from dualstpm.tracking import RunRecord, data_hash
     from flows.retrain import retrain
 
     data = tmp_path / "data"
@@ -392,5 +392,8 @@ def test_retrain_skips_unchanged_data_and_promotes_on_the_champion_re_tested_wit
     # the reviewed defects selected the epoch and the fusion, and were not trained on
     calibration = json.loads((out / "runs" / "synth_texture" / "model" / "calibration.json").read_text())
     assert calibration["validation_evidence"]["evidence"] == "real: 2 images of 1 defect type"
+    fitted = client.get_run(RunRecord.read(out / "runs" / "synth_texture").run_id).data
+    assert fitted.tags["dualstpm.validation_evidence"] == "real: 2 images of 1 defect type"
+    assert fitted.metrics["val_real.fused.image_auroc"] == calibration["validation_evidence"]["views"]["fused"]["image_auroc"]
     summary = json.loads((out / "runs" / "synth_texture" / "ablation" / "summary.json").read_text())
     assert summary["selection_set"]["validation_evidence"] == "real: 2 images of 1 defect type"
