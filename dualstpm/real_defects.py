@@ -64,6 +64,11 @@ class RealDefects:
         """``real: N images of K defect types``."""
         return real_evidence_label(len(self.samples), len({s.defect_type for s in self.samples}))
 
+    @property
+    def rule(self) -> str:
+        """What selects on these defects: ``image AUROC``, or with masks the mean of both AUROCs."""
+        return "mean of image AUROC and pixel AUROC" if self.has_mask.any() else "image AUROC"
+
     def describe(self) -> dict:
         """JSON-ready: the label, counts per defect type and how many have a mask."""
         return {"evidence": self.label, "images": len(self.samples), "with_masks": int(self.has_mask.sum()),

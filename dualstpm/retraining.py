@@ -45,7 +45,14 @@ from dualstpm.files import json_text
 from dualstpm.model.inference import Scorer
 from dualstpm.paths import category_dir
 from dualstpm.predict import score_images
-from dualstpm.registry import CHALLENGER, CHAMPION, PROMOTION_METRICS, RESCORED_TAG, aliased_version, model_name
+from dualstpm.registry import (
+    CHALLENGER,
+    CHAMPION,
+    PROMOTION_METRICS,
+    RESCORED_TAG,
+    aliased_version,
+    model_name,
+)
 from dualstpm.tracking import TAG, connect, data_hash, tracking_errors
 
 DEFECTIVE = "defective"

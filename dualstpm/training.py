@@ -490,7 +490,7 @@ def fit_evidence(model: DualStpmModel, params: Params, calibration: Calibration,
                                  real, params.fit.batch_size)
     say(f"validation AUROC on real defects ({real.label}, against {len(selection_images)} good selection images): "
         f"{describe_views(evidence)}")
-    return {**real.describe(), "epoch_selection": "real defects: image AUROC and pixel AUROC", "views": evidence}
+    return {**real.describe(), "epoch_selection": f"real defects: the best {real.rule}", "views": evidence}
 
 
 def fit_discriminator(model: DualStpmModel, params: Params, train_images: Tensor, val_images: Tensor,
@@ -624,7 +624,7 @@ def fit(
     )
     if real is not None:
         say(f"epochs are selected on real validation defects ({real.label}, {int(real.has_mask.sum())} with masks) "
-            f"against the {len(parts.selection)} selection images: the best mean of image AUROC and pixel AUROC "
+            f"against the {len(parts.selection)} selection images: the best {real.rule} "
             f"(fit.select={params.fit.select} is not used)")
     # From here on, Ctrl-C or SIGTERM says what is checkpointed (FitInterrupted); after the last
     # epoch the checkpoint holds them all, and --resume goes straight to selection and calibration.

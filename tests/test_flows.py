@@ -334,7 +334,7 @@ def _apply_reviews(category: Path, donor: Path) -> Path:
     part the model had flagged, copied into train/good with its feedback.jsonl line. The parts
     come from another category (`donor`), so none is one of this category's test images.
     Returns the reviewed good part."""
-    kind = sorted(p.name for p in (donor / "test").iterdir() if p.name != "good")[0]
+    kind = min(p.name for p in (donor / "test").iterdir() if p.name != "good")
     (category / "validation" / kind).mkdir(parents=True)
     (category / "validation_ground_truth" / kind).mkdir(parents=True)
     for name in ("000", "001"):
@@ -365,7 +365,7 @@ def test_retrain_skips_unchanged_data_and_promotes_on_the_champion_re_tested_wit
     params = params_file(tmp_path, data, ["synth_texture"], ["fit.epochs=1", "ablation.normalizations=[none]",
                                                              "ablation.level_subsets=[[1]]", "ablation.bootstrap=50"])
     out = tmp_path / "out"
-    client, name = MlflowClient(), model_name(data, "synth_texture")
+    client, name = MlflowClient(mlflow_store), model_name(data, "synth_texture")
 
     first = retrain(None, str(params), [], str(out), False)
     assert first["skipped"] == {} and first["promotions"]["synth_texture"].promoted

@@ -303,7 +303,7 @@ def test_fit_test_and_ablate_record_the_real_evidence(synthetic_root: Path, tmp_
     root = tmp_path / "data"
     shutil.copytree(synthetic_root / "synth_texture", root / "synth_texture")
     donor = synthetic_root / "synth_object"
-    kind = sorted(p.name for p in (donor / "test").iterdir() if p.name != "good")[0]
+    kind = min(p.name for p in (donor / "test").iterdir() if p.name != "good")
     category = root / "synth_texture"
     (category / "validation" / "crack").mkdir(parents=True)
     (category / "validation_ground_truth" / "crack").mkdir(parents=True)
@@ -321,6 +321,7 @@ def test_fit_test_and_ablate_record_the_real_evidence(synthetic_root: Path, tmp_
     assert "validation AUROC on real defects (real: 2 images of 1 defect type" in printed.out + printed.err
     calibration = json.loads((run / "model" / "calibration.json").read_text())["validation_evidence"]
     assert calibration["evidence"] == "real: 2 images of 1 defect type" and calibration["with_masks"] == 1
+    assert calibration["epoch_selection"] == "real defects: the best mean of image AUROC and pixel AUROC"
     assert set(calibration["views"]) == {"stpm", "recon", "fused"}
     assert set(calibration["views"]["fused"]) == {"image_auroc", "pixel_auroc"}
     header = (run / HISTORY_FILE).read_text().splitlines()[0].split(",")

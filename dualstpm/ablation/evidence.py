@@ -80,8 +80,8 @@ class Evidence:
             return {**described, "synthetic_defects": int((labels == 1).sum())}
         defects = np.asarray(self.images.defect_types, dtype=str)[labels == 1]
         with_masks = int((self.pixels.labels == 1).sum()) if self.pixels is not None else (
-            int(len(defects)) if self.images.masks is not None else 0)
-        return {**described, "real_defects": int(len(defects)), "real_defects_with_masks": with_masks,
+            len(defects) if self.images.masks is not None else 0)
+        return {**described, "real_defects": len(defects), "real_defects_with_masks": with_masks,
                 "defect_types": dict(sorted(Counter(defects.tolist()).items()))}
 
 
