@@ -77,6 +77,9 @@ class Calibration:
     validation_split: dict = field(default_factory=dict)
     #: the discriminative stage's selection and cost (`DiscResult.summary`); None without it
     discriminator: dict | None = None
+    #: what selected the epochs (`training.fit_evidence`): good images only, or real validation
+    #: defects with their AUROC per view; None in files of an earlier dualstpm
+    validation_evidence: dict | None = None
 
     @property
     def false_alarm_bound(self) -> float | None:

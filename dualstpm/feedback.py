@@ -23,8 +23,9 @@ defective                        ``<C>/validation/<defect>/``, its mask (if the 
                                  names a defect type of the category's ``test/`` folder (a note
                                  "scratch near the rim" files the part under ``scratch``), else
                                  ``reviewed``. Reviewed defects are validation evidence only, never
-                                 training data: ``load_category`` does not read these folders yet
-                                 (retraining that uses them is issue 24, item 3).
+                                 training data: ``load_category`` reads them as
+                                 ``Category.validation_defects``, which select the epoch and the
+                                 ablation's fusion in place of synthetic defects (docs/your-own-data.md).
 =============================== ===================================================================
 
 A copy is named ``<original stem>-<first 12 hex digits of its SHA-256><suffix>``, so two
@@ -87,6 +88,7 @@ from typing import Any
 import yaml
 
 from dualstpm.data.images import IMAGE_SUFFIXES
+from dualstpm.data.mvtec import MASK_SUFFIX, VALIDATION_GT
 from dualstpm.errors import DataError
 from dualstpm.files import file_digest, fsync_dir, umask_mode
 from dualstpm.paths import category_dir
@@ -97,8 +99,6 @@ PROVENANCE_FILE = "feedback.jsonl"
 PROVENANCE_SCHEMA = 1
 GOOD = "good"
 REVIEWED_DEFECT = "reviewed"
-VALIDATION_GT = "validation_ground_truth"
-MASK_SUFFIX = "_mask"
 HASH_CHARS = 12
 
 

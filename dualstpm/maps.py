@@ -1,7 +1,9 @@
 """The six raw anomaly maps of a split, computed once and kept on disk.
 
 `dualstpm test` scores every test image (and every validation image) once and stores
-the six maps (2 branches x 3 levels) as float16 in `RUN/maps/{test,val}.npz`. The
+the six maps (2 branches x 3 levels) as float16 in `RUN/maps/{test,val}.npz`, and those of
+the category's real validation defects (``validation/<defect_type>/``) in
+`RUN/maps/val_defects.npz` (absent when it has none; the ablation then pastes synthetic ones). The
 metrics of the test are computed from exactly these stored maps, so anything that
 re-scores them later (the fusion-weight ablation, through `MapViews.stack` of
 `dualstpm.model.inference`) reproduces the test's figures bit for bit without running a network.
@@ -13,6 +15,8 @@ rounding (relative 5e-4) moved AUROC/AUPRO by at most 4e-5 on magnetic_tile.
 File format (`np.savez`, readable without pickle): `maps` float16 (N, 2, 3, S, S),
 `labels` int8 (N,), `defect_types` and `paths` strings (N,), `masks` bits packed
 with `np.packbits` over (N, S, S) (absent without ground truth), `meta` a JSON string.
+In `val_defects.npz`, `meta["with_mask"]` says which defects have a mask (the others'
+masks are all False and carry no pixel evidence).
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from dualstpm.detector import Detector
 from dualstpm.errors import RunError
 from dualstpm.files import atomic_file, json_text
 from dualstpm.progress import stage
-from dualstpm.rundir import TEST_MAPS, VAL_MAPS
+from dualstpm.real_defects import RealDefects
+from dualstpm.rundir import TEST_MAPS, VAL_DEFECT_MAPS, VAL_MAPS
 
 FORMAT_VERSION = 1
 
@@ -118,7 +123,8 @@ def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Categor
                             masks: np.ndarray | None, batch_size: int, max_pixels: int) -> tuple[Path, Path]:
     """Write `test.npz` from the maps the test already computed, and `val.npz` for the
     validation images (the same seeded split as the fit, recomputed: it is deterministic;
-    images above `max_pixels` pixels are refused)."""
+    images above `max_pixels` pixels are refused); `val_defects.npz` for the category's real
+    validation defects, or none (an earlier one removed) when it has none."""
     params = detector.params
     meta = {
         "category": dataset.name,
@@ -144,4 +150,17 @@ def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Categor
         None,
         {**meta, "split": "val"},
     )
+    real_path = Path(maps_dir) / VAL_DEFECT_MAPS
+    real = RealDefects.decode(dataset.validation_defects, params.image_size, max_pixels)
+    if real is None:
+        real_path.unlink(missing_ok=True)  # maps of defects no longer in the data must not be chosen on
+    else:
+        MapSet(
+            compute_six_maps(detector, real.images, batch_size, "computing anomaly maps of real validation defects"),
+            np.ones(len(real.samples), dtype=np.int8),
+            np.array([s.defect_type for s in real.samples], dtype=str),
+            np.array([str(s.path.resolve()) for s in real.samples], dtype=str),
+            real.masks,
+            {**meta, "split": "val_defects", "with_mask": real.has_mask.tolist()},
+        ).save(real_path)
     return test.save(Path(maps_dir) / TEST_MAPS), val.save(Path(maps_dir) / VAL_MAPS)

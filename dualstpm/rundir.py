@@ -61,6 +61,8 @@ MAPS_DIR = "maps"
 TEST_MAPS = "test.npz"
 VAL_MAPS = "val.npz"
 SYNTHETIC_MAPS = "val_synthetic.npz"
+#: maps of the real defects in validation/<defect>/, written by test only when there are some (not a DVC output)
+VAL_DEFECT_MAPS = "val_defects.npz"
 EVALUATIONS_DIR = "evaluations"
 ABLATION_DIR = "ablation"
 ABLATION_TABLE_FILE = "table.csv"
@@ -157,6 +159,10 @@ class RunDir:
     @property
     def synthetic_maps(self) -> Path:
         return self.maps / SYNTHETIC_MAPS
+
+    @property
+    def val_defect_maps(self) -> Path:
+        return self.maps / VAL_DEFECT_MAPS
 
     @property
     def ablation(self) -> Path:

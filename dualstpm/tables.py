@@ -46,6 +46,8 @@ def print_pipeline_summary(summary: dict) -> None:
     print_auc_table(pd.DataFrame(summary["auc_table"]), f"AUC table ({summary['reports']})")
     for category, outcome in summary["ablations"].items():
         out.print(f"{category}: ablation {outcome}")
+    for category, why in summary.get("skipped", {}).items():
+        out.print(f"{category}: not retrained: {why}")
     for decision in summary["promotions"].values():
         verdict = "promoted" if decision.promoted else "not promoted"
         out.print(f"{decision.model_name}: version {decision.challenger_version} {verdict}; "

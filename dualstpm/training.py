@@ -13,6 +13,12 @@ also chose the epoch is biased low (the chosen epoch is the one that scores thos
 images lowest), so its false-alarm rate on new good parts would exceed the target. A
 split, not cross-fitting: one model is shipped, so there is one epoch choice, and the
 thresholds must be measured on images that choice never saw.
+
+Real defects (``validation/<defect_type>/``, `dualstpm.real_defects`): when the category has
+them, each branch keeps the epoch with the best image AUROC (and, with masks, pixel AUROC)
+of those defects against the selection part, instead of `fit.select`'s good-image
+statistic; the AUROCs of every view are printed and recorded after calibration. They are
+never trained on.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import random
 import signal
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +56,7 @@ from dualstpm.model.inference import MapViews
 from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.progress import StatusColumn, progress_bar, say
 from dualstpm.project import params_for_data, recorded_data_root
+from dualstpm.real_defects import GOOD_IMAGES_ONLY, RealDefects, describe_views, selection_value, view_evidence
 from dualstpm.rng import own_rng
 from dualstpm.rundir import CHECKPOINT_FILE, DISC_HISTORY_FILE, HISTORY_FILE
 
@@ -64,6 +71,7 @@ class FitResult:
     selected_epochs: dict[str, int]
     thresholds: dict[str, float]
     disc_seconds: float | None = None  # wall time of the discriminative stage (None: not trained)
+    validation_evidence: dict | None = None  # calibration.json's `validation_evidence` (`fit_evidence`)
 
 
 def seed_everything(seed: int) -> None:
@@ -115,19 +123,23 @@ SELECTION_STATISTICS = {"score_mean": "score", "map_mean": "map_mean"}
 
 
 def branch_statistics(model: DualStpmModel, images: Tensor, spec: FusionSpec, batch_size: int,
-                      compute: Compute) -> dict[str, dict[str, np.ndarray]]:
+                      compute: Compute, keep_maps: bool = False) -> dict[str, dict[str, np.ndarray]]:
     """Per branch, on raw maps of that branch alone (its view under `spec`), two (N,) arrays
     over the N images: `score`, the image score (max of the map), and `map_mean`, the mean
     of the map over its pixels. Their means over images are the model-selection signals
     (`fit.select`); all images have the same size, so the mean of `map_mean` is the mean
-    over every validation pixel."""
-    stats: dict[str, dict[str, list[Tensor]]] = {b: {"score": [], "map_mean": []} for b in BRANCHES}
+    over every validation pixel. With `keep_maps`, also `maps`: the (N, S, S) maps
+    themselves (float32), for the pixel AUROC of real defects."""
+    keys = ("score", "map_mean", "maps") if keep_maps else ("score", "map_mean")
+    stats: dict[str, dict[str, list[Tensor]]] = {b: {k: [] for k in keys} for b in BRANCHES}
     views = MapViews(spec, None, score=MAX_SCORE)
     for start in range(0, len(images), batch_size):
         scored = views.score_maps(six_maps(model, images[start : start + batch_size], compute), BRANCHES)
         for branch in BRANCHES:
             stats[branch]["score"].append(scored.scores[branch].cpu())
             stats[branch]["map_mean"].append(scored.maps[branch].flatten(1).mean(dim=1).cpu())
+            if keep_maps:
+                stats[branch]["maps"].append(scored.maps[branch].float().cpu())
     return {b: {k: torch.cat(v).numpy() for k, v in s.items()} for b, s in stats.items()}
 
 
@@ -218,12 +230,18 @@ def _files_digest(paths: Sequence[Path], root: Path) -> str:
 
 def data_signature(dataset: Category, train_paths: Sequence[Path], val_paths: Sequence[Path]) -> dict[str, Any]:
     """What a fit was trained and selected on: the category, and its training and validation
-    files (relative paths and sizes, so a moved copy of the same data is the same data)."""
-    return {
+    files (relative paths and sizes, so a moved copy of the same data is the same data);
+    with real validation defects, their files and masks too (`validation_defects`)."""
+    signature = {
         "category": dataset.name,
         "train": {"images": len(train_paths), "files_md5": _files_digest(train_paths, dataset.root)},
         "validation": {"images": len(val_paths), "files_md5": _files_digest(val_paths, dataset.root)},
     }
+    if dataset.validation_defects:
+        files = [p for s in dataset.validation_defects for p in (s.path, s.mask_path) if p is not None]
+        signature["validation_defects"] = {"images": len(dataset.validation_defects),
+                                           "files_md5": _files_digest(files, dataset.root)}
+    return signature
 
 
 def _differences(saved: Mapping[str, Any], now: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
@@ -271,10 +289,12 @@ class Trainer:
     """Holds the state of one fit: model, optimisers, best checkpoints, history."""
 
     def __init__(self, params: Params, run_dir: Path, compute: Compute, data: Mapping[str, Any],
-                 branches: tuple[str, ...] = BRANCHES) -> None:
+                 branches: tuple[str, ...] = BRANCHES, real: RealDefects | None = None) -> None:
         """`branches`: the students `train_epoch` trains (a fit trains both; `dualstpm bench`
-        also times each alone with this same loop)."""
+        also times each alone with this same loop). `real`: the category's real validation
+        defects, which then select the epochs (`select`)."""
         self.params = params
+        self.real = real
         self.branches = branches
         self.data = dict(data)
         self.run_dir = run_dir
@@ -360,25 +380,46 @@ class Trainer:
         `fit.select` statistic: `score_mean`, the image score (max of the branch's map), or
         `map_mean`, the mean of the branch's map (the released STPM code). Returns both
         means per branch (`val_score_<branch>`, `val_map_mean_<branch>`) for the history.
+
+        With real defects (`self.real`) the branch keeps instead the epoch with the highest
+        `real_defects.selection_value` of them against `val_images` (its image AUROC, with
+        masks also its pixel AUROC), and the history gets `val_real_image_auroc_<branch>`
+        (and `val_real_pixel_auroc_<branch>`) too. Ties keep the earlier epoch.
         Raises TrainingError naming the epoch and branch when a score is not finite."""
-        stats = branch_statistics(self.model, val_images, self.selection_spec, self.params.fit.batch_size, self.compute)
+        real = self.real
+        spec, batch_size = self.selection_spec, self.params.fit.batch_size
+        stats = branch_statistics(self.model, val_images, spec, batch_size, self.compute, keep_maps=real is not None)
+        self._check_finite(stats, "validation images")
+        record = {**{f"val_score_{b}": float(np.mean(s["score"])) for b, s in stats.items()},
+                  **{f"val_map_mean_{b}": float(np.mean(s["map_mean"])) for b, s in stats.items()}}
+        if real is None:
+            key = SELECTION_STATISTICS[self.params.fit.select]
+            losses = {b: float(np.mean(stats[b][key])) for b in BRANCHES}
+        else:
+            defects = branch_statistics(self.model, real.images, spec, batch_size, self.compute, keep_maps=True)
+            self._check_finite(defects, "real validation defects")
+            evidence = {b: real.auroc(stats[b]["score"], stats[b]["maps"], defects[b]["score"], defects[b]["maps"])
+                        for b in BRANCHES}
+            losses = {b: -selection_value(evidence[b]) for b in BRANCHES}  # lower is better, as the rule's means
+            record.update({f"val_real_{metric}_{b}": float("nan") if value is None else value
+                           for b, figures in evidence.items() for metric, value in figures.items()})
+        for branch, student in self.model.students().items():
+            if losses[branch] < self.best[branch]["score"]:  # "score": the selection value, whichever the rule
+                self.best[branch] = {"score": losses[branch], "epoch": self.epochs_done, "state": _state_copy(student)}
+        return record
+
+    def _check_finite(self, stats: dict[str, dict[str, np.ndarray]], what: str) -> None:
+        """TrainingError naming the branch and epoch when an image score of `what` is not finite."""
         for branch, values in ((b, s["score"]) for b, s in stats.items()):
             bad = int(np.count_nonzero(~np.isfinite(values)))
             if bad:
                 fit = self.params.fit
                 raise TrainingError(
-                    f"the {branch} branch gave {bad} of {len(values)} validation images a non-finite score "
+                    f"the {branch} branch gave {bad} of {len(values)} {what} a non-finite score "
                     f"(NaN or inf) after epoch {self.epochs_done}, although its training loss was finite: its maps "
                     f"overflow. Lower the learning rate (fit.lr={fit.lr}, e.g. --set fit.lr={fit.lr / 10:g}) or run in "
                     f"float32 (--set fit.precision=float32); the last completed epoch is kept in {self.checkpoint_path}."
                 )
-        key = SELECTION_STATISTICS[self.params.fit.select]
-        for branch, student in self.model.students().items():
-            value = float(np.mean(stats[branch][key]))
-            if value < self.best[branch]["score"]:  # "score": the selection value, whichever the rule
-                self.best[branch] = {"score": value, "epoch": self.epochs_done, "state": _state_copy(student)}
-        return {**{f"val_score_{b}": float(np.mean(s["score"])) for b, s in stats.items()},
-                **{f"val_map_mean_{b}": float(np.mean(s["map_mean"])) for b, s in stats.items()}}
 
     def restore_best(self) -> dict[str, int]:
         for branch, student in self.model.students().items():
@@ -428,6 +469,25 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         discriminator=disc.summary() if disc is not None else None,
         precision=compute.precision,
     )
+
+
+def fit_evidence(model: DualStpmModel, params: Params, calibration: Calibration, selection_images: Tensor,
+                 real: RealDefects | None, compute: Compute, disc: DiscResult | None = None) -> dict[str, Any]:
+    """What selected the epochs, for `calibration.json` (`validation_evidence`): without real
+    defects ``{"evidence": "good images only", "epoch_selection": fit.select}``; with them,
+    `RealDefects.describe` plus, per view of the calibrated model, the image AUROC (and
+    pixel AUROC) of the real defects against `selection_images`, which are also printed."""
+    if real is None:
+        return {"evidence": GOOD_IMAGES_ONLY, "epoch_selection": f"fit.select={params.fit.select}"}
+    inference_compute = compute.for_inference()
+    views = MapViews(FusionSpec.from_params(params.fusion), calibration.map_stats, score=calibration.score,
+                     disc=disc.module if disc is not None else None)
+    with torch.no_grad():
+        evidence = view_evidence(views, lambda images: six_maps(model, images, inference_compute), selection_images,
+                                 real, params.fit.batch_size)
+    say(f"validation AUROC on real defects ({real.label}, against {len(selection_images)} good selection images): "
+        f"{describe_views(evidence)}")
+    return {**real.describe(), "epoch_selection": f"real defects: the best {real.rule}", "views": evidence}
 
 
 def fit_discriminator(model: DualStpmModel, params: Params, train_images: Tensor, val_images: Tensor,
@@ -518,7 +578,10 @@ def fit(
 ) -> FitResult:
     """Train both branches on `category`, select, calibrate and write `run_dir/model`.
 
-    Only `train/good` (and `validation/good`) are read: a category without `test/` trains.
+    Only `train/good` (and `validation/good`) are trained and calibrated on: a category
+    without `test/` trains. Real defects in `validation/<defect_type>/` select the epochs
+    (`Trainer.select`); their AUROCs are printed and recorded in `calibration.json`
+    (`validation_evidence`), which says "good images only" without them.
     Ctrl-C, or SIGTERM in the main thread (:func:`sigterm_interrupts`), after the images
     are decoded raises :class:`FitInterrupted`, which names the checkpoint `--resume`
     continues from."""
@@ -526,7 +589,7 @@ def fit(
     checkpoint_path = check_start(run_dir, resume=resume, overwrite=overwrite)
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     dataset = load_category(Path(data_root), category, require_test=False)  # training never reads test/
-    train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
+    train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)  # real defects: in neither
     data = data_signature(dataset, train_paths, val_paths)
     checkpoint = None
     if resume:  # checked before the images are decoded: a refusal costs nothing
@@ -537,6 +600,7 @@ def fit(
     limit = params.data.max_image_pixels
     train_images = decode_images(train_paths, params.image_size, "decoding train images", limit)
     val_images = decode_images(val_paths, params.image_size, "decoding validation images", limit)
+    real = RealDefects.decode(dataset.validation_defects, params.image_size, limit)  # None without any
 
     parts = validation_parts(len(val_images), params.calibration.split, params.seed)
     if parts.note and params.calibration.split > 0:
@@ -545,7 +609,7 @@ def fit(
         say(f"[bold yellow]warning:[/] {note}")  # before training: the fix costs nothing yet
     selection_images, calibration_images = val_images[parts.selection], val_images[parts.calibration]
 
-    trainer = Trainer(params, run_dir, compute, data)
+    trainer = Trainer(params, run_dir, compute, data, real=real)
     run_dir.mkdir(parents=True, exist_ok=True)
     if checkpoint is not None:
         trainer.load_checkpoint(checkpoint)
@@ -555,6 +619,10 @@ def fit(
         f"({len(parts.selection)} select the epoch, {len(parts.calibration)} calibrate), "
         f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
     )
+    if real is not None:
+        say(f"epochs are selected on real validation defects ({real.label}, {int(real.has_mask.sum())} with masks) "
+            f"against the {len(parts.selection)} selection images: the best {real.rule} "
+            f"(fit.select={params.fit.select} is not used)")
     # From here on, Ctrl-C or SIGTERM says what is checkpointed (FitInterrupted); after the last
     # epoch the checkpoint holds them all, and --resume goes straight to selection and calibration.
     try:
@@ -565,6 +633,8 @@ def fit(
             disc = (fit_discriminator(trainer.model, params, train_images, selection_images, compute)
                     if params.fit.discriminator else None)
             calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc)
+            calibration = replace(calibration, validation_evidence=fit_evidence(
+                trainer.model, params, calibration, selection_images, real, compute, disc))
             trained_on = data_trained_on(params, data_root, category, run_dir)
             model_dir = save_detector(run_dir, trainer.model, trained_on, calibration,
                                       disc.module if disc is not None else None)
@@ -578,4 +648,5 @@ def fit(
     view = params.fusion.view  # the view the model decides with (until an ablation applies a fusion to `fused`)
     say(f"model written to {model_dir} (selected epochs: {selected}; decides with `{view}`, "
                   f"threshold {thresholds[view]:.5g})")
-    return FitResult(run_dir, model_dir, trainer.history, selected, thresholds, disc.seconds if disc is not None else None)
+    return FitResult(run_dir, model_dir, trainer.history, selected, thresholds, disc.seconds if disc is not None else None,
+                     calibration.validation_evidence)

@@ -31,9 +31,11 @@ from dualstpm.rundir import METRICS_FILE
 from dualstpm.tables import print_pipeline_summary
 from flows.tasks import (
     ablate_task,
+    changes_task,
     check_task,
     data_task,
     ensure_training_limit,
+    evidence_task,
     fit_task,
     make_task_runner,
     promote_task,
@@ -69,15 +71,22 @@ def categories_flow(params: Params, store: Store, data_root: Path, categories: l
             for c, d, f, t, a in zip(categories, checks, fits, tests, ablations)}
 
 
-def _release(params: Params, store: Store,
-             run_dirs: dict[str, Path]) -> tuple[dict[str, PromotionDecision], dict[str, str]]:
-    """Register each tested run as a new version, then promote it by evidence; (decisions, failures)."""
+def _release(params: Params, store: Store, run_dirs: dict[str, Path], data_root: Path | None = None
+             ) -> tuple[dict[str, PromotionDecision], dict[str, str]]:
+    """Register each tested run as a new version, then promote it by evidence; (decisions,
+    failures). With `data_root` (retraining), the champion is first re-tested on the
+    challenger's data when needed and the reviewed false alarms are measured (`evidence_task`)."""
     registered = {c: register_task.submit(run_dir, params, store, c) for c, run_dir in run_dirs.items()}
-    decisions = {c: promote_task.submit(c, params, store, wait_for=[registered[c]]) for c in run_dirs}
+    measured = ({c: evidence_task.submit(params, store, data_root, c, run_dir, wait_for=[registered[c]])
+                 for c, run_dir in run_dirs.items()} if data_root is not None else {})
+    decisions = {c: promote_task.submit(c, params, store, measured.get(c), wait_for=[registered[c]])
+                 for c in run_dirs}
     wait(list(decisions.values()))
     done, failed = {}, {}
     for category, future in decisions.items():
-        why = _failure(("register", registered[category]), ("promote", future))
+        steps = [("register", registered[category]), *([("evidence", measured[category])] if measured else []),
+                 ("promote", future)]
+        why = _failure(*steps)
         if why:
             failed[category] = why
         else:
@@ -100,9 +109,15 @@ def _report(run_dirs: dict[str, Path], out_dir: Path) -> tuple[list[dict], str |
     return table, None
 
 
-def run_categories(params: Params, store: Store, categories: list[str], out: Path, dvc_project: Path | None) -> dict:
-    """The body of `pipeline` and `retrain`: their only difference is which categories run.
-    Every stage logs to `store`, which the flow resolved once (`entry_store`).
+def run_categories(params: Params, store: Store, categories: list[str], out: Path, dvc_project: Path | None,
+                   *, retraining: bool = False, changed_only: bool = False) -> dict:
+    """The body of `pipeline` and `retrain`. Every stage logs to `store`, which the flow
+    resolved once (`entry_store`).
+
+    With `retraining`, each challenger is promoted on evidence measured on the challenger's
+    data (`evidence_task`: the champion re-tested there when it was tested on other data,
+    the reviewed false alarms under both); with `changed_only` too, categories whose data
+    is what their registered model was tested on are skipped (`skipped`: why).
 
     The report covers every configured category whose run directory holds a test
     (retraining one category refreshes its row, the others keep theirs), except those
@@ -114,14 +129,17 @@ def run_categories(params: Params, store: Store, categories: list[str], out: Pat
     # created (and said so) once, not raced for by each category's first connection
     connect(store)
     data_root = data_task(params, dvc_project)
+    skipped = changes_task(params, store, data_root, categories) if changed_only else {}
+    categories = [c for c in categories if c not in skipped]
     runs_dir = out / RUNS
     fan_out = categories_flow.with_options(task_runner=make_task_runner(params.prefect))
-    failed = {c: why for c, why in fan_out(params, store, data_root, categories, runs_dir).items() if why}
+    failed = ({c: why for c, why in fan_out(params, store, data_root, categories, runs_dir).items() if why}
+              if categories else {})
     tested = {c: runs_dir / c for c in categories if c not in failed}
     reportable = {c: runs_dir / c for c in params.data.categories
                   if c not in failed and (runs_dir / c / METRICS_FILE).is_file()}
     table, report_failed = _report(reportable, out / REPORTS)
-    promotions, release_failed = _release(params, store, tested)
+    promotions, release_failed = _release(params, store, tested, data_root if retraining else None)
     failed.update(release_failed)
     if failed or report_failed:
         lines = "\n".join(f"  {c}: {why}" for c, why in failed.items())
@@ -130,8 +148,9 @@ def run_categories(params: Params, store: Store, categories: list[str], out: Pat
             f"{len(failed)} of {len(categories)} categories failed (the others' models, metrics and report "
             f"rows are kept in {out}):\n{lines}{report_line}"
         )
-    return {"auc_table": table, "ablations": _ablation_outcomes(tested), "promotions": promotions,
-            "reports": str(out / REPORTS)}
+    summary = {"auc_table": table, "ablations": _ablation_outcomes(tested), "promotions": promotions,
+               "reports": str(out / REPORTS)}
+    return {**summary, "skipped": skipped} if changed_only else summary
 
 
 def _ablation_outcomes(run_dirs: dict[str, Path]) -> dict[str, str]:

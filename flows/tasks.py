@@ -37,6 +37,7 @@ from dualstpm.mlops.report import write_report
 from dualstpm.mlops.stages import check_category, prepare_root, tracked_ablate, tracked_fit, tracked_test
 from dualstpm.mlops.tracking import Store
 from dualstpm.progress import labelled
+from dualstpm.mlops.retraining import describe_false_alarms, promotion_evidence, unchanged_categories
 
 TRAINING_TAG = "dualstpm-training"
 
@@ -147,9 +148,32 @@ def register_task(run_dir: Path, params: Params, store: Store, category: str) ->
 
 
 @task(name="promote", cache_policy=NO_CACHE, task_run_name="promote-{category}")
-def promote_task(category: str, params: Params, store: Store) -> PromotionDecision:
-    """`champion` moves only when the challenger beats it; the flow run is recorded as the decider."""
+def promote_task(category: str, params: Params, store: Store, evidence: dict | None = None) -> PromotionDecision:
+    """`champion` moves only when the challenger beats it; the flow run is recorded as the
+    decider, and `evidence` (:func:`evidence_task`'s) is tagged with the decision."""
     with category_log(category):
         return promote(category, params, store=store,
                        decided_by=f"prefect flow run {flow_run.flow_name}/{flow_run.name}",
-                       data_root=params.data.root)  # the data the flow tested on: the model `register` made
+                       data_root=params.data.root,  # the data the flow tested on: the model `register` made
+                       evidence=evidence)
+
+
+@task(name="changes", cache_policy=NO_CACHE)
+def changes_task(params: Params, store: Store, data_root: Path, categories: list[str]) -> dict[str, str]:
+    """{category: why it is not retrained}: its data is what its registered model was tested on."""
+    skipped = unchanged_categories(store, data_root, categories)
+    for category, why in skipped.items():
+        get_run_logger().info("%s: skipped: %s", category, why)
+    return skipped
+
+
+@task(name="evidence", cache_policy=NO_CACHE, task_run_name="evidence-{category}")
+def evidence_task(params: Params, store: Store, data_root: Path, category: str, run_dir: Path) -> dict:
+    """The champion re-tested on the challenger's data (when it was tested on other data)
+    and the reviewed false alarms under both (`mlops.retraining.promotion_evidence`)."""
+    with category_log(category):
+        evidence = promotion_evidence(params, store, data_root, category, run_dir)
+        line = describe_false_alarms(evidence)
+        if line:
+            get_run_logger().info("%s: %s", category, line)
+    return evidence

@@ -7,6 +7,7 @@ floor at 0, so the surviving category's first version becomes champion.
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -325,3 +326,75 @@ def test_python_m_flows_pipeline_ends_like_dualstpm_demo(tmp_path: Path, synthet
     assert "AUC table" in printed and f"synth_texture │ fused │ {fused['image_auroc']:.4f}" in printed
     assert "-synth_texture: version 1 promoted; champion: version 1 (first champion" in printed
     assert "Downloading artifacts" not in done.stdout + done.stderr
+
+
+def _apply_reviews(category: Path, donor: Path) -> Path:
+    """What `dualstpm feedback apply` leaves after a review (docs/loop.md): two defective
+    parts in validation/<defect>/ (one with its mask in validation_ground_truth/), and a good
+    part the model had flagged, copied into train/good with its feedback.jsonl line. The parts
+    come from another category (`donor`), so none is one of this category's test images.
+    Returns the reviewed good part."""
+    kind = min(p.name for p in (donor / "test").iterdir() if p.name != "good")
+    (category / "validation" / kind).mkdir(parents=True)
+    (category / "validation_ground_truth" / kind).mkdir(parents=True)
+    for name in ("000", "001"):
+        shutil.copy(donor / "test" / kind / f"{name}.png", category / "validation" / kind / f"r{name}.png")
+    shutil.copy(donor / "ground_truth" / kind / "000_mask.png", category / "validation_ground_truth" / kind / "r000_mask.png")
+    overruled = category / "train" / "good" / "reviewed-0.png"
+    shutil.copy(donor / "test" / "good" / "000.png", overruled)
+    line = {"schema": 1, "sha256": "0" * 64, "path": "train/good/reviewed-0.png", "verdict": "good",
+            "model_label": "defective", "defect_type": None}
+    (category / "feedback.jsonl").write_text(json.dumps(line) + "\n")
+    return overruled
+
+
+def test_retrain_skips_unchanged_data_and_promotes_on_the_champion_re_tested_with_the_reviews(
+        harness, tmp_path: Path, synthetic_root: Path, mlflow_store: str) -> None:
+    """The first retrain trains (no model yet); the second skips the unchanged category,
+    saying why; after reviewed parts are added, the third retrains, selects on the reviewed
+    defects, re-tests the champion on the new data version and decides on that, with the
+    reviewed false alarms under both models tagged as evidence."""
+    from mlflow import MlflowClient
+
+    from dualstpm.mlops.hashing import data_hash
+    from dualstpm.mlops.names import RESCORED_TAG, model_name
+    from dualstpm.mlops.runs import RunRecord
+    from flows.retrain import retrain
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_root / "synth_texture", data / "synth_texture")
+    params = params_file(tmp_path, data, ["synth_texture"], ["fit.epochs=1", "ablation.normalizations=[none]",
+                                                             "ablation.level_subsets=[[1]]", "ablation.bootstrap=50"])
+    out = tmp_path / "out"
+    client, name = MlflowClient(mlflow_store), model_name(data, "synth_texture")
+
+    first = retrain(None, str(params), [], str(out), False)
+    assert first["skipped"] == {} and first["promotions"]["synth_texture"].promoted
+    second = retrain(None, str(params), [], str(out), False)
+    assert set(second["skipped"]) == {"synth_texture"} and second["promotions"] == {}
+    assert "data unchanged" in second["skipped"]["synth_texture"] and "version 1" in second["skipped"]["synth_texture"]
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1  # nothing retrained, nothing registered
+
+    _apply_reviews(data / "synth_texture", synthetic_root / "synth_object")
+    now = data_hash(data, "synth_texture")
+    third = retrain(None, str(params), [], str(out), False)
+    decision = third["promotions"]["synth_texture"]
+    assert third["skipped"] == {} and decision.challenger_version == "2" and decision.data_hash == now
+    evidence = json.loads(client.get_model_version(name, "1").tags[f"{RESCORED_TAG}{now}"])
+    v1 = client.get_model_version(name, "1").tags
+    # the test split did not change, so the champion re-tested on the new data version scores as on the old one
+    assert evidence["image_auroc"] == pytest.approx(float(v1["metric.image_auroc"]))
+    assert decision.champion_value == evidence["image_auroc"]
+    assert decision.promoted == (decision.challenger_value > decision.champion_value)
+    tagged = json.loads(client.get_model_version(name, "2").tags["promotion.evidence"])
+    assert tagged["champion_version"] == "1" and tagged["data_hash"] == now
+    alarms = tagged["reviewed_false_alarms"]
+    assert alarms["old"]["images"] == alarms["new"]["images"] == 1 and alarms["missing"] == []
+    # the reviewed defects selected the epoch and the fusion, and were not trained on
+    calibration = json.loads((out / "runs" / "synth_texture" / "model" / "calibration.json").read_text())
+    assert calibration["validation_evidence"]["evidence"] == "real: 2 images of 1 defect type"
+    fitted = client.get_run(RunRecord.read(out / "runs" / "synth_texture").run_id).data
+    assert fitted.tags["dualstpm.validation_evidence"] == "real: 2 images of 1 defect type"
+    assert fitted.metrics["val_real.fused.image_auroc"] == calibration["validation_evidence"]["views"]["fused"]["image_auroc"]
+    summary = json.loads((out / "runs" / "synth_texture" / "ablation" / "summary.json").read_text())
+    assert summary["selection_set"]["validation_evidence"] == "real: 2 images of 1 defect type"

@@ -1,8 +1,8 @@
 """The fusion-weight ablation: which of the six maps earn their place, per category.
 
 `ablate(run_dir, params.ablation)` re-scores a tested run's stored maps under a grid of
-fusions (`grid`), chooses one on validation images plus synthetic defects (`selection`,
-`defects`), writes the table, summary and figures (`run`, `figures`) and, when asked,
+fusions (`grid`), chooses one on validation images plus the category's real validation
+defects when it has them, else synthetic ones (`evidence`, `selection`, `defects`), writes the table, summary and figures (`run`, `figures`) and, when asked,
 hands the choice to the detector. `ablation_report(run_dirs)` compares categories.
 """
 

@@ -4,7 +4,7 @@
 the fusion `dualstpm test` reports as `fused`) with each reduction of :data:`REDUCTIONS`:
 the max, the top-k mean at three fractions and the smoothed max at three sigmas. The fused
 maps do not change, so only image metrics are reported (test, and the selection set of
-validation images plus synthetic defects as `val_*`). The table is evidence only: the
+validation images plus real or synthetic defects, `evidence`, as `val_*`). The table is evidence only: the
 model keeps the reduction it was calibrated with (`calibration.json`'s `score`); a default
 is changed by editing `score.*` and refitting.
 """

@@ -33,6 +33,12 @@ Which validation images: the fit split them (`data.validation_parts`,
 ablation chooses on the selection part (plus the defects pasted on it) and recalibrates
 the chosen fusion's threshold on the calibration part, so that threshold, too, is set on
 images that chose neither the epoch nor the fusion.
+
+Which defects: the category's real validation defects when `dualstpm test` stored their
+maps (``validation/<defect_type>/``: `evidence.real_evidence`), else synthetic ones pasted
+on the selection part (`evidence.synthetic_evidence`). summary.json's
+`selection_set.validation_evidence` says which (``synthetic`` or ``real: N images of K
+defect types``).
 """
 
 from __future__ import annotations
@@ -44,9 +50,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from dualstpm.ablation.evidence import Evidence, load_real_defects, real_evidence, synthetic_evidence
 from dualstpm.ablation.figures import HEATMAP_FILE, PANEL_FILE, write_heatmap, write_panel
 from dualstpm.ablation.grid import Config, build_grid
-from dualstpm.ablation.margin import Margin, bootstrap_margin, contributions
+from dualstpm.ablation.margin import Margin, bootstrap_margin
 from dualstpm.ablation.reductions import REDUCTIONS_FILE, reduction_summary, reduction_table, table_reductions
 from dualstpm.ablation.rescore import SplitScorer, score_grid
 from dualstpm.ablation.selection import (
@@ -55,8 +62,6 @@ from dualstpm.ablation.selection import (
     choose,
     combined_score,
     selection_part,
-    selection_set,
-    source_units,
     subset,
     synthetic_maps,
 )
@@ -73,7 +78,6 @@ from dualstpm.progress import stage
 from dualstpm.rundir import ABLATION_DIR, ABLATION_TABLE_FILE, MAPS_DIR, SUMMARY_FILE, TEST_MAPS, VAL_MAPS
 
 ORACLE_LABEL = "oracle: the best configuration on the test split itself; for reference only, not a valid estimate"
-SELECTION_NOTE = "chosen on normal validation images plus synthetic defects pasted on them; the test split is not used"
 DEFAULT_NAME = "params.fusion"  # the default configuration's name when the grid lacks params.fusion
 
 
@@ -90,7 +94,7 @@ def _figures_of(table: pd.DataFrame, position: int) -> dict:
 
 
 def _summary(table: pd.DataFrame, configs: list[Config], picks: dict[str, int], oracle: int | None,
-             params: AblationParams, margin: Margin) -> dict:
+             params: AblationParams, margin: Margin, note: str) -> dict:
     """`picks`: row positions of the `default`, the validation-best `candidate` and the
     `final` choice (the candidate when adopted, else the default)."""
     names = list(table["name"])
@@ -106,7 +110,7 @@ def _summary(table: pd.DataFrame, configs: list[Config], picks: dict[str, int], 
         "fused_published": _figures_of(table, names.index("published")) if "published" in names else None,
         "default": described(picks["default"]),
         "candidate": described(picks["candidate"]),
-        "fused_chosen": {**described(picks["final"]), "adopted": margin.adopted, "note": SELECTION_NOTE},
+        "fused_chosen": {**described(picks["final"]), "adopted": margin.adopted, "note": note},
         "margin": {**margin.to_json(), "decision": margin.describe()},
         "oracle": None if oracle is None else {**_figures_of(table, oracle), "label": ORACLE_LABEL},
     }
@@ -158,18 +162,13 @@ def with_default(configs: list[Config], default: FusionSpec) -> tuple[list[Confi
     return [Config(DEFAULT_NAME, "default", default), *configs], 0
 
 
-def adoption_margin(selection: MapSet, views: MapViews, default: FusionSpec, candidate: FusionSpec,
+def adoption_margin(evidence: Evidence, views: MapViews, default: FusionSpec, candidate: FusionSpec,
                     params: AblationParams) -> Margin:
-    """`margin.bootstrap_margin` of `candidate` over `default` on the selection set, resampled
-    by source image, scored by the model's `views` (its statistics and reduction). The same fusion on both sides gives a difference of exactly 0 (kept)."""
-    units, n_units = source_units(selection)
-
-    def contributed(spec: FusionSpec):
-        fused, scores = views.stack(selection.maps, spec)
-        return contributions(scores, selection.labels, units, n_units, fused, selection.masks)
-
-    base = contributed(default)
-    challenger = base if candidate == default else contributed(candidate)
+    """`margin.bootstrap_margin` of `candidate` over `default` on the selection set (`evidence`),
+    resampled by source image, scored by the model's `views` (its statistics and reduction).
+    The same fusion on both sides gives a difference of exactly 0 (kept)."""
+    base = evidence.contributions(views, default)
+    challenger = base if candidate == default else evidence.contributions(views, candidate)
     return bootstrap_margin(base, challenger, params.select_metric, params.bootstrap, params.confidence,
                             params.synthetic_seed)
 
@@ -207,23 +206,27 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     lap = _Laps()
     _, model_params, calibration = read_model_dir(run_dir)
     test, val = MapSet.load(run_dir / MAPS_DIR / TEST_MAPS), MapSet.load(run_dir / MAPS_DIR / VAL_MAPS)
-    fingerprint = check_same_model(run_dir, test, val)
+    real = load_real_defects(run_dir)
+    fingerprint = check_same_model(run_dir, test, val, *([real] if real is not None else []))
     lap("load_s")
-    synthetic = synthetic_maps(run_dir, val, params)
-    lap("synthetic_maps_s")
+    parts = validation_parts(len(val), model_params.calibration.split, model_params.seed)
+    if real is None:
+        synthetic = synthetic_maps(run_dir, val, params)
+        lap("synthetic_maps_s")
+        evidence = synthetic_evidence(*selection_part(val, synthetic, parts.selection))
+    else:
+        evidence = real_evidence(subset(val, parts.selection), real)
 
     sigma = model_params.fusion.sigma
-    parts = validation_parts(len(val), model_params.calibration.split, model_params.seed)
-    selection = selection_set(*selection_part(val, synthetic, parts.selection))
     default_spec = FusionSpec.from_params(model_params.fusion)
     views = MapViews(default_spec, calibration.map_stats, score=calibration.score)  # no network: stored maps only
     configs, default = with_default(build_grid(params, sigma), default_spec)
-    splits = {"test": SplitScorer(test, views), "val": SplitScorer(selection, views)}
+    splits = {"test": SplitScorer(test, views), "val": evidence.scorer(views)}
     table = score_grid(configs, splits, params.workers)
     candidate, oracle = rank(table, params.select_metric)
     lap("grid_s")
     with stage(f"bootstrapping the adoption margin ({params.bootstrap} resamples)"):
-        margin = adoption_margin(selection, views, default_spec, configs[candidate].spec, params)
+        margin = adoption_margin(evidence, views, default_spec, configs[candidate].spec, params)
     final = candidate if margin.adopted else default
     table["chosen"] = np.arange(len(table)) == final
     lap("margin_s")
@@ -244,7 +247,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
     lap("figures_s")
 
     source = {"config": configs[final].name, "select_metric": params.select_metric,
-              "selection_score": float(table["selection_score"].iloc[final]), "chosen_by": SELECTION_NOTE,
+              "selection_score": float(table["selection_score"].iloc[final]), "chosen_by": evidence.note,
               "candidate": configs[candidate].name, "margin": margin.describe(), "weights_sha256": fingerprint}
     applied = params.apply and margin.adopted and final != default
     choice = chosen_fusion(configs[final], subset(val, parts.calibration), views, calibration.false_alarm_rate,
@@ -258,12 +261,12 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
         "category": category,
         "run": str(run_dir.resolve()),
         **_summary(table, configs, {"default": default, "candidate": candidate, "final": final}, oracle, params,
-                   margin),
-        "selection_set": {"normal_validation_images": int((selection.labels == 0).sum()),
-                          "synthetic_defects": int((selection.labels == 1).sum()),
-                          "calibration_images": len(parts.calibration), "validation_split_note": parts.note,
-                          "kinds": list(params.synthetic_kinds), "per_image": params.synthetic_per_image,
-                          "seed": params.synthetic_seed},
+                   margin, evidence.note),
+        "selection_set": {**evidence.describe(), "calibration_images": len(parts.calibration),
+                          "validation_split_note": parts.note,
+                          **({} if evidence.real else {"kinds": list(params.synthetic_kinds),
+                                                        "per_image": params.synthetic_per_image,
+                                                        "seed": params.synthetic_seed})},
         "score_reductions": reduction_summary(reductions),
         "applied": applied,
         "decision_view": decision_view(model_params.fusion.view, applied),

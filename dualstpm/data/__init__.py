@@ -15,7 +15,8 @@ if TYPE_CHECKING:
     from dualstpm.data.download import MVTEC_CATEGORIES, extract_categories, fetch, prepare_mvtec, sha256_of
     from dualstpm.data.images import IMAGE_SUFFIXES, image_size_of, list_images, read_image, read_mask
     from dualstpm.data.mvtec import (MIN_SPLIT_IMAGES, Category, Sample, ValidationParts, load_category,
-                                     missing_test_message, split_train_val, validation_parts)
+                                     missing_test_message, real_evidence_label, split_train_val,
+                                     validation_evidence, validation_parts)
     from dualstpm.data.synthetic import SYNTHETIC_KINDS, make_synthetic_category
     from dualstpm.data.tensors import GroundTruthReport, decode_images, decode_masks, resize_image, resize_map, resize_mask
 
@@ -23,7 +24,7 @@ _MODULES = {
     "download": ("MVTEC_CATEGORIES", "extract_categories", "fetch", "prepare_mvtec", "sha256_of"),
     "images": ("IMAGE_SUFFIXES", "image_size_of", "list_images", "read_image", "read_mask"),
     "mvtec": ("MIN_SPLIT_IMAGES", "Category", "Sample", "ValidationParts", "load_category", "missing_test_message",
-              "split_train_val", "validation_parts"),
+              "real_evidence_label", "split_train_val", "validation_evidence", "validation_parts"),
     "synthetic": ("SYNTHETIC_KINDS", "make_synthetic_category"),
     "tensors": ("GroundTruthReport", "decode_images", "decode_masks", "resize_image", "resize_map", "resize_mask"),
 }
@@ -33,7 +34,8 @@ __all__ = [  # every name of _MODULES (tests/test_data_reader.py checks the two 
     "IMAGE_SUFFIXES", "MIN_SPLIT_IMAGES", "MVTEC_CATEGORIES", "SYNTHETIC_KINDS", "Category", "GroundTruthReport",
     "Sample", "ValidationParts", "decode_images", "decode_masks", "extract_categories", "fetch", "image_size_of",
     "list_images", "load_category", "make_synthetic_category", "missing_test_message", "prepare_mvtec", "read_image",
-    "read_mask", "resize_image", "resize_map", "resize_mask", "sha256_of", "split_train_val", "validation_parts",
+    "read_mask", "real_evidence_label", "resize_image", "resize_map", "resize_mask", "sha256_of", "split_train_val",
+    "validation_evidence", "validation_parts",
 ]
 
 

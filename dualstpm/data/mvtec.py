@@ -4,6 +4,8 @@ Layout (METHOD.md section 1)::
 
     <root>/<category>/train/good/*
     <root>/<category>/validation/good/*          (optional, as in MVTec 3D-AD)
+    <root>/<category>/validation/<defect_type>/*  (optional: real defects, validation evidence only)
+    <root>/<category>/validation_ground_truth/<defect_type>/<stem>_mask.<suffix>  (optional)
     <root>/<category>/test/<good|defect_type>/*
     <root>/<category>/ground_truth/<defect_type>/<stem>_mask.<suffix>
 
@@ -12,11 +14,19 @@ category without ``test/`` can be fitted, and testing it says what it needs
 (:func:`missing_test_message`). Everything a run will trip over later (an empty folder, a
 missing or mis-sized mask) is found here, from file names and image headers only, and
 reported as a :class:`DataError` that names the file and the fix.
+
+Real defects in ``validation/<defect_type>/`` (what `dualstpm feedback apply` files there,
+or a user's own) are validation evidence: they select the epoch and the ablation's fusion
+in place of synthetic defects. They are never training data and never test data:
+:func:`load_category` keeps them apart in ``Category.validation_defects`` and no split
+draws from them. Each may have a mask (``validation_ground_truth/``, the ``ground_truth``
+naming); one without a mask counts for image AUROC only.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +39,8 @@ from dualstpm.paths import category_dir
 
 GOOD = "good"
 MASK_SUFFIX = "_mask"
+VALIDATION = "validation"
+VALIDATION_GT = "validation_ground_truth"  # masks of the real validation defects, named as in ground_truth/
 
 
 @dataclass(frozen=True)
@@ -51,6 +63,9 @@ class Category:
     validation: tuple[Path, ...] | None
     test: tuple[Sample, ...]
     has_ground_truth: bool
+    #: real defective validation images (``validation/<defect_type>/``), sorted by (type, name);
+    #: validation evidence only, never in `train`, `validation` or `test`
+    validation_defects: tuple[Sample, ...] = ()
 
     @property
     def defect_types(self) -> tuple[str, ...]:
@@ -82,7 +97,7 @@ def _train_images(root: Path) -> tuple[Path, ...]:
 
 
 def _validation_images(root: Path) -> tuple[Path, ...] | None:
-    folder = root / "validation" / GOOD
+    folder = root / VALIDATION / GOOD
     if not folder.is_dir():
         return None
     images = _images_in(folder)
@@ -153,6 +168,61 @@ def _check_mask_sizes(samples: tuple[Sample, ...]) -> None:
             )
 
 
+def _validation_defects(root: Path) -> tuple[Sample, ...]:
+    """The real defects of ``validation/<defect_type>/`` with their masks, if any, from
+    ``validation_ground_truth/<defect_type>/``; empty without such folders. Raises DataError
+    for an empty defect folder, a mask without its image, or a mask of another size."""
+    masks_root = root / VALIDATION_GT
+    samples: list[Sample] = []
+    folders = [f for f in _subfolders(root / VALIDATION) if f.name != GOOD]
+    for folder in folders:
+        images = _images_in(folder)
+        if not images:
+            raise DataError(
+                f"{folder.absolute()} holds no images: put the real defective parts of type {folder.name!r} "
+                f"there (files ending in {', '.join(IMAGE_SUFFIXES)}) or remove the folder."
+            )
+        masks = _mask_index(masks_root / folder.name)
+        for image in images:
+            samples.append(Sample(image, 1, folder.name, masks.pop(image.stem, None)))
+        _refuse_orphan_masks(masks.values(), folder)
+    for mask_folder in _subfolders(masks_root):
+        if mask_folder.name not in {f.name for f in folders}:
+            _refuse_orphan_masks(_images_in(mask_folder), root / VALIDATION / mask_folder.name)
+    result = tuple(samples)
+    _check_mask_sizes(result)
+    return result
+
+
+def _refuse_orphan_masks(masks: Iterable[Path], image_folder: Path) -> None:
+    """DataError naming the first of `masks` (mask files left without an image) when there is
+    one: its image would be in `image_folder`."""
+    orphans = sorted(masks)
+    if orphans:
+        mask = orphans[0]
+        expected = image_folder / mask.stem.removesuffix(MASK_SUFFIX)
+        raise DataError(
+            f"mask {mask.absolute()} has no image: expected {expected.absolute()} with an image suffix "
+            f"({', '.join(IMAGE_SUFFIXES)}), a real validation defect of type {image_folder.name!r}. Put the "
+            "defective image there, or remove the mask."
+        )
+
+
+def validation_evidence(category: Category, default: str) -> str:
+    """``real: N images of K defect types`` when the category has real validation defects,
+    else `default` (what the caller selects on without them, e.g. ``synthetic``)."""
+    defects = category.validation_defects
+    if not defects:
+        return default
+    return real_evidence_label(len(defects), len({s.defect_type for s in defects}))
+
+
+def real_evidence_label(n_images: int, n_types: int) -> str:
+    """``real: N images of K defect types`` (singular where it is one)."""
+    return (f"real: {n_images} image{'s' if n_images != 1 else ''} of {n_types} "
+            f"defect type{'s' if n_types != 1 else ''}")
+
+
 def missing_test_message(root: Path) -> str:
     """Why the category folder `root` cannot be tested, and the layout testing needs."""
     root = Path(root).absolute()
@@ -176,17 +246,23 @@ def load_category(data_root: Path, category: str, *, require_test: bool = True) 
 
     `require_test` False (training, export calibration) accepts a category without test
     images (``test`` is then empty); test images that are there are checked all the same.
+
+    Real defects in ``validation/<defect_type>/`` (``validation_defects``, each with its
+    mask from ``validation_ground_truth/`` when there is one) are checked the same way:
+    an empty folder, a mask without its image or a mask of another size is a DataError.
+    They are in no other list: neither training, nor validation/good, nor test data.
     """
     root = category_dir(Path(data_root), category)
     train = _train_images(root)
     validation = _validation_images(root)
+    validation_defects = _validation_defects(root)
     ground_truth = root / "ground_truth"
     has_ground_truth = ground_truth.is_dir()
     test = _test_samples(root, ground_truth if has_ground_truth else None)
     if not test and require_test:
         raise DataError(missing_test_message(root))
     _check_mask_sizes(test)
-    return Category(root, category, train, validation, test, has_ground_truth)
+    return Category(root, category, train, validation, test, has_ground_truth, validation_defects)
 
 
 def split_train_val(category: Category, val_fraction: float, seed: int) -> tuple[list[Path], list[Path]]:

@@ -16,6 +16,9 @@ CHALLENGER = "challenger"
 CHAMPION = "champion"
 PROMOTION_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")  # tagged `metric.<name>` on each version
 REGISTRATION_TAG = "dualstpm.registration"  # `incomplete` from a version's creation until its alias is set
+#: `<RESCORED_TAG><data hash>`: JSON test metrics of a version re-tested on that data (its decision view),
+#: tagged by the retrain flow (`mlops.retraining.rescore_champion`), read by the promotion rule
+RESCORED_TAG = f"{TAG}rescored."
 INCOMPLETE, COMPLETE = "incomplete", "complete"
 
 

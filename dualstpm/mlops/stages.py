@@ -138,6 +138,11 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
             record_model(run())
             run().log_missing_epochs(result.history)  # epochs an interruption kept from a run (resume)
             run().log_fit(result.selected_epochs, result.thresholds)
+            evidence = result.validation_evidence or {}  # what selected the epochs; real defects' AUROC per view
+            run().log(run().run_id, "logging the validation evidence",
+                      {f"val_real.{view}.{metric}": value for view, figures in evidence.get("views", {}).items()
+                       for metric, value in figures.items() if value is not None},
+                      tags={f"{TAG}validation_evidence": evidence.get("evidence", "")})
             run().finish()
         except TrackingError as exc:
             failures.append(exc)
@@ -345,6 +350,7 @@ def tracked_ablate(params: Params, run_dir: Path, *, store: Store) -> AblationRe
             f"{TAG}ablation.adopted": str(summary["fused_chosen"]["adopted"]).lower(),
             f"{TAG}ablation.applied": str(summary["applied"]).lower(),
             f"{TAG}ablation.oracle": (summary["oracle"] or {}).get("config", "none"),
+            f"{TAG}ablation.evidence": summary["selection_set"]["validation_evidence"],
         })
         with tracking_errors(client.tracking_uri, "logging the ablation table"):
             client.log_table(run.run_id, data=result.table, artifact_file=f"{ABLATION_DIR}/table.json")
