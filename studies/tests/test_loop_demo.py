@@ -146,7 +146,7 @@ def test_the_loop_demo_end_to_end_on_battery_weld(shared_data: Path, tmp_path: P
                "--line-defects", str(defects), "--results", str(results), "--set", "fit.device=cpu",
                "--set", "ablation.panel_images=0", "--set", "ablation.bootstrap=20",
                "--set", "tracking.promotion_floor=0"]  # so that v1 is champion and v2 must beat it on evidence
-    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=3000, check=False)
+    done = subprocess.run(command, cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=3600, check=False)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     summary = json.loads((out / "loop_demo.json").read_text())
     assert json.loads((results / "loop_demo.json").read_text())["data"] == summary["data"]
