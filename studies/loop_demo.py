@@ -79,6 +79,7 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "DO_NOT_TRACK": "true", "MLFLOW_DISABLE_TELEME
 # git versions the params and DVC's records; the rest of OUT is the demo's workspace
 GITIGNORE = "".join(f"/{name}\n" for name in ("line/", "runs/", "preds/", "retrain/", "monitor/", "mlflow.db",
                                                "mlartifacts/", "mlruns/", ".prefect/", "loop_demo.json", "loop_demo.md"))
+NO_ALIAS = ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND", "INVALID_PARAMETER_VALUE")  # MLflow's answers for an unset alias
 NOT_PROMOTED = 3  # `dualstpm promote` judged and did not promote; `monitor`: a bound crossed
 
 
@@ -243,6 +244,7 @@ def registry_versions(store: str, category: str) -> dict[str, Any]:
     """The registered model of the demo's category: its versions (run directory, the metric
     tags, the promotion decision's tags) and who holds `champion`."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
     from dualstpm.registry import CHAMPION, model_name
 
@@ -263,8 +265,10 @@ def registry_versions(store: str, category: str) -> dict[str, Any]:
         }
     try:
         champion = str(client.get_model_version_by_alias(name, CHAMPION).version)
-    except Exception:  # noqa: BLE001 - MLflow raises MlflowException (RESOURCE_DOES_NOT_EXIST) for no alias
-        champion = None
+    except MlflowException as exc:
+        if exc.error_code not in NO_ALIAS:
+            raise
+        champion = None  # the store answered: no version holds the alias
     return {"name": name, "versions": versions, "champion": champion}
 
 
