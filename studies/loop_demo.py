@@ -246,7 +246,7 @@ def registry_versions(store: str, category: str) -> dict[str, Any]:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from dualstpm.registry import CHAMPION, model_name
+    from dualstpm.mlops.names import CHAMPION, model_name
 
     client = MlflowClient(tracking_uri=store, registry_uri=store)
     name = model_name(Path("data"), category)

@@ -208,9 +208,10 @@ def review_from_truth(predictions: Path, run: Path, batch: LineBatch, base: Path
     first word: `feedback apply` files it under that type) and its ground-truth mask.
     Returns the counts: verdicts, good, defective, with_mask, overruled (verdict differs
     from the model's label). Raises KeyError for a scored image that is not in `batch`."""
+    from dualstpm.mlops.scored_by import describe_run
     from dualstpm.review.app import open_review
 
-    session = open_review(predictions, REVIEWER, run=run, base=base)
+    session = open_review(predictions, REVIEWER, lambda: describe_run(run), base=base)
     counts = {"verdicts": 0, "good": 0, "defective": 0, "with_mask": 0, "overruled": 0}
     for part in session.predictions.parts:
         truth = batch.parts[Path(part.image).name]

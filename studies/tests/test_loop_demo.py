@@ -103,7 +103,8 @@ def test_the_simulated_inspector_writes_the_truth_through_the_review_log(synthet
                                                                          tmp_path: Path):
     from dualstpm.detector import Detector
     from dualstpm.predict import predict
-    from dualstpm.review.log import ReviewLog, review_dir
+    from dualstpm.review.log import ReviewLog
+    from dualstpm.rundir import review_dir
 
     split = plan_split(synthetic_root, CATEGORY, holdout_good=2, line_defects=2, seed=0)
     batch = write_line_batch(split, tmp_path / "batch", seed=0)
@@ -137,7 +138,7 @@ def test_the_loop_demo_end_to_end_on_battery_weld(shared_data: Path, tmp_path: P
     from mlflow import MlflowClient
 
     from dualstpm.data.images import read_mask
-    from dualstpm.tracking import data_hash
+    from dualstpm.mlops.hashing import data_hash
 
     out, results = tmp_path / "loop", tmp_path / "results"
     holdout, defects = 4, 4
@@ -174,7 +175,7 @@ def test_the_loop_demo_end_to_end_on_battery_weld(shared_data: Path, tmp_path: P
     assert len(list((category / "train" / "good").iterdir())) == summary["data"]["train_good"] + holdout
 
     # a new DVC data version, committed: the .dvc file's md5 changed between the two commits, and
-    # it is the hash of the category as it is now (the md5 `dvc add` records is tracking.data_hash)
+    # it is the hash of the category as it is now (the md5 `dvc add` records is mlops.hashing.data_hash)
     assert len(_git(out, "log", "--format=%H").split()) == 2
     before = yaml.safe_load(_git(out, "show", "HEAD~1:data/battery_weld.dvc"))["outs"][0]["md5"]
     after = yaml.safe_load(_git(out, "show", "HEAD:data/battery_weld.dvc"))["outs"][0]["md5"]
