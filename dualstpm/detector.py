@@ -77,6 +77,9 @@ class Calibration:
     validation_split: dict = field(default_factory=dict)
     #: the discriminative stage's selection and cost (`DiscResult.summary`); None without it
     discriminator: dict | None = None
+    #: how well the fitted model separates synthetic defects on the calibration images, and the
+    #: warning when below `fit.min_val_auroc` (`fit_check.FitCheck.to_json`); None: fitted before the check
+    fit_check: dict | None = None
 
     @property
     def false_alarm_bound(self) -> float | None:

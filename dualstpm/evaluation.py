@@ -106,7 +106,9 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
                         # the rate a new good part is flagged at, given the calibration images (None: not recorded)
                         "false_alarm_bound": detector.calibration.false_alarm_bound,
                         "validation_split": detector.calibration.validation_split,
-                        "notes": detector.calibration.notes},
+                        "notes": detector.calibration.notes,
+                        # how the fit separated synthetic defects (dualstpm.fit_check); None: fitted before the check
+                        "fit_check": detector.calibration.fit_check},
         # how maps became image scores: the model's calibrated reduction, not the params file's
         "score": detector.score_spec.to_json(),
     }

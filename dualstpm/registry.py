@@ -45,6 +45,7 @@ from dualstpm.data import list_images, read_image, resize_image
 from dualstpm.detector import CHOSEN_VIEW, read_chosen_fusion, read_model_dir
 from dualstpm.errors import ConfigError, RunError, TrackingError
 from dualstpm.files import json_text
+from dualstpm.fit_check import fit_check_tags
 from dualstpm.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, run_store
 from dualstpm.rundir import ABLATION_DIR, METRICS_FILE, MODEL_SUBDIR, OVERLAY_GRID, PLOTS_DIR, RUN_RECORD, SUMMARY_FILE
 from dualstpm.tracking import STORE_ANSWERED, TAG, RunRecord, connect, dataset_name, tracking_errors
@@ -219,6 +220,7 @@ def register_run(run_dir: Path, params: Params, category: str):
         f"{TAG}input_example": example_origin,
         MODEL_HASH_TAG: trained_by[MODEL_HASH_TAG],
         REGISTRATION_TAG: INCOMPLETE,
+        **fit_check_tags(calibration.fit_check, TAG),  # a poor fit is never registered silently
     }
     from dualstpm.mlflow_model import ONNX_ARTIFACT
 

@@ -14,11 +14,13 @@ import pandas as pd
 
 from dualstpm.ablation import AblationResult, ablate
 from dualstpm.config import Params
+from dualstpm.budget import plan_category
 from dualstpm.data import IMAGE_SUFFIXES, load_category, make_synthetic_category, prepare_mvtec
 from dualstpm.detector import Calibration, read_model_dir
 from dualstpm.errors import DataError, RunError, TrackingError
 from dualstpm.evaluation import test_run
 from dualstpm.files import write_csv, write_json
+from dualstpm.fit_check import fit_check_metrics, fit_check_tags
 from dualstpm.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, model_sha256, record_model, run_store
 from dualstpm.metrics import category_means
 from dualstpm.rundir import (
@@ -100,7 +102,9 @@ def prepare_data(params: Params) -> Path:
 def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *,
                 resume: bool = False, overwrite: bool = False) -> FitResult:
     """`training.fit` logged to MLflow: the category's parent run and a child per branch,
-    per-epoch losses, the selected epochs and thresholds.
+    per-epoch losses, the selected epochs and thresholds, and the fit check (metrics
+    `fit_check.val_auroc.<view>`, tags `dualstpm.fit_check*`). The run's params are the
+    ones the fit runs with (`budget.plan_category`: the recipe's image size and epochs).
 
     An unreachable store fails before training; a store lost during training does not stop
     it: the model is saved first, then the TrackingError says so and how to log it later.
@@ -109,7 +113,7 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     if resume:  # continues the runs RUN records: in their store
         params = run_store(params, run_dir)
     connect(params)  # fail fast: nothing trained yet, nothing lost
-    tracked = params_for_data(params, data_root)
+    tracked = params_for_data(plan_category(params, data_root, category).params, data_root)  # as `fit` plans
     opened: list[CategoryRun] = []
     failures: list[TrackingError] = []
 
@@ -137,6 +141,8 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
             record_model(run())
             run().log_missing_epochs(result.history)  # epochs an interruption kept from a run (resume)
             run().log_fit(result.selected_epochs, result.thresholds)
+            run().log(run().run_id, "logging the fit check", fit_check_metrics(result.fit_check),
+                      tags=fit_check_tags(result.fit_check, TAG))
             run().finish()
         except TrackingError as exc:
             failures.append(exc)
@@ -202,6 +208,8 @@ def tracked_evaluation(params: Params, run_dir: Path, data_root: Path, category:
         if run.created:  # fitted without tracking, or into another store: log what the files tell
             run.log_history(run_dir / HISTORY_FILE)
             run.log_fit(calibration.selected_epochs, calibration.thresholds)
+            run.log(run.run_id, "logging the fit check", fit_check_metrics(calibration.fit_check),
+                    tags=fit_check_tags(calibration.fit_check, TAG))
         if folder == run_dir:
             run.log_test(result, evaluation_hash, data_root)
         else:
