@@ -140,6 +140,52 @@ class ModelParams(_Strict):
 
 
 Precision = Literal["auto", "float32", "bfloat16"]
+#: `fit.recipe`: `fixed` (fit.epochs at image_size), `real` (the real-data recipe, `fit.real.*`), or
+#: `auto` (`fixed` on the synthetic demo data, `real` on any other data: `dualstpm.budget.plan_fit`)
+Recipe = Literal["fixed", "real", "auto"]
+
+
+def _image_size(value: int) -> int:
+    """A square input size in px: a multiple of 32 in [32, 2048] (the deepest teacher map has stride 32)."""
+    if not 32 <= value <= 2048 or value % 32:
+        raise ValueError("must be a multiple of 32 between 32 and 2048 (the deepest teacher map has stride 32), "
+                         "e.g. 256")
+    return value
+
+
+class RealRecipeParams(_Strict):
+    """The real-data recipe: what a fit on a user's own data gets under `fit.recipe: real` (or
+    `auto`, on data other than the synthetic demo). The budget is counted in optimizer steps
+    (one per batch and branch), so it scales with the data: `dualstpm.budget.plan_fit`."""
+
+    min_steps: int = Field(
+        500, ge=1, description="floor: every branch takes at least this many optimizer steps (whole epochs, rounded "
+        "up), however few the images, and early stopping waits for it",
+    )
+    max_steps: int = Field(
+        3000, ge=1, description="ceiling: no more optimizer steps than this (whole epochs, rounded down, never below "
+        "the floor's epochs)",
+    )
+    patience_steps: int = Field(
+        300, ge=1, description="early stopping past the floor: stop once no branch has lowered its validation "
+        "selection value (fit.select) for this many steps (whole epochs, rounded up)",
+    )
+    image_size: int | None = Field(None, description="square input size in px under this recipe; null = image_size")
+
+    @field_validator("image_size")
+    @classmethod
+    def _size(cls, value: int | None) -> int | None:
+        return None if value is None else _image_size(value)
+
+    @model_validator(mode="after")
+    def _floor_below_ceiling(self) -> RealRecipeParams:
+        if self.min_steps > self.max_steps:
+            raise ValueError(
+                f"fit.real.min_steps = {self.min_steps} is above fit.real.max_steps = {self.max_steps}: the floor of "
+                f"optimizer steps cannot exceed the ceiling. Raise the ceiling (--set fit.real.max_steps="
+                f"{self.min_steps}) or lower the floor (--set fit.real.min_steps={self.max_steps})"
+            )
+        return self
 
 
 class FitParams(_Strict):
@@ -175,6 +221,18 @@ class FitParams(_Strict):
     )
     discriminator: bool = Field(
         False, description="after both branches, train the discriminative stage (`disc.*`, METHOD.md §5b): the view `disc`"
+    )
+    recipe: Recipe = Field(
+        "fixed",
+        description="the training budget: fixed = fit.epochs epochs at image_size (the demo's quick budget); real = "
+        "the real-data recipe (fit.real.*: optimizer steps scaled to the data, early stopping); auto = fixed on "
+        "the synthetic demo data (data.source synthetic, read from data.root), real on any other data",
+    )
+    real: RealRecipeParams = RealRecipeParams()
+    min_val_auroc: float = Field(
+        0.7, ge=0, le=1,
+        description="after training, the image AUROC of the decision view on synthetic defects pasted on the "
+        "calibration images below which `fit` warns that the model is poor (and records it); 0 = never warn",
     )
 
 

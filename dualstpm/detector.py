@@ -80,6 +80,9 @@ class Calibration:
     #: what selected the epochs (`training.fit_evidence`): good images only, or real validation
     #: defects with their AUROC per view; None in files of an earlier dualstpm
     validation_evidence: dict | None = None
+    #: how well the fitted model separates synthetic defects on the calibration images, and the
+    #: warning when below `fit.min_val_auroc` (`fit_check.FitCheck.to_json`); None: fitted before the check
+    fit_check: dict | None = None
 
     @property
     def false_alarm_bound(self) -> float | None:

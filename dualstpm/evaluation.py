@@ -108,7 +108,9 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
                         "validation_split": detector.calibration.validation_split,
                         "notes": detector.calibration.notes,
                         # what selected the epochs: good images only, or real validation defects (their AUROCs)
-                        "validation_evidence": detector.calibration.validation_evidence},
+                        "validation_evidence": detector.calibration.validation_evidence,
+                        # how the fit separated synthetic defects (dualstpm.fit_check); None: fitted before the check
+                        "fit_check": detector.calibration.fit_check},
         # how maps became image scores: the model's calibrated reduction, not the params file's
         "score": detector.score_spec.to_json(),
     }

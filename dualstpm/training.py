@@ -41,6 +41,7 @@ import torch
 from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 from torch import Tensor
 
+from dualstpm.budget import FitPlan, epochs_text, plan_fit
 from dualstpm.compute import Compute
 from dualstpm.config import FitParams, Params
 from dualstpm.data import Category, ValidationParts, decode_images, load_category, split_train_val, validation_parts
@@ -49,6 +50,7 @@ from dualstpm.disc_training import DiscResult, train_discriminator
 from dualstpm.errors import TrainingError
 from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import atomic_file
+from dualstpm.fit_check import FitCheck, FitEvidence, check_fit
 from dualstpm.model import inference
 from dualstpm.model.calibration import MapStatsAccumulator, calibrate_threshold, calibration_note, summarize
 from dualstpm.model.fusion import BRANCHES, MAX_SCORE, FusionSpec, ScoreSpec
@@ -72,6 +74,8 @@ class FitResult:
     thresholds: dict[str, float]
     disc_seconds: float | None = None  # wall time of the discriminative stage (None: not trained)
     validation_evidence: dict | None = None  # calibration.json's `validation_evidence` (`fit_evidence`)
+    #: the fit check (`fit_check.FitCheck.to_json`, also in calibration.json); None: not run
+    fit_check: dict | None = None
 
 
 def seed_everything(seed: int) -> None:
@@ -154,7 +158,8 @@ def _atomic_save(obj: dict, path: Path) -> None:
 
 #: fit keys that do not change what an epoch computes, so a resumed fit may change them
 #: (epochs only upwards: see `check_resumable`).
-RESUMABLE_FIT_KEYS = ("epochs", "device", "cache", "cache_ram_gb", "discriminator")  # the stage runs after the epochs
+RESUMABLE_FIT_KEYS = ("epochs", "device", "cache", "cache_ram_gb", "discriminator",  # the stage runs after the epochs
+                      "recipe", "real", "min_val_auroc")  # the budget (its image size is image_size's) and the check
 
 
 class FitInterrupted(KeyboardInterrupt):
@@ -490,6 +495,31 @@ def fit_evidence(model: DualStpmModel, params: Params, calibration: Calibration,
     return {**real.describe(), "epoch_selection": f"real defects: the best {real.rule}", "views": evidence}
 
 
+def fit_check(model: DualStpmModel, params: Params, calibration: Calibration, images: Tensor, compute: Compute,
+              disc: DiscResult | None, plan: FitPlan, epochs_trained: int) -> FitCheck:
+    """The fit check (`dualstpm.fit_check.check_fit`) of the calibrated model on `images` (the
+    calibration part of the validation images), scored as the model will score: float32 maps,
+    `calibration`'s statistics and reduction. Says the validation AUROC, and the warning
+    when there is one."""
+    inference_compute = compute.for_inference()
+    views = MapViews(FusionSpec.from_params(params.fusion), calibration.map_stats, score=calibration.score,
+                     disc=disc.module if disc is not None else None)
+
+    def score(batch: Tensor) -> dict[str, Tensor]:
+        with torch.no_grad():
+            return views.score_maps(six_maps(model, batch, inference_compute), views.views).scores
+
+    evidence = FitEvidence(recipe=plan.recipe, train_images=plan.train_images, image_size=params.image_size,
+                           epochs=epochs_trained, steps=epochs_trained * plan.steps_per_epoch,
+                           real_min_steps=params.fit.real.min_steps)
+    check = check_fit(score, images, params.fusion.view, params.fit.min_val_auroc, params.seed,
+                      params.fit.batch_size, evidence)
+    say(check.summary())
+    if check.warning is not None:
+        say(f"[bold yellow]warning:[/] {check.warning}")
+    return check
+
+
 def fit_discriminator(model: DualStpmModel, params: Params, train_images: Tensor, val_images: Tensor,
                       compute: Compute) -> DiscResult:
     """Train the discriminative stage on the selected, frozen branches (`dualstpm.disc_training`):
@@ -539,20 +569,31 @@ def check_start(run_dir: Path, *, resume: bool, overwrite: bool) -> Path:
     return checkpoint_path
 
 
+def best_epochs(trainer: Trainer) -> dict[str, int]:
+    """Per branch, the epoch with the lowest validation selection value so far (0: none yet)."""
+    return {branch: int(best["epoch"]) for branch, best in trainer.best.items()}
+
+
 def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selection_images: Tensor, compute: Compute,
-                 run_dir: Path, on_epoch: EpochCallback | None) -> None:
-    """Train until `trainer` holds `fit.epochs` epochs, each checkpointed, selected on
-    `selection_images` and reported to `on_epoch`; the teacher-feature cache (`fit.cache`)
-    lives for these epochs only."""
+                 run_dir: Path, on_epoch: EpochCallback | None, plan: FitPlan | None = None) -> str:
+    """Train until `plan` says stop (`FitPlan.stop_reason`; None: when `trainer` holds
+    `fit.epochs` epochs), each epoch checkpointed, selected on `selection_images` and
+    reported to `on_epoch`; the teacher-feature cache (`fit.cache`) lives for these epochs
+    only. Returns why training ended."""
+    def stop() -> str | None:
+        if plan is None:
+            return epochs_text(params.fit.epochs) if trainer.epochs_done >= params.fit.epochs else None
+        return plan.stop_reason(trainer.epochs_done, best_epochs(trainer))
+
     columns = (MofNCompleteColumn(), TimeRemainingColumn(), StatusColumn())
     cache = None
     try:
-        if params.fit.cache and trainer.epochs_done < params.fit.epochs:
+        if params.fit.cache and stop() is None:
             cache = TeacherFeatureCache.build(
                 trainer.model, train_images, params.fit.batch_size, compute, params.fit.cache_ram_gb * 2**30, run_dir
             )
         with progress_bar(*columns) as progress:
-            while trainer.epochs_done < params.fit.epochs:
+            while stop() is None:
                 losses = trainer.train_epoch(train_images, progress, cache)
                 trainer.epochs_done += 1
                 record = {"epoch": trainer.epochs_done, **losses, **trainer.select(selection_images)}
@@ -564,6 +605,7 @@ def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selecti
     finally:
         if cache is not None:
             cache.close()
+    return str(stop())
 
 
 def fit(
@@ -582,6 +624,10 @@ def fit(
     without `test/` trains. Real defects in `validation/<defect_type>/` select the epochs
     (`Trainer.select`); their AUROCs are printed and recorded in `calibration.json`
     (`validation_evidence`), which says "good images only" without them.
+    How long, and at which image size, is `fit.recipe`'s plan (`dualstpm.budget.plan_fit`);
+    the model records the params it ran with. After calibration the fit check
+    (`dualstpm.fit_check`) scores synthetic defects on the calibration images and warns
+    below `fit.min_val_auroc`.
     Ctrl-C, or SIGTERM in the main thread (:func:`sigterm_interrupts`), after the images
     are decoded raises :class:`FitInterrupted`, which names the checkpoint `--resume`
     continues from."""
@@ -590,6 +636,8 @@ def fit(
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     dataset = load_category(Path(data_root), category, require_test=False)  # training never reads test/
     train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)  # real defects: in neither
+    plan = plan_fit(params, data_root, len(train_paths))
+    params = plan.params  # the recipe's image size and epochs from here on
     data = data_signature(dataset, train_paths, val_paths)
     checkpoint = None
     if resume:  # checked before the images are decoded: a refusal costs nothing
@@ -619,6 +667,7 @@ def fit(
         f"({len(parts.selection)} select the epoch, {len(parts.calibration)} calibrate), "
         f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
     )
+    say(plan.describe())
     if real is not None:
         say(f"epochs are selected on real validation defects ({real.label}, {int(real.has_mask.sum())} with masks) "
             f"against the {len(parts.selection)} selection images: the best {real.rule} "
@@ -627,7 +676,8 @@ def fit(
     # epoch the checkpoint holds them all, and --resume goes straight to selection and calibration.
     try:
         with sigterm_interrupts():
-            train_epochs(trainer, params, train_images, selection_images, compute, run_dir, on_epoch)
+            ended = train_epochs(trainer, params, train_images, selection_images, compute, run_dir, on_epoch, plan)
+            say(f"training ended: {ended}")
             selected = trainer.restore_best()
             # the stage selects its epoch on the selection part too: the calibration part stays unseen until calibration
             disc = (fit_discriminator(trainer.model, params, train_images, selection_images, compute)
@@ -635,6 +685,9 @@ def fit(
             calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc)
             calibration = replace(calibration, validation_evidence=fit_evidence(
                 trainer.model, params, calibration, selection_images, real, compute, disc))
+            check = fit_check(trainer.model, params, calibration, calibration_images, compute, disc, plan,
+                              len(trainer.history))
+            calibration = replace(calibration, fit_check=check.to_json())
             trained_on = data_trained_on(params, data_root, category, run_dir)
             model_dir = save_detector(run_dir, trainer.model, trained_on, calibration,
                                       disc.module if disc is not None else None)
@@ -649,4 +702,4 @@ def fit(
     say(f"model written to {model_dir} (selected epochs: {selected}; decides with `{view}`, "
                   f"threshold {thresholds[view]:.5g})")
     return FitResult(run_dir, model_dir, trainer.history, selected, thresholds, disc.seconds if disc is not None else None,
-                     calibration.validation_evidence)
+                     calibration.validation_evidence, check.to_json())

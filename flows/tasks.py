@@ -109,9 +109,12 @@ def check_task(data_root: Path, category: str) -> Path:
 
 @task(name="fit", cache_policy=NO_CACHE, task_run_name="fit-{category}", tags=[TRAINING_TAG])
 def fit_task(params: Params, store: Store, data_root: Path, category: str, run_dir: Path) -> Path:
-    """A fresh, MLflow-tracked fit of `category` into `run_dir` (while holding a training slot)."""
+    """A fresh, MLflow-tracked fit of `category` into `run_dir` (while holding a training slot).
+    A poor fit (`dualstpm.fit_check`) is a warning in the task's log."""
     with category_log(category):
-        tracked_fit(params, data_root, category, run_dir, store=store, overwrite=True)
+        result = tracked_fit(params, data_root, category, run_dir, store=store, overwrite=True)
+    if result.fit_check and result.fit_check["warning"]:
+        get_run_logger().warning("%s: %s", category, result.fit_check["warning"])
     return run_dir
 
 

@@ -60,6 +60,7 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 TINY_OVERRIDES = [
     "image_size=64",
     "fit.epochs=2",
+    "fit.recipe=fixed",  # the tests' quick budget, whatever the default recipe becomes (a tmp root is not the demo)
     "fit.batch_size=8",
     "fit.device=cpu",
     "model.t1.name=tf_efficientnet_lite0",

@@ -34,6 +34,7 @@ from dualstpm.config import Params
 from dualstpm.data import list_images, read_image, resize_image
 from dualstpm.detector import CHOSEN_VIEW, read_chosen_fusion, read_model_dir
 from dualstpm.errors import RunError, TrackingError
+from dualstpm.fit_check import fit_check_tags
 from dualstpm.mlops.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, run_store
 from dualstpm.mlops.lock import LOCK_STALE_S
 from dualstpm.mlops.names import (
@@ -264,6 +265,7 @@ def register_run(run_dir: Path, params: Params, category: str, *, store: Store):
         f"{TAG}input_example": example_origin,
         MODEL_HASH_TAG: trained_by[MODEL_HASH_TAG],
         REGISTRATION_TAG: INCOMPLETE,
+        **fit_check_tags(calibration.fit_check, TAG),  # a poor fit is never registered silently
     }
     with tracking_errors(uri, f"logging the model of {run_dir}"):
         logged = _log_model(client, run, run_dir, threshold, example)

@@ -14,11 +14,13 @@ import pandas as pd
 
 from dualstpm.ablation import AblationResult, ablate
 from dualstpm.config import Params
+from dualstpm.budget import plan_category
 from dualstpm.data import IMAGE_SUFFIXES, load_category, make_synthetic_category, prepare_mvtec
 from dualstpm.detector import Calibration, read_model_dir
 from dualstpm.errors import DataError, RunError, TrackingError
 from dualstpm.evaluation import test_run
 from dualstpm.files import write_csv, write_json
+from dualstpm.fit_check import fit_check_metrics, fit_check_tags
 from dualstpm.metrics import category_means
 from dualstpm.mlops.hashing import data_version, folder_files, model_sha256
 from dualstpm.mlops.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, record_model, run_store
@@ -100,7 +102,9 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
                 resume: bool = False, overwrite: bool = False) -> FitResult:
     """`training.fit` logged to MLflow in `store` (resolved at the entry point): the
     category's parent run and a child per branch, per-epoch losses, the selected epochs and
-    thresholds.
+    thresholds, the validation evidence, and the fit check (metrics
+    `fit_check.val_auroc.<view>`, tags `dualstpm.fit_check*`). The run's params are the
+    ones the fit runs with (`budget.plan_category`: the recipe's image size and epochs).
 
     An unreachable store fails before training; a store lost during training does not stop
     it: the model is saved first, then the TrackingError says so and how to log it later.
@@ -109,7 +113,7 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     if resume:  # continues the runs RUN records: in their store
         params, store = in_run_store(params, store, run_dir)
     client = connect(store)  # fail fast: nothing trained yet, nothing lost
-    tracked = params_for_data(params, data_root)
+    tracked = params_for_data(plan_category(params, data_root, category).params, data_root)  # as `fit` plans
     opened: list[CategoryRun] = []
     failures: list[TrackingError] = []
 
@@ -143,6 +147,8 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
                       {f"val_real.{view}.{metric}": value for view, figures in evidence.get("views", {}).items()
                        for metric, value in figures.items() if value is not None},
                       tags={f"{TAG}validation_evidence": evidence.get("evidence", "")})
+            run().log(run().run_id, "logging the fit check", fit_check_metrics(result.fit_check),
+                      tags=fit_check_tags(result.fit_check, TAG))
             run().finish()
         except TrackingError as exc:
             failures.append(exc)
@@ -209,6 +215,8 @@ def tracked_evaluation(params: Params, run_dir: Path, data_root: Path, category:
         if run.created:  # fitted without tracking, or into another store: log what the files tell
             run.log_history(run_dir / HISTORY_FILE)
             run.log_fit(calibration.selected_epochs, calibration.thresholds)
+            run.log(run.run_id, "logging the fit check", fit_check_metrics(calibration.fit_check),
+                    tags=fit_check_tags(calibration.fit_check, TAG))
         if folder == run_dir:
             run.log_test(result, evaluation_hash, data_root)
         else:

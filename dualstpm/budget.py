@@ -1,0 +1,150 @@
+"""The training budget of one fit: the demo's fixed epochs, or the real-data recipe in optimizer steps.
+
+`fit.recipe` picks it (:func:`plan_fit`):
+
+- ``fixed``: `fit.epochs` epochs at `image_size`, every one trained (the synthetic demo's
+  quick budget, and the behaviour of every fit before the recipe existed);
+- ``real``: the real-data recipe (`fit.real.*`). One optimizer step per batch and branch,
+  so an epoch of N training images at batch size B is ``ceil(N / B)`` steps per branch.
+  The fit trains at least ``ceil(min_steps / steps_per_epoch)`` epochs (the floor: a tiny
+  category is still trained), at most ``max(floor epochs, max_steps // steps_per_epoch)``
+  (the ceiling, whole epochs), and between the two stops early once no branch has lowered
+  its validation selection value (`fit.select`) for ``ceil(patience_steps /
+  steps_per_epoch)`` epochs. The image size is `fit.real.image_size` (null: `image_size`);
+- ``auto``: ``fixed`` when the data is the synthetic demo (`data.source: synthetic`, read
+  from `data.root` itself, as `tracking.params_for_data` describes the data), ``real`` on
+  any other data (a `--data-root` of one's own, `data.source: folder` or `mvtec`).
+
+The plan's `params` are the params the fit runs with: `fit.recipe` the concrete recipe,
+`image_size` the recipe's size and `fit.epochs` its ceiling in epochs. Planning them again
+gives the same plan (a resumed fit, `tracking`'s logged params and the fit agree).
+
+Example: battery_weld's 30 training images (37 good, 7 held out) at batch 16 are
+``ceil(30 / 16) = 2`` steps per epoch; with ``min_steps: 500`` the floor is
+``ceil(500 / 2) = 250`` epochs (500 steps).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dualstpm.config import Params, validate
+from dualstpm.project import params_for_data
+
+
+def epochs_text(n: int) -> str:
+    """`1 epoch`, `3 epochs`."""
+    return f"{n} epoch" + ("" if n == 1 else "s")
+
+
+def steps_per_epoch(n_images: int, batch_size: int) -> int:
+    """Optimizer steps per branch in one epoch over `n_images` at `batch_size` (the last batch
+    may be smaller): ceil(n_images / batch_size). Raises ValueError for a count below 1."""
+    if n_images < 1 or batch_size < 1:
+        raise ValueError(f"an epoch needs at least one image and a batch size of at least 1, got {n_images} images "
+                         f"at batch size {batch_size}")
+    return math.ceil(n_images / batch_size)
+
+
+def is_synthetic_demo(params: Params, data_root: Path | str | None) -> bool:
+    """Whether a fit of `data_root` under `params` trains on the synthetic demo data: the
+    params say `data.source: synthetic` and `data_root` is their `data.root` (a
+    `--data-root` elsewhere is a folder of one's own, `tracking.params_for_data`)."""
+    return params_for_data(params, data_root).data.source == "synthetic"
+
+
+@dataclass(frozen=True)
+class FitPlan:
+    """How long one fit trains, and at which image size.
+
+    `params`: the params the fit runs with (module docstring). `min_epochs`..`max_epochs`:
+    the epochs it may train (equal under ``fixed``); `patience_epochs`: epochs without a new
+    best selection value, of any branch, after which it stops past `min_epochs` (None:
+    never early). `reason`: why this recipe, for the log.
+    """
+
+    recipe: str
+    reason: str
+    params: Params
+    train_images: int
+    steps_per_epoch: int
+    min_epochs: int
+    max_epochs: int
+    patience_epochs: int | None
+
+    def stop_reason(self, epochs_done: int, best_epochs: Mapping[str, int]) -> str | None:
+        """Why training ends after `epochs_done` epochs, or None to train another.
+
+        best_epochs: per branch, the epoch whose selection value is the lowest so far
+        (0: none yet). Pure: a resumed fit asks again and gets the same answer."""
+        if epochs_done >= self.max_epochs:
+            return epochs_text(self.max_epochs) + ("" if self.recipe == "fixed" else " (the ceiling)")
+        if self.patience_epochs is None or epochs_done < self.min_epochs:
+            return None
+        last_best = max(best_epochs.values(), default=0)
+        if epochs_done - last_best >= self.patience_epochs:
+            return (f"early stop after epoch {epochs_done}: no branch improved on its best validation selection "
+                    f"value (last at epoch {last_best}) for {epochs_done - last_best} epochs "
+                    f"(patience {self.patience_epochs} epochs = fit.real.patience_steps "
+                    f"{self.params.fit.real.patience_steps} at {self.steps_per_epoch} steps per epoch)")
+        return None
+
+    def describe(self) -> str:
+        """One line for the log: the recipe, why, and its budget."""
+        size, batch = self.params.image_size, self.params.fit.batch_size
+        budget = (epochs_text(self.max_epochs) if self.recipe == "fixed" else
+                  f"{self.min_epochs} to {self.max_epochs} epochs ({self.min_epochs * self.steps_per_epoch} to "
+                  f"{self.max_epochs * self.steps_per_epoch} steps per branch), early stop after "
+                  f"{self.patience_epochs} epochs without improvement")
+        return (f"training budget: recipe {self.recipe} ({self.reason}): {budget}; {self.train_images} train images "
+                f"at batch {batch} = {self.steps_per_epoch} steps per epoch, {size} px")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"recipe": self.recipe, "reason": self.reason, "train_images": self.train_images,
+                "steps_per_epoch": self.steps_per_epoch, "min_epochs": self.min_epochs, "max_epochs": self.max_epochs,
+                "patience_epochs": self.patience_epochs, "image_size": self.params.image_size,
+                "batch_size": self.params.fit.batch_size}
+
+
+def _resolved(params: Params, recipe: str, image_size: int, epochs: int) -> Params:
+    """`params` with the recipe's concrete values, validated again (a `fit.real.image_size`
+    must suit the params' blur radii as `image_size` does: ConfigError naming them)."""
+    raw = params.to_dict()
+    raw["image_size"] = image_size
+    raw["fit"].update(recipe=recipe, epochs=epochs)
+    return validate(raw, f"the params under fit.recipe={recipe} (image_size={image_size}, fit.epochs={epochs})")
+
+
+def plan_fit(params: Params, data_root: Path | str | None, train_images: int) -> FitPlan:
+    """The plan of a fit of `train_images` images of `data_root` under `params` (module
+    docstring). Raises ConfigError when the recipe's values do not validate together."""
+    fit = params.fit
+    recipe, reason = fit.recipe, f"fit.recipe={fit.recipe}"
+    if recipe == "auto":
+        demo = is_synthetic_demo(params, data_root)
+        recipe = "fixed" if demo else "real"
+        reason = "fit.recipe=auto " + ("on the synthetic demo data" if demo else "on data that is not the synthetic demo")
+    per_epoch = steps_per_epoch(train_images, fit.batch_size)
+    if recipe == "fixed":
+        return FitPlan(recipe, reason, _resolved(params, "fixed", params.image_size, fit.epochs), train_images,
+                       per_epoch, fit.epochs, fit.epochs, None)
+    real = fit.real
+    floor = math.ceil(real.min_steps / per_epoch)
+    ceiling = max(floor, real.max_steps // per_epoch)
+    size = params.image_size if real.image_size is None else real.image_size
+    return FitPlan(recipe, reason, _resolved(params, "real", size, ceiling), train_images, per_epoch, floor, ceiling,
+                   math.ceil(real.patience_steps / per_epoch))
+
+
+def plan_category(params: Params, data_root: Path, category: str) -> FitPlan:
+    """:func:`plan_fit` for `category` in `data_root`, counting its training images as `fit`
+    splits them (file names only, nothing decoded). Raises DataError for a bad layout."""
+    from dualstpm.data import load_category, split_train_val
+
+    dataset = load_category(Path(data_root), category, require_test=False)
+    train_paths, _ = split_train_val(dataset, params.fit.val_fraction, params.seed)
+    return plan_fit(params, data_root, len(train_paths))
