@@ -19,6 +19,7 @@ PARAMS_FILE = "params.yaml"
 CALIBRATION_FILE = "calibration.json"
 PREDICTIONS_FILE = "predictions.csv"  # the table `dualstpm predict --out` writes (read by review, monitor)
 OVERLAY_COLUMN = "overlay"  # its column naming each row's overlay file in the same folder
+REGIONS_FILE = "regions.jsonl"  # beside it: one JSON line per defect region (docs/regions.md)
 _GLOB_CHARS = frozenset("*?[")
 
 
