@@ -70,6 +70,7 @@ EXPORTS_DIR = "exports"
 # --------------------------------------------------------------------------- a predictions folder
 PREDICTIONS_FILE = "predictions.csv"  # the table `dualstpm predict --out` writes (read by review, monitor)
 OVERLAY_COLUMN = "overlay"  # its column naming each row's overlay file in the same folder
+REGIONS_FILE = "regions.jsonl"  # beside it: one JSON line per defect region (docs/regions.md)
 
 #: each DVC stage's outputs inside `runs/<category>/`, as `dvc.yaml` declares them
 STAGE_OUTPUTS: Mapping[str, tuple[str, ...]] = {
