@@ -23,6 +23,7 @@ import torch
 from dualstpm.errors import ExportError
 from dualstpm.export import METADATA_FILE, MODEL_FILES, export_run
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
+from dualstpm.model.regions import RegionSpec
 from dualstpm.rundir import EXPORTS_DIR
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
@@ -57,6 +58,7 @@ class ExportedModel:
         self.batch_size = int(self.metadata["batch_size"])
         self.threshold = float(self.metadata["threshold"])
         self.decision_view = self.metadata["decision"]
+        self.regions = _region_spec(self.metadata.get("regions"), meta_path)
         self._run = self._load(directory / self.metadata["model_file"], threads)
 
     def _load(self, path: Path, threads: int | None):
@@ -106,6 +108,19 @@ class ExportedModel:
             array = array.astype(np.float32) / np.float32(255.0)
         outputs = self._run(np.ascontiguousarray(array, dtype=np.float32))
         return InferenceOutput(*(torch.from_numpy(np.asarray(o)) for o in outputs))
+
+
+def _region_spec(record: dict | None, meta_path: Path) -> RegionSpec | None:
+    """The export's regions (`metadata.json` → `regions`: the pixel threshold, scale and rule
+    the deployment applies to its `anomaly_map` output); None when it records none (a model
+    without a pixel threshold, or an export of an earlier dualstpm). Raises ExportError for a bad record."""
+    if record is None:
+        return None
+    try:
+        return RegionSpec.from_json(record)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{meta_path} has an unreadable `regions` record ({type(exc).__name__}: {exc}): "
+                          "export the run again with `dualstpm export`") from None
 
 
 def run_export_dir(run_dir: Path, fmt: str, precision: str = "fp32") -> Path:

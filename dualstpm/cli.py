@@ -20,7 +20,7 @@ from dualstpm import __version__
 from dualstpm.config import Params, load_params, valid_keys
 from dualstpm.errors import NOT_DONE_EXIT, ConfigError, DataError, DualStpmError, RunError
 from dualstpm.paths import category_dir, expand_paths
-from dualstpm.rundir import CALIBRATION_FILE, trained_model_dir
+from dualstpm.rundir import CALIBRATION_FILE, REGIONS_FILE, trained_model_dir
 from dualstpm.tables import format_metric as _fmt
 from dualstpm.tables import out, print_auc_table, print_pipeline_summary
 
@@ -47,6 +47,8 @@ def set_option(example: str) -> Any:
 SetOption = set_option("fit.epochs=5")
 #: The params sections `dualstpm test` / `predict` read from --set: a trained model keeps its own (`serving_params`).
 SERVING_SETTINGS = {"test": ("data.", "tracking."), "predict": ("data.",)}
+#: data keys a trained model keeps as its own (in those sections, but never read from --set)
+MODEL_DATA_KEYS = ("data.mm_per_px",)
 
 
 CategoryOption = Annotated[Optional[str], typer.Option("--category", help="default: the category the model was trained on")]
@@ -105,6 +107,11 @@ def serving_params(path: Path | None, overrides: list[str] | None, command: str,
     it), never silently ignored."""
     for item in overrides or []:
         key = item.split("=", 1)[0].strip()
+        if key in MODEL_DATA_KEYS:
+            raise ConfigError(
+                f"`dualstpm {command}` does not apply --set {item}: the model measures its defect regions with the "
+                f"{key} it was fitted with (RUN/model/params.yaml, recorded with its region rule); fit it with "
+                f"--set {item} to change it")
         if not key.startswith(honoured):
             why = (" PyTorch inference always runs in float32, the precision the model's thresholds and "
                    "statistics were calibrated in (fit.precision is the training precision); for faster reduced-"
@@ -136,8 +143,25 @@ def print_metrics(result: dict) -> None:
         promise = (f"; with its calibration images the threshold promises {bound:.1%} (see calibration notes)"
                    if bound is not None and bound > target else "")
         out.print(f"false alarms on the good test parts: {', '.join(rates)} (calibrated for {target:.1%}{promise})")
+    if result.get("regions"):
+        out.print(region_summary(result["regions"], result[result["regions"]["view"]]))
     if result.get("note"):
         out.print(f"[yellow]note:[/] {result['note']}")
+
+
+def region_summary(regions: dict, plain: dict) -> str:
+    """One line on metrics.json's `regions` beside the plain score's figures of the same view."""
+    def pct(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.1%}"
+
+    text = (f"defect regions ({regions['view']} view, pixel threshold {regions['pixel_threshold']:.4g}: "
+            f"{pct(regions['pixel_fpr_good_test'])} of good test pixels above it, target {pct(regions['pixel_fpr_target'])}): "
+            f"image AUROC of the largest region's area {_fmt(regions['image_auroc'])} (score {_fmt(plain['image_auroc'])})")
+    rule = regions.get("at_rule")
+    if rule:
+        text += (f"; rule {regions['rule']}: false alarms {pct(rule['false_alarm_rate'])}, recall {pct(rule['recall'])} "
+                 f"(score threshold: {pct(plain.get('false_alarm_rate'))}, {pct(plain['recall'])})")
+    return text
 
 
 @app.command()
@@ -233,6 +257,10 @@ def predict(
     out.print(f"{len(table)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good"
               f"{f', {failed} unreadable' if failed else ''} "
               f"(threshold {table['threshold'].iloc[0]:.5g}); {out_dir / PREDICTIONS_FILE}")
+    if "verdict" in table.columns:  # a region rule decides the parts
+        verdicts = table["verdict"].value_counts().to_dict()
+        out.print(f"by the region rule: {verdicts.get('defective', 0)} defective, {verdicts.get('good', 0)} good "
+                  f"(column verdict; regions in {out_dir / REGIONS_FILE})")
     if earlier is not None:
         out.print(Text.assemble(("replaced: ", "bold yellow"), earlier.replaced_by(table)), highlight=False, soft_wrap=True)
     if failed:

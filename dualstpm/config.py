@@ -307,6 +307,47 @@ class CalibrationParams(_Strict):
     )
 
 
+class RegionParams(_Strict):
+    """Defect regions (docs/regions.md): the pixel threshold that turns the anomaly map into a
+    binary defect mask, calibrated by `fit` on the good calibration images' pixels."""
+
+    pixel_fpr: float | None = Field(
+        0.001, description="target share of good pixels above the pixel threshold (the pixel false-positive "
+        "rate), calibrated by split conformal calibration on the good calibration images' pixels; null = no "
+        "pixel threshold, so no regions",
+    )
+
+    @field_validator("pixel_fpr")
+    @classmethod
+    def _a_rate(cls, value: float | None) -> float | None:
+        if value is not None and not 0 < value < 1:
+            raise ValueError("must be a rate strictly between 0 and 1 (e.g. 0.001: one good pixel in a thousand "
+                             "above the pixel threshold), or null for no regions")
+        return value
+
+
+class DecisionParams(_Strict):
+    """The optional acceptance rule (docs/regions.md): with one of its keys set, a part is
+    defective exactly when one of its defect regions is at least that large; without, the
+    image score's threshold decides, as always."""
+
+    min_defect_area_px: float | None = Field(
+        None, description="smallest defect region, in pixels of the original image, that makes a part defective; "
+        "null = no rule (needs regions.pixel_fpr)",
+    )
+    min_defect_area_mm2: float | None = Field(
+        None, description="the same rule in mm^2 (needs data.mm_per_px and regions.pixel_fpr); null = no rule",
+    )
+
+    @field_validator("min_defect_area_px", "min_defect_area_mm2")
+    @classmethod
+    def _positive_area(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError("must be a positive area (the smallest defect region that rejects a part), "
+                             "or null for no region rule")
+        return value
+
+
 class AblationParams(_Strict):
     """The fusion-weight ablation grid, and how its choice is made (validation data only)."""
 
@@ -387,6 +428,18 @@ class DataParams(_Strict):
         DEFAULT_MAX_IMAGE_PIXELS, ge=1,
         description="largest image (width x height) any reader decodes; guards against decompression bombs",
     )
+    mm_per_px: float | None = Field(
+        None, description="side of one image pixel in mm (the camera's scale), so that defect regions also get "
+        "an area in mm^2 (area_px * mm_per_px^2); null = unknown, regions in pixels only (docs/regions.md)",
+    )
+
+    @field_validator("mm_per_px")
+    @classmethod
+    def _positive_scale(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ValueError("must be a positive number of millimetres per image pixel (e.g. 0.05 for 20 px per mm), "
+                             "or null when the scale is unknown")
+        return value
 
 
 class PrefectParams(_Strict):
@@ -429,6 +482,8 @@ class Params(_Strict):
     score: ScoreParams = ScoreParams()
     disc: DiscParams = DiscParams()
     calibration: CalibrationParams = CalibrationParams()
+    regions: RegionParams = RegionParams()
+    decision: DecisionParams = DecisionParams()
     ablation: AblationParams = AblationParams()
     tracking: TrackingParams = TrackingParams()
     prefect: PrefectParams = PrefectParams()
@@ -471,6 +526,30 @@ class Params(_Strict):
             raise ValueError(
                 "fusion.view = 'disc' decides with the discriminative stage, but fit.discriminator is false so none "
                 "is trained: set fit.discriminator=true, or fusion.view to fused, stpm or recon"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _region_rule_is_measurable(self) -> Params:
+        """One region rule at most; it needs regions (a pixel threshold), and an mm^2 rule the pixel scale."""
+        rule = self.decision
+        if rule.min_defect_area_px is not None and rule.min_defect_area_mm2 is not None:
+            raise ValueError(
+                f"decision.min_defect_area_px={rule.min_defect_area_px:g} and decision.min_defect_area_mm2="
+                f"{rule.min_defect_area_mm2:g} are both set: a part has one acceptance rule; set one of them to null"
+            )
+        for key, value in (("min_defect_area_px", rule.min_defect_area_px), ("min_defect_area_mm2", rule.min_defect_area_mm2)):
+            if value is not None and self.regions.pixel_fpr is None:
+                raise ValueError(
+                    f"decision.{key}={value:g} rejects parts by the area of their defect regions, but "
+                    "regions.pixel_fpr is null, so no pixel threshold finds regions: set regions.pixel_fpr "
+                    f"(e.g. 0.001) or decision.{key}=null"
+                )
+        if rule.min_defect_area_mm2 is not None and self.data.mm_per_px is None:
+            raise ValueError(
+                f"decision.min_defect_area_mm2={rule.min_defect_area_mm2:g} needs the pixel scale, but data.mm_per_px "
+                "is null: set data.mm_per_px (mm per image pixel, e.g. 0.05), or state the rule in pixels with "
+                "decision.min_defect_area_px"
             )
         return self
 

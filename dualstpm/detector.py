@@ -28,10 +28,11 @@ from dualstpm.compute import INFERENCE_PRECISION, Compute
 from dualstpm.config import FusionParams, ModelParams, Params, ScoreParams, load_params, params_yaml
 from dualstpm.errors import RunError
 from dualstpm.files import write_json
-from dualstpm.model.calibration import false_alarm_bound
+from dualstpm.model.calibration import false_alarm_bound, pixel_false_positive_bound
 from dualstpm.model.discriminator import Discriminator
 from dualstpm.model.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec
 from dualstpm.model.inference import CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, ScoredBatch
+from dualstpm.model.regions import RegionSpec
 from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.rundir import (
     CALIBRATION_FILE,
@@ -83,6 +84,11 @@ class Calibration:
     #: how well the fitted model separates synthetic defects on the calibration images, and the
     #: warning when below `fit.min_val_auroc` (`fit_check.FitCheck.to_json`); None: fitted before the check
     fit_check: dict | None = None
+    #: the good-pixel false-positive rate the pixel thresholds are set at (`regions.pixel_fpr`);
+    #: None: no pixel thresholds (the params said null, or an earlier dualstpm wrote the file)
+    pixel_fpr: float | None = None
+    #: per view, the pixel threshold of defect regions (raw map units; `calibrate_pixel_threshold`)
+    pixel_thresholds: dict[str, float] = field(default_factory=dict)
 
     @property
     def false_alarm_bound(self) -> float | None:
@@ -90,6 +96,15 @@ class Calibration:
         scores above them; None for files that do not record the calibration count."""
         n_images = self.validation_split.get("calibration_images")
         return None if n_images is None else false_alarm_bound(int(n_images), self.false_alarm_rate)
+
+    @property
+    def pixel_false_positive_bound(self) -> float | None:
+        """`calibration.pixel_false_positive_bound` of the pixel thresholds (a new good image's
+        expected share of pixels above them, at most); None without pixel thresholds or counts."""
+        n_images = self.validation_split.get("calibration_images")
+        if self.pixel_fpr is None or n_images is None:
+            return None
+        return pixel_false_positive_bound(int(n_images), self.image_size**2, self.pixel_fpr)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -128,15 +143,19 @@ class ChosenFusion:
     threshold: float
     source: dict  # provenance: which configuration, on what evidence
     val_min: float  # lowest validation image score under `spec` (the normalised score's 0)
+    #: its pixel threshold of defect regions, recalibrated like `threshold`; None when the model has none
+    pixel_threshold: float | None = None
 
     def to_json(self) -> dict:
         return {"applied": True, "fusion": asdict(self.spec), "threshold": self.threshold, "source": self.source,
-                "val_min": self.val_min}
+                "val_min": self.val_min, "pixel_threshold": self.pixel_threshold}
 
     @classmethod
     def from_json(cls, data: dict) -> ChosenFusion:
         spec = FusionSpec.from_params(FusionParams(**data["fusion"]))  # validated like params.fusion
-        return cls(spec, float(data["threshold"]), dict(data["source"]), float(data["val_min"]))
+        pixel = data.get("pixel_threshold")  # absent from the files of an earlier dualstpm: no regions
+        return cls(spec, float(data["threshold"]), dict(data["source"]), float(data["val_min"]),
+                   None if pixel is None else float(pixel))
 
 
 def read_chosen_fusion(model_dir: Path) -> ChosenFusion | None:
@@ -168,6 +187,24 @@ def decision_view(view: str, chosen_applied: bool) -> str:
     (`ablate` with `ablation.apply`) replaces `fused`, and only `fused`: a model deciding
     with `stpm`, `recon` or `disc` keeps it, and carries the chosen fusion as a view only."""
     return CHOSEN_VIEW if chosen_applied and view == "fused" else view
+
+
+def region_spec(params: Params, pixel_fpr: float | None, pixel_threshold: float | None,
+                view: str) -> RegionSpec | None:
+    """The regions of a model deciding with `view`: its pixel threshold (from calibration.json, or
+    fusion.json for `chosen`), the pixel scale `data.mm_per_px` and the rule `decision.*` of
+    its params; None without a pixel threshold. Raises RunError for a rule without one (a
+    model calibrated by an earlier dualstpm, or a chosen fusion an earlier `ablate` wrote)."""
+    rule = params.decision
+    if pixel_threshold is None:
+        if rule.min_defect_area_px is None and rule.min_defect_area_mm2 is None:
+            return None
+        fix = ("re-run `dualstpm ablate` to recalibrate the chosen fusion" if view == CHOSEN_VIEW
+               else "refit the model with this dualstpm (regions.pixel_fpr set)")
+        raise RunError(f"the model's params set a region rule (decision.*) but it has no pixel threshold for its "
+                       f"decision view {view!r}, so no regions to apply it to: {fix}")
+    return RegionSpec(pixel_threshold, pixel_fpr, params.data.mm_per_px, rule.min_defect_area_px,
+                      rule.min_defect_area_mm2)
 
 
 class Detector:
@@ -202,6 +239,10 @@ class Detector:
         self.model = self.inference.network
         self.disc = self.inference.disc
         self._typical_level: float | None = None
+        pixel = (chosen.pixel_threshold if self.decision_view == CHOSEN_VIEW
+                 else calibration.pixel_thresholds.get(self.decision_view))
+        #: how the decision view's map becomes defect regions and, with a rule, the verdict; None: no regions
+        self.regions = region_spec(params, calibration.pixel_fpr, pixel, self.decision_view)
 
     @property
     def threshold(self) -> float:

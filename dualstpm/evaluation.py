@@ -7,7 +7,9 @@ applied a fusion (its own row, named under `chosen_fusion`), each at its thresho
 calibrated on validation images. `default` names the view the model decides with
 (`fusion.view`, or `chosen` in place of `fused`). Each view also reports the false-alarm
 rate observed on the good test images at its threshold, next to the target it was
-calibrated for (`calibration.false_alarm_rate`).
+calibrated for (`calibration.false_alarm_rate`). A model with a pixel threshold also gets
+`regions` (`region_evaluation`): its decision view's defect regions, a region-based image
+score and, under a region rule, the rule's false alarms and recall beside the plain score's.
 """
 
 from __future__ import annotations
@@ -18,12 +20,13 @@ import numpy as np
 
 from dualstpm import metrics
 from dualstpm.compute import Compute
-from dualstpm.data import decode_images, decode_masks, load_category
+from dualstpm.data import decode_images, decode_masks, image_size_of, load_category
 from dualstpm.detector import CHOSEN_VIEW, Detector, fusion_label
 from dualstpm.figures import overlay_name, write_test_figures
 from dualstpm.files import write_json
 from dualstpm.maps import compute_six_maps, store_test_and_val_maps
 from dualstpm.model.fusion import DISC_VIEW, VIEWS
+from dualstpm.model.regions import CONNECTIVITY, DEFECTIVE, RegionSpec
 from dualstpm.progress import stage
 from dualstpm.rundir import MAPS_DIR, METRICS_FILE, PLOTS_DIR
 
@@ -60,6 +63,59 @@ def false_alarms(labels: np.ndarray, scores: np.ndarray, threshold: float, targe
             "false_alarm_target": float(target)}
 
 
+def _rate(flags: np.ndarray) -> float | None:
+    """The share of true values; None for no values (0/0 is no measurement)."""
+    return float(np.mean(flags)) if flags.size else None
+
+
+def _f1(precision: float, recall: float) -> float:
+    return 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+
+
+def region_evaluation(spec: RegionSpec, maps: np.ndarray, labels: np.ndarray,
+                      image_shapes: list[tuple[int, int]]) -> dict:
+    """The defect regions' effect on the part decision, beside the plain image score (docs/regions.md).
+
+    maps: (N, S, S) the decision view's test maps; labels: (N,) 1 = defective; image_shapes:
+    each test image's (H, W), for areas in its pixels. Returns: the pixel threshold with its
+    target and the share of the good test images' pixels above it (`pixel_fpr_good_test`);
+    the region-based image score, the largest region's area in the rule's unit (0 without
+    regions), with its image AUROC and F1-max; regions per good and defective image; and
+    under a rule (`at_rule`) the parts it flags: false-alarm rate and count on the good
+    images, recall, precision and F1 on the test set (None without a rule). Every rate is
+    None (JSON null) when its denominator is 0.
+    """
+    found = [spec.find(m, shape) for m, shape in zip(maps, image_shapes, strict=True)]
+    largest = np.array([spec.largest_area(f.regions) for f in found], dtype=np.float64)
+    counts = np.array([len(f.regions) for f in found], dtype=np.float64)
+    good, defective = labels == 0, labels == 1
+    best = metrics.f1_max(labels, largest)
+    result = {
+        "pixel_threshold": spec.pixel_threshold,
+        "pixel_fpr_target": spec.pixel_fpr,
+        "pixel_fpr_good_test": _rate(maps[good] > spec.pixel_threshold),
+        "connectivity": CONNECTIVITY,
+        "mm_per_px": spec.mm_per_px,
+        "region_score": f"largest region area ({spec.area_unit}; 0 without regions)",
+        "image_auroc": metrics.image_auroc(labels, largest),
+        "image_f1_max": None if best is None else best[0],
+        "regions_per_good_image": float(counts[good].mean()) if good.any() else None,
+        "regions_per_defective_image": float(counts[defective].mean()) if defective.any() else None,
+        "rule": spec.rule_text(),
+        "at_rule": None,
+    }
+    if spec.has_rule:
+        flagged = np.array([spec.verdict(f.regions) == DEFECTIVE for f in found])
+        precision, recall = metrics.precision_recall_at(labels, flagged.astype(np.float64), 0.5)
+        result["at_rule"] = {
+            "min_defect_area_px": spec.min_area_px, "min_defect_area_mm2": spec.min_area_mm2,
+            "false_alarm_rate": _rate(flagged[good]), "false_alarms": int(flagged[good].sum()),
+            "recall": recall, "precision": precision,
+            "f1": None if precision is None or recall is None else _f1(precision, recall),
+        }
+    return result
+
+
 def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_size: int | None = None,
                       plots_dir: Path | None = None, maps_dir: Path | None = None,
                       max_pixels: int | None = None) -> dict:
@@ -88,10 +144,13 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     six = compute_six_maps(detector, images, batch_size, "computing anomaly maps of test images")
     scores: dict[str, np.ndarray] = {}
     maps: dict[str, np.ndarray] | None = {} if masks is not None else None
+    decision_maps = None  # the decision view's maps, for its defect regions
     for view in detector.views:
         view_maps, scores[view] = detector.inference.views.stack(six, view)
         if maps is not None:
             maps[view] = view_maps
+        if view == detector.decision_view and detector.regions is not None:
+            decision_maps = view_maps
     truth = metrics.PixelTruth(masks) if masks is not None else None  # regions labelled once for all views
 
     result: dict = {
@@ -124,6 +183,12 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
                 **false_alarms(labels, scores[view], detector.thresholds[view], detector.calibration.false_alarm_rate),
             }
             progress.advance()
+    if decision_maps is not None:  # the model has a pixel threshold: its regions' effect beside the plain score
+        shapes = [image_size_of(s.path)[::-1] for s in dataset.test]
+        result["regions"] = {"view": detector.decision_view,
+                             **region_evaluation(detector.regions, decision_maps, labels, shapes),
+                             # what the calibration images promise a new good image (docs/regions.md)
+                             "pixel_fpr_bound": detector.calibration.pixel_false_positive_bound}
     # what the ground truth holds (lossy or empty masks, merged regions), then why metrics are null
     notes = [note for note in (truth_report.note() if truth_report is not None else None,
                                undefined_metrics_note(result, has_ground_truth=masks is not None)) if note]

@@ -5,7 +5,9 @@ folder and swapped in complete (`dualstpm.files.staged_dir`). What is exported i
 of :class:`dualstpm.model.inference.DualStpmInference` in float32: teachers' and students'
 normalisation, the six maps, the fusion with its validation statistics, smoothing, the
 image score (the calibrated `score.*` reduction), the normalised score and the decision at the stored threshold are all
-inside the graph. The resize is not (see `metadata.json` → `input.resize`).
+inside the graph. The resize is not (see `metadata.json` → `input.resize`), nor are defect
+regions: `metadata.json` → `regions` records the pixel threshold, pixel scale and rule that
+`dualstpm.model.regions` applies to the graph's `anomaly_map` output (docs/regions.md).
 
 Supported (format, precision) pairs, see :data:`SUPPORTED`:
 
@@ -258,6 +260,8 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         # the reduction of a map to the image score; threshold and normalization are in its units
         "score": {**detector.score_spec.to_json(), "function": "dualstpm.model.fusion.image_score"},
         "typical_level": detector.typical_level(),
+        # defect regions: found outside the graph, on its anomaly_map output (docs/regions.md); null: none
+        "regions": detector.regions.to_json() if detector.regions is not None else None,
         "threshold_precision": detector.calibration.precision,  # float32: the scores it was calibrated on
         "normalization": detector.inference.normalization.to_json(),
         "fusion": {**asdict(detector.spec),

@@ -21,6 +21,13 @@ A threshold the user chooses instead (``dualstpm predict --threshold``) is the
 ``decision``: it labels the parts and is marked on the colour bar, while the colours keep
 the model's scale, so pictures of one model always compare. Below the picture a band
 carries the caption (name, score, label, decision threshold) and the colour bar.
+
+Defect regions (``dualstpm predict`` on a model with a pixel threshold, docs/regions.md)
+are outlined in magenta, each of the largest :data:`MAX_REGION_LABELS` labelled with its
+area (mm² when the pixel scale is known, else image px); under a region rule the regions
+below its minimum area are outlined in grey, and a caption line gives the count, the rule
+and its verdict. The outline follows the region's map pixels, each drawn as the rectangle
+of the image it covers (nearest-neighbour upscaling, as the regions' boxes are scaled).
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from PIL import Image, ImageDraw, ImageFont
 from dualstpm.errors import RunError
 from dualstpm.model.fusion import FusionSpec
 from dualstpm.model.inference import Scorer
+from dualstpm.model.regions import Region, RegionMap, RegionSpec
 
 if TYPE_CHECKING:
     from dualstpm.detector import Detector
@@ -46,6 +54,27 @@ MIN_WIDTH = 256  # narrower images are enlarged for display, so the caption fits
 GRID_CELL_WIDTH = 320
 GRID_GAP = 8
 LABEL_COLOURS = {"defective": (190, 0, 40), "good": (0, 120, 0)}  # colours jet never has
+REGION_COLOUR = (255, 0, 255)  # magenta: a defect region (jet never has it; white is the ground truth)
+SMALL_REGION_COLOUR = (160, 160, 160)  # grey: a region below the region rule's minimum area
+MAX_REGION_LABELS = 10  # regions labelled with their area, largest first
+
+
+@dataclass(frozen=True)
+class RegionsShown:
+    """The defect regions of one image (`found`, at the map's resolution) and the spec that
+    found them (its rule colours them, its scale gives their areas in mm²)."""
+
+    found: RegionMap
+    spec: RegionSpec
+
+    def caption(self) -> str:
+        """E.g. `rule region area >= 50 px: defective; 3 regions above pixel threshold 0.412`
+        (the verdict first, so that a narrow picture's cut caption keeps it), or without a
+        rule `3 regions above pixel threshold 0.412`."""
+        n = len(self.found.regions)
+        text = f"{n} region{'s' if n != 1 else ''} above pixel threshold {self.spec.pixel_threshold:.4g}"
+        verdict = self.spec.verdict(self.found.regions)
+        return text if verdict is None else f"rule {self.spec.rule_text()}: {verdict}; {text}"
 
 
 @dataclass(frozen=True)
@@ -112,6 +141,42 @@ def _outline(mask: np.ndarray) -> np.ndarray:
     return mask & ~inner
 
 
+def _area_text(region: Region) -> str:
+    """A region's area for its label: mm² when known, else image px."""
+    return f"{region.area_mm2:.3g} mm²" if region.area_mm2 is not None else f"{region.area_px:.0f} px"
+
+
+def _draw_regions(pixels: np.ndarray, shown: RegionsShown) -> Image.Image:
+    """`pixels` (the displayed overlay, (height, width, 3) uint8) with the regions outlined and
+    the largest labelled with their areas (module docstring)."""
+    height, width = pixels.shape[:2]
+    labels = np.asarray(Image.fromarray(shown.found.labels.astype(np.int32), mode="I")
+                        .resize((width, height), Image.Resampling.NEAREST))
+    padded = np.pad(labels, 1, mode="edge")
+    edge = (labels > 0) & ((padded[:-2, 1:-1] != labels) | (padded[2:, 1:-1] != labels)
+                           | (padded[1:-1, :-2] != labels) | (padded[1:-1, 2:] != labels))
+    small = [r.id for r in shown.found.regions if shown.spec.is_defect(r) is False]
+    pixels = pixels.copy()
+    pixels[edge] = REGION_COLOUR
+    pixels[edge & np.isin(labels, small)] = SMALL_REGION_COLOUR
+    picture = Image.fromarray(pixels)
+    draw = ImageDraw.Draw(picture)
+    font = _font(int(np.clip(width / 32, 10, 18)))
+    image_h, image_w = shown.found.image_shape
+    largest = sorted(shown.found.regions, key=lambda r: -r.map_pixels)[:MAX_REGION_LABELS]
+    for region in largest:
+        x0, y0 = region.bbox[0] * width / image_w, region.bbox[1] * height / image_h
+        text = _area_text(region)
+        box = draw.textbbox((0, 0), text, font=font)
+        text_w, text_h = box[2] - box[0], box[3] - box[1]
+        x = float(np.clip(x0, 0, max(width - text_w - 2, 0)))
+        y = y0 - text_h - 3 if y0 - text_h - 3 >= 0 else y0 + 2  # above the box, else inside its top
+        draw.rectangle((x, y, x + text_w + 2, y + text_h + 3), fill="black")
+        colour = SMALL_REGION_COLOUR if shown.spec.is_defect(region) is False else REGION_COLOUR
+        draw.text((x + 1, y + 1 - box[1]), text, fill=colour, font=font)
+    return picture
+
+
 def _resized(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
     """A float (H, W) or (H, W, 3) array resized to `size` = (width, height)."""
     if array.ndim == 2:
@@ -156,13 +221,14 @@ def _band(width: int, scale: OverlayScale, lines: Sequence[tuple[str, tuple[int,
 
 def draw_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: OverlayScale, score: float,
                  label: str, title: str | None = None, mask: np.ndarray | None = None,
-                 width: int | None = None) -> Image.Image:
+                 width: int | None = None, regions: RegionsShown | None = None) -> Image.Image:
     """The heat-map overlay of one image, with its caption and colour bar below it.
 
     image: (H, W, 3) float RGB in [0, 1]; anomaly_map: (H, W) fused map of the decision
     view at the image's size; score and label: the image's decision; title: e.g. its
     name; mask: optional (h, w) ground truth at any size, outlined in white; width: the
-    displayed width in px (default: the image's own, at least MIN_WIDTH). The picture
+    displayed width in px (default: the image's own, at least MIN_WIDTH); regions: its
+    defect regions, outlined with their areas and described in a caption line. The picture
     keeps the image's aspect ratio: its top `round(H * width / W)` rows are the overlay,
     pixel for pixel (a map at or below `scale.low` leaves the image unchanged), and the
     caption band follows. Returns an RGB PIL image.
@@ -186,9 +252,12 @@ def draw_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: OverlayScale
     off_bar = "" if scale.decision_on_bar else ", off scale"
     lines.append((f"score {score:.4g}: {label} (threshold {scale.decided_at:.4g}{off_bar})",
                   LABEL_COLOURS.get(label, (0, 0, 0))))
+    if regions is not None:
+        verdict = regions.spec.verdict(regions.found.regions)
+        lines.append((regions.caption(), LABEL_COLOURS.get(verdict, (0, 0, 0))))
     band = _band(width, scale, lines)
     picture = Image.new("RGB", (width, height + band.height), "white")
-    picture.paste(Image.fromarray(pixels), (0, 0))
+    picture.paste(_draw_regions(pixels, regions) if regions is not None else Image.fromarray(pixels), (0, 0))
     picture.paste(band, (0, height))
     return picture
 

@@ -17,12 +17,13 @@ import torch
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image, resize_map
 from dualstpm.errors import DataError
-from dualstpm.files import atomic_file, write_csv
+from dualstpm.files import atomic_file, json_text, write_csv, write_text
 from dualstpm.model.inference import Scorer
+from dualstpm.model.regions import RegionMap, RegionSpec
 from dualstpm.monitor import write_batch_summary
-from dualstpm.overlays import decision_label, draw_overlay, overlay_scale
+from dualstpm.overlays import RegionsShown, decision_label, draw_overlay, overlay_scale
 from dualstpm.progress import stage
-from dualstpm.rundir import LOG_FILE, OVERLAY_COLUMN, PREDICTIONS_FILE, review_dir
+from dualstpm.rundir import LOG_FILE, OVERLAY_COLUMN, PREDICTIONS_FILE, REGIONS_FILE, review_dir
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
@@ -56,7 +57,9 @@ class ImagePrediction:
     `fusion.view` / an applied ablation names), its normalised value (0.5 = the stored
     threshold, see `dualstpm.model.calibration`), label at the threshold, each branch's
     score, the discriminative stage's (NaN when the model has none) and the decision
-    view's anomaly map at the image's size."""
+    view's anomaly map at the image's size; with a pixel threshold, its defect regions
+    (`dualstpm.model.regions`, None without), and with a region rule its `verdict`
+    (`defective` / `good`; None without a rule: `label` decides)."""
 
     score: float
     normalized_score: float
@@ -66,10 +69,21 @@ class ImagePrediction:
     recon_score: float
     disc_score: float
     anomaly_map: np.ndarray
+    regions: RegionMap | None = None
+    verdict: str | None = None
 
     def row(self) -> dict[str, float | str]:
-        """The table columns: everything but the map."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "anomaly_map"}
+        """The table columns (`COLUMNS`): everything but the map and the regions; with a region
+        rule also `n_regions` (regions found) and `verdict` (`RULE_COLUMNS`)."""
+        row = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _NOT_COLUMNS}
+        if self.verdict is not None:
+            row |= {"n_regions": len(self.regions.regions), "verdict": self.verdict}
+        return row
+
+
+_NOT_COLUMNS = ("anomaly_map", "regions", "verdict")
+#: the columns a region rule adds to the predictions table (after `disc_score`)
+RULE_COLUMNS = ("n_regions", "verdict")
 
 
 def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: float | None = None) -> list[ImagePrediction]:
@@ -78,12 +92,15 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
     export, `dualstpm.backends`), so all give the same numbers. A `threshold` override
     changes the label only; the normalised score stays relative to the stored threshold."""
     threshold = detector.threshold if threshold is None else float(threshold)
+    spec = detector.regions
     results = []
     for start in range(0, len(originals), detector.batch_size):
         chunk = originals[start : start + detector.batch_size]
         out = detector.infer(torch.stack([resize_image(o, detector.image_size) for o in chunk]))
         for i, original in enumerate(chunk):
             score = float(out.score[i])
+            # regions from the map at the model's resolution, in the original image's coordinates
+            regions = None if spec is None else spec.find(out.anomaly_map[i].float().cpu().numpy(), original.shape[:2])
             results.append(
                 ImagePrediction(
                     score=score,
@@ -94,9 +111,23 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
                     recon_score=float(out.recon_score[i]),
                     disc_score=float(out.disc_score[i]),
                     anomaly_map=resize_map(out.anomaly_map[i], original.shape[:2]),
+                    regions=regions,
+                    verdict=None if regions is None else spec.verdict(regions.regions),
                 )
             )
     return results
+
+
+def region_records(regions: RegionMap, spec: RegionSpec) -> list[dict]:
+    """An image's regions as records (docs/regions.md): `Region.to_json`'s keys, then `defect`,
+    whether the region alone meets the rule (None without one)."""
+    return [{**region.to_json(), "defect": spec.is_defect(region)} for region in regions.regions]
+
+
+def region_lines(image: str, regions: RegionMap, spec: RegionSpec) -> list[str]:
+    """One `regions.jsonl` line per region of an image: `image` (the path as predictions.csv
+    gives it), then `region_records`'s keys; strict JSON (no NaN)."""
+    return [json_text({"image": image, **record}, indent=None) for record in region_records(regions, spec)]
 
 
 @dataclass(frozen=True)
@@ -143,7 +174,14 @@ class EarlierBatch:
                 f"this batch's of the same name and {len(deleted)} deleted" + (f" ({names})" if deleted else ""))
 
 
-COLUMNS = ("path", *(f.name for f in fields(ImagePrediction) if f.name != "anomaly_map"), "overlay", "error")
+COLUMNS = ("path", *(f.name for f in fields(ImagePrediction) if f.name not in _NOT_COLUMNS), "overlay", "error")
+
+
+def table_columns(spec: RegionSpec | None) -> list[str]:
+    """The predictions table's columns: `COLUMNS`, with `RULE_COLUMNS` before `overlay` under a region rule."""
+    if spec is None or not spec.has_rule:
+        return list(COLUMNS)
+    return [*COLUMNS[:-2], *RULE_COLUMNS, *COLUMNS[-2:]]
 
 
 def _read_each(chunk: Sequence[Path], max_pixels: int) -> list[np.ndarray | DataError]:
@@ -160,8 +198,11 @@ def _read_each(chunk: Sequence[Path], max_pixels: int) -> list[np.ndarray | Data
 def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: float | None = None,
             max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> pd.DataFrame:
     """Score images, write an overlay per image and `predictions.csv` (atomically); return the table.
+    With a pixel threshold (`detector.regions`), `regions.jsonl` beside it holds one line per
+    defect region (`region_lines`, docs/regions.md) and the overlays outline the regions.
 
-    Columns: `COLUMNS`, one row per image in input order. Raises DataError, before
+    Columns: `table_columns` (`COLUMNS`, plus `n_regions` and `verdict` under a region rule),
+    one row per image in input order. Raises DataError, before
     anything is scored, when `out_dir` holds a review log (`EarlierBatch.read`). A file that cannot be read (not
     an image, truncated, above `max_pixels` pixels: ``data.max_image_pixels``) gets its message in `error` and empty score, label and
     overlay; every other image is scored. A value that does not exist (those, and
@@ -181,7 +222,8 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
     earlier = EarlierBatch.read(out_dir)
     previous = set(earlier.overlays) if earlier is not None else set()
     scale = overlay_scale(detector, threshold)
-    rows, taken = [], set()
+    spec = detector.regions
+    rows, taken, region_rows = [], set(), []
     batch_size = detector.batch_size
     with stage("scoring images", len(images)) as progress:
         for start in range(0, len(images), batch_size):
@@ -194,13 +236,20 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
                     rows.append({"path": str(path), "threshold": threshold, "error": str(image)})
                     continue
                 result, name = next(results), _unique_name(path.stem, taken)
-                picture = draw_overlay(image, result.anomaly_map, scale, result.score, result.label, title=path.name)
+                picture = draw_overlay(image, result.anomaly_map, scale, result.score, result.label, title=path.name,
+                                       regions=None if spec is None else RegionsShown(result.regions, spec))
+                if result.regions is not None:
+                    region_rows.extend(region_lines(str(path), result.regions, spec))
                 with atomic_file(out_dir / name) as tmp:
                     picture.save(tmp)
                 rows.append({"path": str(path), **result.row(), OVERLAY_COLUMN: name, "error": ""})
             progress.advance(len(chunk))
-    table = pd.DataFrame(rows, columns=list(COLUMNS))
+    table = pd.DataFrame(rows, columns=table_columns(spec))
     write_csv(out_dir / PREDICTIONS_FILE, table)
+    if spec is not None:
+        write_text(out_dir / REGIONS_FILE, "".join(line + "\n" for line in region_rows))
+    else:  # a model without regions: no file of an earlier batch's is left beside this table
+        (out_dir / REGIONS_FILE).unlink(missing_ok=True)
     for stale in previous - taken:
         (out_dir / stale).unlink(missing_ok=True)
     write_batch_summary(out_dir, table, {"decision_view": detector.decision_view, "threshold": detector.threshold})

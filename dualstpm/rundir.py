@@ -72,6 +72,7 @@ EXPORTS_DIR = "exports"
 # --------------------------------------------------------------------------- a predictions folder
 PREDICTIONS_FILE = "predictions.csv"  # the table `dualstpm predict --out` writes (read by review, monitor)
 OVERLAY_COLUMN = "overlay"  # its column naming each row's overlay file in the same folder
+REGIONS_FILE = "regions.jsonl"  # beside it: one JSON line per defect region (docs/regions.md)
 REVIEW_DIR = "review"  # PREDICTIONS_DIR/review/: the inspectors' verdicts (`dualstpm review`)
 LOG_FILE = "verdicts.jsonl"  # in it: the review log
 

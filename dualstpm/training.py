@@ -52,7 +52,8 @@ from dualstpm.feature_cache import TeacherFeatureCache
 from dualstpm.files import atomic_file
 from dualstpm.fit_check import FitCheck, FitEvidence, check_fit
 from dualstpm.model import inference
-from dualstpm.model.calibration import MapStatsAccumulator, calibrate_threshold, calibration_note, summarize
+from dualstpm.model.calibration import (MapStatsAccumulator, calibrate_pixel_threshold, calibrate_threshold,
+                                        calibration_note, summarize)
 from dualstpm.model.fusion import BRANCHES, MAX_SCORE, FusionSpec, ScoreSpec
 from dualstpm.model.inference import MapViews
 from dualstpm.model.torch_model import DualStpmModel
@@ -436,7 +437,8 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
               selected_epochs: dict[str, int], category: str, parts: ValidationParts | None = None,
               disc: DiscResult | None = None) -> Calibration:
     """Per-map validation statistics, then per-view thresholds at the target false-alarm rate
-    (the view `disc` too when `disc` is given).
+    (the view `disc` too when `disc` is given), and per-view pixel thresholds of defect regions
+    at `regions.pixel_fpr` on the same images' pixels (none when it is null).
 
     `val_images` are the calibration part of the validation images (`validation_parts`);
     `parts`, when given, is recorded in the calibration (sizes, disjointness, its note).
@@ -458,7 +460,9 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
     with torch.no_grad():
         scored = [views.score_maps(m, views.views) for m in maps]
     scores = {v: torch.cat([s.scores[v] for s in scored]).numpy() for v in views.views}
-    rate = params.calibration.false_alarm_rate
+    rate, pixel_fpr = params.calibration.false_alarm_rate, params.regions.pixel_fpr
+    pixel_thresholds = {} if pixel_fpr is None else {
+        v: calibrate_pixel_threshold(torch.cat([s.maps[v] for s in scored]).numpy(), pixel_fpr) for v in views.views}
     return Calibration(
         image_size=params.image_size,
         map_stats=stats,
@@ -473,6 +477,8 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         score=views.score_spec,
         discriminator=disc.summary() if disc is not None else None,
         precision=compute.precision,
+        pixel_fpr=pixel_fpr,
+        pixel_thresholds=pixel_thresholds,
     )
 
 

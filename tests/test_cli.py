@@ -265,7 +265,8 @@ def test_predict_says_what_it_replaced_in_an_existing_out_folder(trained_run: Pa
     assert (f"replaced: {out} held an earlier batch: its predictions.csv of 3 image(s) is replaced by this one of 1; "
             "of its 3 overlay(s), 1 were overwritten by this batch's of the same name and 2 deleted "
             "(000_overlay.png, 001_overlay.png)") in said
-    assert sorted(p.name for p in out.iterdir()) == ["002_overlay.png", "monitor", "predictions.csv"]  # monitor: batch.json
+    # monitor: batch.json; regions.jsonl: the batch's defect regions (docs/regions.md)
+    assert sorted(p.name for p in out.iterdir()) == ["002_overlay.png", "monitor", "predictions.csv", "regions.jsonl"]
 
 
 @pytest.mark.slow

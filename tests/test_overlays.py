@@ -25,9 +25,15 @@ def scale_of(spec: FusionSpec, threshold: float) -> OverlayScale:
     return OverlayScale.of_level(MapViews(spec, STATS, score=ScoreSpec()).typical_level("fused"), threshold)
 
 
-def _band_height(width: int, scale: OverlayScale, title: str | None = None) -> int:
-    """The caption band's height at `width`: a square picture's height minus its image's."""
-    square = draw_overlay(np.zeros((width, width, 3)), np.zeros((width, width)), scale, 1.0, "good", title=title)
+def _band_height(width: int, scale: OverlayScale, title: str | None = None, regions: bool = False) -> int:
+    """The caption band's height at `width`: a square picture's height minus its image's
+    (`regions`: with the caption line of a model with a pixel threshold)."""
+    from dualstpm.model.regions import RegionSpec, find_regions
+    from dualstpm.overlays import RegionsShown
+
+    shown = RegionsShown(find_regions(np.zeros((2, 2)), 1.0), RegionSpec(1.0)) if regions else None
+    square = draw_overlay(np.zeros((width, width, 3)), np.zeros((width, width)), scale, 1.0, "good", title=title,
+                          regions=shown)
     return square.height - width
 
 
@@ -105,6 +111,37 @@ def test_ground_truth_is_outlined_in_white():
     assert (picture[65:191, 65:191] == 0).all() and (picture[63, 64:192] == 0).all()
 
 
+def test_regions_are_outlined_in_magenta_with_their_area_and_a_caption_line():
+    from dualstpm.model.regions import RegionSpec, find_regions
+    from dualstpm.overlays import REGION_COLOUR, SMALL_REGION_COLOUR, RegionsShown
+
+    scale = OverlayScale(low=0.0, threshold=1.0)
+    heat = np.zeros((8, 8))
+    heat[2:4, 2:6] = 2.0  # map rows 2-3, cols 2-5 of a 16 x 16 image: image x [4, 12), y [4, 8)
+    found = find_regions(heat, 1.0, image_shape=(16, 16))
+    image = np.full((16, 16, 3), 0.5)
+
+    def shown(spec: RegionSpec) -> np.ndarray:
+        # shown 256 wide: 16 display px per image px, the region at x [64, 192), y [64, 128)
+        return np.asarray(draw_overlay(image, np.zeros((16, 16)), scale, 0.0, "good", regions=RegionsShown(found, spec)))
+
+    picture = shown(RegionSpec(1.0))
+    assert (picture[127, 64:192] == REGION_COLOUR).all() and (picture[64:128, 191] == REGION_COLOUR).all()
+    assert (picture[65:127, 65:191] == 128).all()  # inside: the image, untouched (0.5 -> 128)
+    assert (picture[128:200, 64:192] == 128).all()  # below it: untouched
+    label = picture[40:64, 64:120].reshape(-1, 3).astype(int)  # the area's label sits above the box, on black
+    magenta_ish = (label[:, 0] > 200) & (label[:, 1] < 60) & (label[:, 2] > 200)  # anti-aliased text
+    assert (label == 0).all(axis=1).any() and magenta_ish.any()
+    # a rule the region does not meet (32 image px < 40): outlined in grey, and the caption says good
+    small = shown(RegionSpec(1.0, min_area_px=40))
+    assert (small[127, 64:192] == SMALL_REGION_COLOUR).all()
+    assert small.shape[0] == picture.shape[0] == 256 + _band_height(256, scale, regions=True) > 256 + _band_height(
+        256, scale)  # one more caption line
+    assert (small[256:].reshape(-1, 3) == LABEL_COLOURS["good"]).all(axis=1).any()
+    assert RegionsShown(found, RegionSpec(1.0, min_area_px=40)).caption() == (
+        "rule region area >= 40 px: good; 1 region above pixel threshold 1")
+
+
 def test_the_grid_tiles_pictures_without_stretching_them():
     scale = OverlayScale(low=0.0, threshold=1.0)
     pictures = [draw_overlay(np.zeros((h, 200, 3)), np.zeros((h, 200)), scale, 0.5, "good", width=320)
@@ -135,11 +172,14 @@ def test_predict_overlays_show_the_decision_and_a_reused_folder_keeps_no_stale_o
     first = predict(detector, [images], out)
     assert sorted(first["overlay"]) == ["000_overlay.png", "001_overlay.png", "wide_overlay.png"]
     shown = Image.open(out / "wide_overlay.png")
-    assert shown.width == 256 and shown.height == 128 + _band_height(256, OverlayScale(0.0, 1.0), "wide.png")
+    assert shown.width == 256 and shown.height == 128 + _band_height(256, OverlayScale(0.0, 1.0), "wide.png",
+                                                                     regions=True)
 
     second = predict(detector, [images / "001.png"], out)
     assert list(second["overlay"]) == ["001_overlay.png"]
-    assert sorted(p.name for p in out.iterdir()) == ["001_overlay.png", "monitor", "notes.txt", PREDICTIONS_FILE]
+    # regions.jsonl: the defect regions of this batch (the model has a pixel threshold; docs/regions.md)
+    assert sorted(p.name for p in out.iterdir()) == ["001_overlay.png", "monitor", "notes.txt", PREDICTIONS_FILE,
+                                                     "regions.jsonl"]
     assert list(pd.read_csv(out / PREDICTIONS_FILE)["overlay"]) == ["001_overlay.png"]
 
 

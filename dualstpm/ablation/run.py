@@ -71,7 +71,7 @@ from dualstpm.detector import CHOSEN_VIEW, ChosenFusion, Detector, decision_view
 from dualstpm.figures import overlay_name, write_overlays
 from dualstpm.files import write_csv, write_json
 from dualstpm.maps import MapSet
-from dualstpm.model.calibration import calibrate_threshold
+from dualstpm.model.calibration import calibrate_pixel_threshold, calibrate_threshold
 from dualstpm.model.fusion import FusionSpec
 from dualstpm.model.inference import MapViews
 from dualstpm.progress import stage
@@ -117,11 +117,13 @@ def _summary(table: pd.DataFrame, configs: list[Config], picks: dict[str, int], 
 
 
 def chosen_fusion(config: Config, val: MapSet, views: MapViews, false_alarm_rate: float,
-                  source: dict) -> ChosenFusion:
+                  source: dict, pixel_fpr: float | None = None) -> ChosenFusion:
     """The chosen fusion with its threshold recalibrated on the validation maps, in the units
-    of the model's image-score reduction (`views.score_spec`, `Calibration.score`)."""
-    scores = views.stack(val.maps, config.spec)[1]
-    return ChosenFusion(config.spec, calibrate_threshold(scores, false_alarm_rate), source, float(scores.min()))
+    of the model's image-score reduction (`views.score_spec`, `Calibration.score`), and its
+    pixel threshold of defect regions at `pixel_fpr` on the same maps (None: the model has none)."""
+    maps, scores = views.stack(val.maps, config.spec)
+    pixel = None if pixel_fpr is None else calibrate_pixel_threshold(maps, pixel_fpr)
+    return ChosenFusion(config.spec, calibrate_threshold(scores, false_alarm_rate), source, float(scores.min()), pixel)
 
 
 class _Laps:
@@ -251,7 +253,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
               "candidate": configs[candidate].name, "margin": margin.describe(), "weights_sha256": fingerprint}
     applied = params.apply and margin.adopted and final != default
     choice = chosen_fusion(configs[final], subset(val, parts.calibration), views, calibration.false_alarm_rate,
-                           source) if applied else None
+                           source, calibration.pixel_fpr) if applied else None
     fusion_file = write_chosen_fusion(run_dir, choice, source)
     with stage("redrawing the overlays in the fusion the model decides with"):
         write_decision_overlays(run_dir, test)

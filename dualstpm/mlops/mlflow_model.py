@@ -10,7 +10,11 @@ with, per image, `score` (of the view the model decides with), `normalized_score
 [0, 1], 0.5 = the stored threshold), `label` (`defective` / `good` at the threshold),
 `threshold`, `stpm_score`, `recon_score`, `disc_score` (None without the discriminative
 stage: ``null`` in the served JSON), and with `params={"return_map": True}` the decision
-view's anomaly map at the image's own size (`anomaly_map`, a list of rows). A number that
+view's anomaly map at the image's own size (`anomaly_map`, a list of rows). With
+`params={"return_regions": True}`, `regions`: the image's defect regions, a list of objects
+with `regions.jsonl`'s keys less `image` (docs/regions.md; null when the model has no pixel
+threshold); a model with a region rule (`decision.*`) also answers `n_regions` and `verdict`
+in every row, as `predictions.csv` has them. A number that
 has no value is None, never NaN (`dualstpm.files.json_ready_table`): MLflow's scoring
 server writes a NaN as ``NaN``, which strict JSON parsers refuse. Bytes that are not an
 image are answered with HTTP 400 naming the column and row (and the request's index label
@@ -33,6 +37,7 @@ from mlflow.pyfunc import PythonModel
 
 INPUT_COLUMN = "image"
 MAP_COLUMN = "anomaly_map"
+REGIONS_COLUMN = "regions"
 ONNX_ARTIFACT = "onnx"
 PYFUNC_BACKENDS = ("torch", "onnxruntime")
 
@@ -76,17 +81,22 @@ class DualStpmPyfunc(PythonModel):
 
         from dualstpm.errors import DataError
         from dualstpm.files import json_ready, json_ready_table
-        from dualstpm.predict import score_images
+        from dualstpm.predict import region_records, score_images
 
         params = params or {}
         try:
             originals = _decode_images(model_input, self.detector.params.data.max_image_pixels)
         except DataError as exc:  # the caller's input: HTTP 400 with this message, not a stack trace
             raise MlflowException(str(exc), error_code=INVALID_PARAMETER_VALUE) from None
-        results = score_images(self.scorer(params.get("backend") or "torch"), originals, params.get("threshold"))
+        scorer = self.scorer(params.get("backend") or "torch")
+        results = score_images(scorer, originals, params.get("threshold"))
         table = json_ready_table(pd.DataFrame([r.row() for r in results]))
         if params.get("return_map"):
             table[MAP_COLUMN] = [json_ready(r.anomaly_map) for r in results]
+        if params.get("return_regions"):
+            spec = scorer.regions
+            table[REGIONS_COLUMN] = [None if r.regions is None else json_ready(region_records(r.regions, spec))
+                                     for r in results]
         return table
 
 

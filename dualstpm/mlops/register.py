@@ -85,6 +85,7 @@ def _signature(threshold: float):
             ParamSpec("return_map", DataType.boolean, False),
             ParamSpec("threshold", DataType.double, float(threshold)),
             ParamSpec("backend", DataType.string, "torch"),
+            ParamSpec("return_regions", DataType.boolean, False),  # defect regions per image (docs/regions.md)
         ]),
     )
 

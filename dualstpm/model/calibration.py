@@ -1,5 +1,6 @@
 """Calibration math (METHOD.md §4): validation statistics of the six maps, decision thresholds
-at a target false-alarm rate, and the normalised score.
+at a target false-alarm rate, the pixel threshold of defect regions at a target pixel
+false-positive rate (`calibrate_pixel_threshold`, docs/regions.md), and the normalised score.
 
 Pure functions and small modules, no files: `dualstpm.training.calibrate` runs them on the
 validation maps, the ablation recalibrates a chosen fusion with them, and the inference
@@ -110,6 +111,45 @@ def calibrate_threshold(val_scores: np.ndarray, false_alarm_rate: float) -> floa
         raise ValueError("no validation scores to calibrate on")
     allowed = max(allowed_false_alarms(len(ordered), false_alarm_rate), 0)
     return float(ordered[len(ordered) - 1 - allowed])
+
+
+def calibrate_pixel_threshold(good_maps: np.ndarray, pixel_fpr: float) -> float:
+    """The pixel threshold of defect regions: the value a good pixel exceeds with probability
+    about `pixel_fpr`, from the anomaly maps of good calibration images (any shape; every
+    value is one good pixel). A pixel is defective when its map value is strictly above it.
+
+    The same split conformal order statistic as the image threshold (`calibrate_threshold`),
+    over the N pooled good pixels: the (k+1)-th largest, k = `allowed_false_alarms(N,
+    pixel_fpr)` = floor(pixel_fpr * (N + 1)) - 1 (the maximum when k < 0, i.e. N < 1/pixel_fpr - 1).
+    E.g. 12 good pixels 1, 2, ..., 12 at pixel_fpr 0.25: k = floor(3.25) - 1 = 2, threshold 10.
+
+    What it promises (docs/regions.md): the image threshold's exact (k+1)/(N+1) needs the new
+    score exchangeable with the calibration scores, and neighbouring pixels of one image are
+    not independent draws. What holds when the images are exchangeable (m calibration
+    images of P pixels each, N = m P): a new good image's expected share of pixels above
+    the threshold is at most (k + P) / ((m + 1) P), since among the pooled (m + 1) P pixels
+    at most k + P have k or fewer pixels of *other* images above them. That bound is
+    about 1/(m+1) + pixel_fpr; `pixel_fpr` itself is the pooled rate the threshold is set
+    at, which `dualstpm test` measures on the good test pixels.
+
+    Selected with `np.partition` (linear time, one copy of the pixels as float32).
+    Raises ValueError without pixels or with a NaN/inf among them.
+    """
+    pixels = np.asarray(good_maps, dtype=np.float32).reshape(-1)
+    if pixels.size == 0:
+        raise ValueError("no good pixels to calibrate the pixel threshold on")
+    if not np.isfinite(pixels).all():
+        raise ValueError("the good anomaly maps hold NaN or inf: the pixel threshold needs finite values")
+    position = pixels.size - 1 - max(allowed_false_alarms(pixels.size, pixel_fpr), 0)
+    return float(np.partition(pixels, position)[position])
+
+
+def pixel_false_positive_bound(n_images: int, pixels_per_image: int, pixel_fpr: float) -> float:
+    """(k + P) / ((m + 1) P): the bound on a new good image's expected share of pixels above
+    the threshold `calibrate_pixel_threshold` sets on m images of P pixels (its docstring)."""
+    n_pixels = n_images * pixels_per_image
+    allowed = max(allowed_false_alarms(n_pixels, pixel_fpr), 0)
+    return (allowed + pixels_per_image) / ((n_images + 1) * pixels_per_image)
 
 
 class ScoreNormalization(nn.Module):

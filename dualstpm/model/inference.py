@@ -42,6 +42,7 @@ from dualstpm.model.anomaly_map import MapFusion
 from dualstpm.model.calibration import ScoreNormalization
 from dualstpm.model.discriminator import Discriminator
 from dualstpm.model.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, fuse, image_score
+from dualstpm.model.regions import RegionSpec
 from dualstpm.model.torch_model import DualStpmModel
 
 INPUT_NAME = "images"
@@ -83,6 +84,7 @@ class Scorer(Protocol):
     batch_size: int
     threshold: float  # stored decision threshold, raw score units
     decision_view: str  # the view it decides with: fused, chosen, disc, stpm or recon
+    regions: RegionSpec | None  # how its anomaly map becomes defect regions (and a rule's verdict); None: none
 
     def typical_level(self) -> float:
         """The decision view's map value at a typical good pixel (the overlays' transparent end)."""
