@@ -624,7 +624,7 @@ def monitor(
     trained_model_dir(run)  # a wrong run fails before torch loads
     from dualstpm.mlops.tracking import entry_store
     from dualstpm.mlops.monitoring import run_monitor
-    from dualstpm.monitor import Bounds
+    from dualstpm.monitor import Bounds, describe_inputs
 
     bounds = Bounds(ks_p, ks_statistic, alarm_p, expected_defect_rate)
     store = entry_store(resolve_params(params, overrides)) if mlflow else None
@@ -636,7 +636,7 @@ def monitor(
         overridden = "n/a" if override is None else f"{override:.1%} of {batch.review['n_reviewed']} reviewed"
         out.print(f"{batch.name}: {state} n={batch.n_scored}, KS {_fmt(batch.drift['ks_statistic'])} "
                   f"(p {_fmt(batch.drift['ks_pvalue'])}), alarms {alarms} (p {_fmt(batch.alarms['alarm_pvalue'])}), "
-                  f"overrides {overridden}", soft_wrap=True)
+                  f"overrides {overridden}; {describe_inputs(batch.inputs)}", soft_wrap=True)
     out.print(f"written: {report / 'report.html'}" + (f"; MLflow run {run_id}" if run_id else ""), highlight=False)
     if result.crossed:
         raise typer.Exit(NOT_DONE_EXIT)

@@ -89,6 +89,9 @@ class Calibration:
     pixel_fpr: float | None = None
     #: per view, the pixel threshold of defect regions (raw map units; `calibrate_pixel_threshold`)
     pixel_thresholds: dict[str, float] = field(default_factory=dict)
+    #: the input statistics of the good images trained and calibrated on, the input drift test's
+    #: reference (`dualstpm.data.input_stats.input_reference`); None: fitted before dualstpm kept it
+    input_reference: dict | None = None
 
     @property
     def false_alarm_bound(self) -> float | None:

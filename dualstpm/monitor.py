@@ -27,6 +27,16 @@ column, one row per image, are monitored the same way). Two things are computed 
                   every defect counted as flagged: ``p0 = fa + d * (1 - fa)``). One-
                   sided binomial test (``scipy.stats.binomtest``, ``alternative="greater"``):
                   **too many alarms** when ``alarm_pvalue < alarm_p`` (default 0.01).
+  input drift     each input statistic of the batch's images (``brightness``, ``contrast``:
+                  `dualstpm.data.input_stats`, columns of predictions.csv) against the same
+                  statistic of the good images the model trained and calibrated on
+                  (``calibration.json``'s ``input_reference``): two-sample KS tests as above,
+                  **input drift** when one has ``ks_pvalue < ks_p / 2`` (Bonferroni over the
+                  two statistics) *and* ``ks_statistic > ks_statistic`` bound. It sees a
+                  lighting change whichever way it moves the scores, and its reference is
+                  the training images (hundreds) rather than the validation scores (a few).
+                  Not run (said so) for a table without the columns or a model without the
+                  reference (fitted before dualstpm kept it).
   override rate   the share of reviewed parts (the folder's review log, current verdicts)
                   whose verdict differs from the model's label; with the false alarms
                   overruled (model defective, inspector good) and the misses (model good,
@@ -45,7 +55,7 @@ from __future__ import annotations
 
 import html
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +64,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dualstpm.data.input_stats import INPUT_STATISTICS
 from dualstpm.errors import NOT_DONE_EXIT, DataError
 from dualstpm.files import atomic_file, json_ready, staged_dir, write_json, write_text
 from dualstpm.review.log import ReviewLog
@@ -157,6 +168,45 @@ def drift_test(batch: np.ndarray, reference: np.ndarray, bounds: Bounds = Bounds
             "drift": bool(pvalue < bounds.ks_p and statistic > bounds.ks_statistic)}
 
 
+def input_drift_test(table: pd.DataFrame, inputs: Mapping[str, np.ndarray], bounds: Bounds = Bounds()
+                     ) -> dict[str, Any]:
+    """The input drift test (module docstring) of a predictions `table`'s scored rows against
+    the model's `inputs` reference (statistic -> values): per statistic the KS figures and
+    both medians, ``drift`` when one crosses, and the Bonferroni ``p_bound``. Without the
+    columns or the reference, ``{"drift": False, "not_run": why}``."""
+    from scipy.stats import ks_2samp
+
+    names = [name for name in inputs if name in table.columns]
+    if not inputs or not names:
+        why = ("the model keeps no input reference (fitted before dualstpm kept one: fit it again)" if not inputs else
+               "the table has no input statistics (columns brightness, contrast: written by `dualstpm predict`)")
+        return {"drift": False, "not_run": why}
+    scored = scored_rows(table)
+    p_bound = bounds.ks_p / len(names)
+    found: dict[str, Any] = {}
+    for name in names:
+        batch = pd.to_numeric(scored[name], errors="coerce").dropna().to_numpy(dtype=float)
+        reference = np.asarray(inputs[name], dtype=float)
+        if not len(batch):
+            found[name] = {"ks_statistic": None, "ks_pvalue": None, "drift": False}
+            continue
+        test = ks_2samp(batch, reference, alternative="two-sided")
+        statistic, pvalue = float(test.statistic), float(test.pvalue)
+        found[name] = {"ks_statistic": statistic, "ks_pvalue": pvalue, "batch_median": float(np.median(batch)),
+                       "reference_median": float(np.median(reference)), "n_reference": len(reference),
+                       "drift": bool(pvalue < p_bound and statistic > bounds.ks_statistic)}
+    return {"drift": any(f["drift"] for f in found.values()), "p_bound": p_bound, "statistics": found}
+
+
+def describe_inputs(inputs: dict[str, Any]) -> str:
+    """One line on an `input_drift_test` result: each statistic's KS figures and medians, or why it did not run."""
+    if "not_run" in inputs:
+        return f"input drift not tested: {inputs['not_run']}"
+    parts = [f"{name} KS {_fmt(f['ks_statistic'])} (p {_fmt(f['ks_pvalue'])}, median {_fmt(f.get('batch_median'))} "
+             f"vs {_fmt(f.get('reference_median'))} in training)" for name, f in inputs["statistics"].items()]
+    return "input " + ", ".join(parts) + (": input drift" if inputs["drift"] else "")
+
+
 def alarm_test(n_alarms: int, n: int, target: float, bounds: Bounds = Bounds()) -> dict[str, Any]:
     """One-sided binomial test: are `n_alarms` of `n` more than the false-alarm rate `target`
     (plus `bounds.expected_defect_rate`) explains? ``alarm_pvalue`` = P(X >= n_alarms), X ~
@@ -198,6 +248,8 @@ class Reference:
     scores: np.ndarray
     weights_sha256: str
     mlflow_run_id: str | None
+    #: the input statistics of the good images the model trained on (statistic -> values); empty: none kept
+    inputs: Mapping[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def promised_false_alarm_rate(self) -> float:
@@ -223,9 +275,11 @@ def validation_scores(run_dir: Path | str) -> Reference:
     view = detector.decision_view
     scores = detector.inference.views.stack(val.maps, view)[1]
     lineage = read_lineage(run_dir) or {}
+    kept = detector.calibration.input_reference or {}
+    inputs = {name: np.asarray(kept[name], dtype=float) for name in INPUT_STATISTICS if name in kept}
     return Reference(str(run_dir.resolve()), detector.calibration.category, view, float(detector.threshold),
                      float(detector.calibration.false_alarm_rate), detector.calibration.false_alarm_bound,
-                     scores, fingerprint, lineage.get("run_id"))
+                     scores, fingerprint, lineage.get("run_id"), inputs)
 
 
 # --------------------------------------------------------------------------- all batches
@@ -243,10 +297,11 @@ class BatchReport:
     alarms: dict[str, Any]
     review: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    inputs: dict[str, Any] = field(default_factory=lambda: {"drift": False, "not_run": "not computed"})
 
     @property
     def crossed(self) -> bool:
-        return bool(self.drift["drift"] or self.alarms["too_many_alarms"])
+        return bool(self.drift["drift"] or self.inputs["drift"] or self.alarms["too_many_alarms"])
 
 
 @dataclass
@@ -272,6 +327,8 @@ class MonitorResult:
                       "promised_false_alarm_rate": ref.promised_false_alarm_rate, "weights_sha256": ref.weights_sha256,
                       "mlflow_run_id": ref.mlflow_run_id},
             "validation": {"n": len(ref.scores), **{f"q{q:g}": float(np.quantile(ref.scores, q)) for q in QUANTILES}},
+            "input_reference": {name: {"n": len(values), "median": float(np.median(values))}
+                                for name, values in ref.inputs.items()},
             "bounds": asdict(self.bounds),
             "crossed": self.crossed,
             "exit_code": NOT_DONE_EXIT if self.crossed else 0,
@@ -313,8 +370,9 @@ def monitor_batches(reference: Reference, predictions_dirs: Sequence[Path | str]
             {"ks_statistic": None, "ks_pvalue": None, "drift": False}
         alarms = alarm_test(int((scores > reference.threshold).sum()), len(scores),
                             reference.promised_false_alarm_rate, bounds)
+        inputs = input_drift_test(table, reference.inputs, bounds)
         reports.append(BatchReport(name, str(folder.resolve()), len(scores), batch_summary(table), drift, alarms,
-                                   override_rate(folder), notes))
+                                   override_rate(folder), notes, inputs))
         all_scores[name] = scores
     return MonitorResult(reference, bounds, reports, all_scores)
 
@@ -381,7 +439,7 @@ def _html(result: MonitorResult) -> str:
             "yes" if b.drift["drift"] else "no", _fmt(b.alarms["alarm_rate"], "{:.1%}"),
             _fmt(b.alarms["alarm_pvalue"]), "yes" if b.alarms["too_many_alarms"] else "no",
             f"{_fmt(b.review['override_rate'], '{:.1%}')} of {b.review['n_reviewed']}", status,
-            "; ".join(b.notes))) + "</tr>")
+            describe_inputs(b.inputs), "; ".join(b.notes))) + "</tr>")
     verdict = ("A bound was crossed: look at the batches marked ALARM." if result.crossed
                else "No bound crossed.")
     return f"""<!doctype html>
@@ -394,11 +452,13 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}}td:first-child,th
 <p>Model: {html.escape(ref.run)} (decides with <code>{html.escape(ref.decision_view)}</code>, threshold
 {ref.threshold:.6g}, calibrated false-alarm target {ref.false_alarm_rate:.1%}); reference: the scores of its
 {len(ref.scores)} good validation images.</p>
-<p>Bounds: drift when KS p &lt; {bounds.ks_p:g} and KS statistic &gt; {bounds.ks_statistic:g}; too many alarms when
+<p>Bounds: drift when KS p &lt; {bounds.ks_p:g} and KS statistic &gt; {bounds.ks_statistic:g}; input drift when the KS
+test of the images' brightness or contrast against the training images' has p &lt; {bounds.ks_p / 2:g} and statistic
+&gt; {bounds.ks_statistic:g}; too many alarms when
 the one-sided binomial p &lt; {bounds.alarm_p:g} against the false-alarm rate the threshold promises,
 {ref.promised_false_alarm_rate:.1%}, plus an expected defect rate of {bounds.expected_defect_rate:.1%}.</p>
 <table><tr><th>batch</th><th>n</th><th>KS statistic</th><th>KS p</th><th>drift</th><th>alarm rate</th>
-<th>binomial p</th><th>too many alarms</th><th>override rate</th><th>status</th><th>notes</th></tr>
+<th>binomial p</th><th>too many alarms</th><th>override rate</th><th>status</th><th>inputs</th><th>notes</th></tr>
 {''.join(rows)}</table>
 <h2>Score distributions</h2><img src="scores.png" alt="empirical CDFs of the validation and batch scores">
 <h2>Alarm and override rates</h2><img src="rates.png" alt="alarm and override rate per batch">

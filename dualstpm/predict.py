@@ -16,6 +16,7 @@ import torch
 
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image, resize_map
+from dualstpm.data.input_stats import INPUT_STATISTICS, image_statistics
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file, json_text, write_csv, write_text
 from dualstpm.model.inference import Scorer
@@ -174,7 +175,9 @@ class EarlierBatch:
                 f"this batch's of the same name and {len(deleted)} deleted" + (f" ({names})" if deleted else ""))
 
 
-COLUMNS = ("path", *(f.name for f in fields(ImagePrediction) if f.name not in _NOT_COLUMNS), "overlay", "error")
+#: each image's input statistics (`dualstpm.data.input_stats`), which `dualstpm monitor` compares with the training images'
+COLUMNS = ("path", *(f.name for f in fields(ImagePrediction) if f.name not in _NOT_COLUMNS), *INPUT_STATISTICS,
+           "overlay", "error")
 
 
 def table_columns(spec: RegionSpec | None) -> list[str]:
@@ -242,7 +245,8 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
                     region_rows.extend(region_lines(str(path), result.regions, spec))
                 with atomic_file(out_dir / name) as tmp:
                     picture.save(tmp)
-                rows.append({"path": str(path), **result.row(), OVERLAY_COLUMN: name, "error": ""})
+                rows.append({"path": str(path), **result.row(), **image_statistics(image), OVERLAY_COLUMN: name,
+                             "error": ""})
             progress.advance(len(chunk))
     table = pd.DataFrame(rows, columns=table_columns(spec))
     write_csv(out_dir / PREDICTIONS_FILE, table)

@@ -45,6 +45,7 @@ from dualstpm.budget import FitPlan, epochs_text, plan_fit
 from dualstpm.compute import Compute
 from dualstpm.config import FitParams, Params
 from dualstpm.data import Category, ValidationParts, decode_images, load_category, split_train_val, validation_parts
+from dualstpm.data.input_stats import input_reference
 from dualstpm.detector import Calibration, build_network, save_detector
 from dualstpm.disc_training import DiscResult, train_discriminator
 from dualstpm.errors import TrainingError
@@ -655,6 +656,7 @@ def fit(
     train_images = decode_images(train_paths, params.image_size, "decoding train images", limit)
     val_images = decode_images(val_paths, params.image_size, "decoding validation images", limit)
     real = RealDefects.decode(dataset.validation_defects, params.image_size, limit)  # None without any
+    inputs = input_reference([*train_paths, *val_paths], limit)  # the input drift test's reference (monitor)
 
     parts = validation_parts(len(val_images), params.calibration.split, params.seed)
     if parts.note and params.calibration.split > 0:
@@ -693,7 +695,7 @@ def fit(
                 trainer.model, params, calibration, selection_images, real, compute, disc))
             check = fit_check(trainer.model, params, calibration, calibration_images, compute, disc, plan,
                               len(trainer.history))
-            calibration = replace(calibration, fit_check=check.to_json())
+            calibration = replace(calibration, fit_check=check.to_json(), input_reference=inputs)
             trained_on = data_trained_on(params, data_root, category, run_dir)
             model_dir = save_detector(run_dir, trainer.model, trained_on, calibration,
                                       disc.module if disc is not None else None)

@@ -56,7 +56,8 @@ def monitor(run: str, predictions: list[str], report: str = "monitor", params_fi
     category = result.reference.category
     crossed = [{"batch": b.folder, "ks_statistic": b.drift["ks_statistic"], "ks_pvalue": b.drift["ks_pvalue"],
                 "drift": b.drift["drift"], "alarm_rate": b.alarms["alarm_rate"], "alarm_pvalue": b.alarms["alarm_pvalue"],
-                "too_many_alarms": b.alarms["too_many_alarms"]} for b in result.batches if b.crossed]
+                "too_many_alarms": b.alarms["too_many_alarms"], "input_drift": b.inputs["drift"]}
+               for b in result.batches if b.crossed]
     event = emit_event(event=EVENT, resource={"prefect.resource.id": resource_id(category),
                                               "prefect.resource.name": f"dualstpm model of {category}",
                                               "dualstpm.run": result.reference.run},

@@ -30,7 +30,9 @@ from dualstpm.monitor import (
     Bounds,
     alarm_test,
     batch_summary,
+    describe_inputs,
     drift_test,
+    input_drift_test,
     override_rate,
     read_batch,
     validation_scores,
@@ -158,6 +160,71 @@ def test_override_rate_counts_current_verdicts_that_differ_from_the_model(tmp_pa
 
 # --- a real tiny model --------------------------------------------------------------------------
 
+# --- the input drift test on hand-made images and statistics ----------------------------------------
+
+def test_image_statistics_are_the_luma_mean_and_rms_contrast() -> None:
+    from dualstpm.data.input_stats import image_statistics
+
+    half = np.zeros((4, 6, 3))
+    half[:, 3:] = 1.0  # half black, half white: luma 0 and 1 -> mean 0.5, std 0.5
+    assert image_statistics(half) == pytest.approx({"brightness": 0.5, "contrast": 0.5})
+    red = np.zeros((5, 5, 3))
+    red[..., 0] = 1.0  # pure red: luma 0.299 everywhere (BT.601), no contrast
+    found = image_statistics(red)
+    assert found["brightness"] == pytest.approx(0.299) and found["contrast"] == pytest.approx(0.0, abs=1e-12)
+    with pytest.raises(ValueError, match="HxWx3"):
+        image_statistics(np.zeros((5, 5)))
+
+
+def test_the_input_reference_keeps_sorted_values_or_their_quantiles(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    from dualstpm.data import input_stats
+
+    paths = []
+    for i, level in enumerate((153, 51, 102, 204, 0)):  # 0.6, 0.2, 0.4, 0.8, 0.0 of full scale
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(np.full((3, 3), level, np.uint8)).save(path)
+        paths.append(path)
+    found = input_stats.input_reference(paths[:3], 10**6)
+    assert found["images"] == 3 and found["brightness"] == [0.2, 0.4, 0.6] and found["contrast"] == [0.0, 0.0, 0.0]
+    monkeypatch.setattr(input_stats, "MAX_REFERENCE", 3)  # 5 images, 3 kept: the minimum, the median, the maximum
+    found = input_stats.input_reference(paths, 10**6)
+    assert found["images"] == 5 and found["brightness"] == [0.0, 0.4, 0.8]
+
+
+def test_a_batch_of_brighter_images_drifts_and_one_from_the_reference_does_not() -> None:
+    reference = {"brightness": np.round(np.linspace(0.40, 0.59, 20), 2), "contrast": np.full(20, 0.1)}
+    bright = pd.DataFrame({"score": np.ones(10), "brightness": np.full(10, 0.8), "contrast": np.full(10, 0.1)})
+    result = input_drift_test(bright, reference)
+    # every batch value above every reference value: the CDFs part by 1; the contrast is the reference's (KS 0)
+    assert result["drift"] is True and result["p_bound"] == pytest.approx(0.005)
+    assert result["statistics"]["brightness"]["ks_statistic"] == 1.0
+    assert result["statistics"]["brightness"]["ks_pvalue"] < 1e-6  # exact: 2 / C(30, 10) = 6.6e-8
+    assert result["statistics"]["contrast"]["ks_statistic"] == 0.0 and result["statistics"]["contrast"]["drift"] is False
+    assert "brightness KS 1" in describe_inputs(result) and describe_inputs(result).endswith(": input drift")
+    # every other reference value (0.40, 0.42, ..., 0.58): the CDFs part by at most 1/10 - 1/20 = 0.05
+    same = pd.DataFrame({"score": np.ones(10), "brightness": reference["brightness"][::2], "contrast": np.full(10, 0.1)})
+    result = input_drift_test(same, reference)
+    assert result["drift"] is False and result["statistics"]["brightness"]["ks_statistic"] == pytest.approx(0.05)
+
+
+def test_the_input_drift_test_says_why_it_did_not_run() -> None:
+    table = pd.DataFrame({"score": [1.0, 2.0]})
+    assert input_drift_test(table, {"brightness": np.ones(3)}) == {
+        "drift": False, "not_run": "the table has no input statistics (columns brightness, contrast: written by "
+                                   "`dualstpm predict`)"}
+    assert "fitted before dualstpm kept one" in input_drift_test(table, {})["not_run"]
+
+
+def test_input_drift_alone_crosses_a_bound() -> None:
+    from dualstpm.monitor import BatchReport
+
+    calm = {"drift": False}
+    report = BatchReport("b", "/b", 3, {}, calm, {"too_many_alarms": False}, {}, [], {"drift": True, "statistics": {}})
+    assert report.crossed is True
+    assert BatchReport("b", "/b", 3, {}, calm, {"too_many_alarms": False}, {}, [], calm).crossed is False
+
+
 @pytest.fixture(scope="module")
 def tested_run(trained_run: Path, synthetic_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny synth_texture model, tested (its validation maps stored in maps/val.npz)."""
@@ -196,6 +263,10 @@ def test_a_shifted_batch_drifts_further_than_the_same_images_as_they_were(tested
 
     normal, shifted = result.batches
     assert shifted.drift["ks_statistic"] > normal.drift["ks_statistic"]
+    # the input statistics against the training images': the darker, flatter batch drifts
+    found = {b.name: b.inputs["statistics"]["brightness"] for b in (normal, shifted)}
+    assert shifted.inputs["drift"] is True and found["shifted"]["ks_statistic"] > found["normal"]["ks_statistic"]
+    assert found["shifted"]["batch_median"] < found["normal"]["batch_median"]
     assert (normal.n_scored, shifted.n_scored) == (len(good), len(good))
 
 

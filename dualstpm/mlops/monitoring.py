@@ -41,7 +41,9 @@ def log_to_mlflow(result: MonitorResult, report_dir: Path, store: Store) -> tupl
                for step, b in enumerate(result.batches)
                for key, value in (("ks_statistic", b.drift["ks_statistic"]), ("ks_pvalue", b.drift["ks_pvalue"]),
                                   ("alarm_rate", b.alarms["alarm_rate"]), ("alarm_pvalue", b.alarms["alarm_pvalue"]),
-                                  ("override_rate", b.review["override_rate"]), ("n_scored", b.n_scored))
+                                  ("override_rate", b.review["override_rate"]), ("n_scored", b.n_scored),
+                                  *((f"input.{name}.{k}", f[k]) for name, f in b.inputs.get("statistics", {}).items()
+                                    for k in ("ks_statistic", "ks_pvalue")))
                if value is not None]
     with tracking_errors(client.tracking_uri, "logging the monitor report"):
         run = client.create_run(experiment, run_name=f"monitor/{ref.category}", tags=tags)
