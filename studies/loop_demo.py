@@ -399,7 +399,7 @@ def run_demo(settings: Settings) -> dict[str, Any]:
                     "promised_false_alarm_rate": monitor["model"]["promised_false_alarm_rate"],
                     "batches": {b["name"]: {"n": b["n_scored"], **{k: b["drift"][k] for k in ("ks_statistic", "ks_pvalue", "drift")},
                                             "alarm_rate": b["alarms"]["alarm_rate"], "alarm_pvalue": b["alarms"]["alarm_pvalue"],
-                                            "crossed": b["crossed"]} for b in monitor["batches"]}},
+                                            "inputs": b["inputs"], "crossed": b["crossed"]} for b in monitor["batches"]}},
         "commands": shell.ran,
         "seconds": seconds,
         "machine": {"cpus": os.cpu_count(), "load_5min": [round(load_at_start, 1), round(os.getloadavg()[1], 1)]},
@@ -470,10 +470,20 @@ def summary_rows(s: dict[str, Any]) -> list[tuple[str, str, str]]:
         drift = "drift" if b["drift"] else "no drift"
         alarms = "too many alarms" if b["alarm_pvalue"] is not None and b["alarm_pvalue"] < mon["bounds"]["alarm_p"] \
             else "alarm rate within the bound"
-        figures = (f"KS {_num(b['ks_statistic'])} (p {b['ks_pvalue']:.2g}): {drift}; alarm rate {b['alarm_rate']:.0%} "
+        figures = (f"scores: KS {_num(b['ks_statistic'])} (p {b['ks_pvalue']:.2g}): {drift}; "
+                   f"{_inputs(b.get('inputs'))}; alarm rate {b['alarm_rate']:.0%} "
                    f"(p {b['alarm_pvalue']:.2g}): {alarms}; {'ALARM' if b['crossed'] else 'no alarm'}")
         rows.append((watched, f"batch `{name}` ({b['n']} parts)", figures))
     return rows
+
+
+def _inputs(inputs: dict[str, Any] | None) -> str:
+    """The input drift test of one batch in a few words (`dualstpm.monitor.input_drift_test`)."""
+    if not inputs or "statistics" not in inputs:
+        return "inputs: not tested"
+    figures = ", ".join(f"{name} KS {_num(f['ks_statistic'])} (p {f['ks_pvalue']:.2g}, median {f['batch_median']:.3f} vs "
+                        f"{f['reference_median']:.3f})" for name, f in inputs["statistics"].items())
+    return f"inputs: {figures}: {'input drift' if inputs['drift'] else 'no input drift'}"
 
 
 def markdown(summary: dict[str, Any]) -> str:
