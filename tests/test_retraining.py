@@ -76,7 +76,7 @@ def test_reviewed_false_alarms_are_the_good_verdicts_on_flagged_parts(tmp_path: 
 class _Brightness:
     """A scorer whose image score is the image's mean brightness, threshold 0.5."""
 
-    image_size, batch_size, threshold, decision_view = 4, 2, 0.5, "fused"
+    image_size, batch_size, threshold, decision_view, regions = 4, 2, 0.5, "fused", None  # no defect regions
 
     def typical_level(self) -> float:
         return 0.0
