@@ -105,7 +105,8 @@ def test_unreadable_files_get_a_row_and_every_other_image_is_scored(trained_run:
     assert (bad[["score", "label", "overlay"]] == "").all().all()
     scored = table[table["error"] == ""]
     np.testing.assert_array_equal(scored["score"].to_numpy(), alone["score"].to_numpy())
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_overlay.png", "d_overlay.png", "monitor", "predictions.csv"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_overlay.png", "d_overlay.png", "monitor", "predictions.csv",
+                                                                   "regions.jsonl"]  # the defect regions of a and d
 
 
 def test_predict_command_exits_2_after_scoring_the_rest(trained_run: Path, synthetic_root: Path, tmp_path: Path) -> None:
