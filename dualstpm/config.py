@@ -441,6 +441,22 @@ class DataParams(_Strict):
                              "or null when the scale is unknown")
         return value
 
+    @model_validator(mode="after")
+    def _synthetic_categories_say_so(self) -> DataParams:
+        """With `source: synthetic` the data step *generates* every category it lacks, so a
+        category named like real data (battery_weld) would silently become made-up images:
+        synthetic categories are named `synth_*`."""
+        if self.source == "synthetic":
+            real = [c for c in self.categories if not c.startswith("synth")]
+            if real:
+                raise ValueError(
+                    f"data.categories {real} with data.source=synthetic would be generated as made-up demo images. "
+                    f"To train on your own images: data.source=folder and data.root=DIR, the folder that holds "
+                    f"{real[0]}/ (e.g. --set data.source=folder --set data.root=../shared/data); synthetic categories "
+                    "are named synth_*"
+                )
+        return self
+
 
 class PrefectParams(_Strict):
     """How the Prefect flows run the stages. No stage reads these keys, so DVC never re-runs for them."""

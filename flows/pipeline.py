@@ -164,7 +164,9 @@ def check_categories(params: Params, categories: list[str]) -> list[str]:
     if unknown or not categories:
         raise ConfigError(
             f"categories {unknown or '(none)'} are not in data.categories {params.data.categories}: "
-            "add them to data.categories in params.yaml (or with --set) first."
+            "add them to data.categories in params.yaml (or with --set) first; a category of your own folder also "
+            "needs data.source=folder and data.root=DIR (e.g. --set data.source=folder --set data.root=../shared/data "
+            f"--set 'data.categories=[{(unknown or ['CATEGORY'])[0]}]')."
         )
     return list(dict.fromkeys(categories))
 

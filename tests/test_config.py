@@ -95,3 +95,13 @@ def test_an_unknown_key_names_the_closest_valid_one(tmp_path):
     params.write_text("score:\n  redcue: max\n")
     with pytest.raises(ConfigError, match=r"unknown key 'score.redcue' \(did you mean 'score.reduce'\?\)"):
         load_params(params)
+
+
+def test_a_real_category_name_with_the_synthetic_source_is_refused_with_the_fix():
+    """`data.source: synthetic` generates each category it lacks: a real name would silently become made-up images."""
+    with pytest.raises(ConfigError, match=r"data.categories \['battery_weld'\] with data.source=synthetic.*"
+                                          r"--set data.source=folder --set data.root="):
+        load_params(None, ["data.categories=[battery_weld]"])
+    own = load_params(None, ["data.source=folder", "data.root=mine", "data.categories=[battery_weld]"])
+    assert own.data.categories == ["battery_weld"]
+    assert load_params(None, ["data.categories=[synth_texture, synth_other]"]).data.source == "synthetic"
