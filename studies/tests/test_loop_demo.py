@@ -219,6 +219,12 @@ def test_the_loop_demo_end_to_end_on_battery_weld(shared_data: Path, tmp_path: P
     for batch in batches.values():
         assert batch["n_scored"] == n_good
         drifted = batch["drift"]["ks_pvalue"] < bounds["ks_p"] and batch["drift"]["ks_statistic"] > bounds["ks_statistic"]
-        assert batch["crossed"] == (drifted or batch["alarms"]["alarm_pvalue"] < bounds["alarm_p"])
+        # input drift: a statistic's KS p below ks_p / 2 (Bonferroni over brightness and contrast) and KS above the bound
+        inputs = batch["inputs"]["statistics"].values()
+        input_drift = any(f["ks_pvalue"] < bounds["ks_p"] / 2 and f["ks_statistic"] > bounds["ks_statistic"] for f in inputs)
+        assert batch["inputs"]["drift"] == input_drift
+        assert batch["crossed"] == (drifted or input_drift or batch["alarms"]["alarm_pvalue"] < bounds["alarm_p"])
+    # the darker, flatter batch's images part from the training images' (the shift halves brightness and contrast)
+    assert batches["shifted"]["inputs"]["drift"] is True
     assert summary["monitor"]["exit"] == (3 if any(b["crossed"] for b in batches.values()) else 0)
     assert summary["monitor"]["batches"]["shifted"]["ks_statistic"] == batches["shifted"]["drift"]["ks_statistic"]
