@@ -56,7 +56,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -174,8 +174,6 @@ def input_drift_test(table: pd.DataFrame, inputs: Mapping[str, np.ndarray], boun
     the model's `inputs` reference (statistic -> values): per statistic the KS figures and
     both medians, ``drift`` when one crosses, and the Bonferroni ``p_bound``. Without the
     columns or the reference, ``{"drift": False, "not_run": why}``."""
-    from scipy.stats import ks_2samp
-
     names = [name for name in inputs if name in table.columns]
     if not inputs or not names:
         why = ("the model keeps no input reference (fitted before dualstpm kept one: fit it again)" if not inputs else
@@ -190,11 +188,9 @@ def input_drift_test(table: pd.DataFrame, inputs: Mapping[str, np.ndarray], boun
         if not len(batch):
             found[name] = {"ks_statistic": None, "ks_pvalue": None, "drift": False}
             continue
-        test = ks_2samp(batch, reference, alternative="two-sided")
-        statistic, pvalue = float(test.statistic), float(test.pvalue)
-        found[name] = {"ks_statistic": statistic, "ks_pvalue": pvalue, "batch_median": float(np.median(batch)),
-                       "reference_median": float(np.median(reference)), "n_reference": len(reference),
-                       "drift": bool(pvalue < p_bound and statistic > bounds.ks_statistic)}
+        found[name] = {**drift_test(batch, reference, replace(bounds, ks_p=p_bound)),
+                       "batch_median": float(np.median(batch)), "reference_median": float(np.median(reference)),
+                       "n_reference": len(reference)}
     return {"drift": any(f["drift"] for f in found.values()), "p_bound": p_bound, "statistics": found}
 
 
