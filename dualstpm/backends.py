@@ -25,6 +25,7 @@ from dualstpm.export import METADATA_FILE, MODEL_FILES, export_run
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
 from dualstpm.model.regions import RegionSpec
 from dualstpm.rundir import EXPORTS_DIR
+from dualstpm.sizes import ImageSize, check_size
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 BACKEND_FORMATS = {"torch": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("openvino", "onnx")}
@@ -54,7 +55,7 @@ class ExportedModel:
             usable = [b for b, formats in BACKEND_FORMATS.items() if fmt in formats]
             raise ExportError(f"backend {backend!r} cannot run the {fmt} export in {directory}; "
                               f"use --backend {' or '.join(usable)}")
-        self.image_size = int(self.metadata["image_size"])
+        self.image_size = _image_size(self.metadata["image_size"], meta_path)
         self.batch_size = int(self.metadata["batch_size"])
         self.threshold = float(self.metadata["threshold"])
         self.decision_view = self.metadata["decision"]
@@ -108,6 +109,18 @@ class ExportedModel:
             array = array.astype(np.float32) / np.float32(255.0)
         outputs = self._run(np.ascontiguousarray(array, dtype=np.float32))
         return InferenceOutput(*(torch.from_numpy(np.asarray(o)) for o in outputs))
+
+
+def _image_size(value: object, meta_path: Path) -> ImageSize:
+    """metadata.json's `image_size`: a side (a square) or [height, width]; ExportError naming
+    the file for anything else."""
+    try:
+        if isinstance(value, list):
+            return check_size(tuple(int(side) for side in value))
+        return check_size(int(value))
+    except (TypeError, ValueError) as exc:
+        raise ExportError(f"{meta_path}: image_size {value!r} is not an input size ({exc}); export the run again "
+                          "with `dualstpm export`") from None
 
 
 def _region_spec(record: dict | None, meta_path: Path) -> RegionSpec | None:

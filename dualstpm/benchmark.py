@@ -44,6 +44,7 @@ from dualstpm.files import write_json
 from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.progress import progress_bar
 from dualstpm.training import Trainer, build_model, calibrate
+from dualstpm.sizes import to_json
 
 INFER_BATCH = 16
 
@@ -248,7 +249,7 @@ def benchmark(params: Params, data_root: Path, category: str, n_images: int, rep
         "setup": {
             "category": category,
             "images": len(paths),
-            "image_size": params.image_size,
+            "image_size": to_json(params.image_size),
             "t1": params.model.t1.name,
             "t2": params.model.t2.name,
             "train_batch": params.fit.batch_size,

@@ -11,6 +11,8 @@
   (the ceiling, whole epochs), and between the two stops early once no branch has lowered
   its validation selection value (`fit.select`) for ``ceil(patience_steps /
   steps_per_epoch)`` epochs. The image size is `fit.real.image_size` (null: `image_size`);
+  with `data.keep_aspect` its longest side, the other following the training images' median
+  aspect ratio (`dualstpm.sizes.native_size`, under either recipe);
 - ``auto``: ``fixed`` when the data is the synthetic demo (`data.source: synthetic`, read
   from `data.root` itself, as `tracking.params_for_data` describes the data), ``real`` on
   any other data (a `--data-root` of one's own, `data.source: folder` or `mvtec`).
@@ -27,13 +29,19 @@ Example: battery_weld's 30 training images (37 good, 7 held out) at batch 16 are
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+import statistics
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from dualstpm.config import Params, validate
 from dualstpm.project import params_for_data
+from dualstpm.sizes import ImageSize, aspect_change, describe, hw, native_size, to_json
+
+#: a resize that stretches a training image's aspect ratio by more than this is reported
+#: (`FitPlan.aspect_note`): 10 %, below which a defect's shape barely changes
+STRETCH_NOTE = 1.1
 
 
 def epochs_text(n: int) -> str:
@@ -64,7 +72,9 @@ class FitPlan:
     `params`: the params the fit runs with (module docstring). `min_epochs`..`max_epochs`:
     the epochs it may train (equal under ``fixed``); `patience_epochs`: epochs without a new
     best selection value, of any branch, after which it stops past `min_epochs` (None:
-    never early). `reason`: why this recipe, for the log.
+    never early). `reason`: why this recipe, for the log. `aspect`: the median width/height
+    of the training images and `stretch` the largest `sizes.aspect_change` of one of them at
+    the plan's size (both None when the plan was made from a count alone).
     """
 
     recipe: str
@@ -75,6 +85,24 @@ class FitPlan:
     min_epochs: int
     max_epochs: int
     patience_epochs: int | None
+    aspect: float | None = None
+    stretch: float | None = None
+
+    def aspect_note(self) -> str | None:
+        """A warning when the resize changes the training images' aspect ratio by more than
+        :data:`STRETCH_NOTE` (a squash is never silent), with the size that keeps it."""
+        if self.stretch is None or self.stretch <= STRETCH_NOTE:
+            return None
+        size = self.params.image_size
+        native = native_size([(self.aspect, 1.0)], max(hw(size)))
+        if native == hw(size):  # the size suits the median image: the stretch is the images' own spread
+            return (f"the training images differ in shape (median width/height {self.aspect:.2f}): each is resized to "
+                    f"{describe(size)}, the size nearest their median aspect, which stretches some by up to "
+                    f"{self.stretch:.2f}x (one size per category: docs/frames.md)")
+        native = describe(native)
+        return (f"the training images (median width/height {self.aspect:.2f}) are resized to {describe(size)}, which "
+                f"stretches their aspect ratio by up to {self.stretch:.2f}x: defects change shape. To keep the "
+                f"aspect, set data.keep_aspect=true (here {native}) or image_size=[height, width] (docs/frames.md)")
 
     def stop_reason(self, epochs_done: int, best_epochs: Mapping[str, int]) -> str | None:
         """Why training ends after `epochs_done` epochs, or None to train another.
@@ -101,27 +129,33 @@ class FitPlan:
                   f"{self.max_epochs * self.steps_per_epoch} steps per branch), early stop after "
                   f"{self.patience_epochs} epochs without improvement")
         return (f"training budget: recipe {self.recipe} ({self.reason}): {budget}; {self.train_images} train images "
-                f"at batch {batch} = {self.steps_per_epoch} steps per epoch, {size} px")
+                f"at batch {batch} = {self.steps_per_epoch} steps per epoch, {describe(size)}")
 
     def to_json(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "reason": self.reason, "train_images": self.train_images,
                 "steps_per_epoch": self.steps_per_epoch, "min_epochs": self.min_epochs, "max_epochs": self.max_epochs,
-                "patience_epochs": self.patience_epochs, "image_size": self.params.image_size,
-                "batch_size": self.params.fit.batch_size}
+                "patience_epochs": self.patience_epochs, "image_size": to_json(self.params.image_size),
+                "batch_size": self.params.fit.batch_size, "aspect": self.aspect, "stretch": self.stretch}
 
 
-def _resolved(params: Params, recipe: str, image_size: int, epochs: int) -> Params:
+def _resolved(params: Params, recipe: str, image_size: ImageSize, epochs: int) -> Params:
     """`params` with the recipe's concrete values, validated again (a `fit.real.image_size`
     must suit the params' blur radii as `image_size` does: ConfigError naming them)."""
     raw = params.to_dict()
-    raw["image_size"] = image_size
+    raw["image_size"] = to_json(image_size)
     raw["fit"].update(recipe=recipe, epochs=epochs)
-    return validate(raw, f"the params under fit.recipe={recipe} (image_size={image_size}, fit.epochs={epochs})")
+    return validate(raw, f"the params under fit.recipe={recipe} (image_size={to_json(image_size)}, "
+                         f"fit.epochs={epochs})")
 
 
-def plan_fit(params: Params, data_root: Path | str | None, train_images: int) -> FitPlan:
+def plan_fit(params: Params, data_root: Path | str | None, train_images: int,
+             shapes: Sequence[tuple[int, int]] = ()) -> FitPlan:
     """The plan of a fit of `train_images` images of `data_root` under `params` (module
-    docstring). Raises ConfigError when the recipe's values do not validate together."""
+    docstring); `shapes`: their (width, height), for `data.keep_aspect` and the aspect note.
+    Raises ConfigError when the recipe's values do not validate together, ValueError for
+    `data.keep_aspect` without `shapes`."""
+    if params.data.keep_aspect and not shapes:
+        raise ValueError("data.keep_aspect needs the training images' shapes to plan the image size")
     fit = params.fit
     recipe, reason = fit.recipe, f"fit.recipe={fit.recipe}"
     if recipe == "auto":
@@ -129,22 +163,26 @@ def plan_fit(params: Params, data_root: Path | str | None, train_images: int) ->
         recipe = "fixed" if demo else "real"
         reason = "fit.recipe=auto " + ("on the synthetic demo data" if demo else "on data that is not the synthetic demo")
     per_epoch = steps_per_epoch(train_images, fit.batch_size)
+    size = params.image_size if recipe == "fixed" or fit.real.image_size is None else fit.real.image_size
+    if params.data.keep_aspect:
+        size = native_size(shapes, max(hw(size)))
+    aspect = statistics.median(w / h for w, h in shapes) if shapes else None
+    stretch = max(aspect_change(shape, size) for shape in shapes) if shapes else None
     if recipe == "fixed":
-        return FitPlan(recipe, reason, _resolved(params, "fixed", params.image_size, fit.epochs), train_images,
-                       per_epoch, fit.epochs, fit.epochs, None)
+        return FitPlan(recipe, reason, _resolved(params, "fixed", size, fit.epochs), train_images,
+                       per_epoch, fit.epochs, fit.epochs, None, aspect, stretch)
     real = fit.real
     floor = math.ceil(real.min_steps / per_epoch)
     ceiling = max(floor, real.max_steps // per_epoch)
-    size = params.image_size if real.image_size is None else real.image_size
     return FitPlan(recipe, reason, _resolved(params, "real", size, ceiling), train_images, per_epoch, floor, ceiling,
-                   math.ceil(real.patience_steps / per_epoch))
+                   math.ceil(real.patience_steps / per_epoch), aspect, stretch)
 
 
 def plan_category(params: Params, data_root: Path, category: str) -> FitPlan:
     """:func:`plan_fit` for `category` in `data_root`, counting its training images as `fit`
     splits them (file names only, nothing decoded). Raises DataError for a bad layout."""
-    from dualstpm.data import load_category, split_train_val
+    from dualstpm.data import image_size_of, load_category, split_train_val
 
     dataset = load_category(Path(data_root), category, require_test=False)
     train_paths, _ = split_train_val(dataset, params.fit.val_fraction, params.seed)
-    return plan_fit(params, data_root, len(train_paths))
+    return plan_fit(params, data_root, len(train_paths), [image_size_of(path) for path in train_paths])

@@ -21,6 +21,7 @@ from dualstpm.config import Params, load_params, valid_keys
 from dualstpm.errors import NOT_DONE_EXIT, ConfigError, DataError, DualStpmError, RunError
 from dualstpm.paths import category_dir, expand_paths
 from dualstpm.rundir import CALIBRATION_FILE, REGIONS_FILE, trained_model_dir
+from dualstpm.sizes import describe, from_json
 from dualstpm.tables import format_metric as _fmt
 from dualstpm.tables import out, print_auc_table, print_pipeline_summary
 
@@ -452,7 +453,8 @@ def bench(
     results = benchmark(resolve_params(params, settings), data_root, category, images, repeats,
                         tuple(backends or ()), tuple(precisions or ("fp32",)), train)
     write_results(results, out_file)
-    table = Table(title=f"{results['setup']['category']} @ {results['setup']['image_size']} px, {results['machine']['device']}")
+    size = describe(from_json(results["setup"]["image_size"]))
+    table = Table(title=f"{results['setup']['category']} @ {size}, {results['machine']['device']}")
     table.add_column("figure")
     table.add_column("value", justify="right")
     rows = [(f"{phase}.{key}", value) for phase in ("train", "inference") for key, value in results.get(phase, {}).items()]

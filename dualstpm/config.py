@@ -23,6 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dualstpm.errors import ConfigError
+from dualstpm.sizes import ImageSize, check_size, hw, shortest_side
 
 MVTEC_URL = (
     "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
@@ -145,12 +146,19 @@ Precision = Literal["auto", "float32", "bfloat16"]
 Recipe = Literal["fixed", "real", "auto"]
 
 
-def _image_size(value: int) -> int:
-    """A square input size in px: a multiple of 32 in [32, 2048] (the deepest teacher map has stride 32)."""
-    if not 32 <= value <= 2048 or value % 32:
-        raise ValueError("must be a multiple of 32 between 32 and 2048 (the deepest teacher map has stride 32), "
-                         "e.g. 256")
-    return value
+def _image_size(value: object) -> object:
+    """`image_size` as written -> an int side or an (H, W) tuple (`dualstpm.sizes.check_size`:
+    each side a multiple of 32 in [32, 2048]). A YAML list [H, W] becomes a tuple here, before
+    the strict type check; a bool is refused (YAML's `yes` is not a size)."""
+    if isinstance(value, bool):
+        raise ValueError("must be one side in px (e.g. 256) or [height, width] (e.g. [160, 384])")
+    if isinstance(value, (list, tuple)):
+        if not all(isinstance(side, int) and not isinstance(side, bool) for side in value):
+            raise ValueError(f"[height, width] must be two whole numbers of px, got {list(value)}")
+        return check_size(tuple(value))
+    if isinstance(value, int):
+        return check_size(value)
+    return value  # anything else: the strict type check names it
 
 
 class RealRecipeParams(_Strict):
@@ -170,11 +178,12 @@ class RealRecipeParams(_Strict):
         300, ge=1, description="early stopping past the floor: stop once no branch has lowered its validation "
         "selection value (fit.select) for this many steps (whole epochs, rounded up)",
     )
-    image_size: int | None = Field(None, description="square input size in px under this recipe; null = image_size")
+    image_size: ImageSize | None = Field(
+        None, description="input size under this recipe: one side (a square) or [height, width], px; null = image_size")
 
-    @field_validator("image_size")
+    @field_validator("image_size", mode="before")
     @classmethod
-    def _size(cls, value: int | None) -> int | None:
+    def _size(cls, value: object) -> object:
         return None if value is None else _image_size(value)
 
     @model_validator(mode="after")
@@ -432,6 +441,11 @@ class DataParams(_Strict):
         None, description="side of one image pixel in mm (the camera's scale), so that defect regions also get "
         "an area in mm^2 (area_px * mm_per_px^2); null = unknown, regions in pixels only (docs/regions.md)",
     )
+    keep_aspect: bool = Field(
+        False, description="true: the fit keeps the category's aspect ratio: image_size's longest side stays, the "
+        "other follows the median width/height of the good training images (a multiple of 32), and the model "
+        "stores the [height, width] it was trained at; false: image_size as written (docs/frames.md)",
+    )
 
     @field_validator("mm_per_px")
     @classmethod
@@ -489,7 +503,10 @@ class PrefectParams(_Strict):
 
 
 class Params(_Strict):
-    image_size: int = Field(128, ge=32, le=2048)
+    image_size: ImageSize = Field(
+        128, description="the model's input size, px: one side (the frame resized to a square) or [height, width] "
+        "(each a multiple of 32 in [32, 2048]); with data.keep_aspect the longest side, the other following the "
+        "category's aspect ratio (dualstpm.sizes)")
     seed: int = 0
     data: DataParams = DataParams()
     model: ModelParams = Field(default_factory=ModelParams)
@@ -504,12 +521,15 @@ class Params(_Strict):
     tracking: TrackingParams = TrackingParams()
     prefect: PrefectParams = PrefectParams()
 
-    @field_validator("image_size")
+    @field_validator("image_size", mode="before")
     @classmethod
-    def _multiple_of_32(cls, value: int) -> int:
-        if value % 32:
-            raise ValueError("must be a multiple of 32 (the deepest teacher map has stride 32)")
-        return value
+    def _size(cls, value: object) -> object:
+        return _image_size(value)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the model's input, px."""
+        return hw(self.image_size)
 
     @field_validator("fusion")
     @classmethod
@@ -517,10 +537,11 @@ class Params(_Strict):
         """The fused map is image_size px square and its Gaussian blur reflect-pads it by
         ceil(4 sigma) px, which must be less than image_size: sigma <= (image_size - 1) / 4."""
         size = info.data.get("image_size")
+        size = None if size is None else shortest_side(size)
         if size is not None and value.sigma > 0 and math.ceil(4 * value.sigma) >= size:
             raise ValueError(
                 f"fusion.sigma={value.sigma:g} blurs with a radius of ceil(4 sigma) = {math.ceil(4 * value.sigma)} px, "
-                f"which must be smaller than the {size} px map (image_size): use fusion.sigma <= {(size - 1) / 4:g}"
+                f"which must be smaller than the map's {size} px side (image_size): use fusion.sigma <= {(size - 1) / 4:g}"
             )
         return value
 
@@ -529,10 +550,11 @@ class Params(_Strict):
     def _score_blur_fits_the_map(cls, value: ScoreParams, info: ValidationInfo) -> ScoreParams:
         """smoothed_max blurs the image_size px fused map as fusion.sigma does (see above)."""
         size = info.data.get("image_size")
+        size = None if size is None else shortest_side(size)
         if size is not None and value.reduce == "smoothed_max" and math.ceil(4 * value.sigma) >= size:
             raise ValueError(
                 f"score.sigma={value.sigma:g} blurs with a radius of ceil(4 sigma) = {math.ceil(4 * value.sigma)} px, "
-                f"which must be smaller than the {size} px map (image_size): use score.sigma <= {(size - 1) / 4:g}"
+                f"which must be smaller than the map's {size} px side (image_size): use score.sigma <= {(size - 1) / 4:g}"
             )
         return value
 

@@ -48,6 +48,7 @@ from dualstpm.rundir import (
     weights_bytes,
     write_model_dir,
 )
+from dualstpm.sizes import ImageSize, from_json, pixel_count
 
 FORMAT_VERSION = 2  # 2: branch B decoder with bottleneck widths
 
@@ -61,7 +62,7 @@ class Calibration:
     threshold is never compared with a score of other units.
     """
 
-    image_size: int
+    image_size: ImageSize  # the input size the model was calibrated at: a side, or (height, width)
     map_stats: MapStats
     thresholds: dict[str, float]
     val_score_summary: dict[str, dict[str, float]]
@@ -107,7 +108,7 @@ class Calibration:
         n_images = self.validation_split.get("calibration_images")
         if self.pixel_fpr is None or n_images is None:
             return None
-        return pixel_false_positive_bound(int(n_images), self.image_size**2, self.pixel_fpr)
+        return pixel_false_positive_bound(int(n_images), pixel_count(self.image_size), self.pixel_fpr)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -121,6 +122,7 @@ class Calibration:
         data = dict(data)
         data["map_stats"] = MapStats.from_json(data["map_stats"])
         data["score"] = read_score_spec(data["score"])
+        data["image_size"] = from_json(data["image_size"])  # JSON keeps (height, width) as a list
         return cls(**data)
 
 
@@ -260,8 +262,9 @@ class Detector:
         return self._typical_level
 
     @property
-    def image_size(self) -> int:
-        """Side of the square input, px (resize with `dualstpm.data.resize_image`)."""
+    def image_size(self) -> ImageSize:
+        """The input size, px: a side (a square) or (height, width); resize with
+        `dualstpm.data.resize_image`."""
         return self.params.image_size
 
     @property

@@ -72,7 +72,7 @@ class _CachedSet:
 
 
 def _with_defects(images: Tensor, kinds: list[str], copies: int, seed: int) -> tuple[Tensor, Tensor]:
-    """`copies` defective copies of each image (chunked): images (N*copies, 3, S, S), masks (N*copies, S, S)."""
+    """`copies` defective copies of each image (chunked): images (N*copies, 3, H, W), masks (N*copies, H, W)."""
     out_images, out_masks = [], []
     for start in range(0, len(images), DEFECT_CHUNK):
         defective, masks, _ = paste_defects(images[start : start + DEFECT_CHUNK], kinds, copies,
@@ -93,9 +93,9 @@ def _cache(maps_of: MapsOf, images: Tensor, masks: Tensor | None, batch_size: in
         if scale is not None:
             scale += maps.double().sum(dim=(0, 3, 4))
         inputs.append(pooled_log(maps))
-    size = images.shape[-1]
+    height, width = images.shape[-2:]
     if masks is None:
-        targets = torch.zeros(len(images), size // STRIDE, size // STRIDE)
+        targets = torch.zeros(len(images), height // STRIDE, width // STRIDE)
     else:
         targets = F.avg_pool2d(masks.float()[:, None], STRIDE)[:, 0]
     return torch.cat(inputs), targets
@@ -137,14 +137,15 @@ def build_sets(maps_of: MapsOf, train_images: Tensor, val_images: Tensor, params
 
 
 @torch.no_grad()
-def _validate(disc: Discriminator, val: _CachedSet, batch_size: int, size: int, device: torch.device) -> dict[str, float]:
+def _validate(disc: Discriminator, val: _CachedSet, batch_size: int, size: tuple[int, int],
+              device: torch.device) -> dict[str, float]:
     """Validation loss (mean over batches) and image AUROC of clean vs synthetic-defective validation images."""
     disc.eval()
     losses, scores = [], []
     for start in range(0, len(val.inputs), batch_size):
         logits = disc.head(disc.shift(val.inputs[start : start + batch_size].to(device)))
         losses.append(_loss(logits, val.targets[start : start + batch_size].to(device)).item())
-        full = F.interpolate(logits[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0]
+        full = F.interpolate(logits[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
         scores.append(image_score(full, MAX_SCORE).cpu())  # selection on the max, as the branches'
     auroc = metrics.image_auroc(val.labels, torch.cat(scores).numpy().astype(np.float64))
     return {"val_loss": float(np.mean(losses)), "val_image_auroc": float("nan") if auroc is None else float(auroc)}
@@ -166,7 +167,7 @@ def train_discriminator(maps_of: MapsOf, train_images: Tensor, val_images: Tenso
     """
     started = time.perf_counter()
     device = torch.device(device)
-    size = train_images.shape[-1]
+    size = tuple(train_images.shape[-2:])  # (H, W) of the images, at which maps are scored
     train, val, scale = build_sets(maps_of, train_images, val_images, params, seed, batch_size)
     with own_rng(seed):
         disc = Discriminator(params.width, scale).to(device)

@@ -40,6 +40,7 @@ from dualstpm.files import staged_dir, write_json
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES
 from dualstpm.progress import stage
 from dualstpm.rundir import MODEL_SUBDIR, PARAMS_FILE, RunDir, read_optional_json
+from dualstpm.sizes import hw, to_json
 
 FORMATS = ("onnx", "openvino", "torchscript")
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -51,7 +52,7 @@ SUPPORTED = {
 METADATA_FILE = "metadata.json"
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
 RESIZE_NOTE = ("dualstpm.data.resize_image: decoded RGB float32 in [0, 1] (gray repeated to 3 channels, "
-               "8-bit / 255, 16-bit / 65535), resized to image_size x image_size by bilinear interpolation "
+               "8-bit / 255, 16-bit / 65535), resized to image_size (one side: a square; [height, width]) by bilinear interpolation "
                "with antialiasing (torch.nn.functional.interpolate, align_corners=False), no crop, NCHW")
 PACKAGES = ("dualstpm", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "openvino", "numpy")
 CALIBRATION_BATCH = 8
@@ -100,7 +101,7 @@ _EXPORTING = threading.Lock()
 def _example_images(detector: Detector, batch: int) -> torch.Tensor:
     """A fixed example batch for tracing (its values do not matter; no global RNG is drawn)."""
     generator = torch.Generator().manual_seed(0)
-    return torch.rand(batch, 3, detector.image_size, detector.image_size, generator=generator)
+    return torch.rand(batch, 3, *hw(detector.image_size), generator=generator)
 
 
 def write_onnx(detector: Detector, path: Path) -> Path:
@@ -239,19 +240,20 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
     """What a user of the export needs besides the graph, and where it came from."""
     record = read_optional_json(RunDir(run_dir).run_record, "delete it and run `dualstpm test` again") or {}
     size = detector.image_size
+    height, width = hw(size)
     return {
         "format": fmt,
         "precision": precision,
         "model_file": MODEL_FILES[fmt],
-        "image_size": size,
+        "image_size": to_json(size),  # a side, or [height, width]
         "batch_size": detector.batch_size,
-        "input": {"name": INPUT_NAME, "shape": ["N", 3, size, size], "dtype": "float32", "range": [0.0, 1.0],
+        "input": {"name": INPUT_NAME, "shape": ["N", 3, height, width], "dtype": "float32", "range": [0.0, 1.0],
                   "resize": RESIZE_NOTE},
         "outputs": {
             "score": f"(N,) raw image score of the decision view (see decision): {detector.score_spec.label} of its map (see score)",
             "normalized_score": "(N,) in [0, 1]; 0.5 = the threshold (see normalization)",
             "label": "(N,) bool, true = defective (score > threshold)",
-            "anomaly_map": "(N, S, S) the decision view's anomaly map at image_size, raw score units (disc: logits)",
+            "anomaly_map": f"(N, {height}, {width}) the decision view's anomaly map at image_size, raw score units (disc: logits)",
             "stpm_score": "(N,) branch A (STPM) alone", "recon_score": "(N,) branch B (reconstruction) alone",
             "disc_score": "(N,) the discriminative stage alone; NaN when the model has none",
         },

@@ -31,6 +31,7 @@ from torch import Tensor
 
 from dualstpm import metrics
 from dualstpm.ablation.defects import KINDS, paste_defects
+from dualstpm.sizes import ImageSize, describe, shortest_side
 
 #: images (B, 3, S, S) in [0, 1] -> {view: image scores (B,)} of the calibrated model
 ViewScorer = Callable[[Tensor], Mapping[str, Tensor]]
@@ -51,7 +52,7 @@ class FitEvidence:
 
     recipe: str
     train_images: int
-    image_size: int
+    image_size: ImageSize
     epochs: int
     steps: int
     real_min_steps: int
@@ -129,8 +130,9 @@ def poor_fit_warning(view: str, auroc: float | None, floor: float, evidence: Fit
     elif evidence.recipe == "real":
         causes.append(f"training may still be short ({evidence.steps} steps per branch)")
         fixes.append("raise fit.real.min_steps and fit.real.max_steps")
-    if evidence.image_size < SMALL_IMAGE_SIZE:
-        causes.append(f"a small image size ({evidence.image_size} px: a small defect covers few feature-map cells)")
+    if shortest_side(evidence.image_size) < SMALL_IMAGE_SIZE:
+        causes.append(f"a small image size ({describe(evidence.image_size)}: a small defect covers few feature-map "
+                      "cells)")
         key = "fit.real.image_size" if evidence.recipe == "real" else "image_size"
         fixes.append(f"a larger size: --set {key}={SMALL_IMAGE_SIZE}")
     if evidence.train_images < FEW_TRAIN_IMAGES:

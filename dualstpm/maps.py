@@ -12,9 +12,9 @@ float16 halves the disk and memory of float32. Maps are 0.5 * ||t - s||^2 of
 L2-normalised features, so they lie in [0, 2], far from float16's range limit; the
 rounding (relative 5e-4) moved AUROC/AUPRO by at most 4e-5 on magnetic_tile.
 
-File format (`np.savez`, readable without pickle): `maps` float16 (N, 2, 3, S, S),
+File format (`np.savez`, readable without pickle): `maps` float16 (N, 2, 3, H, W),
 `labels` int8 (N,), `defect_types` and `paths` strings (N,), `masks` bits packed
-with `np.packbits` over (N, S, S) (absent without ground truth), `meta` a JSON string.
+with `np.packbits` over (N, H, W) (absent without ground truth), `meta` a JSON string.
 In `val_defects.npz`, `meta["with_mask"]` says which defects have a mask (the others'
 masks are all False and carry no pixel evidence).
 """
@@ -38,6 +38,7 @@ from dualstpm.files import atomic_file, json_text
 from dualstpm.progress import stage
 from dualstpm.real_defects import RealDefects
 from dualstpm.rundir import TEST_MAPS, VAL_DEFECT_MAPS, VAL_MAPS
+from dualstpm.sizes import to_json
 
 FORMAT_VERSION = 1
 
@@ -54,10 +55,9 @@ def weights_fingerprint(state: Mapping[str, Tensor]) -> str:
 
 def compute_six_maps(detector: Detector, images: Tensor, batch_size: int,
                      description: str = "computing anomaly maps") -> np.ndarray:
-    """(N, 3, S, S) images -> (N, 2, 3, S, S) float16 raw maps, one forward pass per batch
+    """(N, 3, H, W) images -> (N, 2, 3, H, W) float16 raw maps, one forward pass per batch
     (a progress stage named `description`, e.g. ``computing anomaly maps of test images``)."""
-    size = images.shape[-1]
-    out = np.empty((len(images), 2, 3, size, size), dtype=np.float16)
+    out = np.empty((len(images), 2, 3, *images.shape[-2:]), dtype=np.float16)
     with stage(description, len(images)) as progress:
         for start in range(0, len(images), batch_size):
             out[start : start + batch_size] = detector.six_maps(images[start : start + batch_size]).cpu().numpy()
@@ -71,11 +71,11 @@ def compute_six_maps(detector: Detector, images: Tensor, batch_size: int,
 class MapSet:
     """The six maps of one split with what is needed to score them."""
 
-    maps: np.ndarray  # float16 (N, 2, 3, S, S)
+    maps: np.ndarray  # float16 (N, 2, 3, H, W)
     labels: np.ndarray  # int8 (N,), 1 = defective
     defect_types: np.ndarray  # str (N,), "good" or the defect type
     paths: np.ndarray  # str (N,), the image files
-    masks: np.ndarray | None  # bool (N, S, S); None without ground truth
+    masks: np.ndarray | None  # bool (N, H, W); None without ground truth
     meta: dict  # split, category, image_size, weights_sha256, format
 
     def __len__(self) -> int:
@@ -128,7 +128,7 @@ def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Categor
     params = detector.params
     meta = {
         "category": dataset.name,
-        "image_size": params.image_size,
+        "image_size": to_json(params.image_size),
         "weights_sha256": weights_fingerprint(detector.model.state_dict()),
     }
     test = MapSet(

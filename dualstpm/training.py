@@ -38,13 +38,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from rich.markup import escape
 from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 from torch import Tensor
 
 from dualstpm.budget import FitPlan, epochs_text, plan_fit
 from dualstpm.compute import Compute
 from dualstpm.config import FitParams, Params
-from dualstpm.data import Category, ValidationParts, decode_images, load_category, split_train_val, validation_parts
+from dualstpm.data import (
+    Category, ValidationParts, decode_images, image_size_of, load_category, split_train_val, validation_parts,
+)
 from dualstpm.data.input_stats import input_reference
 from dualstpm.detector import Calibration, build_network, save_detector
 from dualstpm.disc_training import DiscResult, train_discriminator
@@ -63,6 +66,7 @@ from dualstpm.project import params_for_data, recorded_data_root
 from dualstpm.real_defects import GOOD_IMAGES_ONLY, RealDefects, describe_views, selection_value, view_evidence
 from dualstpm.rng import own_rng
 from dualstpm.rundir import CHECKPOINT_FILE, DISC_HISTORY_FILE, HISTORY_FILE
+from dualstpm.sizes import describe, to_json
 
 EpochCallback = Callable[[dict[str, float]], None]
 
@@ -225,7 +229,7 @@ def training_signature(params: Params) -> dict[str, Any]:
     and `calibration.split` (which validation images select). Data, tracking, ablation,
     Prefect, the final fusion and the false-alarm rate are not in it."""
     fit = {k: v for k, v in params.fit.model_dump(mode="json").items() if k not in RESUMABLE_FIT_KEYS}
-    return {"image_size": params.image_size, "seed": params.seed, "model": params.model.model_dump(mode="json"),
+    return {"image_size": to_json(params.image_size), "seed": params.seed, "model": params.model.model_dump(mode="json"),
             "fit": fit, "fusion": {"mode": params.fusion.mode}, "calibration": {"split": params.calibration.split}}
 
 
@@ -643,7 +647,7 @@ def fit(
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     dataset = load_category(Path(data_root), category, require_test=False)  # training never reads test/
     train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)  # real defects: in neither
-    plan = plan_fit(params, data_root, len(train_paths))
+    plan = plan_fit(params, data_root, len(train_paths), [image_size_of(path) for path in train_paths])
     params = plan.params  # the recipe's image size and epochs from here on
     data = data_signature(dataset, train_paths, val_paths)
     checkpoint = None
@@ -673,9 +677,11 @@ def fit(
     say(
         f"fitting [bold]{category}[/]: {len(train_paths)} train / {len(val_paths)} validation images "
         f"({len(parts.selection)} select the epoch, {len(parts.calibration)} calibrate), "
-        f"{params.image_size} px, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
+        f"{describe(params.image_size)}, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
     )
     say(plan.describe())
+    if (note := plan.aspect_note()) is not None:
+        say(f"[bold yellow]warning:[/] {escape(note)}")  # the note's [height, width] is not markup
     if real is not None:
         say(f"epochs are selected on real validation defects ({real.label}, {int(real.has_mask.sum())} with masks) "
             f"against the {len(parts.selection)} selection images: the best {real.rule} "

@@ -100,7 +100,7 @@ def test_a_recipe_image_size_that_breaks_the_blur_is_refused_before_training():
     ("fit.real.min_steps=0", "fit.real.min_steps = 0"),
     ("fit.real.max_steps=-5", "fit.real.max_steps = -5"),
     ("fit.real.patience_steps=0", "fit.real.patience_steps = 0"),
-    ("fit.real.image_size=100", "fit.real.image_size = 100: must be a multiple of 32"),
+    ("fit.real.image_size=100", "fit.real.image_size = 100: each side must be a multiple of 32"),
     ("fit.real.min_steps=true", "give a number"),
     ("fit.min_val_auroc=1.5", "fit.min_val_auroc = 1.5"),
     ("fit.min_val_auroc=-0.1", "fit.min_val_auroc = -0.1"),

@@ -30,13 +30,14 @@ KINDS = ("cutpaste", "scratch", "texture")
 
 def _cutpaste(images: Tensor, index: int, rng: np.random.Generator) -> tuple[Tensor, np.ndarray]:
     target = images[index].clone()
-    size = target.shape[-1]
-    area = rng.uniform(0.02, 0.15) * size * size
+    height, width = target.shape[-2:]
+    area = rng.uniform(0.02, 0.15) * height * width
     ratio = math.exp(rng.uniform(math.log(0.3), math.log(1 / 0.3)))
-    h = int(np.clip(round(math.sqrt(area * ratio)), 2, size - 1))
-    w = int(np.clip(round(math.sqrt(area / ratio)), 2, size - 1))
+    h = int(np.clip(round(math.sqrt(area * ratio)), 2, height - 1))
+    w = int(np.clip(round(math.sqrt(area / ratio)), 2, width - 1))
     source = images[int(rng.integers(len(images)))]
-    sy, sx, ty, tx = (int(rng.integers(0, size - extent + 1)) for extent in (h, w, h, w))
+    sy, sx, ty, tx = (int(rng.integers(0, side - extent + 1))
+                      for side, extent in ((height, h), (width, w), (height, h), (width, w)))
     patch = source[:, sy : sy + h, sx : sx + w]
     if rng.uniform() < 0.5:
         patch = patch.flip(-1)
@@ -44,7 +45,7 @@ def _cutpaste(images: Tensor, index: int, rng: np.random.Generator) -> tuple[Ten
         patch = patch.flip(-2)
     factor = rng.uniform(0.6, 0.85) if rng.uniform() < 0.5 else rng.uniform(1.15, 1.4)
     target[:, ty : ty + h, tx : tx + w] = (patch * factor).clamp(0, 1)
-    mask = np.zeros((size, size), dtype=bool)
+    mask = np.zeros((height, width), dtype=bool)
     mask[ty : ty + h, tx : tx + w] = True
     return target, mask
 
@@ -54,15 +55,15 @@ def _scratch(images: Tensor, index: int, rng: np.random.Generator) -> tuple[Tens
     return torch.from_numpy(painted).permute(2, 0, 1).float(), mask
 
 
-def _smooth_field(rng: np.random.Generator, channels: int, cells: int, size: int) -> Tensor:
-    """(channels, size, size) Gaussian noise on a cells x cells grid, upsampled bicubically."""
+def _smooth_field(rng: np.random.Generator, channels: int, cells: int, size: tuple[int, int]) -> Tensor:
+    """(channels, H, W) Gaussian noise on a cells x cells grid, upsampled bicubically to `size` (H, W)."""
     coarse = torch.from_numpy(rng.standard_normal((1, channels, cells, cells))).float()
-    return F.interpolate(coarse, size=(size, size), mode="bicubic", align_corners=False)[0]
+    return F.interpolate(coarse, size=size, mode="bicubic", align_corners=False)[0]
 
 
 def _texture(images: Tensor, index: int, rng: np.random.Generator) -> tuple[Tensor, np.ndarray]:
     target = images[index].clone()
-    size = target.shape[-1]
+    size = tuple(target.shape[-2:])
     field = _smooth_field(rng, 1, int(rng.integers(3, 7)), size)[0]
     area = rng.uniform(0.02, 0.15)
     mask = field > torch.quantile(field.flatten(), 1 - area)
@@ -77,8 +78,8 @@ _PAINTERS = {"cutpaste": _cutpaste, "scratch": _scratch, "texture": _texture}
 
 
 def paste_defects(images: Tensor, kinds: list[str], per_image: int, seed: int) -> tuple[Tensor, np.ndarray, list[str]]:
-    """(N, 3, S, S) normal images in [0, 1] -> `per_image` defective copies of each:
-    images (N * per_image, 3, S, S), masks (N * per_image, S, S) bool and their kinds.
+    """(N, 3, H, W) normal images in [0, 1] -> `per_image` defective copies of each:
+    images (N * per_image, 3, H, W), masks (N * per_image, H, W) bool and their kinds.
 
     Kinds alternate over the copies, so every kind is equally represented.
     """

@@ -84,7 +84,7 @@ def write_panel(test: MapSet, views: MapViews, fused_specs: dict[str, FusionSpec
     if not indices:
         return None
     try:
-        images = decode_images([Path(p) for p in test.paths[indices]], test.maps.shape[-1], "decoding panel images",
+        images = decode_images([Path(p) for p in test.paths[indices]], tuple(test.maps.shape[-2:]), "decoding panel images",
                                max_pixels)
     except DataError as exc:
         raise DataError(f"{exc}\nThe six-map panel reads the test images again; restore them or pass "

@@ -18,6 +18,7 @@ import pandas as pd
 
 from dualstpm.ablation.rescore import SplitScorer
 from dualstpm.model.fusion import FusionSpec, ScoreSpec
+from dualstpm.sizes import ImageSize, shortest_side
 
 REDUCTIONS_FILE = "score_reductions.csv"
 REDUCTIONS: tuple[ScoreSpec, ...] = (
@@ -27,11 +28,12 @@ REDUCTIONS: tuple[ScoreSpec, ...] = (
 )
 
 
-def table_reductions(image_size: int, model: ScoreSpec) -> list[ScoreSpec]:
-    """:data:`REDUCTIONS` usable on an image_size px map (a smoothed max's blur reflect-pads
-    by ceil(4 sigma) px, which must be below image_size, as `score.sigma` is checked), then
-    the model's own reduction when the grid lacks it."""
-    grid = [r for r in REDUCTIONS if r.reduce != "smoothed_max" or math.ceil(4 * r.sigma) < image_size]
+def table_reductions(image_size: ImageSize, model: ScoreSpec) -> list[ScoreSpec]:
+    """:data:`REDUCTIONS` usable on a map at `image_size` (a smoothed max's blur reflect-pads
+    by ceil(4 sigma) px, which must be below the map's shorter side, as `score.sigma` is
+    checked), then the model's own reduction when the grid lacks it."""
+    side = shortest_side(image_size)
+    grid = [r for r in REDUCTIONS if r.reduce != "smoothed_max" or math.ceil(4 * r.sigma) < side]
     return grid if any(r.to_json() == model.to_json() for r in grid) else [*grid, model]
 
 

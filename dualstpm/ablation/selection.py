@@ -22,6 +22,7 @@ from dualstpm.detector import Detector
 from dualstpm.errors import RunError
 from dualstpm.maps import MapSet, compute_six_maps, weights_fingerprint
 from dualstpm.rundir import MAPS_DIR, MODEL_SUBDIR, SYNTHETIC_MAPS, RunDir, read_weights
+from dualstpm.sizes import from_json
 
 METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
 SELECTION_METRICS = {"mean": ("image_auroc", "pixel_auroc", "aupro"), **{m: (m,) for m in METRICS}}
@@ -61,7 +62,7 @@ def synthetic_maps(run_dir: Path, val: MapSet, params: AblationParams) -> MapSet
         if {k: cached.meta.get(k) for k in meta} == json.loads(json.dumps(meta)):
             return cached
     detector = Detector.load(run_dir)
-    size = int(val.meta["image_size"])
+    size = from_json(val.meta["image_size"])
     images = decode_images([Path(p) for p in val.paths], size, "decoding validation images",
                            detector.params.data.max_image_pixels)
     defective, masks, kinds = paste_defects(images, list(params.synthetic_kinds), params.synthetic_per_image,
@@ -99,13 +100,13 @@ def source_units(selection: MapSet) -> tuple[np.ndarray, int]:
 
 def selection_set(val: MapSet, synthetic: MapSet) -> MapSet:
     """Normal validation images (label 0, empty masks) followed by their defective copies."""
-    size = val.maps.shape[-1]
+    shape = val.maps.shape[-2:]  # (H, W) of the maps
     return MapSet(
         np.concatenate([val.maps, synthetic.maps]),
         np.concatenate([np.zeros(len(val), np.int8), np.ones(len(synthetic), np.int8)]),
         np.concatenate([np.asarray(val.defect_types, dtype=str), np.asarray(synthetic.defect_types, dtype=str)]),
         np.concatenate([np.asarray(val.paths, dtype=str), np.asarray(synthetic.paths, dtype=str)]),
-        np.concatenate([np.zeros((len(val), size, size), bool), synthetic.masks]),
+        np.concatenate([np.zeros((len(val), *shape), bool), synthetic.masks]),
         {**synthetic.meta, "split": "selection"},
     )
 

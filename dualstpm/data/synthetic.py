@@ -119,9 +119,9 @@ def _place(canvas: _Canvas, rng: np.random.Generator) -> tuple[float, float]:
     return canvas.centre[0] + distance * np.cos(angle), canvas.centre[1] + distance * np.sin(angle)
 
 
-def _drawn(size: int, draw: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
-    """A shape rasterised by PIL as a float 0/1 array."""
-    canvas = Image.new("L", (size, size), 0)
+def _drawn(shape: tuple[int, int], draw: Callable[[ImageDraw.ImageDraw], None]) -> np.ndarray:
+    """A shape rasterised by PIL as a float 0/1 array of `shape` (H, W)."""
+    canvas = Image.new("L", (shape[1], shape[0]), 0)
     draw(ImageDraw.Draw(canvas))
     return (np.asarray(canvas) > 0).astype(np.float64)
 
@@ -143,20 +143,20 @@ def _scratch(canvas: _Canvas, size: int, rng: np.random.Generator) -> _Defect:
         points.append((points[-1][0] + length * np.cos(angle), points[-1][1] + length * np.sin(angle)))
         angle += rng.normal(0, 0.5)
     width = int(rng.integers(1, 4))
-    shape = _drawn(size, lambda draw: draw.line(points, fill=255, width=width, joint="curve"))
+    shape = _drawn(canvas.region.shape, lambda draw: draw.line(points, fill=255, width=width, joint="curve"))
     colour = np.full(3, 0.97 if rng.uniform() < 0.5 else 0.05)
     return shape * rng.uniform(0.7, 0.9), colour, shape > 0
 
 
 def _hole(canvas: _Canvas, size: int, rng: np.random.Generator) -> _Defect:
     half_axes = tuple(max(2.0, rng.uniform(0.035, 0.07) * size) for _ in range(2))
-    shape = _drawn(size, _ellipse(_place(canvas, rng), half_axes))
+    shape = _drawn(canvas.region.shape, _ellipse(_place(canvas, rng), half_axes))
     return shape * 0.92, np.full(3, rng.uniform(0.03, 0.1)), shape > 0
 
 
 def _stain(canvas: _Canvas, size: int, rng: np.random.Generator) -> _Defect:
     half_axes = tuple(max(4.0, rng.uniform(0.06, 0.1) * size) for _ in range(2))
-    blob = gaussian_filter(_drawn(size, _ellipse(_place(canvas, rng), half_axes)), max(1.0, 0.02 * size))
+    blob = gaussian_filter(_drawn(canvas.region.shape, _ellipse(_place(canvas, rng), half_axes)), max(1.0, 0.02 * size))
     colour = _STAIN_COLOURS[rng.integers(len(_STAIN_COLOURS))] * rng.uniform(0.9, 1.1)
     return blob * rng.uniform(0.55, 0.75), colour, blob > 0.5
 
@@ -177,13 +177,16 @@ def _paint(canvas: _Canvas, defect: _Defect) -> np.ndarray:
 
 
 def paint_scratch(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """Paint one synthetic scratch on any square HxWx3 float image; return (image, exact mask).
+    """Paint one synthetic scratch on any HxWx3 float image; return (image, exact mask).
 
-    The same scratch as in the synthetic categories, placed anywhere within the central
-    70 % of the image: the fusion-weight ablation pastes these on real validation images.
+    The same scratch as in the synthetic categories (its lengths in units of the shorter
+    side), placed anywhere within a disc of 35 % of the shorter side around the centre: the
+    fusion-weight ablation and the fit check paste these on real validation images.
     """
-    size = image.shape[0]
-    canvas = _Canvas(np.array(image, dtype=np.float64), np.ones((size, size), bool), (size / 2, size / 2), 0.35 * size)
+    height, width = image.shape[:2]
+    size = min(height, width)
+    canvas = _Canvas(np.array(image, dtype=np.float64), np.ones((height, width), bool), (width / 2, height / 2),
+                     0.35 * size)
     mask = _paint(canvas, _scratch(canvas, size, rng))
     return np.clip(canvas.image, 0.0, 1.0), mask
 

@@ -1,7 +1,8 @@
 """From decoded arrays to fixed-size tensors, and whole file lists decoded once.
 
-Images are resized to a square without cropping (METHOD.md section 1), so that the
-whole part stays in view and maps line up with the ground truth at any input size.
+Images are resized to the model's input size without cropping (METHOD.md section 1), so
+that the whole part stays in view and maps line up with the ground truth at any input size.
+A size is one side (a square) or (height, width): `dualstpm.sizes`.
 Normalisation is not done here: it belongs to the teacher (its own mean and std).
 """
 
@@ -21,15 +22,17 @@ from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.data.images import LOSSY_MASK_MIN_CONTRAST, read_image, read_mask_file
 from dualstpm.data.mvtec import Sample
 from dualstpm.progress import stage
+from dualstpm.sizes import ImageSize, describe, hw, to_json
 
 T = TypeVar("T")
 
 
-def resize_image(image: np.ndarray, size: int) -> torch.Tensor:
-    """HxWx3 float array -> 3xSxS float32, bilinear with antialiasing (no aliasing
-    when shrinking large inspection images, which would add fake texture)."""
+def resize_image(image: np.ndarray, size: ImageSize) -> torch.Tensor:
+    """HxWx3 float array -> (3, h, w) float32 at `size` ((h, w), or an int side: a square),
+    bilinear with antialiasing (no aliasing when shrinking large inspection images, which
+    would add fake texture)."""
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
-    resized = F.interpolate(tensor[None], size=(size, size), mode="bilinear",
+    resized = F.interpolate(tensor[None], size=hw(size), mode="bilinear",
                             antialias=True, align_corners=False)
     return resized[0].contiguous()
 
@@ -41,8 +44,9 @@ def resize_map(anomaly_map: torch.Tensor | np.ndarray, size: tuple[int, int]) ->
     return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
 
 
-def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
-    """HxW bool -> SxS bool: a pixel is defect when any source pixel of its footprint is.
+def resize_mask(mask: np.ndarray, size: ImageSize) -> torch.Tensor:
+    """HxW bool -> (h, w) bool at `size` (an int side: a square): a pixel is defect when any
+    source pixel of its footprint is.
 
     Area resampling (torch's "area", adaptive average pooling) followed by ``> 0`` is a
     max-pool over each target pixel's footprint, so a defect region never disappears,
@@ -51,7 +55,7 @@ def resize_mask(mask: np.ndarray, size: int) -> torch.Tensor:
     merge; nearest-neighbour resampling instead drops regions between sample points.
     """
     tensor = torch.from_numpy(np.ascontiguousarray(mask, dtype=np.float32))[None, None]
-    resized = F.interpolate(tensor, size=(size, size), mode="area")
+    resized = F.interpolate(tensor, size=hw(size), mode="area")
     return resized[0, 0] > 0
 
 
@@ -66,12 +70,12 @@ def _stack(items: Sequence[T], decode: Callable[[T], torch.Tensor], shape: tuple
     return out
 
 
-def decode_images(paths: Sequence[Path], size: int, description: str = "decoding images",
+def decode_images(paths: Sequence[Path], size: ImageSize, description: str = "decoding images",
                   max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> torch.Tensor:
-    """(N, 3, S, S) float32 in [0, 1] for a list of image files; DataError for a file
-    above `max_pixels` pixels (pass ``data.max_image_pixels``)."""
+    """(N, 3, h, w) float32 in [0, 1] for a list of image files at `size`; DataError for a
+    file above `max_pixels` pixels (pass ``data.max_image_pixels``)."""
     return _stack(paths, lambda path: resize_image(read_image(path, max_pixels), size),
-                  (3, size, size), torch.float32, description)
+                  (3, *hw(size)), torch.float32, description)
 
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)  # regions as AUPRO counts them (metrics.py)
@@ -93,7 +97,7 @@ class GroundTruthReport:
     (`MaskFile.compression_damaged`), and `lossy_formats` those formats.
     """
 
-    size: int
+    size: ImageSize
     n_masks: int
     empty_masks: tuple[str, ...]
     regions: int
@@ -120,13 +124,13 @@ class GroundTruthReport:
             notes.append("no test pixel is defect, so pixel AUROC and AUPRO are null")
         if self.regions_at_size < self.regions:
             notes.append(f"{self.regions - self.regions_at_size} of {self.regions} defect regions merged with a "
-                         f"neighbour when masks were resized to {self.size} px (none is lost: a pixel is defect "
+                         f"neighbour when masks were resized to {describe(self.size)} (none is lost: a pixel is defect "
                          "when any pixel of its footprint is)")
         return "; ".join(notes) or None
 
     def to_dict(self) -> dict:
         """JSON-ready: the counts, with the empty masks' paths."""
-        return {"size": self.size, "n_masks": self.n_masks, "empty_masks": list(self.empty_masks),
+        return {"size": to_json(self.size), "n_masks": self.n_masks, "empty_masks": list(self.empty_masks),
                 "regions": self.regions, "regions_at_size": self.regions_at_size,
                 "lossy_masks": list(self.lossy_masks)}
 
@@ -136,9 +140,9 @@ def _shown(paths: Sequence[str], limit: int = 3) -> str:
     return ", ".join(paths[:limit]) + (", ..." if len(paths) > limit else "")
 
 
-def decode_masks(samples: Sequence[Sample], size: int,
+def decode_masks(samples: Sequence[Sample], size: ImageSize,
                  max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[torch.Tensor, GroundTruthReport]:
-    """(N, S, S) bool ground truth, and what it holds; a sample without a mask (good, or a
+    """(N, h, w) bool ground truth at `size`, and what it holds; a sample without a mask (good, or a
     category without ground_truth) is all False. Masks are resized by `resize_mask`. Masks
     that lossy compression has damaged (`MaskFile.compression_damaged`) are read as they
     are and listed in the report (its `note` says to save them as PNG)."""
@@ -148,7 +152,7 @@ def decode_masks(samples: Sequence[Sample], size: int,
 
     def decode(sample: Sample) -> torch.Tensor:
         if sample.mask_path is None:
-            return torch.zeros((size, size), dtype=torch.bool)
+            return torch.zeros(hw(size), dtype=torch.bool)
         read = read_mask_file(sample.mask_path, max_pixels)
         resized = resize_mask(read.mask, size)
         counts[0] += _count_regions(read.mask)
@@ -159,7 +163,7 @@ def decode_masks(samples: Sequence[Sample], size: int,
             lossy[str(sample.mask_path)] = str(read.lossy)
         return resized
 
-    masks = _stack(samples, decode, (size, size), torch.bool, "decoding masks")
+    masks = _stack(samples, decode, hw(size), torch.bool, "decoding masks")
     n_masks = sum(sample.mask_path is not None for sample in samples)
     return masks, GroundTruthReport(size, n_masks, tuple(empty), counts[0], counts[1], tuple(lossy),
                                     tuple(sorted(set(lossy.values()))))

@@ -49,6 +49,7 @@ from dualstpm.mlops.names import (
 from dualstpm.mlops.runs import RunRecord
 from dualstpm.mlops.tracking import TAG, Store, connect, dataset_name, sqlite_path, tracking_errors
 from dualstpm.rundir import ABLATION_DIR, METRICS_FILE, MODEL_SUBDIR, OVERLAY_GRID, PLOTS_DIR, RUN_RECORD, SUMMARY_FILE
+from dualstpm.sizes import ImageSize, hw
 
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 # What the logged model needs at inference, pinned to this environment (no 23 s inference).
@@ -90,7 +91,7 @@ def _signature(threshold: float):
     )
 
 
-def _example_image(record: RunRecord, category: str, size: int, max_pixels: int) -> tuple[bytes, str]:
+def _example_image(record: RunRecord, category: str, size: ImageSize, max_pixels: int) -> tuple[bytes, str]:
     """A test image of the evaluation data at the model's input size, PNG-encoded: a real
     input example that stays small. Without the data, a gray image (and the tag says so)."""
     from PIL import Image
@@ -100,7 +101,7 @@ def _example_image(record: RunRecord, category: str, size: int, max_pixels: int)
     if found:
         pixels, origin = resize_image(read_image(found[0], max_pixels), size).permute(1, 2, 0).numpy(), str(found[0])
     else:
-        pixels, origin = np.full((size, size, 3), 0.5, dtype=np.float32), f"gray image ({root} not found)"
+        pixels, origin = np.full((*hw(size), 3), 0.5, dtype=np.float32), f"gray image ({root} not found)"
     buffer = io.BytesIO()
     Image.fromarray((pixels * 255).round().astype(np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue(), origin

@@ -80,7 +80,7 @@ class ScoredBatch:
 class Scorer(Protocol):
     """What scores images: a `Detector` (PyTorch) or a loaded export (`dualstpm.backends`)."""
 
-    image_size: int  # side of the square input, px
+    image_size: int | tuple[int, int]  # input size, px: a side (a square) or (height, width)
     batch_size: int
     threshold: float  # stored decision threshold, raw score units
     decision_view: str  # the view it decides with: fused, chosen, disc, stpm or recon
@@ -90,7 +90,7 @@ class Scorer(Protocol):
         """The decision view's map value at a typical good pixel (the overlays' transparent end)."""
 
     def infer(self, images: torch.Tensor) -> InferenceOutput:
-        """(N, 3, S, S) float images in [0, 1] -> the inference module's outputs."""
+        """(N, 3, H, W) float images in [0, 1] at `image_size` -> the inference module's outputs."""
 
 
 def scale_images(images: Tensor) -> Tensor:
