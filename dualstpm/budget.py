@@ -181,8 +181,8 @@ def plan_fit(params: Params, data_root: Path | str | None, train_images: int,
 def plan_category(params: Params, data_root: Path, category: str) -> FitPlan:
     """:func:`plan_fit` for `category` in `data_root`, counting its training images as `fit`
     splits them (file names only, nothing decoded). Raises DataError for a bad layout."""
-    from dualstpm.data import image_size_of, load_category, split_train_val
+    from dualstpm.data import image_shapes, load_category, split_train_val
 
     dataset = load_category(Path(data_root), category, require_test=False)
     train_paths, _ = split_train_val(dataset, params.fit.val_fraction, params.seed)
-    return plan_fit(params, data_root, len(train_paths), [image_size_of(path) for path in train_paths])
+    return plan_fit(params, data_root, len(train_paths), image_shapes(train_paths, "reading train image sizes"))

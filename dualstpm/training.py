@@ -46,7 +46,7 @@ from dualstpm.budget import FitPlan, epochs_text, plan_fit
 from dualstpm.compute import Compute
 from dualstpm.config import FitParams, Params
 from dualstpm.data import (
-    Category, ValidationParts, decode_images, image_size_of, load_category, split_train_val, validation_parts,
+    Category, ValidationParts, decode_images, image_shapes, load_category, split_train_val, validation_parts,
 )
 from dualstpm.data.input_stats import input_reference
 from dualstpm.detector import Calibration, build_network, save_detector
@@ -647,7 +647,7 @@ def fit(
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     dataset = load_category(Path(data_root), category, require_test=False)  # training never reads test/
     train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)  # real defects: in neither
-    plan = plan_fit(params, data_root, len(train_paths), [image_size_of(path) for path in train_paths])
+    plan = plan_fit(params, data_root, len(train_paths), image_shapes(train_paths, "reading train image sizes"))
     params = plan.params  # the recipe's image size and epochs from here on
     data = data_signature(dataset, train_paths, val_paths)
     checkpoint = None

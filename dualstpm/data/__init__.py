@@ -18,7 +18,9 @@ if TYPE_CHECKING:
                                      missing_test_message, real_evidence_label, split_train_val,
                                      validation_evidence, validation_parts)
     from dualstpm.data.synthetic import SYNTHETIC_KINDS, make_synthetic_category
-    from dualstpm.data.tensors import GroundTruthReport, decode_images, decode_masks, resize_image, resize_map, resize_mask
+    from dualstpm.data.tensors import (
+        GroundTruthReport, decode_images, decode_masks, image_shapes, resize_image, resize_map, resize_mask,
+    )
 
 _MODULES = {
     "download": ("MVTEC_CATEGORIES", "extract_categories", "fetch", "prepare_mvtec", "sha256_of"),
@@ -26,13 +28,15 @@ _MODULES = {
     "mvtec": ("MIN_SPLIT_IMAGES", "Category", "Sample", "ValidationParts", "load_category", "missing_test_message",
               "real_evidence_label", "split_train_val", "validation_evidence", "validation_parts"),
     "synthetic": ("SYNTHETIC_KINDS", "make_synthetic_category"),
-    "tensors": ("GroundTruthReport", "decode_images", "decode_masks", "resize_image", "resize_map", "resize_mask"),
+    "tensors": ("GroundTruthReport", "decode_images", "decode_masks", "image_shapes", "resize_image", "resize_map",
+                "resize_mask"),
 }
 _HOME = {name: module for module, names in _MODULES.items() for name in names}
 
 __all__ = [  # every name of _MODULES (tests/test_data_reader.py checks the two agree)
     "IMAGE_SUFFIXES", "MIN_SPLIT_IMAGES", "MVTEC_CATEGORIES", "SYNTHETIC_KINDS", "Category", "GroundTruthReport",
-    "Sample", "ValidationParts", "decode_images", "decode_masks", "extract_categories", "fetch", "image_size_of",
+    "Sample", "ValidationParts", "decode_images", "decode_masks", "extract_categories", "fetch", "image_shapes",
+    "image_size_of",
     "list_images", "load_category", "make_synthetic_category", "missing_test_message", "prepare_mvtec", "read_image",
     "read_mask", "real_evidence_label", "resize_image", "resize_map", "resize_mask", "sha256_of", "split_train_val",
     "validation_evidence", "validation_parts",

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
-from dualstpm.data.images import LOSSY_MASK_MIN_CONTRAST, read_image, read_mask_file
+from dualstpm.data.images import LOSSY_MASK_MIN_CONTRAST, image_size_of, read_image, read_mask_file
 from dualstpm.data.mvtec import Sample
 from dualstpm.progress import stage
 from dualstpm.sizes import ImageSize, describe, hw, to_json
@@ -68,6 +68,18 @@ def _stack(items: Sequence[T], decode: Callable[[T], torch.Tensor], shape: tuple
             out[index] = decode(item)
             progress.advance()
     return out
+
+
+def image_shapes(paths: Sequence[Path], description: str = "reading image sizes") -> list[tuple[int, int]]:
+    """(width, height) of each image file from its header (nothing decoded), with a progress
+    stage: what the fit plans its input size and aspect note from. DataError naming the
+    first file that cannot be read."""
+    shapes = []
+    with stage(description, len(paths)) as progress:
+        for path in paths:
+            shapes.append(image_size_of(path))
+            progress.advance()
+    return shapes
 
 
 def decode_images(paths: Sequence[Path], size: ImageSize, description: str = "decoding images",
