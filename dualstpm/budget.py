@@ -37,11 +37,7 @@ from typing import Any
 
 from dualstpm.config import Params, validate
 from dualstpm.project import params_for_data
-from dualstpm.sizes import ImageSize, aspect_change, describe, hw, native_size, to_json
-
-#: a resize that stretches a training image's aspect ratio by more than this is reported
-#: (`FitPlan.aspect_note`): 10 %, below which a defect's shape barely changes
-STRETCH_NOTE = 1.1
+from dualstpm.sizes import STRETCH_NOTE, ImageSize, aspect_change, describe, hw, native_size, to_json
 
 
 def epochs_text(n: int) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from rich.markup import escape
 
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image, resize_map
@@ -23,8 +24,9 @@ from dualstpm.model.inference import Scorer
 from dualstpm.model.regions import RegionMap, RegionSpec
 from dualstpm.monitor import write_batch_summary
 from dualstpm.overlays import RegionsShown, decision_label, draw_overlay, overlay_scale
-from dualstpm.progress import stage
+from dualstpm.progress import say, stage
 from dualstpm.rundir import LOG_FILE, OVERLAY_COLUMN, PREDICTIONS_FILE, REGIONS_FILE, review_dir
+from dualstpm.sizes import aspect_change, stretch_note
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
@@ -226,7 +228,7 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
     previous = set(earlier.overlays) if earlier is not None else set()
     scale = overlay_scale(detector, threshold)
     spec = detector.regions
-    rows, taken, region_rows = [], set(), []
+    rows, taken, region_rows, stretches = [], set(), [], []
     batch_size = detector.batch_size
     with stage("scoring images", len(images)) as progress:
         for start in range(0, len(images), batch_size):
@@ -247,6 +249,7 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
                     picture.save(tmp)
                 rows.append({"path": str(path), **result.row(), **image_statistics(image), OVERLAY_COLUMN: name,
                              "error": ""})
+                stretches.append(aspect_change((image.shape[1], image.shape[0]), detector.image_size))
             progress.advance(len(chunk))
     table = pd.DataFrame(rows, columns=table_columns(spec))
     write_csv(out_dir / PREDICTIONS_FILE, table)
@@ -257,4 +260,6 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
     for stale in previous - taken:
         (out_dir / stale).unlink(missing_ok=True)
     write_batch_summary(out_dir, table, {"decision_view": detector.decision_view, "threshold": detector.threshold})
+    if (note := stretch_note(stretches, detector.image_size)) is not None:  # a squash is never silent
+        say(f"[bold yellow]warning:[/] {escape(note)}")
     return table

@@ -108,6 +108,23 @@ def native_size(shapes: Iterable[tuple[int, int]], long_side: int) -> tuple[int,
     return long_side, round_side(long_side * ratio)
 
 
+#: a resize that stretches an image's aspect ratio by more than this is reported (by the fit's
+#: plan and by predict): 10 %, below which a defect's shape barely changes
+STRETCH_NOTE = 1.1
+
+
+def stretch_note(changes: Iterable[float], size: ImageSize) -> str | None:
+    """What `predict` says about its images' :func:`aspect_change` values at the model's
+    `size`: None when none exceeds :data:`STRETCH_NOTE`, else how many and by how much."""
+    changes = list(changes)
+    over = [c for c in changes if c > STRETCH_NOTE]
+    if not over:
+        return None
+    return (f"{len(over)} of {len(changes)} images have another aspect ratio than the model's {describe(size)} "
+            f"input and are stretched to it by up to {max(over):.2f}x: defects change shape. A model trained with "
+            "data.keep_aspect=true on images like these keeps their aspect (docs/frames.md)")
+
+
 def aspect_change(shape: tuple[int, int], size: ImageSize) -> float:
     """How much resizing an image of `shape` ((width, height)) to `size` stretches it: the
     ratio of the two aspect ratios, >= 1 (1.0: the aspect is kept; 2.5: a 500x1250 frame

@@ -17,7 +17,7 @@ from dualstpm.config import load_params
 from dualstpm.data import decode_images, decode_masks, resize_mask
 from dualstpm.data.mvtec import Sample
 from dualstpm.errors import ConfigError
-from dualstpm.sizes import aspect_change, describe, from_json, hw, native_size, pixel_count, to_json
+from dualstpm.sizes import aspect_change, describe, from_json, hw, native_size, pixel_count, stretch_note, to_json
 from tests.conftest import TINY_OVERRIDES
 
 # --- the size helpers -----------------------------------------------------------------------
@@ -51,6 +51,16 @@ def test_aspect_change_is_how_much_a_resize_stretches():
     # into 384x160 (width/height 160/384 = 0.41667): 0.41667 / 0.4 = 1.0417
     assert aspect_change((500, 1250), (384, 160)) == pytest.approx((160 / 384) / 0.4)
     assert aspect_change((200, 100), (128, 256)) == pytest.approx(1.0)
+
+
+def test_predict_names_the_images_it_stretches():
+    # 500x1250 into a square: 2.5x; 1000x1000: 1x; 530x1250 into a square: 1250/530 = 2.358x
+    note = stretch_note([aspect_change((500, 1250), 256), aspect_change((1000, 1000), 256),
+                         aspect_change((530, 1250), 256)], 256)
+    assert note.startswith("2 of 3 images have another aspect ratio than the model's 256 px input")
+    assert "by up to 2.50x" in note
+    # 5 % off is not worth a word (the bound is 10 %)
+    assert stretch_note([aspect_change((105, 100), 256)], 256) is None
 
 
 # --- the params -----------------------------------------------------------------------------
