@@ -37,7 +37,7 @@ from typing import Any
 
 from dualstpm.config import Params, validate
 from dualstpm.project import params_for_data
-from dualstpm.sizes import STRETCH_NOTE, ImageSize, aspect_change, describe, hw, native_size, to_json
+from dualstpm.sizes import STRETCH_NOTE, ImageSize, as_param, aspect_change, describe, hw, native_size, to_json
 
 
 def epochs_text(n: int) -> str:
@@ -95,10 +95,10 @@ class FitPlan:
             return (f"the training images differ in shape (median width/height {self.aspect:.2f}): each is resized to "
                     f"{describe(size)}, the size nearest their median aspect, which stretches some by up to "
                     f"{self.stretch:.2f}x (one size per category: docs/frames.md)")
-        native = describe(native)
         return (f"the training images (median width/height {self.aspect:.2f}) are resized to {describe(size)}, which "
                 f"stretches their aspect ratio by up to {self.stretch:.2f}x: defects change shape. To keep the "
-                f"aspect, set data.keep_aspect=true (here {native}) or image_size=[height, width] (docs/frames.md)")
+                f"aspect, set data.keep_aspect=true or image_size={as_param(native)} (height, width: "
+                f"{describe(native)}; docs/frames.md)")
 
     def stop_reason(self, epochs_done: int, best_epochs: Mapping[str, int]) -> str | None:
         """Why training ends after `epochs_done` epochs, or None to train another.

@@ -158,7 +158,10 @@ def _image_size(value: object) -> object:
         return check_size(tuple(value))
     if isinstance(value, int):
         return check_size(value)
-    return value  # anything else: the strict type check names it
+    if isinstance(value, str) and (pair := re.fullmatch(r"\s*(\d+)\s*[xX×*]\s*(\d+)\s*", value)):
+        raise ValueError(f"write a rectangle as [height, width], e.g. [{pair[1]}, {pair[2]}] if {pair[1]} is the "
+                         "height (a quoted 'AxB' does not say which side is which)")
+    raise ValueError("must be one side as a whole number of px (e.g. 256) or [height, width] (e.g. [160, 384])")
 
 
 class RealRecipeParams(_Strict):

@@ -56,9 +56,15 @@ def shortest_side(size: ImageSize) -> int:
 
 
 def describe(size: ImageSize) -> str:
-    """'256 px' for a square, '160x384 px' (height x width) for a rectangle."""
+    """'256 px' for a square, '160 high x 384 wide' for a rectangle (never an ambiguous 'AxB')."""
     height, width = hw(size)
-    return f"{height} px" if height == width else f"{height}x{width} px"
+    return f"{height} px" if height == width else f"{height} high x {width} wide"
+
+
+def as_param(size: ImageSize) -> str:
+    """The value to paste after `image_size=`: '256', or '[160, 384]' (height, width)."""
+    height, width = hw(size)
+    return str(height) if isinstance(size, int) else f"[{height}, {width}]"
 
 
 def check_side(value: int) -> int:
@@ -121,8 +127,8 @@ def stretch_note(changes: Iterable[float], size: ImageSize) -> str | None:
     if not over:
         return None
     return (f"{len(over)} of {len(changes)} images have another aspect ratio than the model's {describe(size)} "
-            f"input and are stretched to it by up to {max(over):.2f}x: defects change shape. A model trained with "
-            "data.keep_aspect=true on images like these keeps their aspect (docs/frames.md)")
+            f"input and are stretched to it by up to {max(over):.2f}x: defects change shape. Retrain on images like "
+            "these (with data.keep_aspect=true the model keeps their aspect: docs/frames.md)")
 
 
 def aspect_change(shape: tuple[int, int], size: ImageSize) -> float:

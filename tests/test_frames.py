@@ -17,7 +17,7 @@ from dualstpm.config import load_params
 from dualstpm.data import decode_images, decode_masks, resize_mask
 from dualstpm.data.mvtec import Sample
 from dualstpm.errors import ConfigError
-from dualstpm.sizes import aspect_change, describe, from_json, hw, native_size, pixel_count, stretch_note, to_json
+from dualstpm.sizes import as_param, aspect_change, describe, from_json, hw, native_size, pixel_count, stretch_note, to_json
 from tests.conftest import TINY_OVERRIDES
 
 # --- the size helpers -----------------------------------------------------------------------
@@ -27,7 +27,8 @@ def test_a_side_is_a_square_and_a_pair_is_height_then_width():
     assert hw(256) == (256, 256)
     assert hw((160, 384)) == (160, 384)
     assert pixel_count((160, 384)) == 61_440  # 160 * 384
-    assert describe(256) == "256 px" and describe((160, 384)) == "160x384 px"
+    assert describe(256) == "256 px" and describe((160, 384)) == "160 high x 384 wide"
+    assert as_param(256) == "256" and as_param((160, 384)) == "[160, 384]"
     assert to_json((160, 384)) == [160, 384] and to_json(128) == 128
     assert from_json([160, 384]) == (160, 384) and from_json(128) == 128
 
@@ -79,6 +80,8 @@ def test_image_size_takes_one_side_or_height_and_width():
     ("[160, 384, 3]", "must be one side (e.g. 256) or [height, width]"),
     ("[160.0, 384]", "two whole numbers"),
     ("true", "must be one side in px"),
+    ("64x128", "write a rectangle as [height, width], e.g. [64, 128] if 64 is the height"),
+    ("128.0", "must be one side as a whole number of px"),
     ("[4096, 128]", "between 32 and 2048"),
 ])
 def test_a_bad_image_size_is_refused_naming_the_key_value_and_fix(value: str, fragment: str):
@@ -157,7 +160,7 @@ def test_a_squash_is_never_silent():
     assert plan.params.image_size == 256 and plan.stretch == pytest.approx(2.5)
     note = plan.aspect_note()
     assert "stretches their aspect ratio by up to 2.50x" in note
-    assert "data.keep_aspect=true (here 256x96 px)" in note
+    assert "set data.keep_aspect=true or image_size=[256, 96] (height, width: 256 high x 96 wide" in note
     # mixed shapes whose median the size already suits (width/height 1, 1 and 0.5: median 1, a
     # square): the note says the images differ; the 50x100 one is stretched 1 / 0.5 = 2x
     mixed = plan_fit(load_params(None, ["image_size=256"]), "/mine", 3, [(100, 100), (100, 100), (50, 100)])
