@@ -157,8 +157,11 @@ def test_ctrl_c_during_fit_says_what_is_checkpointed_and_how_to_resume(synthetic
     import torch
 
     run = tmp_path / "run"
+    # far more epochs than can pass before the signal (a tiny epoch takes well under a second, and 50 of them
+    # once finished between two polls of the checkpoint on a fast machine): the fit must still be training
+    EPOCHS = 5000
     args = ["fit", "--data-root", str(synthetic_root), "--category", "synth_texture", "--out", str(run),
-            *sets(TINY_OVERRIDES + ["fit.epochs=50"])]
+            *sets(TINY_OVERRIDES + [f"fit.epochs={EPOCHS}"])]
     process = subprocess.Popen([sys.executable, "-m", "dualstpm", *args], cwd=tmp_path, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
@@ -170,7 +173,7 @@ def test_ctrl_c_during_fit_says_what_is_checkpointed_and_how_to_resume(synthetic
     assert "Traceback" not in stderr
     epoch = torch.load(run / "checkpoint.pt", weights_only=True)["epoch"]  # what is really on disk
     message = " ".join(stderr.split())
-    assert f"epoch {epoch} of 50 is checkpointed in {run / 'checkpoint.pt'}" in message
+    assert f"epoch {epoch} of {EPOCHS} is checkpointed in {run / 'checkpoint.pt'}" in message
     assert f"continue with: {shlex.join(['dualstpm', *args, '--resume'])}" in message
 
 
@@ -281,7 +284,7 @@ def test_sigterm_during_fit_says_what_is_checkpointed_and_the_resume_command_wor
 
     run = tmp_path / "run"
     args = ["fit", "--data-root", str(synthetic_root), "--category", "synth_texture", "--out", str(run),
-            *sets(TINY_OVERRIDES + ["fit.epochs=50"])]
+            *sets(TINY_OVERRIDES + [f"fit.epochs={EPOCHS}"])]
     process = subprocess.Popen([sys.executable, "-m", "dualstpm", *args], cwd=tmp_path, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines = []
