@@ -284,7 +284,7 @@ def test_sigterm_during_fit_says_what_is_checkpointed_and_the_resume_command_wor
 
     run = tmp_path / "run"
     args = ["fit", "--data-root", str(synthetic_root), "--category", "synth_texture", "--out", str(run),
-            *sets(TINY_OVERRIDES + [f"fit.epochs={EPOCHS}"])]
+            *sets(TINY_OVERRIDES + ["fit.epochs=50"])]
     process = subprocess.Popen([sys.executable, "-m", "dualstpm", *args], cwd=tmp_path, text=True,
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     lines = []
