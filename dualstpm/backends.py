@@ -25,7 +25,7 @@ from dualstpm.export import METADATA_FILE, MODEL_FILES, export_run
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
 from dualstpm.model.regions import RegionSpec
 from dualstpm.rundir import EXPORTS_DIR
-from dualstpm.sizes import ImageSize, check_size
+from dualstpm.sizes import ImageSize, check_size, from_json
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 BACKEND_FORMATS = {"torch": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("openvino", "onnx")}
@@ -115,9 +115,7 @@ def _image_size(value: object, meta_path: Path) -> ImageSize:
     """metadata.json's `image_size`: a side (a square) or [height, width]; ExportError naming
     the file for anything else."""
     try:
-        if isinstance(value, list):
-            return check_size(tuple(int(side) for side in value))
-        return check_size(int(value))
+        return check_size(from_json(value))
     except (TypeError, ValueError) as exc:
         raise ExportError(f"{meta_path}: image_size {value!r} is not an input size ({exc}); export the run again "
                           "with `dualstpm export`") from None

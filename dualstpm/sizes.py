@@ -35,8 +35,9 @@ def hw(size: ImageSize) -> tuple[int, int]:
 
 
 def from_json(value: int | list[int] | tuple[int, int]) -> ImageSize:
-    """A size as JSON keeps it (an int, or a [height, width] list) -> an int or an (H, W) tuple."""
-    return value if isinstance(value, int) else (int(value[0]), int(value[1]))
+    """A size as JSON keeps it (an int, or a [height, width] list) -> an int or an (H, W) tuple
+    (:func:`check_size` refuses a list of another length)."""
+    return value if isinstance(value, int) else tuple(int(side) for side in value)
 
 
 def to_json(size: ImageSize) -> int | list[int]:
