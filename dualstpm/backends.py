@@ -23,9 +23,13 @@ import torch
 from dualstpm.errors import ExportError
 from dualstpm.export import METADATA_FILE, MODEL_FILES, export_run
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
+from dualstpm.config import ScoreParams
+from dualstpm.model.calibration import ScoreNormalization
+from dualstpm.model.fusion import ScoreSpec
 from dualstpm.model.regions import RegionSpec
+from dualstpm.model.tiling import Tiling
 from dualstpm.rundir import EXPORTS_DIR
-from dualstpm.sizes import ImageSize, check_size, from_json
+from dualstpm.sizes import ImageSize, check_size, from_json, hw
 
 BACKENDS = ("torch", "onnxruntime", "openvino")
 BACKEND_FORMATS = {"torch": ("torchscript",), "onnxruntime": ("onnx",), "openvino": ("openvino", "onnx")}
@@ -55,11 +59,18 @@ class ExportedModel:
             usable = [b for b, formats in BACKEND_FORMATS.items() if fmt in formats]
             raise ExportError(f"backend {backend!r} cannot run the {fmt} export in {directory}; "
                               f"use --backend {' or '.join(usable)}")
+        lacking = [name for name in OUTPUT_NAMES if name not in self.metadata.get("outputs", {})]
+        if lacking:
+            raise ExportError(f"{meta_path}: the export has no output {', '.join(lacking)} (an earlier dualstpm made "
+                              "it); export the run again with `dualstpm export`")
         self.image_size = _image_size(self.metadata["image_size"], meta_path)
         self.batch_size = int(self.metadata["batch_size"])
         self.threshold = float(self.metadata["threshold"])
         self.decision_view = self.metadata["decision"]
         self.regions = _region_spec(self.metadata.get("regions"), meta_path)
+        self.score_spec, self.normalization = _scoring(self.metadata, meta_path)
+        self.tiling = _tiling(self.metadata.get("tiling"), self.batch_size, meta_path)
+        self.frame_size = self.image_size if self.tiling is None else tuple(self.metadata["tiling"]["frame_size"])
         self._run = self._load(directory / self.metadata["model_file"], threads)
 
     def _load(self, path: Path, threads: int | None):
@@ -119,6 +130,32 @@ def _image_size(value: object, meta_path: Path) -> ImageSize:
     except (TypeError, ValueError) as exc:
         raise ExportError(f"{meta_path}: image_size {value!r} is not an input size ({exc}); export the run again "
                           "with `dualstpm export`") from None
+
+
+def _scoring(metadata: dict, meta_path: Path) -> tuple[ScoreSpec, ScoreNormalization]:
+    """The export's image-score reduction and normalisation (`score`, `normalization`), which a
+    tiled frame's scores are computed with outside the graph. ExportError for a bad record."""
+    try:
+        score = ScoreSpec.from_params(ScoreParams(**{k: v for k, v in metadata["score"].items() if k != "function"}))
+        norm = metadata["normalization"]
+        return score, ScoreNormalization(float(norm["threshold"]), float(norm["val_min"]))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{meta_path} has an unreadable `score` or `normalization` record ({type(exc).__name__}: "
+                          f"{exc}): export the run again with `dualstpm export`") from None
+
+
+def _tiling(record: dict | None, batch_size: int, meta_path: Path) -> Tiling | None:
+    """The export's tiling (`metadata.json` → `tiling`: frame size, tile, overlap); None: untiled.
+    ExportError for a bad record."""
+    if record is None:
+        return None
+    try:
+        tiling = Tiling(tuple(int(v) for v in record["tile"]), float(record["overlap"]), batch_size)
+        tiling.grid(tuple(int(v) for v in record["frame_size"])).positions()  # validates the overlap and sizes
+        return tiling
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ExportError(f"{meta_path} has an unreadable `tiling` record ({type(exc).__name__}: {exc}): export the "
+                          "run again with `dualstpm export`") from None
 
 
 def _region_spec(record: dict | None, meta_path: Path) -> RegionSpec | None:

@@ -21,6 +21,10 @@ The plan's `params` are the params the fit runs with: `fit.recipe` the concrete 
 `image_size` the recipe's size and `fit.epochs` its ceiling in epochs. Planning them again
 gives the same plan (a resumed fit, `tracking`'s logged params and the fit agree).
 
+Under tiling (`tiling.enabled`) the fit trains on tiles: an epoch is every tile of every
+training frame, so N frames of T tiles each count as N * T training images above, and a
+null `tiling.frame_size` becomes the median height and width of the training frames.
+
 Example: battery_weld's 30 training images (37 good, 7 held out) at batch 16 are
 ``ceil(30 / 16) = 2`` steps per epoch; with ``min_steps: 500`` the floor is
 ``ceil(500 / 2) = 250`` epochs (500 steps).
@@ -36,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from dualstpm.config import Params, validate
+from dualstpm.errors import ConfigError
 from dualstpm.project import params_for_data
 from dualstpm.sizes import STRETCH_NOTE, ImageSize, as_param, aspect_change, describe, hw, native_size, to_json
 
@@ -83,6 +88,18 @@ class FitPlan:
     patience_epochs: int | None
     aspect: float | None = None
     stretch: float | None = None
+    #: tiles per training frame under tiling (1 without: the frame is the model's input)
+    tiles_per_image: int = 1
+
+    def tiling_note(self) -> str | None:
+        """Under tiling, the grid of one frame and the count of training tiles; None without tiling."""
+        tiling = self.params.tiling_spec()
+        if tiling is None:
+            return None
+        grid = tiling.grid(hw(self.params.frame_size))
+        return (f"tiling: each {describe(self.params.frame_size)} frame is cut into {grid.describe()}, overlap "
+                f"{self.params.tiling.overlap:g}: {self.train_images} train frames = {self.train_images * grid.count} "
+                "train tiles")
 
     def aspect_note(self) -> str | None:
         """A warning when the resize changes the training images' aspect ratio by more than
@@ -90,6 +107,10 @@ class FitPlan:
         if self.stretch is None or self.stretch <= STRETCH_NOTE:
             return None
         size = self.params.image_size
+        if self.params.tiling.enabled:  # frames are resized to the frame size, not to the tile
+            return (f"the training frames (median width/height {self.aspect:.2f}) are resized to "
+                    f"{describe(self.params.frame_size)} (tiling.frame_size), which stretches their aspect ratio by up "
+                    f"to {self.stretch:.2f}x: set tiling.frame_size to their own [height, width], or null (docs/frames.md)")
         native = native_size([(self.aspect, 1.0)], max(hw(size)))
         if native == hw(size):  # the size suits the median image: the stretch is the images' own spread
             return (f"the training images differ in shape (median width/height {self.aspect:.2f}): each is resized to "
@@ -124,24 +145,57 @@ class FitPlan:
                   f"{self.min_epochs} to {self.max_epochs} epochs ({self.min_epochs * self.steps_per_epoch} to "
                   f"{self.max_epochs * self.steps_per_epoch} steps per branch), early stop after "
                   f"{self.patience_epochs} epochs without improvement")
-        return (f"training budget: recipe {self.recipe} ({self.reason}): {budget}; {self.train_images} train images "
+        images = (f"{self.train_images} train images" if self.tiles_per_image == 1 else
+                  f"{self.train_images} train frames x {self.tiles_per_image} tiles")
+        return (f"training budget: recipe {self.recipe} ({self.reason}): {budget}; {images} "
                 f"at batch {batch} = {self.steps_per_epoch} steps per epoch, {describe(size)}")
 
     def to_json(self) -> dict[str, Any]:
         return {"recipe": self.recipe, "reason": self.reason, "train_images": self.train_images,
                 "steps_per_epoch": self.steps_per_epoch, "min_epochs": self.min_epochs, "max_epochs": self.max_epochs,
                 "patience_epochs": self.patience_epochs, "image_size": to_json(self.params.image_size),
-                "batch_size": self.params.fit.batch_size, "aspect": self.aspect, "stretch": self.stretch}
+                "batch_size": self.params.fit.batch_size, "aspect": self.aspect, "stretch": self.stretch,
+                "tiles_per_image": self.tiles_per_image}
 
 
-def _resolved(params: Params, recipe: str, image_size: ImageSize, epochs: int) -> Params:
-    """`params` with the recipe's concrete values, validated again (a `fit.real.image_size`
-    must suit the params' blur radii as `image_size` does: ConfigError naming them)."""
+def _resolved(params: Params, recipe: str, image_size: ImageSize, epochs: int,
+              frame_size: tuple[int, int] | None = None) -> Params:
+    """`params` with the recipe's concrete values (and, under tiling, the concrete frame size),
+    validated again (a `fit.real.image_size` must suit the params' blur radii as `image_size`
+    does: ConfigError naming them)."""
     raw = params.to_dict()
     raw["image_size"] = to_json(image_size)
     raw["fit"].update(recipe=recipe, epochs=epochs)
+    if frame_size is not None:
+        raw["tiling"]["frame_size"] = list(frame_size)
     return validate(raw, f"the params under fit.recipe={recipe} (image_size={to_json(image_size)}, "
                          f"fit.epochs={epochs})")
+
+
+def frame_size_of(params: Params, shapes: Sequence[tuple[int, int]]) -> tuple[int, int] | None:
+    """Under tiling, the (height, width) frames are brought to: `tiling.frame_size`, or when it
+    is null the median height and width of `shapes` ((width, height) each), rounded; None
+    without tiling. Raises ValueError for a null frame size without `shapes`."""
+    if not params.tiling.enabled:
+        return None
+    if params.tiling.frame_size is not None:
+        return hw(params.tiling.frame_size)
+    if not shapes:
+        raise ValueError("tiling.frame_size null needs the training frames' shapes to plan the frame size")
+    frame = (round(statistics.median(h for _, h in shapes)), round(statistics.median(w for w, _ in shapes)))
+    tile = hw(params.image_size)
+    if frame[0] < tile[0] or frame[1] < tile[1]:
+        raise ConfigError(
+            f"tiling.enabled=true, but the training frames (median {describe(frame)}) are smaller than one tile "
+            f"(image_size={to_json(params.image_size)}): tiling is for frames larger than the model's input. Set "
+            "tiling.enabled=false, or lower image_size (docs/frames.md#tiling)")
+    return frame
+
+
+def _tiles_per_frame(frame: tuple[int, int], tile: tuple[int, int], overlap: float) -> int:
+    from dualstpm.model.tiling import TileGrid  # imports torch: only when tiling
+
+    return TileGrid(frame, tile, overlap).count
 
 
 def plan_fit(params: Params, data_root: Path | str | None, train_images: int,
@@ -158,20 +212,22 @@ def plan_fit(params: Params, data_root: Path | str | None, train_images: int,
         demo = is_synthetic_demo(params, data_root)
         recipe = "fixed" if demo else "real"
         reason = "fit.recipe=auto " + ("on the synthetic demo data" if demo else "on data that is not the synthetic demo")
-    per_epoch = steps_per_epoch(train_images, fit.batch_size)
     size = params.image_size if recipe == "fixed" or fit.real.image_size is None else fit.real.image_size
     if params.data.keep_aspect:
         size = native_size(shapes, max(hw(size)))
+    frame = frame_size_of(params, shapes)
+    tiles = 1 if frame is None else _tiles_per_frame(frame, hw(size), params.tiling.overlap)
+    per_epoch = steps_per_epoch(train_images * tiles, fit.batch_size)
     aspect = statistics.median(w / h for w, h in shapes) if shapes else None
-    stretch = max(aspect_change(shape, size) for shape in shapes) if shapes else None
+    stretch = max(aspect_change(shape, frame or size) for shape in shapes) if shapes else None
     if recipe == "fixed":
-        return FitPlan(recipe, reason, _resolved(params, "fixed", size, fit.epochs), train_images,
-                       per_epoch, fit.epochs, fit.epochs, None, aspect, stretch)
+        return FitPlan(recipe, reason, _resolved(params, "fixed", size, fit.epochs, frame), train_images,
+                       per_epoch, fit.epochs, fit.epochs, None, aspect, stretch, tiles)
     real = fit.real
     floor = math.ceil(real.min_steps / per_epoch)
     ceiling = max(floor, real.max_steps // per_epoch)
-    return FitPlan(recipe, reason, _resolved(params, "real", size, ceiling), train_images, per_epoch, floor, ceiling,
-                   math.ceil(real.patience_steps / per_epoch), aspect, stretch)
+    return FitPlan(recipe, reason, _resolved(params, "real", size, ceiling, frame), train_images, per_epoch, floor,
+                   ceiling, math.ceil(real.patience_steps / per_epoch), aspect, stretch, tiles)
 
 
 def plan_category(params: Params, data_root: Path, category: str) -> FitPlan:

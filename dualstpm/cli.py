@@ -466,6 +466,35 @@ def bench(
     out.print(f"written: {out_file}")
 
 
+@app.command("bench-frame")
+def bench_frame(
+    height: Annotated[int, typer.Option("--height", help="test frame height, px")] = 12288,
+    width: Annotated[int, typer.Option("--width", help="test frame width, px")] = 16384,
+    params: ParamsOption = None,
+    overrides: set_option("image_size=512") = None,
+    out_file: Annotated[Path, typer.Option("--out", help="JSON file for the figures")] = Path("out/bench_frame.json"),
+) -> None:
+    """Time and peak memory of predict on one large frame: tiled at its own size, and squashed (docs/frames.md)."""
+    from dualstpm.benchmark import write_results
+    from dualstpm.frame_benchmark import frame_benchmark
+
+    settings = [f"data.max_image_pixels={max(height * width, 1)}", *(overrides or [])]
+    results = frame_benchmark(resolve_params(params, settings), height, width)
+    write_results(results, out_file)
+    setup = results["setup"]
+    table = Table(title=f"{height} x {width} frame (height x width), tiles of {setup['image_size']} px: "
+                        f"{setup['tiles']} tiles, overlap {setup['overlap']:g}, CPU")
+    for column in ("phase", "seconds", "peak RSS MiB", "above floor MiB", "bytes per frame px"):
+        table.add_column(column, justify="right")
+    for phase in ("floor", "tiled", "squashed"):
+        figures = results[phase]
+        table.add_row(phase, f"{figures['seconds']:.1f}", f"{figures['peak_rss_mib']:.0f}",
+                      *(f"{figures[key]:.3g}" if key in figures else "" for key in ("above_floor_mib",
+                                                                                      "bytes_per_frame_pixel")))
+    out.print(table)
+    out.print(f"written: {out_file}")
+
+
 @app.command()
 def register(
     run: Annotated[Path, typer.Option("--run", help="run directory, fitted and tested")],

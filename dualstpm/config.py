@@ -17,13 +17,16 @@ import difflib
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from dualstpm.errors import ConfigError
-from dualstpm.sizes import ImageSize, check_size, hw, shortest_side
+
+if TYPE_CHECKING:  # the model package imports torch: loading params must not
+    from dualstpm.model.tiling import Tiling
+from dualstpm.sizes import ImageSize, check_size, hw, shortest_side, to_json
 
 MVTEC_URL = (
     "https://www.mydrive.ch/shares/38536/3830184030e49fe74747669442f0f282/download/"
@@ -475,6 +478,51 @@ class DataParams(_Strict):
         return self
 
 
+def _frame_size(value: object) -> object:
+    """`tiling.frame_size` as written -> None, an int side or an (H, W) tuple, each side in
+    [1, MAX_FRAME_SIDE] px (a frame is any size; only tiles must suit the networks)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, list, tuple)):
+        raise ValueError("must be null (the median size of the good training frames, set at fit), one side in px, "
+                         "or [height, width] in px (e.g. [1250, 500])")
+    sides = list(value) if isinstance(value, (list, tuple)) else [value]
+    if len(sides) not in (1, 2) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
+        raise ValueError(f"[height, width] must be two whole numbers of px, got {value!r}")
+    if not all(1 <= s <= MAX_FRAME_SIDE for s in sides):
+        raise ValueError(f"each side must be between 1 and {MAX_FRAME_SIDE} px, got {value!r}")
+    return tuple(sides) if len(sides) == 2 else sides[0]
+
+
+#: the longest frame side tiling accepts, px (a 16384 x 16384 line-scan frame)
+MAX_FRAME_SIDE = 16384
+
+
+class TilingParams(_Strict):
+    """Tiling for large frames (docs/frames.md, "Tiling"): the networks see tiles of `image_size`."""
+
+    enabled: bool = Field(False, description="true: frames are cut into overlapping tiles of image_size, every tile "
+                          "scored, maps stitched back at the frame's resolution")
+    frame_size: ImageSize | None = Field(
+        None, description="size every frame is brought to before it is cut, px: one side or [height, width]; null: "
+        "the median height and width of the good training frames, set at fit and stored with the model")
+    overlap: float = Field(0.25, description="share of a tile its neighbours overlap, in [0, 1): each frame pixel is "
+                           "read from the tile where it is farthest from a border")
+
+    @field_validator("frame_size", mode="before")
+    @classmethod
+    def _size(cls, value: object) -> object:
+        return _frame_size(value)
+
+    @field_validator("overlap")
+    @classmethod
+    def _overlap(cls, value: float) -> float:
+        if not (math.isfinite(value) and 0.0 <= value < 1.0):
+            raise ValueError(f"must be a share of a tile in [0, 1) (e.g. 0.25), got {value!r}: an overlap of 1 (100 %) "
+                             "would never advance to the next tile")
+        return value
+
+
 class PrefectParams(_Strict):
     """How the Prefect flows run the stages. No stage reads these keys, so DVC never re-runs for them."""
 
@@ -520,6 +568,7 @@ class Params(_Strict):
     calibration: CalibrationParams = CalibrationParams()
     regions: RegionParams = RegionParams()
     decision: DecisionParams = DecisionParams()
+    tiling: TilingParams = TilingParams()
     ablation: AblationParams = AblationParams()
     tracking: TrackingParams = TrackingParams()
     prefect: PrefectParams = PrefectParams()
@@ -593,6 +642,49 @@ class Params(_Strict):
                 "decision.min_defect_area_px"
             )
         return self
+
+    @model_validator(mode="after")
+    def _tiles_fit_frames(self) -> Params:
+        """Tiles of image_size must fit the frame, and what comes after the networks must be
+        pixel-wise, so that stitching commutes with it (`dualstpm.model.tiling`)."""
+        tiling = self.tiling
+        if not tiling.enabled:
+            return self
+        if tiling.frame_size is not None:
+            (fh, fw), (th, tw) = hw(tiling.frame_size), self.size
+            if th > fh or tw > fw:
+                raise ValueError(
+                    f"tiling.frame_size={to_json(tiling.frame_size)} is smaller than one tile (image_size="
+                    f"{to_json(self.image_size)}, height x width {th} x {tw}): lower image_size to at most "
+                    f"[{min(th, fh) // 32 * 32 or 32}, {min(tw, fw) // 32 * 32 or 32}], raise tiling.frame_size, or set "
+                    "tiling.enabled=false")
+        refused = [(self.fusion.sigma > 0, f"fusion.sigma={self.fusion.sigma:g}", "fusion.sigma=0"),
+                   (self.fit.discriminator, "fit.discriminator=true", "fit.discriminator=false")]
+        for bad, what, fix in refused:
+            if bad:
+                raise ValueError(
+                    f"tiling.enabled=true with {what}: each frame pixel is read from one tile, which is exact only "
+                    f"for what works pixel by pixel, and {what.split('=')[0]} looks across tile borders. Set {fix}, "
+                    "or tiling.enabled=false (docs/frames.md, Tiling)")
+        return self
+
+    @property
+    def frame_size(self) -> ImageSize:
+        """The size every image is resized to, the resolution of its maps, masks and metrics (a
+        side or (height, width), as written): `tiling.frame_size` under tiling (set at fit when
+        null), else `image_size`."""
+        if self.tiling.enabled and self.tiling.frame_size is not None:
+            return self.tiling.frame_size
+        return self.image_size
+
+    def tiling_spec(self) -> Tiling | None:
+        """The model package's `Tiling` (tiles of image_size, `tiling.overlap`, `fit.batch_size`
+        tiles at a time); None without tiling."""
+        if not self.tiling.enabled:
+            return None
+        from dualstpm.model.tiling import Tiling
+
+        return Tiling(self.size, self.tiling.overlap, self.fit.batch_size)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -28,11 +28,12 @@ from dualstpm.compute import INFERENCE_PRECISION, Compute
 from dualstpm.config import FusionParams, ModelParams, Params, ScoreParams, load_params, params_yaml
 from dualstpm.errors import RunError
 from dualstpm.files import write_json
-from dualstpm.model.calibration import false_alarm_bound, pixel_false_positive_bound
+from dualstpm.model.calibration import ScoreNormalization, false_alarm_bound, pixel_false_positive_bound
 from dualstpm.model.discriminator import Discriminator
 from dualstpm.model.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec
-from dualstpm.model.inference import CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, ScoredBatch
+from dualstpm.model.inference import CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, ScoredBatch, six_maps
 from dualstpm.model.regions import RegionSpec
+from dualstpm.model.tiling import Tiling
 from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.rundir import (
     CALIBRATION_FILE,
@@ -93,6 +94,8 @@ class Calibration:
     #: the input statistics of the good images trained and calibrated on, the input drift test's
     #: reference (`dualstpm.data.input_stats.input_reference`); None: fitted before dualstpm kept it
     input_reference: dict | None = None
+    #: under tiling, the (height, width) of the frames the maps and pixel thresholds are at; None: `image_size`
+    frame_size: ImageSize | None = None
 
     @property
     def false_alarm_bound(self) -> float | None:
@@ -108,7 +111,7 @@ class Calibration:
         n_images = self.validation_split.get("calibration_images")
         if self.pixel_fpr is None or n_images is None:
             return None
-        return pixel_false_positive_bound(int(n_images), pixel_count(self.image_size), self.pixel_fpr)
+        return pixel_false_positive_bound(int(n_images), pixel_count(self.frame_size or self.image_size), self.pixel_fpr)
 
     def to_json(self) -> dict:
         data = asdict(self)
@@ -123,6 +126,8 @@ class Calibration:
         data["map_stats"] = MapStats.from_json(data["map_stats"])
         data["score"] = read_score_spec(data["score"])
         data["image_size"] = from_json(data["image_size"])  # JSON keeps (height, width) as a list
+        if data.get("frame_size") is not None:
+            data["frame_size"] = from_json(data["frame_size"])
         return cls(**data)
 
 
@@ -250,6 +255,11 @@ class Detector:
         self.regions = region_spec(params, calibration.pixel_fpr, pixel, self.decision_view)
 
     @property
+    def normalization(self) -> ScoreNormalization:
+        """The decision view's normalised score (its threshold and validation minimum)."""
+        return self.inference.normalization
+
+    @property
     def threshold(self) -> float:
         """The decision view's threshold (raw image-score units)."""
         return self.thresholds[self.decision_view]
@@ -266,6 +276,17 @@ class Detector:
         """The input size, px: a side (a square) or (height, width); resize with
         `dualstpm.data.resize_image`."""
         return self.params.image_size
+
+    @property
+    def frame_size(self) -> ImageSize:
+        """The size each image is resized to before scoring (a side or (height, width)): the
+        input size, or under tiling the frame size it is cut into tiles from (`Params.frame_size`)."""
+        return self.params.frame_size
+
+    @property
+    def tiling(self) -> Tiling | None:
+        """How frames are cut into tiles of `image_size` (`dualstpm.model.tiling`); None: untiled."""
+        return self.params.tiling_spec()
 
     @property
     def batch_size(self) -> int:
@@ -290,9 +311,10 @@ class Detector:
 
     @torch.inference_mode()
     def six_maps(self, images: Tensor) -> Tensor:
-        """(B, 3, S, S) images in [0, 1] -> (B, 2, 3, S, S) raw float32 maps (networks in `compute`'s precision)."""
+        """(B, 3, H, W) images in [0, 1] at `frame_size` -> (B, 2, 3, H, W) raw float32 maps (networks
+        in `compute`'s precision; under tiling scored tile by tile and stitched)."""
         with self.compute.autocast():
-            return self.inference.six_maps(self.prepare(images))
+            return six_maps(self.model, self.prepare(images), self.inference.chunked, self.tiling)
 
     @torch.inference_mode()
     def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:

@@ -73,7 +73,7 @@ def _f1(precision: float, recall: float) -> float:
 
 
 def region_evaluation(spec: RegionSpec, maps: np.ndarray, labels: np.ndarray,
-                      image_shapes: list[tuple[int, int]]) -> dict:
+                      image_shapes: list[tuple[int, int]], truth: metrics.PixelTruth | None = None) -> dict:
     """The defect regions' effect on the part decision, beside the plain image score (docs/regions.md).
 
     maps: (N, S, S) the decision view's test maps; labels: (N,) 1 = defective; image_shapes:
@@ -82,8 +82,9 @@ def region_evaluation(spec: RegionSpec, maps: np.ndarray, labels: np.ndarray,
     the region-based image score, the largest region's area in the rule's unit (0 without
     regions), with its image AUROC and F1-max; regions per good and defective image; and
     under a rule (`at_rule`) the parts it flags: false-alarm rate and count on the good
-    images, recall, precision and F1 on the test set (None without a rule). Every rate is
-    None (JSON null) when its denominator is 0.
+    images, recall, precision and F1 on the test set (None without a rule); with the ground
+    truth `truth`, `small_region_recall` (`metrics.small_region_recall`; None without masks).
+    Every rate is None (JSON null) when its denominator is 0.
     """
     found = [spec.find(m, shape) for m, shape in zip(maps, image_shapes, strict=True)]
     largest = np.array([spec.largest_area(f.regions) for f in found], dtype=np.float64)
@@ -103,6 +104,7 @@ def region_evaluation(spec: RegionSpec, maps: np.ndarray, labels: np.ndarray,
         "regions_per_defective_image": float(counts[defective].mean()) if defective.any() else None,
         "rule": spec.rule_text(),
         "at_rule": None,
+        "small_region_recall": None if truth is None else metrics.small_region_recall(truth, maps, spec.pixel_threshold),
     }
     if spec.has_rule:
         flagged = np.array([spec.verdict(f.regions) == DEFECTIVE for f in found])
@@ -129,7 +131,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     `max_pixels` limits the images read (None: the model's ``data.max_image_pixels``).
     """
     dataset = load_category(Path(data_root), category)
-    size = detector.params.image_size
+    size = detector.frame_size  # the input size, or under tiling the frames' (scored tile by tile)
     max_pixels = detector.params.data.max_image_pixels if max_pixels is None else max_pixels
     images = decode_images([s.path for s in dataset.test], size, "decoding test images",
                            max_pixels)
@@ -186,7 +188,7 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     if decision_maps is not None:  # the model has a pixel threshold: its regions' effect beside the plain score
         shapes = [image_size_of(s.path)[::-1] for s in dataset.test]
         result["regions"] = {"view": detector.decision_view,
-                             **region_evaluation(detector.regions, decision_maps, labels, shapes),
+                             **region_evaluation(detector.regions, decision_maps, labels, shapes, truth),
                              # what the calibration images promise a new good image (docs/regions.md)
                              "pixel_fpr_bound": detector.calibration.pixel_false_positive_bound}
     # what the ground truth holds (lossy or empty masks, merged regions), then why metrics are null

@@ -38,6 +38,7 @@ from dualstpm.detector import Detector
 from dualstpm.errors import ExportError
 from dualstpm.files import staged_dir, write_json
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES
+from dualstpm.model.tiling import TILING_FUNCTION
 from dualstpm.progress import stage
 from dualstpm.rundir import MODEL_SUBDIR, PARAMS_FILE, RunDir, read_optional_json
 from dualstpm.sizes import hw, to_json
@@ -233,7 +234,9 @@ def validation_images(detector: Detector, data_root: Path | None, run_dir: Path)
             )
     dataset = load_category(data_root, category, require_test=False)
     _, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
-    return decode_images(val_paths, detector.image_size, "decoding calibration images").numpy()
+    images = decode_images(val_paths, detector.frame_size, "decoding calibration images")
+    tiling = detector.tiling  # the graph scores tiles: under tiling, calibrate on the frames' tiles
+    return (images if tiling is None else tiling.cut_all(images)).numpy()
 
 
 def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quantization: dict | None) -> dict:
@@ -256,8 +259,13 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
             "anomaly_map": f"(N, {height}, {width}) the decision view's anomaly map at image_size, raw score units (disc: logits)",
             "stpm_score": "(N,) branch A (STPM) alone", "recon_score": "(N,) branch B (reconstruction) alone",
             "disc_score": "(N,) the discriminative stage alone; NaN when the model has none",
+            "stpm_map": f"(N, {height}, {width}) branch A's anomaly map", "recon_map": f"(N, {height}, {width}) branch B's",
         },
         "decision": detector.decision_view,
+        # tiling: the graph scores one tile; frames are cut and its maps stitched outside it (docs/frames.md#tiling)
+        "tiling": None if detector.tiling is None else {
+            "frame_size": list(hw(detector.frame_size)), "tile": list(detector.tiling.tile),
+            "overlap": detector.tiling.overlap, "function": TILING_FUNCTION},
         "threshold": detector.threshold,
         # the reduction of a map to the image score; threshold and normalization are in its units
         "score": {**detector.score_spec.to_json(), "function": "dualstpm.model.fusion.image_score"},

@@ -129,6 +129,7 @@ def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Categor
     meta = {
         "category": dataset.name,
         "image_size": to_json(params.image_size),
+        **({"frame_size": to_json(params.frame_size)} if params.tiling.enabled else {}),  # the maps' size under tiling
         "weights_sha256": weights_fingerprint(detector.model.state_dict()),
     }
     test = MapSet(
@@ -140,7 +141,7 @@ def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Categor
         {**meta, "split": "test"},
     )
     _, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
-    val_images = decode_images(val_paths, params.image_size, "decoding validation images",
+    val_images = decode_images(val_paths, params.frame_size, "decoding validation images",
                                max_pixels)
     val = MapSet(
         compute_six_maps(detector, val_images, batch_size, "computing anomaly maps of validation images"),
@@ -151,7 +152,7 @@ def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Categor
         {**meta, "split": "val"},
     )
     real_path = Path(maps_dir) / VAL_DEFECT_MAPS
-    real = RealDefects.decode(dataset.validation_defects, params.image_size, max_pixels)
+    real = RealDefects.decode(dataset.validation_defects, params.frame_size, max_pixels)
     if real is None:
         real_path.unlink(missing_ok=True)  # maps of defects no longer in the data must not be chosen on
     else:

@@ -276,6 +276,35 @@ def precision_recall_at(labels: np.ndarray, scores: np.ndarray, threshold: float
     return precision, recall
 
 
+#: a ground-truth region is small below this share of its frame's pixels (issue 23: 0.1 %)
+SMALL_REGION_SHARE = 0.001
+
+
+def small_region_recall(masks: np.ndarray | PixelTruth, maps: np.ndarray, pixel_threshold: float,
+                        max_share: float = SMALL_REGION_SHARE) -> dict:
+    """How many small defects the defect regions find: the share of ground-truth regions smaller
+    than `max_share` of the frame (area < max_share * H * W pixels, 8-connected within each
+    image, at the maps' resolution) that any predicted region touches, i.e. where at least one
+    of the region's pixels is above `pixel_threshold`.
+
+    masks: (N, H, W) bool ground truth; maps: (N, H, W) the decision view's maps. Returns
+    `max_area_share`, `max_area_px` (the bound in pixels), `small_regions`, `touched` and
+    `recall` (None without a small region).
+    """
+    truth = _truth(masks)
+    ids, n_regions = truth.regions
+    bound = max_share * truth.masks.shape[1] * truth.masks.shape[2]
+    if n_regions == 0:
+        return {"max_area_share": max_share, "max_area_px": bound, "small_regions": 0, "touched": 0, "recall": None}
+    areas = np.bincount(ids, minlength=n_regions + 1)
+    above = np.bincount(ids, weights=(np.asarray(maps)[truth.masks] > pixel_threshold), minlength=n_regions + 1)
+    small = (areas > 0) & (areas < bound)
+    touched = int(np.count_nonzero(small & (above > 0)))
+    n_small = int(np.count_nonzero(small))
+    return {"max_area_share": max_share, "max_area_px": bound, "small_regions": n_small, "touched": touched,
+            "recall": touched / n_small if n_small else None}
+
+
 def per_defect_auroc(defect_types: Sequence[str], scores: np.ndarray) -> dict[str, float]:
     """Image AUROC of each defect type against the `good` images, keyed by sorted type.
 

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 OVERLAY_ALPHA = 0.6
 COLORMAP = "jet"
 MIN_WIDTH = 256  # narrower images are enlarged for display, so the caption fits
+MAX_SIDE = 2048  # larger images are shown smaller, so that an overlay stays a picture one can open
 GRID_CELL_WIDTH = 320
 GRID_GAP = 8
 LABEL_COLOURS = {"defective": (190, 0, 40), "good": (0, 120, 0)}  # colours jet never has
@@ -227,7 +228,8 @@ def draw_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: OverlayScale
     image: (H, W, 3) float RGB in [0, 1]; anomaly_map: (H, W) fused map of the decision
     view at the image's size; score and label: the image's decision; title: e.g. its
     name; mask: optional (h, w) ground truth at any size, outlined in white; width: the
-    displayed width in px (default: the image's own, at least MIN_WIDTH); regions: its
+    displayed width in px (default: the image's own, at least MIN_WIDTH, and at most what keeps
+    the longer side within MAX_SIDE); regions: its
     defect regions, outlined with their areas and described in a caption line. The picture
     keeps the image's aspect ratio: its top `round(H * width / W)` rows are the overlay,
     pixel for pixel (a map at or below `scale.low` leaves the image unchanged), and the
@@ -236,7 +238,7 @@ def draw_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: OverlayScale
     height_in, width_in = anomaly_map.shape
     if image.shape[:2] != (height_in, width_in):
         raise ValueError(f"image {image.shape[:2]} and anomaly map {anomaly_map.shape} differ in size")
-    width = width or max(width_in, MIN_WIDTH)
+    width = width or min(max(width_in, MIN_WIDTH), max(1, round(width_in * MAX_SIDE / max(height_in, width_in))))
     height = max(1, round(height_in * width / width_in))
     if (width, height) != (width_in, height_in):
         image = _resized(image, (width, height), Image.Resampling.BILINEAR)

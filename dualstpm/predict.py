@@ -20,13 +20,13 @@ from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image,
 from dualstpm.data.input_stats import INPUT_STATISTICS, image_statistics
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file, json_text, write_csv, write_text
-from dualstpm.model.inference import Scorer
+from dualstpm.model.inference import Scorer, score_frames
 from dualstpm.model.regions import RegionMap, RegionSpec
 from dualstpm.monitor import write_batch_summary
 from dualstpm.overlays import RegionsShown, decision_label, draw_overlay, overlay_scale
 from dualstpm.progress import say, stage
 from dualstpm.rundir import LOG_FILE, OVERLAY_COLUMN, PREDICTIONS_FILE, REGIONS_FILE, review_dir
-from dualstpm.sizes import aspect_change, stretch_note
+from dualstpm.sizes import aspect_change, hw, stretch_note
 
 
 def collect_images(paths: Sequence[Path]) -> list[Path]:
@@ -89,6 +89,10 @@ _NOT_COLUMNS = ("anomaly_map", "regions", "verdict")
 RULE_COLUMNS = ("n_regions", "verdict")
 
 
+#: frames of more tiles than this get a progress bar of their own in `predict`
+TILE_PROGRESS_MIN = 64
+
+
 def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: float | None = None) -> list[ImagePrediction]:
     """Score decoded images (float HxWx3 in [0, 1], any size): the one scoring path of
     `dualstpm predict` and the MLflow model, whatever the backend (a `Detector` or an
@@ -99,7 +103,15 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
     results = []
     for start in range(0, len(originals), detector.batch_size):
         chunk = originals[start : start + detector.batch_size]
-        out = detector.infer(torch.stack([resize_image(o, detector.image_size) for o in chunk]))
+        # resized to the input size, or under tiling to the frame size and scored tile by tile
+        frames = [resize_image(o, detector.frame_size) for o in chunk]
+        frames = frames[0][None] if len(frames) == 1 else torch.stack(frames)  # one frame: a view, no copy
+        tiles = 0 if detector.tiling is None else detector.tiling.grid(hw(detector.frame_size)).count * len(chunk)
+        if tiles > TILE_PROGRESS_MIN:  # a frame of many tiles gets its own bar
+            with stage("scoring tiles", tiles, "tiles") as progress:
+                out = score_frames(detector, frames, progress.advance)
+        else:
+            out = score_frames(detector, frames)
         for i, original in enumerate(chunk):
             score = float(out.score[i])
             # regions from the map at the model's resolution, in the original image's coordinates
@@ -229,12 +241,14 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
     scale = overlay_scale(detector, threshold)
     spec = detector.regions
     rows, taken, region_rows, stretches = [], set(), [], []
-    batch_size = detector.batch_size
+    batch_size = detector.batch_size if detector.tiling is None else 1  # tiled: one frame (a batch of tiles) at a time
     with stage("scoring images", len(images)) as progress:
         for start in range(0, len(images), batch_size):
             chunk = images[start : start + batch_size]
             decoded = _read_each(chunk, max_pixels)
             readable = [image for image in decoded if not isinstance(image, DataError)]
+            # the input statistics first: their working buffer is gone before the maps exist (large frames)
+            statistics = iter([image_statistics(image) for image in readable])
             results = iter(score_images(detector, readable, threshold))
             for path, image in zip(chunk, decoded, strict=True):
                 if isinstance(image, DataError):
@@ -247,9 +261,9 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
                     region_rows.extend(region_lines(str(path), result.regions, spec))
                 with atomic_file(out_dir / name) as tmp:
                     picture.save(tmp)
-                rows.append({"path": str(path), **result.row(), **image_statistics(image), OVERLAY_COLUMN: name,
+                rows.append({"path": str(path), **result.row(), **next(statistics), OVERLAY_COLUMN: name,
                              "error": ""})
-                stretches.append(aspect_change((image.shape[1], image.shape[0]), detector.image_size))
+                stretches.append(aspect_change((image.shape[1], image.shape[0]), detector.frame_size))
             progress.advance(len(chunk))
     table = pd.DataFrame(rows, columns=table_columns(spec))
     write_csv(out_dir / PREDICTIONS_FILE, table)
@@ -260,6 +274,6 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
     for stale in previous - taken:
         (out_dir / stale).unlink(missing_ok=True)
     write_batch_summary(out_dir, table, {"decision_view": detector.decision_view, "threshold": detector.threshold})
-    if (note := stretch_note(stretches, detector.image_size)) is not None:  # a squash is never silent
+    if (note := stretch_note(stretches, detector.frame_size)) is not None:  # a squash is never silent
         say(f"[bold yellow]warning:[/] {escape(note)}")
     return table

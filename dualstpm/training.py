@@ -60,6 +60,7 @@ from dualstpm.model.calibration import (MapStatsAccumulator, calibrate_pixel_thr
                                         calibration_note, summarize)
 from dualstpm.model.fusion import BRANCHES, MAX_SCORE, FusionSpec, ScoreSpec
 from dualstpm.model.inference import MapViews
+from dualstpm.model.tiling import Tiling
 from dualstpm.model.torch_model import DualStpmModel
 from dualstpm.progress import StatusColumn, progress_bar, say
 from dualstpm.project import params_for_data, recorded_data_root
@@ -121,11 +122,12 @@ def learning_rate(fit: FitParams, epoch: int, batch: int, n_batches: int) -> flo
 
 
 @torch.no_grad()
-def six_maps(model: DualStpmModel, images: Tensor, compute: Compute) -> Tensor:
-    """Eval-mode maps (B, 2, 3, H, W) of one batch (`inference.six_maps`), float32 on the CPU."""
+def six_maps(model: DualStpmModel, images: Tensor, compute: Compute, tiling: Tiling | None = None) -> Tensor:
+    """Eval-mode maps (B, 2, 3, H, W) of one batch (`inference.six_maps`, tiled with `tiling`:
+    the images are then frames), float32 on the CPU."""
     model.eval()
     with compute.autocast():
-        return inference.six_maps(model, compute.images(images)).cpu()
+        return inference.six_maps(model, compute.images(images), tiling=tiling).cpu()
 
 
 #: `fit.select` -> the per-image statistic whose mean over validation images selects the epoch.
@@ -133,18 +135,20 @@ SELECTION_STATISTICS = {"score_mean": "score", "map_mean": "map_mean"}
 
 
 def branch_statistics(model: DualStpmModel, images: Tensor, spec: FusionSpec, batch_size: int,
-                      compute: Compute, keep_maps: bool = False) -> dict[str, dict[str, np.ndarray]]:
+                      compute: Compute, keep_maps: bool = False,
+                      tiling: Tiling | None = None) -> dict[str, dict[str, np.ndarray]]:
     """Per branch, on raw maps of that branch alone (its view under `spec`), two (N,) arrays
     over the N images: `score`, the image score (max of the map), and `map_mean`, the mean
     of the map over its pixels. Their means over images are the model-selection signals
     (`fit.select`); all images have the same size, so the mean of `map_mean` is the mean
     over every validation pixel. With `keep_maps`, also `maps`: the (N, S, S) maps
-    themselves (float32), for the pixel AUROC of real defects."""
+    themselves (float32), for the pixel AUROC of real defects. With `tiling`, `images` are
+    frames, scored tile by tile and stitched (`six_maps`)."""
     keys = ("score", "map_mean", "maps") if keep_maps else ("score", "map_mean")
     stats: dict[str, dict[str, list[Tensor]]] = {b: {k: [] for k in keys} for b in BRANCHES}
     views = MapViews(spec, None, score=MAX_SCORE)
     for start in range(0, len(images), batch_size):
-        scored = views.score_maps(six_maps(model, images[start : start + batch_size], compute), BRANCHES)
+        scored = views.score_maps(six_maps(model, images[start : start + batch_size], compute, tiling), BRANCHES)
         for branch in BRANCHES:
             stats[branch]["score"].append(scored.scores[branch].cpu())
             stats[branch]["map_mean"].append(scored.maps[branch].flatten(1).mean(dim=1).cpu())
@@ -225,12 +229,13 @@ def sigterm_interrupts() -> Iterator[None]:
 
 def training_signature(params: Params) -> dict[str, Any]:
     """The params that shape the weights and history of every epoch: image size, seed, the
-    model, the fit (but `RESUMABLE_FIT_KEYS`), the fusion mode model selection scores with
-    and `calibration.split` (which validation images select). Data, tracking, ablation,
+    model, the fit (but `RESUMABLE_FIT_KEYS`), the fusion mode model selection scores with,
+    `calibration.split` (which validation images select) and, when enabled, the tiling. Data, tracking, ablation,
     Prefect, the final fusion and the false-alarm rate are not in it."""
     fit = {k: v for k, v in params.fit.model_dump(mode="json").items() if k not in RESUMABLE_FIT_KEYS}
     return {"image_size": to_json(params.image_size), "seed": params.seed, "model": params.model.model_dump(mode="json"),
-            "fit": fit, "fusion": {"mode": params.fusion.mode}, "calibration": {"split": params.calibration.split}}
+            "fit": fit, "fusion": {"mode": params.fusion.mode}, "calibration": {"split": params.calibration.split},
+            **({"tiling": params.tiling.model_dump(mode="json")} if params.tiling.enabled else {})}
 
 
 def _files_digest(paths: Sequence[Path], root: Path) -> str:
@@ -399,7 +404,9 @@ class Trainer:
         Raises TrainingError naming the epoch and branch when a score is not finite."""
         real = self.real
         spec, batch_size = self.selection_spec, self.params.fit.batch_size
-        stats = branch_statistics(self.model, val_images, spec, batch_size, self.compute, keep_maps=real is not None)
+        tiling = self.params.tiling_spec()
+        stats = branch_statistics(self.model, val_images, spec, batch_size, self.compute, keep_maps=real is not None,
+                                  tiling=tiling)
         self._check_finite(stats, "validation images")
         record = {**{f"val_score_{b}": float(np.mean(s["score"])) for b, s in stats.items()},
                   **{f"val_map_mean_{b}": float(np.mean(s["map_mean"])) for b, s in stats.items()}}
@@ -407,7 +414,8 @@ class Trainer:
             key = SELECTION_STATISTICS[self.params.fit.select]
             losses = {b: float(np.mean(stats[b][key])) for b in BRANCHES}
         else:
-            defects = branch_statistics(self.model, real.images, spec, batch_size, self.compute, keep_maps=True)
+            defects = branch_statistics(self.model, real.images, spec, batch_size, self.compute, keep_maps=True,
+                                        tiling=tiling)
             self._check_finite(defects, "real validation defects")
             evidence = {b: real.auroc(stats[b]["score"], stats[b]["maps"], defects[b]["score"], defects[b]["maps"])
                         for b in BRANCHES}
@@ -455,7 +463,9 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
     """
     batch_size = params.fit.batch_size
     compute = compute.for_inference()
-    maps = [six_maps(model, val_images[i : i + batch_size], compute) for i in range(0, len(val_images), batch_size)]
+    tiling = params.tiling_spec()
+    maps = [six_maps(model, val_images[i : i + batch_size], compute, tiling)
+            for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
     for batch in maps:
         accumulator.update(batch)
@@ -470,6 +480,7 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         v: calibrate_pixel_threshold(torch.cat([s.maps[v] for s in scored]).numpy(), pixel_fpr) for v in views.views}
     return Calibration(
         image_size=params.image_size,
+        frame_size=params.tiling.frame_size if params.tiling.enabled else None,
         map_stats=stats,
         thresholds={v: calibrate_threshold(s, rate) for v, s in scores.items()},
         val_score_summary={v: summarize(s) for v, s in scores.items()},
@@ -499,7 +510,8 @@ def fit_evidence(model: DualStpmModel, params: Params, calibration: Calibration,
     views = MapViews(FusionSpec.from_params(params.fusion), calibration.map_stats, score=calibration.score,
                      disc=disc.module if disc is not None else None)
     with torch.no_grad():
-        evidence = view_evidence(views, lambda images: six_maps(model, images, inference_compute), selection_images,
+        evidence = view_evidence(views, lambda images: six_maps(model, images, inference_compute, params.tiling_spec()),
+                                 selection_images,
                                  real, params.fit.batch_size)
     say(f"validation AUROC on real defects ({real.label}, against {len(selection_images)} good selection images): "
         f"{describe_views(evidence)}")
@@ -518,7 +530,7 @@ def fit_check(model: DualStpmModel, params: Params, calibration: Calibration, im
 
     def score(batch: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
-            return views.score_maps(six_maps(model, batch, inference_compute), views.views).scores
+            return views.score_maps(six_maps(model, batch, inference_compute, params.tiling_spec()), views.views).scores
 
     evidence = FitEvidence(recipe=plan.recipe, train_images=plan.train_images, image_size=params.image_size,
                            epochs=epochs_trained, steps=epochs_trained * plan.steps_per_epoch,
@@ -657,9 +669,10 @@ def fit(
     elif overwrite:
         checkpoint_path.unlink(missing_ok=True)  # an interrupted new fit must never look like the old one
     limit = params.data.max_image_pixels
-    train_images = decode_images(train_paths, params.image_size, "decoding train images", limit)
-    val_images = decode_images(val_paths, params.image_size, "decoding validation images", limit)
-    real = RealDefects.decode(dataset.validation_defects, params.image_size, limit)  # None without any
+    frame = params.frame_size  # the input size, or under tiling the frames' size (cut into tiles of the input size)
+    train_images = decode_images(train_paths, frame, "decoding train images", limit)
+    val_images = decode_images(val_paths, frame, "decoding validation images", limit)
+    real = RealDefects.decode(dataset.validation_defects, frame, limit)  # None without any
     inputs = input_reference([*train_paths, *val_paths], limit)  # the input drift test's reference (monitor)
 
     parts = validation_parts(len(val_images), params.calibration.split, params.seed)
@@ -680,6 +693,8 @@ def fit(
         f"{describe(params.image_size)}, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
     )
     say(plan.describe())
+    if (note := plan.tiling_note()) is not None:
+        say(escape(note))
     if (note := plan.aspect_note()) is not None:
         say(f"[bold yellow]warning:[/] {escape(note)}")  # the note's [height, width] is not markup
     if real is not None:
@@ -690,7 +705,9 @@ def fit(
     # epoch the checkpoint holds them all, and --resume goes straight to selection and calibration.
     try:
         with sigterm_interrupts():
-            ended = train_epochs(trainer, params, train_images, selection_images, compute, run_dir, on_epoch, plan)
+            tiling = params.tiling_spec()  # under tiling the students train on every tile of the training frames
+            train_set = train_images if tiling is None else tiling.cut_all(train_images)
+            ended = train_epochs(trainer, params, train_set, selection_images, compute, run_dir, on_epoch, plan)
             say(f"training ended: {ended}")
             selected = trainer.restore_best()
             # the stage selects its epoch on the selection part too: the calibration part stays unseen until calibration

@@ -37,3 +37,20 @@ def test_benchmark_times_each_backend_and_precision(synthetic_root: Path):
     for figures in results["backends"].values():
         assert figures["images_per_s"] > 0 and figures["latency_batch1_ms"] > 0 and figures["peak_rss_mib"] > 50
     assert results["backends"]["torch/fp32"]["speedup_vs_torch_fp32"] == 1.0
+
+
+def test_the_frame_benchmark_scores_a_frame_tiled_and_squashed():
+    """`dualstpm bench-frame` on a small frame: every phase ran in its own process and reported."""
+    from dualstpm.config import load_params
+    from dualstpm.frame_benchmark import frame_benchmark
+
+    params = load_params(None, ["image_size=32", "fit.batch_size=8"])
+    results = frame_benchmark(params, 96, 160)
+    # 96 high: (96 - 32) / 24 = 2.7 -> 3 steps, 4 rows; 160 wide: (160 - 32) / 24 = 5.3 -> 6 steps, 7 columns
+    assert results["setup"]["tiles"] == 28 and results["setup"]["frame"] == [96, 160]
+    for phase in ("floor", "tiled", "squashed"):
+        assert results[phase]["seconds"] > 0 and results[phase]["peak_rss_mib"] > 0
+    for phase in ("tiled", "squashed"):
+        figures = results[phase]
+        assert figures["above_floor_mib"] == figures["peak_rss_mib"] - results["floor"]["peak_rss_mib"]
+        assert figures["bytes_per_frame_pixel"] == figures["above_floor_mib"] * 2**20 / (96 * 160)

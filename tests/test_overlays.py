@@ -92,6 +92,17 @@ def test_the_aspect_ratio_is_kept_and_narrow_images_are_enlarged():
     assert cell.size == (320, 160 + _band_height(320, scale))
 
 
+def test_a_large_frame_is_shown_at_most_2048_px_on_its_longer_side():
+    scale = OverlayScale(low=0.0, threshold=1.0)
+    # 100 high x 5000 wide: 2048 wide, 100 * 2048 / 5000 = 40.96 -> 41 rows
+    wide = draw_overlay(np.zeros((100, 5000, 3)), np.zeros((100, 5000)), scale, 0.5, "good")
+    assert wide.size == (2048, 41 + _band_height(2048, scale))
+    # 3000 high x 1000 wide: the height is the longer side, 1000 * 2048 / 3000 = 682.7 -> 683 wide, 2049 rows
+    # (683 * 3000 / 1000): rounding the width first keeps the aspect within one pixel
+    tall = draw_overlay(np.zeros((3000, 1000, 3)), np.zeros((3000, 1000)), scale, 0.5, "good")
+    assert tall.size == (683, 2049 + _band_height(683, scale))
+
+
 def test_the_caption_shows_the_label_in_its_colour_and_a_title_adds_a_line():
     scale = OverlayScale(low=0.0, threshold=1.0)
     image, values = np.full((64, 256, 3), 0.5), np.zeros((64, 256))

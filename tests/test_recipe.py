@@ -119,7 +119,7 @@ def test_selection_rules_keep_the_epochs_derived_by_hand(rule, expected_epoch, m
                                 f"model.t2.name={LITE[1]}", "model.t2.weights=random", "fit.device=cpu",
                                 f"fit.select={rule}"])
     trainer = Trainer(params, tmp_path, Compute.resolve("cpu", "float32"), data={})
-    monkeypatch.setattr("dualstpm.training.six_maps", lambda model, images, compute: hand_maps(trainer.epochs_done))
+    monkeypatch.setattr("dualstpm.training.six_maps", lambda model, images, compute, tiling=None: hand_maps(trainer.epochs_done))
     records = []
     for epoch in (1, 2, 3):
         trainer.epochs_done = epoch

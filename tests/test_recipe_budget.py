@@ -146,7 +146,7 @@ def test_early_stopping_stops_at_the_right_epoch(name, monkeypatch: pytest.Monke
     params = plan.params
     trainer = Trainer(params, tmp_path, Compute.resolve("cpu", "float32"), {})
 
-    def hand_made(model, images, spec, batch_size, compute, keep_maps=False):  # the statistics of the epoch just trained
+    def hand_made(model, images, spec, batch_size, compute, keep_maps=False, tiling=None):  # the statistics of the epoch just trained
         epoch = trainer.epochs_done
         return {b: {"score": np.array([values[epoch - 1]]), "map_mean": np.array([values[epoch - 1]])}
                 for b, values in curves.items()}

@@ -337,6 +337,29 @@ def test_region_evaluation_by_hand():
     assert result["at_rule"] == {"min_defect_area_px": 2, "min_defect_area_mm2": None, "false_alarm_rate": 0.0,
                                  "false_alarms": 0, "recall": 0.5, "precision": 1.0, "f1": pytest.approx(2 / 3)}
     assert region_evaluation(RegionSpec(0.5), maps, labels, [(4, 4)] * 4)["at_rule"] is None
+    assert result["small_region_recall"] is None  # no ground truth given
+
+
+def test_small_region_recall_by_hand():
+    """Two 100 x 100 frames: a region is small below 0.1 % of 10,000 px = 10 px. Frame 0 holds a 3 px
+    scratch (touched: one of its pixels is above the threshold) and a 9 px square (missed); frame 1 a
+    10 px bar (not small: 10 is not below 10) and two pixels touching at a corner (one 8-connected
+    2 px region, missed). Small regions 3, touched 1: recall 1/3."""
+    from dualstpm.metrics import small_region_recall
+
+    masks = np.zeros((2, 100, 100), dtype=bool)
+    maps = np.zeros((2, 100, 100), dtype=np.float32)
+    masks[0, 10, 10:13] = True
+    maps[0, 10, 12] = 0.9  # the scratch's last pixel is found
+    masks[0, 50:53, 50:53] = True
+    maps[0, 49, 49] = 0.9  # beside the square, not on it: it does not count
+    masks[1, 70, 0:10] = True
+    maps[1, 70, 0:10] = 0.9
+    masks[1, 20, 20] = masks[1, 21, 21] = True
+    result = small_region_recall(masks, maps, pixel_threshold=0.5)
+    assert result == {"max_area_share": 0.001, "max_area_px": 10.0, "small_regions": 3, "touched": 1,
+                      "recall": pytest.approx(1 / 3)}
+    assert small_region_recall(np.zeros((1, 8, 8), bool), np.zeros((1, 8, 8)), 0.5)["recall"] is None
 
 
 # --- exports and the served model ----------------------------------------------------------------

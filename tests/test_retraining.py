@@ -77,6 +77,7 @@ class _Brightness:
     """A scorer whose image score is the image's mean brightness, threshold 0.5."""
 
     image_size, batch_size, threshold, decision_view, regions = 4, 2, 0.5, "fused", None  # no defect regions
+    frame_size, tiling = 4, None  # untiled
 
     def typical_level(self) -> float:
         return 0.0
@@ -84,7 +85,8 @@ class _Brightness:
     def infer(self, images: torch.Tensor) -> InferenceOutput:
         score = images.mean(dim=(1, 2, 3))
         zeros = torch.zeros_like(score)
-        return InferenceOutput(score, zeros, zeros, torch.zeros(len(images), 4, 4), zeros, zeros, zeros)
+        maps = torch.zeros(len(images), 4, 4)
+        return InferenceOutput(score, zeros, zeros, maps, zeros, zeros, zeros, maps, maps)
 
 
 def test_the_false_alarm_share_counts_scores_above_the_threshold(tmp_path: Path) -> None:

@@ -185,7 +185,7 @@ def _select_two_epochs(tiny_params, tmp_path: Path, monkeypatch: pytest.MonkeyPa
     real = RealDefects((), defect_images, np.zeros((2, 2, 2), bool), np.zeros(2, bool)) if with_real else None
     trainer = training.Trainer(tiny_params, tmp_path, Compute.resolve("cpu", "float32"), {}, real=real)
 
-    def statistics(model, images, spec, batch_size, compute, keep_maps=False):
+    def statistics(model, images, spec, batch_size, compute, keep_maps=False, tiling=None):
         which = 1 if images is defect_images else 0
         return {b: _stats(EPOCHS[(b, trainer.epochs_done)][which]) for b in ("stpm", "recon")}
 

@@ -45,6 +45,7 @@ def _synthetic_meta(val: MapSet, params: AblationParams) -> dict:
         "split": "val_synthetic",
         "category": val.meta["category"],
         "image_size": val.meta["image_size"],
+        "frame_size": val.meta.get("frame_size"),
         "weights_sha256": val.meta["weights_sha256"],
         "val_paths": [str(p) for p in val.paths],
         "kinds": list(params.synthetic_kinds),
@@ -62,7 +63,7 @@ def synthetic_maps(run_dir: Path, val: MapSet, params: AblationParams) -> MapSet
         if {k: cached.meta.get(k) for k in meta} == json.loads(json.dumps(meta)):
             return cached
     detector = Detector.load(run_dir)
-    size = from_json(val.meta["image_size"])
+    size = from_json(val.meta.get("frame_size", val.meta["image_size"]))  # the maps' size (frames under tiling)
     images = decode_images([Path(p) for p in val.paths], size, "decoding validation images",
                            detector.params.data.max_image_pixels)
     defective, masks, kinds = paste_defects(images, list(params.synthetic_kinds), params.synthetic_per_image,

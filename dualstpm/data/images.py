@@ -208,16 +208,22 @@ def read_image_bytes(data: bytes, name: str = "image", max_pixels: int = DEFAULT
 
 
 def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
+    """Pixels / full scale as float32 HxWx3, written straight into the result (a gray frame is
+    converted once and copied to the other two channels: no intermediate frame-sized array)."""
     pixels, full_scale = _pixels(decoded)
-    image = pixels.astype(np.float32) / np.float32(full_scale)
-    if full_scale == 1.0 and image.size and not (image.min() >= 0.0 and image.max() <= 1.0):
+    if full_scale == 1.0 and pixels.size and not (pixels.min() >= 0.0 and pixels.max() <= 1.0):
         raise DataError(
             f"cannot read image {where}: float pixels span "
-            f"[{image.min():g}, {image.max():g}], not [0, 1]. Save it as an 8- or 16-bit image."
+            f"[{pixels.min():g}, {pixels.max():g}], not [0, 1]. Save it as an 8- or 16-bit image."
         )
-    if image.ndim == 2:
-        image = np.repeat(image[:, :, None], 3, axis=2)
-    return np.ascontiguousarray(image)
+    image = np.empty((*pixels.shape[:2], 3), dtype=np.float32)
+    if pixels.ndim == 2:
+        np.divide(pixels, np.float32(full_scale), out=image[..., 0], dtype=np.float32)
+        image[..., 1] = image[..., 0]
+        image[..., 2] = image[..., 0]
+    else:
+        np.divide(pixels, np.float32(full_scale), out=image, dtype=np.float32)
+    return image
 
 
 # Three or more values within this many levels are class indices (0 background, 1, 2, ...

@@ -27,16 +27,20 @@ from dualstpm.data.images import read_image
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
 INPUT_STATISTICS = ("brightness", "contrast")
+LUMA_BLOCK = 2**20  # pixels converted to float64 at a time
 MAX_REFERENCE = 1000  # values kept per statistic: the empirical quantiles beyond that many images
 
 
 def image_statistics(image: np.ndarray) -> dict[str, float]:
     """``{"brightness", "contrast"}`` of a decoded image (float HxWx3 in [0, 1]; module docstring).
     Raises ValueError for an array that is not HxWx3."""
-    array = np.asarray(image, dtype=np.float64)
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 image, got shape {array.shape}")
-    luma = array @ np.asarray(LUMA)
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
+    luma = np.empty(image.shape[:2], dtype=np.float64)  # in float64, a block of rows at a time (no float64 copy)
+    step = max(1, LUMA_BLOCK // max(1, image.shape[1]))
+    for start in range(0, len(luma), step):
+        luma[start : start + step] = image[start : start + step].astype(np.float64) @ np.asarray(LUMA)
     return {"brightness": float(luma.mean()), "contrast": float(luma.std())}
 
 

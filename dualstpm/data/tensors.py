@@ -30,8 +30,10 @@ T = TypeVar("T")
 def resize_image(image: np.ndarray, size: ImageSize) -> torch.Tensor:
     """HxWx3 float array -> (3, h, w) float32 at `size` ((h, w), or an int side: a square),
     bilinear with antialiasing (no aliasing when shrinking large inspection images, which
-    would add fake texture)."""
+    would add fake texture). An image already at `size` is returned as a (3, h, w) view of it."""
     tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+    if tuple(tensor.shape[-2:]) == hw(size):  # already at size: a view, not a copy (a frame under tiling)
+        return tensor
     resized = F.interpolate(tensor[None], size=hw(size), mode="bilinear",
                             antialias=True, align_corners=False)
     return resized[0].contiguous()
@@ -41,6 +43,8 @@ def resize_map(anomaly_map: torch.Tensor | np.ndarray, size: tuple[int, int]) ->
     """An (h, w) anomaly map at the model's input size -> (H, W) float32 at an image's own
     `size` = (H, W), bilinear: how predict and the overlays show a map on its image."""
     tensor = torch.as_tensor(anomaly_map)[None, None].float()
+    if tuple(tensor.shape[-2:]) == tuple(size):  # already at the image's size
+        return tensor[0, 0].cpu().numpy()
     return F.interpolate(tensor, size=size, mode="bilinear", align_corners=False)[0, 0].cpu().numpy()
 
 

@@ -259,7 +259,7 @@ def register_run(run_dir: Path, params: Params, category: str, *, store: Store):
         run = client.get_run(record.run_id)
     trained_by = run.data.tags
     name = model_name(record.eval_data_root, category)  # named after the data it was tested on
-    example, example_origin = _example_image(record, category, model_params.image_size, params.data.max_image_pixels)
+    example, example_origin = _example_image(record, category, model_params.frame_size, params.data.max_image_pixels)
     tags = {
         **_version_tags(record, evidence, result["n_test_images"], category, run_dir),
         f"{TAG}git_commit": trained_by.get(f"{TAG}git_commit", "unknown"),

@@ -25,7 +25,12 @@ reduced by the `score` spec (max, top-k mean or smoothed max: :func:`dualstpm.mo
 defective (score > threshold), `anomaly_map` (N, H, W) the decision view's map (raw units;
 logits for `disc`), `stpm_score` and `recon_score` (N,) each branch alone, as trained, and
 `disc_score` (N,) the discriminative stage's score (NaN when the model has none); every
-score with the same reduction.
+score with the same reduction; `stpm_map` and `recon_map` (N, H, W) each branch's map (what a
+tiled frame's branch scores are taken from: :func:`infer_frames`).
+
+Tiling (`dualstpm.model.tiling`): the module scores tiles of its input size; a frame is cut,
+its tiles scored, and the tiles' maps stitched outside the graph by :func:`infer_frames`, the
+one function predict, serving and every backend run, so an export tiles as PyTorch does.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ from dualstpm.model.calibration import ScoreNormalization
 from dualstpm.model.discriminator import Discriminator
 from dualstpm.model.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, fuse, image_score
 from dualstpm.model.regions import RegionSpec
+from dualstpm.model.tiling import Tiling, stitched
 from dualstpm.model.torch_model import DualStpmModel
 
 INPUT_NAME = "images"
@@ -64,6 +70,8 @@ class InferenceOutput(NamedTuple):
     stpm_score: Tensor
     recon_score: Tensor
     disc_score: Tensor
+    stpm_map: Tensor
+    recon_map: Tensor
 
 
 OUTPUT_NAMES: tuple[str, ...] = InferenceOutput._fields
@@ -81,6 +89,10 @@ class Scorer(Protocol):
     """What scores images: a `Detector` (PyTorch) or a loaded export (`dualstpm.backends`)."""
 
     image_size: int | tuple[int, int]  # input size, px: a side (a square) or (height, width)
+    frame_size: int | tuple[int, int]  # what images are resized to: image_size, or under tiling the frames'
+    tiling: Tiling | None  # how frames are cut into tiles of image_size; None: untiled
+    score_spec: ScoreSpec  # the reduction of a map to the image score (the threshold's units)
+    normalization: ScoreNormalization  # the decision view's normalised score
     batch_size: int
     threshold: float  # stored decision threshold, raw score units
     decision_view: str  # the view it decides with: fused, chosen, disc, stpm or recon
@@ -93,6 +105,16 @@ class Scorer(Protocol):
         """(N, 3, H, W) float images in [0, 1] at `image_size` -> the inference module's outputs."""
 
 
+def score_frames(scorer: Scorer, frames: Tensor, on_tiles: Callable[[int], None] | None = None) -> InferenceOutput:
+    """(N, 3, H, W) images at `scorer.frame_size` -> their outputs, whatever the backend:
+    `scorer.infer` itself without tiling, else tile by tile and stitched (:func:`infer_frames`;
+    `on_tiles(n)` after each batch of n tiles)."""
+    if scorer.tiling is None:
+        return scorer.infer(frames)
+    with torch.inference_mode():
+        return infer_frames(scorer.infer, frames, scorer.tiling, scorer.score_spec, scorer.normalization, on_tiles)
+
+
 def scale_images(images: Tensor) -> Tensor:
     """uint8 [0, 255] -> float32 [0, 1]; float images are taken as already in [0, 1]."""
     if images.dtype == torch.uint8:
@@ -100,10 +122,14 @@ def scale_images(images: Tensor) -> Tensor:
     return images.float()
 
 
-def six_maps(network: DualStpmModel, images: Tensor, chunked: bool = True) -> Tensor:
+def six_maps(network: DualStpmModel, images: Tensor, chunked: bool = True, tiling: Tiling | None = None) -> Tensor:
     """(N, 3, H, W) uint8 or float images -> (N, 2, 3, H, W) float32 raw maps (`network` as it
-    is: in eval mode for inference). `chunked`: see `PyramidPairs.maps`."""
+    is: in eval mode for inference). `chunked`: see `PyramidPairs.maps`. With `tiling`, the
+    images are frames: cut into tiles of the model's input size, their maps stitched back at
+    H x W (:func:`dualstpm.model.tiling.stitched`)."""
     images = scale_images(images)
+    if tiling is not None:
+        return stitched(images, tiling, lambda tiles: six_maps(network, tiles, chunked))
     return network.pyramids(images).maps(images.shape[-2:], chunked).float()
 
 
@@ -256,4 +282,39 @@ class DualStpmInference(nn.Module):
             stpm_score=scored.scores["stpm"],
             recon_score=scored.scores["recon"],
             disc_score=scored.scores[DISC_VIEW] if DISC_VIEW in scored.scores else torch.full_like(decision, float("nan")),
+            stpm_map=scored.maps["stpm"],
+            recon_map=scored.maps["recon"],
         )
+
+
+def infer_frames(infer: Callable[[Tensor], InferenceOutput], frames: Tensor, tiling: Tiling, score: ScoreSpec,
+                 normalization: ScoreNormalization, on_tiles: Callable[[int], None] | None = None) -> InferenceOutput:
+    """Frames (N, 3, H, W) in [0, 1] -> the inference outputs of the whole frames, scored tile by tile.
+
+    `infer` scores tiles of the model's input size (a `DualStpmInference`, or an export run by a
+    backend); the tiles' decision and branch maps are stitched at H x W
+    (:func:`dualstpm.model.tiling.stitched`), and each frame's scores are the `score` reduction
+    of its stitched maps, normalised by `normalization`, labelled at its threshold: what the
+    test computes from the stitched six maps (stitching commutes with the pixel-wise fusion).
+    The branch maps are dropped once scored (`stpm_map` and `recon_map` are (N, 0, 0)): only
+    the decision map of a large frame is kept.
+    `disc_score` is NaN: tiling refuses the discriminative stage (`Params`). `on_tiles(n)` is
+    called after each batch of n tiles.
+    """
+    maps = stitched(frames, tiling, lambda tiles: torch.stack(
+        [(out := infer(tiles)).anomaly_map.float(), out.stpm_map.float(), out.recon_map.float()], 1), on_tiles)
+    decision_map = maps[:, 0].clone()  # its own storage: the branch maps are freed once scored
+    decision, stpm_score, recon_score = (image_score(maps[:, k], score) for k in range(3))
+    del maps
+    empty = decision_map.new_empty((len(frames), 0, 0))  # a large frame's branch maps are not kept
+    return InferenceOutput(
+        score=decision,
+        normalized_score=normalization(decision),
+        label=decision > normalization.threshold,
+        anomaly_map=decision_map,
+        stpm_score=stpm_score,
+        recon_score=recon_score,
+        disc_score=torch.full_like(decision, float("nan")),
+        stpm_map=empty,
+        recon_map=empty,
+    )

@@ -126,7 +126,7 @@ def find_regions(anomaly_map: np.ndarray, pixel_threshold: float, image_shape: t
     if count == 0:
         return RegionMap(labels, (), (height, width))
     ids = np.arange(1, count + 1)
-    sizes = ndimage.sum_labels(np.ones_like(values, dtype=np.int64), labels, ids).astype(np.int64)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int64)  # pixels per region
     peaks = ndimage.maximum(values, labels, ids)
     means = ndimage.mean(values.astype(np.float64), labels, ids)
     centres = ndimage.center_of_mass(np.ones_like(values, dtype=np.float64), labels, ids)
