@@ -108,6 +108,11 @@ class FitPlan:
             return None
         size = self.params.image_size
         if self.params.tiling.enabled:  # frames are resized to the frame size, not to the tile
+            frame = hw(self.params.frame_size)
+            if abs(frame[1] / frame[0] - self.aspect) / self.aspect < 0.01:  # the frame size is their median shape
+                return (f"the training frames differ in shape (median width/height {self.aspect:.2f}): each is resized "
+                        f"to {describe(self.params.frame_size)} (tiling.frame_size), the median frame, which stretches "
+                        f"some by up to {self.stretch:.2f}x (one frame size per category: docs/frames.md#tiling)")
             return (f"the training frames (median width/height {self.aspect:.2f}) are resized to "
                     f"{describe(self.params.frame_size)} (tiling.frame_size), which stretches their aspect ratio by up "
                     f"to {self.stretch:.2f}x: set tiling.frame_size to their own [height, width], or null (docs/frames.md)")

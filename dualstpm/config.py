@@ -490,7 +490,8 @@ def _frame_size(value: object) -> object:
     if len(sides) not in (1, 2) or not all(isinstance(s, int) and not isinstance(s, bool) for s in sides):
         raise ValueError(f"[height, width] must be two whole numbers of px, got {value!r}")
     if not all(1 <= s <= MAX_FRAME_SIDE for s in sides):
-        raise ValueError(f"each side must be between 1 and {MAX_FRAME_SIDE} px, got {value!r}")
+        raise ValueError(f"each side must be between 1 and {MAX_FRAME_SIDE} px, got {value!r}: e.g. [1250, 500], "
+                         "or null for the median size of the good training frames")
     return tuple(sides) if len(sides) == 2 else sides[0]
 
 
@@ -517,9 +518,11 @@ class TilingParams(_Strict):
     @field_validator("overlap")
     @classmethod
     def _overlap(cls, value: float) -> float:
-        if not (math.isfinite(value) and 0.0 <= value < 1.0):
+        if not math.isfinite(value) or value < 0.0:
+            raise ValueError(f"must be a share of a tile in [0, 1) (e.g. 0.25; 0 = tiles side by side), got {value!r}")
+        if value >= 1.0:
             raise ValueError(f"must be a share of a tile in [0, 1) (e.g. 0.25), got {value!r}: an overlap of 1 (100 %) "
-                             "would never advance to the next tile")
+                             "or more would never advance to the next tile")
         return value
 
 

@@ -251,7 +251,9 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         "image_size": to_json(size),  # a side, or [height, width]
         "batch_size": detector.batch_size,
         "input": {"name": INPUT_NAME, "shape": ["N", 3, height, width], "dtype": "float32", "range": [0.0, 1.0],
-                  "resize": RESIZE_NOTE},
+                  "resize": RESIZE_NOTE if detector.tiling is None else
+                  RESIZE_NOTE.replace("resized to image_size", "resized to tiling.frame_size, then cut into tiles of "
+                                      "image_size (see tiling)")},
         "outputs": {
             "score": f"(N,) raw image score of the decision view (see decision): {detector.score_spec.label} of its map (see score)",
             "normalized_score": "(N,) in [0, 1]; 0.5 = the threshold (see normalization)",

@@ -5,7 +5,8 @@ scratches, PNG) is scored by the whole predict path (decode, resize or tile, sco
 regions, overlay, table) of a seeded, untrained model, in a fresh process per phase so that
 each peak resident memory (VmHWM) is its own:
 
-- ``floor``: the model loaded and one batch of tiles scored, no frame: what any phase costs;
+- ``floor``: predict on a frame of one tile (`image_size`, untiled): what any phase costs
+  whatever the frame (the model, predict's overlay, table and imports);
 - ``tiled``: `tiling.enabled`, the frame at its own size (`tiling.frame_size` = the frame),
   tiles of `image_size`;
 - ``squashed``: no tiling, the frame resized to `image_size` (what an untiled model does).
@@ -28,7 +29,6 @@ from dualstpm.benchmark import _peak_rss_mib
 from dualstpm.compute import Compute
 from dualstpm.config import Params, validate
 from dualstpm.progress import say
-from dualstpm.sizes import hw
 
 #: rows of the test frame generated at a time (its uint8 array is the only frame-sized buffer)
 ROW_BLOCK = 1024
@@ -53,20 +53,14 @@ def write_test_frame(path: Path, height: int, width: int, seed: int = 0) -> Path
 
 
 def _phase(phase: str, run_dir: str, frame: str, out_dir: str, queue: multiprocessing.Queue) -> None:
-    import torch
-
     from dualstpm.detector import Detector
     from dualstpm.predict import predict
 
     detector = Detector.load(Path(run_dir), Compute.resolve("cpu", "float32"))
     start = time.perf_counter()
-    if phase == "floor":
-        size = detector.tiling.tile if detector.tiling is not None else hw(detector.frame_size)
-        detector.infer(torch.rand(detector.batch_size, 3, *size))
-    else:
-        table = predict(detector, [Path(frame)], Path(out_dir))
-        if (table["error"] != "").any():
-            raise RuntimeError(f"the frame was not scored: {table['error'].iloc[0]}")
+    table = predict(detector, [Path(frame)], Path(out_dir))
+    if (table["error"] != "").any():
+        raise RuntimeError(f"the frame was not scored: {table['error'].iloc[0]}")
     queue.put({"seconds": time.perf_counter() - start, "peak_rss_mib": _peak_rss_mib()})
 
 
@@ -112,6 +106,7 @@ def frame_benchmark(params: Params, height: int, width: int) -> dict:
         work = Path(work)
         say(f"writing a {height} x {width} test frame")
         frame = write_test_frame(work / "frame.png", height, width)
+        one_tile = write_test_frame(work / "one_tile.png", *tiled.size)
         torch.manual_seed(params.seed)
         model = build_model(squashed, cpu).eval()
         small = resize_image(read_image(frame, params.data.max_image_pixels), squashed.size)[None]
@@ -119,9 +114,10 @@ def frame_benchmark(params: Params, height: int, width: int) -> dict:
                                 "bench-frame")
         for name, variant in (("tiled", tiled), ("squashed", squashed)):
             save_detector(work / name, model, variant, calibration)
-        for phase, run in (("floor", "tiled"), ("tiled", "tiled"), ("squashed", "squashed")):
+        for phase, run, image in (("floor", "squashed", one_tile), ("tiled", "tiled", frame),
+                                  ("squashed", "squashed", frame)):
             say(f"phase {phase}")
-            results[phase] = _run(phase, work / run, frame, work / f"out-{phase}")
+            results[phase] = _run(phase, work / run, image, work / f"out-{phase}")
     floor = results["floor"]["peak_rss_mib"]
     for phase in ("tiled", "squashed"):
         figures = results[phase]

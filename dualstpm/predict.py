@@ -274,6 +274,6 @@ def predict(detector: Scorer, paths: Sequence[Path], out_dir: Path, threshold: f
     for stale in previous - taken:
         (out_dir / stale).unlink(missing_ok=True)
     write_batch_summary(out_dir, table, {"decision_view": detector.decision_view, "threshold": detector.threshold})
-    if (note := stretch_note(stretches, detector.frame_size)) is not None:  # a squash is never silent
+    if (note := stretch_note(stretches, detector.frame_size, detector.tiling is not None)) is not None:  # a squash is never silent
         say(f"[bold yellow]warning:[/] {escape(note)}")
     return table

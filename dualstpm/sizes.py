@@ -120,13 +120,18 @@ def native_size(shapes: Iterable[tuple[int, int]], long_side: int) -> tuple[int,
 STRETCH_NOTE = 1.1
 
 
-def stretch_note(changes: Iterable[float], size: ImageSize) -> str | None:
+def stretch_note(changes: Iterable[float], size: ImageSize, tiled: bool = False) -> str | None:
     """What `predict` says about its images' :func:`aspect_change` values at the model's
-    `size`: None when none exceeds :data:`STRETCH_NOTE`, else how many and by how much."""
+    `size` (its input, or under tiling (`tiled`) its frame size): None when none exceeds
+    :data:`STRETCH_NOTE`, else how many and by how much."""
     changes = list(changes)
     over = [c for c in changes if c > STRETCH_NOTE]
     if not over:
         return None
+    if tiled:
+        return (f"{len(over)} of {len(changes)} images have another aspect ratio than the model's {describe(size)} "
+                f"frames (tiling.frame_size) and are stretched to it by up to {max(over):.2f}x: defects change shape. "
+                "Retrain with tiling.frame_size set to these images' [height, width] (docs/frames.md#tiling)")
     return (f"{len(over)} of {len(changes)} images have another aspect ratio than the model's {describe(size)} "
             f"input and are stretched to it by up to {max(over):.2f}x: defects change shape. Retrain on images like "
             "these (with data.keep_aspect=true the model keeps their aspect: docs/frames.md)")

@@ -87,9 +87,9 @@ def test_cut_all_is_every_tile_of_every_frame_in_order():
 
 
 @pytest.mark.parametrize(("overrides", "fragment"), [
-    (["tiling.overlap=1"], "an overlap of 1 (100 %) would never advance"),
-    (["tiling.overlap=-0.1"], "in [0, 1)"),
-    (["tiling.frame_size=0"], "between 1 and 16384 px"),
+    (["tiling.overlap=1"], "an overlap of 1 (100 %) or more would never advance"),
+    (["tiling.overlap=-0.1"], "in [0, 1) (e.g. 0.25; 0 = tiles side by side), got -0.1"),
+    (["tiling.frame_size=0"], "between 1 and 16384 px, got 0: e.g. [1250, 500], or null"),
     (["tiling.frame_size=[100, 20000]"], "between 1 and 16384 px"),
     (["tiling.frame_size=[100, 2.5]"], "two whole numbers"),
     (["tiling.enabled=true", "image_size=128", "tiling.frame_size=[100, 500]"],

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 #: the function an export's metadata names as the tiling its deployment must run
-TILING_FUNCTION = "dualstpm.model.tiling.stitched"
+TILING_FUNCTION = "dualstpm.model.inference.infer_frames"
 
 
 def axis_origins(length: int, tile: int, overlap: float) -> tuple[int, ...]:
