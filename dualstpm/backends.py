@@ -23,7 +23,7 @@ import torch
 from dualstpm.errors import ExportError
 from dualstpm.export import METADATA_FILE, MODEL_FILES, export_run
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES, InferenceOutput
-from dualstpm.config import ScoreParams
+from dualstpm.detector import read_score_spec
 from dualstpm.model.calibration import ScoreNormalization
 from dualstpm.model.fusion import ScoreSpec
 from dualstpm.model.regions import RegionSpec
@@ -136,7 +136,7 @@ def _scoring(metadata: dict, meta_path: Path) -> tuple[ScoreSpec, ScoreNormaliza
     """The export's image-score reduction and normalisation (`score`, `normalization`), which a
     tiled frame's scores are computed with outside the graph. ExportError for a bad record."""
     try:
-        score = ScoreSpec.from_params(ScoreParams(**{k: v for k, v in metadata["score"].items() if k != "function"}))
+        score = read_score_spec({k: v for k, v in metadata["score"].items() if k != "function"})
         norm = metadata["normalization"]
         return score, ScoreNormalization(float(norm["threshold"]), float(norm["val_min"]))
     except (KeyError, TypeError, ValueError) as exc:

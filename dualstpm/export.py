@@ -37,8 +37,7 @@ from dualstpm.compute import Compute
 from dualstpm.detector import Detector
 from dualstpm.errors import ExportError
 from dualstpm.files import staged_dir, write_json
-from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES
-from dualstpm.model.tiling import TILING_FUNCTION
+from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES, TILING_FUNCTION
 from dualstpm.progress import stage
 from dualstpm.rundir import MODEL_SUBDIR, PARAMS_FILE, RunDir, read_optional_json
 from dualstpm.sizes import hw, to_json

@@ -78,6 +78,16 @@ def tiny_params():
     return load_params(None, TINY_OVERRIDES)
 
 
+def fit_tiny(tmp_path_factory: pytest.TempPathFactory, root: Path, category: str, name: str, *overrides: str) -> Path:
+    """A run directory `name` fitted on `category` of `root` with TINY_OVERRIDES plus `overrides`."""
+    from dualstpm.config import load_params
+    from dualstpm.training import fit
+
+    run_dir = tmp_path_factory.mktemp("runs") / name
+    fit(load_params(None, [*TINY_OVERRIDES, *overrides]), root, category, run_dir)
+    return run_dir
+
+
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path, tiny_params) -> Path:
     """A run directory fitted on `synth_texture` (shared by tests that only read it)."""

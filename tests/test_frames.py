@@ -18,7 +18,7 @@ from dualstpm.data import decode_images, decode_masks, resize_mask
 from dualstpm.data.mvtec import Sample
 from dualstpm.errors import ConfigError
 from dualstpm.sizes import as_param, aspect_change, describe, from_json, hw, native_size, pixel_count, stretch_note, to_json
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import fit_tiny
 
 # --- the size helpers -----------------------------------------------------------------------
 
@@ -186,12 +186,7 @@ def wide_root(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) ->
 
 @pytest.fixture(scope="module")
 def wide_run(tmp_path_factory: pytest.TempPathFactory, wide_root: Path) -> Path:
-    from dualstpm.training import fit
-
-    params = load_params(None, [*TINY_OVERRIDES, "image_size=64", "data.keep_aspect=true", "fit.epochs=1"])
-    run_dir = tmp_path_factory.mktemp("runs") / "wide"
-    fit(params, wide_root, "wide", run_dir)
-    return run_dir
+    return fit_tiny(tmp_path_factory, wide_root, "wide", "wide", "image_size=64", "data.keep_aspect=true", "fit.epochs=1")
 
 
 def test_a_rectangular_model_is_fitted_tested_and_predicted_at_its_own_size(wide_run: Path, wide_root: Path,

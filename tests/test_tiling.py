@@ -16,7 +16,7 @@ import torch
 from dualstpm.config import load_params
 from dualstpm.errors import ConfigError
 from dualstpm.model.tiling import TileGrid, Tiling, axis_origins, axis_owners, stitched
-from tests.conftest import TINY_OVERRIDES
+from tests.conftest import fit_tiny
 
 
 # --- the grid -----------------------------------------------------------------------------
@@ -130,12 +130,8 @@ def test_frames_smaller_than_a_tile_are_refused_at_fit_with_the_fix():
 @pytest.fixture(scope="module")
 def tiled_run(tmp_path_factory: pytest.TempPathFactory, synthetic_root: Path) -> Path:
     """synth_texture's 64 px frames, tiles of 32 px at overlap 0.25: 3 x 3 tiles per frame."""
-    from dualstpm.training import fit
-
-    params = load_params(None, [*TINY_OVERRIDES, "image_size=32", "tiling.enabled=true", "fit.epochs=1"])
-    run_dir = tmp_path_factory.mktemp("runs") / "tiled"
-    fit(params, synthetic_root, "synth_texture", run_dir)
-    return run_dir
+    return fit_tiny(tmp_path_factory, synthetic_root, "synth_texture", "tiled",
+                    "image_size=32", "tiling.enabled=true", "fit.epochs=1")
 
 
 def _test_frames(root: Path) -> torch.Tensor:

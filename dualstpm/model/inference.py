@@ -54,6 +54,8 @@ from dualstpm.model.torch_model import DualStpmModel
 INPUT_NAME = "images"
 #: the view of a fusion `dualstpm ablate` applied (a metrics.json row, a thresholds key)
 CHOSEN_VIEW = "chosen"
+#: what an export's metadata names as the tiling its deployment must run (:func:`infer_frames`)
+TILING_FUNCTION = f"{__name__}.infer_frames"
 #: six-map values a stored stack is upcast and scored at a time: 16 MB as float32, reused by malloc
 STACK_CHUNK_ELEMENTS = 2**22
 #: side of the constant maps the `disc` view's typical level is read from (beyond its receptive field)

@@ -38,9 +38,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-#: the function an export's metadata names as the tiling its deployment must run
-TILING_FUNCTION = "dualstpm.model.inference.infer_frames"
-
 
 def axis_origins(length: int, tile: int, overlap: float) -> tuple[int, ...]:
     """Tile origins along one axis (module docstring): flush with both ends, evenly spread,
