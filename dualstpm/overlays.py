@@ -38,8 +38,11 @@ from typing import TYPE_CHECKING
 
 import matplotlib
 import numpy as np
+import torch
+import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
+from dualstpm.data.images import as_float_rgb
 from dualstpm.errors import RunError
 from dualstpm.model.fusion import FusionSpec
 from dualstpm.model.inference import Scorer
@@ -151,8 +154,7 @@ def _draw_regions(pixels: np.ndarray, shown: RegionsShown) -> Image.Image:
     """`pixels` (the displayed overlay, (height, width, 3) uint8) with the regions outlined and
     the largest labelled with their areas (module docstring)."""
     height, width = pixels.shape[:2]
-    labels = np.asarray(Image.fromarray(shown.found.labels.astype(np.int32), mode="I")
-                        .resize((width, height), Image.Resampling.NEAREST))
+    labels = _nearest(shown.found.labels, (width, height))
     padded = np.pad(labels, 1, mode="edge")
     edge = (labels > 0) & ((padded[:-2, 1:-1] != labels) | (padded[2:, 1:-1] != labels)
                            | (padded[1:-1, :-2] != labels) | (padded[1:-1, 2:] != labels))
@@ -178,11 +180,33 @@ def _draw_regions(pixels: np.ndarray, shown: RegionsShown) -> Image.Image:
     return picture
 
 
+def _nearest(labels: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W) label array at `size` = (width, height), nearest neighbour: output pixel i
+    takes source pixel floor((i + 0.5) * H / height), PIL's rule (which may round an exact
+    integer down); sampled by index, so a
+    frame-sized array is never copied."""
+    rows = np.minimum(((np.arange(size[1]) + 0.5) * labels.shape[0] / size[1]).astype(np.int64), labels.shape[0] - 1)
+    cols = np.minimum(((np.arange(size[0]) + 0.5) * labels.shape[1] / size[0]).astype(np.int64), labels.shape[1] - 1)
+    return labels[np.ix_(rows, cols)]
+
+
 def _resized(array: np.ndarray, size: tuple[int, int], resample: Image.Resampling) -> np.ndarray:
-    """A float (H, W) or (H, W, 3) array resized to `size` = (width, height)."""
+    """An image resized to `size` = (width, height): float (H, W) or (H, W, 3) channel by
+    channel, 8-bit pixels (uint8 (H, W) or (H, W, 3)) as they are (no float copy of a frame)."""
+    if array.dtype == np.uint8:
+        return np.asarray(Image.fromarray(array).resize(size, resample))
     if array.ndim == 2:
-        return np.asarray(Image.fromarray(array.astype(np.float32), mode="F").resize(size, resample))
+        return np.asarray(Image.fromarray(np.asarray(array, dtype=np.float32), mode="F").resize(size, resample))
     return np.stack([_resized(array[..., c], size, resample) for c in range(array.shape[-1])], axis=-1)
+
+
+def _resized_map(anomaly_map: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """An (H, W) map resized to `size` = (width, height), bilinear, antialiased when shrinking
+    (what PIL's bilinear does); torch reads the map in place, so a frame-sized map is not copied."""
+    values = torch.from_numpy(np.asarray(anomaly_map, dtype=np.float32))[None, None]
+    shrinking = size[0] < anomaly_map.shape[1] or size[1] < anomaly_map.shape[0]
+    return F.interpolate(values, size=(size[1], size[0]), mode="bilinear", align_corners=False,
+                         antialias=shrinking)[0, 0].numpy()
 
 
 def _band(width: int, scale: OverlayScale, lines: Sequence[tuple[str, tuple[int, int, int]]]) -> Image.Image:
@@ -225,7 +249,8 @@ def draw_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: OverlayScale
                  width: int | None = None, regions: RegionsShown | None = None) -> Image.Image:
     """The heat-map overlay of one image, with its caption and colour bar below it.
 
-    image: (H, W, 3) float RGB in [0, 1]; anomaly_map: (H, W) fused map of the decision
+    image: (H, W, 3) float RGB in [0, 1] (`read_image`), or 8-bit pixels (`read_frame`: uint8
+    (H, W) gray or (H, W, 3)); anomaly_map: (H, W) fused map of the decision
     view at the image's size; score and label: the image's decision; title: e.g. its
     name; mask: optional (h, w) ground truth at any size, outlined in white; width: the
     displayed width in px (default: the image's own, at least MIN_WIDTH, and at most what keeps
@@ -242,7 +267,8 @@ def draw_overlay(image: np.ndarray, anomaly_map: np.ndarray, scale: OverlayScale
     height = max(1, round(height_in * width / width_in))
     if (width, height) != (width_in, height_in):
         image = _resized(image, (width, height), Image.Resampling.BILINEAR)
-        anomaly_map = _resized(anomaly_map, (width, height), Image.Resampling.BILINEAR)
+        anomaly_map = _resized_map(anomaly_map, (width, height))
+    image = as_float_rgb(image)
     alpha = scale.opacity(anomaly_map)[..., None]
     blended = (1 - alpha) * np.clip(image, 0.0, 1.0) + alpha * scale.colours(anomaly_map)
     pixels = (blended * 255).round().astype(np.uint8)

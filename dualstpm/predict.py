@@ -16,11 +16,12 @@ import torch
 from rich.markup import escape
 
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
-from dualstpm.data import IMAGE_SUFFIXES, list_images, read_image, resize_image, resize_map
+from dualstpm.data import IMAGE_SUFFIXES, list_images, resize_image, resize_map
+from dualstpm.data.images import read_frame
 from dualstpm.data.input_stats import INPUT_STATISTICS, image_statistics
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file, json_text, write_csv, write_text
-from dualstpm.model.inference import Scorer, score_frames
+from dualstpm.model.inference import Scorer, scale_images, score_frames
 from dualstpm.model.regions import RegionMap, RegionSpec
 from dualstpm.monitor import write_batch_summary
 from dualstpm.overlays import RegionsShown, decision_label, draw_overlay, overlay_scale
@@ -94,7 +95,8 @@ TILE_PROGRESS_MIN = 64
 
 
 def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: float | None = None) -> list[ImagePrediction]:
-    """Score decoded images (float HxWx3 in [0, 1], any size): the one scoring path of
+    """Score decoded images (any size: `read_image`'s float HxWx3 in [0, 1], or `read_frame`'s
+    8-bit pixels): the one scoring path of
     `dualstpm predict` and the MLflow model, whatever the backend (a `Detector` or an
     export, `dualstpm.backends`), so all give the same numbers. A `threshold` override
     changes the label only; the normalised score stays relative to the stored threshold."""
@@ -105,7 +107,8 @@ def score_images(detector: Scorer, originals: Sequence[np.ndarray], threshold: f
         chunk = originals[start : start + detector.batch_size]
         # resized to the input size, or under tiling to the frame size and scored tile by tile
         frames = [resize_image(o, detector.frame_size) for o in chunk]
-        frames = frames[0][None] if len(frames) == 1 else torch.stack(frames)  # one frame: a view, no copy
+        # one frame: a view, no copy (8-bit pixels stay uint8: scored a batch of tiles at a time)
+        frames = frames[0][None] if len(frames) == 1 else torch.stack([scale_images(f) for f in frames])
         tiles = 0 if detector.tiling is None else detector.tiling.grid(hw(detector.frame_size)).count * len(chunk)
         if tiles > TILE_PROGRESS_MIN:  # a frame of many tiles gets its own bar
             with stage("scoring tiles", tiles, "tiles") as progress:
@@ -206,7 +209,7 @@ def _read_each(chunk: Sequence[Path], max_pixels: int) -> list[np.ndarray | Data
     decoded: list[np.ndarray | DataError] = []
     for path in chunk:
         try:
-            decoded.append(read_image(path, max_pixels))
+            decoded.append(read_frame(path, max_pixels))  # 8-bit pixels stay bytes (large frames)
         except DataError as exc:
             decoded.append(exc)
     return decoded

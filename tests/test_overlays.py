@@ -306,3 +306,16 @@ def test_the_grid_heading_names_the_view_its_fusion_and_threshold():
                       "threshold 0.5 on the image score max; white outline: ground truth")
     assert grid_heading("wood", "recon", FusionSpec(), 2.0, "max").startswith(
         "wood: recon view: branch B (reconstruction) alone; threshold 2 ")
+
+
+def test_an_overlay_of_8_bit_gray_pixels_is_the_overlay_of_their_float_image():
+    from dualstpm.data.images import as_float_rgb
+    from dualstpm.overlays import OverlayScale, draw_overlay
+
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (300, 280), dtype=np.uint8)  # no resize: at least MIN_WIDTH wide
+    anomaly_map = rng.random((300, 280)).astype(np.float32)
+    scale = OverlayScale(low=0.2, threshold=0.6)
+    ours = draw_overlay(gray, anomaly_map, scale, 0.7, "defective", title="x.png")
+    theirs = draw_overlay(as_float_rgb(gray), anomaly_map, scale, 0.7, "defective", title="x.png")
+    assert np.array_equal(np.asarray(ours), np.asarray(theirs))

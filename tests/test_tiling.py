@@ -195,3 +195,101 @@ def test_an_export_tiles_as_pytorch_does(tiled_run: Path, synthetic_root: Path, 
     np.testing.assert_allclose(theirs.score.numpy(), ours.score.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(theirs.anomaly_map.numpy(), ours.anomaly_map.numpy(), rtol=1e-4, atol=1e-5)
     assert torch.equal(theirs.label, ours.label)
+
+
+# --- memory: scoring a large 8-bit frame holds it as bytes and never assembles the branch maps
+
+
+@pytest.mark.parametrize(("reduce", "expected"), [("max", 15.0), ("topk_mean", 13.5)])
+def test_a_score_streamed_window_by_window_is_the_whole_maps_score(reduce: str, expected: float):
+    from dualstpm.model.fusion import ScoreSpec, StreamedScore
+
+    # a 4 x 4 map of 0..15 in four 2 x 2 windows; topk 0.25 of 16 pixels: k = 4, the mean of 12..15
+    values = torch.arange(16.0).reshape(4, 4)
+    streamed = StreamedScore(ScoreSpec(reduce, topk=0.25), (4, 4))
+    for rows in (slice(0, 2), slice(2, 4)):
+        for cols in (slice(0, 2), slice(2, 4)):
+            streamed.add(rows, cols, values[rows, cols])
+    assert float(streamed.result()) == expected
+
+
+def test_a_streamed_top_k_stays_exact_when_its_candidates_are_cut_back():
+    from dualstpm.model.fusion import ScoreSpec, StreamedScore
+
+    # an 8 x 8 map of 0..63 one pixel at a time: k = round(0.05 * 64) = 3, so the candidates
+    # are cut back to 3 after every 13th pixel; the top 3 are 61, 62, 63, their mean 62
+    values = torch.arange(64.0).reshape(8, 8)
+    streamed = StreamedScore(ScoreSpec("topk_mean", topk=0.05), (8, 8))
+    for r in range(8):
+        for c in range(8):
+            streamed.add(slice(r, r + 1), slice(c, c + 1), values[r : r + 1, c : c + 1])
+    assert streamed.k == 3 and float(streamed.result()) == 62.0
+
+
+def test_a_streamed_smoothed_max_is_the_blurred_whole_map_and_a_gap_is_refused():
+    from dualstpm.model.fusion import ScoreSpec, StreamedScore, image_score
+
+    values = torch.zeros(6, 6)
+    values[2, 3] = 1.0  # a hot pixel next to the windows' border: the blur must cross it
+    spec = ScoreSpec("smoothed_max", sigma=1.0)
+    streamed = StreamedScore(spec, (6, 6))
+    streamed.add(slice(0, 6), slice(0, 3), values[:, :3])
+    streamed.add(slice(0, 6), slice(3, 6), values[:, 3:])
+    assert float(streamed.result()) == float(image_score(values[None], spec)[0])
+    partial = StreamedScore(ScoreSpec("max"), (6, 6))
+    partial.add(slice(0, 6), slice(0, 3), values[:, :3])
+    with pytest.raises(ValueError, match="covered 18 pixels of a 6 x 6 map"):
+        partial.result()
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_an_8_bit_frame_is_read_as_bytes_and_scored_as_its_float_image(tmp_path: Path, mode: str):
+    from PIL import Image
+
+    from dualstpm.data import read_image, resize_image
+    from dualstpm.data.images import as_float_rgb, read_frame
+    from dualstpm.data.input_stats import image_statistics
+    from dualstpm.model.inference import scale_images
+
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (40, 30) if mode == "L" else (40, 30, 3), dtype=np.uint8)
+    path = tmp_path / "frame.png"
+    Image.fromarray(pixels, mode=mode).save(path)
+    frame, image = read_frame(path), read_image(path)
+    assert frame.dtype == np.uint8 and np.array_equal(frame, pixels)  # 1 or 3 bytes per pixel, as stored
+    assert np.array_equal(as_float_rgb(frame), image)
+    assert image_statistics(frame) == image_statistics(image)
+    at_size = resize_image(frame, (40, 30))
+    assert at_size.dtype == torch.uint8 and at_size.shape == (3, 40, 30)  # a view: no float copy of the frame
+    assert torch.equal(scale_images(at_size), resize_image(image, (40, 30)))  # / 255 gives the float image
+    assert torch.equal(resize_image(frame, 32), resize_image(image, 32))  # any other size: resized in float
+
+
+def test_a_16_bit_frame_is_read_as_its_float_image(tmp_path: Path):
+    from PIL import Image
+
+    from dualstpm.data import read_image
+    from dualstpm.data.images import read_frame
+
+    path = tmp_path / "deep.png"
+    Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(path)
+    frame = read_frame(path)
+    assert frame.dtype == np.float32 and frame.shape == (20, 30, 3)
+    assert np.array_equal(frame, read_image(path))
+    assert frame[0, 1, 0] == np.float32(100 / 65535)  # pixel value 100, the 16-bit full scale 65535
+
+
+def test_predict_on_an_8_bit_frame_gives_the_float_frames_numbers(tiled_run: Path, synthetic_root: Path):
+    from dualstpm.data import read_image
+    from dualstpm.data.images import read_frame
+    from dualstpm.detector import Detector
+    from dualstpm.predict import score_images
+
+    detector = Detector.load(tiled_run)
+    paths = sorted((synthetic_root / "synth_texture" / "test").rglob("*.png"))[:3]
+    as_bytes = score_images(detector, [read_frame(p) for p in paths])
+    as_floats = score_images(detector, [read_image(p) for p in paths])
+    assert read_frame(paths[0]).dtype == np.uint8
+    for a, b in zip(as_bytes, as_floats, strict=True):
+        assert (a.score, a.stpm_score, a.recon_score, a.label) == (b.score, b.stpm_score, b.recon_score, b.label)
+        assert np.array_equal(a.anomaly_map, b.anomaly_map)

@@ -207,15 +207,34 @@ def read_image_bytes(data: bytes, name: str = "image", max_pixels: int = DEFAULT
     return _float_rgb(_decode(name, data, max_pixels, fix), name)
 
 
-def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
-    """Pixels / full scale as float32 HxWx3, written straight into the result (a gray frame is
-    converted once and copied to the other two channels: no intermediate frame-sized array)."""
-    pixels, full_scale = _pixels(decoded)
-    if full_scale == 1.0 and pixels.size and not (pixels.min() >= 0.0 and pixels.max() <= 1.0):
-        raise DataError(
-            f"cannot read image {where}: float pixels span "
-            f"[{pixels.min():g}, {pixels.max():g}], not [0, 1]. Save it as an 8- or 16-bit image."
-        )
+def read_frame(path: Path, max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> np.ndarray:
+    """Decode an image file for scoring, keeping 8-bit pixels as they are: an 8-bit file gives
+    its uint8 pixels, HxW (gray) or HxWx3 (colour), 1 or 3 bytes per pixel instead of
+    `read_image`'s 12; any other file gives `read_image`'s float32 HxWx3 array.
+
+    `as_float_rgb` turns either into exactly `read_image`'s array (a block of rows at a time
+    if need be), and every consumer of `dualstpm predict` (the scoring, the input statistics,
+    the overlay) takes either: so a large 8-bit frame is held once, as bytes. Raises as
+    `read_image`.
+    """
+    pixels, full_scale = _pixels(_decode(Path(path), max_pixels=max_pixels))
+    if pixels.dtype == np.uint8:
+        return pixels
+    return as_float_rgb(_in_range(pixels, full_scale, Path(path).absolute()), full_scale)
+
+
+def as_float_rgb(pixels: np.ndarray, full_scale: float | None = None) -> np.ndarray:
+    """Pixels (HxW gray or HxWx3) / `full_scale` as float32 HxWx3: `read_image`'s array.
+
+    `full_scale` None takes what `read_frame` returns: uint8 pixels are divided by 255, a
+    float32 HxWx3 image is returned as it is. The result is written straight into place (a
+    gray frame is converted once and copied to the other two channels: no intermediate
+    frame-sized array).
+    """
+    if full_scale is None:
+        if pixels.dtype != np.uint8:
+            return pixels
+        full_scale = 255.0
     image = np.empty((*pixels.shape[:2], 3), dtype=np.float32)
     if pixels.ndim == 2:
         np.divide(pixels, np.float32(full_scale), out=image[..., 0], dtype=np.float32)
@@ -224,6 +243,23 @@ def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
     else:
         np.divide(pixels, np.float32(full_scale), out=image, dtype=np.float32)
     return image
+
+
+def _in_range(pixels: np.ndarray, full_scale: float, where: object) -> np.ndarray:
+    """`pixels` as they are; DataError naming `where` for float pixels outside [0, 1]."""
+    if full_scale == 1.0 and pixels.size and not (pixels.min() >= 0.0 and pixels.max() <= 1.0):
+        raise DataError(
+            f"cannot read image {where}: float pixels span "
+            f"[{pixels.min():g}, {pixels.max():g}], not [0, 1]. Save it as an 8- or 16-bit image."
+        )
+    return pixels
+
+
+def _float_rgb(decoded: Image.Image, where: object) -> np.ndarray:
+    """A decoded image's pixels / full scale as float32 HxWx3 (`as_float_rgb`); DataError for
+    float pixels outside [0, 1]."""
+    pixels, full_scale = _pixels(decoded)
+    return as_float_rgb(_in_range(pixels, full_scale, where), full_scale)
 
 
 # Three or more values within this many levels are class indices (0 background, 1, 2, ...

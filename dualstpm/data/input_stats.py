@@ -17,13 +17,13 @@ size, before any resize):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from dualstpm.data.images import read_image
+from dualstpm.data.images import as_float_rgb, read_image
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B
 INPUT_STATISTICS = ("brightness", "contrast")
@@ -32,16 +32,24 @@ MAX_REFERENCE = 1000  # values kept per statistic: the empirical quantiles beyon
 
 
 def image_statistics(image: np.ndarray) -> dict[str, float]:
-    """``{"brightness", "contrast"}`` of a decoded image (float HxWx3 in [0, 1]; module docstring).
-    Raises ValueError for an array that is not HxWx3."""
+    """``{"brightness", "contrast"}`` of a decoded image (module docstring): `read_image`'s float
+    HxWx3 in [0, 1], or `read_frame`'s 8-bit pixels (uint8 HxW or HxWx3), which give the same
+    figures as their float image. The luma is made a block of rows at a time (LUMA_BLOCK
+    pixels), in two passes (the mean, then the deviations from it), so a large frame needs no
+    frame-sized float copy. Raises ValueError for an array that is neither."""
     image = np.asarray(image)
-    if image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 image, got shape {image.shape}")
-    luma = np.empty(image.shape[:2], dtype=np.float64)  # in float64, a block of rows at a time (no float64 copy)
+    if not (image.ndim == 3 and image.shape[2] == 3 or image.ndim == 2 and image.dtype == np.uint8):
+        raise ValueError(f"expected an HxWx3 image (or HxW 8-bit gray pixels), got shape {image.shape}")
     step = max(1, LUMA_BLOCK // max(1, image.shape[1]))
-    for start in range(0, len(luma), step):
-        luma[start : start + step] = image[start : start + step].astype(np.float64) @ np.asarray(LUMA)
-    return {"brightness": float(luma.mean()), "contrast": float(luma.std())}
+
+    def lumas() -> Iterator[np.ndarray]:  # float64 luma of each block of rows, as read_image's pixels give it
+        for start in range(0, len(image), step):
+            yield as_float_rgb(image[start : start + step]).astype(np.float64) @ np.asarray(LUMA)
+
+    n = image.shape[0] * image.shape[1]
+    mean = sum(luma.sum() for luma in lumas()) / n
+    deviation = sum(np.square(luma - mean).sum() for luma in lumas()) / n
+    return {"brightness": float(mean), "contrast": float(np.sqrt(deviation))}
 
 
 def input_reference(paths: Sequence[Path], max_pixels: int) -> dict[str, Any]:

@@ -8,6 +8,7 @@ Normalisation is not done here: it belongs to the teacher (its own mean and std)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,7 @@ import torch.nn.functional as F
 from scipy import ndimage
 
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
-from dualstpm.data.images import LOSSY_MASK_MIN_CONTRAST, image_size_of, read_image, read_mask_file
+from dualstpm.data.images import LOSSY_MASK_MIN_CONTRAST, as_float_rgb, image_size_of, read_image, read_mask_file
 from dualstpm.data.mvtec import Sample
 from dualstpm.progress import stage
 from dualstpm.sizes import ImageSize, describe, hw, to_json
@@ -28,10 +29,21 @@ T = TypeVar("T")
 
 
 def resize_image(image: np.ndarray, size: ImageSize) -> torch.Tensor:
-    """HxWx3 float array -> (3, h, w) float32 at `size` ((h, w), or an int side: a square),
-    bilinear with antialiasing (no aliasing when shrinking large inspection images, which
-    would add fake texture). An image already at `size` is returned as a (3, h, w) view of it."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)
+    """A decoded image -> (3, h, w) at `size` ((h, w), or an int side: a square), bilinear with
+    antialiasing (no aliasing when shrinking large inspection images, which would add fake
+    texture).
+
+    `image` is `read_image`'s float32 HxWx3 in [0, 1], or `read_frame`'s 8-bit pixels (uint8
+    HxW or HxWx3). An image already at `size` is returned as a view of it, no copy (a frame
+    under tiling): float32, or uint8 (a gray frame's one plane seen three times) which the
+    scoring divides by 255 a batch of tiles at a time (`dualstpm.model.inference.scale_images`),
+    giving exactly the values of the float image. Any other is resized in float32."""
+    if image.dtype == np.uint8 and tuple(image.shape[:2]) == hw(size):
+        with warnings.catch_warnings():  # PIL's pixels are read-only; nothing writes into a frame
+            warnings.filterwarnings("ignore", "The given NumPy array is not writable", UserWarning)
+            pixels = torch.from_numpy(image)
+        return pixels.expand(3, *pixels.shape) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
+    tensor = torch.from_numpy(np.ascontiguousarray(as_float_rgb(image), dtype=np.float32)).permute(2, 0, 1)
     if tuple(tensor.shape[-2:]) == hw(size):  # already at size: a view, not a copy (a frame under tiling)
         return tensor
     resized = F.interpolate(tensor[None], size=hw(size), mode="bilinear",

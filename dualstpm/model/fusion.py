@@ -174,3 +174,59 @@ def image_score(fused: Tensor, spec: ScoreSpec) -> Tensor:
         k = topk_count(int(fused.shape[-2]) * int(fused.shape[-1]), spec.topk)
         return flat.topk(k, dim=1, sorted=False).values.mean(dim=1)
     return flat.amax(dim=1)
+
+
+class StreamedScore:
+    """`image_score` of one (H, W) map that arrives as disjoint pieces (the windows that a
+    tiled frame's tiles own: `dualstpm.model.tiling.owned_windows`), holding the map only where
+    the reduction needs it:
+
+    - `max`: a running maximum;
+    - `topk_mean`: the largest values seen so far, at most a few k of them (k =
+      `topk_count(H * W, topk)` of the whole map). Exact: the k largest values of a union are
+      among the k largest of its parts, so the candidates are cut back to k whenever they
+      exceed COMPACT_AT times k. The mean of the same k values may differ from
+      `image_score`'s in the last digit (another summation order);
+    - `smoothed_max`: the blur crosses the pieces' borders, so the whole map is assembled and
+      reduced by `image_score` at the end.
+
+    Args: spec, the reduction; shape, (H, W) of the whole map. `add(rows, cols, values)` takes
+    the piece at frame rows and columns (slices) of shape (h, w); `result()` the () score.
+    Raises ValueError from `result` when pieces covered fewer pixels than the map has.
+    """
+
+    COMPACT_AT = 4
+
+    def __init__(self, spec: ScoreSpec, shape: tuple[int, int]) -> None:
+        self.spec, self.shape = spec, (int(shape[0]), int(shape[1]))
+        self.k = topk_count(self.shape[0] * self.shape[1], spec.topk)
+        self.seen = 0
+        self._parts: list[Tensor] = []  # topk_mean: candidate values; max: running maxima
+        self._held = 0
+        self._map: Tensor | None = None  # smoothed_max: the assembled map
+
+    def add(self, rows: slice, cols: slice, values: Tensor) -> None:
+        self.seen += values.numel()
+        if self.spec.reduce == "smoothed_max":
+            if self._map is None:
+                self._map = values.new_empty(self.shape)
+            self._map[rows, cols] = values
+        elif self.spec.reduce == "topk_mean":
+            flat = values.flatten()
+            part = flat.topk(self.k, sorted=False).values if flat.numel() > self.k else flat.clone()
+            self._parts.append(part)
+            self._held += part.numel()
+            if self._held > self.COMPACT_AT * self.k:
+                self._parts = [torch.cat(self._parts).topk(self.k, sorted=False).values]
+                self._held = self.k
+        else:
+            self._parts = [values.amax() if not self._parts else torch.maximum(self._parts[0], values.amax())]
+
+    def result(self) -> Tensor:
+        if self.seen != self.shape[0] * self.shape[1]:
+            raise ValueError(f"the pieces covered {self.seen} pixels of a {self.shape[0]} x {self.shape[1]} map")
+        if self.spec.reduce == "smoothed_max":
+            return image_score(self._map[None], self.spec)[0]
+        if self.spec.reduce == "topk_mean":
+            return torch.cat(self._parts).topk(self.k, sorted=False).values.mean()
+        return self._parts[0]

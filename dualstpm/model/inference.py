@@ -46,9 +46,9 @@ from torch import Tensor, nn
 from dualstpm.model.anomaly_map import MapFusion
 from dualstpm.model.calibration import ScoreNormalization
 from dualstpm.model.discriminator import Discriminator
-from dualstpm.model.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, fuse, image_score
+from dualstpm.model.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, StreamedScore, fuse, image_score
 from dualstpm.model.regions import RegionSpec
-from dualstpm.model.tiling import Tiling, stitched
+from dualstpm.model.tiling import Tiling, owned_windows, stitched
 from dualstpm.model.torch_model import DualStpmModel
 
 INPUT_NAME = "images"
@@ -129,9 +129,9 @@ def six_maps(network: DualStpmModel, images: Tensor, chunked: bool = True, tilin
     is: in eval mode for inference). `chunked`: see `PyramidPairs.maps`. With `tiling`, the
     images are frames: cut into tiles of the model's input size, their maps stitched back at
     H x W (:func:`dualstpm.model.tiling.stitched`)."""
-    images = scale_images(images)
-    if tiling is not None:
+    if tiling is not None:  # each batch of tiles is scaled on its own (uint8 frames stay bytes)
         return stitched(images, tiling, lambda tiles: six_maps(network, tiles, chunked))
+    images = scale_images(images)
     return network.pyramids(images).maps(images.shape[-2:], chunked).float()
 
 
@@ -291,23 +291,40 @@ class DualStpmInference(nn.Module):
 
 def infer_frames(infer: Callable[[Tensor], InferenceOutput], frames: Tensor, tiling: Tiling, score: ScoreSpec,
                  normalization: ScoreNormalization, on_tiles: Callable[[int], None] | None = None) -> InferenceOutput:
-    """Frames (N, 3, H, W) in [0, 1] -> the inference outputs of the whole frames, scored tile by tile.
+    """Frames (N, 3, H, W), float in [0, 1] or uint8, -> the inference outputs of the whole
+    frames, scored tile by tile.
 
     `infer` scores tiles of the model's input size (a `DualStpmInference`, or an export run by a
-    backend); the tiles' decision and branch maps are stitched at H x W
-    (:func:`dualstpm.model.tiling.stitched`), and each frame's scores are the `score` reduction
-    of its stitched maps, normalised by `normalization`, labelled at its threshold: what the
-    test computes from the stitched six maps (stitching commutes with the pixel-wise fusion).
-    The branch maps are dropped once scored (`stpm_map` and `recon_map` are (N, 0, 0)): only
-    the decision map of a large frame is kept.
+    backend; both take uint8 tiles too); the tiles' decision maps are stitched at H x W
+    (:func:`dualstpm.model.tiling.owned_windows`), and each frame's score is the `score`
+    reduction of that stitched map, normalised by `normalization`, labelled at its threshold:
+    what the test computes from the stitched six maps (stitching commutes with the pixel-wise
+    fusion). Every score (the decision view's and each branch's) is reduced window by window
+    as the tiles come (:class:`~dualstpm.model.fusion.StreamedScore`: the same value as
+    `image_score` of the whole map, up to the summation order of a top-k mean), so no
+    reduction works on a frame-sized copy; the branch maps are never assembled, and
+    `stpm_map` and `recon_map` are (N, 0, 0). Memory: the frames, their decision maps (4
+    bytes per pixel) and one batch of tiles.
     `disc_score` is NaN: tiling refuses the discriminative stage (`Params`). `on_tiles(n)` is
     called after each batch of n tiles.
     """
-    maps = stitched(frames, tiling, lambda tiles: torch.stack(
-        [(out := infer(tiles)).anomaly_map.float(), out.stpm_map.float(), out.recon_map.float()], 1), on_tiles)
-    decision_map = maps[:, 0].clone()  # its own storage: the branch maps are freed once scored
-    decision, stpm_score, recon_score = (image_score(maps[:, k], score) for k in range(3))
-    del maps
+    shape = tuple(frames.shape[-2:])
+    decision_map: Tensor | None = None
+    streamed = [[StreamedScore(score, shape) for _ in range(len(frames))] for _ in ("decision", "stpm", "recon")]
+
+    def views(tiles: Tensor) -> Tensor:  # (B, 3, h, w): the decision map, then each branch's
+        out = infer(tiles)
+        return torch.stack([out.anomaly_map.float(), out.stpm_map.float(), out.recon_map.float()], 1)
+
+    for n, rows, cols, window in owned_windows(frames, tiling, views, on_tiles):
+        if decision_map is None:
+            decision_map = window.new_empty((len(frames), *shape))
+        decision_map[n, rows, cols] = window[0]
+        for k, view in enumerate(streamed):
+            view[n].add(rows, cols, window[k])
+    if decision_map is None:
+        raise ValueError("no frames to tile")
+    decision, stpm_score, recon_score = (torch.stack([s.result() for s in view]) for view in streamed)
     empty = decision_map.new_empty((len(frames), 0, 0))  # a large frame's branch maps are not kept
     return InferenceOutput(
         score=decision,

@@ -113,7 +113,7 @@ def find_regions(anomaly_map: np.ndarray, pixel_threshold: float, image_shape: t
     values = np.asarray(anomaly_map)
     if values.ndim != 2:
         raise ValueError(f"an anomaly map is (h, w), got shape {values.shape}")
-    if not np.isfinite(values).all():
+    if values.size and not (np.isfinite(values.max()) and np.isfinite(values.min())):  # NaN spreads: no frame-sized mask
         raise ValueError("the anomaly map holds NaN or inf: regions need finite map values")
     h, w = values.shape
     height, width = (h, w) if image_shape is None else (int(image_shape[0]), int(image_shape[1]))
@@ -125,25 +125,26 @@ def find_regions(anomaly_map: np.ndarray, pixel_threshold: float, image_shape: t
     labels = labels.astype(np.int32, copy=False)
     if count == 0:
         return RegionMap(labels, (), (height, width))
-    ids = np.arange(1, count + 1)
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)[1:].astype(np.int64)  # pixels per region
-    peaks = ndimage.maximum(values, labels, ids)
-    means = ndimage.mean(values.astype(np.float64), labels, ids)
-    centres = ndimage.center_of_mass(np.ones_like(values, dtype=np.float64), labels, ids)
     pixel_area = (width * height) / (w * h)
     regions = []
-    for k, box in enumerate(ndimage.find_objects(labels)):
+    for k, box in enumerate(ndimage.find_objects(labels)):  # each region's statistics within its box only
         rows, cols = box
+        inside = labels[box] == k + 1  # no other frame-sized copy: a region may span the frame
+        per_row, per_col = inside.sum(axis=1), inside.sum(axis=0)
+        size = int(per_row.sum())
         x0, x1 = _outward(cols.start, cols.stop, width, w)
         y0, y1 = _outward(rows.start, rows.stop, height, h)
-        row_mean, col_mean = centres[k]
-        area_px = float(sizes[k]) * pixel_area
+        # the mean map-pixel centre, in exact integer sums
+        row_mean = int(per_row @ np.arange(rows.start, rows.stop)) / size
+        col_mean = int(per_col @ np.arange(cols.start, cols.stop)) / size
+        area_px = float(size) * pixel_area
         regions.append(Region(
-            id=k + 1, map_pixels=int(sizes[k]), area_px=area_px,
+            id=k + 1, map_pixels=size, area_px=area_px,
             area_mm2=None if mm_per_px is None else area_px * mm_per_px**2,
             bbox=(int(x0), int(y0), int(x1), int(y1)),
             centroid=(float((col_mean + 0.5) * width / w - 0.5), float((row_mean + 0.5) * height / h - 0.5)),
-            peak=float(peaks[k]), mean=float(means[k]),
+            peak=float(np.max(values[box], where=inside, initial=-np.inf)),
+            mean=float(np.sum(values[box], where=inside, dtype=np.float64) / size),
         ))
     return RegionMap(labels, tuple(regions), (height, width))
 

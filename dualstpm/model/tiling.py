@@ -151,29 +151,37 @@ class Tiling:
             yield part, torch.stack([grid._tile(frames[n], *positions[k]) for n, k in part])
 
 
-def stitched(frames: Tensor, tiling: Tiling, maps_of: Callable[[Tensor], Tensor],
-             on_tiles: Callable[[int], None] | None = None) -> Tensor:
-    """The one tiled scoring loop: (N, C, H, W) frames -> (N, *M, H, W) stitched maps.
+def owned_windows(frames: Tensor, tiling: Tiling, maps_of: Callable[[Tensor], Tensor],
+                  on_tiles: Callable[[int], None] | None = None) -> Iterator[tuple[int, slice, slice, Tensor]]:
+    """The one tiled scoring loop: stream (N, C, H, W) frames through `maps_of` tile by tile.
 
-    `maps_of` takes (B, C, h, w) tiles to (B, *M, h, w) maps (six raw maps (B, 2, 3, h, w) for
-    the test and calibration; the decision and branch views for predict and the exports);
-    tiles are streamed `tiling.batch_size` at a time, each writing only the window it owns
-    (module docstring), so the result holds every pixel exactly once. Memory: the frames,
-    the (N, *M, H, W) result and one batch of tiles with their maps. `on_tiles(n)` is called
-    after each batch of n tiles (a progress bar).
+    `maps_of` takes (B, C, h, w) tiles (the frames' dtype: uint8 frames give uint8 tiles) to
+    (B, *M, h, w) maps; tiles are cut `tiling.batch_size` at a time. Yields, per tile, (frame
+    index, frame rows, frame columns, (*M, rows, columns) its maps there): the window the
+    tile owns (module docstring); over a frame the windows partition it, so every pixel comes
+    exactly once. Memory: one batch of tiles and their maps. `on_tiles(n)` is called after
+    each batch of n tiles (a progress bar).
     """
-    grid = tiling.grid(frames.shape[-2:])
-    windows = grid.owned()
-    out: Tensor | None = None
+    windows = tiling.grid(frames.shape[-2:]).owned()
     for keys, tiles in tiling.batches(frames):
         maps = maps_of(tiles)
-        if out is None:
-            out = maps.new_empty((len(frames), *maps.shape[1:-2], *grid.frame))
         for (n, k), tile_map in zip(keys, maps):
             rows, cols, tile_rows, tile_cols = windows[k]
-            out[n, ..., rows, cols] = tile_map[..., tile_rows, tile_cols]
+            yield n, rows, cols, tile_map[..., tile_rows, tile_cols]
         if on_tiles is not None:
             on_tiles(len(keys))
+
+
+def stitched(frames: Tensor, tiling: Tiling, maps_of: Callable[[Tensor], Tensor],
+             on_tiles: Callable[[int], None] | None = None) -> Tensor:
+    """(N, C, H, W) frames -> (N, *M, H, W) maps stitched from the tiles' owned windows
+    (:func:`owned_windows`; `maps_of` as there: six raw maps (B, 2, 3, h, w) for the test and
+    calibration). Memory: the result and one batch of tiles with their maps."""
+    out: Tensor | None = None
+    for n, rows, cols, window in owned_windows(frames, tiling, maps_of, on_tiles):
+        if out is None:
+            out = window.new_empty((len(frames), *window.shape[:-2], *frames.shape[-2:]))
+        out[n, ..., rows, cols] = window
     if out is None:
         raise ValueError("no frames to tile")
     return out
