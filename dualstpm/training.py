@@ -200,31 +200,59 @@ class FitInterrupted(KeyboardInterrupt):
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM arrived during a fit (:func:`sigterm_interrupts`): it stops like Ctrl-C."""
+    """SIGTERM arrived during a fit (:func:`stop_signals`): it stops like Ctrl-C."""
+
+
+@dataclass
+class StopRequest:
+    """The stop signal that arrived inside :func:`stop_signals` (None: none yet).
+
+    The handler raises at once; this record is the backstop for the rare case where that
+    exception is lost: Python drops an exception raised inside a finalizer, and a library
+    that catches BaseException (a database driver cleaning up, say) may not re-raise it. A
+    fit would then train on as if Ctrl-C had never been pressed, so the epoch loop calls
+    :meth:`check` after every epoch."""
+
+    signal_number: int | None = None
+
+    def check(self) -> None:
+        """Raise the stop again (Terminated for SIGTERM, KeyboardInterrupt for SIGINT) if one arrived."""
+        if self.signal_number == signal.SIGTERM:
+            raise Terminated(signal.SIGTERM.name)
+        if self.signal_number is not None:
+            raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Inside the block, SIGTERM (a scheduler or `kill` stopping the job) raises
-    :class:`Terminated` in the main thread, so a fit stops as on Ctrl-C and says what is
-    checkpointed; the handler there before is restored on leaving the block.
+def stop_signals() -> Iterator[StopRequest]:
+    """Inside the block, Ctrl-C (SIGINT) raises KeyboardInterrupt and SIGTERM (a scheduler or
+    `kill` stopping the job) raises :class:`Terminated` in the main thread, so a fit stops as
+    on Ctrl-C and says what is checkpointed; each also sets the yielded :class:`StopRequest`.
+    The handlers there before are restored on leaving the block.
 
-    Nothing changes where Python cannot or should not handle the signal: outside the main
-    thread (a fit in a thread pool, e.g. Prefect's task runner) and when the process
-    already has a SIGTERM handler of its own (or ignores SIGTERM): that choice is the caller's.
+    Nothing changes where Python cannot or should not handle a signal: outside the main
+    thread (a fit in a thread pool, e.g. Prefect's task runner) and where the process already
+    has a handler of its own for it (or ignores it): that choice is the caller's. Python's
+    own Ctrl-C handler (`signal.default_int_handler`) and SIGTERM's default are replaced.
     """
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
-        yield
+    request = StopRequest()
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
         return
 
     def stop(signum: int, frame: Any) -> None:
-        raise Terminated(signal.Signals(signum).name)
+        request.signal_number = signum
+        request.check()
 
-    signal.signal(signal.SIGTERM, stop)
+    replaced = [number for number, default in defaults.items() if signal.getsignal(number) == default]
+    for number in replaced:
+        signal.signal(number, stop)
     try:
-        yield
+        yield request
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        for number in replaced:
+            signal.signal(number, defaults[number])
 
 
 def training_signature(params: Params) -> dict[str, Any]:
@@ -598,11 +626,13 @@ def best_epochs(trainer: Trainer) -> dict[str, int]:
 
 
 def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selection_images: Tensor, compute: Compute,
-                 run_dir: Path, on_epoch: EpochCallback | None, plan: FitPlan | None = None) -> str:
+                 run_dir: Path, on_epoch: EpochCallback | None, plan: FitPlan | None = None,
+                 stop_request: StopRequest | None = None) -> str:
     """Train until `plan` says stop (`FitPlan.stop_reason`; None: when `trainer` holds
     `fit.epochs` epochs), each epoch checkpointed, selected on `selection_images` and
     reported to `on_epoch`; the teacher-feature cache (`fit.cache`) lives for these epochs
-    only. Returns why training ended."""
+    only. After each epoch, a stop signal whose exception was lost is raised again
+    (`stop_request`, :class:`StopRequest`). Returns why training ended."""
     def stop() -> str | None:
         if plan is None:
             return epochs_text(params.fit.epochs) if trainer.epochs_done >= params.fit.epochs else None
@@ -625,6 +655,8 @@ def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selecti
                 say("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 if on_epoch is not None:
                     on_epoch(record)
+                if stop_request is not None:
+                    stop_request.check()
     finally:
         if cache is not None:
             cache.close()
@@ -651,7 +683,7 @@ def fit(
     the model records the params it ran with. After calibration the fit check
     (`dualstpm.fit_check`) scores synthetic defects on the calibration images and warns
     below `fit.min_val_auroc`.
-    Ctrl-C, or SIGTERM in the main thread (:func:`sigterm_interrupts`), after the images
+    Ctrl-C, or SIGTERM in the main thread (:func:`stop_signals`), after the images
     are decoded raises :class:`FitInterrupted`, which names the checkpoint `--resume`
     continues from."""
     run_dir = Path(run_dir)
@@ -704,10 +736,11 @@ def fit(
     # From here on, Ctrl-C or SIGTERM says what is checkpointed (FitInterrupted); after the last
     # epoch the checkpoint holds them all, and --resume goes straight to selection and calibration.
     try:
-        with sigterm_interrupts():
+        with stop_signals() as stop_request:
             tiling = params.tiling_spec()  # under tiling the students train on every tile of the training frames
             train_set = train_images if tiling is None else tiling.cut_all(train_images)
-            ended = train_epochs(trainer, params, train_set, selection_images, compute, run_dir, on_epoch, plan)
+            ended = train_epochs(trainer, params, train_set, selection_images, compute, run_dir, on_epoch, plan,
+                                 stop_request)
             say(f"training ended: {ended}")
             selected = trainer.restore_best()
             # the stage selects its epoch on the selection part too: the calibration part stays unseen until calibration

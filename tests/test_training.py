@@ -264,17 +264,17 @@ def test_the_model_records_the_data_it_was_trained_on(tmp_path: Path, monkeypatc
     assert data_trained_on(params, Path("mine"), "part", run).model == params.model
 
 
-def test_sigterm_interrupts_only_inside_the_block_and_never_over_a_callers_handler():
+def test_stop_signals_interrupt_only_inside_the_block_and_never_over_a_callers_handler():
     import os
     import signal
     import threading
     import time
 
-    from dualstpm.training import Terminated, sigterm_interrupts
+    from dualstpm.training import Terminated, stop_signals
 
     if signal.getsignal(signal.SIGTERM) != signal.SIG_DFL:
         pytest.skip("this test process already handles SIGTERM")
-    with pytest.raises(Terminated), sigterm_interrupts():
+    with pytest.raises(Terminated), stop_signals():
         os.kill(os.getpid(), signal.SIGTERM)
         for _ in range(500):  # the handler runs between two bytecodes of the main thread
             time.sleep(0.01)
@@ -285,17 +285,40 @@ def test_sigterm_interrupts_only_inside_the_block_and_never_over_a_callers_handl
 
     signal.signal(signal.SIGTERM, own)
     try:
-        with sigterm_interrupts():
+        with stop_signals():
             assert signal.getsignal(signal.SIGTERM) is own
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
     seen = []  # a fit in a worker thread (Prefect's task runner) cannot install one: nothing changes
 
     def in_thread():
-        with sigterm_interrupts():
+        with stop_signals():
             seen.append(signal.getsignal(signal.SIGTERM))
 
     worker = threading.Thread(target=in_thread)
     worker.start()
     worker.join()
     assert seen == [signal.SIG_DFL]
+
+
+def test_a_ctrl_c_whose_exception_a_library_swallowed_is_raised_again_by_the_stop_request():
+    import os
+    import signal
+    import time
+
+    from dualstpm.training import StopRequest, stop_signals
+
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        pytest.skip("this test process has its own Ctrl-C handler")
+    with stop_signals() as request:
+        try:  # a library that catches BaseException and carries on
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(500):
+                time.sleep(0.01)
+        except KeyboardInterrupt:
+            pass
+        assert request.signal_number == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            request.check()  # what the epoch loop calls after every epoch
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    StopRequest().check()  # no signal: nothing raised
