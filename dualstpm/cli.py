@@ -13,6 +13,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
@@ -255,9 +256,12 @@ def predict(
     table = predict_images(load_scorer(backend, run, exported, device), paths, out_dir, threshold, max_pixels=limit)
     counts = table["label"].value_counts().to_dict()
     failed = int((table["error"] != "").sum())
+    regions = out_dir / REGIONS_FILE
     out.print(f"{len(table)} images: {counts.get('defective', 0)} defective, {counts.get('good', 0)} good"
               f"{f', {failed} unreadable' if failed else ''} "
-              f"(threshold {table['threshold'].iloc[0]:.5g}); {out_dir / PREDICTIONS_FILE}")
+              f"(threshold {table['threshold'].iloc[0]:.5g}): {escape(str(out_dir / PREDICTIONS_FILE))}"
+              + (f", regions in {escape(str(regions))}" if regions.exists() and "verdict" not in table.columns else ""),
+              soft_wrap=True)
     if "verdict" in table.columns:  # a region rule decides the parts
         verdicts = table["verdict"].value_counts().to_dict()
         out.print(f"by the region rule: {verdicts.get('defective', 0)} defective, {verdicts.get('good', 0)} good "

@@ -207,13 +207,26 @@ class Terminated(KeyboardInterrupt):
 class StopRequest:
     """The stop signal that arrived inside :func:`stop_signals` (None: none yet).
 
-    The handler raises at once; this record is the backstop for the rare case where that
-    exception is lost: Python drops an exception raised inside a finalizer, and a library
+    The handler raises at once (unless inside :meth:`deferred`); this record is the backstop
+    for the rare case where that exception is lost: Python drops an exception raised inside a finalizer, and a library
     that catches BaseException (a database driver cleaning up, say) may not re-raise it. A
     fit would then train on as if Ctrl-C had never been pressed, so the epoch loop calls
     :meth:`check` after every epoch."""
 
     signal_number: int | None = None
+    deferring: bool = False
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Inside, a stop signal is only recorded, and raised on leaving the block: for work
+        that must not be cut mid-way, such as an epoch's tracking write (SQLAlchemy, under
+        MLflow, logs and swallows an interrupt raised inside it)."""
+        self.deferring = True
+        try:
+            yield
+        finally:
+            self.deferring = False
+        self.check()
 
     def check(self) -> None:
         """Raise the stop again (Terminated for SIGTERM, KeyboardInterrupt for SIGINT) if one arrived."""
@@ -243,7 +256,8 @@ def stop_signals() -> Iterator[StopRequest]:
 
     def stop(signum: int, frame: Any) -> None:
         request.signal_number = signum
-        request.check()
+        if not request.deferring:
+            request.check()
 
     replaced = [number for number, default in defaults.items() if signal.getsignal(number) == default]
     for number in replaced:
@@ -631,8 +645,10 @@ def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selecti
     """Train until `plan` says stop (`FitPlan.stop_reason`; None: when `trainer` holds
     `fit.epochs` epochs), each epoch checkpointed, selected on `selection_images` and
     reported to `on_epoch`; the teacher-feature cache (`fit.cache`) lives for these epochs
-    only. After each epoch, a stop signal whose exception was lost is raised again
-    (`stop_request`, :class:`StopRequest`). Returns why training ended."""
+    only. A stop signal during `on_epoch` is raised once it returns, and after each epoch one
+    whose exception was lost is raised again (`stop_request`, :class:`StopRequest`; None: a
+    request no signal sets). Returns why training ended."""
+    stop_request = stop_request if stop_request is not None else StopRequest()
     def stop() -> str | None:
         if plan is None:
             return epochs_text(params.fit.epochs) if trainer.epochs_done >= params.fit.epochs else None
@@ -654,9 +670,9 @@ def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selecti
                 trainer.save_checkpoint()
                 say("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
                 if on_epoch is not None:
-                    on_epoch(record)
-                if stop_request is not None:
-                    stop_request.check()
+                    with stop_request.deferred():  # a tracking write is never cut mid-way
+                        on_epoch(record)
+                stop_request.check()
     finally:
         if cache is not None:
             cache.close()

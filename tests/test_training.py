@@ -320,5 +320,12 @@ def test_a_ctrl_c_whose_exception_a_library_swallowed_is_raised_again_by_the_sto
         assert request.signal_number == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
             request.check()  # what the epoch loop calls after every epoch
+        request.signal_number = None
+        with pytest.raises(KeyboardInterrupt), request.deferred():  # a tracking write is never cut mid-way
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(50):
+                time.sleep(0.01)
+            finished = True  # the block ran to its end: the signal was only recorded
+        assert finished
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     StopRequest().check()  # no signal: nothing raised
