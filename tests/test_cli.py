@@ -162,8 +162,11 @@ def test_ctrl_c_during_fit_says_what_is_checkpointed_and_how_to_resume(synthetic
     EPOCHS = 5000
     args = ["fit", "--data-root", str(synthetic_root), "--category", "synth_texture", "--out", str(run),
             *sets(TINY_OVERRIDES + [f"fit.epochs={EPOCHS}"])]
+    # Ctrl-C as a terminal sends it: a suite started in the background (`pytest ... &`) hands its
+    # children SIGINT ignored, which Python then leaves ignored (the caller's choice)
     process = subprocess.Popen([sys.executable, "-m", "dualstpm", *args], cwd=tmp_path, text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 600
     while not (run / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
