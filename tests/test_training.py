@@ -309,7 +309,7 @@ def test_a_ctrl_c_whose_exception_a_library_swallowed_is_raised_again_by_the_sto
     from dualstpm.training import StopRequest, stop_signals
 
     if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
-        pytest.skip("this test process has its own Ctrl-C handler")
+        pytest.skip("this test process lacks Python's Ctrl-C handler (a handler of its own, or SIGINT ignored as in a background job)")
     with stop_signals() as request:
         try:  # a library that catches BaseException and carries on
             os.kill(os.getpid(), signal.SIGINT)
