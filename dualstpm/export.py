@@ -51,9 +51,13 @@ SUPPORTED = {
 }
 METADATA_FILE = "metadata.json"
 MODEL_FILES = {"onnx": "model.onnx", "openvino": "model.xml", "torchscript": "model.pt"}
-RESIZE_NOTE = ("dualstpm.data.resize_image: decoded RGB float32 in [0, 1] (gray repeated to 3 channels, "
-               "8-bit / 255, 16-bit / 65535), resized to image_size (one side: a square; [height, width]) by bilinear interpolation "
-               "with antialiasing (torch.nn.functional.interpolate, align_corners=False), no crop, NCHW")
+def resize_note(tiled: bool) -> str:
+    """metadata.json's `input.resize`: how a deployment must prepare an image for the graph."""
+    target = ("tiling.frame_size, then cut into tiles of image_size (see tiling)" if tiled
+              else "image_size (one side: a square; [height, width])")
+    return ("dualstpm.data.resize_image: decoded RGB float32 in [0, 1] (gray repeated to 3 channels, "
+            f"8-bit / 255, 16-bit / 65535), resized to {target} by bilinear interpolation "
+            "with antialiasing (torch.nn.functional.interpolate, align_corners=False), no crop, NCHW")
 PACKAGES = ("dualstpm", "torch", "timm", "onnx", "onnxruntime", "onnxscript", "openvino", "numpy")
 CALIBRATION_BATCH = 8
 ONNX_OPSET = 17
@@ -250,9 +254,7 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         "image_size": to_json(size),  # a side, or [height, width]
         "batch_size": detector.batch_size,
         "input": {"name": INPUT_NAME, "shape": ["N", 3, height, width], "dtype": "float32", "range": [0.0, 1.0],
-                  "resize": RESIZE_NOTE if detector.tiling is None else
-                  RESIZE_NOTE.replace("resized to image_size", "resized to tiling.frame_size, then cut into tiles of "
-                                      "image_size (see tiling)")},
+                  "resize": resize_note(detector.tiling is not None)},
         "outputs": {
             "score": f"(N,) raw image score of the decision view (see decision): {detector.score_spec.label} of its map (see score)",
             "normalized_score": "(N,) in [0, 1]; 0.5 = the threshold (see normalization)",

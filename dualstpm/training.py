@@ -208,10 +208,10 @@ class StopRequest:
     """The stop signal that arrived inside :func:`stop_signals` (None: none yet).
 
     The handler raises at once (unless inside :meth:`deferred`); this record is the backstop
-    for the rare case where that exception is lost: Python drops an exception raised inside a finalizer, and a library
-    that catches BaseException (a database driver cleaning up, say) may not re-raise it. A
-    fit would then train on as if Ctrl-C had never been pressed, so the epoch loop calls
-    :meth:`check` after every epoch."""
+    for the rare case where that exception is lost: Python drops an exception raised inside
+    a finalizer, and a library that catches BaseException (a database driver cleaning up,
+    say) may not re-raise it. A fit would then train on as if Ctrl-C had never been pressed,
+    so the epoch loop calls :meth:`check` after every epoch."""
 
     signal_number: int | None = None
     deferring: bool = False
@@ -649,6 +649,7 @@ def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selecti
     whose exception was lost is raised again (`stop_request`, :class:`StopRequest`; None: a
     request no signal sets). Returns why training ended."""
     stop_request = stop_request if stop_request is not None else StopRequest()
+
     def stop() -> str | None:
         if plan is None:
             return epochs_text(params.fit.epochs) if trainer.epochs_done >= params.fit.epochs else None

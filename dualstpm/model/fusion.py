@@ -201,8 +201,9 @@ class StreamedScore:
         self.spec, self.shape = spec, (int(shape[0]), int(shape[1]))
         self.k = topk_count(self.shape[0] * self.shape[1], spec.topk)
         self.seen = 0
-        self._parts: list[Tensor] = []  # topk_mean: candidate values; max: running maxima
+        self._parts: list[Tensor] = []  # topk_mean: the candidate values
         self._held = 0
+        self._max: Tensor | None = None  # max: the running maximum
         self._map: Tensor | None = None  # smoothed_max: the assembled map
 
     def add(self, rows: slice, cols: slice, values: Tensor) -> None:
@@ -220,7 +221,7 @@ class StreamedScore:
                 self._parts = [torch.cat(self._parts).topk(self.k, sorted=False).values]
                 self._held = self.k
         else:
-            self._parts = [values.amax() if not self._parts else torch.maximum(self._parts[0], values.amax())]
+            self._max = values.amax() if self._max is None else torch.maximum(self._max, values.amax())
 
     def result(self) -> Tensor:
         if self.seen != self.shape[0] * self.shape[1]:
@@ -229,4 +230,4 @@ class StreamedScore:
             return image_score(self._map[None], self.spec)[0]
         if self.spec.reduce == "topk_mean":
             return torch.cat(self._parts).topk(self.k, sorted=False).values.mean()
-        return self._parts[0]
+        return self._max
