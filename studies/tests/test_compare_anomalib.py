@@ -119,7 +119,7 @@ def test_an_anomalib_row_is_thresholded_on_the_calibration_images():
 
     # calibration scores 0.1, 0.2, 0.3 at 1 %: too few, the threshold is the max, 0.3
     split = Split(train=flat([0.1]), test=flat([0.25, 0.35, 0.5, 0.3, 0.31]), labels=np.array([0, 0, 1, 1, 1]),
-                  truth=None, calibration=flat([0.1, 0.2, 0.3]), false_alarm_rate=0.01)
+                  truth=None, calibration=flat([0.1, 0.2, 0.3]), false_alarm_rate=0.01, selection=flat([0.2]))
     row = anomalib_row("stub", MeanScorer(), split, Compute.resolve("cpu", "float32"), batch_size=2, repeats=1,
                        train_s=1.0, epoch_s=None, note="")
     assert row.threshold == pytest.approx(0.3)
@@ -163,3 +163,40 @@ def test_our_rows_are_thresholded_as_the_product_thresholds(synthetic_root: Path
     assert details["trained_epochs"] == 1
     for row in rows:
         assert 0.0 <= row.recall <= 1.0 and 0.0 <= row.test_false_alarm_rate <= 1.0, row.model
+    checks = details["threshold_cross_check"]
+    assert set(checks) >= {"fused", "stpm", "recon"}
+    assert all(c["agrees"] for c in checks.values()), checks
+
+
+@pytest.mark.slow
+def test_the_memory_lever_rows_on_a_fitted_model(synthetic_root: Path, tmp_path: Path):
+    """The memory view with every training patch in its bank scores each training image 0 (it is
+    its own nearest neighbour); both lever rows are thresholded like every row."""
+    from dualstpm.compute import Compute
+    from dualstpm.config import load_params
+    from dualstpm.detector import Detector
+    from dualstpm.training import fit
+    from studies.compare_anomalib import ROW_FUSED_MEMORY, ROW_MEMORY, build_memory, load_split, memory_predictor, run_memory
+    from tests.conftest import TINY_OVERRIDES
+
+    params = load_params(None, [*TINY_OVERRIDES, "fit.epochs=1"])
+    compute = Compute.resolve("cpu", "float32")
+    fit(params, synthetic_root, "synth_texture", tmp_path / "run", overwrite=True)
+    detector = Detector.load(tmp_path / "run", compute)
+    split = load_split(params, synthetic_root, "synth_texture")
+    full = build_memory(detector, split.train[:2], 1.0, 2, 0)
+    scores, maps = memory_predictor(detector, full)(split.train[:2])
+    assert float(maps.abs().max()) == 0.0 and float(scores.abs().max()) == 0.0
+    rows, details = run_memory(detector, params, split, compute, 0.01, 1)
+    assert [r.model for r in rows] == [ROW_MEMORY, ROW_FUSED_MEMORY]
+    n_patches = len(split.train) * (params.image_size // 8) ** 2
+    assert details["bank_entries"] == max(1, round(0.01 * n_patches))
+    for row in rows:
+        assert 0.0 <= row.image_auroc <= 1.0 and 0.0 <= row.recall <= 1.0, row.model
+
+
+def test_pixel_stats_are_the_mean_and_std_over_every_pixel():
+    from studies.compare_anomalib import pixel_stats
+
+    # pixels 0, 2, 0, 2: mean 1, population std 1
+    assert pixel_stats(np.array([[[0.0, 2.0]], [[0.0, 2.0]]], dtype=np.float32)) == (1.0, 1.0)
