@@ -262,9 +262,9 @@ class FusionParams(_Strict):
     )
     normalize: Literal["none", "val_stats"] = "none"
     sigma: float = Field(0.0, ge=0, description="Gaussian smoothing of the fused map in px; 0 = off")
-    view: Literal["fused", "disc", "stpm", "recon"] = Field(
+    view: Literal["fused", "disc", "stpm", "recon", "memory", "fused_memory"] = Field(
         "fused", description="the view the model decides with (score, label, map of predict/export; `default` in "
-        "metrics.json); disc needs fit.discriminator: true"
+        "metrics.json); disc needs fit.discriminator: true, memory and fused_memory need memory.enabled: true"
     )
 
     @field_validator("weights")
@@ -296,6 +296,17 @@ class ScoreParams(_Strict):
 
 
 DefectKind = Literal["cutpaste", "scratch", "texture"]
+
+
+class MemoryParams(_Strict):
+    """The memory view (issue 22, `dualstpm.model.memory`): PatchCore's nearest-neighbour distance
+    to a coreset of the good training patches, on T1's own features, built by `fit` without training."""
+
+    enabled: bool = Field(False, description="build the memory bank at fit: the views `memory` and `fused_memory`")
+    coreset_ratio: float = Field(
+        0.01, gt=0, le=1, description="share of the training patches kept in the bank (greedy k-center coreset; "
+        "PatchCore's published 1 %)")
+    sigma: float = Field(4.0, ge=0, description="Gaussian blur of the memory map, px (PatchCore's 4; 0 = off)")
 
 
 class DiscParams(_Strict):
@@ -568,6 +579,7 @@ class Params(_Strict):
     fusion: FusionParams = FusionParams()
     score: ScoreParams = ScoreParams()
     disc: DiscParams = DiscParams()
+    memory: MemoryParams = MemoryParams()
     calibration: CalibrationParams = CalibrationParams()
     regions: RegionParams = RegionParams()
     decision: DecisionParams = DecisionParams()
@@ -620,6 +632,11 @@ class Params(_Strict):
                 "fusion.view = 'disc' decides with the discriminative stage, but fit.discriminator is false so none "
                 "is trained: set fit.discriminator=true, or fusion.view to fused, stpm or recon"
             )
+        if self.fusion.view in ("memory", "fused_memory") and not self.memory.enabled:
+            raise ValueError(
+                f"fusion.view = {self.fusion.view!r} decides with the memory view, but memory.enabled is false so no "
+                "memory bank is built: set memory.enabled=true, or fusion.view to fused, stpm or recon"
+            )
         return self
 
     @model_validator(mode="after")
@@ -662,7 +679,8 @@ class Params(_Strict):
                     f"[{min(th, fh) // 32 * 32 or 32}, {min(tw, fw) // 32 * 32 or 32}], raise tiling.frame_size, or set "
                     "tiling.enabled=false")
         refused = [(self.fusion.sigma > 0, f"fusion.sigma={self.fusion.sigma:g}", "fusion.sigma=0"),
-                   (self.fit.discriminator, "fit.discriminator=true", "fit.discriminator=false")]
+                   (self.fit.discriminator, "fit.discriminator=true", "fit.discriminator=false"),
+                   (self.memory.enabled, "memory.enabled=true", "memory.enabled=false")]
         for bad, what, fix in refused:
             if bad:
                 raise ValueError(

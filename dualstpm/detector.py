@@ -4,7 +4,8 @@ A model directory holds three files, none of them pickled:
 `weights.safetensors` (all four networks), `params.yaml` (the resolved params) and
 `calibration.json` (validation statistics, thresholds, selected epochs, and the image-score
 reduction the thresholds are in: see `Calibration.score`), plus `discriminator.safetensors`
-when the model has the discriminative stage (`fit.discriminator`). It is written
+when the model has the discriminative stage (`fit.discriminator`), and `memory.safetensors`
+when it has a memory bank (`memory.enabled`: the views `memory` and `fused_memory`). It is written
 to a hidden sibling and swapped into place, so a crash never leaves half a model.
 A fourth, `fusion.json`, is written by `dualstpm ablate`: when its choice (made on
 validation data, adopted only on a bootstrap margin) is applied, it is the `chosen` view
@@ -31,7 +32,8 @@ from dualstpm.files import write_json
 from dualstpm.model.calibration import ScoreNormalization, false_alarm_bound, pixel_false_positive_bound
 from dualstpm.model.discriminator import Discriminator
 from dualstpm.model.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec
-from dualstpm.model.inference import CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, ScoredBatch, six_maps
+from dualstpm.model.inference import CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, RawMaps, ScoredBatch, raw_maps
+from dualstpm.model.memory import MemoryBank, MemoryStats
 from dualstpm.model.regions import RegionSpec
 from dualstpm.model.tiling import Tiling
 from dualstpm.model.torch_model import DualStpmModel
@@ -39,6 +41,7 @@ from dualstpm.rundir import (
     CALIBRATION_FILE,
     DISC_WEIGHTS_FILE,
     FUSION_FILE,
+    MEMORY_FILE,
     PARAMS_FILE,
     WEIGHTS_FILE,
     RunDir,
@@ -96,6 +99,8 @@ class Calibration:
     input_reference: dict | None = None
     #: under tiling, the (height, width) of the frames the maps and pixel thresholds are at; None: `image_size`
     frame_size: ImageSize | None = None
+    #: what standardises `fused` and the memory map for the view `fused_memory`; None: no memory bank
+    memory_stats: MemoryStats | None = None
 
     @property
     def false_alarm_bound(self) -> float | None:
@@ -117,6 +122,7 @@ class Calibration:
         data = asdict(self)
         data["map_stats"] = self.map_stats.to_json()
         data["score"] = self.score.to_json()
+        data["memory_stats"] = self.memory_stats.to_json() if self.memory_stats is not None else None
         return data
 
     @classmethod
@@ -128,6 +134,8 @@ class Calibration:
         data["image_size"] = from_json(data["image_size"])  # JSON keeps (height, width) as a list
         if data.get("frame_size") is not None:
             data["frame_size"] = from_json(data["frame_size"])
+        if data.get("memory_stats") is not None:
+            data["memory_stats"] = MemoryStats.from_json(data["memory_stats"])
         return cls(**data)
 
 
@@ -224,7 +232,8 @@ class Detector:
     this class loads it, puts it on `compute` and names the thresholds of its views."""
 
     def __init__(self, model: DualStpmModel, params: Params, calibration: Calibration, compute: Compute,
-                 chosen: ChosenFusion | None = None, disc: Discriminator | None = None) -> None:
+                 chosen: ChosenFusion | None = None, disc: Discriminator | None = None,
+                 memory: MemoryBank | None = None) -> None:
         self.compute = compute
         self.params = params
         self.calibration = calibration
@@ -233,8 +242,11 @@ class Detector:
         self.spec = chosen.spec if chosen else self.trained_spec  # the decision fusion (an export's metadata)
         self.thresholds = {**calibration.thresholds, **({CHOSEN_VIEW: chosen.threshold} if chosen else {})}  # per view
         self.score_spec = calibration.score  # the units of the thresholds (not params.score: see Calibration)
+        if (memory is None) != (calibration.memory_stats is None):
+            raise RunError("the model's memory bank and its calibration's memory statistics must come together: "
+                           "the model directory is incomplete; retrain it")
         views = MapViews(self.trained_spec, calibration.map_stats, score=self.score_spec,
-                         chosen=chosen.spec if chosen else None, disc=disc)
+                         chosen=chosen.spec if chosen else None, disc=disc, memory=calibration.memory_stats)
         self.views: tuple[str, ...] = views.views  # the views a test evaluates
         # the view the model decides with: `fusion.view`, where an applied chosen fusion replaces `fused`
         self.decision_view = decision_view(params.fusion.view, chosen is not None)
@@ -245,7 +257,7 @@ class Detector:
                    else calibration.val_score_summary[self.decision_view]["min"])
         # the one scoring module (networks, view maps, scores, normalisation, decision)
         self.inference = compute.module(DualStpmInference(model, views, self.threshold, val_min,
-                                                          decision=self.decision_view)).eval()
+                                                          decision=self.decision_view, memory=memory)).eval()
         self.model = self.inference.network
         self.disc = self.inference.disc
         self._typical_level: float | None = None
@@ -310,19 +322,31 @@ class Detector:
         return self.compute.images(images)
 
     @torch.inference_mode()
-    def six_maps(self, images: Tensor) -> Tensor:
-        """(B, 3, H, W) images in [0, 1] at `frame_size` -> (B, 2, 3, H, W) raw float32 maps (networks
-        in `compute`'s precision; under tiling scored tile by tile and stitched)."""
+    def raw_maps(self, images: Tensor) -> RawMaps:
+        """(B, 3, H, W) images in [0, 1] at `frame_size` -> float32 :class:`RawMaps`: six maps
+        (B, 2, 3, H, W) and, with a memory bank, the memory map (B, H, W) (networks in
+        `compute`'s precision; under tiling scored tile by tile and stitched)."""
         with self.compute.autocast():
-            return six_maps(self.model, self.prepare(images), self.inference.chunked, self.tiling)
+            return raw_maps(self.model, self.prepare(images), self.inference.memory, self.inference.chunked,
+                            self.tiling)
 
     @torch.inference_mode()
-    def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
-        """Six maps (B, 2, 3, H, W) -> each requested view's map (B, H, W) and image score
-        (`MapViews.score_maps`): `fused` is always `params.fusion` and `chosen` the applied
-        chosen fusion. Raises RunError for a view this model does not have."""
+    def six_maps(self, images: Tensor) -> Tensor:
+        """(B, 3, H, W) images in [0, 1] at `frame_size` -> (B, 2, 3, H, W) raw float32 maps (no memory map)."""
+        with self.compute.autocast():
+            return raw_maps(self.model, self.prepare(images), None, self.inference.chunked, self.tiling).six
+
+    @torch.inference_mode()
+    def score_maps(self, maps: Tensor | RawMaps, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
+        """Six maps (B, 2, 3, H, W), or :class:`RawMaps` (the memory views need them) -> each
+        requested view's map (B, H, W) and image score (`MapViews.score_maps`): `fused` is
+        always `params.fusion` and `chosen` the applied chosen fusion. Raises RunError for a
+        view this model does not have."""
+        device = self.compute.device
+        raw = maps if isinstance(maps, RawMaps) else RawMaps(maps)
+        raw = RawMaps(raw.six.to(device), None if raw.memory is None else raw.memory.to(device))
         try:
-            return self.inference.views.score_maps(maps.to(self.compute.device), views)
+            return self.inference.views.score_maps(raw, views)
         except ValueError as exc:
             raise RunError(str(exc)) from None
 
@@ -335,7 +359,7 @@ class Detector:
             return self.inference(self.prepare(images))
 
     def score(self, images: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
-        return self.score_maps(self.six_maps(images), views)
+        return self.score_maps(self.raw_maps(images), views)
 
     def batches(self, images: Tensor, batch_size: int,
                 views: tuple[str, ...] = VIEWS) -> Iterator[tuple[slice, ScoredBatch]]:
@@ -346,7 +370,7 @@ class Detector:
 
     # --- persistence -------------------------------------------------------------
     def save(self, run_dir: Path) -> Path:
-        model_dir = save_detector(run_dir, self.model, self.params, self.calibration, self.disc)
+        model_dir = save_detector(run_dir, self.model, self.params, self.calibration, self.disc, self.inference.memory)
         if self.chosen is not None:
             write_chosen_fusion(run_dir, self.chosen)
         return model_dir
@@ -367,7 +391,23 @@ class Detector:
                 f"({str(exc).splitlines()[0]}): the file is damaged or from another dualstpm version; retrain it"
             ) from None
         compute = compute or Compute.resolve(device, INFERENCE_PRECISION)
-        return cls(model, params, calibration, compute, read_chosen_fusion(model_dir), _load_disc(model_dir, params))
+        return cls(model, params, calibration, compute, read_chosen_fusion(model_dir), _load_disc(model_dir, params),
+                   _load_memory(model_dir, params))
+
+
+def _load_memory(model_dir: Path, params: Params) -> MemoryBank | None:
+    """The memory bank of a model fitted with memory.enabled (else None)."""
+    if not params.memory.enabled:
+        return None
+    path = model_dir / MEMORY_FILE
+    if not path.is_file():
+        raise RunError(f"{model_dir} was fitted with memory.enabled=true but {MEMORY_FILE} is missing: "
+                       "the model directory is incomplete; retrain it")
+    tensors = read_weights(path)
+    if set(tensors) != {"bank"} or tensors["bank"].ndim != 2 or len(tensors["bank"]) == 0:
+        raise RunError(f"{path} is not a memory bank (one non-empty 2-D tensor named 'bank'): the file is damaged; "
+                       "retrain the model")
+    return MemoryBank(tensors["bank"], params.memory.sigma)
 
 
 def _load_disc(model_dir: Path, params: Params) -> Discriminator | None:
@@ -409,12 +449,16 @@ def read_model_dir(run_dir: Path) -> tuple[Path, Params, Calibration]:
 
 
 def save_detector(run_dir: Path, model: DualStpmModel, params: Params, calibration: Calibration,
-                  disc: Discriminator | None = None) -> Path:
+                  disc: Discriminator | None = None, memory: MemoryBank | None = None) -> Path:
     """Write the model directory atomically (`rundir.write_model_dir`), readable per the umask
     like any file the user writes. `disc` is required exactly when `params.fit.discriminator`
-    is true (else ValueError)."""
+    is true, `memory` exactly when `params.memory.enabled` (else ValueError)."""
     if (disc is not None) != params.fit.discriminator:
         raise ValueError(f"fit.discriminator={params.fit.discriminator} but a discriminator was "
                          f"{'given' if disc is not None else 'not given'}")
+    if (memory is not None) != params.memory.enabled:
+        raise ValueError(f"memory.enabled={params.memory.enabled} but a memory bank was "
+                         f"{'given' if memory is not None else 'not given'}")
     return write_model_dir(run_dir, weights_bytes(model.state_dict()), params_yaml(params), calibration.to_json(),
-                           weights_bytes(disc.state_dict()) if disc is not None else None)
+                           weights_bytes(disc.state_dict()) if disc is not None else None,
+                           weights_bytes({"bank": memory.bank}) if memory is not None else None)

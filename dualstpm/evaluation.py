@@ -24,7 +24,7 @@ from dualstpm.data import decode_images, decode_masks, image_size_of, load_categ
 from dualstpm.detector import CHOSEN_VIEW, Detector, fusion_label
 from dualstpm.figures import overlay_name, write_test_figures
 from dualstpm.files import write_json
-from dualstpm.maps import compute_six_maps, store_test_and_val_maps
+from dualstpm.maps import compute_raw_maps, store_test_and_val_maps
 from dualstpm.model.fusion import DISC_VIEW, VIEWS
 from dualstpm.model.regions import CONNECTIVITY, DEFECTIVE, RegionSpec
 from dualstpm.progress import stage
@@ -143,12 +143,12 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     defect_types = [s.defect_type for s in dataset.test]
 
     batch_size = batch_size or detector.params.fit.batch_size
-    six = compute_six_maps(detector, images, batch_size, "computing anomaly maps of test images")
+    raw = compute_raw_maps(detector, images, batch_size, "computing anomaly maps of test images")
     scores: dict[str, np.ndarray] = {}
     maps: dict[str, np.ndarray] | None = {} if masks is not None else None
     decision_maps = None  # the decision view's maps, for its defect regions
     for view in detector.views:
-        view_maps, scores[view] = detector.inference.views.stack(six, view)
+        view_maps, scores[view] = detector.inference.views.stack(raw, view)
         if maps is not None:
             maps[view] = view_maps
         if view == detector.decision_view and detector.regions is not None:
@@ -199,10 +199,10 @@ def evaluate_detector(detector: Detector, data_root: Path, category: str, batch_
     if plots_dir is not None:
         names = [overlay_name(s.defect_type, s.path) for s in dataset.test]
         with stage("drawing curves and overlays"):
-            write_test_figures(plots_dir, detector, category, six, [s.path for s in dataset.test], labels, scores,
+            write_test_figures(plots_dir, detector, category, raw, [s.path for s in dataset.test], labels, scores,
                                names, maps, masks)
     if maps_dir is not None:
-        store_test_and_val_maps(maps_dir, detector, dataset, six, masks, batch_size, max_pixels)
+        store_test_and_val_maps(maps_dir, detector, dataset, raw, masks, batch_size, max_pixels)
     return result
 
 

@@ -30,6 +30,7 @@ from dualstpm.data import read_image, resize_map
 from dualstpm.detector import Detector
 from dualstpm.files import atomic_file, staged_dir
 from dualstpm.model.fusion import VIEWS
+from dualstpm.model.inference import RawMaps
 from dualstpm.overlays import (
     GRID_CELL_WIDTH,
     decision_label,
@@ -142,23 +143,23 @@ def overlay_name(defect_type: str, path: Path) -> str:
     return f"{defect_type}_{path.stem}"
 
 
-def write_overlays(out_dir: Path, detector: Detector, category: str, six: np.ndarray, paths: Sequence[Path],
+def write_overlays(out_dir: Path, detector: Detector, category: str, raw: RawMaps, paths: Sequence[Path],
                    labels: np.ndarray,
                    scores: np.ndarray, names: Sequence[str], masks: np.ndarray | None) -> Path:
-    """Overlays of the telling images in the detector's decision view, drawn from the six
+    """Overlays of the telling images in the detector's decision view, drawn from the raw
     maps already computed (no network runs): one PNG each in `out_dir/overlays/` and a grid
     of them, `out_dir/overlays.png` (returned).
 
     category: the test images' category (the grid's heading, with the decision view and its
-    threshold); six: the test images' six maps (N, 2, 3, S, S), as the test computed and
-    stored them; paths: the test images (N,), read at their own size; labels (N,) bool;
+    threshold); raw: the test images' :class:`RawMaps` (six maps (N, 2, 3, S, S), and the
+    memory maps of a model with a memory bank), as the test computed and stored them; paths: the test images (N,), read at their own size; labels (N,) bool;
     scores (N,): the decision view's image scores, which choose the telling images (each
     captioned ``<reason>: <name>``, :func:`telling_images`) and are shown; names (N,);
     masks: (N, h, w) bool ground truth at any size, outlined in white, or None.
     """
     telling = telling_images(labels, scores, detector.threshold)
     chosen = [index for index, _ in telling]
-    view_maps, _ = detector.inference.views.stack(six[chosen], detector.decision_view)
+    view_maps, _ = detector.inference.views.stack(raw[np.asarray(chosen, dtype=np.int64)], detector.decision_view)
     scale = overlay_scale(detector)
     folder = out_dir / "overlays"
     shutil.rmtree(folder, ignore_errors=True)  # another choice of images must not leave old ones
@@ -181,19 +182,18 @@ def write_overlays(out_dir: Path, detector: Detector, category: str, six: np.nda
     return grid_path
 
 
-def write_test_figures(plots_dir: Path, detector: Detector, category: str, six: np.ndarray, paths: Sequence[Path],
+def write_test_figures(plots_dir: Path, detector: Detector, category: str, raw: RawMaps, paths: Sequence[Path],
                        labels: np.ndarray, scores: dict[str, np.ndarray], names: Sequence[str],
                        maps: dict[str, np.ndarray] | None = None, masks: np.ndarray | None = None) -> Path:
     """All figures of one test run on `category` into a fresh `plots_dir` (old files would
-    mislead), built in a staging folder and swapped in whole (`files.staged_dir`). `six`:
-    the test images' six maps (N, 2, 3, S, S), which the overlays are drawn from
-    (`write_overlays`)."""
+    mislead), built in a staging folder and swapped in whole (`files.staged_dir`). `raw`:
+    the test images' :class:`RawMaps`, which the overlays are drawn from (`write_overlays`)."""
     plots_dir = Path(plots_dir)
     with staged_dir(plots_dir) as staging:
         write_roc(staging, labels, scores, category)
         if maps is not None and masks is not None:
             write_pro(staging, masks, maps, category)
-        write_overlays(staging, detector, category, six, paths, np.asarray(labels, dtype=bool),
+        write_overlays(staging, detector, category, raw, paths, np.asarray(labels, dtype=bool),
                        scores[detector.decision_view], names, masks)
     return plots_dir
 

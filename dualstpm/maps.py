@@ -13,7 +13,7 @@ L2-normalised features, so they lie in [0, 2], far from float16's range limit; t
 rounding (relative 5e-4) moved AUROC/AUPRO by at most 4e-5 on magnetic_tile.
 
 File format (`np.savez`, readable without pickle): `maps` float16 (N, 2, 3, H, W),
-`labels` int8 (N,), `defect_types` and `paths` strings (N,), `masks` bits packed
+`memory` float16 (N, H, W) for a model with a memory bank (absent otherwise), `labels` int8 (N,), `defect_types` and `paths` strings (N,), `masks` bits packed
 with `np.packbits` over (N, H, W) (absent without ground truth), `meta` a JSON string.
 In `val_defects.npz`, `meta["with_mask"]` says which defects have a mask (the others'
 masks are all False and carry no pixel evidence).
@@ -35,6 +35,7 @@ from dualstpm.data import Category, decode_images, split_train_val
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError
 from dualstpm.files import atomic_file, json_text
+from dualstpm.model.inference import RawMaps
 from dualstpm.progress import stage
 from dualstpm.real_defects import RealDefects
 from dualstpm.rundir import TEST_MAPS, VAL_DEFECT_MAPS, VAL_MAPS
@@ -53,10 +54,29 @@ def weights_fingerprint(state: Mapping[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+def compute_raw_maps(detector: Detector, images: Tensor, batch_size: int,
+                     description: str = "computing anomaly maps") -> RawMaps:
+    """(N, 3, H, W) images -> float16 :class:`RawMaps`: six maps (N, 2, 3, H, W) and, for a
+    model with a memory bank, the memory map (N, H, W); one forward pass per batch (a progress
+    stage named `description`, e.g. ``computing anomaly maps of test images``)."""
+    has_memory = detector.inference.memory is not None
+    six = np.empty((len(images), 2, 3, *images.shape[-2:]), dtype=np.float16)
+    memory = np.empty((len(images), *images.shape[-2:]), dtype=np.float16) if has_memory else None
+    with stage(description, len(images)) as progress:
+        for start in range(0, len(images), batch_size):
+            raw = detector.raw_maps(images[start : start + batch_size])
+            six[start : start + batch_size] = raw.six.cpu().numpy()
+            if memory is not None:
+                memory[start : start + batch_size] = raw.memory.cpu().numpy()
+            progress.advance(len(raw))
+    if not np.isfinite(six).all() or (memory is not None and not np.isfinite(memory).all()):
+        raise RunError("the model produced non-finite anomaly maps; the weights are broken: retrain the model")
+    return RawMaps(six, memory)
+
+
 def compute_six_maps(detector: Detector, images: Tensor, batch_size: int,
                      description: str = "computing anomaly maps") -> np.ndarray:
-    """(N, 3, H, W) images -> (N, 2, 3, H, W) float16 raw maps, one forward pass per batch
-    (a progress stage named `description`, e.g. ``computing anomaly maps of test images``)."""
+    """(N, 3, H, W) images -> (N, 2, 3, H, W) float16 raw maps (:func:`compute_raw_maps` without the memory map)."""
     out = np.empty((len(images), 2, 3, *images.shape[-2:]), dtype=np.float16)
     with stage(description, len(images)) as progress:
         for start in range(0, len(images), batch_size):
@@ -77,9 +97,15 @@ class MapSet:
     paths: np.ndarray  # str (N,), the image files
     masks: np.ndarray | None  # bool (N, H, W); None without ground truth
     meta: dict  # split, category, image_size, weights_sha256, format
+    memory: np.ndarray | None = None  # float16 (N, H, W): the memory maps of a model with a memory bank
 
     def __len__(self) -> int:
         return len(self.maps)
+
+    @property
+    def raw(self) -> RawMaps:
+        """The stored maps as :class:`RawMaps` (what every view, the memory views too, is scored from)."""
+        return RawMaps(self.maps, self.memory)
 
     def save(self, path: Path) -> Path:
         """Write atomically (temp file, then rename): a crash never leaves half a file."""
@@ -94,6 +120,8 @@ class MapSet:
         }
         if self.masks is not None:
             arrays["masks"] = np.packbits(self.masks.reshape(-1))
+        if self.memory is not None:
+            arrays["memory"] = self.memory
         with atomic_file(path) as tmp:
             np.savez(tmp, **arrays)
         return path
@@ -114,12 +142,13 @@ class MapSet:
                 if "masks" in data:
                     count = int(np.prod((len(maps), *maps.shape[-2:])))
                     masks = np.unpackbits(data["masks"], count=count).astype(bool).reshape(len(maps), *maps.shape[-2:])
-                return cls(maps, data["labels"], data["defect_types"], data["paths"], masks, meta)
+                memory = data["memory"] if "memory" in data else None
+                return cls(maps, data["labels"], data["defect_types"], data["paths"], masks, meta, memory)
         except (OSError, ValueError, KeyError) as exc:
             raise RunError(f"{path} is not a readable maps file ({exc}): re-run `dualstpm test` to write it again") from None
 
 
-def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Category, test_maps: np.ndarray,
+def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Category, test_maps: RawMaps,
                             masks: np.ndarray | None, batch_size: int, max_pixels: int) -> tuple[Path, Path]:
     """Write `test.npz` from the maps the test already computed, and `val.npz` for the
     validation images (the same seeded split as the fit, recomputed: it is deterministic;
@@ -133,35 +162,40 @@ def store_test_and_val_maps(maps_dir: Path, detector: Detector, dataset: Categor
         "weights_sha256": weights_fingerprint(detector.model.state_dict()),
     }
     test = MapSet(
-        test_maps,
+        test_maps.six,
         np.array([s.label for s in dataset.test], dtype=np.int8),
         np.array([s.defect_type for s in dataset.test], dtype=str),
         np.array([str(s.path.resolve()) for s in dataset.test], dtype=str),
         masks,
         {**meta, "split": "test"},
+        test_maps.memory,
     )
     _, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)
     val_images = decode_images(val_paths, params.frame_size, "decoding validation images",
                                max_pixels)
+    val_maps = compute_raw_maps(detector, val_images, batch_size, "computing anomaly maps of validation images")
     val = MapSet(
-        compute_six_maps(detector, val_images, batch_size, "computing anomaly maps of validation images"),
+        val_maps.six,
         np.zeros(len(val_paths), dtype=np.int8),
         np.full(len(val_paths), "good"),
         np.array([str(p.resolve()) for p in val_paths], dtype=str),
         None,
         {**meta, "split": "val"},
+        val_maps.memory,
     )
     real_path = Path(maps_dir) / VAL_DEFECT_MAPS
     real = RealDefects.decode(dataset.validation_defects, params.frame_size, max_pixels)
     if real is None:
         real_path.unlink(missing_ok=True)  # maps of defects no longer in the data must not be chosen on
     else:
+        real_maps = compute_raw_maps(detector, real.images, batch_size, "computing anomaly maps of real validation defects")
         MapSet(
-            compute_six_maps(detector, real.images, batch_size, "computing anomaly maps of real validation defects"),
+            real_maps.six,
             np.ones(len(real.samples), dtype=np.int8),
             np.array([s.defect_type for s in real.samples], dtype=str),
             np.array([str(s.path.resolve()) for s in real.samples], dtype=str),
             real.masks,
             {**meta, "split": "val_defects", "with_mask": real.has_mask.tolist()},
+            real_maps.memory,
         ).save(real_path)
     return test.save(Path(maps_dir) / TEST_MAPS), val.save(Path(maps_dir) / VAL_MAPS)

@@ -269,7 +269,7 @@ def validation_scores(run_dir: Path | str) -> Reference:
     val = MapSet.load(run_dir / MAPS_DIR / VAL_MAPS)
     fingerprint = check_same_model(run_dir, val)
     view = detector.decision_view
-    scores = detector.inference.views.stack(val.maps, view)[1]
+    scores = detector.inference.views.stack(val.raw, view)[1]
     lineage = read_lineage(run_dir) or {}
     kept = detector.calibration.input_reference or {}
     inputs = {name: np.asarray(kept[name], dtype=float) for name in INPUT_STATISTICS if name in kept}

@@ -32,7 +32,7 @@ from torch import Tensor
 from dualstpm import metrics
 from dualstpm.config import DEFAULT_MAX_IMAGE_PIXELS
 from dualstpm.data import Sample, decode_images, decode_masks, real_evidence_label
-from dualstpm.model.inference import MapViews
+from dualstpm.model.inference import MapViews, RawMaps
 
 #: `validation_evidence.evidence` of a fit without real defects: its epochs were selected on good images alone
 GOOD_IMAGES_ONLY = "good images only"
@@ -94,21 +94,22 @@ def selection_value(evidence: dict[str, float | None]) -> float:
     return float(np.mean(defined)) if defined else float("nan")
 
 
-def view_evidence(views: MapViews, six_maps_of: Callable[[Tensor], Tensor], good_images: Tensor,
+def view_evidence(views: MapViews, maps_of: Callable[[Tensor], Tensor | RawMaps], good_images: Tensor,
                   real: RealDefects, batch_size: int) -> dict[str, dict[str, float | None]]:
     """{view: `RealDefects.auroc`} for every view of `views` (the calibrated model's), from the
-    six maps `six_maps_of` gives for (N, 3, S, S) images, `batch_size` at a time."""
-    scored = {name: _scores_and_maps(views, six_maps_of, images, batch_size)
+    six maps (or :class:`RawMaps`, which the memory views need) `maps_of` gives for (N, 3, S, S)
+    images, `batch_size` at a time."""
+    scored = {name: _scores_and_maps(views, maps_of, images, batch_size)
               for name, images in (("good", good_images), ("defect", real.images))}
     return {view: real.auroc(scored["good"][view][0], scored["good"][view][1],
                              scored["defect"][view][0], scored["defect"][view][1]) for view in views.views}
 
 
-def _scores_and_maps(views: MapViews, six_maps_of: Callable[[Tensor], Tensor], images: Tensor,
+def _scores_and_maps(views: MapViews, maps_of: Callable[[Tensor], Tensor | RawMaps], images: Tensor,
                      batch_size: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     parts: dict[str, tuple[list[np.ndarray], list[np.ndarray]]] = {v: ([], []) for v in views.views}
     for start in range(0, len(images), batch_size):
-        scored = views.score_maps(six_maps_of(images[start : start + batch_size]), views.views)
+        scored = views.score_maps(maps_of(images[start : start + batch_size]), views.views)
         for view in views.views:
             parts[view][0].append(scored.scores[view].detach().cpu().numpy())
             parts[view][1].append(scored.maps[view].detach().cpu().float().numpy())

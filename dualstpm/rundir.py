@@ -7,6 +7,7 @@ A run directory (``dualstpm fit --out RUN``; ``runs/<category>`` under ``dvc rep
       model/                      the model directory: what predict, serving and the exports load
         weights.safetensors       the four networks' weights (fit)
         discriminator.safetensors the discriminative stage, when fit.discriminator (fit)
+        memory.safetensors        the memory bank of good patch features, when memory.enabled (fit)
         params.yaml               the params it was trained with (fit)
         calibration.json          thresholds and score normalisation (fit)
         lineage.json              the MLflow run that trained these files (fit)
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
 MODEL_SUBDIR = "model"
 WEIGHTS_FILE = "weights.safetensors"
 DISC_WEIGHTS_FILE = "discriminator.safetensors"
+MEMORY_FILE = "memory.safetensors"
 PARAMS_FILE = "params.yaml"
 CALIBRATION_FILE = "calibration.json"
 LINEAGE_FILE = "lineage.json"
@@ -243,10 +245,10 @@ def weights_bytes(state: Mapping[str, Tensor]) -> bytes:
 
 
 def write_model_dir(run_dir: Path | str, weights: bytes, params_yaml: str, calibration: Mapping[str, Any],
-                    disc_weights: bytes | None = None) -> Path:
+                    disc_weights: bytes | None = None, memory_bank: bytes | None = None) -> Path:
     """Write `RUN/model/` atomically (`files.staged_dir`: built in a hidden sibling and swapped
-    in whole): weights, optional discriminator weights, params and calibration. Returns the
-    model directory."""
+    in whole): weights, optional discriminator weights and memory bank, params and
+    calibration. Returns the model directory."""
     from dualstpm.files import staged_dir, write_bytes, write_json, write_text
 
     final = RunDir(run_dir).model
@@ -254,6 +256,8 @@ def write_model_dir(run_dir: Path | str, weights: bytes, params_yaml: str, calib
         write_bytes(staging / WEIGHTS_FILE, weights)
         if disc_weights is not None:
             write_bytes(staging / DISC_WEIGHTS_FILE, disc_weights)
+        if memory_bank is not None:
+            write_bytes(staging / MEMORY_FILE, memory_bank)
         write_text(staging / PARAMS_FILE, params_yaml)
         write_json(staging / CALIBRATION_FILE, calibration)
     return final

@@ -58,11 +58,12 @@ from dualstpm.fit_check import FitCheck, FitEvidence, check_fit
 from dualstpm.model import inference
 from dualstpm.model.calibration import (MapStatsAccumulator, calibrate_pixel_threshold, calibrate_threshold,
                                         calibration_note, summarize)
-from dualstpm.model.fusion import BRANCHES, MAX_SCORE, FusionSpec, ScoreSpec
-from dualstpm.model.inference import MapViews
+from dualstpm.model.fusion import BRANCHES, MAX_SCORE, FusionSpec, ScoreSpec, fuse
+from dualstpm.model.inference import MapViews, RawMaps
+from dualstpm.model.memory import MEMORY_LEVELS, MemoryBank, MemoryStats, flatten_patches, patch_features
 from dualstpm.model.tiling import Tiling
 from dualstpm.model.torch_model import DualStpmModel
-from dualstpm.progress import StatusColumn, progress_bar, say
+from dualstpm.progress import StatusColumn, progress_bar, say, stage
 from dualstpm.project import params_for_data, recorded_data_root
 from dualstpm.real_defects import GOOD_IMAGES_ONLY, RealDefects, describe_views, selection_value, view_evidence
 from dualstpm.rng import own_rng
@@ -128,6 +129,38 @@ def six_maps(model: DualStpmModel, images: Tensor, compute: Compute, tiling: Til
     model.eval()
     with compute.autocast():
         return inference.six_maps(model, compute.images(images), tiling=tiling).cpu()
+
+
+@torch.no_grad()
+def raw_maps(model: DualStpmModel, images: Tensor, compute: Compute, tiling: Tiling | None = None,
+             memory: MemoryBank | None = None) -> RawMaps:
+    """Eval-mode :class:`RawMaps` of one batch (`inference.raw_maps`: six maps, and the memory
+    map with `memory`), float32 on the CPU."""
+    model.eval()
+    with compute.autocast():
+        raw = inference.raw_maps(model, compute.images(images), memory, tiling=tiling)
+    return RawMaps(raw.six.cpu(), None if raw.memory is None else raw.memory.cpu())
+
+
+@torch.no_grad()
+def build_memory(model: DualStpmModel, params: Params, train_images: Tensor, compute: Compute) -> MemoryBank:
+    """The memory bank (`dualstpm.model.memory`) of the good training images: T1's patch features
+    (strides 8 and 16) of every image, in the inference precision, and a greedy coreset of
+    `memory.coreset_ratio` of them (seeded by `seed`). No training: T1 is frozen."""
+    compute = compute.for_inference()
+    model.eval()
+    batch_size, features = params.fit.batch_size, []
+    with stage("building the memory bank", len(train_images)) as progress:
+        for start in range(0, len(train_images), batch_size):
+            with compute.autocast():
+                levels = model.t1(compute.images(train_images[start : start + batch_size]))
+            features.append(flatten_patches(patch_features([levels[i].float() for i in MEMORY_LEVELS])).cpu())
+            progress.advance(len(train_images[start : start + batch_size]))
+    patches = torch.cat(features)
+    memory = MemoryBank.build(patches, params.memory.coreset_ratio, seed=params.seed, sigma=params.memory.sigma)
+    say(f"memory bank: {len(memory.bank)} of {len(patches)} training patches ({params.memory.coreset_ratio:g}), "
+        f"{memory.bank.shape[1]} features each")
+    return memory.to(compute.device)
 
 
 #: `fit.select` -> the per-image statistic whose mean over validation images selects the epoch.
@@ -490,7 +523,7 @@ class Trainer:
 
 def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute: Compute,
               selected_epochs: dict[str, int], category: str, parts: ValidationParts | None = None,
-              disc: DiscResult | None = None) -> Calibration:
+              disc: DiscResult | None = None, memory: MemoryBank | None = None) -> Calibration:
     """Per-map validation statistics, then per-view thresholds at the target false-alarm rate
     (the view `disc` too when `disc` is given), and per-view pixel thresholds of defect regions
     at `regions.pixel_fpr` on the same images' pixels (none when it is null).
@@ -502,18 +535,23 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
     The validation maps are computed in the inference precision (float32, on `compute`'s
     device), whatever precision training ran in: the stored statistics, thresholds and
     validation minimum are those of the scores PyTorch inference and the float32 exports give.
+    With a `memory` bank, the memory views are calibrated too, and `memory_stats` (the fused
+    and memory maps' pixel mean and std on these images) standardises `fused_memory`.
     """
     batch_size = params.fit.batch_size
     compute = compute.for_inference()
     tiling = params.tiling_spec()
-    maps = [six_maps(model, val_images[i : i + batch_size], compute, tiling)
+    maps = [raw_maps(model, val_images[i : i + batch_size], compute, tiling, memory)
             for i in range(0, len(val_images), batch_size)]
     accumulator = MapStatsAccumulator()
     for batch in maps:
-        accumulator.update(batch)
+        accumulator.update(batch.six)
     stats = accumulator.result()
-    views = MapViews(FusionSpec.from_params(params.fusion), stats, score=ScoreSpec.from_params(params.score),
-                     disc=disc.module if disc is not None else None)
+    trained = FusionSpec.from_params(params.fusion)
+    memory_stats = None if memory is None else MemoryStats.of_maps(
+        torch.cat([fuse(batch.six, trained, stats) for batch in maps]), torch.cat([batch.memory for batch in maps]))
+    views = MapViews(trained, stats, score=ScoreSpec.from_params(params.score),
+                     disc=disc.module if disc is not None else None, memory=memory_stats)
     with torch.no_grad():
         scored = [views.score_maps(m, views.views) for m in maps]
     scores = {v: torch.cat([s.scores[v] for s in scored]).numpy() for v in views.views}
@@ -537,11 +575,13 @@ def calibrate(model: DualStpmModel, params: Params, val_images: Tensor, compute:
         precision=compute.precision,
         pixel_fpr=pixel_fpr,
         pixel_thresholds=pixel_thresholds,
+        memory_stats=memory_stats,
     )
 
 
 def fit_evidence(model: DualStpmModel, params: Params, calibration: Calibration, selection_images: Tensor,
-                 real: RealDefects | None, compute: Compute, disc: DiscResult | None = None) -> dict[str, Any]:
+                 real: RealDefects | None, compute: Compute, disc: DiscResult | None = None,
+                 memory: MemoryBank | None = None) -> dict[str, Any]:
     """What selected the epochs, for `calibration.json` (`validation_evidence`): without real
     defects ``{"evidence": "good images only", "epoch_selection": fit.select}``; with them,
     `RealDefects.describe` plus, per view of the calibrated model, the image AUROC (and
@@ -550,9 +590,10 @@ def fit_evidence(model: DualStpmModel, params: Params, calibration: Calibration,
         return {"evidence": GOOD_IMAGES_ONLY, "epoch_selection": f"fit.select={params.fit.select}"}
     inference_compute = compute.for_inference()
     views = MapViews(FusionSpec.from_params(params.fusion), calibration.map_stats, score=calibration.score,
-                     disc=disc.module if disc is not None else None)
+                     disc=disc.module if disc is not None else None, memory=calibration.memory_stats)
     with torch.no_grad():
-        evidence = view_evidence(views, lambda images: six_maps(model, images, inference_compute, params.tiling_spec()),
+        evidence = view_evidence(views, lambda images: raw_maps(model, images, inference_compute, params.tiling_spec(),
+                                                                memory),
                                  selection_images,
                                  real, params.fit.batch_size)
     say(f"validation AUROC on real defects ({real.label}, against {len(selection_images)} good selection images): "
@@ -561,18 +602,19 @@ def fit_evidence(model: DualStpmModel, params: Params, calibration: Calibration,
 
 
 def fit_check(model: DualStpmModel, params: Params, calibration: Calibration, images: Tensor, compute: Compute,
-              disc: DiscResult | None, plan: FitPlan, epochs_trained: int) -> FitCheck:
+              disc: DiscResult | None, plan: FitPlan, epochs_trained: int, memory: MemoryBank | None = None) -> FitCheck:
     """The fit check (`dualstpm.fit_check.check_fit`) of the calibrated model on `images` (the
     calibration part of the validation images), scored as the model will score: float32 maps,
     `calibration`'s statistics and reduction. Says the validation AUROC, and the warning
     when there is one."""
     inference_compute = compute.for_inference()
     views = MapViews(FusionSpec.from_params(params.fusion), calibration.map_stats, score=calibration.score,
-                     disc=disc.module if disc is not None else None)
+                     disc=disc.module if disc is not None else None, memory=calibration.memory_stats)
 
     def score(batch: Tensor) -> dict[str, Tensor]:
         with torch.no_grad():
-            return views.score_maps(six_maps(model, batch, inference_compute, params.tiling_spec()), views.views).scores
+            raw = raw_maps(model, batch, inference_compute, params.tiling_spec(), memory)
+            return views.score_maps(raw, views.views).scores
 
     evidence = FitEvidence(recipe=plan.recipe, train_images=plan.train_images, image_size=params.image_size,
                            epochs=epochs_trained, steps=epochs_trained * plan.steps_per_epoch,
@@ -763,15 +805,18 @@ def fit(
             # the stage selects its epoch on the selection part too: the calibration part stays unseen until calibration
             disc = (fit_discriminator(trainer.model, params, train_images, selection_images, compute)
                     if params.fit.discriminator else None)
-            calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc)
+            memory = build_memory(trainer.model, params, train_images, compute) if params.memory.enabled else None
+            calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc,
+                                    memory)
             calibration = replace(calibration, validation_evidence=fit_evidence(
-                trainer.model, params, calibration, selection_images, real, compute, disc))
+                trainer.model, params, calibration, selection_images, real, compute, disc, memory))
             check = fit_check(trainer.model, params, calibration, calibration_images, compute, disc, plan,
-                              len(trainer.history))
+                              len(trainer.history), memory)
             calibration = replace(calibration, fit_check=check.to_json(), input_reference=inputs)
             trained_on = data_trained_on(params, data_root, category, run_dir)
             model_dir = save_detector(run_dir, trainer.model, trained_on, calibration,
-                                      disc.module if disc is not None else None)
+                                      disc.module if disc is not None else None,
+                                      memory.cpu() if memory is not None else None)
             write_history(trainer.history, run_dir / HISTORY_FILE)
             if disc is not None:
                 write_history(disc.history, run_dir / DISC_HISTORY_FILE)

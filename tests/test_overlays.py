@@ -225,15 +225,15 @@ def test_a_reviewed_output_folder_is_refused_before_anything_is_scored(trained_r
 
 def test_the_test_draws_its_overlays_from_the_maps_it_computed(trained_run: Path, synthetic_root: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch):
-    """The networks run once per test image: the overlays are drawn from those six maps."""
+    """The networks run once per test image: the overlays are drawn from those raw maps."""
     from dualstpm.detector import Detector
     from dualstpm.evaluation import test_run
 
     run = tmp_path / "run"
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("exports", "plots", "maps"))
     calls = []
-    six_maps = Detector.six_maps
-    monkeypatch.setattr(Detector, "six_maps", lambda self, images: calls.append(len(images)) or six_maps(self, images))
+    raw_maps = Detector.raw_maps
+    monkeypatch.setattr(Detector, "raw_maps", lambda self, images: calls.append(len(images)) or raw_maps(self, images))
     monkeypatch.setattr(Detector, "infer", lambda self, images: pytest.fail("the networks ran again for the overlays"))
     test_run(run, synthetic_root, "synth_texture")
     n_test = len(list((synthetic_root / "synth_texture" / "test").rglob("*.png")))

@@ -180,9 +180,9 @@ def write_decision_overlays(run_dir: Path, test: MapSet) -> Path:
     from the stored maps: the telling images are chosen by that view's scores of them, as at
     test time. Returns the grid."""
     detector = Detector.load(run_dir)
-    _, scores = detector.inference.views.stack(test.maps, detector.decision_view)
+    _, scores = detector.inference.views.stack(test.raw, detector.decision_view)
     names = [overlay_name(kind, Path(path)) for kind, path in zip(test.defect_types, test.paths, strict=True)]
-    return write_overlays(run_dir / ABLATION_DIR, detector, str(test.meta["category"]), test.maps,
+    return write_overlays(run_dir / ABLATION_DIR, detector, str(test.meta["category"]), test.raw,
                           [Path(p) for p in test.paths], test.labels.astype(bool), scores, names, test.masks)
 
 

@@ -19,6 +19,10 @@ BRANCHES = ("stpm", "recon")
 VIEWS = ("fused", "stpm", "recon")
 #: the discriminative stage's view (METHOD.md §5b): only models fitted with fit.discriminator have it
 DISC_VIEW = "disc"
+#: the memory view (`dualstpm.model.memory`) and its sum with `fused`: only models fitted with memory.enabled have them
+MEMORY_VIEW = "memory"
+FUSED_MEMORY_VIEW = "fused_memory"
+MEMORY_VIEWS = (MEMORY_VIEW, FUSED_MEMORY_VIEW)
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,10 @@ from plain arguments (networks, fusion specs, statistics, threshold): no params 
 Views (:data:`VIEWS` and the two optional ones): `fused` is always the params' fusion
 (`params.fusion`, as trained), `chosen` the fusion `dualstpm ablate` applied (present only
 then), `stpm` and `recon` each branch alone as trained, `disc` the discriminative stage
-(present only on a model fitted with it). The module decides with one of them (`decision`).
+(present only on a model fitted with it), `memory` the memory view (PatchCore's
+nearest-neighbour distance on T1's features, :mod:`dualstpm.model.memory`) and
+`fused_memory` the standardised sum of `fused` and `memory` (both present only on a model
+fitted with ``memory.enabled``). The module decides with one of them (`decision`).
 
 Input: images at the model's `image_size`, shape (N, 3, H, W), either uint8 in [0, 255]
 or float in [0, 1] (an export takes float32). Resizing stays outside: use
@@ -46,7 +49,9 @@ from torch import Tensor, nn
 from dualstpm.model.anomaly_map import MapFusion
 from dualstpm.model.calibration import ScoreNormalization
 from dualstpm.model.discriminator import Discriminator
-from dualstpm.model.fusion import DISC_VIEW, VIEWS, FusionSpec, MapStats, ScoreSpec, StreamedScore, fuse, image_score
+from dualstpm.model.fusion import (DISC_VIEW, FUSED_MEMORY_VIEW, MEMORY_VIEW, MEMORY_VIEWS, VIEWS, FusionSpec, MapStats,
+                                   ScoreSpec, StreamedScore, fuse, image_score)
+from dualstpm.model.memory import MEMORY_LEVELS, MemoryBank, MemoryStats
 from dualstpm.model.regions import RegionSpec
 from dualstpm.model.tiling import Tiling, owned_windows, stitched
 from dualstpm.model.torch_model import DualStpmModel
@@ -77,6 +82,22 @@ class InferenceOutput(NamedTuple):
 
 
 OUTPUT_NAMES: tuple[str, ...] = InferenceOutput._fields
+
+
+@dataclass(frozen=True)
+class RawMaps:
+    """What the networks say about N images: the six raw maps (N, 2, 3, H, W) and, for a model
+    with a memory bank, the memory map (N, H, W) (else None); tensors, or stored float16
+    arrays. Indexing (a slice or an index array) takes the same images from both."""
+
+    six: Tensor | np.ndarray
+    memory: Tensor | np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.six)
+
+    def __getitem__(self, index: slice | np.ndarray) -> RawMaps:
+        return RawMaps(self.six[index], None if self.memory is None else self.memory[index])
 
 
 @dataclass
@@ -135,6 +156,23 @@ def six_maps(network: DualStpmModel, images: Tensor, chunked: bool = True, tilin
     return network.pyramids(images).maps(images.shape[-2:], chunked).float()
 
 
+def raw_maps(network: DualStpmModel, images: Tensor, memory: MemoryBank | None = None, chunked: bool = True,
+             tiling: Tiling | None = None) -> RawMaps:
+    """(N, 3, H, W) uint8 or float images -> their :class:`RawMaps` (float32): the six maps of
+    :func:`six_maps` and, with `memory`, the memory map from the same forward pass of T1 (its
+    levels at strides 8 and 16). Raises ValueError for a memory bank under `tiling` (its blur
+    and neighbourhoods look across tile borders: `Params` refuses the pair)."""
+    if memory is None:
+        return RawMaps(six_maps(network, images, chunked, tiling))
+    if tiling is not None:
+        raise ValueError("a memory view cannot be tiled: set memory.enabled=false or tiling.enabled=false")
+    images = scale_images(images)
+    pairs = network.pyramids(images)
+    size = tuple(images.shape[-2:])
+    remembered = memory([pairs.teacher_a[i] for i in MEMORY_LEVELS], size, chunked)
+    return RawMaps(pairs.maps(size, chunked).float(), remembered.float())
+
+
 def map_stack(maps: np.ndarray, to_map: Callable[[Tensor], Tensor]) -> np.ndarray:
     """Apply a per-image `to_map` ((n, 2, 3, S, S) float32 -> (n, S, S)) to a stored
     (N, 2, 3, S, S) stack (float16 on disk), giving (N, S, S) float32.
@@ -165,16 +203,21 @@ class MapViews(nn.Module):
         score: how every view's map becomes an image score (the calibration's reduction).
         chosen: the fusion `dualstpm ablate` applied (the view `chosen`), or None.
         disc: the discriminative stage (the view `disc`), or None.
+        memory: the statistics that standardise `fused` and the memory map (the views
+            `memory` and `fused_memory`, which read the memory map of :class:`RawMaps`), or None.
     """
 
     def __init__(self, trained: FusionSpec, stats: MapStats | None, *, score: ScoreSpec,
-                 chosen: FusionSpec | None = None, disc: Discriminator | None = None) -> None:
+                 chosen: FusionSpec | None = None, disc: Discriminator | None = None,
+                 memory: MemoryStats | None = None) -> None:
         super().__init__()
         specs = {view: trained.view(view) for view in VIEWS} | ({CHOSEN_VIEW: chosen} if chosen is not None else {})
         self.fusions = nn.ModuleDict({view: MapFusion(spec, stats) for view, spec in specs.items()})
         self.disc = disc.eval() if disc is not None else None
+        self.memory_stats = memory
         self.views: tuple[str, ...] = (VIEWS + ((DISC_VIEW,) if disc is not None else ())
-                                       + ((CHOSEN_VIEW,) if chosen is not None else ()))
+                                       + ((CHOSEN_VIEW,) if chosen is not None else ())
+                                       + (MEMORY_VIEWS if memory is not None else ()))
         self.stats = stats
         self.score_spec = score
 
@@ -182,38 +225,60 @@ class MapViews(nn.Module):
         """The fusion of a view (`fused`, `chosen`, `stpm`, `recon`); KeyError for `disc` or a view it lacks."""
         return self.fusions[view].spec
 
-    def view_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> dict[str, Tensor]:
-        """Six raw maps (N, 2, 3, H, W) -> {view: (N, H, W) map}. Fusions run where `maps` are;
-        the discriminative stage on its own device. Raises ValueError for a view it lacks."""
+    def view_maps(self, maps: Tensor | RawMaps, views: tuple[str, ...] = VIEWS) -> dict[str, Tensor]:
+        """Six raw maps (N, 2, 3, H, W), or :class:`RawMaps` (needed by the memory views) ->
+        {view: (N, H, W) map}. Fusions run where `maps` are; the discriminative stage on its
+        own device. Raises ValueError for a view it lacks, or a memory view without a memory map."""
+        raw = maps if isinstance(maps, RawMaps) else RawMaps(maps)
         missing = [v for v in views if v not in self.views]
         if missing:
             raise ValueError(f"this model has no view {', '.join(map(repr, missing))}: its views are "
                              f"{', '.join(self.views)} (`chosen` only after `dualstpm ablate` applied a fusion, "
-                             "`disc` only with fit.discriminator=true)")
+                             "`disc` only with fit.discriminator=true, `memory` and `fused_memory` only with "
+                             "memory.enabled=true)")
+        if raw.memory is None and any(v in MEMORY_VIEWS for v in views):
+            raise ValueError("the views memory and fused_memory need the memory map: score RawMaps with it")
         out = {}
         for view in views:
             if view == DISC_VIEW:
                 device = next(self.disc.parameters()).device
-                out[view] = self.disc(maps if maps.device == device else maps.to(device))
+                out[view] = self.disc(raw.six if raw.six.device == device else raw.six.to(device))
+            elif view == MEMORY_VIEW:
+                out[view] = raw.memory
+            elif view == FUSED_MEMORY_VIEW:
+                fused = out["fused"] if "fused" in out else self.fusions["fused"](raw.six)
+                out[view] = self.memory_stats.combine(fused, raw.memory)
             else:
-                out[view] = self.fusions[view](maps)
+                out[view] = self.fusions[view](raw.six)
         return out
 
-    def score_maps(self, maps: Tensor, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
-        """Six raw maps (N, 2, 3, H, W) -> each view's map (N, H, W) and image score (N,)."""
+    def score_maps(self, maps: Tensor | RawMaps, views: tuple[str, ...] = VIEWS) -> ScoredBatch:
+        """Six raw maps (N, 2, 3, H, W) or :class:`RawMaps` -> each view's map (N, H, W) and image score (N,)."""
         fused = self.view_maps(maps, views)
         return ScoredBatch({v: image_score(m, self.score_spec) for v, m in fused.items()}, fused)
 
     @torch.inference_mode()
-    def stack_maps(self, maps: np.ndarray, view: str | FusionSpec) -> np.ndarray:
-        """A stored (N, 2, 3, S, S) stack (float16 on disk) -> view maps (N, S, S) float32.
-        `view` names one of `views`, or is any fusion (the ablation's grid), fused with these
-        statistics; chunked by :func:`map_stack`."""
+    def stack_maps(self, maps: np.ndarray | RawMaps, view: str | FusionSpec) -> np.ndarray:
+        """A stored (N, 2, 3, S, S) stack (float16 on disk), or stored :class:`RawMaps` (the
+        memory views need them) -> view maps (N, S, S) float32. `view` names one of `views`,
+        or is any fusion (the ablation's grid), fused with these statistics; chunked by
+        :func:`map_stack`."""
+        raw = maps if isinstance(maps, RawMaps) else RawMaps(maps)
         if isinstance(view, FusionSpec):
-            return map_stack(maps, lambda chunk: fuse(chunk, view, self.stats))
-        return map_stack(maps, lambda chunk: self.view_maps(chunk, (view,))[view])
+            return map_stack(raw.six, lambda chunk: fuse(chunk, view, self.stats))
+        if view not in MEMORY_VIEWS:
+            return map_stack(raw.six, lambda chunk: self.view_maps(chunk, (view,))[view])
+        if raw.memory is None:
+            raise ValueError(f"the view {view} needs the stored memory maps (maps stored by this model's test)")
+        out = np.empty((len(raw), *raw.six.shape[-2:]), dtype=np.float32)
+        step = max(1, STACK_CHUNK_ELEMENTS // max(1, int(np.prod(raw.six.shape[1:]))))
+        for start in range(0, len(raw), step):
+            part = raw[start : start + step]
+            chunk = RawMaps(torch.from_numpy(part.six).float(), torch.from_numpy(part.memory).float())
+            out[start : start + step] = self.view_maps(chunk, (view,))[view].float().cpu().numpy()
+        return out
 
-    def stack(self, maps: np.ndarray, view: str | FusionSpec) -> tuple[np.ndarray, np.ndarray]:
+    def stack(self, maps: np.ndarray | RawMaps, view: str | FusionSpec) -> tuple[np.ndarray, np.ndarray]:
         """A stored stack -> (view maps (N, S, S) float32 as :meth:`stack_maps`, image scores
         (N,) float64 by this model's reduction)."""
         out = self.stack_maps(maps, view)
@@ -227,6 +292,11 @@ class MapViews(nn.Module):
         the centre of TYPICAL_SIDE px maps (beyond its receptive field from the border)."""
         if self.stats is None:
             raise ValueError("no validation statistics: the typical level needs a calibrated model")
+        if view == MEMORY_VIEW:
+            return self.memory_stats.memory[0]  # its mean over the good calibration pixels
+        if view == FUSED_MEMORY_VIEW:  # each part at its typical level: 0 after standardising
+            mean, std = self.memory_stats.fused
+            return (self.typical_level("fused") - mean) / std
         typical = self.stats.mean.to(torch.float32)[None, :, :, None, None]  # (1, 2, 3, 1, 1)
         if view != DISC_VIEW:
             return float(fuse(typical, replace(self.spec(view), sigma=0.0), self.stats)[0, 0, 0])
@@ -246,14 +316,20 @@ class DualStpmInference(nn.Module):
         decision: the view whose score, label and map are the outputs.
         chunked: compute distances a few images at a time (eager speed); set False before
             tracing or exporting, so that one graph serves any batch size.
-    Raises ValueError for a decision view the module cannot compute.
+        memory: the memory bank of a model fitted with ``memory.enabled`` (its views need
+            `views` built with the memory statistics), or None.
+    Raises ValueError for a decision view the module cannot compute, or a memory bank and
+    views that do not go together.
     """
 
     def __init__(self, network: DualStpmModel, views: MapViews, threshold: float, val_min: float, *,
-                 decision: str = "fused", chunked: bool = True) -> None:
+                 decision: str = "fused", chunked: bool = True, memory: MemoryBank | None = None) -> None:
         super().__init__()
         self.network = network.eval()
         self.views = views
+        if (memory is None) != (views.memory_stats is None):
+            raise ValueError("a memory bank needs views with memory statistics, and those need the bank")
+        self.memory = memory
         if decision not in views.views:
             raise ValueError(f"decision view {decision!r} is not one of this model's views {views.views}")
         self.decision = decision
@@ -268,13 +344,13 @@ class DualStpmInference(nn.Module):
     def disc(self) -> Discriminator | None:
         return self.views.disc
 
-    def six_maps(self, images: Tensor) -> Tensor:
-        """(N, 3, H, W) uint8 or float images -> (N, 2, 3, H, W) float32 raw maps."""
-        return six_maps(self.network, images, self.chunked)
+    def raw_maps(self, images: Tensor) -> RawMaps:
+        """(N, 3, H, W) uint8 or float images -> float32 :class:`RawMaps` (the memory map with a bank)."""
+        return raw_maps(self.network, images, self.memory, self.chunked)
 
     def forward(self, images: Tensor) -> InferenceOutput:
         outputs = (self.decision, "stpm", "recon", *((DISC_VIEW,) if DISC_VIEW in self.views.views else ()))
-        scored = self.views.score_maps(self.six_maps(images), tuple(dict.fromkeys(outputs)))
+        scored = self.views.score_maps(self.raw_maps(images), tuple(dict.fromkeys(outputs)))
         decision = scored.scores[self.decision]
         return InferenceOutput(
             score=decision,

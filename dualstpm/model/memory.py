@@ -21,6 +21,7 @@ in Industrial Anomaly Detection", CVPR 2022 (PatchCore), as anomalib implements 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,38 @@ MEMORY_SIGMA = 4.0
 PROJECTION_DIM = 128
 #: query patches per distance chunk (a chunk's distance matrix is CHUNK x bank entries)
 CHUNK = 4096
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Mean and standard deviation over the good calibration pixels of the params' fused map and
+    of the memory map: what standardises each before the view `fused_memory` sums them."""
+
+    fused: tuple[float, float]
+    memory: tuple[float, float]
+
+    def to_json(self) -> dict[str, list[float]]:
+        return {"fused": list(self.fused), "memory": list(self.memory)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, list[float]]) -> MemoryStats:
+        (fm, fs), (mm, ms) = data["fused"], data["memory"]
+        return cls((float(fm), float(fs)), (float(mm), float(ms)))
+
+    @classmethod
+    def of_maps(cls, fused: Tensor, memory: Tensor) -> MemoryStats:
+        """From (N, H, W) fused and memory maps of good images: each one's pixel mean and
+        population std (float64; a std below 1e-12 is raised to it, so a constant map divides safely)."""
+        def moments(maps: Tensor) -> tuple[float, float]:
+            values = maps.detach().to(torch.float64)
+            return float(values.mean()), max(float(values.std(correction=0)), 1e-12)
+
+        return cls(moments(fused), moments(memory))
+
+    def combine(self, fused: Tensor, memory: Tensor) -> Tensor:
+        """(N, H, W) fused and memory maps -> their standardised sum, (f - mean_f) / std_f + (m - mean_m) / std_m."""
+        (fm, fs), (mm, ms) = self.fused, self.memory
+        return (fused - fm) / fs + (memory - mm) / ms
 
 
 def patch_features(levels: Sequence[Tensor]) -> Tensor:
@@ -59,13 +92,14 @@ def flatten_patches(features: Tensor) -> Tensor:
     return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1])
 
 
-def nearest_distance(queries: Tensor, bank: Tensor, chunk: int = CHUNK) -> Tensor:
+def nearest_distance(queries: Tensor, bank: Tensor, chunk: int | None = CHUNK) -> Tensor:
     """(M, D) queries, (K, D) bank -> (M,) Euclidean distance of each query to its nearest
     bank row, float32.
 
     The nearest row is found by |q|^2 - 2 q.b + |b|^2 (one matrix product per chunk of
     `chunk` queries), then its distance is taken directly, |q - b|, so that cancellation in
-    the expansion cannot blur small distances (a query in the bank is exactly 0). Raises
+    the expansion cannot blur small distances (a query in the bank is exactly 0). `chunk`
+    None: all queries at once (one graph for any batch size: tracing and export). Raises
     ValueError for an empty bank or mismatched dimensions.
     """
     if bank.ndim != 2 or len(bank) == 0:
@@ -75,11 +109,11 @@ def nearest_distance(queries: Tensor, bank: Tensor, chunk: int = CHUNK) -> Tenso
     bank = bank.float()
     bank_sq = (bank * bank).sum(1)
     out = []
-    for start in range(0, len(queries), chunk):
-        q = queries[start : start + chunk].float()
+    for start in range(0, len(queries), chunk or max(1, len(queries))):
+        q = queries[start : start + chunk].float() if chunk else queries.float()
         nearest = (bank_sq[None] - 2.0 * q @ bank.T).argmin(1)  # |q|^2 is the same for every row
         out.append((q - bank[nearest]).norm(dim=1))
-    return torch.cat(out) if out else queries.new_zeros(0)
+    return torch.cat(out) if len(out) > 1 else out[0] if out else queries.new_zeros(0)
 
 
 def greedy_coreset(features: Tensor, count: int, *, seed: int = 0, projection_dim: int | None = PROJECTION_DIM) -> Tensor:
@@ -137,13 +171,14 @@ class MemoryBank(nn.Module):
         keep = greedy_coreset(features, coreset_size(len(features), ratio), seed=seed)
         return cls(features[keep], sigma)
 
-    def patch_distances(self, features: Tensor) -> Tensor:
-        """(N, D, h, w) patch features -> (N, h, w) distance to the nearest bank entry."""
+    def patch_distances(self, features: Tensor, chunked: bool = True) -> Tensor:
+        """(N, D, h, w) patch features -> (N, h, w) distance to the nearest bank entry
+        (`chunked` False: one graph for any batch size, see :func:`nearest_distance`)."""
         n, _, h, w = features.shape
-        return nearest_distance(flatten_patches(features), self.bank).reshape(n, h, w)
+        return nearest_distance(flatten_patches(features), self.bank, CHUNK if chunked else None).reshape(n, h, w)
 
-    def forward(self, levels: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+    def forward(self, levels: Sequence[Tensor], size: tuple[int, int], chunked: bool = True) -> Tensor:
         """T1's levels at strides 8 and 16 (:data:`MEMORY_LEVELS`) -> (N, H, W) float32 map at `size`."""
-        distances = self.patch_distances(patch_features(levels))[:, None]
+        distances = self.patch_distances(patch_features(levels), chunked)[:, None]
         upsampled = F.interpolate(distances, size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
         return gaussian_blur(upsampled, self.sigma) if self.sigma > 0 else upsampled
