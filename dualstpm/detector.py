@@ -395,18 +395,24 @@ class Detector:
                    _load_memory(model_dir, params))
 
 
+def _optional_tensors(model_dir: Path, name: str, fitted_with: str) -> dict[str, Tensor]:
+    """The tensors of `model_dir/name`, a file a model fitted with `fitted_with` (e.g.
+    ``memory.enabled=true``) must have; RunError naming the fix when it is missing."""
+    path = model_dir / name
+    if not path.is_file():
+        raise RunError(f"{model_dir} was fitted with {fitted_with} but {name} is missing: "
+                       "the model directory is incomplete; retrain it")
+    return read_weights(path)
+
+
 def _load_memory(model_dir: Path, params: Params) -> MemoryBank | None:
     """The memory bank of a model fitted with memory.enabled (else None)."""
     if not params.memory.enabled:
         return None
-    path = model_dir / MEMORY_FILE
-    if not path.is_file():
-        raise RunError(f"{model_dir} was fitted with memory.enabled=true but {MEMORY_FILE} is missing: "
-                       "the model directory is incomplete; retrain it")
-    tensors = read_weights(path)
+    tensors = _optional_tensors(model_dir, MEMORY_FILE, "memory.enabled=true")
     if set(tensors) != {"bank"} or tensors["bank"].ndim != 2 or len(tensors["bank"]) == 0:
-        raise RunError(f"{path} is not a memory bank (one non-empty 2-D tensor named 'bank'): the file is damaged; "
-                       "retrain the model")
+        raise RunError(f"{model_dir / MEMORY_FILE} is not a memory bank (one non-empty 2-D tensor named 'bank'): "
+                       "the file is damaged; retrain the model")
     return MemoryBank(tensors["bank"], params.memory.sigma)
 
 
@@ -414,13 +420,11 @@ def _load_disc(model_dir: Path, params: Params) -> Discriminator | None:
     """The discriminative stage of a model fitted with fit.discriminator (else None), strictly loaded."""
     if not params.fit.discriminator:
         return None
+    state = _optional_tensors(model_dir, DISC_WEIGHTS_FILE, "fit.discriminator=true")
     path = model_dir / DISC_WEIGHTS_FILE
-    if not path.is_file():
-        raise RunError(f"{model_dir} was fitted with fit.discriminator=true but {DISC_WEIGHTS_FILE} is missing: "
-                       "the model directory is incomplete; retrain it")
     disc = Discriminator(params.disc.width)
     try:
-        disc.load_state_dict(read_weights(path), strict=True)
+        disc.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise RunError(f"{path} does not fit disc.width={params.disc.width} ({str(exc).splitlines()[0]}): "
                        "the file is damaged or from another dualstpm version; retrain it") from None

@@ -12,8 +12,9 @@ dataset, the good selection images with replacement (a pasted copy goes with its
 and the real defects with replacement. No test figure is read.
 
 Pixel AUROC cannot be resampled from image scores alone; its validation point estimates are
-printed beside the choice, and a candidate whose mean pixel AUROC falls more than 0.005 below
-`fused`'s is refused (the issue's bound for the shipped model).
+printed beside the choice, and a candidate whose pixel AUROC falls more than 0.005 below
+`fused`'s on any dataset is refused (the issue's bound for the shipped model, "on any
+dataset").
 """
 
 from __future__ import annotations
@@ -81,27 +82,33 @@ def gains(results: list[dict], resamples: int, seed: int) -> dict:
     return out
 
 
-def pixel_means(results: list[dict]) -> dict[str, float | None]:
-    """Mean over datasets of each view's validation pixel AUROC (real with masks where present, else synthetic)."""
-    out = {}
-    for view in (BASELINE, *CANDIDATES):
-        values = []
-        for r in results:
-            real = r["validation"]["real"]
-            source = real if real is not None and real[view].get("pixel_auroc") is not None else r["validation"]["synthetic"]
-            values.append(source[view]["pixel_auroc"])
-        out[view] = float(np.mean(values)) if all(v is not None for v in values) else None
+def pixel_aurocs(result: dict) -> dict[str, float | None]:
+    """Each view's validation pixel AUROC on one dataset: its real defects with masks where present, else synthetic."""
+    real = result["validation"]["real"]
+    source = (real if real is not None and real[BASELINE].get("pixel_auroc") is not None
+              else result["validation"]["synthetic"])
+    return {view: source[view]["pixel_auroc"] for view in (BASELINE, *CANDIDATES)}
+
+
+def pixel_losses(results: list[dict], view: str) -> list[str]:
+    """The datasets where `view`'s validation pixel AUROC is more than PIXEL_TOLERANCE below `fused`'s."""
+    out = []
+    for r in results:
+        pixel = pixel_aurocs(r)
+        if None not in (pixel[view], pixel[BASELINE]) and pixel[view] < pixel[BASELINE] - PIXEL_TOLERANCE:
+            out.append(f"{r['category']}: {pixel[view]:.3f} against {pixel[BASELINE]:.3f}")
     return out
 
 
 def choose(results: list[dict], resamples: int = 1000, seed: int = 0) -> dict:
     by_view = gains(results, resamples, seed)
-    pixels = pixel_means(results)
-    passing = {v: g for v, g in by_view.items() if g["lower_bound_95"] > 0
-               and (pixels[v] is None or pixels[BASELINE] is None or pixels[v] >= pixels[BASELINE] - PIXEL_TOLERANCE)}
+    for view, figures in by_view.items():
+        figures["pixel_losses"] = pixel_losses(results, view)
+    passing = {v: g for v, g in by_view.items() if g["lower_bound_95"] > 0 and not g["pixel_losses"]}
     chosen = max(passing, key=lambda v: passing[v]["mean_gain"]) if passing else BASELINE
     return {"datasets": [r["category"] + f" ({r['image_size']} px)" for r in results], "resamples": resamples,
-            "gains": by_view, "validation_pixel_auroc_mean": pixels, "chosen": chosen}
+            "gains": by_view, "validation_pixel_auroc": {r["category"]: pixel_aurocs(r) for r in results},
+            "chosen": chosen}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,6 +36,12 @@ def test_no_gain_keeps_fused_and_a_pixel_loss_refuses_a_candidate():
     same = ([0.1, 0.2, 0.3], [0.7, 0.8, 0.9])
     pixel = {"fused": 0.9, "memory": 0.9, "fused+memory": 0.9}
     assert choose([dataset("d", same, same, same, pixel)], resamples=50)["chosen"] == "fused"
-    worse = ([0.1, 0.2, 0.6], [0.5, 0.7, 0.8])
+    worse = ([0.5, 0.6, 0.7, 0.8], [0.55, 0.65, 0.75, 0.85])
+    perfect = ([0.1, 0.2, 0.3, 0.4], [0.6, 0.7, 0.8, 0.9])
+    pixel = {"fused": 0.9, "memory": 0.9, "fused+memory": 0.9}
     low_pixel = {"fused": 0.9, "memory": 0.894, "fused+memory": 0.894}  # 0.006 below fused: beyond 0.005
-    assert choose([dataset("d", worse, same, same, low_pixel)] * 2, resamples=50)["chosen"] == "fused"
+    # a clear image gain on both datasets, but one of them loses pixel AUROC: refused, fused kept
+    out = choose([dataset("a", worse, perfect, perfect, pixel), dataset("b", worse, perfect, perfect, low_pixel)],
+                 resamples=50)
+    assert out["gains"]["memory"]["lower_bound_95"] > 0 and out["chosen"] == "fused"
+    assert out["gains"]["memory"]["pixel_losses"] == ["b: 0.894 against 0.900"]
