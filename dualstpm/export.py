@@ -280,6 +280,11 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         "fusion": {**asdict(detector.spec),
                    "source": detector.chosen.source if detector.chosen else "params.fusion",
                    "map_stats": detector.calibration.map_stats.to_json()},
+        # the memory bank inside the graph (views memory and fused_memory); null: the model has none
+        "memory": None if detector.inference.memory is None else {
+            "entries": int(detector.inference.memory.bank.shape[0]), "features": int(detector.inference.memory.bank.shape[1]),
+            "coreset_ratio": detector.params.memory.coreset_ratio, "sigma": detector.params.memory.sigma,
+            "stats": detector.calibration.memory_stats.to_json()},
         "quantization": quantization,
         "source": {
             "run_dir": str(Path(run_dir).resolve()),

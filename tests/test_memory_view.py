@@ -105,6 +105,9 @@ def test_a_memory_model_exports_with_parity(memory_run: Path, tmp_path: Path, te
     from test_export import assert_parity
 
     exported = export_run(memory_run, "onnx", "fp32", tmp_path / "onnx")
+    meta = json.loads((exported / "metadata.json").read_text())
+    assert meta["decision"] == "fused_memory"
+    assert (meta["memory"]["entries"], meta["memory"]["features"], meta["memory"]["coreset_ratio"]) == (10, 152, 0.01)
     reference = Detector.load(memory_run, Compute.resolve("cpu", "float32")).infer(texture_images)
     for backend in ("onnxruntime", "openvino"):
         assert_parity(ExportedModel(exported, backend).infer(texture_images), reference)
