@@ -32,7 +32,8 @@ from dualstpm.files import write_json
 from dualstpm.model.calibration import ScoreNormalization, false_alarm_bound, pixel_false_positive_bound
 from dualstpm.model.discriminator import Discriminator
 from dualstpm.model.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec
-from dualstpm.model.inference import CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, RawMaps, ScoredBatch, raw_maps
+from dualstpm.model.inference import (CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, RawMaps, ScoredBatch,
+                                      raw_maps)
 from dualstpm.model.memory import MemoryBank, MemoryStats
 from dualstpm.model.regions import RegionSpec
 from dualstpm.model.tiling import Tiling

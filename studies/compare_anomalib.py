@@ -19,6 +19,11 @@ next to it (``.md``, settings first):
   ``--set fit.discriminator=true`` also the discriminative stage (``ours disc``, its
   ``train s total`` the stage alone), and always ``ours default``: the view the model
   decides with (``fusion.view``), its ``train s total`` the whole fit;
+- **the memory-view lever** (issue 22): ``ours memory view``, PatchCore's method on our
+  T1's features (``dualstpm.model.memory``, coreset ``--coreset-ratio``, built on the same
+  training images), and ``ours fused + memory``, the params' fused view and the memory view
+  each standardised on the good selection images and summed (the product's
+  ``fused_memory``, there standardised on the calibration images);
 - **ours after ablate**: the model as ``dvc repro`` ships it. The pipeline's ``ablate``
   stage runs on the tested run with the params' ``ablation.*`` (a fusion chosen on the
   validation images and synthetic defects only, applied when its bootstrap margin holds
@@ -168,7 +173,7 @@ from dualstpm.model.backbone import FeaturePyramid, load_teacher  # noqa: E402
 from dualstpm.model.calibration import calibrate_threshold, false_alarm_bound  # noqa: E402
 from dualstpm.model.fusion import fuse, image_score  # noqa: E402
 from dualstpm.model.loss import distance_map_chunked  # noqa: E402
-from dualstpm.model.memory import MEMORY_LEVELS, MemoryBank, flatten_patches, patch_features  # noqa: E402
+from dualstpm.model.memory import MEMORY_LEVELS, MemoryBank, MemoryStats, flatten_patches, patch_features  # noqa: E402
 from dualstpm.training import Trainer, fit, seed_everything  # noqa: E402
 
 T1 = "tf_efficientnet_lite0"
@@ -689,15 +694,15 @@ def pixel_stats(maps: np.ndarray) -> tuple[float, float]:
 def fused_memory_predictor(detector: Detector, memory: MemoryBank, stats: dict[str, tuple[float, float]]) -> Predictor:
     """The params' fusion and the memory view, each standardised by its mean and std over the
     good *selection* images' pixels (never the calibration or test images), summed with equal
-    weights (a late fusion fixed before any figure was seen: nothing is tuned); scored by the
-    product's reduction."""
+    weights (`MemoryStats.combine`, the product's `fused_memory`; a late fusion fixed before any
+    figure was seen: nothing is tuned); scored by the product's reduction."""
+    combine = MemoryStats(stats["fused"], stats["memory"]).combine
 
     @torch.inference_mode()
     def predict(images: Tensor) -> tuple[Tensor, Tensor]:
         fused = detector.score(images, views=("fused",)).maps["fused"].float()
         remembered = memory(t1_memory_levels(detector, images), tuple(images.shape[-2:])).float()
-        (m_f, s_f), (m_m, s_m) = stats["fused"], stats["memory"]
-        maps = (fused - m_f) / s_f + (remembered - m_m) / s_m
+        maps = combine(fused, remembered)
         return image_score(maps, detector.score_spec), maps
 
     return predict

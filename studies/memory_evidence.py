@@ -49,6 +49,7 @@ from dualstpm.errors import DualStpmError  # noqa: E402
 from dualstpm.files import write_json  # noqa: E402
 from dualstpm.real_defects import RealDefects  # noqa: E402
 from dualstpm.model.fusion import image_score  # noqa: E402
+from dualstpm.model.memory import MemoryStats  # noqa: E402
 from studies.compare_anomalib import (build_memory, load_split, memory_predictor, pixel_stats,  # noqa: E402
                                       predict_split, quality, view_predictor)
 
@@ -68,12 +69,12 @@ def evidence(run: Path, data_root: Path, category: str, ratio: float, per_image:
     remember, fused = memory_predictor(detector, memory), view_predictor(detector, "fused")
     selection = predict_split(lambda x: {"memory": remember(x), "fused": fused(x)}, split.selection, batch)
     stats = {view: pixel_stats(maps) for view, (_, maps) in selection.items()}
-    (m_f, s_f), (m_m, s_m) = stats["fused"], stats["memory"]
+    combine = MemoryStats(stats["fused"], stats["memory"]).combine
 
     def all_three(images):  # the sum as `fused_memory_predictor` makes it, from one pass of each view
         (_, f), (_, m) = fused(images), remember(images)
-        summed = (f - m_f) / s_f + (m - m_m) / s_m
-        return {"fused": fused_scores_maps(f), "memory": fused_scores_maps(m), "fused+memory": fused_scores_maps(summed)}
+        return {"fused": fused_scores_maps(f), "memory": fused_scores_maps(m),
+                "fused+memory": fused_scores_maps(combine(f, m))}
 
     def fused_scores_maps(maps):
         return image_score(maps, detector.score_spec), maps
