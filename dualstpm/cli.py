@@ -128,7 +128,9 @@ def serving_params(path: Path | None, overrides: list[str] | None, command: str,
 
 
 def print_metrics(result: dict) -> None:
-    views = [v for v in ("stpm", "recon", "fused", "disc", "chosen") if v in result]
+    from dualstpm.mlops.stages import TABLE_VIEWS
+
+    views = [v for v in (*TABLE_VIEWS, "chosen") if v in result]
     table = Table(title=f"{result['category']}: test metrics ({result['n_test_images']} images)",
                   caption=f"the model decides with: {result.get('default', 'fused')}")
     table.add_column("model")

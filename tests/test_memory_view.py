@@ -87,6 +87,10 @@ def test_the_test_scores_every_view_and_stores_the_memory_maps(memory_run: Path,
     assert result["default"] == "fused_memory"
     for view in ("fused", "memory", "fused_memory"):
         assert 0.0 <= result[view]["image_auroc"] <= 1.0, view
+    from dualstpm.mlops.stages import metrics_table
+
+    # the AUC table (auc_table.csv, the console) reports the memory views beside the others
+    assert list(metrics_table({"synth_texture": result})["model"]) == ["stpm", "recon", "fused", "memory", "fused_memory"]
     stored = MapSet.load(memory_run / "maps" / "test.npz")
     assert stored.memory is not None and stored.memory.shape == (len(stored), 64, 64)
     # re-scoring the stored maps (what the ablation and the monitor do) gives the test's figures

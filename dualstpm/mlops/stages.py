@@ -43,6 +43,9 @@ from dualstpm.rundir import (
 from dualstpm.training import FitResult, check_start, fit
 
 TABLE_METRICS = ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")
+#: the views of metrics.json a table reports, in this order, where the model has them (`chosen`, after an
+#: ablation applied one, is printed by `dualstpm test` but not kept in the AUC table)
+TABLE_VIEWS = ("stpm", "recon", "fused", "disc", "memory", "fused_memory")
 NAMED_CHANGES = 3  # files named per kind of change in a refusal, then "and N more"
 
 
@@ -373,7 +376,7 @@ def metrics_table(results: dict[str, dict]) -> pd.DataFrame:
     rows = [
         {"category": category, "model": view, **{m: result[view][m] for m in TABLE_METRICS}}
         for category, result in results.items()
-        for view in ("stpm", "recon", "fused", "disc") if view in result
+        for view in TABLE_VIEWS if view in result
     ]
     table = pd.DataFrame(rows)
     if len(results) > 1:
