@@ -323,19 +323,17 @@ class Detector:
         return self.compute.images(images)
 
     @torch.inference_mode()
-    def raw_maps(self, images: Tensor) -> RawMaps:
+    def raw_maps(self, images: Tensor, with_memory: bool = True) -> RawMaps:
         """(B, 3, H, W) images in [0, 1] at `frame_size` -> float32 :class:`RawMaps`: six maps
-        (B, 2, 3, H, W) and, with a memory bank, the memory map (B, H, W) (networks in
-        `compute`'s precision; under tiling scored tile by tile and stitched)."""
+        (B, 2, 3, H, W) and, with a memory bank (unless `with_memory` is False), the memory map
+        (B, H, W) (networks in `compute`'s precision; under tiling scored tile by tile and stitched)."""
+        memory = self.inference.memory if with_memory else None
         with self.compute.autocast():
-            return raw_maps(self.model, self.prepare(images), self.inference.memory, self.inference.chunked,
-                            self.tiling)
+            return raw_maps(self.model, self.prepare(images), memory, self.inference.chunked, self.tiling)
 
-    @torch.inference_mode()
     def six_maps(self, images: Tensor) -> Tensor:
         """(B, 3, H, W) images in [0, 1] at `frame_size` -> (B, 2, 3, H, W) raw float32 maps (no memory map)."""
-        with self.compute.autocast():
-            return raw_maps(self.model, self.prepare(images), None, self.inference.chunked, self.tiling).six
+        return self.raw_maps(images, with_memory=False).six
 
     @torch.inference_mode()
     def score_maps(self, maps: Tensor | RawMaps, views: tuple[str, ...] = VIEWS) -> ScoredBatch:

@@ -123,42 +123,41 @@ def learning_rate(fit: FitParams, epoch: int, batch: int, n_batches: int) -> flo
 
 
 @torch.no_grad()
-def six_maps(model: DualStpmModel, images: Tensor, compute: Compute, tiling: Tiling | None = None) -> Tensor:
-    """Eval-mode maps (B, 2, 3, H, W) of one batch (`inference.six_maps`, tiled with `tiling`:
-    the images are then frames), float32 on the CPU."""
-    model.eval()
-    with compute.autocast():
-        return inference.six_maps(model, compute.images(images), tiling=tiling).cpu()
-
-
-@torch.no_grad()
 def raw_maps(model: DualStpmModel, images: Tensor, compute: Compute, tiling: Tiling | None = None,
              memory: MemoryBank | None = None) -> RawMaps:
-    """Eval-mode :class:`RawMaps` of one batch (`inference.raw_maps`: six maps, and the memory
-    map with `memory`), float32 on the CPU."""
+    """Eval-mode :class:`RawMaps` of one batch (`inference.raw_maps`, tiled with `tiling`: the
+    images are then frames): six maps, and the memory map with `memory`; float32 on the CPU."""
     model.eval()
     with compute.autocast():
         raw = inference.raw_maps(model, compute.images(images), memory, tiling=tiling)
     return RawMaps(raw.six.cpu(), None if raw.memory is None else raw.memory.cpu())
 
 
+def six_maps(model: DualStpmModel, images: Tensor, compute: Compute, tiling: Tiling | None = None) -> Tensor:
+    """Eval-mode maps (B, 2, 3, H, W) of one batch (:func:`raw_maps` without a memory bank)."""
+    return raw_maps(model, images, compute, tiling).six
+
+
 @torch.no_grad()
-def build_memory(model: DualStpmModel, params: Params, train_images: Tensor, compute: Compute) -> MemoryBank:
-    """The memory bank (`dualstpm.model.memory`) of the good training images: T1's patch features
-    (strides 8 and 16) of every image, in the inference precision, and a greedy coreset of
-    `memory.coreset_ratio` of them (seeded by `seed`). No training: T1 is frozen."""
+def build_memory(model: DualStpmModel, train_images: Tensor, compute: Compute, *, ratio: float, sigma: float,
+                 seed: int, batch_size: int) -> MemoryBank:
+    """The memory bank (`dualstpm.model.memory`) of the good training images (N, 3, H, W): T1's
+    patch features (strides 8 and 16) of every image, in the inference precision, `batch_size`
+    at a time, and a greedy coreset of `ratio` of them (seeded by `seed`); its map is blurred
+    by `sigma` px. No training: T1 is frozen. On `compute`'s device."""
     compute = compute.for_inference()
     model.eval()
-    batch_size, features = params.fit.batch_size, []
+    features = []
     with stage("building the memory bank", len(train_images)) as progress:
         for start in range(0, len(train_images), batch_size):
+            batch = train_images[start : start + batch_size]
             with compute.autocast():
-                levels = model.t1(compute.images(train_images[start : start + batch_size]))
+                levels = model.t1(compute.images(batch))
             features.append(flatten_patches(patch_features([levels[i].float() for i in MEMORY_LEVELS])).cpu())
-            progress.advance(len(train_images[start : start + batch_size]))
+            progress.advance(len(batch))
     patches = torch.cat(features)
-    memory = MemoryBank.build(patches, params.memory.coreset_ratio, seed=params.seed, sigma=params.memory.sigma)
-    say(f"memory bank: {len(memory.bank)} of {len(patches)} training patches ({params.memory.coreset_ratio:g}), "
+    memory = MemoryBank.build(patches, ratio, seed=seed, sigma=sigma)
+    say(f"memory bank: {len(memory.bank)} of {len(patches)} training patches ({ratio:g}), "
         f"{memory.bank.shape[1]} features each")
     return memory.to(compute.device)
 
@@ -805,7 +804,9 @@ def fit(
             # the stage selects its epoch on the selection part too: the calibration part stays unseen until calibration
             disc = (fit_discriminator(trainer.model, params, train_images, selection_images, compute)
                     if params.fit.discriminator else None)
-            memory = build_memory(trainer.model, params, train_images, compute) if params.memory.enabled else None
+            memory = (build_memory(trainer.model, train_images, compute, ratio=params.memory.coreset_ratio,
+                                   sigma=params.memory.sigma, seed=params.seed, batch_size=params.fit.batch_size)
+                      if params.memory.enabled else None)
             calibration = calibrate(trainer.model, params, calibration_images, compute, selected, category, parts, disc,
                                     memory)
             calibration = replace(calibration, validation_evidence=fit_evidence(

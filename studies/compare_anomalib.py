@@ -173,8 +173,9 @@ from dualstpm.model.backbone import FeaturePyramid, load_teacher  # noqa: E402
 from dualstpm.model.calibration import calibrate_threshold, false_alarm_bound  # noqa: E402
 from dualstpm.model.fusion import fuse, image_score  # noqa: E402
 from dualstpm.model.loss import distance_map_chunked  # noqa: E402
-from dualstpm.model.memory import MEMORY_LEVELS, MemoryBank, MemoryStats, flatten_patches, patch_features  # noqa: E402
+from dualstpm.model.memory import MEMORY_LEVELS, MEMORY_SIGMA, MemoryBank, MemoryStats, pixel_moments  # noqa: E402
 from dualstpm.training import Trainer, fit, seed_everything  # noqa: E402
+from dualstpm.training import build_memory as build_product_memory  # noqa: E402
 
 T1 = "tf_efficientnet_lite0"
 T2 = "tf_efficientnet_lite2"
@@ -667,11 +668,11 @@ def t1_memory_levels(detector: Detector, images: Tensor) -> list[Tensor]:
 
 
 def build_memory(detector: Detector, images: Tensor, ratio: float, batch_size: int, seed: int) -> MemoryBank:
-    """The memory view's bank: patch features of every training image (`images`, the same the
-    anomalib PatchCore row trains on), a greedy coreset of `ratio` of them."""
-    features = [flatten_patches(patch_features(t1_memory_levels(detector, images[i : i + batch_size])))
-                for i in range(0, len(images), batch_size)]
-    return MemoryBank.build(torch.cat(features), ratio, seed=seed).to(detector.compute.device)
+    """The memory view's bank, as `fit` builds it (`dualstpm.training.build_memory`): patch
+    features of every training image (`images`, the same the anomalib PatchCore row trains
+    on), a greedy coreset of `ratio` of them, PatchCore's blur."""
+    return build_product_memory(detector.model, images, detector.compute, ratio=ratio, sigma=MEMORY_SIGMA, seed=seed,
+                                batch_size=batch_size)
 
 
 def memory_predictor(detector: Detector, memory: MemoryBank) -> Predictor:
@@ -686,9 +687,9 @@ def memory_predictor(detector: Detector, memory: MemoryBank) -> Predictor:
 
 
 def pixel_stats(maps: np.ndarray) -> tuple[float, float]:
-    """Mean and standard deviation (float64) over every pixel of (N, H, W) maps of good images."""
-    values = maps.astype(np.float64)
-    return float(values.mean()), float(max(values.std(), 1e-12))
+    """Mean and standard deviation (float64) over every pixel of (N, H, W) maps of good images
+    (`dualstpm.model.memory.pixel_moments`, what the product's `fused_memory` is standardised with)."""
+    return pixel_moments(torch.from_numpy(maps))
 
 
 def fused_memory_predictor(detector: Detector, memory: MemoryBank, stats: dict[str, tuple[float, float]]) -> Predictor:

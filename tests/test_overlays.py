@@ -233,7 +233,8 @@ def test_the_test_draws_its_overlays_from_the_maps_it_computed(trained_run: Path
     shutil.copytree(trained_run, run, ignore=shutil.ignore_patterns("exports", "plots", "maps"))
     calls = []
     raw_maps = Detector.raw_maps
-    monkeypatch.setattr(Detector, "raw_maps", lambda self, images: calls.append(len(images)) or raw_maps(self, images))
+    monkeypatch.setattr(Detector, "raw_maps",
+                        lambda self, images, **kw: calls.append(len(images)) or raw_maps(self, images, **kw))
     monkeypatch.setattr(Detector, "infer", lambda self, images: pytest.fail("the networks ran again for the overlays"))
     test_run(run, synthetic_root, "synth_texture")
     n_test = len(list((synthetic_root / "synth_texture" / "test").rglob("*.png")))

@@ -173,17 +173,21 @@ def raw_maps(network: DualStpmModel, images: Tensor, memory: MemoryBank | None =
     return RawMaps(pairs.maps(size, chunked).float(), remembered.float())
 
 
-def map_stack(maps: np.ndarray, to_map: Callable[[Tensor], Tensor]) -> np.ndarray:
-    """Apply a per-image `to_map` ((n, 2, 3, S, S) float32 -> (n, S, S)) to a stored
-    (N, 2, 3, S, S) stack (float16 on disk), giving (N, S, S) float32.
+def map_stack(maps: RawMaps, to_map: Callable[[RawMaps], Tensor]) -> np.ndarray:
+    """Apply a per-image `to_map` (float32 :class:`RawMaps` of n images -> (n, S, S)) to stored
+    RawMaps (six maps (N, 2, 3, S, S), float16 on disk, and the memory maps when stored),
+    giving (N, S, S) float32.
 
-    A chunk of about STACK_CHUNK_ELEMENTS values is upcast at a time; `to_map` works per
-    image, so the result does not depend on the chunking.
+    A chunk of about STACK_CHUNK_ELEMENTS six-map values is upcast at a time; `to_map` works
+    per image, so the result does not depend on the chunking.
     """
-    out = np.empty((len(maps), *maps.shape[-2:]), dtype=np.float32)
-    step = max(1, STACK_CHUNK_ELEMENTS // max(1, int(np.prod(maps.shape[1:]))))
+    out = np.empty((len(maps), *maps.six.shape[-2:]), dtype=np.float32)
+    step = max(1, STACK_CHUNK_ELEMENTS // max(1, int(np.prod(maps.six.shape[1:]))))
     for start in range(0, len(maps), step):
-        out[start : start + step] = to_map(torch.from_numpy(maps[start : start + step]).float()).float().cpu().numpy()
+        part = maps[start : start + step]
+        chunk = RawMaps(torch.from_numpy(part.six).float(),
+                        None if part.memory is None else torch.from_numpy(part.memory).float())
+        out[start : start + step] = to_map(chunk).float().cpu().numpy()
     return out
 
 
@@ -265,18 +269,8 @@ class MapViews(nn.Module):
         :func:`map_stack`."""
         raw = maps if isinstance(maps, RawMaps) else RawMaps(maps)
         if isinstance(view, FusionSpec):
-            return map_stack(raw.six, lambda chunk: fuse(chunk, view, self.stats))
-        if view not in MEMORY_VIEWS:
-            return map_stack(raw.six, lambda chunk: self.view_maps(chunk, (view,))[view])
-        if raw.memory is None:
-            raise ValueError(f"the view {view} needs the stored memory maps (maps stored by this model's test)")
-        out = np.empty((len(raw), *raw.six.shape[-2:]), dtype=np.float32)
-        step = max(1, STACK_CHUNK_ELEMENTS // max(1, int(np.prod(raw.six.shape[1:]))))
-        for start in range(0, len(raw), step):
-            part = raw[start : start + step]
-            chunk = RawMaps(torch.from_numpy(part.six).float(), torch.from_numpy(part.memory).float())
-            out[start : start + step] = self.view_maps(chunk, (view,))[view].float().cpu().numpy()
-        return out
+            return map_stack(raw, lambda chunk: fuse(chunk.six, view, self.stats))
+        return map_stack(raw, lambda chunk: self.view_maps(chunk, (view,))[view])
 
     def stack(self, maps: np.ndarray | RawMaps, view: str | FusionSpec) -> tuple[np.ndarray, np.ndarray]:
         """A stored stack -> (view maps (N, S, S) float32 as :meth:`stack_maps`, image scores

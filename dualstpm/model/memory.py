@@ -39,6 +39,13 @@ PROJECTION_DIM = 128
 CHUNK = 4096
 
 
+def pixel_moments(maps: Tensor) -> tuple[float, float]:
+    """Mean and population std over every pixel of (N, H, W) maps, in float64; a std below
+    1e-12 is raised to it, so that a constant map divides safely."""
+    values = maps.detach().to(torch.float64)
+    return float(values.mean()), max(float(values.std(correction=0)), 1e-12)
+
+
 @dataclass(frozen=True)
 class MemoryStats:
     """Mean and standard deviation over the good calibration pixels of the params' fused map and
@@ -57,13 +64,8 @@ class MemoryStats:
 
     @classmethod
     def of_maps(cls, fused: Tensor, memory: Tensor) -> MemoryStats:
-        """From (N, H, W) fused and memory maps of good images: each one's pixel mean and
-        population std (float64; a std below 1e-12 is raised to it, so a constant map divides safely)."""
-        def moments(maps: Tensor) -> tuple[float, float]:
-            values = maps.detach().to(torch.float64)
-            return float(values.mean()), max(float(values.std(correction=0)), 1e-12)
-
-        return cls(moments(fused), moments(memory))
+        """From (N, H, W) fused and memory maps of good images (:func:`pixel_moments` of each)."""
+        return cls(pixel_moments(fused), pixel_moments(memory))
 
     def combine(self, fused: Tensor, memory: Tensor) -> Tensor:
         """(N, H, W) fused and memory maps -> their standardised sum, (f - mean_f) / std_f + (m - mean_m) / std_m."""
@@ -108,12 +110,15 @@ def nearest_distance(queries: Tensor, bank: Tensor, chunk: int | None = CHUNK) -
         raise ValueError(f"queries have {queries.shape[-1]} dimensions, the memory bank {bank.shape[-1]}")
     bank = bank.float()
     bank_sq = (bank * bank).sum(1)
-    out = []
-    for start in range(0, len(queries), chunk or max(1, len(queries))):
-        q = queries[start : start + chunk].float() if chunk else queries.float()
-        nearest = (bank_sq[None] - 2.0 * q @ bank.T).argmin(1)  # |q|^2 is the same for every row
-        out.append((q - bank[nearest]).norm(dim=1))
-    return torch.cat(out) if len(out) > 1 else out[0] if out else queries.new_zeros(0)
+
+    def nearest(q: Tensor) -> Tensor:
+        row = (bank_sq[None] - 2.0 * q @ bank.T).argmin(1)  # |q|^2 is the same for every row
+        return (q - bank[row]).norm(dim=1)
+
+    queries = queries.float()
+    if chunk is None or len(queries) <= chunk:
+        return nearest(queries)
+    return torch.cat([nearest(queries[start : start + chunk]) for start in range(0, len(queries), chunk)])
 
 
 def greedy_coreset(features: Tensor, count: int, *, seed: int = 0, projection_dim: int | None = PROJECTION_DIM) -> Tensor:
