@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dualstpm.config import Params, validate
+from dualstpm.config import FitParams, Params, validate
 from dualstpm.errors import ConfigError
 from dualstpm.project import params_for_data
 from dualstpm.sizes import STRETCH_NOTE, ImageSize, as_param, aspect_change, describe, hw, native_size, to_json
@@ -217,6 +217,9 @@ def plan_fit(params: Params, data_root: Path | str | None, train_images: int,
         demo = is_synthetic_demo(params, data_root)
         recipe = "fixed" if demo else "real"
         reason = "fit.recipe=auto " + ("on the synthetic demo data" if demo else "on data that is not the synthetic demo")
+        if not demo and fit.epochs != FitParams.model_fields["epochs"].default:  # asked for epochs: say why not
+            reason += (f"; fit.epochs={fit.epochs} counts under fit.recipe=fixed only: add --set fit.recipe=fixed "
+                       f"to train exactly {fit.epochs} epochs")
     size = params.image_size if recipe == "fixed" or fit.real.image_size is None else fit.real.image_size
     if params.data.keep_aspect:
         size = native_size(shapes, max(hw(size)))

@@ -177,7 +177,7 @@ class RealRecipeParams(_Strict):
         "up), however few the images, and early stopping waits for it",
     )
     max_steps: int = Field(
-        3000, ge=1, description="ceiling: no more optimizer steps than this (whole epochs, rounded down, never below "
+        1500, ge=1, description="ceiling: no more optimizer steps than this (whole epochs, rounded down, never below "
         "the floor's epochs)",
     )
     patience_steps: int = Field(
@@ -238,7 +238,7 @@ class FitParams(_Strict):
         False, description="after both branches, train the discriminative stage (`disc.*`, METHOD.md §5b): the view `disc`"
     )
     recipe: Recipe = Field(
-        "fixed",
+        "auto",
         description="the training budget: fixed = fit.epochs epochs at image_size (the demo's quick budget); real = "
         "the real-data recipe (fit.real.*: optimizer steps scaled to the data, early stopping); auto = fixed on "
         "the synthetic demo data (data.source synthetic, read from data.root), real on any other data",

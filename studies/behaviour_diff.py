@@ -41,7 +41,8 @@ VOLATILE = re.compile(r"(^|_)(s|seconds|time|timing|timings|elapsed|date|created
 def run(out: Path, data_root: Path, categories: list[str], image_size: int, epochs: int, seed: int) -> None:
     out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{(out / 'mlflow.db').resolve()}"}
-    settings = ["--set", f"image_size={image_size}", "--set", f"fit.epochs={epochs}", "--set", f"seed={seed}"]
+    settings = ["--set", f"image_size={image_size}", "--set", f"fit.epochs={epochs}", "--set", "fit.recipe=fixed",
+                "--set", f"seed={seed}"]
     for category in categories:
         run_dir = out / category / "run"
         steps = [

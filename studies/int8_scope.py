@@ -97,7 +97,8 @@ def throughput(scorer, images: torch.Tensor, repeats: int) -> float:
 
 def measure_category(args: argparse.Namespace, category: str) -> dict:
     """Every scope and backend on one category's validation set (and test split with --test)."""
-    params = load_params(args.params, [f"image_size={args.image_size}", f"fit.epochs={args.epochs}", *args.set])
+    params = load_params(args.params, [f"image_size={args.image_size}", f"fit.epochs={args.epochs}", "fit.recipe=fixed",
+                                          *args.set])
     record = fitted(params, args.data_root, category, args.out / "runs" / category / "baseline", args.refit)
     run_dir = record.run_dir
     vset = Decoded(args.data_root, category).validation_set(params)

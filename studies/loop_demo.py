@@ -171,7 +171,7 @@ def set_up(settings: Settings, shell: Shell) -> tuple[LineBatch, dict[str, Any]]
     shell.tool("git", "config", "user.name", "loop demo")
     shell.tool("git", "config", "user.email", "loop-demo@localhost")
     shell.tool("dvc", "init", "-q")
-    overrides = [f"image_size={settings.image_size}", f"fit.epochs={settings.epochs}", "data.source=folder",
+    overrides = [f"image_size={settings.image_size}", f"fit.epochs={settings.epochs}", "fit.recipe=fixed", "data.source=folder",
                  "data.root=data", f"data.categories=[{category}]", f"seed={settings.seed}",
                  f"tracking.uri={shell.store}", *settings.overrides]
     params = shell.run(["dualstpm", "params", "--params", "PROJECT/params.yaml", *_sets(overrides)],

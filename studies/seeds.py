@@ -36,7 +36,7 @@ from dualstpm.files import json_text, write_json
 from dualstpm.training import fit
 
 HEADLINE = ("image_auroc", "pixel_auroc", "aupro")
-SETTINGS = ["image_size=256", "fit.epochs=10", "fit.batch_size=16", "model.t1.name=tf_efficientnet_lite0",
+SETTINGS = ["image_size=256", "fit.epochs=10", "fit.recipe=fixed", "fit.batch_size=16", "model.t1.name=tf_efficientnet_lite0",
             "model.t1.weights=package", "model.t2.name=tf_efficientnet_lite2", "model.t2.weights=package"]
 
 

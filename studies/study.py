@@ -134,8 +134,9 @@ def pick_variants(extra: Sequence[str], only: str | None) -> dict[str, tuple[str
 
 def variant_params(args: argparse.Namespace, name: str, overrides: Sequence[str], epochs: int | None = None) -> Params:
     """The params of one variant: the file (or defaults), the common flags (`epochs` instead of
-    --epochs when given), `--set`, then the variant's overrides."""
-    common = [f"image_size={args.image_size}", f"fit.epochs={epochs or args.epochs}", *args.set]
+    --epochs when given, trained as `fit.recipe: fixed`: exactly that many epochs), `--set`, then
+    the variant's overrides (a variant may set `fit.recipe=real`)."""
+    common = [f"image_size={args.image_size}", f"fit.epochs={epochs or args.epochs}", "fit.recipe=fixed", *args.set]
     try:
         return load_params(args.params, [*common, *overrides])
     except DualStpmError as exc:

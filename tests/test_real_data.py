@@ -32,7 +32,7 @@ BARS = {("fused", "image_auroc"): 0.76, ("fused", "pixel_auroc"): 0.71, ("fused"
 
 def test_battery_weld_small_model_clears_the_bars_a_random_teacher_fails(shared_data, tmp_path):
     params = load_params(None, [
-        "image_size=128", "fit.epochs=5", "fit.batch_size=8", "fit.device=cpu",
+        "image_size=128", "fit.epochs=5", "fit.recipe=fixed", "fit.batch_size=8", "fit.device=cpu",
         "model.t1.name=tf_efficientnet_lite0", "model.t1.weights=package",
         "model.t2.name=tf_efficientnet_lite2", "model.t2.weights=package",
     ])

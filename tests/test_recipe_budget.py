@@ -27,20 +27,42 @@ def real(*extra: str, recipe: str = "real"):
 
 # --- params ----------------------------------------------------------------------------------
 
-def test_the_default_is_fixed_and_a_fixed_plan_changes_nothing():
-    params = load_params(None)
-    assert params.fit.recipe == "fixed"  # until the real recipe's values are chosen on evidence
+def test_a_fixed_plan_changes_nothing():
+    params = load_params(None, ["fit.recipe=fixed"])
     plan = plan_fit(params, "/some/folder/of/mine", 30)
-    assert plan.params == params  # today's behaviour: fit.epochs at image_size
+    assert plan.params == params  # fit.epochs at image_size
     # 30 images at batch 8: ceil(3.75) = 4 steps per epoch; fixed: exactly fit.epochs = 3, no early stop
     assert (plan.recipe, plan.steps_per_epoch, plan.min_epochs, plan.max_epochs, plan.patience_epochs) == (
         "fixed", 4, 3, 3, None)
 
 
+def test_the_default_trains_a_folder_of_ones_own_with_the_real_recipe():
+    """The built-in default and params.yaml both say `auto`: a folder of one's own gets the
+    real-data recipe, never the demo's 3 epochs. 30 images at batch 8 = 4 steps per epoch:
+    floor ceil(500 / 4) = 125 epochs, ceiling 1500 // 4 = 375, patience ceil(300 / 4) = 75."""
+    for params in (load_params(None), load_params(PROJECT_ROOT / "params.yaml")):
+        assert params.fit.recipe == "auto"
+        plan = plan_fit(params, "/some/folder/of/mine", 30)
+        assert (plan.recipe, plan.steps_per_epoch, plan.min_epochs, plan.max_epochs, plan.patience_epochs) == (
+            "real", 4, 125, 375, 75)
+        assert plan.params.fit.recipe == "real" and plan.params.fit.epochs == 375
+
+
+def test_epochs_asked_for_under_auto_on_a_folder_say_how_to_get_them():
+    """`--set fit.epochs=5` on a folder of one's own: the plan is the real recipe (as the default
+    says), and its line names fit.epochs=5 and the fix, so the five epochs are not lost silently."""
+    plan = plan_fit(load_params(None, ["fit.epochs=5"]), "/some/folder/of/mine", 30)
+    assert plan.recipe == "real"
+    assert "fit.epochs=5 counts under fit.recipe=fixed only: add --set fit.recipe=fixed" in plan.describe()
+    assert "fit.epochs" not in plan_fit(load_params(None), "/some/folder/of/mine", 30).reason  # the default: no note
+    fixed = plan_fit(load_params(None, ["fit.epochs=5", "fit.recipe=fixed"]), "/some/folder/of/mine", 30)
+    assert (fixed.recipe, fixed.max_epochs) == ("fixed", 5)
+
+
 def test_the_demo_keeps_its_quick_budget_under_auto():
-    """The demo's params with fit.recipe=auto (the planned default) still train 3 epochs at 128 px
-    on the synthetic demo data, and the real-data recipe on any other folder."""
-    demo = load_params(PROJECT_ROOT / "params.yaml", ["fit.recipe=auto"])
+    """The demo's params (fit.recipe auto, the default) still train 3 epochs at 128 px on the
+    synthetic demo data, and the real-data recipe on any other folder."""
+    demo = load_params(PROJECT_ROOT / "params.yaml")
     plan = plan_fit(demo, PROJECT_ROOT / "data" / "synthetic", 16)  # data.root itself: the demo's data
     assert (plan.recipe, plan.params.fit.epochs, plan.params.image_size, plan.patience_epochs) == ("fixed", 3, 128, None)
     assert plan.params.fit.recipe == "fixed"
@@ -56,10 +78,10 @@ def test_the_published_recipe_stays_fixed_whatever_the_default():
 
 def test_the_step_floor_trains_a_tiny_category():
     # 30 images at batch 16: ceil(30 / 16) = 2 steps per epoch.
-    # floor ceil(500 / 2) = 250 epochs (500 steps); ceiling 3000 // 2 = 1500; patience ceil(300 / 2) = 150
+    # floor ceil(500 / 2) = 250 epochs (500 steps); ceiling 1500 // 2 = 750; patience ceil(300 / 2) = 150
     plan = plan_fit(real("fit.batch_size=16"), "/mine", 30)
-    assert (plan.steps_per_epoch, plan.min_epochs, plan.max_epochs, plan.patience_epochs) == (2, 250, 1500, 150)
-    assert plan.params.fit.epochs == 1500 and plan.params.fit.recipe == "real"
+    assert (plan.steps_per_epoch, plan.min_epochs, plan.max_epochs, plan.patience_epochs) == (2, 250, 750, 150)
+    assert plan.params.fit.epochs == 750 and plan.params.fit.recipe == "real"
     # a floor that is not a whole number of epochs rounds up: 37 images at batch 16 = 3 steps,
     # ceil(500 / 3) = 167 epochs = 501 steps >= 500
     assert plan_fit(real("fit.batch_size=16"), "/mine", 37).min_epochs == 167
@@ -72,9 +94,9 @@ def test_the_step_floor_on_battery_weld(shared_data: Path):
 
 
 def test_the_ceiling_in_whole_epochs_never_below_the_floor():
-    # 2000 images at batch 16 = 125 steps per epoch: floor ceil(500 / 125) = 4, ceiling 3000 // 125 = 24
+    # 2000 images at batch 16 = 125 steps per epoch: floor ceil(500 / 125) = 4, ceiling 1500 // 125 = 12
     plan = plan_fit(real("fit.batch_size=16"), "/mine", 2000)
-    assert (plan.min_epochs, plan.max_epochs) == (4, 24)
+    assert (plan.min_epochs, plan.max_epochs) == (4, 12)
     # floor ceil(200 / 125) = 2 epochs, ceiling 240 // 125 = 1 epoch: the floor wins (2 epochs, 250 steps)
     plan = plan_fit(real("fit.batch_size=16", "fit.real.min_steps=200", "fit.real.max_steps=240"), "/mine", 2000)
     assert (plan.min_epochs, plan.max_epochs) == (2, 2)
@@ -113,10 +135,10 @@ def test_bad_values_are_refused_naming_key_and_value(override, fragment):
 
 def test_a_floor_above_the_ceiling_is_refused_with_the_fix():
     with pytest.raises(ConfigError) as error:
-        load_params(None, ["fit.real.min_steps=4000"])  # ceiling 3000
+        load_params(None, ["fit.real.min_steps=4000"])  # ceiling 1500
     message = str(error.value)
-    assert "fit.real.min_steps = 4000 is above fit.real.max_steps = 3000" in message
-    assert "--set fit.real.max_steps=4000" in message and "--set fit.real.min_steps=3000" in message
+    assert "fit.real.min_steps = 4000 is above fit.real.max_steps = 1500" in message
+    assert "--set fit.real.max_steps=4000" in message and "--set fit.real.min_steps=1500" in message
 
 
 # --- early stopping on a hand-made validation curve ---------------------------------------------
