@@ -12,13 +12,16 @@
   its validation selection value (`fit.select`) for ``ceil(patience_steps /
   steps_per_epoch)`` epochs. The image size is `fit.real.image_size` (null: `image_size`);
   with `data.keep_aspect` its longest side, the other following the training images' median
-  aspect ratio (`dualstpm.sizes.native_size`, under either recipe);
+  aspect ratio (`dualstpm.sizes.native_size`, under either recipe). With `fit.real.memory`
+  (the default) it builds the memory bank too (`memory.enabled` true, except under tiling),
+  so that `dualstpm ablate` can offer the memory views;
 - ``auto``: ``fixed`` when the data is the synthetic demo (`data.source: synthetic`, read
   from `data.root` itself, as `tracking.params_for_data` describes the data), ``real`` on
   any other data (a `--data-root` of one's own, `data.source: folder` or `mvtec`).
 
 The plan's `params` are the params the fit runs with: `fit.recipe` the concrete recipe,
-`image_size` the recipe's size and `fit.epochs` its ceiling in epochs. Planning them again
+`image_size` the recipe's size, `fit.epochs` its ceiling in epochs and `memory.enabled`
+whether it builds the memory bank. Planning them again
 gives the same plan (a resumed fit, `tracking`'s logged params and the fit agree).
 
 Under tiling (`tiling.enabled`) the fit trains on tiles: an epoch is every tile of every
@@ -171,6 +174,8 @@ def _resolved(params: Params, recipe: str, image_size: ImageSize, epochs: int,
     raw = params.to_dict()
     raw["image_size"] = to_json(image_size)
     raw["fit"].update(recipe=recipe, epochs=epochs)
+    if recipe == "real" and params.fit.real.memory and not params.tiling.enabled:
+        raw["memory"]["enabled"] = True  # the recipe's memory bank: the ablation may offer the memory views
     if frame_size is not None:
         raw["tiling"]["frame_size"] = list(frame_size)
     return validate(raw, f"the params under fit.recipe={recipe} (image_size={to_json(image_size)}, "

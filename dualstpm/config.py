@@ -186,6 +186,9 @@ class RealRecipeParams(_Strict):
     )
     image_size: ImageSize | None = Field(
         None, description="input size under this recipe: one side (a square) or [height, width], px; null = image_size")
+    memory: bool = Field(
+        True, description="build the memory bank (memory.enabled) under this recipe, so that `dualstpm ablate` can "
+        "offer the memory views beside the fusions; not under tiling, which refuses them")
 
     @field_validator("image_size", mode="before")
     @classmethod

@@ -8,9 +8,10 @@ when the model has the discriminative stage (`fit.discriminator`), and `memory.s
 when it has a memory bank (`memory.enabled`: the views `memory` and `fused_memory`). It is written
 to a hidden sibling and swapped into place, so a crash never leaves half a model.
 A fourth, `fusion.json`, is written by `dualstpm ablate`: when its choice (made on
-validation data, adopted only on a bootstrap margin) is applied, it is the `chosen` view
-with its recalibrated threshold, and the detector *decides* with it (`decision_view`:
-predict, exports, overlays, promotion). The `fused` view is always `params.fusion` with
+validation data, adopted only on a bootstrap margin) is applied, the detector *decides*
+with it (`decision_view`: predict, exports, overlays, promotion), at its recalibrated
+threshold: a fusion of the six maps becomes the `chosen` view; a memory view (`memory` or
+`fused_memory`, on a model with a memory bank) is decided with under its own name. The `fused` view is always `params.fusion` with
 its trained threshold, so a test's `fused` figures never depend on whether `ablate` ran;
 the branch views stay as trained. A new fit replaces the directory, so a stale choice
 never survives.
@@ -31,7 +32,7 @@ from dualstpm.errors import RunError
 from dualstpm.files import write_json
 from dualstpm.model.calibration import ScoreNormalization, false_alarm_bound, pixel_false_positive_bound
 from dualstpm.model.discriminator import Discriminator
-from dualstpm.model.fusion import VIEWS, FusionSpec, MapStats, ScoreSpec
+from dualstpm.model.fusion import MEMORY_VIEWS, VIEWS, FusionSpec, MapStats, ScoreSpec
 from dualstpm.model.inference import (CHOSEN_VIEW, DualStpmInference, InferenceOutput, MapViews, RawMaps, ScoredBatch,
                                       raw_maps)
 from dualstpm.model.memory import MemoryBank, MemoryStats
@@ -156,25 +157,36 @@ def build_network(model: ModelParams, pretrained: bool = True) -> DualStpmModel:
 
 @dataclass(frozen=True)
 class ChosenFusion:
-    """A fusion chosen after training, with the threshold recalibrated for it on validation images."""
+    """What `dualstpm ablate` chose after training, with the threshold recalibrated for it on
+    validation images: a fusion of the six maps (`spec`; the view `chosen`), or one of the
+    model's memory views (`spec` None, `view` its name: `memory` or `fused_memory`)."""
 
-    spec: FusionSpec
+    spec: FusionSpec | None
     threshold: float
     source: dict  # provenance: which configuration, on what evidence
-    val_min: float  # lowest validation image score under `spec` (the normalised score's 0)
+    val_min: float  # lowest validation image score of the choice (the normalised score's 0)
     #: its pixel threshold of defect regions, recalibrated like `threshold`; None when the model has none
     pixel_threshold: float | None = None
+    #: the view the choice is: `chosen` (the fusion `spec`), or a memory view
+    view: str = CHOSEN_VIEW
+
+    def __post_init__(self) -> None:
+        if (self.view == CHOSEN_VIEW) != (self.spec is not None) or self.view not in (CHOSEN_VIEW, *MEMORY_VIEWS):
+            raise ValueError(f"a chosen fusion is the view {CHOSEN_VIEW!r} with a fusion, or one of "
+                             f"{', '.join(MEMORY_VIEWS)} without one; got view {self.view!r} with fusion {self.spec}")
 
     def to_json(self) -> dict:
-        return {"applied": True, "fusion": asdict(self.spec), "threshold": self.threshold, "source": self.source,
-                "val_min": self.val_min, "pixel_threshold": self.pixel_threshold}
+        return {"applied": True, "view": self.view, "fusion": None if self.spec is None else asdict(self.spec),
+                "threshold": self.threshold, "source": self.source, "val_min": self.val_min,
+                "pixel_threshold": self.pixel_threshold}
 
     @classmethod
     def from_json(cls, data: dict) -> ChosenFusion:
-        spec = FusionSpec.from_params(FusionParams(**data["fusion"]))  # validated like params.fusion
+        view = data.get("view", CHOSEN_VIEW)  # absent from the files of an earlier dualstpm: a fusion
+        spec = None if data["fusion"] is None else FusionSpec.from_params(FusionParams(**data["fusion"]))  # validated
         pixel = data.get("pixel_threshold")  # absent from the files of an earlier dualstpm: no regions
         return cls(spec, float(data["threshold"]), dict(data["source"]), float(data["val_min"]),
-                   None if pixel is None else float(pixel))
+                   None if pixel is None else float(pixel), view)
 
 
 def read_chosen_fusion(model_dir: Path) -> ChosenFusion | None:
@@ -201,11 +213,12 @@ def fusion_label(detector: Detector) -> str:
     return detector.chosen.source.get("config", "chosen") if detector.chosen else "params.fusion"
 
 
-def decision_view(view: str, chosen_applied: bool) -> str:
-    """The view a model decides with: `fusion.view`, except that an applied chosen fusion
-    (`ablate` with `ablation.apply`) replaces `fused`, and only `fused`: a model deciding
-    with `stpm`, `recon` or `disc` keeps it, and carries the chosen fusion as a view only."""
-    return CHOSEN_VIEW if chosen_applied and view == "fused" else view
+def decision_view(view: str, chosen: str | None) -> str:
+    """The view a model decides with: `fusion.view`, except that an applied choice of `ablate`
+    (with `ablation.apply`; `chosen` is its view: `chosen` for a fusion, or a memory view; None
+    when none is applied) replaces `fused`, and only `fused`: a model deciding with `stpm`,
+    `recon`, `disc` or a memory view keeps it, and carries a chosen fusion as a view only."""
+    return chosen if chosen is not None and view == "fused" else view
 
 
 def region_spec(params: Params, pixel_fpr: float | None, pixel_threshold: float | None,
@@ -240,30 +253,32 @@ class Detector:
         self.calibration = calibration
         self.chosen = chosen
         self.trained_spec = FusionSpec.from_params(params.fusion)
-        self.spec = chosen.spec if chosen else self.trained_spec  # the decision fusion (an export's metadata)
-        self.thresholds = {**calibration.thresholds, **({CHOSEN_VIEW: chosen.threshold} if chosen else {})}  # per view
+        chosen_spec = chosen.spec if chosen else None  # a chosen fusion of the six maps (None: none, or a memory view)
+        self.spec = chosen_spec or self.trained_spec  # the decision fusion (an export's metadata)
+        self.thresholds = {**calibration.thresholds, **({chosen.view: chosen.threshold} if chosen else {})}  # per view
         self.score_spec = calibration.score  # the units of the thresholds (not params.score: see Calibration)
         if (memory is None) != (calibration.memory_stats is None):
             raise RunError("the model's memory bank and its calibration's memory statistics must come together: "
                            "the model directory is incomplete; retrain it")
         views = MapViews(self.trained_spec, calibration.map_stats, score=self.score_spec,
-                         chosen=chosen.spec if chosen else None, disc=disc, memory=calibration.memory_stats)
+                         chosen=chosen_spec, disc=disc, memory=calibration.memory_stats)
         self.views: tuple[str, ...] = views.views  # the views a test evaluates
-        # the view the model decides with: `fusion.view`, where an applied chosen fusion replaces `fused`
-        self.decision_view = decision_view(params.fusion.view, chosen is not None)
+        # the view the model decides with: `fusion.view`, where an applied choice replaces `fused`
+        self.decision_view = decision_view(params.fusion.view, chosen.view if chosen else None)
         if self.decision_view not in self.views or self.decision_view not in self.thresholds:
-            raise RunError(f"fusion.view={params.fusion.view!r} but this model has no calibrated {params.fusion.view!r} "
-                           f"view (views: {', '.join(self.views)}): refit it with fit.discriminator=true")
-        val_min = (chosen.val_min if self.decision_view == CHOSEN_VIEW
-                   else calibration.val_score_summary[self.decision_view]["min"])
+            raise RunError(f"the model decides with the view {self.decision_view!r} (fusion.view={params.fusion.view!r}"
+                           f"{', model/fusion.json' if chosen else ''}) but has no calibrated {self.decision_view!r} "
+                           f"view (views: {', '.join(self.views)}): refit it with fit.discriminator=true for `disc`, "
+                           "memory.enabled=true for `memory` and `fused_memory`")
+        decides_with_choice = chosen is not None and self.decision_view == chosen.view
+        val_min = chosen.val_min if decides_with_choice else calibration.val_score_summary[self.decision_view]["min"]
         # the one scoring module (networks, view maps, scores, normalisation, decision)
         self.inference = compute.module(DualStpmInference(model, views, self.threshold, val_min,
                                                           decision=self.decision_view, memory=memory)).eval()
         self.model = self.inference.network
         self.disc = self.inference.disc
         self._typical_level: float | None = None
-        pixel = (chosen.pixel_threshold if self.decision_view == CHOSEN_VIEW
-                 else calibration.pixel_thresholds.get(self.decision_view))
+        pixel = chosen.pixel_threshold if decides_with_choice else calibration.pixel_thresholds.get(self.decision_view)
         #: how the decision view's map becomes defect regions and, with a rule, the verdict; None: no regions
         self.regions = region_spec(params, calibration.pixel_fpr, pixel, self.decision_view)
 
@@ -313,7 +328,7 @@ class Detector:
     def view_spec(self, view: str) -> FusionSpec:
         """`fused`: `params.fusion`; `chosen`: the applied chosen fusion; a branch: that branch
         alone, as trained. Raises RunError for `chosen` when none is applied."""
-        if view == CHOSEN_VIEW and self.chosen is None:
+        if view == CHOSEN_VIEW and (self.chosen is None or self.chosen.spec is None):
             raise RunError("this model has no applied chosen fusion (no `dualstpm ablate` adopted one): "
                            f"its views are {', '.join(self.views)}")
         return self.inference.views.spec(view)

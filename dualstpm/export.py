@@ -37,6 +37,7 @@ from dualstpm.compute import Compute
 from dualstpm.detector import Detector
 from dualstpm.errors import ExportError
 from dualstpm.files import staged_dir, write_json
+from dualstpm.model.fusion import MEMORY_VIEWS
 from dualstpm.model.inference import INPUT_NAME, OUTPUT_NAMES, TILING_FUNCTION
 from dualstpm.progress import stage
 from dualstpm.rundir import MODEL_SUBDIR, PARAMS_FILE, RunDir, read_optional_json
@@ -278,10 +279,10 @@ def metadata(detector: Detector, run_dir: Path, fmt: str, precision: str, quanti
         "threshold_precision": detector.calibration.precision,  # float32: the scores it was calibrated on
         "normalization": detector.inference.normalization.to_json(),
         "fusion": {**asdict(detector.spec),
-                   "source": detector.chosen.source if detector.chosen else "params.fusion",
+                   "source": detector.chosen.source if detector.chosen and detector.chosen.spec else "params.fusion",
                    "map_stats": detector.calibration.map_stats.to_json()},
-        # the memory bank inside the graph (views memory and fused_memory); null: the model has none
-        "memory": None if detector.inference.memory is None else {
+        # the memory bank inside the graph (the decision view is memory or fused_memory); null: none there
+        "memory": None if detector.inference.memory is None or detector.decision_view not in MEMORY_VIEWS else {
             "entries": int(detector.inference.memory.bank.shape[0]), "features": int(detector.inference.memory.bank.shape[1]),
             "coreset_ratio": detector.params.memory.coreset_ratio, "sigma": detector.params.memory.sigma,
             "stats": detector.calibration.memory_stats.to_json()},

@@ -76,12 +76,6 @@ def compute_raw_maps(detector: Detector, images: Tensor, batch_size: int,
     return RawMaps(six, memory)
 
 
-def compute_six_maps(detector: Detector, images: Tensor, batch_size: int,
-                     description: str = "computing anomaly maps") -> np.ndarray:
-    """(N, 3, H, W) images -> (N, 2, 3, H, W) float16 raw maps (:func:`compute_raw_maps` without the memory map)."""
-    return compute_raw_maps(detector, images, batch_size, description, with_memory=False).six
-
-
 @dataclass(frozen=True)
 class MapSet:
     """The six maps of one split with what is needed to score them."""

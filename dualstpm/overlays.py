@@ -330,15 +330,19 @@ def _weights(spec: FusionSpec) -> str:
 
 def view_description(view: str, spec: FusionSpec, chosen_config: str | None = None) -> str:
     """What a decision view is, in words: `fused` (`spec`: the params' fusion), `chosen`
-    (the ablation's `chosen_config`, fused by `spec`), one branch alone, or the
-    discriminative stage."""
+    (the ablation's `chosen_config`, fused by `spec`), one branch alone, the discriminative
+    stage, or a memory view (said to be the ablation's choice when `chosen_config` names it)."""
     if view == "fused":
         return (f"fused view: {spec.mode} fusion, the trained model's fusion.* (level weights {_weights(spec)}, "
                 f"normalize {spec.normalize}{f', sigma {spec.sigma:g} px' if spec.sigma else ''})")
     if view == "chosen":
         return f"chosen view: fusion {chosen_config or 'chosen'} chosen by `dualstpm ablate` ({spec.mode})"
-    return {"stpm": "stpm view: branch A (STPM) alone", "recon": "recon view: branch B (reconstruction) alone",
-            "disc": "disc view: the discriminative stage"}.get(view, f"{view} view")
+    described = {"stpm": "stpm view: branch A (STPM) alone", "recon": "recon view: branch B (reconstruction) alone",
+                 "disc": "disc view: the discriminative stage",
+                 "memory": "memory view: distance to the nearest good patch of the memory bank (PatchCore on T1)",
+                 "fused_memory": "fused_memory view: the fused and memory maps, each standardised, summed",
+                 }.get(view, f"{view} view")
+    return described + (" (chosen by `dualstpm ablate`)" if chosen_config == view else "")
 
 
 def grid_heading(category: str, view: str, spec: FusionSpec, threshold: float, score_label: str,

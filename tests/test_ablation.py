@@ -342,8 +342,8 @@ def test_the_decision_view_and_the_outcome_line_say_what_the_model_decides_with(
     from dualstpm.detector import decision_view
 
     # an applied fusion replaces `fused` only; a model deciding with another view keeps it
-    assert decision_view("fused", True) == "chosen" and decision_view("fused", False) == "fused"
-    assert decision_view("disc", True) == "disc" and decision_view("stpm", True) == "stpm"
+    assert decision_view("fused", "chosen") == "chosen" and decision_view("fused", None) == "fused"
+    assert decision_view("disc", "chosen") == "disc" and decision_view("stpm", "chosen") == "stpm"
 
     def summary(applied: bool, adopted: bool, view: str) -> dict:
         return {"applied": applied, "decision_view": view, "fused_chosen": {"config": "levels_2_sum", "adopted": adopted}}

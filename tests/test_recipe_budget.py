@@ -195,6 +195,18 @@ def test_a_real_fit_of_a_tiny_category_trains_the_floor(synthetic_root: Path, tm
     assert len(result.history) == 3
     saved = yaml.safe_load((tmp_path / "run" / "model" / "params.yaml").read_text())
     assert (saved["fit"]["recipe"], saved["fit"]["epochs"], saved["image_size"]) == ("real", 3, 64)
+    # the recipe's memory bank (fit.real.memory): 1 % of 16 images x 8 x 8 patches = 10.24 -> 10 entries
+    assert saved["memory"]["enabled"] is True and (tmp_path / "run" / "model" / "memory.safetensors").is_file()
+
+
+def test_the_real_recipe_builds_the_memory_bank_unless_told_not_to_or_tiling():
+    assert plan_fit(real(), "/mine", 100).params.memory.enabled is True
+    assert plan_fit(real("fit.real.memory=false"), "/mine", 100).params.memory.enabled is False
+    assert plan_fit(load_params(None, ["fit.recipe=fixed"]), "/mine", 100).params.memory.enabled is False
+    tiled = plan_fit(real("tiling.enabled=true", "image_size=64", "tiling.frame_size=128"), "/mine", 10, [(128, 128)])
+    assert tiled.params.memory.enabled is False  # tiling refuses the memory view: the recipe leaves it off
+    demo = plan_fit(load_params(PROJECT_ROOT / "params.yaml"), PROJECT_ROOT / "data" / "synthetic", 16)
+    assert demo.params.memory.enabled is False  # the demo's quick budget stays as it was
 
 
 def test_steps_per_epoch_counts_the_last_partial_batch():

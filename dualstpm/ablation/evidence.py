@@ -23,13 +23,14 @@ from pathlib import Path
 
 import numpy as np
 
+from dualstpm.ablation.grid import Candidate
 from dualstpm.ablation.margin import Contributions, contributions
 from dualstpm.ablation.rescore import Metrics, SplitScorer
 from dualstpm.ablation.selection import selection_set, source_units, subset
 from dualstpm.data import real_evidence_label
 from dualstpm.maps import MapSet
 from dualstpm.rundir import MAPS_DIR, VAL_DEFECT_MAPS
-from dualstpm.model.fusion import FusionSpec, ScoreSpec
+from dualstpm.model.fusion import ScoreSpec
 from dualstpm.model.inference import MapViews
 
 SYNTHETIC = "synthetic"
@@ -58,17 +59,17 @@ class Evidence:
         """What `score_grid` and the reduction table score the selection set with."""
         return SplitScorer(self.images, views) if self.pixels is None else EvidenceScorer(self, views)
 
-    def contributions(self, views: MapViews, spec: FusionSpec) -> Contributions:
+    def contributions(self, views: MapViews, spec: Candidate) -> Contributions:
         """`margin.contributions` of `spec` on the selection set, resampled by source image
         (`selection.source_units`); pixel figures from `pixels` when given."""
         units, n_units = source_units(self.images)
-        fused, scores = views.stack(self.images.maps, spec)
+        fused, scores = views.stack(self.images.raw, spec)
         found = contributions(scores, self.images.labels, units, n_units, fused, self.images.masks)
         if self.pixels is None:
             return found
         unit_of = dict(zip(np.asarray(self.images.paths, dtype=str), units, strict=True))
         pixel_units = np.array([unit_of[p] for p in np.asarray(self.pixels.paths, dtype=str)], dtype=np.int64)
-        fused, scores = views.stack(self.pixels.maps, spec)
+        fused, scores = views.stack(self.pixels.raw, spec)
         pixel = contributions(scores, self.pixels.labels, pixel_units, n_units, fused, self.pixels.masks)
         return replace(found, good_hist=pixel.good_hist, defect_hist=pixel.defect_hist,
                        coverage_hist=pixel.coverage_hist, regions=pixel.regions)
@@ -93,11 +94,11 @@ class EvidenceScorer:
         self.image = SplitScorer(evidence.images, views)
         self.pixel = SplitScorer(evidence.pixels, views)
 
-    def score(self, spec: FusionSpec) -> Metrics:
+    def score(self, spec: Candidate) -> Metrics:
         pixel = self.pixel.score(spec)
         return {**self.image.score(spec), **{m: pixel[m] for m in PIXEL_METRICS}}
 
-    def reductions(self, spec: FusionSpec, scores: list[ScoreSpec]) -> list[Metrics]:
+    def reductions(self, spec: Candidate, scores: list[ScoreSpec]) -> list[Metrics]:
         return self.image.reductions(spec, scores)
 
 

@@ -15,7 +15,7 @@ from dualstpm.data import decode_images
 from dualstpm.errors import DataError
 from dualstpm.files import atomic_file
 from dualstpm.maps import MapSet
-from dualstpm.model.fusion import FusionSpec
+from dualstpm.ablation.grid import Candidate
 from dualstpm.model.inference import MapViews
 
 HEATMAP_FILE = "branch_weight_heatmap.png"
@@ -73,9 +73,10 @@ def panel_indices(test: MapSet, count: int) -> list[int]:
     return chosen[:count]
 
 
-def write_panel(test: MapSet, views: MapViews, fused_specs: dict[str, FusionSpec], count: int, path: Path,
+def write_panel(test: MapSet, views: MapViews, fused_specs: dict[str, Candidate], count: int, path: Path,
                 max_pixels: int) -> Path | None:
-    """Rows: test images. Columns: image, ground truth, the six maps, then each fused map.
+    """Rows: test images. Columns: image, ground truth, the six maps, then each fused map (a
+    memory view's map for a memory view).
 
     Each column has one colour scale over its rows (its minimum to its 99.5th
     percentile), so rows compare directly.
@@ -89,8 +90,8 @@ def write_panel(test: MapSet, views: MapViews, fused_specs: dict[str, FusionSpec
     except DataError as exc:
         raise DataError(f"{exc}\nThe six-map panel reads the test images again; restore them or pass "
                         "--set ablation.panel_images=0") from None
-    subset = test.maps[indices]
-    columns = [subset[:, b, level].astype(np.float32) for b in range(2) for level in range(3)]
+    subset = test.raw[np.asarray(indices)]
+    columns = [subset.six[:, b, level].astype(np.float32) for b in range(2) for level in range(3)]
     columns += [views.stack_maps(subset, spec) for spec in fused_specs.values()]
     titles = [*MAP_TITLES, *fused_specs]
     scales = [(float(c.min()), max(float(np.percentile(c, 99.5)), float(c.min()) + 1e-12)) for c in columns]

@@ -12,6 +12,11 @@ The grid, for each normalisation in `ablation.normalizations`:
 - sweep: w_A = 1 - r, w_B = r on every level for r = 0, step, ..., 1, in each of
   `ablation.sweep_modes`.
 
+On a model with a memory bank (`memory.enabled`) the grid ends with its two memory views,
+`memory` and `fused_memory` (group ``memory``): they are not fusions of the six maps, so
+such a configuration names the view instead (`Candidate`), and `MapViews.stack` scores
+either kind.
+
 `published` comes first, so that a tie in the selection score keeps the published fusion.
 """
 
@@ -20,8 +25,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dualstpm.config import AblationParams, FusionMode
-from dualstpm.model.fusion import FusionSpec
+from dualstpm.model.fusion import MEMORY_VIEWS, FusionSpec
 
+#: what a configuration scores stored maps with: a fusion of the six maps, or the name of one
+#: of the model's views that is not one (a memory view: `MapViews.stack` takes either)
+Candidate = FusionSpec | str
+MEMORY_GROUP = "memory"
 ONES = (1.0, 1.0, 1.0)
 ZEROS = (0.0, 0.0, 0.0)
 
@@ -31,21 +40,33 @@ class Config:
     """One row of the ablation table."""
 
     name: str
-    group: str  # named | levels | sweep
-    spec: FusionSpec
+    group: str  # named | levels | sweep | memory
+    spec: Candidate
+
+    @property
+    def view(self) -> str | None:
+        """The model view this configuration is (a memory view), or None for a fusion."""
+        return self.spec if isinstance(self.spec, str) else None
 
     @property
     def branch_weight(self) -> float:
-        """w_B / (w_A + w_B) summed over levels: 0 = branch A only, 1 = branch B only."""
+        """w_B / (w_A + w_B) summed over levels: 0 = branch A only, 1 = branch B only (NaN for a view)."""
+        if self.view is not None:
+            return float("nan")
         a, b = (sum(row) for row in self.spec.weights)
         return b / (a + b)
 
     @property
     def levels(self) -> str:
-        """The levels with a weight > 0, e.g. "1,2,3"."""
+        """The levels with a weight > 0, e.g. "1,2,3" ("" for a view)."""
+        if self.view is not None:
+            return ""
         return ",".join(str(level + 1) for level in range(3) if any(row[level] > 0 for row in self.spec.weights))
 
     def row(self) -> dict:
+        if self.view is not None:
+            return {"name": self.name, "group": self.group, "mode": self.view, "normalize": "", "levels": "",
+                    "branch_weight": self.branch_weight, "weights": ""}
         return {
             "name": self.name,
             "group": self.group,
@@ -90,12 +111,13 @@ def _sweep(params: AblationParams) -> list[tuple[str, str, FusionMode, tuple]]:
     ]
 
 
-def build_grid(params: AblationParams, sigma: float = 0.0) -> list[Config]:
-    """All configurations in table order; `sigma` (the model's smoothing) is kept fixed."""
+def build_grid(params: AblationParams, sigma: float = 0.0, memory: bool = False) -> list[Config]:
+    """All configurations in table order; `sigma` (the model's smoothing) is kept fixed.
+    `memory`: the model has a memory bank, so its two memory views end the grid."""
     base = _named() + _levels(params) + _sweep(params)
     configs = []
     for normalize in params.normalizations:
         suffix = "" if normalize == "none" else f"+{normalize}"
         for name, group, mode, weights in base:
             configs.append(Config(name + suffix, group, FusionSpec(mode, weights, normalize, sigma)))
-    return configs
+    return configs + ([Config(view, MEMORY_GROUP, view) for view in MEMORY_VIEWS] if memory else [])

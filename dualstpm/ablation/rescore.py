@@ -1,7 +1,8 @@
 """Re-scoring stored maps under every configuration: array arithmetic, no network.
 
 Per configuration and split: one vectorised fusion of the whole (N, 2, 3, S, S) stack
-(`MapViews.stack` of the inference module, i.e. `fusion.fuse`), image scores by the model's
+(`MapViews.stack` of the inference module, i.e. `fusion.fuse`; for a memory view, that view
+of the stored memory maps), image scores by the model's
 calibrated reduction (`fusion.image_score`; the score-reduction table varies it instead), and the metrics of
 `dualstpm.metrics`. The ground truth is prepared once per split (`metrics.PixelTruth`:
 connected regions labelled once, not per configuration or threshold), and a
@@ -24,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from dualstpm import metrics
-from dualstpm.ablation.grid import Config
+from dualstpm.ablation.grid import Candidate, Config
 from dualstpm.maps import MapSet
-from dualstpm.model.fusion import FusionSpec, ScoreSpec
+from dualstpm.model.fusion import ScoreSpec
 from dualstpm.model.inference import MapViews, stack_scores
 from dualstpm.progress import stage
 
@@ -34,7 +35,7 @@ Metrics = dict[str, float | None]
 
 
 class SplitScorer:
-    """Scores one split's stored maps under any fusion, with the masks prepared once, through
+    """Scores one split's stored maps under any fusion (or memory view), with the masks prepared once, through
     the model's `views` (its validation statistics; image scores by its reduction,
     `Calibration.score`)."""
 
@@ -45,11 +46,11 @@ class SplitScorer:
         self.truth = metrics.PixelTruth(stored.masks) if stored.masks is not None else None
         if self.truth is not None:
             self.truth.regions  # noqa: B018 - label the regions now, once, before threads share them
-        self._memo: dict[FusionSpec, Metrics] = {}
+        self._memo: dict[Candidate, Metrics] = {}
 
-    def score(self, spec: FusionSpec) -> Metrics:
+    def score(self, spec: Candidate) -> Metrics:
         if spec not in self._memo:
-            fused, scores = self.views.stack(self.stored.maps, spec)
+            fused, scores = self.views.stack(self.stored.raw, spec)
             pixel, pro = metrics.pixel_metrics(self.truth, fused) if self.truth is not None else (None, None)
             image = self.image_metrics(scores)
             self._memo[spec] = {"image_auroc": image["image_auroc"], "pixel_auroc": pixel, "aupro": pro,
@@ -61,10 +62,10 @@ class SplitScorer:
         best = metrics.f1_max(self.labels, scores)
         return {"image_auroc": metrics.image_auroc(self.labels, scores), "image_f1_max": None if best is None else best[0]}
 
-    def reductions(self, spec: FusionSpec, scores: Sequence[ScoreSpec]) -> list[Metrics]:
+    def reductions(self, spec: Candidate, scores: Sequence[ScoreSpec]) -> list[Metrics]:
         """Image metrics of `spec`'s fused maps under each reduction in `scores` (fused once;
         pixel metrics do not depend on the reduction, so they are not computed)."""
-        fused = self.views.stack_maps(self.stored.maps, spec)
+        fused = self.views.stack_maps(self.stored.raw, spec)
         return [self.image_metrics(stack_scores(fused, score)) for score in scores]
 
 

@@ -22,6 +22,11 @@ chosen fusion with its threshold recalibrated on the validation images, which th
 detector then decides with (its `chosen` view; `fused` stays `params.fusion`); otherwise
 a record of the choice marked not applied, so the model keeps deciding with `params.fusion`.
 
+On a model with a memory bank (`memory.enabled`) the grid also offers its two memory views,
+`memory` and `fused_memory` (`grid.build_grid`), scored from the stored memory maps and
+adopted by the same rule; an adopted memory view is decided with under its own name
+(`ChosenFusion.view`), at its recalibrated threshold.
+
 Adoption: the configuration with the best selection score (the *candidate*) replaces the
 default (`params.fusion`, scored like the grid) only when its gain survives resampling
 of the validation images (`margin.bootstrap_margin`: `ablation.bootstrap` resamples, a
@@ -52,7 +57,7 @@ import pandas as pd
 
 from dualstpm.ablation.evidence import Evidence, load_real_defects, real_evidence, synthetic_evidence
 from dualstpm.ablation.figures import HEATMAP_FILE, PANEL_FILE, write_heatmap, write_panel
-from dualstpm.ablation.grid import Config, build_grid
+from dualstpm.ablation.grid import Candidate, Config, build_grid
 from dualstpm.ablation.margin import Margin, bootstrap_margin
 from dualstpm.ablation.reductions import REDUCTIONS_FILE, reduction_summary, reduction_table, table_reductions
 from dualstpm.ablation.rescore import SplitScorer, score_grid
@@ -100,8 +105,9 @@ def _summary(table: pd.DataFrame, configs: list[Config], picks: dict[str, int], 
     names = list(table["name"])
 
     def described(position: int) -> dict:
+        config = configs[position]
         return {**_figures_of(table, position), "selection_score": float(table["selection_score"].iloc[position]),
-                "fusion": asdict(configs[position].spec)}
+                "fusion": asdict(config.spec) if config.view is None else {"view": config.view}}
 
     return {
         "n_configurations": len(table),
@@ -118,12 +124,16 @@ def _summary(table: pd.DataFrame, configs: list[Config], picks: dict[str, int], 
 
 def chosen_fusion(config: Config, val: MapSet, views: MapViews, false_alarm_rate: float,
                   source: dict, pixel_fpr: float | None = None) -> ChosenFusion:
-    """The chosen fusion with its threshold recalibrated on the validation maps, in the units
-    of the model's image-score reduction (`views.score_spec`, `Calibration.score`), and its
-    pixel threshold of defect regions at `pixel_fpr` on the same maps (None: the model has none)."""
-    maps, scores = views.stack(val.maps, config.spec)
+    """The chosen fusion (or memory view) with its threshold recalibrated on the validation
+    maps, in the units of the model's image-score reduction (`views.score_spec`,
+    `Calibration.score`), and its pixel threshold of defect regions at `pixel_fpr` on the
+    same maps (None: the model has none)."""
+    maps, scores = views.stack(val.raw, config.spec)
     pixel = None if pixel_fpr is None else calibrate_pixel_threshold(maps, pixel_fpr)
-    return ChosenFusion(config.spec, calibrate_threshold(scores, false_alarm_rate), source, float(scores.min()), pixel)
+    threshold = calibrate_threshold(scores, false_alarm_rate)
+    if config.view is not None:
+        return ChosenFusion(None, threshold, source, float(scores.min()), pixel, view=config.view)
+    return ChosenFusion(config.spec, threshold, source, float(scores.min()), pixel)
 
 
 class _Laps:
@@ -155,7 +165,7 @@ def rank(table: pd.DataFrame, metric: str) -> tuple[int, int | None]:
     return candidate, oracle
 
 
-def with_default(configs: list[Config], default: FusionSpec) -> tuple[list[Config], int]:
+def with_default(configs: list[Config], default: Candidate) -> tuple[list[Config], int]:
     """The grid with the default fusion in it (first, as `params.fusion`, when no grid
     configuration equals it, so that a tie in the selection score keeps it), and its position."""
     for position, config in enumerate(configs):
@@ -164,7 +174,7 @@ def with_default(configs: list[Config], default: FusionSpec) -> tuple[list[Confi
     return [Config(DEFAULT_NAME, "default", default), *configs], 0
 
 
-def adoption_margin(evidence: Evidence, views: MapViews, default: FusionSpec, candidate: FusionSpec,
+def adoption_margin(evidence: Evidence, views: MapViews, default: Candidate, candidate: Candidate,
                     params: AblationParams) -> Margin:
     """`margin.bootstrap_margin` of `candidate` over `default` on the selection set (`evidence`),
     resampled by source image, scored by the model's `views` (its statistics and reduction).
@@ -192,10 +202,12 @@ def describe_outcome(summary: dict) -> str:
     `summary` is `summary.json`'s content (`ablate`, read with `read_summary`).
     """
     config, view = summary["fused_chosen"]["config"], summary["decision_view"]
-    if summary["applied"] and view == CHOSEN_VIEW:
-        return f"adopted {config}: the model now decides with its `chosen` view"
+    chosen = summary.get("chosen_view", CHOSEN_VIEW)  # the view the choice is (a summary of an earlier dualstpm: a fusion)
+    if summary["applied"] and view == chosen:
+        return f"adopted {config}: the model now decides with its `{chosen}` view"
     if summary["applied"]:
-        return (f"adopted {config}, stored as the model's `chosen` view; the model decides with `{view}` "
+        stored = "stored as the model's `chosen` view" if chosen == CHOSEN_VIEW else f"its `{chosen}` view recalibrated"
+        return (f"adopted {config}, {stored}; the model decides with `{view}` "
                 f"(fusion.view), which the choice does not change")
     if summary["fused_chosen"]["adopted"]:
         return f"{config} was adopted but not applied (ablation.apply=false): the model decides with `{view}`"
@@ -221,8 +233,9 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
 
     sigma = model_params.fusion.sigma
     default_spec = FusionSpec.from_params(model_params.fusion)
-    views = MapViews(default_spec, calibration.map_stats, score=calibration.score)  # no network: stored maps only
-    configs, default = with_default(build_grid(params, sigma), default_spec)
+    views = MapViews(default_spec, calibration.map_stats, score=calibration.score,  # no network: stored maps only
+                     memory=calibration.memory_stats)
+    configs, default = with_default(build_grid(params, sigma, memory=calibration.memory_stats is not None), default_spec)
     splits = {"test": SplitScorer(test, views), "val": evidence.scorer(views)}
     table = score_grid(configs, splits, params.workers)
     candidate, oracle = rank(table, params.select_metric)
@@ -271,7 +284,8 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
                                                         "seed": params.synthetic_seed})},
         "score_reductions": reduction_summary(reductions),
         "applied": applied,
-        "decision_view": decision_view(model_params.fusion.view, applied),
+        "chosen_view": configs[final].view or CHOSEN_VIEW,
+        "decision_view": decision_view(model_params.fusion.view, (configs[final].view or CHOSEN_VIEW) if applied else None),
         "fusion_file": str(fusion_file),
         "timing": lap.total(),
     }

@@ -2,9 +2,9 @@
 
 The selection set is the normal validation images (their maps stored by `dualstpm test`
 in `RUN/maps/val.npz`) plus defective copies of them made by `defects.paste_defects`.
-The copies need one forward pass of the model; their maps are kept in
-`RUN/maps/val_synthetic.npz` and reused while the model and the synthetic-defect
-params are unchanged. Nothing here reads the test split.
+The copies need one forward pass of the model; their maps (with the memory maps, on a
+model with a memory bank) are kept in `RUN/maps/val_synthetic.npz` and reused while the
+model and the synthetic-defect params are unchanged. Nothing here reads the test split.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from dualstpm.config import AblationParams
 from dualstpm.data import decode_images
 from dualstpm.detector import Detector
 from dualstpm.errors import RunError
-from dualstpm.maps import MapSet, compute_six_maps, weights_fingerprint
+from dualstpm.maps import MapSet, compute_raw_maps, weights_fingerprint
 from dualstpm.rundir import MAPS_DIR, MODEL_SUBDIR, SYNTHETIC_MAPS, RunDir, read_weights
 from dualstpm.sizes import from_json
 
@@ -42,6 +42,7 @@ def check_same_model(run_dir: Path, *sets: MapSet) -> str:
 
 def _synthetic_meta(val: MapSet, params: AblationParams) -> dict:
     return {
+        "memory": val.memory is not None,  # the memory maps too (a model with a memory bank)
         "split": "val_synthetic",
         "category": val.meta["category"],
         "image_size": val.meta["image_size"],
@@ -69,18 +70,19 @@ def synthetic_maps(run_dir: Path, val: MapSet, params: AblationParams) -> MapSet
     defective, masks, kinds = paste_defects(images, list(params.synthetic_kinds), params.synthetic_per_image,
                                             params.synthetic_seed)
     sources = np.repeat(np.asarray(val.paths), params.synthetic_per_image)
-    maps = compute_six_maps(detector, defective, detector.params.fit.batch_size,
-                            "computing anomaly maps of synthetic defects")
-    synthetic = MapSet(maps, np.ones(len(maps), np.int8), np.asarray(kinds), sources, masks, meta)
+    maps = compute_raw_maps(detector, defective, detector.params.fit.batch_size,
+                            "computing anomaly maps of synthetic defects", with_memory=val.memory is not None)
+    synthetic = MapSet(maps.six, np.ones(len(maps), np.int8), np.asarray(kinds), sources, masks, meta, maps.memory)
     synthetic.save(path)
     return synthetic
 
 
 def subset(stored: MapSet, indices: np.ndarray) -> MapSet:
-    """The images `indices` of a map set, in that order."""
+    """The images `indices` of a map set, in that order (their memory maps too, when stored)."""
     masks = None if stored.masks is None else stored.masks[indices]
+    memory = None if stored.memory is None else stored.memory[indices]
     return MapSet(stored.maps[indices], stored.labels[indices], np.asarray(stored.defect_types)[indices],
-                  np.asarray(stored.paths)[indices], masks, dict(stored.meta))
+                  np.asarray(stored.paths)[indices], masks, dict(stored.meta), memory)
 
 
 def selection_part(val: MapSet, synthetic: MapSet, indices: np.ndarray) -> tuple[MapSet, MapSet]:
@@ -100,8 +102,11 @@ def source_units(selection: MapSet) -> tuple[np.ndarray, int]:
 
 
 def selection_set(val: MapSet, synthetic: MapSet) -> MapSet:
-    """Normal validation images (label 0, empty masks) followed by their defective copies."""
+    """Normal validation images (label 0, empty masks) followed by their defective copies (with
+    the memory maps when both sets have them)."""
     shape = val.maps.shape[-2:]  # (H, W) of the maps
+    memory = (None if val.memory is None or synthetic.memory is None
+              else np.concatenate([val.memory, synthetic.memory]))
     return MapSet(
         np.concatenate([val.maps, synthetic.maps]),
         np.concatenate([np.zeros(len(val), np.int8), np.ones(len(synthetic), np.int8)]),
@@ -109,6 +114,7 @@ def selection_set(val: MapSet, synthetic: MapSet) -> MapSet:
         np.concatenate([np.asarray(val.paths, dtype=str), np.asarray(synthetic.paths, dtype=str)]),
         np.concatenate([np.zeros((len(val), *shape), bool), synthetic.masks]),
         {**synthetic.meta, "split": "selection"},
+        memory,
     )
 
 

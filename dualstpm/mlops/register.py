@@ -32,7 +32,7 @@ import dualstpm
 from dualstpm.backends import run_export_dir
 from dualstpm.config import Params
 from dualstpm.data import list_images, read_image, resize_image
-from dualstpm.detector import CHOSEN_VIEW, read_chosen_fusion, read_model_dir
+from dualstpm.detector import read_chosen_fusion, read_model_dir
 from dualstpm.errors import RunError, TrackingError
 from dualstpm.fit_check import fit_check_tags
 from dualstpm.mlops.lineage import MODEL_HASH_TAG, adopt_run, check_tested, model_run, run_store
@@ -331,7 +331,7 @@ def version_description(name: str, version: str, fused: dict, n_images: int, rec
 
 def _decision_evidence(run_dir: Path, result: dict, threshold: float, chosen) -> tuple[dict, str]:
     """The test metrics of the view the registered model decides with (`Detector.decision_view`:
-    the applied chosen fusion, else `fused` = params.fusion), and where they come from.
+    the applied choice, a fusion or a memory view, else `fused` = params.fusion), and where they come from.
 
     `metrics.json`'s row of that view when its test measured it at the model's current
     threshold (and, for `chosen`, the same configuration); a choice applied after the test,
@@ -340,7 +340,7 @@ def _decision_evidence(run_dir: Path, result: dict, threshold: float, chosen) ->
     so it is refused.
     """
     name = chosen.source.get("config") if chosen is not None else None
-    view = CHOSEN_VIEW if chosen is not None else "fused"
+    view = chosen.view if chosen is not None else "fused"  # `chosen` for a fusion, or the memory view chosen
     measured = result.get(view) or {}
     if measured.get("threshold") == threshold and (chosen is None or result.get("chosen_fusion") == name):
         return measured, METRICS_FILE if chosen is None else f"{METRICS_FILE}: chosen fusion {name}"

@@ -344,7 +344,10 @@ class DualStpmInference(nn.Module):
 
     def forward(self, images: Tensor) -> InferenceOutput:
         outputs = (self.decision, "stpm", "recon", *((DISC_VIEW,) if DISC_VIEW in self.views.views else ()))
-        scored = self.views.score_maps(self.raw_maps(images), tuple(dict.fromkeys(outputs)))
+        # the nearest-neighbour search only when the decision needs it (a bank kept for the ablation costs nothing)
+        memory = self.memory if self.decision in MEMORY_VIEWS else None
+        raw = raw_maps(self.network, images, memory, self.chunked)
+        scored = self.views.score_maps(raw, tuple(dict.fromkeys(outputs)))
         decision = scored.scores[self.decision]
         return InferenceOutput(
             score=decision,
