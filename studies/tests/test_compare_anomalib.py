@@ -41,7 +41,7 @@ def test_compare_reports_every_row_with_finite_figures(synthetic_root: Path, tmp
     result = run_script("--data-root", synthetic_root, "--category", "synth_texture", "--image-size", "64",
                         "--epochs", "1", "--batch-size", "8", "--repeats", "1", "--coreset-ratio", "0.01",
                         "--set", "fit.discriminator=true", "--set", "disc.epochs=1", "--set", "fusion.view=disc",
-                        "--out", out)
+                        "--set", "fit.recipe=fixed", "--out", out)
     assert result.returncode == 0, result.stderr[-3000:]
     saved = json.loads(out.read_text())
     rows = {row["model"]: row for row in saved["rows"]}
