@@ -130,10 +130,9 @@ def chosen_fusion(config: Config, val: MapSet, views: MapViews, false_alarm_rate
     same maps (None: the model has none)."""
     maps, scores = views.stack(val.raw, config.spec)
     pixel = None if pixel_fpr is None else calibrate_pixel_threshold(maps, pixel_fpr)
-    threshold = calibrate_threshold(scores, false_alarm_rate)
-    if config.view is not None:
-        return ChosenFusion(None, threshold, source, float(scores.min()), pixel, view=config.view)
-    return ChosenFusion(config.spec, threshold, source, float(scores.min()), pixel)
+    spec = None if config.view is not None else config.spec  # a memory view is named, not fused
+    return ChosenFusion(spec, calibrate_threshold(scores, false_alarm_rate), source, float(scores.min()), pixel,
+                        view=config.view or CHOSEN_VIEW)
 
 
 class _Laps:
@@ -272,6 +271,7 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
         write_decision_overlays(run_dir, test)
     lap("overlays_s")
 
+    chosen_view = configs[final].view or CHOSEN_VIEW  # the view the final choice is
     summary = {
         "category": category,
         "run": str(run_dir.resolve()),
@@ -284,8 +284,8 @@ def ablate(run_dir: Path, params: AblationParams) -> AblationResult:
                                                         "seed": params.synthetic_seed})},
         "score_reductions": reduction_summary(reductions),
         "applied": applied,
-        "chosen_view": configs[final].view or CHOSEN_VIEW,
-        "decision_view": decision_view(model_params.fusion.view, (configs[final].view or CHOSEN_VIEW) if applied else None),
+        "chosen_view": chosen_view,
+        "decision_view": decision_view(model_params.fusion.view, chosen_view if applied else None),
         "fusion_file": str(fusion_file),
         "timing": lap.total(),
     }
