@@ -93,6 +93,8 @@ class FitPlan:
     stretch: float | None = None
     #: tiles per training frame under tiling (1 without: the frame is the model's input)
     tiles_per_image: int = 1
+    #: under fit.recipe=auto on a folder of one's own, why an asked-for fit.epochs is not used (else None)
+    epochs_note: str | None = None
 
     def tiling_note(self) -> str | None:
         """Under tiling, the grid of one frame and the count of training tiles; None without tiling."""
@@ -218,13 +220,15 @@ def plan_fit(params: Params, data_root: Path | str | None, train_images: int,
         raise ValueError("data.keep_aspect needs the training images' shapes to plan the image size")
     fit = params.fit
     recipe, reason = fit.recipe, f"fit.recipe={fit.recipe}"
+    epochs_note = None
     if recipe == "auto":
         demo = is_synthetic_demo(params, data_root)
         recipe = "fixed" if demo else "real"
         reason = "fit.recipe=auto " + ("on the synthetic demo data" if demo else "on data that is not the synthetic demo")
         if not demo and fit.epochs != FitParams.model_fields["epochs"].default:  # asked for epochs: say why not
-            reason += (f"; fit.epochs={fit.epochs} counts under fit.recipe=fixed only: add --set fit.recipe=fixed "
-                       f"to train exactly {fit.epochs} epochs")
+            epochs_note = (f"fit.epochs={fit.epochs} is not used: fit.recipe=auto trains a folder of one's own with "
+                           f"the real-data recipe (fit.real.*); add --set fit.recipe=fixed to train exactly "
+                           f"{epochs_text(fit.epochs)}")
     size = params.image_size if recipe == "fixed" or fit.real.image_size is None else fit.real.image_size
     if params.data.keep_aspect:
         size = native_size(shapes, max(hw(size)))
@@ -235,12 +239,12 @@ def plan_fit(params: Params, data_root: Path | str | None, train_images: int,
     stretch = max(aspect_change(shape, frame or size) for shape in shapes) if shapes else None
     if recipe == "fixed":
         return FitPlan(recipe, reason, _resolved(params, "fixed", size, fit.epochs, frame), train_images,
-                       per_epoch, fit.epochs, fit.epochs, None, aspect, stretch, tiles)
+                       per_epoch, fit.epochs, fit.epochs, None, aspect, stretch, tiles, epochs_note)
     real = fit.real
     floor = math.ceil(real.min_steps / per_epoch)
     ceiling = max(floor, real.max_steps // per_epoch)
     return FitPlan(recipe, reason, _resolved(params, "real", size, ceiling, frame), train_images, per_epoch, floor,
-                   ceiling, math.ceil(real.patience_steps / per_epoch), aspect, stretch, tiles)
+                   ceiling, math.ceil(real.patience_steps / per_epoch), aspect, stretch, tiles, epochs_note)
 
 
 def plan_category(params: Params, data_root: Path, category: str) -> FitPlan:
@@ -250,4 +254,4 @@ def plan_category(params: Params, data_root: Path, category: str) -> FitPlan:
 
     dataset = load_category(Path(data_root), category, require_test=False)
     train_paths, _ = split_train_val(dataset, params.fit.val_fraction, params.seed)
-    return plan_fit(params, data_root, len(train_paths), image_shapes(train_paths, "reading train image sizes"))
+    return plan_fit(params, data_root, len(train_paths), image_shapes(train_paths, "planning: reading train image sizes"))

@@ -133,7 +133,7 @@ def print_metrics(result: dict) -> None:
     views = [v for v in (*TABLE_VIEWS, "chosen") if v in result]
     table = Table(title=f"{result['category']}: test metrics ({result['n_test_images']} images)",
                   caption=f"the model decides with: {result.get('default', 'fused')}")
-    table.add_column("model")
+    table.add_column("model", overflow="fold")
     for column in ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "precision", "recall"):
         table.add_column(column, justify="right")
     for view in views:
@@ -371,7 +371,8 @@ def ablate(
     table = Table(title=f"{summary['category']}: fusion-weight ablation ({summary['n_configurations']} configurations, "
                         f"{summary['timing']['grid_s']:.1f} s)")
     for column in ("model", "configuration", "image AUROC", "pixel AUROC", "AUPRO", "image F1-max"):
-        table.add_column(column, justify="left" if column in ("model", "configuration") else "right")
+        table.add_column(column, justify="left" if column in ("model", "configuration") else "right",
+                         overflow="fold")  # a long configuration folds onto more lines, never cut with "…"
     for key, label in (("stpm_alone", "STPM alone"), ("fused_published", "published"), ("default", "default (params)"),
                        ("candidate", "best on val"), ("fused_chosen", "chosen"), ("oracle", "oracle (test)")):
         if summary.get(key):
@@ -461,7 +462,7 @@ def bench(
     write_results(results, out_file)
     size = describe(from_json(results["setup"]["image_size"]))
     table = Table(title=f"{results['setup']['category']} @ {size}, {results['machine']['device']}")
-    table.add_column("figure")
+    table.add_column("figure", overflow="fold")
     table.add_column("value", justify="right")
     rows = [(f"{phase}.{key}", value) for phase in ("train", "inference") for key, value in results.get(phase, {}).items()]
     rows += [(f"{name}.{key}", value) for name, figures in results.get("backends", {}).items() for key, value in figures.items()]

@@ -31,6 +31,7 @@ import math
 import random
 import signal
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -680,6 +681,30 @@ def best_epochs(trainer: Trainer) -> dict[str, int]:
     return {branch: int(best["epoch"]) for branch, best in trainer.best.items()}
 
 
+def epoch_line(record: Mapping[str, float | int], plan: FitPlan | None, seconds: float, epochs_timed: int) -> str:
+    """The log line of one epoch: ``epoch 14 of 125 to 375 (2:05 so far, at most 41:38 left)``
+    then each figure of `record`. `seconds`: the wall time of the `epochs_timed` epochs this
+    call trained; the time left is their mean epoch time times the epochs up to the plan's
+    ceiling (an upper bound under the real recipe, which may stop early). Without a plan,
+    the bare epoch number."""
+    epoch = int(record["epoch"])
+    head = f"epoch {epoch}"
+    if plan is not None:
+        span = str(plan.max_epochs) if plan.min_epochs == plan.max_epochs else f"{plan.min_epochs} to {plan.max_epochs}"
+        left = seconds / max(epochs_timed, 1) * max(plan.max_epochs - epoch, 0)
+        bound = "" if plan.min_epochs == plan.max_epochs else "at most "
+        head += f" of {span} ({_clock(seconds)} so far, {bound}{_clock(left)} left)"
+    figures = (f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch")
+    return "  ".join([head, *figures])
+
+
+def _clock(seconds: float) -> str:
+    """`m:ss`, or `h:mm:ss` from an hour: 125.4 -> '2:05', 3725 -> '1:02:05'."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
 def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selection_images: Tensor, compute: Compute,
                  run_dir: Path, on_epoch: EpochCallback | None, plan: FitPlan | None = None,
                  stop_request: StopRequest | None = None) -> str:
@@ -703,6 +728,7 @@ def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selecti
             cache = TeacherFeatureCache.build(
                 trainer.model, train_images, params.fit.batch_size, compute, params.fit.cache_ram_gb * 2**30, run_dir
             )
+        started, first_epoch = time.monotonic(), trainer.epochs_done  # a resumed fit times its own epochs
         with progress_bar(*columns) as progress:
             while stop() is None:
                 losses = trainer.train_epoch(train_images, progress, cache)
@@ -710,7 +736,7 @@ def train_epochs(trainer: Trainer, params: Params, train_images: Tensor, selecti
                 record = {"epoch": trainer.epochs_done, **losses, **trainer.select(selection_images)}
                 trainer.history.append(record)
                 trainer.save_checkpoint()
-                say("  ".join(f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()))
+                say(epoch_line(record, plan, time.monotonic() - started, trainer.epochs_done - first_epoch))
                 if on_epoch is not None:
                     with stop_request.deferred():  # a tracking write is never cut mid-way
                         on_epoch(record)
@@ -783,6 +809,8 @@ def fit(
         f"{describe(params.image_size)}, T1 {params.model.t1.name}, T2 {params.model.t2.name}, on {compute.label}"
     )
     say(plan.describe())
+    if plan.epochs_note is not None:
+        say(f"[bold yellow]warning:[/] {escape(plan.epochs_note)}")
     if (note := plan.tiling_note()) is not None:
         say(escape(note))
     if (note := plan.aspect_note()) is not None:

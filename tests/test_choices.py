@@ -111,6 +111,9 @@ def test_a_clear_gain_on_too_few_images_keeps_the_default_and_says_why():
     assert kept.lower_bound > 0 and kept.min_units == 5 and not kept.adopted
     assert "4 validation images cannot show a gain at 95%" in kept.describe()
     assert "at least 5" in kept.describe() and "fit.val_fraction" in kept.describe()
+    # the bootstrap's figures come after the verdict, marked as not deciding anything
+    assert kept.describe().startswith("kept the default: 4 validation images")
+    assert "For information only, not used: image_auroc gain +0.3750" in kept.describe()
     at_90 = bootstrap_margin(default, clear, "image_auroc", 200, 0.9, seed=0)
     assert at_90.lower_bound > 0 and at_90.min_units == 4 and at_90.adopted
     assert "cannot show" not in at_90.describe()

@@ -98,9 +98,9 @@ def test_a_failing_category_is_reported_and_the_other_keeps_its_results(
     assert f"synth_texture: computing anomaly maps of test images: {n_test} images" in logs["test-synth_texture"]
     n_train = len(list((data / "synth_broken" / "train" / "good").iterdir()))
     n_fit = n_train - round(n_train * load_params(params).fit.val_fraction)  # the rest is held out for validation
-    # the fit first reads the training images' sizes (file headers) to plan its input size; that fails on the
-    # broken file, under the category's name
-    assert logs["fit-synth_broken"][0] == f"synth_broken: reading train image sizes: {n_fit} images"
+    # the fit is first planned from the training images' sizes (file headers: its input size); that fails on
+    # the broken file, under the category's name
+    assert logs["fit-synth_broken"][0] == f"synth_broken: planning: reading train image sizes: {n_fit} images"
     assert not any(line.startswith("synth_texture") for line in logs["fit-synth_broken"])
 
 

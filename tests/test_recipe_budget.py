@@ -50,11 +50,14 @@ def test_the_default_trains_a_folder_of_ones_own_with_the_real_recipe():
 
 def test_epochs_asked_for_under_auto_on_a_folder_say_how_to_get_them():
     """`--set fit.epochs=5` on a folder of one's own: the plan is the real recipe (as the default
-    says), and its line names fit.epochs=5 and the fix, so the five epochs are not lost silently."""
+    says), and its own warning (fit prints it apart from the plan line) names fit.epochs=5 and the
+    fix, so the five epochs are not lost silently."""
     plan = plan_fit(load_params(None, ["fit.epochs=5"]), "/some/folder/of/mine", 30)
     assert plan.recipe == "real"
-    assert "fit.epochs=5 counts under fit.recipe=fixed only: add --set fit.recipe=fixed" in plan.describe()
-    assert "fit.epochs" not in plan_fit(load_params(None), "/some/folder/of/mine", 30).reason  # the default: no note
+    assert plan.epochs_note == ("fit.epochs=5 is not used: fit.recipe=auto trains a folder of one's own with the "
+                                "real-data recipe (fit.real.*); add --set fit.recipe=fixed to train exactly 5 epochs")
+    assert "fit.epochs=5" not in plan.describe()
+    assert plan_fit(load_params(None), "/some/folder/of/mine", 30).epochs_note is None  # the default: no note
     fixed = plan_fit(load_params(None, ["fit.epochs=5", "fit.recipe=fixed"]), "/some/folder/of/mine", 30)
     assert (fixed.recipe, fixed.max_epochs) == ("fixed", 5)
 
@@ -213,3 +216,18 @@ def test_steps_per_epoch_counts_the_last_partial_batch():
     assert (steps_per_epoch(32, 16), steps_per_epoch(33, 16), steps_per_epoch(1, 16)) == (2, 3, 1)
     with pytest.raises(ValueError, match="at least one image"):
         steps_per_epoch(0, 16)
+
+
+def test_the_epoch_line_says_how_far_and_how_long_is_left():
+    """The per-epoch log line: the epoch against the plan's span, the time so far and the time
+    left, worked by hand: 3 epochs in 75 s -> 25 s each; 375 - 3 = 372 epochs left -> 9300 s =
+    2:35:00, an upper bound under the real recipe (it may stop early), exact under fixed."""
+    from dualstpm.training import epoch_line
+
+    real = plan_fit(load_params(None), "/some/folder/of/mine", 30)  # 125 to 375 epochs (above)
+    line = epoch_line({"epoch": 3, "loss_stpm": 0.5}, real, 75.0, 3)
+    assert line == "epoch 3 of 125 to 375 (1:15 so far, at most 2:35:00 left)  loss_stpm 0.5"
+    fixed = plan_fit(load_params(None, ["fit.recipe=fixed", "fit.epochs=4"]), "/some/folder/of/mine", 30)
+    # a resumed fit that trained 1 epoch (epoch 2) in 10 s: 2 epochs left -> 20 s
+    assert epoch_line({"epoch": 2}, fixed, 10.0, 1) == "epoch 2 of 4 (0:10 so far, 0:20 left)"
+    assert epoch_line({"epoch": 2, "n": 7}, None, 10.0, 1) == "epoch 2  n 7"

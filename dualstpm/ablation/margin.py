@@ -194,14 +194,14 @@ class Margin:
         return self.n_units < self.min_units
 
     def describe(self) -> str:
-        verdict = "adopted" if self.adopted else "kept the default"
-        if self.too_few_units:
-            verdict += (f" ({self.n_units} validation images cannot show a gain at {self.confidence:.0%}: at least "
-                        f"{self.min_units} are needed, so the bootstrap below is not used; give the category more "
-                        "validation images: a validation/good folder, or a larger fit.val_fraction)")
-        return (f"{verdict}: {self.metric} gain {self.observed_difference:+.4f} (bootstrap mean "
-                f"{self.mean_difference:+.4f}, {self.confidence:.0%} one-sided lower bound {self.lower_bound:+.4f}; "
-                f"{self.n_resamples} resamples of {self.n_units} validation images)")
+        figures = (f"{self.metric} gain {self.observed_difference:+.4f} (bootstrap mean {self.mean_difference:+.4f}, "
+                   f"{self.confidence:.0%} one-sided lower bound {self.lower_bound:+.4f}; {self.n_resamples} resamples "
+                   f"of {self.n_units} validation images)")
+        if self.too_few_units:  # the figures are shown, but they decide nothing: say so before them
+            return (f"kept the default: {self.n_units} validation images cannot show a gain at {self.confidence:.0%} "
+                    f"(at least {self.min_units} are needed); give the category more validation images (a "
+                    f"validation/good folder, or a larger fit.val_fraction). For information only, not used: {figures}")
+        return f"{'adopted' if self.adopted else 'kept the default'}: {figures}"
 
 
 def bootstrap_margin(default: Contributions, candidate: Contributions, metric: str, n_resamples: int,

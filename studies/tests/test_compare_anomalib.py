@@ -18,7 +18,7 @@ from tests.conftest import PROJECT_ROOT
 
 MODULE = "studies.compare_anomalib"
 ROWS = ["anomalib STFPM", "anomalib PatchCore", "ours branch A (STPM)", "ours branch B (recon)", "ours fused",
-        "ours disc", "ours default", "ours after ablate"]
+        "ours disc", "ours default", "ours after ablate", "ours memory view (lever)", "ours fused + memory (lever)"]
 
 
 def run_script(*args: str | Path) -> subprocess.CompletedProcess:
@@ -50,7 +50,7 @@ def test_compare_reports_every_row_with_finite_figures(synthetic_root: Path, tmp
         for key in ("image_auroc", "pixel_auroc", "aupro", "recall", "test_false_alarm_rate"):
             assert 0.0 <= row[key] <= 1.0, (name, key, row[key])
         assert math.isfinite(row["infer_images_per_s"]) and row["infer_images_per_s"] > 0, name
-        if name != "anomalib PatchCore":  # one pass over the data, no epochs
+        if name not in ("anomalib PatchCore", *ROWS[-2:]):  # PatchCore and the memory levers: one pass, no epochs
             assert row["train_s_per_epoch"] > 0, name
     assert rows["anomalib STFPM"]["train_s_total"] >= rows["anomalib STFPM"]["train_s_per_epoch"]
     assert rows["ours fused"]["train_s_total"] > 0
@@ -73,6 +73,15 @@ def test_compare_reports_every_row_with_finite_figures(synthetic_root: Path, tmp
     table = [line for line in out.with_suffix(".md").read_text().splitlines() if line.startswith("| ")]
     assert [line.split(" | ")[0].removeprefix("| ") for line in table[1:]] == ROWS
     assert saved["markdown"] in result.stdout
+    # the shipped model on every parity-tested backend: fp32 exports score as PyTorch does
+    exports = saved["shipped_exports"]
+    assert list(exports) == ["torch/fp32", "onnxruntime/fp32", "openvino/fp32", "onnxruntime/int8", "openvino/int8"]
+    for name, figures in exports.items():
+        assert figures["images_per_s"] > 0 and 0.0 <= figures["label_agreement"] <= 1.0, name
+    for name in ("onnxruntime/fp32", "openvino/fp32"):
+        assert exports[name]["label_agreement"] == 1.0 and exports[name]["max_relative_score_difference"] < 1e-3, name
+    assert isinstance(saved["targets"]["shipped_fastest_backend_at_least_patchcore_speed"], bool)
+    assert "fastest parity-holding backend of the shipped model" in saved["markdown"]
 
 
 # --- recall at the calibrated false-alarm rate (issue 22, item 1): hand cases -----------------------
@@ -127,6 +136,20 @@ def test_an_anomalib_row_is_thresholded_on_the_calibration_images():
     assert row.recall == pytest.approx(2 / 3) and row.test_false_alarm_rate == 0.5
     # image AUROC: defective > good in (0.5, 0.25), (0.5, 0.35), (0.3, 0.25), (0.31, 0.25): 4 of 6 pairs
     assert row.image_auroc == pytest.approx(4 / 6) and row.pixel_auroc is None
+
+
+def test_the_fastest_backend_counts_only_exports_that_keep_parity():
+    from studies.compare_anomalib import exports_lines, fastest_parity_backend
+
+    exports = {"torch/fp32": {"images_per_s": 10.0, "label_agreement": 1.0, "max_relative_score_difference": 0.0},
+               "openvino/fp32": {"images_per_s": 20.0, "label_agreement": 0.995, "max_relative_score_difference": 1e-5},
+               "onnxruntime/int8": {"images_per_s": 30.0, "label_agreement": 0.98, "max_relative_score_difference": 0.1}}
+    # int8 is the fastest but its labels agree on 98 % < 99 %: openvino fp32 (99.5 %) is the fastest that counts
+    assert fastest_parity_backend(exports) == ("openvino/fp32", 20.0)
+    lines = exports_lines(exports, 40.0)
+    assert lines[1].endswith("openvino/fp32 at 20.0 img/s against anomalib PatchCore's 40.0 (0.50x)")
+    assert "onnxruntime/int8 30.0 img/s (labels agree on 98.00% of the test images" in lines[0]
+    assert fastest_parity_backend({"openvino/int8": {**exports["onnxruntime/int8"]}}) is None
 
 
 def test_the_defaults_and_the_settings_beside_the_table():
