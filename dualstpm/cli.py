@@ -135,7 +135,7 @@ def print_metrics(result: dict) -> None:
                   caption=f"the model decides with: {result.get('default', 'fused')}")
     table.add_column("model", overflow="fold")
     for column in ("image AUROC", "pixel AUROC", "AUPRO", "image F1-max", "precision", "recall"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)  # figures whole: the names get the room
     for view in views:
         m = result[view]
         table.add_row(view, *(_fmt(m[k]) for k in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max", "precision", "recall")))
@@ -144,7 +144,7 @@ def print_metrics(result: dict) -> None:
     target, bound = calibration.get("false_alarm_rate"), calibration.get("false_alarm_bound")
     rates = [f"{v} {result[v]['false_alarm_rate']:.1%}" for v in views if result[v].get("false_alarm_rate") is not None]
     if rates and target is not None:
-        promise = (f"; with its calibration images the threshold promises {bound:.1%} (see calibration notes)"
+        promise = (f"; with its calibration images the threshold promises {bound:.1%} (why: calibration.notes in metrics.json)"
                    if bound is not None and bound > target else "")
         out.print(f"false alarms on the good test parts: {', '.join(rates)} (calibrated for {target:.1%}{promise})")
     if result.get("regions"):
@@ -371,10 +371,11 @@ def ablate(
     table = Table(title=f"{summary['category']}: fusion-weight ablation ({summary['n_configurations']} configurations, "
                         f"{summary['timing']['grid_s']:.1f} s)")
     for column in ("model", "configuration", "image AUROC", "pixel AUROC", "AUPRO", "image F1-max"):
-        table.add_column(column, justify="left" if column in ("model", "configuration") else "right",
-                         overflow="fold")  # a long configuration folds onto more lines, never cut with "…"
+        text = column in ("model", "configuration")  # a long configuration folds, never cut with "…"
+        table.add_column(column, justify="left" if text else "right", overflow="fold", no_wrap=not text)
     for key, label in (("stpm_alone", "STPM alone"), ("fused_published", "published"), ("default", "default (params)"),
-                       ("candidate", "best on val"), ("fused_chosen", "chosen"), ("oracle", "oracle (test)")):
+                       ("candidate", "best on val"), ("fused_chosen", "chosen"),
+                       ("oracle", "oracle (test, best mean)")):
         if summary.get(key):
             row = summary[key]
             table.add_row(label, row["config"], *(_fmt(row[m]) for m in ("image_auroc", "pixel_auroc", "aupro", "image_f1_max")))

@@ -113,6 +113,8 @@ def test_a_clear_gain_on_too_few_images_keeps_the_default_and_says_why():
     assert "at least 5" in kept.describe() and "fit.val_fraction" in kept.describe()
     # the bootstrap's figures come after the verdict, marked as not deciding anything
     assert kept.describe().startswith("kept the default: 4 validation images")
+    # why 5: 4 of 4 in the candidate's favour by chance: 2^-4 = 1/16 = 0.0625 > 0.05
+    assert "with probability 2^-4 = 0.0625, so the bootstrap's bound is not trusted" in kept.describe()
     assert "For information only, not used: image_auroc gain +0.3750" in kept.describe()
     at_90 = bootstrap_margin(default, clear, "image_auroc", 200, 0.9, seed=0)
     assert at_90.lower_bound > 0 and at_90.min_units == 4 and at_90.adopted

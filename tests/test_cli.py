@@ -35,7 +35,7 @@ def test_fit_test_predict_through_the_cli(synthetic_root: Path, tmp_path: Path):
     rates = ", ".join(f"{v} {metrics[v]['false_alarm_rate']:.1%}" for v in ("stpm", "recon", "fused"))
     assert f"false alarms on the good test parts: {rates} (calibrated for 1.0%" in said
     # TINY_OVERRIDES leave 2 calibration images: they promise 1/3, and the console says so
-    assert "the threshold promises 33.3% (see calibration notes)" in said
+    assert "the threshold promises 33.3% (why: calibration.notes in metrics.json)" in said
     # progress goes to stderr (a pipe here: a line per stage), never into stdout's results
     n_test = len(list((synthetic_root / "synth_object" / "test").glob("*/*.png")))
     assert f"computing anomaly maps of test images: {n_test} images\n" in done.stderr

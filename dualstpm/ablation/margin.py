@@ -199,8 +199,11 @@ class Margin:
                    f"of {self.n_units} validation images)")
         if self.too_few_units:  # the figures are shown, but they decide nothing: say so before them
             return (f"kept the default: {self.n_units} validation images cannot show a gain at {self.confidence:.0%} "
-                    f"(at least {self.min_units} are needed); give the category more validation images (a "
-                    f"validation/good folder, or a larger fit.val_fraction). For information only, not used: {figures}")
+                    f"(at least {self.min_units} are needed: even {self.n_units} of {self.n_units} in the candidate's "
+                    f"favour happen by chance with probability 2^-{self.n_units} = {2.0 ** -self.n_units:.3g}, so "
+                    f"the bootstrap's bound is not trusted); these are the fit's selection images (its other "
+                    f"validation images calibrate). Give the category more validation images (a validation/good "
+                    f"folder, or a larger fit.val_fraction). For information only, not used: {figures}")
         return f"{'adopted' if self.adopted else 'kept the default'}: {figures}"
 
 
