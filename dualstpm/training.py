@@ -792,10 +792,6 @@ def fit(
     inputs = input_reference([*train_paths, *val_paths], limit)  # the input drift test's reference (monitor)
 
     parts = validation_parts(len(val_images), params.calibration.split, params.seed)
-    if parts.note and params.calibration.split > 0:
-        say(f"[bold yellow]warning:[/] {parts.note}")
-    if (note := calibration_note(len(parts.calibration), params.calibration.false_alarm_rate)) is not None:
-        say(f"[bold yellow]warning:[/] {note}")  # before training: the fix costs nothing yet
     selection_images, calibration_images = val_images[parts.selection], val_images[parts.calibration]
 
     trainer = Trainer(params, run_dir, compute, data, real=real)
@@ -811,6 +807,10 @@ def fit(
     say(plan.describe())
     if plan.epochs_note is not None:
         say(f"[bold yellow]warning:[/] {escape(plan.epochs_note)}")
+    if parts.note and params.calibration.split > 0:
+        say(f"[bold yellow]warning:[/] {parts.note}")
+    if (note := calibration_note(len(parts.calibration), params.calibration.false_alarm_rate)) is not None:
+        say(f"[bold yellow]warning:[/] {note}")  # before training: the fix costs nothing yet
     if (note := plan.tiling_note()) is not None:
         say(escape(note))
     if (note := plan.aspect_note()) is not None:
