@@ -1,10 +1,13 @@
 """Side by side with anomalib: STFPM, PatchCore and dualstpm on the same data (issue 6, item 4).
 
-Run from the project root (anomalib is the optional extra ``compare``:
-``pip install -e '.[compare]'``)::
+Run from the project root (anomalib is the optional extra ``compare``, the timed exports
+need ``deploy``: ``pip install -e '.[compare,deploy]'``). At the defaults a new user gets
+(the real-data recipe's 128 px and batch 8; ``--epochs`` trains anomalib STFPM, ours
+follows ``fit.recipe``)::
 
     python -m studies.compare_anomalib --data-root ../shared/data --category magnetic_tile \\
-        --image-size 256 --epochs 5 --batch-size 16 --out studies/results/compare_magnetic_tile.json
+        --image-size 128 --epochs 10 --batch-size 8 --precision float32 \\
+        --out studies/results/compare_defaults/compare_magnetic_tile.json
 
 It trains and tests five detectors on the same images and prints one table (image
 AUROC, pixel AUROC, AUPRO, recall at the calibrated false-alarm rate and the false-alarm
@@ -139,6 +142,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import logging
 import os
 import platform
@@ -970,6 +974,10 @@ def compare(args: argparse.Namespace) -> dict:
     # fit.epochs (--epochs) whatever our recipe: under `real` ours may train more or fewer (the settings say)
     plan = plan_category(params, args.data_root, args.category)  # a wrong category fails here, from file names
     anomalib = import_anomalib()  # before any decoding: a missing install fails at once
+    missing = [name for name in ("onnxruntime", "openvino") if importlib.util.find_spec(name) is None]
+    if missing:  # the shipped model's exports are timed last: fail now, not after the training
+        raise DualStpmError(f"timing the shipped model's exports needs {' and '.join(missing)}: install the "
+                            "optional extra with `pip install -e '.[deploy]'`")
     split = load_split(plan.params, args.data_root, args.category)
     if len(split.test) < 2 or split.labels.all() or not split.labels.any():
         raise DualStpmError(f"{args.category}'s test split needs good and defective images to compute AUROC")
