@@ -690,9 +690,9 @@ def epoch_line(record: Mapping[str, float | int], plan: FitPlan | None, seconds:
     epoch = int(record["epoch"])
     head = f"epoch {epoch}"
     if plan is not None:
-        span = str(plan.max_epochs) if plan.min_epochs == plan.max_epochs else f"{plan.min_epochs} to {plan.max_epochs}"
+        exact = plan.min_epochs == plan.max_epochs  # fixed: the time left is no bound but the estimate itself
+        span, bound = (str(plan.max_epochs), "") if exact else (f"{plan.min_epochs} to {plan.max_epochs}", "at most ")
         left = seconds / max(epochs_timed, 1) * max(plan.max_epochs - epoch, 0)
-        bound = "" if plan.min_epochs == plan.max_epochs else "at most "
         head += f" of {span} ({_clock(seconds)} so far, {bound}{_clock(left)} left)"
     figures = (f"{k} {v:.5g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items() if k != "epoch")
     return "  ".join([head, *figures])
@@ -756,6 +756,7 @@ def fit(
     resume: bool = False,
     overwrite: bool = False,
     on_epoch: EpochCallback | None = None,
+    plan: FitPlan | None = None,
 ) -> FitResult:
     """Train both branches on `category`, select, calibrate and write `run_dir/model`.
 
@@ -764,7 +765,10 @@ def fit(
     (`Trainer.select`); their AUROCs are printed and recorded in `calibration.json`
     (`validation_evidence`), which says "good images only" without them.
     How long, and at which image size, is `fit.recipe`'s plan (`dualstpm.budget.plan_fit`);
-    the model records the params it ran with. After calibration the fit check
+    `plan`: that plan when the caller has already made it for these arguments
+    (`budget.plan_category(params, data_root, category)`, so the image headers are read
+    once; ValueError when its training-image count is not this split's). The model records
+    the params it ran with. After calibration the fit check
     (`dualstpm.fit_check`) scores synthetic defects on the calibration images and warns
     below `fit.min_val_auroc`.
     Ctrl-C, or SIGTERM in the main thread (:func:`stop_signals`), after the images
@@ -775,7 +779,11 @@ def fit(
     compute = Compute.resolve(params.fit.device, params.fit.precision)
     dataset = load_category(Path(data_root), category, require_test=False)  # training never reads test/
     train_paths, val_paths = split_train_val(dataset, params.fit.val_fraction, params.seed)  # real defects: in neither
-    plan = plan_fit(params, data_root, len(train_paths), image_shapes(train_paths, "reading train image sizes"))
+    if plan is None:
+        plan = plan_fit(params, data_root, len(train_paths), image_shapes(train_paths, "reading train image sizes"))
+    elif plan.train_images != len(train_paths):
+        raise ValueError(f"the plan given to fit counts {plan.train_images} training images, but {category} has "
+                         f"{len(train_paths)}: make it with budget.plan_category for the same params and data")
     params = plan.params  # the recipe's image size and epochs from here on
     data = data_signature(dataset, train_paths, val_paths)
     checkpoint = None

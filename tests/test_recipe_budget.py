@@ -231,3 +231,15 @@ def test_the_epoch_line_says_how_far_and_how_long_is_left():
     # a resumed fit that trained 1 epoch (epoch 2) in 10 s: 2 epochs left -> 20 s
     assert epoch_line({"epoch": 2}, fixed, 10.0, 1) == "epoch 2 of 4 (0:10 so far, 0:20 left)"
     assert epoch_line({"epoch": 2, "n": 7}, None, 10.0, 1) == "epoch 2  n 7"
+
+
+def test_a_plan_made_for_other_data_is_refused_before_any_work(synthetic_root, tmp_path):
+    """`fit(..., plan=...)` runs with a plan its caller made (read once); one counting other
+    training images than this split (here 999) is a ValueError naming both counts, and nothing
+    is written."""
+    from dualstpm.training import fit
+
+    params = load_params(None, TINY_OVERRIDES)
+    with pytest.raises(ValueError, match="counts 999 training images, but synth_texture has"):
+        fit(params, synthetic_root, "synth_texture", tmp_path / "run", plan=plan_fit(params, synthetic_root, 999))
+    assert not (tmp_path / "run").exists()

@@ -116,7 +116,8 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
     if resume:  # continues the runs RUN records: in their store
         params, store = in_run_store(params, store, run_dir)
     client = connect(store)  # fail fast: nothing trained yet, nothing lost
-    tracked = params_for_data(plan_category(params, data_root, category).params, data_root)  # as `fit` plans
+    plan = plan_category(params, data_root, category)  # made once: `fit` runs with it
+    tracked = params_for_data(plan.params, data_root)
     opened: list[CategoryRun] = []
     failures: list[TrackingError] = []
 
@@ -134,7 +135,8 @@ def tracked_fit(params: Params, data_root: Path, category: str, run_dir: Path, *
                 failures.append(exc)
 
     try:
-        result = fit(params, data_root, category, run_dir, resume=resume, overwrite=overwrite, on_epoch=on_epoch)
+        result = fit(params, data_root, category, run_dir, resume=resume, overwrite=overwrite, on_epoch=on_epoch,
+                     plan=plan)
     except BaseException:
         if opened:
             with contextlib.suppress(TrackingError):
