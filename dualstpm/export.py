@@ -27,11 +27,16 @@ import platform
 import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from timm.layers.conv2d_same import Conv2dSame
+from timm.layers.padding import pad_same_arg
 
 from dualstpm.compute import Compute
 from dualstpm.detector import Detector
@@ -109,8 +114,60 @@ def _example_images(detector: Detector, batch: int) -> torch.Tensor:
     return torch.rand(batch, 3, *hw(detector.image_size), generator=generator)
 
 
+@contextmanager
+def static_same_padding(module: torch.nn.Module, example: torch.Tensor) -> Iterator[dict[str, tuple[int, ...]]]:
+    """Within the block, timm's TF "same" convolutions (`Conv2dSame`: the EfficientNet-Lite
+    teachers' and students' stride-2 convolutions) in `module` pad by constants instead of
+    computing their padding from the input's size on every call.
+
+    Traced, that run-time computation becomes Shape/Gather/Ceil ops feeding each Pad. While the
+    batch axis is dynamic ONNX Runtime cannot fold them, so every Pad stays a copy of its
+    activation with layout changes around it (a fifth of ONNX Runtime's time at 128 px,
+    docs/results/exports-speed.md). An export's height and width are fixed (its metadata's
+    input shape), so each convolution's padding is a constant: it is measured on one forward
+    pass of `example` (B, 3, H, W) with timm's own `pad_same_arg`, and given to the graph as a
+    zero pad with an explicit value, the form ONNX Runtime's pad fusion folds into the Conv.
+
+    Yields {module name: (left, right, top, bottom)} px, the padding fixed per convolution;
+    every convolution's own forward is back on exit. Outputs at `example`'s size are unchanged
+    (tests/test_export.py); at any other size they would be wrong, which an export never sees.
+    """
+    convs = {name: conv for name, conv in module.named_modules() if isinstance(conv, Conv2dSame)}
+    sizes: dict[str, tuple[int, int]] = {}
+
+    def record(name: str):
+        def hook(_conv: torch.nn.Module, args: tuple) -> None:  # returns None: the inputs pass unchanged
+            sizes.setdefault(name, tuple(args[0].shape[-2:]))
+        return hook
+
+    hooks = [conv.register_forward_pre_hook(record(name)) for name, conv in convs.items()]
+    try:
+        with torch.no_grad():
+            module(example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    pads = {name: tuple(int(p) for p in pad_same_arg(list(sizes[name]), conv.weight.shape[-2:], conv.stride, conv.dilation))
+            for name, conv in convs.items() if name in sizes}
+
+    def padded(conv: Conv2dSame, pad: tuple[int, ...]):
+        # value=0.0 given explicitly: without it the exporter leaves the Pad's value input empty,
+        # which ONNX Runtime's pad fusion does not take for a constant
+        return lambda x: F.conv2d(F.pad(x, pad, value=0.0), conv.weight, conv.bias, conv.stride, 0, conv.dilation,
+                                  conv.groups)
+
+    for name, pad in pads.items():
+        convs[name].forward = padded(convs[name], pad)
+    try:
+        yield pads
+    finally:
+        for name in pads:
+            del convs[name].forward
+
+
 def write_onnx(detector: Detector, path: Path) -> Path:
-    """Export the detector's inference module to ONNX (opset 17, float32 input, dynamic batch).
+    """Export the detector's inference module to ONNX (opset 17, float32 input, dynamic batch,
+    the image size fixed; "same" padding as constants, :func:`static_same_padding`).
 
     The TorchScript-based exporter (`dynamo=False`) is used: on 2 CPU cores it takes about
     15 s where the `torch.export` path took 4 to 10 minutes for the same graph. It lacks
@@ -124,11 +181,12 @@ def write_onnx(detector: Detector, path: Path) -> Path:
         with stage("exporting the detector to ONNX"), _EXPORTING, warnings.catch_warnings():
             torch.onnx.register_custom_op_symbolic("aten::linalg_vecdot", _vecdot_symbolic, ONNX_OPSET)
             warnings.simplefilter("ignore")  # tracer warnings about Python constants (the fusion's weights)
-            torch.onnx.export(
-                inference, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
-                input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
-            )
+            with static_same_padding(inference, example):
+                torch.onnx.export(
+                    inference, (example,), str(path), dynamo=False, opset_version=ONNX_OPSET,
+                    input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
+                    dynamic_axes={name: {0: "batch"} for name in (INPUT_NAME, *OUTPUT_NAMES)},
+                )
     finally:
         inference.chunked = True
     return path

@@ -27,7 +27,7 @@ from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
 from dualstpm.errors import ExportError, RunError
-from dualstpm.export import METADATA_FILE, export_run
+from dualstpm.export import METADATA_FILE, export_run, static_same_padding
 from dualstpm.model.calibration import ScoreNormalization
 from dualstpm.model.inference import InferenceOutput
 
@@ -135,6 +135,46 @@ def test_onnx_export_matches_pytorch(trained_run: Path, onnx_export: Path, textu
     for backend in ("onnxruntime", "openvino"):  # OpenVINO reads the ONNX file as well
         assert_parity(ExportedModel(onnx_export, backend).infer(texture_images), reference)
     assert_parity(ExportedModel(onnx_export, "onnxruntime").infer(texture_images[:1]), detector.infer(texture_images[:1]))
+
+
+def test_same_padding_is_fixed_by_hand_and_restored():
+    from timm.layers.conv2d_same import Conv2dSame
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(Conv2dSame(3, 4, 3, stride=2), Conv2dSame(4, 4, 5, stride=2), Conv2dSame(4, 4, 3, stride=1))
+    example = torch.rand(2, 3, 128, 128)
+    reference = net(example)
+    with static_same_padding(net, example[:1]) as pads:
+        # TF "same": total = max((ceil(in / s) - 1) * s + k - in, 0), the smaller half first.
+        # 128 px, k 3, s 2: 63 * 2 + 3 - 128 = 1 -> (0, 1); 64 px, k 5, s 2: 31 * 2 + 5 - 64 = 3 -> (1, 2);
+        # 32 px, k 3, s 1: 31 + 3 - 32 = 2 -> (1, 1)
+        assert pads == {"0": (0, 1, 0, 1), "1": (1, 2, 1, 2), "2": (1, 1, 1, 1)}
+        assert torch.equal(net(example), reference)
+    assert all("forward" not in vars(conv) for conv in net)  # each convolution's own forward is back
+    assert torch.equal(net(example), reference)
+
+
+def test_onnx_export_pads_fold_into_the_convolutions(onnx_export: Path, tmp_path: Path):
+    """The networks' "same" pads reach ONNX Runtime as constants, which its basic graph
+    optimisations fold into the Conv: the dynamic padding left one Pad per stride-2
+    convolution (15 here). Only the stems' pad may be left: T1, S1 and T2 read the same
+    normalised image, the exporter shares their one identical Pad, and a Pad read by
+    several convolutions cannot be folded into one."""
+    import onnx
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(onnx_export / "model.onnx"), options, providers=["CPUExecutionProvider"])
+    networks = ("/t1/", "/s1/", "/t2/", "/s2/")
+    exported = [n for n in onnx.load(str(onnx_export / "model.onnx")).graph.node
+                if n.op_type == "Pad" and n.name.startswith(networks)]
+    optimized = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    left = [n for n in optimized if n.op_type == "Pad" and n.name.startswith(networks)]
+    readers = {pad.name: sum(pad.output[0] in n.input for n in optimized) for pad in left}
+    assert len(exported) >= 10  # stems and stride-2 convolutions of three networks: there to be folded
+    assert len(left) <= 1 and all(count > 1 for count in readers.values()), readers
 
 
 def test_unsupported_configurations_are_named(trained_run: Path, onnx_export: Path, tmp_path: Path):
