@@ -176,7 +176,7 @@ from dualstpm.compute import Compute  # noqa: E402
 from dualstpm.detector import Detector  # noqa: E402
 from dualstpm.errors import DualStpmError, RunError  # noqa: E402
 from dualstpm.evaluation import false_alarms, test_run  # noqa: E402
-from dualstpm.export import export_run  # noqa: E402
+from dualstpm.export import PARITY_LABEL_AGREEMENT, export_run  # noqa: E402
 from dualstpm.feature_cache import TeacherFeatureCache  # noqa: E402
 from dualstpm.files import write_json  # noqa: E402
 from dualstpm.model.backbone import FeaturePyramid, load_teacher  # noqa: E402
@@ -672,10 +672,9 @@ def after_ablate(params: Params, run_dir: Path, split: Split, compute: Compute, 
 #: (backend, precision) of the exports timed for the shipped model (each in the backend's
 #: `DEFAULT_FORMAT`): the ones
 #: tests/test_export.py holds to parity with PyTorch float32 (labels agree on at least
-#: PARITY_LABEL_AGREEMENT of the test images; docs/results/exports-parity.md). OpenVINO fp16
+#: dualstpm.export.PARITY_LABEL_AGREEMENT of the test images; docs/results/exports-parity.md). OpenVINO fp16
 #: is left out: its labels miss that bound (an xfail there).
 PARITY_EXPORTS = (("onnxruntime", "fp32"), ("openvino", "fp32"), ("onnxruntime", "int8"), ("openvino", "int8"))
-PARITY_LABEL_AGREEMENT = 0.99
 
 
 def _infer_all(scorer: Any, images: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -714,7 +713,7 @@ def exported_speeds(run_dir: Path, data_root: Path, split: Split, repeats: int, 
 
 def fastest_parity_backend(exports: dict[str, dict]) -> tuple[str, float] | None:
     """The fastest entry of :func:`exported_speeds` whose labels agree with PyTorch's on at least
-    :data:`PARITY_LABEL_AGREEMENT` of the test images (PyTorch itself always qualifies)."""
+    :data:`dualstpm.export.PARITY_LABEL_AGREEMENT` of the test images (PyTorch itself always qualifies)."""
     passing = {name: f["images_per_s"] for name, f in exports.items()
                if f["label_agreement"] >= PARITY_LABEL_AGREEMENT}
     if not passing:

@@ -52,14 +52,12 @@ from dualstpm.compute import Compute
 from dualstpm.config import load_params
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
-from dualstpm.export import INT8_SCOPE, INT8_SCOPES, export_run
+from dualstpm.export import INT8_SCOPE, INT8_SCOPES, PARITY_AUROC_GAP, PARITY_LABEL_AGREEMENT, export_run
 from dualstpm.files import write_json, write_text
 from dualstpm.model.inference import InferenceOutput
 from studies.study import Decoded, find_categories, fitted
 
 BACKENDS = {"onnxruntime": "onnx", "openvino": "openvino"}  # backend -> export format
-LABEL_AGREEMENT = 0.99
-AUROC_GAP = 0.005
 
 
 def infer_all(scorer, images: torch.Tensor) -> InferenceOutput:
@@ -142,7 +140,7 @@ def _row_text(row: Mapping) -> str:
 
 
 def choose_scope(per_dataset: Mapping[str, Mapping], scopes: Sequence[str],
-                 agreement: float = LABEL_AGREEMENT, gap: float = AUROC_GAP) -> tuple[str | None, dict[str, dict]]:
+                 agreement: float = PARITY_LABEL_AGREEMENT, gap: float = PARITY_AUROC_GAP) -> tuple[str | None, dict[str, dict]]:
     """The rule of the module docstring on VALIDATION figures only.
 
     per_dataset[category]["scopes"][scope][backend]["validation"] holds `labels_agree`,

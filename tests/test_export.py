@@ -27,13 +27,13 @@ from dualstpm.compute import Compute
 from dualstpm.data import decode_images, decode_masks, load_category
 from dualstpm.detector import Detector
 from dualstpm.errors import ExportError, RunError
-from dualstpm.export import METADATA_FILE, export_run, static_same_padding
+from dualstpm.export import (METADATA_FILE, PARITY_AUROC_GAP, PARITY_LABEL_AGREEMENT, export_run,
+                             static_same_padding)
 from dualstpm.model.calibration import ScoreNormalization
 from dualstpm.model.inference import InferenceOutput
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 SCORE_RTOL, MAP_ATOL = 1e-4, 1e-3
-AUROC_GAP, LABEL_AGREEMENT = 0.005, 0.99
 
 
 def float32_detector(run: Path) -> Detector:
@@ -406,9 +406,9 @@ def test_reduced_precision_keeps_auroc_on_magnetic_tile(tile: dict, fmt: str, pr
     agreement = float((exported.label.bool() == reference.label.bool()).float().mean())
     print(f"{fmt}/{precision}: image AUROC {image_got:.4f} vs {image_ref:.4f}, pixel AUROC {pixel_got:.4f} vs "
           f"{pixel_ref:.4f}, labels agree on {agreement:.2%}")
-    assert abs(image_got - image_ref) <= AUROC_GAP
-    assert abs(pixel_got - pixel_ref) <= AUROC_GAP
-    assert agreement >= LABEL_AGREEMENT
+    assert abs(image_got - image_ref) <= PARITY_AUROC_GAP
+    assert abs(pixel_got - pixel_ref) <= PARITY_AUROC_GAP
+    assert agreement >= PARITY_LABEL_AGREEMENT
 
 
 def test_exports_in_threads_at_once_both_succeed(trained_run: Path, tmp_path: Path, texture_images: torch.Tensor):
