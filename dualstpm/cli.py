@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
@@ -24,7 +23,7 @@ from dualstpm.paths import category_dir, expand_paths
 from dualstpm.rundir import CALIBRATION_FILE, REGIONS_FILE, trained_model_dir
 from dualstpm.sizes import describe, from_json
 from dualstpm.tables import format_metric as _fmt
-from dualstpm.tables import out, print_auc_table, print_pipeline_summary
+from dualstpm.tables import console, out, print_auc_table, print_pipeline_summary
 
 app = typer.Typer(
     help="Dual student-teacher feature pyramid matching: learn good parts, flag and locate defects.",
@@ -32,7 +31,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-err = Console(stderr=True)
+err = console(stderr=True)
 
 DEFAULT_PARAMS = Path("params.yaml")
 ParamsOption = Annotated[
@@ -149,8 +148,31 @@ def print_metrics(result: dict) -> None:
         out.print(f"false alarms on the good test parts: {', '.join(rates)} (calibrated for {target:.1%}{promise})")
     if result.get("regions"):
         out.print(region_summary(result["regions"], result[result["regions"]["view"]]))
+    if (low := recall_note(result)) is not None:
+        out.print(f"[yellow]note:[/] {escape(low)}")
     if result.get("note"):
         out.print(f"[yellow]note:[/] {result['note']}")
+
+
+#: below this recall of the decision view at its threshold, `test` says what limits it and the fix
+LOW_RECALL = 0.5
+
+
+def recall_note(result: dict) -> str | None:
+    """What `test` adds when the decision view (`result["default"]`) flags fewer than
+    LOW_RECALL of the defective test parts at its threshold: the count, and that the
+    threshold, set on good calibration images for the false-alarm rate, is what trades
+    recall for false alarms. None otherwise, or without defective test parts or a recall."""
+    view = result.get(result.get("default", "fused")) or {}
+    recall, defective = view.get("recall"), int(result.get("n_defective") or 0)
+    if recall is None or defective == 0 or recall >= LOW_RECALL:
+        return None
+    rate = (result.get("calibration") or {}).get("false_alarm_rate")
+    at = f"{rate:.1%} " if rate is not None else ""
+    return (f"at its threshold the decision view flags {round(recall * defective)} of the {defective} defective test "
+            f"parts (recall {recall:.1%}); the threshold is set on the good calibration images for a {at}false-alarm "
+            "rate, so flagging more means accepting more false alarms: fit again with a higher "
+            "calibration.false_alarm_rate (e.g. --set calibration.false_alarm_rate=0.05)")
 
 
 def region_summary(regions: dict, plain: dict) -> str:

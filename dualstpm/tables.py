@@ -8,6 +8,7 @@ stays light: pandas and the stages are imported only when a table is printed.
 from __future__ import annotations
 
 import math
+import os
 from typing import TYPE_CHECKING
 
 from rich.console import Console
@@ -16,7 +17,22 @@ from rich.table import Table
 if TYPE_CHECKING:
     import pandas as pd
 
-out = Console()
+#: columns of a console that writes to a file or a pipe (a log, CI), where rich would take 80
+REDIRECTED_WIDTH = 160
+
+
+def console(*, stderr: bool = False) -> Console:
+    """A rich console for a person, on stdout (or stderr). On a terminal it takes the
+    terminal's width. Redirected to a file or a pipe it takes :data:`REDIRECTED_WIDTH`
+    columns instead of rich's 80, so that a log's tables keep their names whole. A `COLUMNS`
+    environment variable wins either way."""
+    made = Console(stderr=stderr)
+    if not made.is_terminal and "COLUMNS" not in os.environ:
+        made.width = REDIRECTED_WIDTH
+    return made
+
+
+out = console()
 
 
 def format_metric(value: float | None) -> str:

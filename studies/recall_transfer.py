@@ -1,7 +1,8 @@
 """Does recall on synthetic validation defects predict recall on real defects? (issue 22, recall target)
 
-Run from the project root on tested and ablated run directories (`dualstpm fit`, `test`,
-`ablate`; e.g. the `--work-dir` runs of `studies.compare_anomalib`)::
+Run from the project root on tested and ablated run directories: `dualstpm fit`, `test`
+and `ablate` make one (`runs/<category>`), and so does `studies.compare_anomalib --work-dir
+WORK` (`WORK/dualstpm/<category>`)::
 
     python -m studies.recall_transfer RUN [RUN ...] --out studies/results/recall_transfer.json
 
@@ -22,7 +23,8 @@ as `dualstpm.ablation.run.ablate`), this study measures:
   share of the defective test images above it, `test_far` the share of the good test images.
 
 Per run it reports:
-- the Spearman rank correlation between the two over the grid;
+- the Spearman rank correlation between the two over the grid, and, for comparison, the
+  one between validation and test image AUROC (`ablation/table.csv`);
 - the configuration that `ablate`'s `mean` metric picks on validation with recall added to
   it (`val_*` columns of `ablation/table.csv` only), beside the one it picks now.
 
@@ -106,12 +108,14 @@ def transfer(run_dir: Path) -> dict:
     now = [f"val_{m}" for m in SELECTION_METRICS["mean"]]
     picks = {"mean": mean_pick(table, now), "mean_with_recall": mean_pick(table, [*now, "val_recall"])}
     rho = spearmanr(grid["val_recall"], grid["test_recall"])
+    rho_image = spearmanr(table["val_image_auroc"], table["image_auroc"])  # the same for the metric `ablate` uses
     return {
         "run": str(run_dir), "category": str(test.meta.get("category", run_dir.name)),
         "false_alarm_rate": rate, "selection_good": int((~selection_labels).sum()),
         "selection_defective": int(selection_labels.sum()), "calibration_images": len(parts.calibration),
         "configurations": len(grid), "default": configs[default].name,
         "spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
+        "spearman_image_auroc": float(rho_image.statistic),
         "val_recall_distinct": int(grid["val_recall"].nunique()),
         "picks": {k: {"name": str(table["name"][i]), "val_recall": float(table["val_recall"][i]),
                       "test_recall": float(grid["test_recall"][i])} for k, i in picks.items()},
@@ -121,11 +125,13 @@ def transfer(run_dir: Path) -> dict:
 
 def markdown(results: list[dict]) -> str:
     lines = ["| dataset | good / synthetic selection images | configurations | distinct validation recalls | "
-             "Spearman (val, test recall) | pick now | pick with recall |", "|---|---|---|---|---|---|---|"]
+             "Spearman (val, test recall) | the same for image AUROC | pick now | pick with recall |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in results:
         lines.append(f"| {r['category']} | {r['selection_good']} / {r['selection_defective']} | {r['configurations']} | "
                      f"{r['val_recall_distinct']} | {r['spearman']:.3f} (p {r['spearman_p']:.1g}) | "
-                     f"{r['picks']['mean']['name']} | {r['picks']['mean_with_recall']['name']} |")
+                     f"{r['spearman_image_auroc']:.3f} | {r['picks']['mean']['name']} | "
+                     f"{r['picks']['mean_with_recall']['name']} |")
     return "\n".join(lines) + "\n"
 
 

@@ -95,6 +95,32 @@ def test_params_output_is_yaml_that_params_accepts(tmp_path: Path):
     assert "fusion.normalize" in keys and "fit.epochs" in keys and "fit" not in keys
 
 
+def test_a_redirected_console_is_wide_unless_columns_says_otherwise(monkeypatch: pytest.MonkeyPatch):
+    import io
+
+    from dualstpm.tables import REDIRECTED_WIDTH, console
+
+    monkeypatch.setattr(sys, "stdout", io.StringIO())  # a file, not a terminal
+    monkeypatch.delenv("COLUMNS", raising=False)
+    assert REDIRECTED_WIDTH > 80 and console().width == REDIRECTED_WIDTH  # rich alone would take 80
+    monkeypatch.setenv("COLUMNS", "50")
+    assert console().width == 50
+
+
+def test_a_low_recall_at_the_threshold_is_explained_with_the_fix():
+    from dualstpm.cli import recall_note
+
+    result = {"default": "fused", "n_defective": 52, "calibration": {"false_alarm_rate": 0.01},
+              "fused": {"recall": 2 / 52}, "memory": {"recall": 0.9}}
+    note = recall_note(result)
+    # 2 of 52 = 3.8 %, below the 50 % floor; the fix names the key and a value
+    assert "2 of the 52 defective test parts (recall 3.8%)" in note and "1.0% false-alarm" in note
+    assert "--set calibration.false_alarm_rate=0.05" in note
+    assert recall_note({**result, "default": "memory"}) is None  # the decision view's recall counts, 90 %
+    assert recall_note({**result, "fused": {"recall": 0.5}}) is None  # the floor itself is not low
+    assert recall_note({**result, "n_defective": 0}) is None and recall_note({**result, "fused": {"recall": None}}) is None
+
+
 def test_version_is_the_package_version():
     import tomllib
 
