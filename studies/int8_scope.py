@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 from dualstpm import metrics
-from dualstpm.backends import ExportedModel
+from dualstpm.backends import DEFAULT_FORMAT, ExportedModel
 from dualstpm.benchmark import INFER_BATCH, median_seconds
 from dualstpm.compute import Compute
 from dualstpm.config import load_params
@@ -57,7 +57,7 @@ from dualstpm.files import write_json, write_text
 from dualstpm.model.inference import InferenceOutput
 from studies.study import Decoded, find_categories, fitted
 
-BACKENDS = {"onnxruntime": "onnx", "openvino": "openvino"}  # backend -> export format
+BACKENDS = {backend: DEFAULT_FORMAT[backend] for backend in ("onnxruntime", "openvino")}  # backend -> export format
 
 
 def infer_all(scorer, images: torch.Tensor) -> InferenceOutput:

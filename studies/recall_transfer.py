@@ -44,7 +44,8 @@ from scipy.stats import spearmanr
 
 from dualstpm.ablation.grid import build_grid
 from dualstpm.ablation.run import with_default
-from dualstpm.ablation.selection import SELECTION_METRICS, selection_part, selection_set, subset, synthetic_maps
+from dualstpm.ablation.selection import (SELECTION_METRICS, best_row, mean_score, selection_part, selection_set, subset,
+                                         synthetic_maps)
 from dualstpm.data import validation_parts
 from dualstpm.detector import read_model_dir
 from dualstpm.files import write_json, write_text
@@ -70,8 +71,8 @@ def recall_at_calibrated_threshold(good_calibration: np.ndarray, scores: np.ndar
 
 
 def mean_pick(table: pd.DataFrame, columns: list[str]) -> int:
-    """Row position of the highest mean of `columns` (ties: the earliest row, as `ablate`)."""
-    return int(np.nanargmax(table[columns].astype(float).mean(axis=1, skipna=True).to_numpy()))
+    """Row position of the highest mean of `columns`, by `ablate`'s own rule (ties: the earliest row)."""
+    return best_row(mean_score(table, columns))
 
 
 def transfer(run_dir: Path) -> dict:
@@ -81,11 +82,10 @@ def transfer(run_dir: Path) -> dict:
     parts = validation_parts(len(val), params.calibration.split, params.seed)
     selection = selection_set(*selection_part(val, synthetic_maps(run_dir, val, params.ablation), parts.selection))
     calibration_part = subset(val, parts.calibration)
-    views = MapViews(FusionSpec.from_params(params.fusion), calibration.map_stats, score=calibration.score,
-                     memory=calibration.memory_stats)
+    published = FusionSpec.from_params(params.fusion)
+    views = MapViews(published, calibration.map_stats, score=calibration.score, memory=calibration.memory_stats)
     configs, default = with_default(build_grid(params.ablation, params.fusion.sigma,
-                                               memory=calibration.memory_stats is not None),
-                                    FusionSpec.from_params(params.fusion))
+                                               memory=calibration.memory_stats is not None), published)
     rate = params.calibration.false_alarm_rate
     selection_labels = selection.labels.astype(bool)
     rows = []

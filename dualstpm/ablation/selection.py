@@ -118,18 +118,27 @@ def selection_set(val: MapSet, synthetic: MapSet) -> MapSet:
     )
 
 
-def combined_score(table: pd.DataFrame, metric: str, prefix: str) -> pd.Series:
-    """The selection metric from the `prefix`-ed metric columns (mean over the defined ones)."""
-    columns = [f"{prefix}{m}" for m in SELECTION_METRICS[metric]]
+def mean_score(table: pd.DataFrame, columns: list[str]) -> pd.Series:
+    """Per row, the mean of `columns` over the defined (non-NaN) ones."""
     return table[columns].astype(float).mean(axis=1, skipna=True)
 
 
+def combined_score(table: pd.DataFrame, metric: str, prefix: str) -> pd.Series:
+    """The selection metric from the `prefix`-ed metric columns (mean over the defined ones)."""
+    return mean_score(table, [f"{prefix}{m}" for m in SELECTION_METRICS[metric]])
+
+
+def best_row(score: pd.Series) -> int:
+    """Row position of the highest score, NaN ignored; ties go to the earliest row (`published` first)."""
+    return int(np.nanargmax(score.to_numpy()))
+
+
 def choose(table: pd.DataFrame, metric: str) -> int:
-    """Row position of the best validation score; ties go to the earliest row (`published` first).
+    """Row position of the best validation score (:func:`best_row`).
 
     Reads only the `val_*` columns: the test columns cannot influence the choice.
     """
-    score = combined_score(table, metric, "val_").to_numpy()
-    if np.isnan(score).all():
+    score = combined_score(table, metric, "val_")
+    if score.isna().all():
         raise RunError(f"no configuration has a validation {metric}: the selection set has no defective image")
-    return int(np.nanargmax(score))
+    return best_row(score)
